@@ -1,0 +1,247 @@
+//! Guest memory layout and boot: an ELF64 kernel loaded with linux-loader and entered directly
+//! in 64-bit long mode exactly as Linux's 64-bit boot protocol enters a `vmlinux`: flat GDT
+//! with `__BOOT_CS` = 0x10 and `__BOOT_DS` = 0x18, identity-mapped page tables, interrupts off,
+//! RSI pointing at a `boot_params` zero page that holds the command line and an e820 map.
+
+use std::io::Cursor;
+
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::elf::Elf;
+use linux_loader::loader::{load_cmdline, Cmdline, KernelLoader};
+use vm_memory::{Address, Bytes, GuestAddress};
+
+use crate::memory::{GuestMemory, MMIO_GAP_END, MMIO_GAP_START};
+
+/// GDT location.
+pub const GDT_ADDR: u64 = 0x500;
+/// (Empty) IDT location: the guest installs its own before enabling interrupts.
+pub const IDT_ADDR: u64 = 0x520;
+/// The Linux zero page.
+pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+/// Initial stack pointer.
+pub const BOOT_STACK: u64 = 0x8ff0;
+/// Page-map level 4; the PDPT and four page directories follow it.
+pub const PML4_ADDR: u64 = 0x9000;
+/// The kernel command line.
+pub const CMDLINE_ADDR: u64 = 0x20000;
+/// Longest command line accepted (Linux x86's COMMAND_LINE_SIZE).
+pub const CMDLINE_MAX: usize = 2048;
+/// Kernels must load at or above 1 MiB.
+pub const HIMEM_START: u64 = 0x10_0000;
+/// End of conventional memory (the EBDA starts here).
+const EBDA_START: u64 = 0x9fc00;
+
+/// Boot selectors of the Linux 64-bit boot protocol.
+pub const BOOT_CS: u16 = 0x10;
+/// Data selector.
+pub const BOOT_DS: u16 = 0x18;
+const BOOT_TSS: u16 = 0x20;
+
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+
+/// A kernel that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// Not an ELF64 x86_64 kernel (linux-loader's reason).
+    #[error("not an ELF64 x86_64 kernel: {0}")]
+    NotElf64(linux_loader::loader::Error),
+    /// The command line is too long or holds characters Linux cannot take.
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(String),
+    /// A boot structure did not fit in guest memory.
+    #[error("cannot write boot structures into guest memory: {0}")]
+    Memory(String),
+}
+
+/// Where the kernel ended up.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedKernel {
+    /// The entry point (RIP at boot).
+    pub entry: u64,
+    /// First byte past the loaded image.
+    pub end: u64,
+}
+
+/// Loads `image` (an ELF64 vmlinux-style kernel) and the boot structures into `mem`.
+pub fn load_kernel(
+    mem: &GuestMemory,
+    image: &[u8],
+    cmdline: &str,
+) -> Result<LoadedKernel, BootError> {
+    let result = Elf::load(
+        mem,
+        None,
+        &mut Cursor::new(image),
+        Some(GuestAddress(HIMEM_START)),
+    )
+    .map_err(BootError::NotElf64)?;
+    // linux-loader reports the entry point as kernel_load for ELF images.
+    let loaded = LoadedKernel {
+        entry: result.kernel_load.raw_value(),
+        end: result.kernel_end,
+    };
+
+    let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    cl.insert_str(cmdline)
+        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl)
+        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+
+    let mut params = boot_params::default();
+    params.hdr.type_of_loader = 0xff;
+    params.hdr.boot_flag = 0xaa55;
+    params.hdr.header = 0x5372_6448; // "HdrS"
+    params.hdr.kernel_alignment = 0x0100_0000;
+    params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+    params.hdr.cmdline_size = cmdline.len() as u32;
+    let mut e820 = vec![
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
+    ];
+    let mem_end = crate::memory::end_of_memory(mem);
+    let low_end = mem_end.min(MMIO_GAP_START);
+    e820.push((HIMEM_START, low_end - HIMEM_START, E820_RAM));
+    if mem_end > MMIO_GAP_END {
+        e820.push((MMIO_GAP_END, mem_end - MMIO_GAP_END, E820_RAM));
+    }
+    for (i, (addr, size, kind)) in e820.into_iter().enumerate() {
+        params.e820_table[i] = boot_e820_entry {
+            addr,
+            size,
+            r#type: kind,
+        };
+        params.e820_entries = i as u8 + 1;
+    }
+    LinuxBootConfigurator::write_bootparams(
+        &BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR)),
+        mem,
+    )
+    .map_err(|e| BootError::Memory(e.to_string()))?;
+
+    write_gdt(mem)?;
+    write_page_tables(mem)?;
+    Ok(loaded)
+}
+
+/// A GDT descriptor from (flags, base, limit), the layout the CPU reads.
+fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+    (u64::from(base) & 0xff00_0000) << 32
+        | (u64::from(flags) & 0xf0ff) << 40
+        | (u64::from(limit) & 0x000f_0000) << 32
+        | (u64::from(base) & 0x00ff_ffff) << 16
+        | u64::from(limit) & 0xffff
+}
+
+/// The GDT: null, null, code64 (0x10), data (0x18), TSS (0x20).
+const GDT: [(u16, u32, u32); 5] = [
+    (0, 0, 0),
+    (0, 0, 0),
+    (0xa09b, 0, 0xfffff),
+    (0xc093, 0, 0xfffff),
+    (0x808b, 0, 0xfffff),
+];
+
+fn segment(selector: u16) -> kvm_segment {
+    let (flags, base, limit) = GDT[usize::from(selector >> 3)];
+    let g = (flags >> 15) & 1;
+    kvm_segment {
+        base: u64::from(base),
+        limit: if g == 1 { (limit << 12) | 0xfff } else { limit },
+        selector,
+        type_: (flags & 0xf) as u8,
+        present: ((flags >> 7) & 1) as u8,
+        dpl: ((flags >> 5) & 3) as u8,
+        db: ((flags >> 14) & 1) as u8,
+        s: ((flags >> 4) & 1) as u8,
+        l: ((flags >> 13) & 1) as u8,
+        g: g as u8,
+        avl: ((flags >> 12) & 1) as u8,
+        unusable: u8::from((flags >> 7) & 1 == 0),
+        padding: 0,
+    }
+}
+
+fn write_gdt(mem: &GuestMemory) -> Result<(), BootError> {
+    for (i, (flags, base, limit)) in GDT.iter().enumerate() {
+        mem.write_obj(
+            gdt_entry(*flags, *base, *limit),
+            GuestAddress(GDT_ADDR + i as u64 * 8),
+        )
+        .map_err(|e| BootError::Memory(e.to_string()))?;
+    }
+    mem.write_obj(0u64, GuestAddress(IDT_ADDR))
+        .map_err(|e| BootError::Memory(e.to_string()))
+}
+
+/// Identity-maps the first 4 GiB with 2 MiB pages: PML4 → one PDPT → four page directories.
+fn write_page_tables(mem: &GuestMemory) -> Result<(), BootError> {
+    let pdpt = PML4_ADDR + 0x1000;
+    let pd = pdpt + 0x1000;
+    let w = |value: u64, addr: u64| {
+        mem.write_obj(value, GuestAddress(addr))
+            .map_err(|e| BootError::Memory(e.to_string()))
+    };
+    w(pdpt | 0x3, PML4_ADDR)?;
+    for dir in 0..4u64 {
+        w((pd + dir * 0x1000) | 0x3, pdpt + dir * 8)?;
+        for i in 0..512u64 {
+            let page = (dir * 512 + i) << 21;
+            w(page | 0x83, pd + dir * 0x1000 + i * 8)?;
+        }
+    }
+    Ok(())
+}
+
+/// Registers at kernel entry.
+pub fn boot_regs(kernel: &LoadedKernel) -> kvm_regs {
+    kvm_regs {
+        rip: kernel.entry,
+        rsp: BOOT_STACK,
+        rbp: BOOT_STACK,
+        rsi: ZERO_PAGE_ADDR,
+        rflags: 0x2,
+        ..Default::default()
+    }
+}
+
+/// Long mode with paging on, flat segments from the boot GDT.
+pub fn boot_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
+    const CR0_PE: u64 = 1;
+    const CR0_ET: u64 = 1 << 4;
+    const CR0_PG: u64 = 1 << 31;
+    const CR4_PAE: u64 = 1 << 5;
+    const EFER_LME: u64 = 1 << 8;
+    const EFER_LMA: u64 = 1 << 10;
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
+    sregs.idt.base = IDT_ADDR;
+    sregs.idt.limit = 7;
+    sregs.cs = segment(BOOT_CS);
+    let data = segment(BOOT_DS);
+    (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+    sregs.tr = segment(BOOT_TSS);
+    sregs.cr0 = CR0_PE | CR0_ET | CR0_PG;
+    sregs.cr3 = PML4_ADDR;
+    sregs.cr4 = CR4_PAE;
+    sregs.efer = EFER_LME | EFER_LMA;
+    sregs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gdt_entries_match_the_linux_boot_gdt() {
+        // The values Linux's own boot GDT uses for __BOOT_CS and __BOOT_DS.
+        assert_eq!(gdt_entry(0xa09b, 0, 0xfffff), 0x00af_9b00_0000_ffff);
+        assert_eq!(gdt_entry(0xc093, 0, 0xfffff), 0x00cf_9300_0000_ffff);
+        let cs = segment(BOOT_CS);
+        assert_eq!((cs.l, cs.db, cs.present, cs.type_), (1, 0, 1, 0xb));
+        assert_eq!(cs.limit, 0xffff_ffff);
+    }
+}

@@ -1,0 +1,707 @@
+//! The vCPU exit loop, shared by every role (DESIGN.md §1–2).
+//!
+//! Every KVM_RUN return caused by the guest gets the next **exit sequence number**; returns
+//! caused by the VMM (a kick: EINTR, immediate_exit) never do. Every exit passes through one
+//! [`ExitHook`], the only thing that differs between running live, recording (primary) and
+//! replaying (secondary): it decides what each nondeterministic input is, sees every value the
+//! guest reads and every interrupt injected, and receives the guest's output. Interrupts are
+//! injected only while the vCPU is stopped, at an exit (or at a kick, which the hook is told
+//! about), with KVM_INTERRUPT and interrupt-window requests: the userspace irqchip model.
+//!
+//! The loop is written against [`VcpuRun`] so it can be driven by constructed exits in unit
+//! tests, as Firecracker tests its exit dispatch.
+
+use std::time::Instant;
+
+use crate::devices::StopRequest;
+use crate::machine::{Input, InputError, Machine};
+
+/// The count of guest-caused exits since the VM started: the coordinate of every logged input.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ExitSeq(pub u64);
+
+impl std::fmt::Display for ExitSeq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Where an input or an injection happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    /// At the exit with this sequence number: a deterministic point.
+    Exit(ExitSeq),
+    /// At a kick that interrupted guest execution after this exit: not a deterministic point.
+    Kick {
+        /// The last exit before the kick.
+        after: ExitSeq,
+    },
+}
+
+/// A guest-caused exit, owned so tests can construct one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// IN from `port`: `count` accesses of `size` bytes (count > 1 for string I/O).
+    IoIn {
+        /// The port.
+        port: u16,
+        /// Bytes per access.
+        size: u8,
+        /// Number of accesses.
+        count: u32,
+    },
+    /// OUT to `port` of `data` (`size` bytes per access).
+    IoOut {
+        /// The port.
+        port: u16,
+        /// Bytes per access.
+        size: u8,
+        /// What the guest wrote.
+        data: Vec<u8>,
+    },
+    /// An MMIO read of `len` bytes.
+    MmioRead {
+        /// Guest physical address.
+        addr: u64,
+        /// Bytes read.
+        len: u8,
+    },
+    /// An MMIO write.
+    MmioWrite {
+        /// Guest physical address.
+        addr: u64,
+        /// What the guest wrote.
+        data: Vec<u8>,
+    },
+    /// HLT.
+    Hlt,
+    /// The interrupt window requested by the VMM opened.
+    IrqWindowOpen,
+    /// Triple fault (or another shutdown condition).
+    Shutdown,
+    /// A debug exception (single-step, breakpoint).
+    Debug,
+    /// A KVM system event (guest reset / shutdown through PSCI-like paths).
+    SystemEvent(u32),
+    /// Anything else KVM returned; fatal.
+    Unexpected(String),
+}
+
+impl Exit {
+    /// Bytes a read exit returns to the guest.
+    pub fn read_len(&self) -> Option<usize> {
+        match self {
+            Exit::IoIn { size, count, .. } => Some(usize::from(*size) * *count as usize),
+            Exit::MmioRead { len, .. } => Some(usize::from(*len)),
+            _ => None,
+        }
+    }
+}
+
+/// What one KVM_RUN returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The guest caused an exit.
+    Exit(Exit),
+    /// The VMM kicked the vCPU (EINTR / immediate_exit): not an exit.
+    Kicked,
+}
+
+/// The vCPU operations the exit loop needs.
+pub trait VcpuRun {
+    /// Enters the guest until the next exit or kick.
+    fn run(&mut self) -> Result<RunOutcome, crate::Error>;
+    /// Hands the value of the pending read exit back to the guest (taken at the next run).
+    fn complete_read(&mut self, data: &[u8]);
+    /// Whether an interrupt can be injected now (window open and IF set).
+    fn ready_for_interrupt(&mut self) -> bool;
+    /// Whether the guest has interrupts enabled (RFLAGS.IF).
+    fn interrupts_enabled(&mut self) -> Result<bool, crate::Error>;
+    /// Asks KVM to exit as soon as an interrupt can be injected.
+    fn request_interrupt_window(&mut self, on: bool);
+    /// Queues an external interrupt (KVM_INTERRUPT).
+    fn inject(&mut self, vector: u8) -> Result<(), crate::Error>;
+    /// Lets KVM finish a pending PIO/MMIO instruction without running further guest code, so
+    /// the vCPU state is complete (re-entry with immediate_exit, as Cloud Hypervisor pauses).
+    fn complete_pending_io(&mut self) -> Result<(), crate::Error>;
+    /// Arranges for the vCPU to be kicked out of the guest at `at` (None: never).
+    fn arm_kick(&mut self, at: Option<Instant>);
+    /// The guest's instruction pointer, for error reports.
+    fn rip(&mut self) -> u64;
+}
+
+/// What the host side looks like to the hook when it is asked for inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostView {
+    /// The vCPU is halted with nothing to inject: the hook may block until an input arrives or
+    /// the timer deadline passes.
+    pub halted: bool,
+    /// The exit accesses a device that reads the virtual clock: deliver a fresh clock input.
+    pub wants_clock: bool,
+    /// The virtual clock now.
+    pub now_ns: u64,
+    /// Virtual time of the next timer interrupt.
+    pub timer_deadline_ns: Option<u64>,
+    /// Room in the serial receive FIFO.
+    pub rx_capacity: usize,
+}
+
+/// Whether the loop goes on after an exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Keep running.
+    Continue,
+    /// Stop at the end of this exit (an epoch boundary, a checkpoint): `run` returns
+    /// [`RunEnd::Paused`] with the vCPU state complete.
+    Pause,
+}
+
+/// Errors a hook reports (a log that cannot be written, a divergence).
+pub type HookError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The one place that decides what a nondeterministic input is. See the module docs.
+pub trait ExitHook {
+    /// Every guest-caused exit, numbered, before it is handled.
+    fn on_exit(&mut self, _seq: ExitSeq, _exit: &Exit) -> Result<Control, HookError> {
+        Ok(Control::Continue)
+    }
+
+    /// A kick interrupted guest execution after exit `after`.
+    fn on_kick(&mut self, _after: ExitSeq) -> Result<(), HookError> {
+        Ok(())
+    }
+
+    /// Fills `inputs` with what reaches the devices at `at`. Called at every exit and kick,
+    /// and repeatedly while the vCPU is halted.
+    fn poll_inputs(
+        &mut self,
+        at: Point,
+        view: &HostView,
+        inputs: &mut Vec<Input>,
+    ) -> Result<(), HookError>;
+
+    /// The guest reads: `value` holds the device's answer; the hook may log or replace it.
+    fn on_read(&mut self, _seq: ExitSeq, _exit: &Exit, _value: &mut [u8]) -> Result<(), HookError> {
+        Ok(())
+    }
+
+    /// The interrupt `vector` is injected at `at`.
+    fn on_inject(&mut self, _at: Point, _vector: u8) -> Result<(), HookError> {
+        Ok(())
+    }
+
+    /// Output the guest produced at exit `seq` (serial bytes).
+    fn on_output(&mut self, seq: ExitSeq, bytes: &[u8]) -> Result<(), HookError>;
+
+    /// When to kick the vCPU out of an exit-free stretch if the timer deadline `deadline_ns`
+    /// (virtual time) passes without an exit. None: never kick.
+    fn kick_at(&self, _deadline_ns: u64) -> Option<Instant> {
+        None
+    }
+}
+
+/// Why [`run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The guest asked to stop.
+    Stopped(StopRequest),
+    /// The hook asked to pause at this exit.
+    Paused(ExitSeq),
+}
+
+/// The exit loop state that outlives one [`run`] call.
+#[derive(Debug, Default, Clone)]
+pub struct LoopState {
+    /// The last exit sequence number handed out.
+    pub seq: ExitSeq,
+    /// The vCPU executed HLT and no interrupt has woken it yet.
+    pub halted: bool,
+}
+
+/// Runs the vCPU until the guest stops or the hook pauses.
+pub fn run<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
+    vcpu: &mut V,
+    machine: &mut Machine,
+    hook: &mut H,
+    state: &mut LoopState,
+) -> Result<RunEnd, crate::Error> {
+    let mut inputs = Vec::new();
+    loop {
+        if state.halted {
+            // Paused while halted: resume waiting, not running.
+            let point = Point::Exit(state.seq);
+            if let Some(end) = after_exit(vcpu, machine, hook, state, point, &mut inputs)? {
+                return Ok(end);
+            }
+            continue;
+        }
+        let kick = machine
+            .next_timer_deadline()
+            .and_then(|deadline| hook.kick_at(deadline));
+        vcpu.arm_kick(kick);
+        let exit = match vcpu.run()? {
+            RunOutcome::Kicked => {
+                hook.on_kick(state.seq).map_err(crate::Error::Hook)?;
+                let point = Point::Kick { after: state.seq };
+                deliver_inputs(machine, hook, point, false, false, &mut inputs)?;
+                inject_if_ready(vcpu, machine, hook, point)?;
+                continue;
+            }
+            RunOutcome::Exit(exit) => exit,
+        };
+        state.seq.0 += 1;
+        let seq = state.seq;
+        let control = hook.on_exit(seq, &exit).map_err(crate::Error::Hook)?;
+        let point = Point::Exit(seq);
+        handle_exit(vcpu, machine, hook, seq, &exit, &mut inputs)?;
+        if exit == Exit::Hlt {
+            state.halted = true;
+        }
+        if let Some(end) = after_exit(vcpu, machine, hook, state, point, &mut inputs)? {
+            return Ok(end);
+        }
+        if control == Control::Pause {
+            vcpu.complete_pending_io()?;
+            return Ok(RunEnd::Paused(seq));
+        }
+    }
+}
+
+/// Performs the device side of one exit.
+fn handle_exit<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
+    vcpu: &mut V,
+    machine: &mut Machine,
+    hook: &mut H,
+    seq: ExitSeq,
+    exit: &Exit,
+    inputs: &mut Vec<Input>,
+) -> Result<(), crate::Error> {
+    let point = Point::Exit(seq);
+    match exit {
+        Exit::IoIn { port, size, .. } | Exit::IoOut { port, size, .. } => {
+            let addr = u64::from(*port);
+            let wants_clock = machine.pio.uses_clock(addr);
+            deliver_inputs(machine, hook, point, false, wants_clock, inputs)?;
+            let size = usize::from((*size).max(1));
+            if let Exit::IoOut { data, .. } = exit {
+                for chunk in data.chunks(size) {
+                    if !machine.pio.write(addr, chunk) {
+                        tracing::trace!(port, "write to unassigned port dropped");
+                    }
+                }
+            } else {
+                let mut value = vec![0u8; exit.read_len().unwrap_or(0)];
+                for chunk in value.chunks_mut(size) {
+                    machine.pio.read(addr, chunk);
+                }
+                hook.on_read(seq, exit, &mut value)
+                    .map_err(crate::Error::Hook)?;
+                vcpu.complete_read(&value);
+            }
+        }
+        Exit::MmioRead { addr, len } => {
+            let wants_clock = machine.mmio.uses_clock(*addr);
+            deliver_inputs(machine, hook, point, false, wants_clock, inputs)?;
+            let mut value = vec![0u8; usize::from(*len)];
+            machine.mmio.read(*addr, &mut value);
+            hook.on_read(seq, exit, &mut value)
+                .map_err(crate::Error::Hook)?;
+            vcpu.complete_read(&value);
+        }
+        Exit::MmioWrite { addr, data } => {
+            let wants_clock = machine.mmio.uses_clock(*addr);
+            deliver_inputs(machine, hook, point, false, wants_clock, inputs)?;
+            machine.mmio.write(*addr, data);
+        }
+        Exit::Hlt | Exit::IrqWindowOpen | Exit::Debug => {
+            deliver_inputs(machine, hook, point, false, false, inputs)?;
+        }
+        Exit::Shutdown => {
+            return Err(crate::Error::TripleFault {
+                rip: vcpu.rip(),
+                seq,
+            })
+        }
+        Exit::SystemEvent(kind) => {
+            return Err(crate::Error::UnexpectedExit {
+                what: format!("system event {kind}"),
+                seq,
+            })
+        }
+        Exit::Unexpected(what) => {
+            return Err(crate::Error::UnexpectedExit {
+                what: what.clone(),
+                seq,
+            })
+        }
+    }
+    Ok(())
+}
+
+/// After an exit: output, stop requests, interrupt injection, and the halt wait.
+fn after_exit<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
+    vcpu: &mut V,
+    machine: &mut Machine,
+    hook: &mut H,
+    state: &mut LoopState,
+    point: Point,
+    inputs: &mut Vec<Input>,
+) -> Result<Option<RunEnd>, crate::Error> {
+    let output = machine.take_output();
+    if !output.is_empty() {
+        hook.on_output(state.seq, &output)
+            .map_err(crate::Error::Hook)?;
+    }
+    if let Some(stop) = machine.take_stop() {
+        return Ok(Some(RunEnd::Stopped(stop)));
+    }
+    loop {
+        if inject_if_ready(vcpu, machine, hook, point)? {
+            state.halted = false;
+        }
+        if !state.halted {
+            return Ok(None);
+        }
+        // Halted with nothing to deliver: wait for the host side.
+        if !vcpu.interrupts_enabled()? {
+            return Err(crate::Error::HaltedForever {
+                rip: vcpu.rip(),
+                seq: state.seq,
+            });
+        }
+        deliver_inputs(machine, hook, point, true, false, inputs)?;
+    }
+}
+
+/// Asks the hook for inputs and applies them.
+fn deliver_inputs<H: ExitHook + ?Sized>(
+    machine: &mut Machine,
+    hook: &mut H,
+    at: Point,
+    halted: bool,
+    wants_clock: bool,
+    inputs: &mut Vec<Input>,
+) -> Result<(), crate::Error> {
+    let view = HostView {
+        halted,
+        wants_clock,
+        now_ns: machine.now_ns(),
+        timer_deadline_ns: machine.next_timer_deadline(),
+        rx_capacity: machine.serial_rx_capacity(),
+    };
+    inputs.clear();
+    hook.poll_inputs(at, &view, inputs)
+        .map_err(crate::Error::Hook)?;
+    for input in inputs.iter() {
+        machine
+            .apply(input)
+            .map_err(|e: InputError| crate::Error::Hook(e.into()))?;
+    }
+    Ok(())
+}
+
+/// Injects the PIC's pending vector if the vCPU can take it, else requests the window.
+/// Returns whether it injected.
+fn inject_if_ready<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
+    vcpu: &mut V,
+    machine: &mut Machine,
+    hook: &mut H,
+    at: Point,
+) -> Result<bool, crate::Error> {
+    if machine.pending_vector().is_none() {
+        vcpu.request_interrupt_window(false);
+        return Ok(false);
+    }
+    if !vcpu.ready_for_interrupt() {
+        vcpu.request_interrupt_window(true);
+        return Ok(false);
+    }
+    let Some(vector) = machine.acknowledge_interrupt() else {
+        return Ok(false);
+    };
+    hook.on_inject(at, vector).map_err(crate::Error::Hook)?;
+    vcpu.inject(vector)?;
+    vcpu.request_interrupt_window(false);
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// A vCPU that plays back constructed outcomes and records what the loop did to it.
+    #[derive(Default)]
+    struct ScriptedVcpu {
+        script: VecDeque<RunOutcome>,
+        /// Calls in order: "run", "inject <v>", "window <on>", "read <bytes>".
+        log: Vec<String>,
+        ready: bool,
+    }
+
+    impl VcpuRun for ScriptedVcpu {
+        fn run(&mut self) -> Result<RunOutcome, crate::Error> {
+            self.log.push("run".into());
+            Ok(self
+                .script
+                .pop_front()
+                .unwrap_or(RunOutcome::Exit(Exit::IoOut {
+                    port: 0xf4,
+                    size: 1,
+                    data: vec![0],
+                })))
+        }
+        fn complete_read(&mut self, data: &[u8]) {
+            self.log.push(format!("read {data:?}"));
+        }
+        fn ready_for_interrupt(&mut self) -> bool {
+            self.ready
+        }
+        fn interrupts_enabled(&mut self) -> Result<bool, crate::Error> {
+            Ok(true)
+        }
+        fn request_interrupt_window(&mut self, on: bool) {
+            if on {
+                self.log.push("window".into());
+            }
+        }
+        fn inject(&mut self, vector: u8) -> Result<(), crate::Error> {
+            self.log.push(format!("inject {vector:#x}"));
+            Ok(())
+        }
+        fn complete_pending_io(&mut self) -> Result<(), crate::Error> {
+            self.log.push("complete".into());
+            Ok(())
+        }
+        fn arm_kick(&mut self, _at: Option<Instant>) {}
+        fn rip(&mut self) -> u64 {
+            0x1234
+        }
+    }
+
+    /// Records what the hook saw; fires the timer at chosen points.
+    #[derive(Default)]
+    struct Recorder {
+        exits: Vec<(ExitSeq, Exit)>,
+        polls: Vec<Point>,
+        injections: Vec<(Point, u8)>,
+        kicks: Vec<ExitSeq>,
+        clock_at: Vec<Point>,
+        output: Vec<u8>,
+    }
+
+    impl ExitHook for Recorder {
+        fn on_exit(&mut self, seq: ExitSeq, exit: &Exit) -> Result<Control, HookError> {
+            self.exits.push((seq, exit.clone()));
+            Ok(Control::Continue)
+        }
+        fn on_kick(&mut self, after: ExitSeq) -> Result<(), HookError> {
+            self.kicks.push(after);
+            Ok(())
+        }
+        fn poll_inputs(
+            &mut self,
+            at: Point,
+            view: &HostView,
+            inputs: &mut Vec<Input>,
+        ) -> Result<(), HookError> {
+            self.polls.push(at);
+            if self.clock_at.contains(&at) || view.halted {
+                inputs.push(Input::Clock(view.timer_deadline_ns.unwrap_or(0)));
+            }
+            Ok(())
+        }
+        fn on_inject(&mut self, at: Point, vector: u8) -> Result<(), HookError> {
+            self.injections.push((at, vector));
+            Ok(())
+        }
+        fn on_output(&mut self, _seq: ExitSeq, bytes: &[u8]) -> Result<(), HookError> {
+            self.output.extend_from_slice(bytes);
+            Ok(())
+        }
+    }
+
+    fn out(port: u16, byte: u8) -> RunOutcome {
+        RunOutcome::Exit(Exit::IoOut {
+            port,
+            size: 1,
+            data: vec![byte],
+        })
+    }
+
+    /// PIC remapped to 0x20 with only IRQ0 open, PIT at 100 Hz: eleven OUT exits.
+    fn platform_setup() -> Vec<RunOutcome> {
+        let mut s = vec![];
+        for (base, vec, icw3) in [(0x20u16, 0x20u8, 4u8), (0xa0, 0x28, 2)] {
+            s.push(out(base, 0x11));
+            s.push(out(base + 1, vec));
+            s.push(out(base + 1, icw3));
+            s.push(out(base + 1, 0x01));
+        }
+        s.push(out(0x21, 0xfe));
+        s.push(out(0x43, 0x34));
+        s.push(out(0x40, (11932 & 0xff) as u8));
+        s.push(out(0x40, (11932 >> 8) as u8));
+        s
+    }
+
+    fn run_script(script: Vec<RunOutcome>, hook: &mut Recorder, ready: bool) -> ScriptedVcpu {
+        let mut vcpu = ScriptedVcpu {
+            script: script.into(),
+            ready,
+            ..Default::default()
+        };
+        let mut machine = Machine::new().unwrap();
+        let mut state = LoopState::default();
+        let end = run(&mut vcpu, &mut machine, hook, &mut state).unwrap();
+        assert_eq!(end, RunEnd::Stopped(StopRequest::Exit(0)));
+        vcpu
+    }
+
+    #[test]
+    fn exit_sequence_numbers_increase_and_kicks_do_not_count() {
+        let mut script = vec![out(0x80, 1), RunOutcome::Kicked, out(0x80, 2)];
+        script.push(RunOutcome::Kicked);
+        script.push(RunOutcome::Kicked);
+        script.push(RunOutcome::Exit(Exit::IoIn {
+            port: 0x80,
+            size: 1,
+            count: 1,
+        }));
+        let mut hook = Recorder::default();
+        let vcpu = run_script(script, &mut hook, true);
+        let seqs: Vec<u64> = hook.exits.iter().map(|(s, _)| s.0).collect();
+        assert_eq!(
+            seqs,
+            vec![1, 2, 3, 4],
+            "3 exits + the final debug-exit write"
+        );
+        assert_eq!(hook.kicks, vec![ExitSeq(1), ExitSeq(2), ExitSeq(2)]);
+        assert!(vcpu.log.contains(&"read [2]".to_string()), "{:?}", vcpu.log);
+    }
+
+    #[test]
+    fn interrupts_are_injected_only_when_the_vcpu_is_stopped_at_an_exit() {
+        let mut script = platform_setup();
+        let setup = script.len() as u64;
+        script.push(out(0x80, 0)); // timer fires here
+        script.push(out(0x80, 0));
+        let mut hook = Recorder {
+            clock_at: vec![Point::Exit(ExitSeq(setup + 1))],
+            ..Default::default()
+        };
+        let vcpu = run_script(script, &mut hook, true);
+        assert_eq!(
+            hook.injections,
+            vec![(Point::Exit(ExitSeq(setup + 1)), 0x20)]
+        );
+        // The injection sits between two KVM_RUNs, never before the exit that carried it.
+        let runs_before = vcpu
+            .log
+            .iter()
+            .position(|l| l == "inject 0x20")
+            .map(|i| vcpu.log[..i].iter().filter(|l| *l == "run").count())
+            .unwrap();
+        assert_eq!(runs_before as u64, setup + 1);
+    }
+
+    #[test]
+    fn a_closed_window_is_requested_and_injection_waits_for_its_exit() {
+        let mut script = platform_setup();
+        let setup = script.len() as u64;
+        script.push(out(0x80, 0)); // timer fires, guest not ready
+        script.push(RunOutcome::Exit(Exit::IrqWindowOpen));
+        let mut hook = Recorder {
+            clock_at: vec![Point::Exit(ExitSeq(setup + 1))],
+            ..Default::default()
+        };
+        let mut vcpu = ScriptedVcpu {
+            script: script.into(),
+            ready: false,
+            ..Default::default()
+        };
+        let mut machine = Machine::new().unwrap();
+        let mut state = LoopState::default();
+        // Run up to the window exit with the guest not ready; then make it ready.
+        struct Ready<'a>(&'a mut Recorder, u64);
+        impl ExitHook for Ready<'_> {
+            fn on_exit(&mut self, seq: ExitSeq, exit: &Exit) -> Result<Control, HookError> {
+                self.0.on_exit(seq, exit)?;
+                Ok(if seq.0 == self.1 {
+                    Control::Pause
+                } else {
+                    Control::Continue
+                })
+            }
+            fn poll_inputs(
+                &mut self,
+                at: Point,
+                view: &HostView,
+                inputs: &mut Vec<Input>,
+            ) -> Result<(), HookError> {
+                self.0.poll_inputs(at, view, inputs)
+            }
+            fn on_inject(&mut self, at: Point, vector: u8) -> Result<(), HookError> {
+                self.0.on_inject(at, vector)
+            }
+            fn on_output(&mut self, seq: ExitSeq, bytes: &[u8]) -> Result<(), HookError> {
+                self.0.on_output(seq, bytes)
+            }
+        }
+        let end = run(
+            &mut vcpu,
+            &mut machine,
+            &mut Ready(&mut hook, setup + 1),
+            &mut state,
+        )
+        .unwrap();
+        assert_eq!(end, RunEnd::Paused(ExitSeq(setup + 1)));
+        assert!(hook.injections.is_empty());
+        assert_eq!(vcpu.log.last().map(String::as_str), Some("complete"));
+        assert!(vcpu.log.contains(&"window".to_string()));
+        vcpu.ready = true;
+        let end = run(&mut vcpu, &mut machine, &mut hook, &mut state).unwrap();
+        assert_eq!(end, RunEnd::Stopped(StopRequest::Exit(0)));
+        assert_eq!(
+            hook.injections,
+            vec![(Point::Exit(ExitSeq(setup + 2)), 0x20)]
+        );
+    }
+
+    #[test]
+    fn halt_waits_for_inputs_at_the_halt_exit() {
+        let mut script = platform_setup();
+        let setup = script.len() as u64;
+        script.push(RunOutcome::Exit(Exit::Hlt));
+        let mut hook = Recorder::default();
+        run_script(script, &mut hook, true);
+        let hlt = Point::Exit(ExitSeq(setup + 1));
+        // The hook was polled at the HLT exit until the timer input woke the guest.
+        assert!(hook.polls.iter().filter(|p| **p == hlt).count() >= 2);
+        assert_eq!(hook.injections, vec![(hlt, 0x20)]);
+    }
+
+    #[test]
+    fn serial_output_reaches_the_hook_and_triple_fault_is_an_error() {
+        let mut hook = Recorder::default();
+        run_script(vec![out(0x3f8, b'h'), out(0x3f8, b'i')], &mut hook, true);
+        assert_eq!(hook.output, b"hi");
+
+        let mut vcpu = ScriptedVcpu {
+            script: vec![out(0x80, 0), RunOutcome::Exit(Exit::Shutdown)].into(),
+            ..Default::default()
+        };
+        let mut machine = Machine::new().unwrap();
+        let err = run(
+            &mut vcpu,
+            &mut machine,
+            &mut Recorder::default(),
+            &mut LoopState::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "guest triple fault at rip=0x1234 (exit sequence number 2)"
+        );
+    }
+}

@@ -1,0 +1,155 @@
+//! The live exit hook: inputs come straight from the host (monotonic clock, serial input from a
+//! byte stream) and output goes straight out. `ftvm run` without a peer uses it; the recorder
+//! wraps it to log what it decides.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+
+use crate::exit::{ExitHook, ExitSeq, HookError, HostView, Point};
+use crate::machine::Input;
+
+/// Nothing can ever wake the halted guest: no timer is armed and serial input is closed.
+#[derive(Debug, thiserror::Error)]
+#[error("the guest is halted waiting for input, but serial input is closed and no timer is armed")]
+pub struct IdleForever;
+
+/// The host side of a live VM.
+pub struct LiveHook<W: Write> {
+    start: Instant,
+    input: Option<Receiver<Vec<u8>>>,
+    pending: VecDeque<u8>,
+    out: W,
+    kick_delay: Duration,
+}
+
+/// Reads `source` on a thread and delivers what it reads as chunks; the channel closes at EOF.
+pub fn spawn_reader<R: Read + Send + 'static>(mut source: R) -> Receiver<Vec<u8>> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let spawned = std::thread::Builder::new()
+        .name("ftvm-serial-in".into())
+        .spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match source.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        if tx.send(buf[..n].to_vec()).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::warn!("serial input closed: {e}");
+                        return;
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the serial input thread, input disabled: {e}");
+    }
+    rx
+}
+
+impl<W: Write> LiveHook<W> {
+    /// A live hook whose clock starts now, reading serial input from `input` (None: no input)
+    /// and writing guest output to `out`.
+    pub fn new(input: Option<Receiver<Vec<u8>>>, out: W) -> Self {
+        Self {
+            start: Instant::now(),
+            input,
+            pending: VecDeque::new(),
+            out,
+            kick_delay: Duration::ZERO,
+        }
+    }
+
+    /// How long a due timer interrupt may wait for a natural exit before the vCPU is kicked.
+    pub fn with_kick_delay(mut self, delay: Duration) -> Self {
+        self.kick_delay = delay;
+        self
+    }
+
+    /// The writer guest output goes to.
+    pub fn output(&mut self) -> &mut W {
+        &mut self.out
+    }
+
+    /// Virtual time now: host monotonic time since the VM started.
+    pub fn now_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    fn drain_input(&mut self) {
+        let Some(rx) = &self.input else { return };
+        loop {
+            match rx.try_recv() {
+                Ok(chunk) => self.pending.extend(chunk),
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    self.input = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Blocks until serial input arrives or virtual time reaches `deadline_ns`.
+    fn wait(&mut self, deadline_ns: Option<u64>) -> Result<(), HookError> {
+        let now = self.now_ns();
+        let timeout = deadline_ns.map(|d| Duration::from_nanos(d.saturating_sub(now)));
+        match (&self.input, timeout) {
+            (_, Some(t)) if t.is_zero() => {}
+            (Some(rx), Some(t)) => match rx.recv_timeout(t) {
+                Ok(chunk) => self.pending.extend(chunk),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => self.input = None,
+            },
+            (Some(rx), None) => match rx.recv() {
+                Ok(chunk) => self.pending.extend(chunk),
+                Err(_) => self.input = None,
+            },
+            (None, Some(t)) => std::thread::sleep(t),
+            (None, None) => return Err(Box::new(IdleForever)),
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> ExitHook for LiveHook<W> {
+    fn poll_inputs(
+        &mut self,
+        _at: Point,
+        view: &HostView,
+        inputs: &mut Vec<Input>,
+    ) -> Result<(), HookError> {
+        self.drain_input();
+        let can_receive = !self.pending.is_empty() && view.rx_capacity > 0;
+        if view.halted && !can_receive {
+            self.wait(view.timer_deadline_ns)?;
+        }
+        let now = self.now_ns();
+        let timer_due = view.timer_deadline_ns.is_some_and(|d| now >= d);
+        if (view.wants_clock || timer_due || view.halted) && now > view.now_ns {
+            inputs.push(Input::Clock(now));
+        }
+        if !self.pending.is_empty() && view.rx_capacity > 0 {
+            let n = view.rx_capacity.min(self.pending.len());
+            inputs.push(Input::SerialRx(self.pending.drain(..n).collect()));
+        }
+        Ok(())
+    }
+
+    fn on_output(&mut self, _seq: ExitSeq, bytes: &[u8]) -> Result<(), HookError> {
+        self.out.write_all(bytes)?;
+        self.out.flush()?;
+        Ok(())
+    }
+
+    fn kick_at(&self, deadline_ns: u64) -> Option<Instant> {
+        Some(self.start + Duration::from_nanos(deadline_ns) + self.kick_delay)
+    }
+}

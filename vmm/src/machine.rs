@@ -1,0 +1,198 @@
+//! The platform: every device on the PIO/MMIO buses, the interrupt lines into the PIC, and the
+//! inputs that reach devices from the host side. The exit loop drives it; nothing in here
+//! touches host time or host I/O.
+
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::bus::{lock, Bus, OverlapError};
+use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
+use crate::devices::i8042::{I8042State, COMMAND_PORT, DATA_PORT, I8042};
+use crate::devices::pic::{Pic, PicState, MASTER_PORT, SLAVE_PORT};
+use crate::devices::pit::{Pit, PitState, PIT_PORT, PORT_61};
+use crate::devices::post::{PostCode, PostState, POST_PORT};
+use crate::devices::serial::{Serial, SerialState, TxQueue, COM1_IRQ, COM1_PORT};
+use crate::devices::{IrqLines, StopLine, StopRequest};
+use crate::state::{Persist, StateError};
+
+/// A nondeterministic input from the host side, delivered to the devices at an exit. The exit
+/// hook decides what the inputs are (live: the host; secondary: the replication log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// The virtual clock advances to this many nanoseconds since the VM started.
+    Clock(u64),
+    /// Bytes arrive on COM1's receive line. Never more than [`HostView::rx_capacity`].
+    SerialRx(Vec<u8>),
+}
+
+/// An input the machine could not take.
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    /// More serial bytes than the receive FIFO had room for.
+    #[error("serial input of {given} bytes offered where only {taken} fit in the receive FIFO")]
+    SerialOverrun {
+        /// Bytes offered.
+        given: usize,
+        /// Bytes that fit.
+        taken: usize,
+    },
+}
+
+/// The saved state of every device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStates {
+    /// The PIC pair.
+    pub pic: PicState,
+    /// The PIT (including the virtual clock).
+    pub pit: PitState,
+    /// COM1.
+    pub serial: SerialState,
+    /// The keyboard controller.
+    pub i8042: I8042State,
+    /// The POST-code latch.
+    pub post: PostState,
+}
+
+/// The devices and the buses that reach them.
+pub struct Machine {
+    /// Port I/O space.
+    pub pio: Bus,
+    /// Memory-mapped I/O space.
+    pub mmio: Bus,
+    pic: Arc<Mutex<Pic>>,
+    pit: Arc<Mutex<Pit>>,
+    serial: Arc<Mutex<Serial>>,
+    i8042: Arc<Mutex<I8042>>,
+    post: Arc<Mutex<PostCode>>,
+    irq_lines: IrqLines,
+    stop: StopLine,
+    tx: TxQueue,
+}
+
+impl Machine {
+    /// The PC platform ftvm offers: dual PIC, PIT, COM1, i8042, debug-exit and POST ports.
+    pub fn new() -> Result<Self, OverlapError> {
+        let irq_lines = IrqLines::default();
+        let stop = StopLine::default();
+        let tx = TxQueue::default();
+        let pic = Arc::new(Mutex::new(Pic::new()));
+        let pit = Arc::new(Mutex::new(Pit::new(irq_lines.line(0))));
+        let serial = Arc::new(Mutex::new(Serial::new(
+            irq_lines.line(COM1_IRQ),
+            tx.clone(),
+        )));
+        let i8042 = Arc::new(Mutex::new(I8042::new(stop.clone())));
+        let post = Arc::new(Mutex::new(PostCode::default()));
+        let mut pio = Bus::new();
+        pio.insert(pic.clone(), MASTER_PORT, 2)?;
+        pio.insert(pic.clone(), SLAVE_PORT, 2)?;
+        pio.insert(pit.clone(), PIT_PORT, 4)?;
+        pio.insert(pit.clone(), PORT_61, 1)?;
+        pio.insert(serial.clone(), COM1_PORT, 8)?;
+        pio.insert(i8042.clone(), DATA_PORT, 1)?;
+        pio.insert(i8042.clone(), COMMAND_PORT, 1)?;
+        pio.insert(post.clone(), POST_PORT, 1)?;
+        pio.insert(
+            Arc::new(Mutex::new(DebugExit::new(stop.clone()))),
+            DEBUG_EXIT_PORT,
+            1,
+        )?;
+        Ok(Self {
+            pio,
+            mmio: Bus::new(),
+            pic,
+            pit,
+            serial,
+            i8042,
+            post,
+            irq_lines,
+            stop,
+            tx,
+        })
+    }
+
+    /// Applies one input.
+    pub fn apply(&mut self, input: &Input) -> Result<(), InputError> {
+        match input {
+            Input::Clock(ns) => lock(&self.pit).advance(*ns),
+            Input::SerialRx(bytes) => {
+                let taken = lock(&self.serial).receive(bytes);
+                if taken != bytes.len() {
+                    return Err(InputError::SerialOverrun {
+                        given: bytes.len(),
+                        taken,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The virtual clock.
+    pub fn now_ns(&self) -> u64 {
+        lock(&self.pit).now_ns()
+    }
+
+    /// Virtual time of the next timer interrupt, if one is armed.
+    pub fn next_timer_deadline(&self) -> Option<u64> {
+        lock(&self.pit).next_deadline()
+    }
+
+    /// Room in COM1's receive FIFO.
+    pub fn serial_rx_capacity(&self) -> usize {
+        lock(&self.serial).rx_capacity()
+    }
+
+    fn fold_irq_lines(&self) -> std::sync::MutexGuard<'_, Pic> {
+        let mut pic = lock(&self.pic);
+        let edges = self.irq_lines.take();
+        if edges != 0 {
+            pic.pulse_lines(edges);
+        }
+        pic
+    }
+
+    /// The vector the PIC would deliver now.
+    pub fn pending_vector(&self) -> Option<u8> {
+        self.fold_irq_lines().pending_vector()
+    }
+
+    /// The interrupt-acknowledge cycle: the vector to inject.
+    pub fn acknowledge_interrupt(&self) -> Option<u8> {
+        self.fold_irq_lines().acknowledge()
+    }
+
+    /// Output the guest transmitted since the last call.
+    pub fn take_output(&self) -> Vec<u8> {
+        self.tx.drain()
+    }
+
+    /// A stop the guest requested during the last exit.
+    pub fn take_stop(&self) -> Option<StopRequest> {
+        self.stop.take()
+    }
+
+    /// Saves every device.
+    pub fn save(&self) -> Result<DeviceStates, StateError> {
+        let pic = self.fold_irq_lines().save()?;
+        Ok(DeviceStates {
+            pic,
+            pit: lock(&self.pit).save()?,
+            serial: lock(&self.serial).save()?,
+            i8042: lock(&self.i8042).save()?,
+            post: lock(&self.post).save()?,
+        })
+    }
+
+    /// Restores every device.
+    pub fn restore(&mut self, s: &DeviceStates) -> Result<(), StateError> {
+        self.irq_lines.take();
+        lock(&self.pic).restore(&s.pic)?;
+        lock(&self.pit).restore(&s.pit)?;
+        lock(&self.serial).restore(&s.serial)?;
+        lock(&self.i8042).restore(&s.i8042)?;
+        lock(&self.post).restore(&s.post)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,185 @@
+//! One VM: the KVM VM and its single vCPU, guest memory, the machine's devices, and the exit
+//! loop state. Primary, secondary and a plain `ftvm run` all drive this same type; they differ
+//! only in the [`ExitHook`] they pass to [`Vm::run`].
+
+use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
+
+use crate::boot;
+use crate::cpuid::CpuidTable;
+use crate::exit::{self, ExitHook, ExitSeq, LoopState, RunEnd};
+use crate::machine::{DeviceStates, Machine};
+use crate::memory::{self, GuestMemory};
+use crate::state::Persist;
+use crate::vcpu::{Vcpu, VcpuState};
+use crate::Error;
+
+/// Default guest memory size.
+pub const DEFAULT_MEM_MIB: u64 = 128;
+
+/// Everything that defines a VM's initial state. Identical on both hosts of a pair.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// The kernel image (ELF64).
+    pub kernel: Vec<u8>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// The CPUID table; None derives it from this host ([`CpuidTable::from_supported`]).
+    pub cpuid: Option<CpuidTable>,
+}
+
+/// The complete state of a VM except guest memory: what a checkpoint carries besides pages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmState {
+    /// The vCPU.
+    pub vcpu: VcpuState,
+    /// Every device.
+    pub devices: DeviceStates,
+    /// The exit sequence number reached.
+    pub exit_seq: u64,
+    /// The vCPU was halted.
+    pub halted: bool,
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    // Field order is drop order: the vCPU and VM fds close before memory is unmapped.
+    vcpu: Vcpu,
+    vm_fd: VmFd,
+    _kvm: Kvm,
+    memory: GuestMemory,
+    machine: Machine,
+    cpuid: CpuidTable,
+    loop_state: LoopState,
+}
+
+/// Opens /dev/kvm with an error that says what to do about it.
+pub fn open_kvm() -> Result<Kvm, Error> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT => Error::NoKvm,
+        libc::EACCES | libc::EPERM => Error::KvmPermission,
+        _ => Error::Kvm("open /dev/kvm", e),
+    })
+}
+
+impl Vm {
+    /// Creates the VM, loads the kernel and puts the vCPU at its entry point.
+    pub fn new(config: &VmConfig) -> Result<Self, Error> {
+        let ranges_ok = memory::ram_ranges(config.mem_mib)?;
+        drop(ranges_ok);
+        let kvm = open_kvm()?;
+        if kvm.get_api_version() != 12 {
+            return Err(Error::NotKvm);
+        }
+        let vm_fd = kvm
+            .create_vm()
+            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        let memory = memory::create(config.mem_mib)?;
+        memory::register(&vm_fd, &memory)?;
+        let kernel = boot::load_kernel(&memory, &config.kernel, &config.cmdline)?;
+
+        let cpuid = match &config.cpuid {
+            Some(t) => t.clone(),
+            None => CpuidTable::from_supported(&kvm)
+                .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?,
+        };
+        let vcpu_fd = vm_fd
+            .create_vcpu(0)
+            .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+        let kvm_cpuid = cpuid.to_kvm().map_err(|e| Error::Cpuid(format!("{e:?}")))?;
+        vcpu_fd
+            .set_cpuid2(&kvm_cpuid)
+            .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
+        let sregs = vcpu_fd
+            .get_sregs()
+            .map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
+        vcpu_fd
+            .set_sregs(&boot::boot_sregs(sregs))
+            .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
+        vcpu_fd
+            .set_regs(&boot::boot_regs(&kernel))
+            .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+        let fpu = kvm_bindings::kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        vcpu_fd
+            .set_fpu(&fpu)
+            .map_err(|e| Error::Kvm("KVM_SET_FPU", e))?;
+        let vcpu = Vcpu::new(&kvm, vcpu_fd)?;
+        let machine = Machine::new().map_err(|e| Error::Device(e.to_string()))?;
+        let mut vm = Self {
+            vcpu,
+            vm_fd,
+            _kvm: kvm,
+            memory,
+            machine,
+            cpuid,
+            loop_state: LoopState::default(),
+        };
+        // The boot image is the initial state both hosts start from, not an epoch's writes.
+        vm.take_dirty_pages()?;
+        Ok(vm)
+    }
+
+    /// Runs the guest until it stops or `hook` pauses it.
+    pub fn run<H: ExitHook + ?Sized>(&mut self, hook: &mut H) -> Result<RunEnd, Error> {
+        exit::run(
+            &mut self.vcpu,
+            &mut self.machine,
+            hook,
+            &mut self.loop_state,
+        )
+    }
+
+    /// The last exit sequence number.
+    pub fn exit_seq(&self) -> ExitSeq {
+        self.loop_state.seq
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// The CPUID table the vCPU runs with.
+    pub fn cpuid(&self) -> &CpuidTable {
+        &self.cpuid
+    }
+
+    /// The devices.
+    pub fn machine(&self) -> &Machine {
+        &self.machine
+    }
+
+    /// Pages written since the last call (guest and VMM writes), sorted page frame numbers.
+    pub fn take_dirty_pages(&mut self) -> Result<Vec<u64>, Error> {
+        Ok(memory::take_dirty_pages(&self.vm_fd, &self.memory)?)
+    }
+
+    /// Saves vCPU and device state. Call only when [`Vm::run`] returned (the pending I/O
+    /// instruction is then complete).
+    pub fn save(&self) -> Result<VmState, Error> {
+        Ok(VmState {
+            vcpu: self.vcpu.save()?,
+            devices: self.machine.save()?,
+            exit_seq: self.loop_state.seq.0,
+            halted: self.loop_state.halted,
+        })
+    }
+
+    /// Restores vCPU and device state saved by [`Vm::save`] (guest memory is restored by the
+    /// caller through [`Vm::memory`]).
+    pub fn restore(&mut self, state: &VmState) -> Result<(), Error> {
+        self.vcpu.restore(&state.vcpu)?;
+        self.machine.restore(&state.devices)?;
+        self.loop_state = LoopState {
+            seq: ExitSeq(state.exit_seq),
+            halted: state.halted,
+        };
+        Ok(())
+    }
+}
