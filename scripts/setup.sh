@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what building and testing ftvm needs on a fresh Debian 12 machine.
+# Idempotent: installs only what is missing. Run as root (or with sudo available).
+set -euo pipefail
+
+need=()
+command -v gcc >/dev/null || need+=(gcc)
+command -v ld >/dev/null || need+=(binutils)
+command -v unshare >/dev/null || need+=(util-linux)
+command -v setpriv >/dev/null || need+=(util-linux)
+command -v cargo >/dev/null || { echo "setup: cargo (Rust stable) is required" >&2; exit 1; }
+
+if [ ${#need[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "setup: installing ${need[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >/dev/null 2>&1 || true
+
+if [ ! -e /dev/kvm ]; then
+    echo "setup: /dev/kvm is missing: ftvm needs KVM (tests will fail)" >&2
+    exit 1
+fi
+echo "setup: ok"
