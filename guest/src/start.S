@@ -15,12 +15,15 @@ _start:
     cld
     movq    %rsi, %r12              /* boot_params; callee-saved across calls */
 
-    /* Zero .bss (it holds our stack too, which is not in use yet). */
+    /* Zero .bss (it holds our stack too, which is not in use yet). Both ends are
+       16-byte aligned (guest.ld); 8 bytes per iteration because a non-PVM-aware guest's
+       string instructions are emulated one iteration at a time. */
     leaq    __bss_start(%rip), %rdi
     leaq    __bss_end(%rip), %rcx
     subq    %rdi, %rcx
+    shrq    $3, %rcx
     xorl    %eax, %eax
-    rep stosb
+    rep stosq
 
     /* Own stack, 16-byte aligned, so guest_main sees the SysV ABI alignment. */
     leaq    boot_stack_top(%rip), %rsp
