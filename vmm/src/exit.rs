@@ -162,7 +162,13 @@ pub type HookError = Box<dyn std::error::Error + Send + Sync>;
 /// The one place that decides what a nondeterministic input is. See the module docs.
 pub trait ExitHook {
     /// Every guest-caused exit, numbered, before it is handled.
-    fn on_exit(&mut self, _seq: ExitSeq, _exit: &Exit) -> Result<Control, HookError> {
+    fn on_exit(&mut self, _seq: ExitSeq, _exit: &Exit) -> Result<(), HookError> {
+        Ok(())
+    }
+
+    /// The exit `seq` is fully handled (inputs applied, output taken, interrupt injected):
+    /// the hook may pause here (an epoch boundary, a checkpoint).
+    fn end_of_exit(&mut self, _seq: ExitSeq) -> Result<Control, HookError> {
         Ok(Control::Continue)
     }
 
@@ -187,6 +193,12 @@ pub trait ExitHook {
 
     /// The interrupt `vector` is injected at `at`.
     fn on_inject(&mut self, _at: Point, _vector: u8) -> Result<(), HookError> {
+        Ok(())
+    }
+
+    /// An interrupt is pending but the vCPU cannot take it: the loop requests an
+    /// interrupt-window exit at `at`.
+    fn on_request_window(&mut self, _at: Point) -> Result<(), HookError> {
         Ok(())
     }
 
@@ -251,7 +263,7 @@ pub fn run<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
         };
         state.seq.0 += 1;
         let seq = state.seq;
-        let control = hook.on_exit(seq, &exit).map_err(crate::Error::Hook)?;
+        hook.on_exit(seq, &exit).map_err(crate::Error::Hook)?;
         let point = Point::Exit(seq);
         handle_exit(vcpu, machine, hook, seq, &exit, &mut inputs)?;
         if exit == Exit::Hlt {
@@ -260,7 +272,7 @@ pub fn run<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
         if let Some(end) = after_exit(vcpu, machine, hook, state, point, &mut inputs)? {
             return Ok(end);
         }
-        if control == Control::Pause {
+        if hook.end_of_exit(seq).map_err(crate::Error::Hook)? == Control::Pause {
             vcpu.complete_pending_io()?;
             return Ok(RunEnd::Paused(seq));
         }
@@ -413,6 +425,7 @@ fn inject_if_ready<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
         return Ok(false);
     }
     if !vcpu.ready_for_interrupt() {
+        hook.on_request_window(at).map_err(crate::Error::Hook)?;
         vcpu.request_interrupt_window(true);
         return Ok(false);
     }
@@ -488,12 +501,17 @@ mod tests {
         kicks: Vec<ExitSeq>,
         clock_at: Vec<Point>,
         output: Vec<u8>,
+        windows: Vec<Point>,
     }
 
     impl ExitHook for Recorder {
-        fn on_exit(&mut self, seq: ExitSeq, exit: &Exit) -> Result<Control, HookError> {
+        fn on_exit(&mut self, seq: ExitSeq, exit: &Exit) -> Result<(), HookError> {
             self.exits.push((seq, exit.clone()));
-            Ok(Control::Continue)
+            Ok(())
+        }
+        fn on_request_window(&mut self, at: Point) -> Result<(), HookError> {
+            self.windows.push(at);
+            Ok(())
         }
         fn on_kick(&mut self, after: ExitSeq) -> Result<(), HookError> {
             self.kicks.push(after);
@@ -625,13 +643,18 @@ mod tests {
         // Run up to the window exit with the guest not ready; then make it ready.
         struct Ready<'a>(&'a mut Recorder, u64);
         impl ExitHook for Ready<'_> {
-            fn on_exit(&mut self, seq: ExitSeq, exit: &Exit) -> Result<Control, HookError> {
-                self.0.on_exit(seq, exit)?;
+            fn on_exit(&mut self, seq: ExitSeq, exit: &Exit) -> Result<(), HookError> {
+                self.0.on_exit(seq, exit)
+            }
+            fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, HookError> {
                 Ok(if seq.0 == self.1 {
                     Control::Pause
                 } else {
                     Control::Continue
                 })
+            }
+            fn on_request_window(&mut self, at: Point) -> Result<(), HookError> {
+                self.0.on_request_window(at)
             }
             fn poll_inputs(
                 &mut self,
@@ -657,6 +680,7 @@ mod tests {
         .unwrap();
         assert_eq!(end, RunEnd::Paused(ExitSeq(setup + 1)));
         assert!(hook.injections.is_empty());
+        assert_eq!(hook.windows, vec![Point::Exit(ExitSeq(setup + 1))]);
         assert_eq!(vcpu.log.last().map(String::as_str), Some("complete"));
         assert!(vcpu.log.contains(&"window".to_string()));
         vcpu.ready = true;

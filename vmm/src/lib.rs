@@ -10,6 +10,7 @@ pub mod boot;
 pub mod bus;
 pub mod cpuid;
 pub mod devices;
+pub mod digest;
 pub mod exit;
 pub mod live;
 pub mod machine;

@@ -155,6 +155,15 @@ impl Vm {
         &self.machine
     }
 
+    /// The vCPU's registers and special registers.
+    pub fn registers(&self) -> Result<(kvm_bindings::kvm_regs, kvm_bindings::kvm_sregs), Error> {
+        let fd = self.vcpu.fd();
+        Ok((
+            fd.get_regs().map_err(|e| Error::Kvm("KVM_GET_REGS", e))?,
+            fd.get_sregs().map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?,
+        ))
+    }
+
     /// Pages written since the last call (guest and VMM writes), sorted page frame numbers.
     pub fn take_dirty_pages(&mut self) -> Result<Vec<u64>, Error> {
         Ok(memory::take_dirty_pages(&self.vm_fd, &self.memory)?)

@@ -6,7 +6,7 @@
 //! finishes the run. Output, registers, devices and every byte of memory must come out equal.
 
 use ftvm_vmm::devices::StopRequest;
-use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HookError, HostView, Point, RunEnd};
+use ftvm_vmm::exit::{Control, ExitHook, ExitSeq, HookError, HostView, Point, RunEnd};
 use ftvm_vmm::memory::GuestMemory;
 use ftvm_vmm::{Input, Vm, VmConfig, VmState};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -31,7 +31,7 @@ impl SyntheticClock {
 }
 
 impl ExitHook for SyntheticClock {
-    fn on_exit(&mut self, seq: ExitSeq, _exit: &Exit) -> Result<Control, HookError> {
+    fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, HookError> {
         Ok(if Some(seq.0) == self.pause_at {
             Control::Pause
         } else {

@@ -1,0 +1,339 @@
+//! `ftvm-primary`: the recorder (DESIGN.md §2).
+//!
+//! [`Recorder`] is an exit hook layered over a live hook: the live hook decides what each
+//! nondeterministic input is (host clock, serial input) and the recorder writes every one of
+//! them into the replication log at its exit sequence number, together with every value the
+//! guest read and every interrupt injected. It cuts the run into **epochs** at exits — when an
+//! epoch reaches its maximum length or as soon as guest output is waiting — and closes each
+//! with an `EpochEnd` carrying the epoch's **digest**. An epoch in which a kick delivered an
+//! input at a non-deterministic point is marked **checkpoint-required**.
+
+pub mod log_file;
+
+use std::time::{Duration, Instant};
+
+use ftvm_proto::log::{self, record::Kind, Record, RecordBatch};
+use ftvm_vmm::cpuid::CpuidTable;
+use ftvm_vmm::devices::StopRequest;
+use ftvm_vmm::digest::{epoch_digest, hash};
+use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HookError, HostView, Point, RunEnd};
+use ftvm_vmm::{Input, Vm, VmConfig};
+
+/// Default maximum epoch length.
+pub const DEFAULT_MAX_EPOCH: Duration = Duration::from_millis(10);
+/// Default latency bound: how long a due interrupt waits for a natural exit before the vCPU
+/// is kicked.
+pub const DEFAULT_LATENCY_BOUND: Duration = Duration::from_millis(4);
+
+/// Where the log goes: a file now, the pair's channel later.
+pub trait LogSink {
+    /// Ships one batch of records.
+    fn write_batch(&mut self, batch: RecordBatch) -> Result<(), std::io::Error>;
+}
+
+/// Recording failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The log could not be written.
+    #[error("cannot write the replication log: {0}")]
+    Log(#[source] std::io::Error),
+    /// The VM failed.
+    #[error(transparent)]
+    Vm(#[from] ftvm_vmm::Error),
+}
+
+/// Epoch policy.
+#[derive(Debug, Clone, Copy)]
+pub struct EpochPolicy {
+    /// Maximum length of an epoch (wall time while the guest runs).
+    pub max_epoch: Duration,
+    /// How long a due interrupt may wait for an exit before the vCPU is kicked.
+    pub latency_bound: Duration,
+}
+
+impl Default for EpochPolicy {
+    fn default() -> Self {
+        Self {
+            max_epoch: DEFAULT_MAX_EPOCH,
+            latency_bound: DEFAULT_LATENCY_BOUND,
+        }
+    }
+}
+
+/// Counters of a recording.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecordStats {
+    /// Epochs closed.
+    pub epochs: u64,
+    /// Of which checkpoint-required.
+    pub checkpoint_required: u64,
+    /// Records written.
+    pub records: u64,
+}
+
+/// The header of a log for `config` running with `cpuid`.
+pub fn header(config: &VmConfig, cpuid: &CpuidTable) -> log::LogHeader {
+    let table = ftvm_vmm::state::encode(cpuid);
+    log::LogHeader {
+        format_version: ftvm_proto::FORMAT_VERSION,
+        config: Some(log::VmConfig {
+            mem_mib: config.mem_mib,
+            cmdline: config.cmdline.clone(),
+            kernel_hash: hash(&config.kernel).to_vec(),
+            cpuid_hash: hash(&table).to_vec(),
+            cpuid_table: table,
+        }),
+    }
+}
+
+/// The recorder hook over `inner` (the live hook), writing to `sink`.
+pub struct Recorder<H, S> {
+    inner: H,
+    sink: S,
+    policy: EpochPolicy,
+    records: Vec<Record>,
+    epoch: u64,
+    epoch_started: Instant,
+    output_waiting: bool,
+    checkpoint_required: bool,
+    stats: RecordStats,
+}
+
+fn point_seq(at: Point) -> (u64, bool) {
+    match at {
+        Point::Exit(seq) => (seq.0, false),
+        Point::Kick { after } => (after.0, true),
+    }
+}
+
+impl<H: ExitHook, S: LogSink> Recorder<H, S> {
+    /// A recorder starting at epoch 1.
+    pub fn new(inner: H, sink: S, policy: EpochPolicy) -> Self {
+        Self {
+            inner,
+            sink,
+            policy,
+            records: Vec::new(),
+            epoch: 1,
+            epoch_started: Instant::now(),
+            output_waiting: false,
+            checkpoint_required: false,
+            stats: RecordStats::default(),
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> RecordStats {
+        self.stats
+    }
+
+    /// The live hook underneath.
+    pub fn inner_mut(&mut self) -> &mut H {
+        &mut self.inner
+    }
+
+    /// The sink.
+    pub fn into_sink(self) -> S {
+        self.sink
+    }
+
+    fn push(&mut self, at: Point, kind: Kind) {
+        let (exit_seq, at_kick) = point_seq(at);
+        self.records.push(Record {
+            exit_seq,
+            at_kick,
+            kind: Some(kind),
+        });
+    }
+
+    fn flush(&mut self, complete_through: ExitSeq) -> Result<(), RecordError> {
+        self.stats.records += self.records.len() as u64;
+        let batch = RecordBatch {
+            complete_through: complete_through.0,
+            records: std::mem::take(&mut self.records),
+        };
+        self.sink.write_batch(batch).map_err(RecordError::Log)
+    }
+
+    /// Closes the epoch at exit `seq`: digest, `EpochEnd`, and the batch goes out.
+    pub fn end_epoch(&mut self, vm: &mut Vm, seq: ExitSeq) -> Result<(), RecordError> {
+        self.close_epoch(vm, seq)?;
+        self.flush(seq)?;
+        self.epoch_started = Instant::now();
+        Ok(())
+    }
+
+    /// Appends the `EpochEnd` of the epoch ending at exit `seq`.
+    fn close_epoch(&mut self, vm: &mut Vm, seq: ExitSeq) -> Result<(), RecordError> {
+        let digest = epoch_digest(vm)?;
+        self.push(
+            Point::Exit(seq),
+            Kind::EpochEnd(log::EpochEnd {
+                epoch: self.epoch,
+                exit_seq: seq.0,
+                digest: digest.digest.to_vec(),
+                checkpoint_required: self.checkpoint_required,
+            }),
+        );
+        tracing::debug!(
+            epoch = self.epoch,
+            exit_seq = seq.0,
+            dirty = digest.dirty_pages.len(),
+            checkpoint_required = self.checkpoint_required,
+            "epoch end"
+        );
+        self.stats.epochs += 1;
+        self.stats.checkpoint_required += u64::from(self.checkpoint_required);
+        self.epoch += 1;
+        self.output_waiting = false;
+        self.checkpoint_required = false;
+        Ok(())
+    }
+
+    /// Closes the last epoch at the exit `seq` where the guest stopped, records how the run
+    /// ended, and ships the rest of the log in one batch.
+    pub fn finish(
+        &mut self,
+        vm: &mut Vm,
+        seq: ExitSeq,
+        stop: StopRequest,
+    ) -> Result<(), RecordError> {
+        self.close_epoch(vm, seq)?;
+        let stop = match stop {
+            StopRequest::Exit(status) => log::run_end::Stop::ExitStatus(u32::from(status)),
+            StopRequest::Reset => log::run_end::Stop::Reset(true),
+        };
+        self.push(
+            Point::Exit(seq),
+            Kind::RunEnd(log::RunEnd { stop: Some(stop) }),
+        );
+        self.flush(seq)
+    }
+
+    /// Ships what was recorded so far without closing the epoch (before reporting an error,
+    /// so the log holds everything up to it).
+    pub fn flush_partial(&mut self, seq: ExitSeq) -> Result<(), RecordError> {
+        self.flush(seq)
+    }
+}
+
+/// Runs `vm` to its end under `recorder`, closing epochs as the recorder asks.
+pub fn record<H: ExitHook, S: LogSink>(
+    vm: &mut Vm,
+    recorder: &mut Recorder<H, S>,
+) -> Result<StopRequest, RecordError> {
+    loop {
+        match vm.run(recorder) {
+            Ok(RunEnd::Paused(seq)) => recorder.end_epoch(vm, seq)?,
+            Ok(RunEnd::Stopped(stop)) => {
+                recorder.finish(vm, vm.exit_seq(), stop)?;
+                return Ok(stop);
+            }
+            Err(e) => {
+                // Keep what was recorded up to the failure; the failure itself is what
+                // the caller reports.
+                if let Err(log_error) = recorder.flush_partial(vm.exit_seq()) {
+                    tracing::warn!("{log_error}");
+                }
+                return Err(e.into());
+            }
+        }
+    }
+}
+
+impl<H: ExitHook, S: LogSink> ExitHook for Recorder<H, S> {
+    fn on_exit(&mut self, seq: ExitSeq, exit: &Exit) -> Result<(), HookError> {
+        self.inner.on_exit(seq, exit)
+    }
+
+    fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, HookError> {
+        self.inner.end_of_exit(seq)?;
+        let full = self.epoch_started.elapsed() >= self.policy.max_epoch;
+        Ok(if self.output_waiting || full {
+            Control::Pause
+        } else {
+            Control::Continue
+        })
+    }
+
+    fn on_kick(&mut self, after: ExitSeq) -> Result<(), HookError> {
+        self.inner.on_kick(after)
+    }
+
+    fn poll_inputs(
+        &mut self,
+        at: Point,
+        view: &HostView,
+        inputs: &mut Vec<Input>,
+    ) -> Result<(), HookError> {
+        self.inner.poll_inputs(at, view, inputs)?;
+        if inputs.is_empty() {
+            return Ok(());
+        }
+        let mut rec = log::Inputs {
+            halted: view.halted,
+            ..Default::default()
+        };
+        for input in inputs.iter() {
+            match input {
+                Input::Clock(ns) => rec.clock_ns = Some(*ns),
+                Input::SerialRx(bytes) => rec.serial.extend_from_slice(bytes),
+            }
+        }
+        if matches!(at, Point::Kick { .. }) {
+            self.checkpoint_required = true;
+        }
+        self.push(at, Kind::Inputs(rec));
+        Ok(())
+    }
+
+    fn on_read(&mut self, seq: ExitSeq, exit: &Exit, value: &mut [u8]) -> Result<(), HookError> {
+        self.inner.on_read(seq, exit, value)?;
+        let kind = match exit {
+            Exit::IoIn { port, size, .. } => Kind::PioRead(log::PioRead {
+                port: u32::from(*port),
+                size: u32::from(*size),
+                value: value.to_vec(),
+            }),
+            Exit::MmioRead { addr, len } => Kind::MmioRead(log::MmioRead {
+                addr: *addr,
+                size: u32::from(*len),
+                value: value.to_vec(),
+            }),
+            _ => return Ok(()),
+        };
+        self.push(Point::Exit(seq), kind);
+        Ok(())
+    }
+
+    fn on_inject(&mut self, at: Point, vector: u8) -> Result<(), HookError> {
+        self.inner.on_inject(at, vector)?;
+        if matches!(at, Point::Kick { .. }) {
+            self.checkpoint_required = true;
+        }
+        self.push(
+            at,
+            Kind::Interrupt(log::Interrupt {
+                vector: u32::from(vector),
+            }),
+        );
+        Ok(())
+    }
+
+    fn on_request_window(&mut self, at: Point) -> Result<(), HookError> {
+        self.inner.on_request_window(at)?;
+        self.push(at, Kind::InterruptWindow(log::InterruptWindow {}));
+        Ok(())
+    }
+
+    fn on_output(&mut self, seq: ExitSeq, bytes: &[u8]) -> Result<(), HookError> {
+        self.output_waiting = true;
+        self.inner.on_output(seq, bytes)
+    }
+
+    fn kick_at(&self, deadline_ns: u64) -> Option<Instant> {
+        self.inner
+            .kick_at(deadline_ns)
+            .map(|t| t + self.policy.latency_bound)
+    }
+}

@@ -1,0 +1,313 @@
+//! Framing: `[len: u32 LE][crc32c(payload): u32 LE][payload: len bytes]`, the payload one
+//! prost message. Readers never trust a frame: length, checksum and decoding are checked, and
+//! every error names the byte offset of the frame it is about.
+
+use std::io::{self, Read, Write};
+
+use prost::Message;
+
+/// Bytes of a frame header.
+pub const HEADER_LEN: usize = 8;
+/// Largest payload accepted.
+pub const MAX_FRAME_LEN: u32 = 64 << 20;
+
+/// A frame that could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream ended inside a frame.
+    #[error("truncated frame at offset {offset}: needed {needed} bytes, got {got}")]
+    Truncated {
+        /// Offset of the frame.
+        offset: u64,
+        /// Bytes the frame needs.
+        needed: u64,
+        /// Bytes that were there.
+        got: u64,
+    },
+    /// The length field is impossible.
+    #[error("frame at offset {offset} claims {len} bytes (limit {MAX_FRAME_LEN}): corrupt length")]
+    TooLarge {
+        /// Offset of the frame.
+        offset: u64,
+        /// The claimed length.
+        len: u32,
+    },
+    /// The checksum does not match the payload.
+    #[error("CRC mismatch in frame at offset {offset}: header says {expected:#010x}, payload has {actual:#010x}")]
+    Crc {
+        /// Offset of the frame.
+        offset: u64,
+        /// CRC in the header.
+        expected: u32,
+        /// CRC of the payload.
+        actual: u32,
+    },
+    /// The payload is not a valid message.
+    #[error("cannot decode frame at offset {offset}: {source}")]
+    Decode {
+        /// Offset of the frame.
+        offset: u64,
+        /// prost's reason.
+        #[source]
+        source: prost::DecodeError,
+    },
+    /// Reading failed.
+    #[error("read error at offset {offset}: {source}")]
+    Io {
+        /// Offset reached.
+        offset: u64,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl FrameError {
+    /// The offset of the frame the error is about.
+    pub fn offset(&self) -> u64 {
+        match self {
+            FrameError::Truncated { offset, .. }
+            | FrameError::TooLarge { offset, .. }
+            | FrameError::Crc { offset, .. }
+            | FrameError::Decode { offset, .. }
+            | FrameError::Io { offset, .. } => *offset,
+        }
+    }
+}
+
+/// Encodes `msg` as one frame.
+pub fn encode<M: Message>(msg: &M) -> Vec<u8> {
+    let len = msg.encoded_len();
+    let mut out = Vec::with_capacity(HEADER_LEN + len);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    // Encoding into a Vec grows it as needed, so it cannot run out of room.
+    msg.encode(&mut out).unwrap_or_default();
+    let crc = crc32c::crc32c(&out[HEADER_LEN..]);
+    out[4..8].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Writes `msg` as one frame.
+pub fn write<M: Message, W: Write>(w: &mut W, msg: &M) -> io::Result<usize> {
+    let frame = encode(msg);
+    w.write_all(&frame)?;
+    Ok(frame.len())
+}
+
+/// Reads frames from a byte stream, tracking the offset.
+pub struct FrameReader<R> {
+    inner: R,
+    offset: u64,
+    buf: Vec<u8>,
+}
+
+impl<R: Read> FrameReader<R> {
+    /// A reader whose first frame starts at `offset` in the underlying stream.
+    pub fn new(inner: R, offset: u64) -> Self {
+        Self {
+            inner,
+            offset,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Offset of the next frame.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Reads until `buf` is full or EOF; returns the bytes read.
+    fn fill(&mut self, len: usize) -> Result<usize, FrameError> {
+        self.buf.resize(len, 0);
+        let mut got = 0;
+        while got < len {
+            match self.inner.read(&mut self.buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(FrameError::Io {
+                        offset: self.offset + got as u64,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(got)
+    }
+
+    /// The next frame with its offset, or None at a clean end of stream (EOF exactly at a
+    /// frame boundary).
+    pub fn read_frame<M: Message + Default>(&mut self) -> Result<Option<(u64, M)>, FrameError> {
+        let offset = self.offset;
+        let got = self.fill(HEADER_LEN)?;
+        if got == 0 {
+            return Ok(None);
+        }
+        if got < HEADER_LEN {
+            return Err(FrameError::Truncated {
+                offset,
+                needed: HEADER_LEN as u64,
+                got: got as u64,
+            });
+        }
+        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+        let expected = u32::from_le_bytes([self.buf[4], self.buf[5], self.buf[6], self.buf[7]]);
+        if len > MAX_FRAME_LEN {
+            return Err(FrameError::TooLarge { offset, len });
+        }
+        let got = self.fill(len as usize)?;
+        if got < len as usize {
+            return Err(FrameError::Truncated {
+                offset,
+                needed: HEADER_LEN as u64 + u64::from(len),
+                got: (HEADER_LEN + got) as u64,
+            });
+        }
+        let actual = crc32c::crc32c(&self.buf);
+        if actual != expected {
+            return Err(FrameError::Crc {
+                offset,
+                expected,
+                actual,
+            });
+        }
+        let msg = M::decode(self.buf.as_slice())
+            .map_err(|source| FrameError::Decode { offset, source })?;
+        self.offset += (HEADER_LEN + len as usize) as u64;
+        Ok(Some((offset, msg)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{self, record, LogFrame, Record, RecordBatch};
+    use proptest::prelude::*;
+
+    fn kind() -> impl Strategy<Value = record::Kind> {
+        let bytes = || proptest::collection::vec(any::<u8>(), 0..16);
+        prop_oneof![
+            (any::<u16>(), 1u32..5, bytes()).prop_map(|(p, s, v)| record::Kind::PioRead(
+                log::PioRead {
+                    port: u32::from(p),
+                    size: s,
+                    value: v
+                }
+            )),
+            (any::<u64>(), 1u32..9, bytes()).prop_map(|(a, s, v)| record::Kind::MmioRead(
+                log::MmioRead {
+                    addr: a,
+                    size: s,
+                    value: v
+                }
+            )),
+            any::<u8>().prop_map(|v| record::Kind::Interrupt(log::Interrupt {
+                vector: u32::from(v)
+            })),
+            Just(record::Kind::InterruptWindow(log::InterruptWindow {})),
+            (any::<u64>(), bytes()).prop_map(|(gpa, data)| record::Kind::GuestWrite(
+                log::GuestWrite {
+                    gpa,
+                    data,
+                    ..Default::default()
+                }
+            )),
+            (any::<bool>(), proptest::option::of(any::<u64>()), bytes()).prop_map(
+                |(halted, clock_ns, serial)| record::Kind::Inputs(log::Inputs {
+                    halted,
+                    clock_ns,
+                    serial
+                })
+            ),
+            (any::<u64>(), any::<u64>(), bytes(), any::<bool>()).prop_map(|(e, s, d, c)| {
+                record::Kind::EpochEnd(log::EpochEnd {
+                    epoch: e,
+                    exit_seq: s,
+                    digest: d,
+                    checkpoint_required: c,
+                })
+            }),
+            any::<u8>().prop_map(|s| record::Kind::RunEnd(log::RunEnd {
+                stop: Some(log::run_end::Stop::ExitStatus(u32::from(s)))
+            })),
+        ]
+    }
+
+    fn batch() -> impl Strategy<Value = RecordBatch> {
+        (
+            any::<u64>(),
+            proptest::collection::vec((any::<u64>(), any::<bool>(), kind()), 0..40),
+        )
+            .prop_map(|(complete_through, records)| RecordBatch {
+                complete_through,
+                records: records
+                    .into_iter()
+                    .map(|(exit_seq, at_kick, k)| Record {
+                        exit_seq,
+                        at_kick,
+                        kind: Some(k),
+                    })
+                    .collect(),
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn record_batches_survive_encode_frame_decode(batches in proptest::collection::vec(batch(), 1..8)) {
+            let mut stream = Vec::new();
+            for b in &batches {
+                write(&mut stream, &LogFrame { body: Some(log::log_frame::Body::Batch(b.clone())) }).unwrap();
+            }
+            let mut r = FrameReader::new(stream.as_slice(), 0);
+            for b in &batches {
+                let (_, f) = r.read_frame::<LogFrame>().unwrap().unwrap();
+                prop_assert_eq!(f.body, Some(log::log_frame::Body::Batch(b.clone())));
+            }
+            prop_assert!(r.read_frame::<LogFrame>().unwrap().is_none());
+        }
+
+        #[test]
+        fn any_single_flipped_byte_is_detected(b in batch(), pos in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let mut frame = encode(&LogFrame { body: Some(log::log_frame::Body::Batch(b)) });
+            let i = pos.index(frame.len());
+            frame[i] ^= 1 << bit;
+            let mut r = FrameReader::new(frame.as_slice(), 100);
+            let err = r.read_frame::<LogFrame>().unwrap_err();
+            prop_assert_eq!(err.offset(), 100);
+        }
+    }
+
+    #[test]
+    fn truncation_is_reported_with_the_frame_offset() {
+        let a = encode(&LogFrame::default());
+        let b = encode(&LogFrame {
+            body: Some(log::log_frame::Body::Batch(RecordBatch {
+                complete_through: 7,
+                records: vec![],
+            })),
+        });
+        let mut stream = [a.clone(), b.clone()].concat();
+        stream.truncate(a.len() + b.len() - 1);
+        let mut r = FrameReader::new(stream.as_slice(), 8);
+        assert!(r.read_frame::<LogFrame>().unwrap().is_some());
+        let err = r.read_frame::<LogFrame>().unwrap_err();
+        assert!(
+            matches!(err, FrameError::Truncated { offset, .. } if offset == 8 + a.len() as u64)
+        );
+        assert!(err
+            .to_string()
+            .starts_with(&format!("truncated frame at offset {}", 8 + a.len())));
+    }
+
+    #[test]
+    fn an_absurd_length_is_refused_before_allocating() {
+        let mut frame = vec![0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0];
+        frame.extend_from_slice(&[0; 16]);
+        let err = FrameReader::new(frame.as_slice(), 0)
+            .read_frame::<LogFrame>()
+            .unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { offset: 0, .. }));
+    }
+}

@@ -1,0 +1,51 @@
+//! The epoch digest (DESIGN.md §2): BLAKE3 over the vCPU registers and special registers, the
+//! state of every device, and the sorted (page number, page hash) list of pages dirtied in the
+//! epoch. Primary and secondary compute it with this one function at the same exit.
+
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::PAGE_SIZE;
+use crate::state::encode;
+use crate::vm::Vm;
+use crate::Error;
+
+/// A digest.
+pub type Digest = [u8; 32];
+
+/// What an epoch digest covered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochDigest {
+    /// The digest.
+    pub digest: Digest,
+    /// Pages dirtied in the epoch (guest and VMM writes), sorted.
+    pub dirty_pages: Vec<u64>,
+}
+
+/// Computes the digest of the epoch that ends now, and starts the next one (the dirty logs are
+/// reset). Call only while [`Vm::run`] has returned.
+pub fn epoch_digest(vm: &mut Vm) -> Result<EpochDigest, Error> {
+    let dirty_pages = vm.take_dirty_pages()?;
+    let (regs, sregs) = vm.registers()?;
+    let devices = vm.machine().save()?;
+    let mut h = blake3::Hasher::new();
+    h.update(&encode(&regs));
+    h.update(&encode(&sregs));
+    h.update(&encode(&devices));
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for &pfn in &dirty_pages {
+        vm.memory()
+            .read_slice(&mut page, GuestAddress(pfn * PAGE_SIZE))
+            .map_err(|e| Error::Device(format!("reading dirty page {pfn:#x}: {e}")))?;
+        h.update(&pfn.to_le_bytes());
+        h.update(blake3::hash(&page).as_bytes());
+    }
+    Ok(EpochDigest {
+        digest: *h.finalize().as_bytes(),
+        dirty_pages,
+    })
+}
+
+/// BLAKE3 of a byte string (kernel images, CPUID tables).
+pub fn hash(bytes: &[u8]) -> Digest {
+    *blake3::hash(bytes).as_bytes()
+}
