@@ -65,6 +65,10 @@ struct RunArgs {
     /// Record the replication log into FILE (replay it with `ftvm replay FILE`).
     #[arg(long, value_name = "FILE")]
     record: Option<PathBuf>,
+    /// When recording, deliver pending interrupts through interrupt-window exits. Only for
+    /// hosts where those exits are exact (VMX/SVM); on PVM they make replay diverge.
+    #[arg(long, requires = "record")]
+    interrupt_windows: bool,
 }
 
 /// A failure of ftvm, reported as one line.
@@ -158,12 +162,16 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             RunEnd::Paused(_) => Ok(0),
         };
     };
-    let header = ftvm_primary::header(&config, vm.cpuid());
+    let policy = EpochPolicy {
+        interrupt_windows: args.interrupt_windows,
+        ..EpochPolicy::default()
+    };
+    let header = ftvm_primary::header(&config, vm.cpuid(), &policy);
     let sink = LogFileWriter::create(&path, header).map_err(|source| CliError::CreateLog {
         path: path.clone(),
         source,
     })?;
-    let mut recorder = Recorder::new(live, sink, EpochPolicy::default());
+    let mut recorder = Recorder::new(live, sink, policy);
     let stop = ftvm_primary::record(&mut vm, &mut recorder).map_err(|source| match source {
         ftvm_primary::RecordError::Vm(e) => CliError::Vm(e),
         source => CliError::Record { path, source },
@@ -191,7 +199,7 @@ fn replay(args: ReplayArgs) -> Result<u8, CliError> {
     } else {
         Box::new(std::io::sink())
     };
-    let mut replayer = Replayer::new(reader, output);
+    let mut replayer = Replayer::new(reader, &header, output);
     let report = ftvm_secondary::replay(&mut vm, &mut replayer).map_err(|e| match e {
         ReplayError::Log(e) => CliError::BadLog(format!("{}: {e}", args.log.display())),
         ReplayError::Vm(e) => CliError::Vm(e),

@@ -49,6 +49,9 @@ pub struct EpochPolicy {
     pub max_epoch: Duration,
     /// How long a due interrupt may wait for an exit before the vCPU is kicked.
     pub latency_bound: Duration,
+    /// Deliver pending interrupts through interrupt-window exits (exact on VMX/SVM, not on
+    /// PVM). Off: they wait for the next natural exit at which the vCPU is ready.
+    pub interrupt_windows: bool,
 }
 
 impl Default for EpochPolicy {
@@ -56,6 +59,7 @@ impl Default for EpochPolicy {
         Self {
             max_epoch: DEFAULT_MAX_EPOCH,
             latency_bound: DEFAULT_LATENCY_BOUND,
+            interrupt_windows: false,
         }
     }
 }
@@ -71,11 +75,12 @@ pub struct RecordStats {
     pub records: u64,
 }
 
-/// The header of a log for `config` running with `cpuid`.
-pub fn header(config: &VmConfig, cpuid: &CpuidTable) -> log::LogHeader {
+/// The header of a log for `config` running with `cpuid` under `policy`.
+pub fn header(config: &VmConfig, cpuid: &CpuidTable, policy: &EpochPolicy) -> log::LogHeader {
     let table = ftvm_vmm::state::encode(cpuid);
     log::LogHeader {
         format_version: ftvm_proto::FORMAT_VERSION,
+        interrupt_windows: policy.interrupt_windows,
         config: Some(log::VmConfig {
             mem_mib: config.mem_mib,
             cmdline: config.cmdline.clone(),
@@ -139,6 +144,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
 
     fn push(&mut self, at: Point, kind: Kind) {
         let (exit_seq, at_kick) = point_seq(at);
+        tracing::trace!(exit_seq, at_kick, ?kind, "record");
         self.records.push(Record {
             exit_seq,
             at_kick,
@@ -329,6 +335,10 @@ impl<H: ExitHook, S: LogSink> ExitHook for Recorder<H, S> {
     fn on_output(&mut self, seq: ExitSeq, bytes: &[u8]) -> Result<(), HookError> {
         self.output_waiting = true;
         self.inner.on_output(seq, bytes)
+    }
+
+    fn interrupt_windows(&self) -> bool {
+        self.policy.interrupt_windows
     }
 
     fn kick_at(&self, deadline_ns: u64) -> Option<Instant> {

@@ -194,12 +194,15 @@ pub struct Replayer<S, W> {
     ended: bool,
     epoch: u64,
     output: W,
+    interrupt_windows: bool,
 }
 
 impl<S: LogSource, W: Write> Replayer<S, W> {
-    /// A replayer reading `source`, writing the replayed guest output to `output`.
-    pub fn new(source: S, output: W) -> Self {
+    /// A replayer reading `source` (whose log was recorded with `header`), writing the
+    /// replayed guest output to `output`.
+    pub fn new(source: S, header: &LogHeader, output: W) -> Self {
         Self {
+            interrupt_windows: header.interrupt_windows,
             source,
             queue: VecDeque::new(),
             complete_through: 0,
@@ -441,6 +444,10 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
                 Err(self.divergence(seq, reason))
             }
         }
+    }
+
+    fn interrupt_windows(&self) -> bool {
+        self.interrupt_windows
     }
 
     fn on_output(&mut self, _seq: ExitSeq, bytes: &[u8]) -> Result<(), HookError> {

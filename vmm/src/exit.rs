@@ -205,6 +205,14 @@ pub trait ExitHook {
     /// Output the guest produced at exit `seq` (serial bytes).
     fn on_output(&mut self, seq: ExitSeq, bytes: &[u8]) -> Result<(), HookError>;
 
+    /// Whether a pending interrupt the vCPU cannot take yet may be delivered through an
+    /// interrupt-window exit. Where that exit is not at an exact instruction boundary (PVM),
+    /// a recorded run must not use it: the interrupt then waits for the next natural exit at
+    /// which the vCPU is ready, or for the kick after the latency bound.
+    fn interrupt_windows(&self) -> bool {
+        true
+    }
+
     /// When to kick the vCPU out of an exit-free stretch if the timer deadline `deadline_ns`
     /// (virtual time) passes without an exit. None: never kick.
     fn kick_at(&self, _deadline_ns: u64) -> Option<Instant> {
@@ -253,6 +261,7 @@ pub fn run<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
         vcpu.arm_kick(kick);
         let exit = match vcpu.run()? {
             RunOutcome::Kicked => {
+                tracing::trace!(after = state.seq.0, "kick");
                 hook.on_kick(state.seq).map_err(crate::Error::Hook)?;
                 let point = Point::Kick { after: state.seq };
                 deliver_inputs(machine, hook, point, false, false, &mut inputs)?;
@@ -263,6 +272,7 @@ pub fn run<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
         };
         state.seq.0 += 1;
         let seq = state.seq;
+        tracing::trace!(seq = seq.0, ?exit, "exit");
         hook.on_exit(seq, &exit).map_err(crate::Error::Hook)?;
         let point = Point::Exit(seq);
         handle_exit(vcpu, machine, hook, seq, &exit, &mut inputs)?;
@@ -404,6 +414,9 @@ fn deliver_inputs<H: ExitHook + ?Sized>(
     inputs.clear();
     hook.poll_inputs(at, &view, inputs)
         .map_err(crate::Error::Hook)?;
+    if !inputs.is_empty() {
+        tracing::trace!(?at, halted, ?inputs, "inputs");
+    }
     for input in inputs.iter() {
         machine
             .apply(input)
@@ -425,13 +438,17 @@ fn inject_if_ready<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
         return Ok(false);
     }
     if !vcpu.ready_for_interrupt() {
-        hook.on_request_window(at).map_err(crate::Error::Hook)?;
-        vcpu.request_interrupt_window(true);
+        if hook.interrupt_windows() {
+            tracing::trace!(?at, "request interrupt window");
+            hook.on_request_window(at).map_err(crate::Error::Hook)?;
+            vcpu.request_interrupt_window(true);
+        }
         return Ok(false);
     }
     let Some(vector) = machine.acknowledge_interrupt() else {
         return Ok(false);
     };
+    tracing::trace!(?at, vector, "inject");
     hook.on_inject(at, vector).map_err(crate::Error::Hook)?;
     vcpu.inject(vector)?;
     vcpu.request_interrupt_window(false);
@@ -689,6 +706,62 @@ mod tests {
         assert_eq!(
             hook.injections,
             vec![(Point::Exit(ExitSeq(setup + 2)), 0x20)]
+        );
+    }
+
+    #[test]
+    fn without_interrupt_windows_injection_waits_for_the_next_natural_exit() {
+        struct NoWindows(Recorder);
+        impl ExitHook for NoWindows {
+            fn poll_inputs(
+                &mut self,
+                at: Point,
+                view: &HostView,
+                inputs: &mut Vec<Input>,
+            ) -> Result<(), HookError> {
+                self.0.poll_inputs(at, view, inputs)
+            }
+            fn on_inject(&mut self, at: Point, vector: u8) -> Result<(), HookError> {
+                self.0.on_inject(at, vector)
+            }
+            fn on_request_window(&mut self, at: Point) -> Result<(), HookError> {
+                self.0.on_request_window(at)
+            }
+            fn on_output(&mut self, seq: ExitSeq, bytes: &[u8]) -> Result<(), HookError> {
+                self.0.on_output(seq, bytes)
+            }
+            fn interrupt_windows(&self) -> bool {
+                false
+            }
+        }
+        let mut script = platform_setup();
+        let setup = script.len() as u64;
+        script.push(out(0x80, 0)); // timer fires, guest not ready
+        script.push(out(0x80, 0)); // still not ready
+        let mut hook = NoWindows(Recorder {
+            clock_at: vec![Point::Exit(ExitSeq(setup + 1))],
+            ..Default::default()
+        });
+        let mut vcpu = ScriptedVcpu {
+            script: script.into(),
+            ready: false,
+            ..Default::default()
+        };
+        let mut machine = Machine::new().unwrap();
+        let mut state = LoopState::default();
+        // The final debug-exit write stops the run before anything becomes ready.
+        let end = run(&mut vcpu, &mut machine, &mut hook, &mut state).unwrap();
+        assert_eq!(end, RunEnd::Stopped(StopRequest::Exit(0)));
+        assert!(hook.0.windows.is_empty());
+        assert!(!vcpu.log.contains(&"window".to_string()));
+        assert!(hook.0.injections.is_empty());
+        // Once the guest is ready at a natural exit, the interrupt goes in there.
+        vcpu.ready = true;
+        vcpu.script = vec![out(0x80, 0)].into();
+        run(&mut vcpu, &mut machine, &mut hook, &mut state).unwrap();
+        assert_eq!(
+            hook.0.injections,
+            vec![(Point::Exit(ExitSeq(setup + 4)), 0x20)]
         );
     }
 

@@ -1,0 +1,330 @@
+//! `ftvm run --record` + `ftvm replay` end to end on the real /dev/kvm: the replayed VM must
+//! match the recorded one at every epoch, nondeterminism the log cannot capture must be
+//! reported (never passed silently), and a damaged log must be refused with a clear error.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ftvm_proto::frame::{self, FrameReader};
+use ftvm_proto::log::{log_frame::Body, LogFrame};
+
+const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
+
+/// A scratch directory removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ftvm-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+    fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn record(log: &Path, cmdline: &str) -> Output {
+    let o = Command::new(FTVM)
+        .args(["run", "--record"])
+        .arg(log)
+        .args(["--cmdline", cmdline])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "record failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn replay(log: &Path, extra: &[&str]) -> Output {
+    Command::new(FTVM)
+        .arg("replay")
+        .arg(log)
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// The numbers on the replay's summary line.
+#[derive(Debug, PartialEq, Eq)]
+struct Summary {
+    epochs: u64,
+    verified: u64,
+    diverged: u64,
+    checkpoint_required: u64,
+}
+
+fn summary(o: &Output) -> Summary {
+    let err = String::from_utf8_lossy(&o.stderr);
+    let line = err
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("no summary line in {err:?}"));
+    let field = |k: &str| -> u64 {
+        line.split(' ')
+            .find_map(|t| t.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {line:?}"))
+    };
+    Summary {
+        epochs: field("epochs="),
+        verified: field("verified="),
+        diverged: field("diverged="),
+        checkpoint_required: field("checkpoint_required="),
+    }
+}
+
+fn assert_clean_replay(log: &Path, recorded_stdout: &[u8]) {
+    let o = replay(log, &["--show-output"]);
+    let s = summary(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{s:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!((s.diverged, s.checkpoint_required), (0, 0));
+    assert!(s.epochs > 0 && s.verified == s.epochs, "{s:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(recorded_stdout),
+        "replayed output differs"
+    );
+}
+
+#[test]
+fn counter_replays_identically_ten_times() {
+    let dir = Scratch::new("replay-counter");
+    for i in 0..10 {
+        let log = dir.path(&format!("counter-{i}.log"));
+        let rec = record(&log, "workload=counter ticks=8");
+        let out = String::from_utf8_lossy(&rec.stdout);
+        assert_eq!(out.lines().count(), 9, "{out}");
+        assert_clean_replay(&log, &rec.stdout);
+    }
+}
+
+/// A small deterministic generator for input timing (no external crate needed).
+struct Jitter(u64);
+
+impl Jitter {
+    fn next_ms(&mut self, max: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % (max + 1)
+    }
+}
+
+#[test]
+fn echo_with_input_at_random_moments_replays_identically_ten_times() {
+    let dir = Scratch::new("replay-echo");
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    let mut jitter = Jitter(seed);
+    for i in 0..10 {
+        let log = dir.path(&format!("echo-{i}.log"));
+        let mut child = Command::new(FTVM)
+            .args(["run", "--record"])
+            .arg(&log)
+            .args(["--cmdline", "workload=echo"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let mut expected = String::new();
+        for n in 0..5 {
+            std::thread::sleep(Duration::from_millis(jitter.next_ms(30)));
+            let line = format!("line{i}-{n}-{}", jitter.next_ms(1000));
+            // Sometimes split a line across two writes, so bytes arrive at different exits.
+            let bytes = format!("{line}\n");
+            let cut = jitter.next_ms(bytes.len() as u64) as usize;
+            stdin.write_all(&bytes.as_bytes()[..cut]).unwrap();
+            stdin.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(jitter.next_ms(5)));
+            stdin.write_all(&bytes.as_bytes()[cut..]).unwrap();
+            expected.push_str(&format!(
+                "echo {}\n",
+                line.chars().rev().collect::<String>()
+            ));
+        }
+        stdin.write_all(b"quit\n").unwrap();
+        drop(stdin);
+        let rec = child.wait_with_output().unwrap();
+        assert_eq!(
+            rec.status.code(),
+            Some(0),
+            "seed {seed}: {}",
+            String::from_utf8_lossy(&rec.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&rec.stdout),
+            expected,
+            "seed {seed}"
+        );
+        assert_clean_replay(&log, &rec.stdout);
+    }
+}
+
+#[test]
+fn spin_past_the_latency_bound_is_reported_checkpoint_required() {
+    let dir = Scratch::new("replay-spin");
+    let log = dir.path("spin.log");
+    record(&log, "workload=spin ms=60");
+    let o = replay(&log, &[]);
+    let s = summary(&o);
+    assert!(s.checkpoint_required >= 1, "{s:?}");
+    assert_eq!(
+        s.diverged, 0,
+        "a kick must not show up as a divergence: {s:?}"
+    );
+    assert_eq!(o.status.code(), Some(1));
+}
+
+#[test]
+fn rdtsc_is_reported_diverged_at_a_digest_mismatch() {
+    let dir = Scratch::new("replay-rdtsc");
+    let log = dir.path("rdtsc.log");
+    record(&log, "workload=rdtsc n=4");
+    let o = replay(&log, &[]);
+    let s = summary(&o);
+    assert!(s.diverged >= 1, "{s:?}");
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let first = err.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("diverged epoch=")
+            && first.contains(" exit_seq=")
+            && first.contains("reason=digest mismatch"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// A replay of a damaged log: exit status 2, one clear line naming what is wrong.
+fn assert_bad_log(log: &Path, extra: &[&str], expected: &str) {
+    let o = replay(log, extra);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.starts_with("ftvm: error: "), "{err}");
+    assert!(err.contains(expected), "expected {expected:?} in {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// (offset, length) of every frame after the magic.
+fn frames(bytes: &[u8]) -> Vec<(usize, usize)> {
+    let mut r = FrameReader::new(&bytes[8..], 8);
+    let mut out = Vec::new();
+    loop {
+        let start = r.offset() as usize;
+        match r.read_frame::<LogFrame>().unwrap() {
+            Some(_) => out.push((start, r.offset() as usize - start)),
+            None => return out,
+        }
+    }
+}
+
+#[test]
+fn damaged_logs_are_refused_with_the_frame_offset() {
+    let dir = Scratch::new("replay-bad");
+    let log = dir.path("good.log");
+    record(&log, "workload=counter ticks=3");
+    let good = std::fs::read(&log).unwrap();
+    let f = frames(&good);
+    assert!(f.len() > 3);
+
+    // Cut inside the third frame.
+    let (off, len) = f[2];
+    let cut = dir.path("cut.log");
+    std::fs::write(&cut, &good[..off + len / 2]).unwrap();
+    assert_bad_log(&cut, &[], &format!("truncated frame at offset {off}"));
+
+    // Cut at a frame boundary: the log ends before the run does.
+    let (off, _) = f[f.len() - 1];
+    let short = dir.path("short.log");
+    std::fs::write(&short, &good[..off]).unwrap();
+    assert_bad_log(&short, &[], &format!("log ends at offset {off}"));
+
+    // A flipped bit in the middle of the second frame's payload.
+    let (off, len) = f[1];
+    let mut flipped = good.clone();
+    flipped[off + len / 2] ^= 0x10;
+    let flip = dir.path("flip.log");
+    std::fs::write(&flip, &flipped).unwrap();
+    assert_bad_log(
+        &flip,
+        &[],
+        &format!("CRC mismatch in frame at offset {off}"),
+    );
+
+    // A header from a future format version (a valid frame, CRC and all).
+    let mut r = FrameReader::new(&good[8..], 8);
+    let Some((
+        _,
+        LogFrame {
+            body: Some(Body::Header(mut header)),
+        },
+    )) = r.read_frame::<LogFrame>().unwrap()
+    else {
+        panic!("first frame is not the header");
+    };
+    header.format_version = 99;
+    let mut future = good[..8].to_vec();
+    frame::write(
+        &mut future,
+        &LogFrame {
+            body: Some(Body::Header(header)),
+        },
+    )
+    .unwrap();
+    future.extend_from_slice(&good[f[1].0..]);
+    let v99 = dir.path("v99.log");
+    std::fs::write(&v99, &future).unwrap();
+    assert_bad_log(
+        &v99,
+        &[],
+        "unsupported log format version 99 in the header frame at offset 8",
+    );
+
+    // Not a log at all.
+    let junk = dir.path("junk.log");
+    std::fs::write(&junk, b"hello, world\n").unwrap();
+    assert_bad_log(&junk, &[], "not an ftvm log: bad magic at offset 0");
+}
+
+#[test]
+fn a_log_recorded_with_another_kernel_is_refused() {
+    let dir = Scratch::new("replay-kernel");
+    let log = dir.path("counter.log");
+    record(&log, "workload=counter ticks=2");
+    // The same guest with one byte changed is another kernel.
+    let mut other = ftvm_guest::KERNEL.to_vec();
+    let last = other.len() - 1;
+    other[last] ^= 0xff;
+    let kernel = dir.path("other-kernel.elf");
+    std::fs::write(&kernel, &other).unwrap();
+    assert_bad_log(
+        &log,
+        &["--kernel", kernel.to_str().unwrap()],
+        "log was recorded with another kernel",
+    );
+}
