@@ -328,3 +328,24 @@ fn a_log_recorded_with_another_kernel_is_refused() {
         "log was recorded with another kernel",
     );
 }
+
+#[test]
+fn recording_to_a_full_disk_is_a_clear_error() {
+    let o = Command::new(FTVM)
+        .args([
+            "run",
+            "--record",
+            "/dev/full",
+            "--cmdline",
+            "workload=counter ticks=2",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err.trim(),
+        "ftvm: error: cannot create log /dev/full: No space left on device (os error 28)"
+    );
+}
