@@ -104,13 +104,6 @@ pub struct Recorder<H, S> {
     stats: RecordStats,
 }
 
-fn point_seq(at: Point) -> (u64, bool) {
-    match at {
-        Point::Exit(seq) => (seq.0, false),
-        Point::Kick { after } => (after.0, true),
-    }
-}
-
 impl<H: ExitHook, S: LogSink> Recorder<H, S> {
     /// A recorder starting at epoch 1.
     pub fn new(inner: H, sink: S, policy: EpochPolicy) -> Self {
@@ -143,7 +136,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
     }
 
     fn push(&mut self, at: Point, kind: Kind) {
-        let (exit_seq, at_kick) = point_seq(at);
+        let (exit_seq, at_kick) = at.log_position();
         tracing::trace!(exit_seq, at_kick, ?kind, "record");
         self.records.push(Record {
             exit_seq,

@@ -179,13 +179,6 @@ fn describe_exit(e: &Exit) -> String {
     }
 }
 
-fn point_seq(at: Point) -> (u64, bool) {
-    match at {
-        Point::Exit(seq) => (seq.0, false),
-        Point::Kick { after } => (after.0, true),
-    }
-}
-
 /// The replayer hook.
 pub struct Replayer<S, W> {
     source: S,
@@ -338,7 +331,7 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
         view: &HostView,
         inputs: &mut Vec<Input>,
     ) -> Result<(), HookError> {
-        let (seq, at_kick) = point_seq(at);
+        let (seq, at_kick) = at.log_position();
         self.fill_through(seq)?;
         let matches = matches!(
             self.front_at(seq, at_kick).map(|r| &r.kind),
@@ -417,7 +410,7 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
     }
 
     fn on_inject(&mut self, at: Point, vector: u8) -> Result<(), HookError> {
-        let (seq, at_kick) = point_seq(at);
+        let (seq, at_kick) = at.log_position();
         match self.front_at(seq, at_kick).map(|r| &r.kind) {
             Some(Some(Kind::Interrupt(i))) if i.vector == u32::from(vector) => {
                 self.queue.pop_front();
@@ -432,7 +425,7 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
     }
 
     fn on_request_window(&mut self, at: Point) -> Result<(), HookError> {
-        let (seq, at_kick) = point_seq(at);
+        let (seq, at_kick) = at.log_position();
         match self.front_at(seq, at_kick).map(|r| &r.kind) {
             Some(Some(Kind::InterruptWindow(_))) => {
                 self.queue.pop_front();

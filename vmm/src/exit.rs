@@ -38,6 +38,17 @@ pub enum Point {
     },
 }
 
+impl Point {
+    /// The exit sequence number the point belongs to (for a kick: the last exit before it)
+    /// and whether it is a kick.
+    pub fn log_position(self) -> (u64, bool) {
+        match self {
+            Point::Exit(seq) => (seq.0, false),
+            Point::Kick { after } => (after.0, true),
+        }
+    }
+}
+
 /// A guest-caused exit, owned so tests can construct one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
