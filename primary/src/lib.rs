@@ -16,7 +16,7 @@ use ftvm_proto::log::{self, record::Kind, Record, RecordBatch};
 use ftvm_vmm::cpuid::CpuidTable;
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::{epoch_digest, hash};
-use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HookError, HostView, Point, RunEnd};
+use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HookError, HostView, Kick, Point, RunEnd};
 use ftvm_vmm::{Input, Vm, VmConfig};
 
 /// Default maximum epoch length.
@@ -334,9 +334,10 @@ impl<H: ExitHook, S: LogSink> ExitHook for Recorder<H, S> {
         self.policy.interrupt_windows
     }
 
-    fn kick_at(&self, deadline_ns: u64) -> Option<Instant> {
-        self.inner
-            .kick_at(deadline_ns)
-            .map(|t| t + self.policy.latency_bound)
+    fn kick_at(&self, deadline_ns: u64) -> Option<Kick> {
+        self.inner.kick_at(deadline_ns).map(|k| Kick {
+            after_guest_time: k.after_guest_time + self.policy.latency_bound,
+            ..k
+        })
     }
 }

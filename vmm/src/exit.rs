@@ -11,7 +11,7 @@
 //! The loop is written against [`VcpuRun`] so it can be driven by constructed exits in unit
 //! tests, as Firecracker tests its exit dispatch.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::devices::StopRequest;
 use crate::machine::{Input, InputError, Machine};
@@ -135,10 +135,21 @@ pub trait VcpuRun {
     /// Lets KVM finish a pending PIO/MMIO instruction without running further guest code, so
     /// the vCPU state is complete (re-entry with immediate_exit, as Cloud Hypervisor pauses).
     fn complete_pending_io(&mut self) -> Result<(), crate::Error>;
-    /// Arranges for the vCPU to be kicked out of the guest at `at` (None: never).
-    fn arm_kick(&mut self, at: Option<Instant>);
+    /// Arranges for the vCPU to be kicked out of the guest as `kick` says (None: never).
+    fn arm_kick(&mut self, kick: Option<Kick>);
     /// The guest's instruction pointer, for error reports.
     fn rip(&mut self) -> u64;
+}
+
+/// When to kick the vCPU out of an exit-free stretch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kick {
+    /// Not before this moment (a timer deadline).
+    pub at: Instant,
+    /// And only once the vCPU thread has run this much CPU time since `at` without an exit.
+    /// Measured on the thread's CPU clock, so a vCPU thread that the host deschedules is not
+    /// kicked for time the guest never ran.
+    pub after_guest_time: Duration,
 }
 
 /// What the host side looks like to the hook when it is asked for inputs.
@@ -226,7 +237,7 @@ pub trait ExitHook {
 
     /// When to kick the vCPU out of an exit-free stretch if the timer deadline `deadline_ns`
     /// (virtual time) passes without an exit. None: never kick.
-    fn kick_at(&self, _deadline_ns: u64) -> Option<Instant> {
+    fn kick_at(&self, _deadline_ns: u64) -> Option<Kick> {
         None
     }
 }
@@ -514,7 +525,7 @@ mod tests {
             self.log.push("complete".into());
             Ok(())
         }
-        fn arm_kick(&mut self, _at: Option<Instant>) {}
+        fn arm_kick(&mut self, _kick: Option<Kick>) {}
         fn rip(&mut self) -> u64 {
             0x1234
         }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 
-use crate::exit::{ExitHook, ExitSeq, HookError, HostView, Point};
+use crate::exit::{ExitHook, ExitSeq, HookError, HostView, Kick, Point};
 use crate::machine::Input;
 
 /// Nothing can ever wake the halted guest: no timer is armed and serial input is closed.
@@ -67,7 +67,8 @@ impl<W: Write> LiveHook<W> {
         }
     }
 
-    /// How long a due timer interrupt may wait for a natural exit before the vCPU is kicked.
+    /// How much guest run time (vCPU thread CPU time) a due timer interrupt may wait for a
+    /// natural exit before the vCPU is kicked.
     pub fn with_kick_delay(mut self, delay: Duration) -> Self {
         self.kick_delay = delay;
         self
@@ -149,7 +150,10 @@ impl<W: Write> ExitHook for LiveHook<W> {
         Ok(())
     }
 
-    fn kick_at(&self, deadline_ns: u64) -> Option<Instant> {
-        Some(self.start + Duration::from_nanos(deadline_ns) + self.kick_delay)
+    fn kick_at(&self, deadline_ns: u64) -> Option<Kick> {
+        Some(Kick {
+            at: self.start + Duration::from_nanos(deadline_ns),
+            after_guest_time: self.kick_delay,
+        })
     }
 }

@@ -3,7 +3,7 @@
 
 use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex, Once};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_debugregs, kvm_interrupt, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs, kvm_vcpu_events,
@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
 
-use crate::exit::{Exit, RunOutcome, VcpuRun};
+use crate::exit::{Exit, Kick, RunOutcome, VcpuRun};
 use crate::state::{Persist, StateError};
 use crate::Error;
 
@@ -78,7 +78,8 @@ fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN() + 2
 }
 
-/// Kicks the vCPU thread out of KVM_RUN at a deadline. One thread per VM.
+/// Kicks the vCPU thread out of KVM_RUN once a deadline has passed and the vCPU thread has
+/// then run for a given CPU time without reaching an exit. One thread per VM.
 struct Kicker {
     shared: Arc<(Mutex<KickState>, Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -86,12 +87,34 @@ struct Kicker {
 
 #[derive(Default)]
 struct KickState {
-    deadline: Option<Instant>,
+    kick: Option<Kick>,
+    /// The vCPU thread's CPU time when the deadline was seen to have passed.
+    cpu_base: Option<Duration>,
     shutdown: bool,
+}
+
+/// CPU time consumed by the thread whose CPU clock is `clock` (guest time included).
+fn thread_cpu_time(clock: libc::clockid_t) -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; an invalid clock makes the call fail, which
+    // reads as zero elapsed CPU time (the kick then waits for wall time only to run out).
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 impl Kicker {
     fn spawn(target: libc::pthread_t) -> std::io::Result<Self> {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: `target` is the calling vCPU thread (alive); `clock` is a valid out pointer.
+        let rc = unsafe { libc::pthread_getcpuclockid(target, &mut clock) };
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
         let shared = Arc::new((Mutex::new(KickState::default()), Condvar::new()));
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -103,24 +126,31 @@ impl Kicker {
                     if st.shutdown {
                         return;
                     }
-                    match st.deadline {
-                        None => st = cv.wait(st).unwrap_or_else(|e| e.into_inner()),
-                        Some(d) => {
-                            let now = Instant::now();
-                            if now >= d {
-                                st.deadline = None;
-                                // SAFETY: `target` is the vCPU thread, alive while this
-                                // thread runs (the Kicker is dropped, and this thread
-                                // joined, before the Vcpu); the signal has a handler.
-                                unsafe { libc::pthread_kill(target, kick_signal()) };
-                            } else {
-                                st = cv
-                                    .wait_timeout(st, d - now)
-                                    .map(|(g, _)| g)
-                                    .unwrap_or_else(|e| e.into_inner().0);
-                            }
+                    let Some(kick) = st.kick else {
+                        st = cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                        continue;
+                    };
+                    let now = Instant::now();
+                    let wait = if now < kick.at {
+                        kick.at - now
+                    } else {
+                        let cpu = thread_cpu_time(clock);
+                        let used = cpu.saturating_sub(*st.cpu_base.get_or_insert(cpu));
+                        if used >= kick.after_guest_time {
+                            st.kick = None;
+                            // SAFETY: `target` is the vCPU thread, alive while this thread
+                            // runs (the Kicker is dropped, and this thread joined, before the
+                            // Vcpu); the signal has a handler.
+                            unsafe { libc::pthread_kill(target, kick_signal()) };
+                            continue;
                         }
-                    }
+                        // CPU time advances no faster than wall time.
+                        kick.after_guest_time - used
+                    };
+                    st = cv
+                        .wait_timeout(st, wait)
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|e| e.into_inner().0);
                 }
             })?;
         Ok(Self {
@@ -129,11 +159,12 @@ impl Kicker {
         })
     }
 
-    fn arm(&self, at: Option<Instant>) {
+    fn arm(&self, kick: Option<Kick>) {
         let (lock, cv) = &*self.shared;
         let mut st = crate::bus::lock(lock);
-        if st.deadline != at {
-            st.deadline = at;
+        if st.kick != kick {
+            st.kick = kick;
+            st.cpu_base = None;
             cv.notify_one();
         }
     }
@@ -360,9 +391,9 @@ impl VcpuRun for Vcpu {
         result
     }
 
-    fn arm_kick(&mut self, at: Option<Instant>) {
+    fn arm_kick(&mut self, kick: Option<Kick>) {
         if let Some(k) = &self.kicker {
-            k.arm(at);
+            k.arm(kick);
         }
     }
 
