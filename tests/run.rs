@@ -103,7 +103,13 @@ fn spin_is_interrupted_by_the_timer_without_exits() {
     let o = workload("workload=spin ms=150");
     assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
     let out = stdout(&o);
-    assert!(out.starts_with("spin ticks=15 "), "{out}");
+    // The loop ends at tick 15; a tick may land before the line is printed.
+    let ticks: u64 = out
+        .strip_prefix("spin ticks=")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!((15..=17).contains(&ticks), "{out}");
     assert_eq!(out.lines().last(), Some("done"));
 }
 
