@@ -125,11 +125,6 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         self.stats
     }
 
-    /// The live hook underneath.
-    pub fn inner_mut(&mut self) -> &mut H {
-        &mut self.inner
-    }
-
     /// The sink.
     pub fn into_sink(self) -> S {
         self.sink

@@ -22,7 +22,6 @@ pub struct LiveHook<W: Write> {
     input: Option<Receiver<Vec<u8>>>,
     pending: VecDeque<u8>,
     out: W,
-    kick_delay: Duration,
 }
 
 /// Reads `source` on a thread and delivers what it reads as chunks; the channel closes at EOF.
@@ -63,20 +62,7 @@ impl<W: Write> LiveHook<W> {
             input,
             pending: VecDeque::new(),
             out,
-            kick_delay: Duration::ZERO,
         }
-    }
-
-    /// How much guest run time (vCPU thread CPU time) a due timer interrupt may wait for a
-    /// natural exit before the vCPU is kicked.
-    pub fn with_kick_delay(mut self, delay: Duration) -> Self {
-        self.kick_delay = delay;
-        self
-    }
-
-    /// The writer guest output goes to.
-    pub fn output(&mut self) -> &mut W {
-        &mut self.out
     }
 
     /// Virtual time now: host monotonic time since the VM started.
@@ -153,7 +139,8 @@ impl<W: Write> ExitHook for LiveHook<W> {
     fn kick_at(&self, deadline_ns: u64) -> Option<Kick> {
         Some(Kick {
             at: self.start + Duration::from_nanos(deadline_ns),
-            after_guest_time: self.kick_delay,
+            // Live runs need no determinism: kick as soon as the deadline passes.
+            after_guest_time: Duration::ZERO,
         })
     }
 }

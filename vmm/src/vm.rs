@@ -67,8 +67,8 @@ pub fn open_kvm() -> Result<Kvm, Error> {
 impl Vm {
     /// Creates the VM, loads the kernel and puts the vCPU at its entry point.
     pub fn new(config: &VmConfig) -> Result<Self, Error> {
-        let ranges_ok = memory::ram_ranges(config.mem_mib)?;
-        drop(ranges_ok);
+        // Refuse a bad size before touching /dev/kvm.
+        memory::ram_ranges(config.mem_mib)?;
         let kvm = open_kvm()?;
         if kvm.get_api_version() != 12 {
             return Err(Error::NotKvm);
