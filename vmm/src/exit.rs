@@ -541,6 +541,10 @@ mod tests {
         clock_at: Vec<Point>,
         output: Vec<u8>,
         windows: Vec<Point>,
+        /// Pause at the end of this exit.
+        pause_at: Option<u64>,
+        /// Forbid interrupt-window exits.
+        no_windows: bool,
     }
 
     impl ExitHook for Recorder {
@@ -551,6 +555,16 @@ mod tests {
         fn on_request_window(&mut self, at: Point) -> Result<(), HookError> {
             self.windows.push(at);
             Ok(())
+        }
+        fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, HookError> {
+            Ok(if Some(seq.0) == self.pause_at {
+                Control::Pause
+            } else {
+                Control::Continue
+            })
+        }
+        fn interrupt_windows(&self) -> bool {
+            !self.no_windows
         }
         fn on_kick(&mut self, after: ExitSeq) -> Result<(), HookError> {
             self.kicks.push(after);
@@ -680,43 +694,8 @@ mod tests {
         let mut machine = Machine::new().unwrap();
         let mut state = LoopState::default();
         // Run up to the window exit with the guest not ready; then make it ready.
-        struct Ready<'a>(&'a mut Recorder, u64);
-        impl ExitHook for Ready<'_> {
-            fn on_exit(&mut self, seq: ExitSeq, exit: &Exit) -> Result<(), HookError> {
-                self.0.on_exit(seq, exit)
-            }
-            fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, HookError> {
-                Ok(if seq.0 == self.1 {
-                    Control::Pause
-                } else {
-                    Control::Continue
-                })
-            }
-            fn on_request_window(&mut self, at: Point) -> Result<(), HookError> {
-                self.0.on_request_window(at)
-            }
-            fn poll_inputs(
-                &mut self,
-                at: Point,
-                view: &HostView,
-                inputs: &mut Vec<Input>,
-            ) -> Result<(), HookError> {
-                self.0.poll_inputs(at, view, inputs)
-            }
-            fn on_inject(&mut self, at: Point, vector: u8) -> Result<(), HookError> {
-                self.0.on_inject(at, vector)
-            }
-            fn on_output(&mut self, seq: ExitSeq, bytes: &[u8]) -> Result<(), HookError> {
-                self.0.on_output(seq, bytes)
-            }
-        }
-        let end = run(
-            &mut vcpu,
-            &mut machine,
-            &mut Ready(&mut hook, setup + 1),
-            &mut state,
-        )
-        .unwrap();
+        hook.pause_at = Some(setup + 1);
+        let end = run(&mut vcpu, &mut machine, &mut hook, &mut state).unwrap();
         assert_eq!(end, RunEnd::Paused(ExitSeq(setup + 1)));
         assert!(hook.injections.is_empty());
         assert_eq!(hook.windows, vec![Point::Exit(ExitSeq(setup + 1))]);
@@ -733,37 +712,15 @@ mod tests {
 
     #[test]
     fn without_interrupt_windows_injection_waits_for_the_next_natural_exit() {
-        struct NoWindows(Recorder);
-        impl ExitHook for NoWindows {
-            fn poll_inputs(
-                &mut self,
-                at: Point,
-                view: &HostView,
-                inputs: &mut Vec<Input>,
-            ) -> Result<(), HookError> {
-                self.0.poll_inputs(at, view, inputs)
-            }
-            fn on_inject(&mut self, at: Point, vector: u8) -> Result<(), HookError> {
-                self.0.on_inject(at, vector)
-            }
-            fn on_request_window(&mut self, at: Point) -> Result<(), HookError> {
-                self.0.on_request_window(at)
-            }
-            fn on_output(&mut self, seq: ExitSeq, bytes: &[u8]) -> Result<(), HookError> {
-                self.0.on_output(seq, bytes)
-            }
-            fn interrupt_windows(&self) -> bool {
-                false
-            }
-        }
         let mut script = platform_setup();
         let setup = script.len() as u64;
         script.push(out(0x80, 0)); // timer fires, guest not ready
         script.push(out(0x80, 0)); // still not ready
-        let mut hook = NoWindows(Recorder {
+        let mut hook = Recorder {
             clock_at: vec![Point::Exit(ExitSeq(setup + 1))],
+            no_windows: true,
             ..Default::default()
-        });
+        };
         let mut vcpu = ScriptedVcpu {
             script: script.into(),
             ready: false,
@@ -774,15 +731,15 @@ mod tests {
         // The final debug-exit write stops the run before anything becomes ready.
         let end = run(&mut vcpu, &mut machine, &mut hook, &mut state).unwrap();
         assert_eq!(end, RunEnd::Stopped(StopRequest::Exit(0)));
-        assert!(hook.0.windows.is_empty());
+        assert!(hook.windows.is_empty());
         assert!(!vcpu.log.contains(&"window".to_string()));
-        assert!(hook.0.injections.is_empty());
+        assert!(hook.injections.is_empty());
         // Once the guest is ready at a natural exit, the interrupt goes in there.
         vcpu.ready = true;
         vcpu.script = vec![out(0x80, 0)].into();
         run(&mut vcpu, &mut machine, &mut hook, &mut state).unwrap();
         assert_eq!(
-            hook.0.injections,
+            hook.injections,
             vec![(Point::Exit(ExitSeq(setup + 4)), 0x20)]
         );
     }
