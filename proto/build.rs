@@ -2,7 +2,7 @@
 //! generates the prost types.
 
 fn main() {
-    let protos = ["proto/log.proto"];
+    let protos = ["proto/log.proto", "proto/channel.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -1,12 +1,18 @@
 //! `ftvm`: lockstep fault-tolerant VM pairs on KVM. See README.md and docs/.
 
+use std::io::IsTerminal;
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ftvm_primary::log_file::LogFileWriter;
-use ftvm_primary::{EpochPolicy, Recorder};
+use ftvm_primary::{pair, EpochPolicy, Recorder};
+use ftvm_replication::primary::ChannelOptions;
+use ftvm_replication::Heartbeat;
 use ftvm_secondary::log_file::LogFileReader;
+use ftvm_secondary::standby::StandbyEnd;
 use ftvm_secondary::{ReplayError, Replayer};
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::live::{spawn_reader, LiveHook};
@@ -37,6 +43,39 @@ enum Command {
     Run(RunArgs),
     /// Re-execute a recorded log and check the replayed VM against it at every epoch.
     Replay(ReplayArgs),
+    /// Wait for a primary (`ftvm run --peer`), replay its guest in lockstep, and go live if
+    /// the primary is lost. Exits with the guest's status.
+    Standby(StandbyArgs),
+    /// Print the status of a pair process through its control socket (`--control`).
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct PairArgs {
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    heartbeat_ms: u64,
+    /// A peer silent this long (milliseconds) is lost. Default: three heartbeat intervals.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    heartbeat_timeout_ms: Option<u64>,
+    /// Answer `ftvm status` on this address (host:port).
+    #[arg(long, value_name = "ADDR")]
+    control: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct StandbyArgs {
+    /// Address to wait for the primary on (host:port).
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    #[command(flatten)]
+    pair: PairArgs,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The control address of a primary or standby (its `--control`).
+    addr: String,
 }
 
 #[derive(clap::Args)]
@@ -67,8 +106,17 @@ struct RunArgs {
     record: Option<PathBuf>,
     /// When recording, deliver pending interrupts through interrupt-window exits. Only for
     /// hosts where those exits are exact (VMX/SVM); on PVM they make replay diverge.
-    #[arg(long, requires = "record")]
+    #[arg(long)]
     interrupt_windows: bool,
+    /// Run protected: the standby (`ftvm standby`) listening at ADDR (host:port) replays the
+    /// guest in lockstep; output is released only once the standby verified it.
+    #[arg(long, value_name = "ADDR", conflicts_with = "record")]
+    peer: Option<String>,
+    /// How long to keep trying to reach the standby, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 10_000, requires = "peer")]
+    connect_timeout_ms: u64,
+    #[command(flatten)]
+    pair: PairArgs,
 }
 
 /// A failure of ftvm, reported as one line.
@@ -102,6 +150,24 @@ enum CliError {
     },
     #[error("{0}")]
     BadLog(String),
+    #[error("standby {peer}: {source}")]
+    Connect {
+        peer: String,
+        #[source]
+        source: ftvm_replication::ChannelError,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Standby(#[from] ftvm_secondary::standby::StandbyError),
+    #[error(transparent)]
+    Status(#[from] ftvm_replication::status::QueryError),
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl CliError {
@@ -139,21 +205,110 @@ fn stop_status(stop: StopRequest) -> u8 {
     }
 }
 
-fn run(args: RunArgs) -> Result<u8, CliError> {
+fn boot(args: &RunArgs) -> Result<(VmConfig, Vm), CliError> {
     let (kernel, kernel_name) = read_kernel(&args.kernel)?;
     let config = VmConfig {
         mem_mib: args.mem_mib,
         kernel,
-        cmdline: args.cmdline,
+        cmdline: args.cmdline.clone(),
         cpuid: None,
     };
-    let mut vm = Vm::new(&config).map_err(|e| match e {
+    let vm = Vm::new(&config).map_err(|e| match e {
         ftvm_vmm::Error::Boot(_) => CliError::KernelImage {
             path: kernel_name,
             source: e,
         },
         e => CliError::Vm(e),
     })?;
+    Ok((config, vm))
+}
+
+fn channel_options(args: &PairArgs) -> Result<ChannelOptions, CliError> {
+    let interval = Duration::from_millis(args.heartbeat_ms);
+    let timeout = args
+        .heartbeat_timeout_ms
+        .map_or(interval * 3, Duration::from_millis);
+    if timeout <= interval {
+        return Err(CliError::Usage(format!(
+            "--heartbeat-timeout-ms ({} ms) must be longer than the heartbeat interval ({} ms)",
+            timeout.as_millis(),
+            interval.as_millis()
+        )));
+    }
+    let control = match &args.control {
+        Some(addr) => Some(listen(addr)?),
+        None => None,
+    };
+    Ok(ChannelOptions {
+        heartbeat: Heartbeat { interval, timeout },
+        control,
+    })
+}
+
+fn listen(addr: &str) -> Result<TcpListener, CliError> {
+    TcpListener::bind(addr).map_err(|source| CliError::Listen {
+        addr: addr.into(),
+        source,
+    })
+}
+
+fn run(args: RunArgs) -> Result<u8, CliError> {
+    if args.interrupt_windows && args.record.is_none() && args.peer.is_none() {
+        return Err(CliError::Usage(
+            "--interrupt-windows applies only to a recorded or protected run (--record or --peer)"
+                .into(),
+        ));
+    }
+    if args.pair.control.is_some() && args.peer.is_none() {
+        return Err(CliError::Usage("--control needs --peer".into()));
+    }
+    let (config, mut vm) = boot(&args)?;
+    let policy = EpochPolicy {
+        interrupt_windows: args.interrupt_windows,
+        ..EpochPolicy::default()
+    };
+    if let Some(peer) = &args.peer {
+        let options = channel_options(&args.pair)?;
+        let header = ftvm_primary::header(&config, vm.cpuid(), &policy);
+        let timeout = Duration::from_millis(args.connect_timeout_ms);
+        let link = match pair::connect_standby(peer, timeout, header, &config.kernel) {
+            Ok(link) => Ok(link),
+            Err(source @ ftvm_replication::ChannelError::Connect { .. }) => {
+                return Err(CliError::Connect {
+                    peer: peer.clone(),
+                    source,
+                })
+            }
+            Err(e) => {
+                let why = format!("standby handshake failed: {e}");
+                tracing::error!("{why}: running unprotected");
+                Err(why)
+            }
+        };
+        let input = Some(spawn_reader(std::io::stdin()));
+        let (stop, report) = pair::run_primary(
+            &mut vm,
+            policy,
+            link,
+            options,
+            input,
+            Box::new(std::io::stdout()),
+        )
+        .map_err(|source| match source {
+            ftvm_primary::RecordError::Vm(e) => CliError::Vm(e),
+            source => CliError::Record {
+                path: PathBuf::from(peer),
+                source,
+            },
+        })?;
+        tracing::info!(
+            epochs = report.epochs,
+            verified = report.verified_epoch,
+            protected_to_end = report.protected_to_end,
+            "protected run complete"
+        );
+        return Ok(stop_status(stop));
+    }
     let live = LiveHook::new(Some(spawn_reader(std::io::stdin())), std::io::stdout());
     let Some(path) = args.record else {
         let mut hook = live;
@@ -161,10 +316,6 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             RunEnd::Stopped(stop) => Ok(stop_status(stop)),
             RunEnd::Paused(_) => Ok(0),
         };
-    };
-    let policy = EpochPolicy {
-        interrupt_windows: args.interrupt_windows,
-        ..EpochPolicy::default()
     };
     let header = ftvm_primary::header(&config, vm.cpuid(), &policy);
     let sink = LogFileWriter::create(&path, header).map_err(|source| CliError::CreateLog {
@@ -187,6 +338,26 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
     Ok(stop_status(stop))
 }
 
+fn standby(args: StandbyArgs) -> Result<u8, CliError> {
+    let options = channel_options(&args.pair)?;
+    let listener = listen(&args.listen)?;
+    tracing::info!(addr = args.listen, "waiting for a primary");
+    let end = ftvm_secondary::standby::run_standby(
+        &listener,
+        options,
+        || Some(spawn_reader(std::io::stdin())),
+        std::io::stdout(),
+    )?;
+    Ok(match end {
+        StandbyEnd::Completed(stop) | StandbyEnd::WentLive(stop) => stop_status(stop),
+    })
+}
+
+fn status(args: StatusArgs) -> Result<u8, CliError> {
+    print!("{}", ftvm_replication::status::query(&args.addr)?);
+    Ok(0)
+}
+
 fn replay(args: ReplayArgs) -> Result<u8, CliError> {
     let (reader, header) = LogFileReader::open(&args.log)
         .map_err(|e| CliError::BadLog(format!("{}: {e}", args.log.display())))?;
@@ -200,10 +371,15 @@ fn replay(args: ReplayArgs) -> Result<u8, CliError> {
         Box::new(std::io::sink())
     };
     let mut replayer = Replayer::new(reader, &header, output);
-    let report = ftvm_secondary::replay(&mut vm, &mut replayer).map_err(|e| match e {
-        ReplayError::Log(e) => CliError::BadLog(format!("{}: {e}", args.log.display())),
-        ReplayError::Vm(e) => CliError::Vm(e),
-    })?;
+    let report =
+        ftvm_secondary::replay(&mut vm, &mut replayer, &mut |_, _| {}).map_err(|e| match e {
+            ReplayError::Log(e) => CliError::BadLog(format!("{}: {e}", args.log.display())),
+            ReplayError::Vm(e) => CliError::Vm(e),
+        })?;
+    if report.log_ended.is_some() {
+        let e = replayer.log_ended_error();
+        return Err(CliError::BadLog(format!("{}: {e}", args.log.display())));
+    }
     if let Some(d) = &report.divergence {
         eprintln!("{d}");
     }
@@ -223,11 +399,14 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Replay(args) => replay(args),
+        Command::Standby(args) => standby(args),
+        Command::Status(args) => status(args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

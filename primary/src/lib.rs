@@ -9,6 +9,7 @@
 //! input at a non-deterministic point is marked **checkpoint-required**.
 
 pub mod log_file;
+pub mod pair;
 
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,8 @@ use ftvm_vmm::{Input, Vm, VmConfig};
 
 /// Default maximum epoch length.
 pub const DEFAULT_MAX_EPOCH: Duration = Duration::from_millis(10);
+/// Default interval at which the log is shipped within an epoch.
+pub const DEFAULT_STREAM_INTERVAL: Duration = Duration::from_millis(1);
 /// Default latency bound: how long a due interrupt waits for a natural exit before the vCPU
 /// is kicked.
 pub const DEFAULT_LATENCY_BOUND: Duration = Duration::from_millis(4);
@@ -47,6 +50,9 @@ pub enum RecordError {
 pub struct EpochPolicy {
     /// Maximum length of an epoch (wall time while the guest runs).
     pub max_epoch: Duration,
+    /// Within an epoch, ship what was recorded at the first exit after this long, so the
+    /// standby replays right behind the primary instead of one epoch at a time.
+    pub stream_interval: Duration,
     /// How long a due interrupt may wait for an exit before the vCPU is kicked.
     pub latency_bound: Duration,
     /// Deliver pending interrupts through interrupt-window exits (exact on VMX/SVM, not on
@@ -58,6 +64,7 @@ impl Default for EpochPolicy {
     fn default() -> Self {
         Self {
             max_epoch: DEFAULT_MAX_EPOCH,
+            stream_interval: DEFAULT_STREAM_INTERVAL,
             latency_bound: DEFAULT_LATENCY_BOUND,
             interrupt_windows: false,
         }
@@ -99,7 +106,12 @@ pub struct Recorder<H, S> {
     records: Vec<Record>,
     epoch: u64,
     epoch_started: Instant,
+    last_flush: Instant,
     output_waiting: bool,
+    /// The port block (8 ports) the previous exit accessed, and whether the current exit
+    /// accesses the same block: an output burst goes on while it does.
+    last_ports: Option<u16>,
+    in_output_burst: bool,
     checkpoint_required: bool,
     stats: RecordStats,
 }
@@ -114,7 +126,10 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
             records: Vec::new(),
             epoch: 1,
             epoch_started: Instant::now(),
+            last_flush: Instant::now(),
             output_waiting: false,
+            last_ports: None,
+            in_output_burst: false,
             checkpoint_required: false,
             stats: RecordStats::default(),
         }
@@ -141,6 +156,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
     }
 
     fn flush(&mut self, complete_through: ExitSeq) -> Result<(), RecordError> {
+        self.last_flush = Instant::now();
         self.stats.records += self.records.len() as u64;
         let batch = RecordBatch {
             complete_through: complete_through.0,
@@ -237,17 +253,30 @@ pub fn record<H: ExitHook, S: LogSink>(
 
 impl<H: ExitHook, S: LogSink> ExitHook for Recorder<H, S> {
     fn on_exit(&mut self, seq: ExitSeq, exit: &Exit) -> Result<(), HookError> {
+        let port = match exit {
+            Exit::IoIn { port, .. } | Exit::IoOut { port, .. } => Some(*port & !7),
+            _ => None,
+        };
+        self.in_output_burst = port.is_some() && port == self.last_ports;
+        self.last_ports = port;
         self.inner.on_exit(seq, exit)
     }
 
     fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, HookError> {
         self.inner.end_of_exit(seq)?;
         let full = self.epoch_started.elapsed() >= self.policy.max_epoch;
-        Ok(if self.output_waiting || full {
-            Control::Pause
-        } else {
-            Control::Continue
-        })
+        // Output is waiting: end the epoch once the burst that produced it is over (the
+        // first exit that is not another access to the same device), so a line printed byte
+        // by byte costs one epoch, not one per byte.
+        let output_ready = self.output_waiting && !self.in_output_burst;
+        if output_ready || full {
+            return Ok(Control::Pause);
+        }
+        if !self.records.is_empty() && self.last_flush.elapsed() >= self.policy.stream_interval {
+            // Every record for this exit is in: ship them now.
+            self.flush(seq).map_err(|e| Box::new(e) as HookError)?;
+        }
+        Ok(Control::Continue)
     }
 
     fn on_kick(&mut self, after: ExitSeq) -> Result<(), HookError> {

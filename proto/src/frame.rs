@@ -152,31 +152,80 @@ impl<R: Read> FrameReader<R> {
                 got: got as u64,
             });
         }
-        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
-        let expected = u32::from_le_bytes([self.buf[4], self.buf[5], self.buf[6], self.buf[7]]);
-        if len > MAX_FRAME_LEN {
-            return Err(FrameError::TooLarge { offset, len });
-        }
-        let got = self.fill(len as usize)?;
-        if got < len as usize {
+        let (len, expected) = parse_header(&self.buf, offset)?;
+        let got = self.fill(len)?;
+        if got < len {
             return Err(FrameError::Truncated {
                 offset,
-                needed: HEADER_LEN as u64 + u64::from(len),
+                needed: (HEADER_LEN + len) as u64,
                 got: (HEADER_LEN + got) as u64,
             });
         }
-        let actual = crc32c::crc32c(&self.buf);
-        if actual != expected {
-            return Err(FrameError::Crc {
-                offset,
-                expected,
-                actual,
-            });
-        }
-        let msg = M::decode(self.buf.as_slice())
-            .map_err(|source| FrameError::Decode { offset, source })?;
-        self.offset += (HEADER_LEN + len as usize) as u64;
+        let msg = check_payload(&self.buf, expected, offset)?;
+        self.offset += (HEADER_LEN + len) as u64;
         Ok(Some((offset, msg)))
+    }
+}
+
+/// The payload length and CRC of the frame header at the start of `buf` (at least
+/// [`HEADER_LEN`] bytes), for the frame at stream offset `offset`.
+fn parse_header(buf: &[u8], offset: u64) -> Result<(usize, u32), FrameError> {
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge { offset, len });
+    }
+    Ok((len as usize, crc))
+}
+
+/// Checks `payload` against the header's CRC and decodes it.
+fn check_payload<M: Message + Default>(
+    payload: &[u8],
+    expected: u32,
+    offset: u64,
+) -> Result<M, FrameError> {
+    let actual = crc32c::crc32c(payload);
+    if actual != expected {
+        return Err(FrameError::Crc {
+            offset,
+            expected,
+            actual,
+        });
+    }
+    M::decode(payload).map_err(|source| FrameError::Decode { offset, source })
+}
+
+/// Decodes the frame at the start of `buf` (bytes received so far from a non-blocking
+/// stream; the frame sits at stream offset `offset`). Returns the message and the frame's
+/// length in bytes, or None when `buf` does not hold the whole frame yet. A damaged frame is
+/// an error as soon as its header or its payload is complete.
+pub fn decode_from<M: Message + Default>(
+    buf: &[u8],
+    offset: u64,
+) -> Result<Option<(M, usize)>, FrameError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let (len, expected) = parse_header(buf, offset)?;
+    let Some(payload) = buf.get(HEADER_LEN..HEADER_LEN + len) else {
+        return Ok(None);
+    };
+    let msg = check_payload(payload, expected, offset)?;
+    Ok(Some((msg, HEADER_LEN + len)))
+}
+
+/// How far into an incomplete frame a stream ended: for reporting a peer that closed
+/// mid-frame. `buf` holds the bytes of the frame received so far.
+pub fn truncated(buf: &[u8], offset: u64) -> FrameError {
+    let needed = if buf.len() >= HEADER_LEN {
+        parse_header(buf, offset).map_or(HEADER_LEN, |(len, _)| HEADER_LEN + len)
+    } else {
+        HEADER_LEN
+    };
+    FrameError::Truncated {
+        offset,
+        needed: needed as u64,
+        got: buf.len() as u64,
     }
 }
 
@@ -309,5 +358,37 @@ mod tests {
             .read_frame::<LogFrame>()
             .unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { offset: 0, .. }));
+    }
+
+    #[test]
+    fn decode_from_waits_for_the_whole_frame_then_consumes_exactly_it() {
+        let a = encode(&LogFrame {
+            body: Some(log::log_frame::Body::Batch(RecordBatch {
+                complete_through: 9,
+                records: vec![],
+            })),
+        });
+        let stream = [a.clone(), a.clone()].concat();
+        for cut in 0..a.len() {
+            assert!(decode_from::<LogFrame>(&stream[..cut], 0)
+                .unwrap()
+                .is_none());
+        }
+        let (f, used) = decode_from::<LogFrame>(&stream, 0).unwrap().unwrap();
+        assert_eq!(used, a.len());
+        assert!(
+            matches!(f.body, Some(log::log_frame::Body::Batch(ref b)) if b.complete_through == 9)
+        );
+        let mut bad = stream.clone();
+        bad[HEADER_LEN] ^= 1;
+        assert!(matches!(
+            decode_from::<LogFrame>(&bad, 40),
+            Err(FrameError::Crc { offset: 40, .. })
+        ));
+        let err = truncated(&stream[..a.len() - 1], 7);
+        assert!(
+            matches!(err, FrameError::Truncated { offset: 7, .. }),
+            "{err}"
+        );
     }
 }

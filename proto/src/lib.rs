@@ -1,12 +1,19 @@
 //! `ftvm-proto`: the wire format of ftvm.
 //!
 //! - [`log`]: prost types generated from `proto/log.proto` (the replication log);
+//! - [`channel`]: prost types generated from `proto/channel.proto` (the pair connection);
 //! - [`frame`]: length-prefixed frames with a CRC32C, shared by log files and sockets.
 
 /// The replication log schema (generated from `proto/log.proto`).
 #[allow(missing_docs, clippy::all)]
 pub mod log {
     include!(concat!(env!("OUT_DIR"), "/ftvm.log.rs"));
+}
+
+/// The pair channel schema (generated from `proto/channel.proto`).
+#[allow(missing_docs, clippy::all)]
+pub mod channel {
+    include!(concat!(env!("OUT_DIR"), "/ftvm.channel.rs"));
 }
 
 pub mod frame;
@@ -16,3 +23,9 @@ pub const FORMAT_VERSION: u32 = 1;
 
 /// First bytes of a log file.
 pub const LOG_MAGIC: &[u8; 8] = b"FTVMLOG\0";
+
+/// The pair protocol this build speaks (exchanged first on every pair connection).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// First bytes each side of a pair connection sends.
+pub const CHANNEL_MAGIC: &[u8; 8] = b"FTVMPAIR";

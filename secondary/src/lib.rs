@@ -9,6 +9,7 @@
 //! replay exactly at the last deterministic exit before it.
 
 pub mod log_file;
+pub mod standby;
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -250,7 +251,19 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
             .filter(|r| r.exit_seq == seq && r.at_kick == at_kick)
     }
 
-    fn log_ended_error(&self) -> LogError {
+    /// The log has ended and holds nothing past exit `seq`: the replay cannot go on from
+    /// here (a truncated log file, or a primary that is gone).
+    pub fn log_exhausted(&self, seq: u64) -> bool {
+        self.ended && self.complete_through <= seq && self.queue.is_empty()
+    }
+
+    /// The replayed guest output writer.
+    pub fn output_mut(&mut self) -> &mut W {
+        &mut self.output
+    }
+
+    /// The error for a log that ended before the run did.
+    pub fn log_ended_error(&self) -> LogError {
         LogError::Truncated {
             offset: self.source.offset(),
             exit_seq: self.complete_through,
@@ -302,8 +315,19 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
     }
 
     fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, HookError> {
-        // Know whether a kick follows this exit before running past it.
+        // An epoch ends here: pause to compare digests now, without waiting for the next
+        // batch (`replay` looks ahead before it re-enters the guest).
+        if matches!(
+            self.front_at(seq.0, false).map(|r| &r.kind),
+            Some(Some(Kind::EpochEnd(_)))
+        ) {
+            return Ok(Control::Pause);
+        }
+        // Know whether a kick follows this exit, or the log ends here, before running past it.
         self.fill_through(seq.0 + 1)?;
+        if self.log_exhausted(seq.0) {
+            return Ok(Control::Pause);
+        }
         let Some(r) = self.queue.front().filter(|r| r.exit_seq == seq.0) else {
             return Ok(Control::Continue);
         };
@@ -459,6 +483,12 @@ pub struct ReplayReport {
     pub checkpoint_required: u64,
     /// The first divergence.
     pub divergence: Option<Divergence>,
+    /// The checkpoint-required epoch the replay stopped at: (epoch, last exit before the
+    /// kick).
+    pub checkpoint_at: Option<(u64, u64)>,
+    /// The log ended (no more records, no run end) after this exit: the replay stopped at a
+    /// consistent point from which the guest can go live.
+    pub log_ended: Option<u64>,
     /// How the replayed guest stopped, if it ran to the end.
     pub stop: Option<StopRequest>,
 }
@@ -480,6 +510,7 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
         vm: &mut Vm,
         seq: u64,
         report: &mut ReplayReport,
+        on_verified: &mut dyn FnMut(u64, u64),
     ) -> Result<bool, ReplayError> {
         let Some(end) = self.take_epoch_end(seq) else {
             return Ok(true);
@@ -489,6 +520,7 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
         if digest.digest.as_slice() == end.digest.as_slice() {
             report.verified += 1;
             self.epoch = end.epoch + 1;
+            on_verified(end.epoch, seq);
             return Ok(true);
         }
         report.diverged += 1;
@@ -507,21 +539,34 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
 }
 
 /// Replays the log into `vm` (built from the log's header) until the run ends, the replay
-/// diverges, or a checkpoint-required epoch is reached.
+/// diverges, a checkpoint-required epoch is reached, or the log ends
+/// ([`ReplayReport::log_ended`]). `on_verified(epoch, exit_seq)` is called as each epoch's
+/// digest matches. The replay runs as far as the log goes: it never waits for more of the log
+/// than the next exit needs.
 pub fn replay<S: LogSource, W: Write>(
     vm: &mut Vm,
     replayer: &mut Replayer<S, W>,
+    on_verified: &mut dyn FnMut(u64, u64),
 ) -> Result<ReplayReport, ReplayError> {
     let mut report = ReplayReport::default();
     loop {
+        // Before entering the guest after exit `seq`: the log must cover the next exit, and
+        // a kick the primary took after `seq` must not be run past.
+        let seq = vm.exit_seq().0;
+        replayer.fill_through(seq + 1)?;
+        if replayer.kick_follows(seq) {
+            report.epochs += 1;
+            report.checkpoint_required += 1;
+            report.checkpoint_at = Some((replayer.epoch, seq));
+            return Ok(report);
+        }
+        if replayer.log_exhausted(seq) {
+            report.log_ended = Some(seq);
+            return Ok(report);
+        }
         match vm.run(replayer) {
             Ok(RunEnd::Paused(seq)) => {
-                if !replayer.verify_epoch(vm, seq.0, &mut report)? {
-                    return Ok(report);
-                }
-                if replayer.kick_follows(seq.0) {
-                    report.epochs += 1;
-                    report.checkpoint_required += 1;
+                if !replayer.verify_epoch(vm, seq.0, &mut report, on_verified)? {
                     return Ok(report);
                 }
             }
@@ -541,7 +586,7 @@ pub fn replay<S: LogSource, W: Write>(
                     });
                     return Ok(report);
                 }
-                if !replayer.verify_epoch(vm, seq, &mut report)? {
+                if !replayer.verify_epoch(vm, seq, &mut report, on_verified)? {
                     return Ok(report);
                 }
                 let expected = match stop {

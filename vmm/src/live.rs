@@ -65,6 +65,18 @@ impl<W: Write> LiveHook<W> {
         }
     }
 
+    /// A live hook for a VM whose virtual clock already reads `clock_ns` (a standby going
+    /// live): virtual time continues from there at host speed.
+    pub fn resume(input: Option<Receiver<Vec<u8>>>, out: W, clock_ns: u64) -> Self {
+        let now = Instant::now();
+        Self {
+            start: now
+                .checked_sub(Duration::from_nanos(clock_ns))
+                .unwrap_or(now),
+            ..Self::new(input, out)
+        }
+    }
+
     /// Virtual time now: host monotonic time since the VM started.
     pub fn now_ns(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64

@@ -140,6 +140,11 @@ impl Vm {
         self.loop_state.seq
     }
 
+    /// The virtual clock (ns since the VM started, as the devices see it).
+    pub fn clock_ns(&self) -> u64 {
+        self.machine.now_ns()
+    }
+
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemory {
         &self.memory

@@ -1,0 +1,27 @@
+//! `ftvm-replication`: the pair channel (DESIGN.md §3, §5, §6).
+//!
+//! One TCP connection per pair. Each side opens with the magic `FTVMPAIR` and a `Hello`
+//! carrying its protocol version and role ([`link::handshake`]); a mismatch is a clear
+//! error. Then frames `[len][crc32c][prost Message]` flow on a mio event loop in a thread of
+//! each process:
+//! - [`primary::PrimaryChannel`] ships the replication log (one record batch per epoch,
+//!   several batches coalesced into one write when they queue up), holds guest output in the
+//!   [`output::OutputBuffer`] until the standby's `Ack` says its epoch is verified (the
+//!   **output rule**), then releases it and sends `Released` with the output sequence
+//!   number;
+//! - [`standby::StandbyChannel`] feeds the batches to the replayer as they arrive and answers
+//!   `Ack { received_epoch, verified_epoch }` or `Diverged`.
+//!
+//! Both send heartbeats (default every 50 ms). The failure detector: EOF or a reset means the
+//! peer process is gone, at once; no bytes for the heartbeat timeout (default 150 ms) means
+//! the peer is lost. A primary that loses its standby releases what it holds and runs on
+//! unprotected; a standby that loses its primary lets the replayer finish the log and go live.
+
+pub mod audit;
+pub mod link;
+pub mod output;
+pub mod primary;
+pub mod standby;
+pub mod status;
+
+pub use link::{ChannelError, Heartbeat, Link};

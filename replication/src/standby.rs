@@ -1,0 +1,348 @@
+//! The standby's side of the channel: a thread running a mio event loop that passes the
+//! primary's record batches to the replayer as they arrive, answers each verified epoch with
+//! an `Ack`, reports a divergence, records what output the primary released, exchanges
+//! heartbeats, and tells the replayer when the primary is gone (EOF or reset: at once;
+//! silence: after the heartbeat timeout).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use ftvm_proto::channel::{message::Body, Ack, Diverged, Message};
+use ftvm_proto::log::{record::Kind, RecordBatch};
+use mio::net::TcpListener;
+use mio::{Events, Poll, Token, Waker};
+
+use crate::audit::Audit;
+use crate::link::{self, body_name, ChannelError, Heartbeat, Link};
+use crate::primary::ChannelOptions;
+use crate::status::{self, RateMeter, Status};
+
+const WAKER: Token = Token(0);
+const LINK: Token = Token(1);
+const CONTROL: Token = Token(2);
+
+/// What the channel thread hands the replayer.
+#[derive(Debug)]
+pub enum ToReplayer {
+    /// The next record batch of the log.
+    Batch(RecordBatch),
+    /// The primary is gone; nothing more will come. The reason, for the log.
+    PrimaryLost(String),
+}
+
+/// What the replayer tells the channel thread.
+#[derive(Debug)]
+pub enum FromReplayer {
+    /// The replay matched the digest of `epoch`, ending at `exit_seq`.
+    Verified {
+        /// The epoch.
+        epoch: u64,
+        /// Its last exit.
+        exit_seq: u64,
+    },
+    /// The replay cannot follow past `epoch`.
+    Diverged(Diverged),
+    /// The standby went live: it is the primary now (unprotected).
+    Live,
+    /// Flush what is queued for the primary and stop.
+    Shutdown,
+}
+
+/// The standby's channel thread.
+pub struct StandbyChannel {
+    tx: Sender<FromReplayer>,
+    waker: Arc<Waker>,
+    rx: Receiver<ToReplayer>,
+    released: Arc<AtomicU64>,
+    thread: JoinHandle<()>,
+}
+
+impl StandbyChannel {
+    /// Starts the channel thread over `link`.
+    pub fn spawn(link: Link, options: ChannelOptions) -> std::io::Result<Self> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (to_replayer, rx) = crossbeam_channel::unbounded();
+        let (tx, from_replayer) = crossbeam_channel::unbounded();
+        let released = Arc::new(AtomicU64::new(0));
+        let mut state = Standby::new(
+            link,
+            to_replayer,
+            from_replayer,
+            released.clone(),
+            &options,
+            &poll,
+        )?;
+        let thread = std::thread::Builder::new()
+            .name("ftvm-channel".into())
+            .spawn(move || state.run(poll))?;
+        Ok(Self {
+            tx,
+            waker,
+            rx,
+            released,
+            thread,
+        })
+    }
+
+    /// Where the replayer reads the log from.
+    pub fn inbox(&self) -> Receiver<ToReplayer> {
+        self.rx.clone()
+    }
+
+    /// The primary's released output sequence number, as last heard.
+    pub fn released(&self) -> Arc<AtomicU64> {
+        self.released.clone()
+    }
+
+    /// Tells the channel thread `event`.
+    pub fn tell(&self, event: FromReplayer) {
+        if self.tx.send(event).is_ok() {
+            if let Err(e) = self.waker.wake() {
+                tracing::warn!("cannot wake the channel thread: {e}");
+            }
+        }
+    }
+
+    /// Flushes what is queued for the primary and stops the channel thread.
+    pub fn shutdown(self) {
+        self.tell(FromReplayer::Shutdown);
+        if self.thread.join().is_err() {
+            tracing::warn!("the channel thread panicked");
+        }
+    }
+}
+
+struct Standby {
+    link: Option<Link>,
+    peer: String,
+    to_replayer: Sender<ToReplayer>,
+    from_replayer: Receiver<FromReplayer>,
+    released: Arc<AtomicU64>,
+    heartbeat: Heartbeat,
+    control: Option<TcpListener>,
+    audit: Option<Audit>,
+    /// Epochs received and not yet verified, with when their end arrived.
+    unverified: VecDeque<(u64, Instant)>,
+    received_epoch: u64,
+    verified_epoch: u64,
+    exit_seq: u64,
+    lost: Option<String>,
+    live: bool,
+    diverged: Option<String>,
+    meter: RateMeter,
+}
+
+impl Standby {
+    fn new(
+        mut link: Link,
+        to_replayer: Sender<ToReplayer>,
+        from_replayer: Receiver<FromReplayer>,
+        released: Arc<AtomicU64>,
+        options: &ChannelOptions,
+        poll: &Poll,
+    ) -> std::io::Result<Self> {
+        link.register(poll.registry(), LINK)?;
+        let control = link::register_control(options.control.as_ref(), poll, CONTROL)?;
+        Ok(Self {
+            peer: link.peer().to_string(),
+            link: Some(link),
+            to_replayer,
+            from_replayer,
+            released,
+            heartbeat: options.heartbeat,
+            control,
+            audit: Audit::from_env(),
+            unverified: VecDeque::new(),
+            received_epoch: 0,
+            verified_epoch: 0,
+            exit_seq: 0,
+            lost: None,
+            live: false,
+            diverged: None,
+            meter: RateMeter::default(),
+        })
+    }
+
+    fn run(&mut self, mut poll: Poll) {
+        let mut events = Events::with_capacity(64);
+        let mut inbox = Vec::new();
+        loop {
+            let timeout = Some(link::poll_timeout(self.link.as_ref(), &self.heartbeat));
+            if let Err(e) = poll.poll(&mut events, timeout) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    self.lose(format!("event loop failed: {e}"));
+                }
+            }
+            let control_ready = events.iter().any(|e| e.token() == CONTROL);
+            if let Some(link) = &mut self.link {
+                let result = link.flush().and_then(|()| link.receive(&mut inbox));
+                for msg in inbox.drain(..) {
+                    self.on_message(msg);
+                }
+                if let Err(e) = result {
+                    self.lose_with(e);
+                }
+            }
+            if self.drain_replayer() {
+                self.finish(&mut poll);
+                return;
+            }
+            self.tick();
+            if control_ready {
+                status::serve(self.control.as_ref(), || self.status());
+            }
+        }
+    }
+
+    fn on_message(&mut self, msg: Message) {
+        match msg.body {
+            Some(Body::Heartbeat(_)) => {}
+            Some(Body::Batch(batch)) => {
+                let now = Instant::now();
+                self.exit_seq = batch.complete_through;
+                for r in &batch.records {
+                    if let Some(Kind::EpochEnd(e)) = &r.kind {
+                        self.received_epoch = e.epoch;
+                        self.unverified.push_back((e.epoch, now));
+                    }
+                }
+                // The replayer stops reading only when it stops replaying; then nothing
+                // needs the batch.
+                let _ = self.to_replayer.send(ToReplayer::Batch(batch));
+            }
+            Some(Body::Released(r)) => {
+                self.released.fetch_max(r.output_seq, Ordering::SeqCst);
+            }
+            _ => {
+                let got = body_name(&msg).to_string();
+                self.lose_with(ChannelError::Unexpected {
+                    peer: self.peer.clone(),
+                    expected: "a record batch, Released or Heartbeat",
+                    got,
+                });
+            }
+        }
+    }
+
+    /// Handles what the replayer said; true when it asked to shut down.
+    fn drain_replayer(&mut self) -> bool {
+        loop {
+            let event = match self.from_replayer.try_recv() {
+                Ok(e) => e,
+                Err(TryRecvError::Empty) => return false,
+                Err(TryRecvError::Disconnected) => return true,
+            };
+            match event {
+                FromReplayer::Verified { epoch, exit_seq } => {
+                    if let Some(a) = &mut self.audit {
+                        a.line(format_args!("verified epoch={epoch} exit_seq={exit_seq}"));
+                    }
+                    self.verified_epoch = epoch;
+                    while self.unverified.front().is_some_and(|(e, _)| *e <= epoch) {
+                        self.unverified.pop_front();
+                    }
+                    self.send(Message {
+                        body: Some(Body::Ack(Ack {
+                            received_epoch: self.received_epoch,
+                            verified_epoch: epoch,
+                            exit_seq,
+                        })),
+                    });
+                }
+                FromReplayer::Diverged(d) => {
+                    self.diverged = Some(format!(
+                        "epoch {} at exit {}: {}",
+                        d.epoch, d.exit_seq, d.reason
+                    ));
+                    self.send(Message {
+                        body: Some(Body::Diverged(d)),
+                    });
+                }
+                FromReplayer::Live => self.live = true,
+                FromReplayer::Shutdown => return true,
+            }
+        }
+    }
+
+    fn send(&mut self, msg: Message) {
+        if let Some(link) = &mut self.link {
+            if let Err(e) = link.send(&msg) {
+                self.lose_with(e);
+            }
+        }
+    }
+
+    fn lose_with(&mut self, e: ChannelError) {
+        self.lose(format!("primary lost: {e}"));
+    }
+
+    fn lose(&mut self, why: String) {
+        if self.link.take().is_none() {
+            return;
+        }
+        tracing::debug!("{why}");
+        self.lost = Some(why.clone());
+        let _ = self.to_replayer.send(ToReplayer::PrimaryLost(why));
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let Some(link) = &mut self.link else { return };
+        self.meter.sample(now, link.bytes_received);
+        if let Err(e) = link.tick(now, &self.heartbeat) {
+            self.lose_with(e);
+        }
+    }
+
+    /// Sends what is still queued (a last Ack or Diverged) before the connection closes.
+    fn finish(&mut self, poll: &mut Poll) {
+        if let Some(link) = &mut self.link {
+            link.drain(poll, self.heartbeat.timeout);
+        }
+    }
+
+    fn status(&self) -> Status {
+        let now = Instant::now();
+        let (role, protected, state) = if self.live {
+            (
+                "primary (live after failover)",
+                false,
+                format!(
+                    "unprotected: {}",
+                    self.lost.as_deref().unwrap_or("primary lost")
+                ),
+            )
+        } else if let Some(d) = &self.diverged {
+            ("standby", false, format!("diverged: {d}"))
+        } else if let Some(why) = &self.lost {
+            ("standby", false, format!("going live: {why}"))
+        } else {
+            ("standby", true, "lockstep".to_string())
+        };
+        Status {
+            role: role.into(),
+            protected,
+            state,
+            peer: self.peer.clone(),
+            epoch: self.received_epoch,
+            verified_epoch: self.verified_epoch,
+            exit_seq: self.exit_seq,
+            lag_epochs: self.unverified.len() as u64,
+            lag: self
+                .unverified
+                .front()
+                .map_or(Duration::ZERO, |(_, t)| now.duration_since(*t)),
+            log_bytes_per_s: self
+                .link
+                .as_ref()
+                .map_or(0, |l| self.meter.rate(now, l.bytes_received)),
+            released_output_seq: self.released.load(Ordering::SeqCst),
+            held_output_bytes: 0,
+        }
+    }
+}

@@ -1,0 +1,632 @@
+//! The protected pair end to end: `ftvm standby` and `ftvm run --peer` as real processes on
+//! loopback, the guest on the real /dev/kvm, the log over a real TCP connection. Failover
+//! drills SIGKILL the primary; fake peers speak garbage, another protocol version, or close
+//! mid-frame.
+//!
+//! The tests run one at a time (two guests already fill the two cores of the CI machine; more
+//! would starve the heartbeat threads and turn load into false failovers).
+//!
+//! `FTVM_DRILLS=N cargo test --release --test pair failover_drills` runs N drills
+//! (`scripts/drill.sh N`); the default is 10.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ftvm_proto::channel::{message::Body, Ack, Hello, Message, Role};
+use ftvm_proto::frame;
+
+const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
+
+static ONE_PAIR_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    ONE_PAIR_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn free_addr() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    format!("127.0.0.1:{}", l.local_addr().expect("addr").port())
+}
+
+/// A child process whose stdout and stderr are collected by threads.
+struct Proc {
+    child: Child,
+    stdout: Option<JoinHandle<Vec<u8>>>,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+}
+
+fn joined(h: Option<JoinHandle<Vec<u8>>>) -> Vec<u8> {
+    h.map(|h| h.join().unwrap_or_default()).unwrap_or_default()
+}
+
+struct Done {
+    status: ExitStatus,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl Done {
+    fn out(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+fn collect<R: Read + Send + 'static>(mut r: R) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = r.read_to_end(&mut v);
+        v
+    })
+}
+
+fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut p = spawn_raw(args, env);
+    let stdout = p.child.stdout.take().expect("stdout");
+    p.stdout = Some(collect(stdout));
+    p
+}
+
+/// Like [`spawn`], but the caller reads stdout.
+fn spawn_raw(args: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut child = Command::new(FTVM)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ftvm");
+    let stderr = Some(collect(child.stderr.take().expect("stderr")));
+    Proc {
+        child,
+        stdout: None,
+        stderr,
+    }
+}
+
+impl Proc {
+    /// Waits for the process to exit (killing it after `limit`).
+    fn wait(mut self, limit: Duration) -> Done {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                break s;
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                let status = self.child.wait().expect("wait");
+                let err = String::from_utf8_lossy(&joined(self.stderr.take())).into_owned();
+                panic!("process did not exit within {limit:?} ({status}); stderr:\n{err}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        Done {
+            status,
+            stdout: joined(self.stdout.take()),
+            stderr: String::from_utf8_lossy(&joined(self.stderr.take())).into_owned(),
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn standby(addr: &str, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut args = vec!["standby", "--listen", addr];
+    args.extend_from_slice(extra);
+    spawn(&args, env)
+}
+
+fn primary_args<'a>(addr: &'a str, cmdline: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["run", "--peer", addr, "--cmdline", cmdline];
+    args.extend_from_slice(extra);
+    args
+}
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Checks that `text` is exactly ticks 1..=n, in order, then `done`.
+fn assert_complete_count(text: &str, n: u64) {
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.len() as u64,
+        n + 1,
+        "expected {n} ticks and done:\n{text}"
+    );
+    for (i, line) in lines[..n as usize].iter().enumerate() {
+        assert!(
+            line.starts_with(&format!("tick {} sum=", i + 1)),
+            "line {} is {line:?}:\n{text}",
+            i + 1
+        );
+    }
+    assert!(lines[n as usize].starts_with("done sum="), "{text}");
+}
+
+fn no_panic(d: &Done) {
+    assert!(!d.stderr.contains("panicked"), "{}", d.stderr);
+}
+
+#[test]
+fn the_pair_runs_counter_to_completion() {
+    let _one = serial();
+    let addr = free_addr();
+    let s = standby(&addr, &[], &[]);
+    let p = spawn(&primary_args(&addr, "workload=counter ticks=40", &[]), &[]);
+    let p = p.wait(LIMIT);
+    let s = s.wait(LIMIT);
+    assert_eq!(p.status.code(), Some(0), "primary: {}", p.stderr);
+    assert_complete_count(&p.out(), 40);
+    assert_eq!(s.status.code(), Some(0), "standby: {}", s.stderr);
+    assert!(s.stdout.is_empty(), "the standby printed {:?}", s.out());
+    assert!(!p.stderr.contains("unprotected"), "{}", p.stderr);
+}
+
+/// A tiny deterministic generator for kill moments (the seed is printed).
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// The number after `key` in `text`.
+fn number_after(text: &str, key: &str) -> Option<u64> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+/// One failover drill: SIGKILL the primary `kill_after` into the run, check the standby
+/// finishes the count. Returns the number of duplicated output bytes.
+fn failover_drill(ticks: u64, kill_after: Duration) -> usize {
+    let addr = free_addr();
+    let s = standby(&addr, &[], &[]);
+    let cmdline = format!("workload=counter ticks={ticks}");
+    let mut p = spawn_raw(&primary_args(&addr, &cmdline, &[]), &[]);
+    let primary_out: ChildStdout = p.child.stdout.take().expect("stdout");
+    let reader = collect(primary_out);
+    std::thread::sleep(kill_after);
+    p.child.kill().expect("SIGKILL the primary");
+    let _ = p.child.wait();
+    let primary = reader.join().unwrap_or_default();
+    let s = s.wait(LIMIT);
+    no_panic(&s);
+    assert_eq!(
+        s.status.code(),
+        Some(0),
+        "standby after failover: {}",
+        s.stderr
+    );
+    let text = String::from_utf8_lossy(&primary).into_owned();
+    if text.contains("done sum=") {
+        // The run ended before the kill: nothing to take over.
+        assert_complete_count(&text, ticks);
+        return 0;
+    }
+    // The standby names the output sequence number it re-emits from: every byte before it
+    // was released by the primary (and the primary may have released more, which then
+    // appears twice: the documented duplicate window).
+    let from = number_after(&s.stderr, "re-emitting output from sequence ")
+        .unwrap_or_else(|| panic!("no go-live line in the standby's stderr:\n{}", s.stderr))
+        as usize;
+    assert!(
+        from <= primary.len(),
+        "the standby re-emits from byte {from}, but the primary printed only {} bytes",
+        primary.len()
+    );
+    let overlap = &primary[from..];
+    assert!(
+        s.stdout.starts_with(overlap),
+        "the primary's last {} bytes {:?} are not what the standby re-emitted first {:?}",
+        overlap.len(),
+        String::from_utf8_lossy(overlap),
+        String::from_utf8_lossy(&s.stdout[..overlap.len().min(s.stdout.len())])
+    );
+    let mut merged = primary[..from].to_vec();
+    merged.extend_from_slice(&s.stdout);
+    assert_complete_count(&String::from_utf8_lossy(&merged), ticks);
+    overlap.len()
+}
+
+#[test]
+fn failover_drills() {
+    let _one = serial();
+    let drills: u64 = std::env::var("FTVM_DRILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        | 1;
+    eprintln!("failover drills: seed {seed}");
+    let ticks = 100;
+    let mut duplicated = 0;
+    for i in 0..drills {
+        // The guest counts 100 ticks in about a second after a start-up of ~30 ms.
+        let kill_after = Duration::from_millis(60 + next_random(&mut seed) % 900);
+        eprintln!(
+            "drill {}/{drills}: SIGKILL the primary after {kill_after:?}",
+            i + 1
+        );
+        duplicated += failover_drill(ticks, kill_after);
+    }
+    eprintln!("{drills} drills passed; {duplicated} output bytes appeared twice in all");
+}
+
+#[test]
+fn a_killed_standby_leaves_the_primary_running_alone() {
+    let _one = serial();
+    let addr = free_addr();
+    let mut s = standby(&addr, &[], &[]);
+    let p = spawn(&primary_args(&addr, "workload=counter ticks=80", &[]), &[]);
+    std::thread::sleep(Duration::from_millis(400));
+    s.child.kill().expect("SIGKILL the standby");
+    let p = p.wait(LIMIT);
+    no_panic(&p);
+    assert_eq!(p.status.code(), Some(0), "{}", p.stderr);
+    assert_complete_count(&p.out(), 80);
+    assert!(
+        p.stderr.contains("standby lost") && p.stderr.contains("running unprotected"),
+        "{}",
+        p.stderr
+    );
+}
+
+/// A fake standby: accepts one connection and runs `script` on it.
+fn fake_standby(script: impl FnOnce(TcpStream) + Send + 'static) -> (String, JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = format!("127.0.0.1:{}", l.local_addr().expect("addr").port());
+    let h = std::thread::spawn(move || {
+        if let Ok((s, _)) = l.accept() {
+            script(s);
+        }
+    });
+    (addr, h)
+}
+
+fn hello(version: u32, role: Role) -> Vec<u8> {
+    let mut v = ftvm_proto::CHANNEL_MAGIC.to_vec();
+    v.extend(frame::encode(&Message {
+        body: Some(Body::Hello(Hello {
+            protocol_version: version,
+            role: role as i32,
+            software: "fake".into(),
+        })),
+    }));
+    v
+}
+
+/// Reads what the primary sends for a while (so its writes never fail), then closes.
+fn drain_then_close(mut s: TcpStream, for_how_long: Duration) {
+    let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+    let start = Instant::now();
+    let mut buf = [0u8; 65536];
+    while start.elapsed() < for_how_long {
+        if let Ok(0) = s.read(&mut buf) {
+            return;
+        }
+    }
+}
+
+/// Runs a primary against a fake standby; it must finish the guest alone and say why.
+fn primary_survives(script: impl FnOnce(TcpStream) + Send + 'static, expected: &str) {
+    let _one = serial();
+    let (addr, fake) = fake_standby(script);
+    let p = spawn(&primary_args(&addr, "workload=counter ticks=5", &[]), &[]);
+    let p = p.wait(LIMIT);
+    let _ = fake.join();
+    no_panic(&p);
+    assert_eq!(p.status.code(), Some(0), "{}", p.stderr);
+    assert_complete_count(&p.out(), 5);
+    assert!(
+        p.stderr.contains(expected) && p.stderr.contains("running unprotected"),
+        "expected {expected:?} in:\n{}",
+        p.stderr
+    );
+}
+
+#[test]
+fn a_peer_speaking_garbage_leaves_the_primary_unprotected() {
+    primary_survives(
+        |mut s| {
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+            drain_then_close(s, Duration::from_secs(2));
+        },
+        "is not an ftvm pair endpoint: it sent \"HTTP/1.1\"",
+    );
+}
+
+#[test]
+fn a_peer_with_another_protocol_version_is_refused() {
+    primary_survives(
+        |mut s| {
+            let _ = s.write_all(&hello(99, Role::Standby));
+            drain_then_close(s, Duration::from_secs(2));
+        },
+        "speaks pair protocol version 99, this ftvm speaks version 1",
+    );
+}
+
+#[test]
+fn a_peer_closing_mid_frame_is_reported() {
+    primary_survives(
+        |mut s| {
+            let mut ready = frame::encode(&Message {
+                body: Some(Body::Ack(Ack::default())),
+            });
+            ready.truncate(5);
+            let mut first = hello(ftvm_proto::PROTOCOL_VERSION, Role::Standby);
+            first.extend_from_slice(&ready);
+            let _ = s.write_all(&first);
+            // Close our side after the partial frame, but read what the primary sends so
+            // the close is a FIN, not a reset.
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            drain_then_close(s, Duration::from_secs(2));
+        },
+        "closed the connection in the middle of a frame",
+    );
+}
+
+#[test]
+fn garbage_in_the_middle_of_the_stream_is_reported() {
+    primary_survives(
+        |mut s| {
+            let mut first = hello(ftvm_proto::PROTOCOL_VERSION, Role::Standby);
+            first.extend(frame::encode(&Message {
+                body: Some(Body::Ack(Ack::default())),
+            }));
+            let _ = s.write_all(&first);
+            std::thread::sleep(Duration::from_millis(20));
+            // A frame header whose CRC does not match its payload.
+            let _ = s.write_all(&[4, 0, 0, 0, 1, 2, 3, 4, 9, 9, 9, 9]);
+            drain_then_close(s, Duration::from_secs(2));
+        },
+        "sent a malformed frame: CRC mismatch",
+    );
+}
+
+#[test]
+fn a_standby_refuses_a_primary_speaking_garbage() {
+    let _one = serial();
+    let addr = free_addr();
+    let s = standby(&addr, &[], &[]);
+    let start = Instant::now();
+    let mut conn = loop {
+        match TcpStream::connect(&addr) {
+            Ok(c) => break c,
+            Err(e) if start.elapsed() < Duration::from_secs(10) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("standby never listened: {e}"),
+        }
+    };
+    let _ = conn.write_all(b"\x00\x01garbage that is not a pair handshake");
+    let s = s.wait(LIMIT);
+    no_panic(&s);
+    assert_eq!(s.status.code(), Some(1), "{}", s.stderr);
+    assert!(
+        s.stderr.contains("ftvm: error: 127.0.0.1:")
+            && s.stderr.contains("is not an ftvm pair endpoint"),
+        "{}",
+        s.stderr
+    );
+}
+
+#[test]
+fn no_standby_is_a_clear_error_after_the_connect_timeout() {
+    let addr = free_addr();
+    let p = spawn(
+        &primary_args(
+            &addr,
+            "workload=counter ticks=5",
+            &["--connect-timeout-ms", "300"],
+        ),
+        &[],
+    )
+    .wait(LIMIT);
+    assert_eq!(p.status.code(), Some(1), "{}", p.stderr);
+    assert!(p.stdout.is_empty());
+    let line = p.stderr.trim_end();
+    assert!(
+        !line.contains('\n')
+            && line.starts_with(&format!(
+                "ftvm: error: standby {addr}: cannot connect to {addr}: Connection refused"
+            )),
+        "{line}"
+    );
+}
+
+/// One audit line: monotonic ns, event, key=value fields.
+type AuditLine = (u64, String, Vec<(String, String)>);
+
+fn audit(path: &std::path::Path) -> Vec<AuditLine> {
+    let text = std::fs::read_to_string(path).expect("audit file");
+    text.lines()
+        .map(|l| {
+            let mut it = l.split(' ');
+            let t = it.next().and_then(|t| t.parse().ok()).expect("timestamp");
+            let what = it.next().expect("event").to_string();
+            let kv = it
+                .filter_map(|f| f.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            (t, what, kv)
+        })
+        .collect()
+}
+
+fn field(kv: &[(String, String)], key: &str) -> String {
+    kv.iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| panic!("no {key} in {kv:?}"))
+}
+
+#[test]
+fn no_output_byte_leaves_before_its_epoch_is_verified() {
+    let _one = serial();
+    let dir = std::env::temp_dir().join(format!("ftvm-audit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (pa, sa) = (dir.join("primary"), dir.join("standby"));
+    let addr = free_addr();
+    let s = standby(&addr, &[], &[("FTVM_AUDIT", sa.to_str().expect("utf-8"))]);
+    let p = spawn(
+        &primary_args(&addr, "workload=counter ticks=40", &[]),
+        &[("FTVM_AUDIT", pa.to_str().expect("utf-8"))],
+    );
+    let p = p.wait(LIMIT);
+    let s = s.wait(LIMIT);
+    assert_eq!(p.status.code(), Some(0), "{}", p.stderr);
+    assert_eq!(s.status.code(), Some(0), "{}", s.stderr);
+    assert_complete_count(&p.out(), 40);
+
+    let verified: Vec<(u64, u64)> = audit(&sa)
+        .into_iter()
+        .filter(|(_, what, _)| what == "verified")
+        .map(|(t, _, kv)| (t, field(&kv, "epoch").parse().expect("epoch")))
+        .collect();
+    assert!(!verified.is_empty());
+    let mut next_seq = 0u64;
+    let mut releases = 0;
+    for (t, what, kv) in audit(&pa) {
+        if what != "release" {
+            continue;
+        }
+        releases += 1;
+        assert!(
+            kv.iter().any(|(k, _)| k == "held_ns"),
+            "output released without verification: {kv:?}"
+        );
+        let epoch: u64 = field(&kv, "epoch").parse().expect("epoch");
+        let seq = field(&kv, "seq");
+        let (a, b) = seq.split_once("..").expect("seq range");
+        let (a, b): (u64, u64) = (a.parse().expect("a"), b.parse().expect("b"));
+        assert_eq!(a, next_seq, "releases are contiguous");
+        next_seq = b;
+        // The standby's own record says it verified this epoch before the byte left.
+        assert!(
+            verified.iter().any(|&(tv, ev)| ev >= epoch && tv < t),
+            "bytes {a}..{b} of epoch {epoch} reached stdout at {t} before the standby verified it"
+        );
+    }
+    assert!(releases > 0);
+    assert_eq!(
+        next_seq,
+        p.stdout.len() as u64,
+        "every byte went through the audit"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn status_of(addr: &str) -> String {
+    let o = Command::new(FTVM)
+        .args(["status", addr])
+        .output()
+        .expect("ftvm status");
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn status_field(text: &str, key: &str) -> String {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in {text}"))
+        .to_string()
+}
+
+#[test]
+fn status_reports_both_sides_of_the_pair() {
+    let _one = serial();
+    let (addr, pc, sc) = (free_addr(), free_addr(), free_addr());
+    let s = standby(&addr, &["--control", &sc], &[]);
+    let mut p = spawn_raw(
+        &primary_args(&addr, "workload=counter ticks=150", &["--control", &pc]),
+        &[],
+    );
+    let out = p.child.stdout.take().expect("stdout");
+    let reader = collect(out);
+    std::thread::sleep(Duration::from_millis(700));
+    let ps = status_of(&pc);
+    let ss = status_of(&sc);
+    assert_eq!(status_field(&ps, "role"), "primary", "{ps}");
+    assert_eq!(status_field(&ps, "protected"), "yes", "{ps}");
+    assert_eq!(status_field(&ss, "role"), "standby", "{ss}");
+    assert_eq!(status_field(&ss, "protected"), "yes", "{ss}");
+    for text in [&ps, &ss] {
+        for key in [
+            "epoch",
+            "exit_seq",
+            "lag_epochs",
+            "log_bytes_per_s",
+            "released_output_seq",
+        ] {
+            let v: u64 = status_field(text, key).parse().expect(key);
+            if key != "lag_epochs" {
+                assert!(v > 0, "{key} is 0 in:\n{text}");
+            }
+        }
+        let lag: f64 = status_field(text, "lag_ms").parse().expect("lag_ms");
+        assert!(lag >= 0.0);
+    }
+    // Kill the primary: the standby goes live and says so.
+    p.child.kill().expect("kill");
+    let _ = p.child.wait();
+    let _ = reader.join();
+    let start = Instant::now();
+    let live = loop {
+        let ss = status_of(&sc);
+        if status_field(&ss, "role").starts_with("primary") {
+            break ss;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "never went live:\n{ss}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status_field(&live, "protected"), "no", "{live}");
+    let s = s.wait(LIMIT);
+    assert_eq!(s.status.code(), Some(0), "{}", s.stderr);
+}
+
+#[test]
+fn a_checkpoint_required_epoch_is_reported_and_the_pair_shows_unprotected() {
+    let _one = serial();
+    let (addr, pc) = (free_addr(), free_addr());
+    let s = standby(&addr, &[], &[]);
+    let p = spawn(
+        &primary_args(&addr, "workload=spin ms=60", &["--control", &pc]),
+        &[],
+    );
+    let s = s.wait(LIMIT);
+    let p = p.wait(LIMIT);
+    no_panic(&s);
+    no_panic(&p);
+    assert_eq!(s.status.code(), Some(1), "{}", s.stderr);
+    assert!(s.stderr.contains("needs a checkpoint"), "{}", s.stderr);
+    assert_eq!(p.status.code(), Some(0), "{}", p.stderr);
+    assert!(p.out().ends_with("done\n"), "{}", p.out());
+    assert!(
+        p.stderr.contains("needs a checkpoint") && p.stderr.contains("running unprotected"),
+        "{}",
+        p.stderr
+    );
+}
