@@ -630,3 +630,54 @@ fn a_checkpoint_required_epoch_is_reported_and_the_pair_shows_unprotected() {
         p.stderr
     );
 }
+
+fn signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill({}, {sig})", child.id());
+}
+
+#[test]
+fn a_silent_primary_is_lost_after_the_heartbeat_timeout() {
+    let _one = serial();
+    let addr = free_addr();
+    let s = standby(&addr, &[], &[]);
+    let mut p = spawn_raw(&primary_args(&addr, "workload=counter ticks=100", &[]), &[]);
+    let reader = collect(p.child.stdout.take().expect("stdout"));
+    std::thread::sleep(Duration::from_millis(400));
+    // Frozen, not dead: the connection stays open and only the heartbeats stop.
+    signal(&p.child, libc::SIGSTOP);
+    let s = s.wait(LIMIT);
+    p.child.kill().expect("kill the frozen primary");
+    let _ = p.child.wait();
+    let primary = reader.join().unwrap_or_default();
+    no_panic(&s);
+    assert_eq!(s.status.code(), Some(0), "{}", s.stderr);
+    assert!(s.stderr.contains("silent for"), "{}", s.stderr);
+    let from =
+        number_after(&s.stderr, "re-emitting output from sequence ").expect("go-live") as usize;
+    assert!(from <= primary.len());
+    let mut merged = primary[..from].to_vec();
+    merged.extend_from_slice(&s.stdout);
+    assert_complete_count(&String::from_utf8_lossy(&merged), 100);
+}
+
+#[test]
+fn a_silent_standby_is_lost_after_the_heartbeat_timeout() {
+    let _one = serial();
+    let addr = free_addr();
+    let mut s = standby(&addr, &[], &[]);
+    let p = spawn(&primary_args(&addr, "workload=counter ticks=60", &[]), &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&s.child, libc::SIGSTOP);
+    let p = p.wait(LIMIT);
+    s.child.kill().expect("kill the frozen standby");
+    no_panic(&p);
+    assert_eq!(p.status.code(), Some(0), "{}", p.stderr);
+    assert_complete_count(&p.out(), 60);
+    assert!(
+        p.stderr.contains("silent for") && p.stderr.contains("running unprotected"),
+        "{}",
+        p.stderr
+    );
+}
