@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use ftvm_primary::log_file::LogFileWriter;
 use ftvm_primary::{pair, EpochPolicy, Recorder};
-use ftvm_replication::primary::ChannelOptions;
+use ftvm_replication::ChannelOptions;
 use ftvm_replication::Heartbeat;
 use ftvm_secondary::log_file::LogFileReader;
 use ftvm_secondary::standby::StandbyEnd;

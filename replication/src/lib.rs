@@ -25,3 +25,12 @@ pub mod standby;
 pub mod status;
 
 pub use link::{ChannelError, Heartbeat, Link};
+
+/// Options of a pair process's channel thread.
+#[derive(Default)]
+pub struct ChannelOptions {
+    /// Heartbeats and failure detection.
+    pub heartbeat: Heartbeat,
+    /// The control socket answering `ftvm status`.
+    pub control: Option<std::net::TcpListener>,
+}

@@ -20,6 +20,7 @@ use crate::audit::Audit;
 use crate::link::{self, body_name, ChannelError, Heartbeat, Link};
 use crate::output::OutputBuffer;
 use crate::status::{self, RateMeter, Status};
+use crate::ChannelOptions;
 
 const WAKER: Token = Token(0);
 const LINK: Token = Token(1);
@@ -65,32 +66,17 @@ impl Write for Feed {
     }
 }
 
-/// Options of a pair process's channel thread.
-#[derive(Default)]
-pub struct ChannelOptions {
-    /// Heartbeats and failure detection.
-    pub heartbeat: Heartbeat,
-    /// The control socket answering `ftvm status`.
-    pub control: Option<std::net::TcpListener>,
-}
-
 /// What the primary's channel measured over the run.
 #[derive(Debug, Default, Clone)]
 pub struct PrimaryReport {
     /// The standby verified every epoch to the end of the run.
     pub protected_to_end: bool,
-    /// Why protection was lost, if it was.
+    /// Why the run was (or became) unprotected, if it was.
     pub lost: Option<String>,
     /// Epochs closed.
     pub epochs: u64,
     /// The last epoch the standby verified.
     pub verified_epoch: u64,
-    /// Log bytes sent.
-    pub bytes_sent: u64,
-    /// For each verified epoch: from shipping its `EpochEnd` to the standby's ack.
-    pub ack_latency: Vec<Duration>,
-    /// For each release: how long the output was held.
-    pub output_delay: Vec<Duration>,
 }
 
 /// The primary's channel thread.
@@ -141,7 +127,6 @@ impl PrimaryChannel {
 struct Primary {
     link: Option<Link>,
     peer: String,
-    why_unprotected: Option<String>,
     out: Box<dyn Write + Send>,
     rx: Receiver<FromVcpu>,
     heartbeat: Heartbeat,
@@ -166,7 +151,7 @@ impl Primary {
         options: &ChannelOptions,
         poll: &Poll,
     ) -> std::io::Result<Self> {
-        let (mut link, why_unprotected) = match link {
+        let (mut link, lost) = match link {
             Ok(link) => (Some(link), None),
             Err(why) => (None, Some(why)),
         };
@@ -180,7 +165,6 @@ impl Primary {
         Ok(Self {
             link,
             peer,
-            why_unprotected,
             out,
             rx,
             heartbeat: options.heartbeat,
@@ -192,7 +176,10 @@ impl Primary {
             unverified: VecDeque::new(),
             ended: false,
             meter: RateMeter::default(),
-            report: PrimaryReport::default(),
+            report: PrimaryReport {
+                lost,
+                ..Default::default()
+            },
         })
     }
 
@@ -307,16 +294,15 @@ impl Primary {
         match msg.body {
             Some(Body::Heartbeat(_)) => {}
             Some(Body::Ack(ack)) => {
-                let now = Instant::now();
                 if let Some(a) = &mut self.audit {
                     a.line(format_args!("acked epoch={}", ack.verified_epoch));
                 }
                 self.report.verified_epoch = self.report.verified_epoch.max(ack.verified_epoch);
-                while let Some(&(epoch, sent)) = self.unverified.front() {
-                    if epoch > ack.verified_epoch {
-                        break;
-                    }
-                    self.report.ack_latency.push(now - sent);
+                while self
+                    .unverified
+                    .front()
+                    .is_some_and(|(epoch, _)| *epoch <= ack.verified_epoch)
+                {
                     self.unverified.pop_front();
                 }
                 self.release(ack.verified_epoch);
@@ -352,7 +338,6 @@ impl Primary {
         let now = Instant::now();
         for h in released {
             let held = now - h.produced;
-            self.report.output_delay.push(held);
             let why = format!("verified held_ns={}", held.as_nanos());
             self.write_out(&h.bytes, h.epoch, h.seq, &why);
         }
@@ -379,8 +364,7 @@ impl Primary {
             held_output_bytes = self.buffer.held_bytes(),
             "{why}: running unprotected"
         );
-        self.report.lost = Some(why.clone());
-        self.why_unprotected = Some(why);
+        self.report.lost = Some(why);
         self.unverified.clear();
         for h in self.buffer.release_all() {
             self.write_out(&h.bytes, h.epoch, h.seq, "unprotected");
@@ -411,14 +395,14 @@ impl Primary {
             protected = self.report.protected_to_end,
             "guest run over; every output released"
         );
-        let Some(link) = &mut self.link else { return };
-        self.report.bytes_sent = link.bytes_sent;
-        link.drain(poll, self.heartbeat.timeout);
+        if let Some(link) = &mut self.link {
+            link.drain(poll, self.heartbeat.timeout);
+        }
     }
 
     fn status(&self) -> Status {
         let now = Instant::now();
-        let (protected, state) = match (&self.link, &self.why_unprotected) {
+        let (protected, state) = match (&self.link, &self.report.lost) {
             (Some(_), _) => (true, "lockstep".to_string()),
             (None, Some(why)) => (false, format!("unprotected: {why}")),
             (None, None) => (false, "unprotected".to_string()),

@@ -18,8 +18,8 @@ use mio::{Events, Poll, Token, Waker};
 
 use crate::audit::Audit;
 use crate::link::{self, body_name, ChannelError, Heartbeat, Link};
-use crate::primary::ChannelOptions;
 use crate::status::{self, RateMeter, Status};
+use crate::ChannelOptions;
 
 const WAKER: Token = Token(0);
 const LINK: Token = Token(1);
