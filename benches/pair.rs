@@ -49,6 +49,10 @@ use ftvm_proto::log::{
     log_frame, record, Inputs, Interrupt, LogFrame, PioRead, Record, RecordBatch,
 };
 
+mod common;
+
+use common::{check_counter, ms, Failure, TempDir};
+
 /// The `ftvm` binary built by cargo for this benchmark.
 const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
 
@@ -78,17 +82,8 @@ const COLD_STARTS: usize = 20;
 /// 3 s, on a loaded host).
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A correctness failure (bad exit status, unexpected output, spawn error, hang).
-type Failure = String;
-
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("pair bench: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::exit_code("pair", run())
 }
 
 fn run() -> Result<(), Failure> {
@@ -101,7 +96,7 @@ fn run() -> Result<(), Failure> {
         std::env::consts::ARCH
     );
     let total = Instant::now();
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("pair")?;
 
     // Figure 1: log bytes per epoch, the round-trip baseline, the protected runs.
     let per_epoch = log_bytes_per_epoch(&dir.0)?;
@@ -1070,73 +1065,11 @@ fn read_text(path: &Path) -> Result<String, Failure> {
     std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
-/// `workload=counter`: `tick 1 sum=X` .. `tick N sum=X`, then `done sum=X`
-/// with the sum of the last tick.
-fn check_counter(stdout: &str, ticks: u64) -> Result<(), String> {
-    if !stdout.ends_with('\n') {
-        return Err("output does not end with a newline".to_string());
-    }
-    let lines: Vec<&str> = stdout.lines().collect();
-    let want = ticks as usize + 1;
-    if lines.len() != want {
-        return Err(format!("expected {want} lines, got {}", lines.len()));
-    }
-    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
-    let mut last = "";
-    for (n, line) in (1..=ticks).zip(&lines) {
-        match line
-            .strip_prefix(&format!("tick {n} sum="))
-            .filter(|s| hex(s))
-        {
-            Some(sum) => last = sum,
-            None => {
-                return Err(format!(
-                    "line {n} is {line:?}, expected \"tick {n} sum=<hex>\""
-                ))
-            }
-        }
-    }
-    let done = lines[want - 1];
-    if done.strip_prefix("done sum=") != Some(last) {
-        return Err(format!(
-            "last line is {done:?}, expected \"done sum={last}\""
-        ));
-    }
-    Ok(())
-}
-
-/// The temporary directory holding logs, audit files and stderr; removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<Self, Failure> {
-        let path = std::env::temp_dir().join(format!("ftvm-bench-pair-{}", std::process::id()));
-        std::fs::create_dir_all(&path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        Ok(TempDir(path))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            eprintln!(
-                "pair bench: warning: cannot remove {}: {e}",
-                self.0.display()
-            );
-        }
-    }
-}
-
 /// Nearest-rank percentile `p` (1..=100) of a non-empty sample (sorts it in place).
 fn percentile(samples: &mut [Duration], p: usize) -> Duration {
     samples.sort_unstable();
     let rank = (samples.len() * p).div_ceil(100).max(1);
     samples[rank.min(samples.len()) - 1]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 fn mib_per_s(bytes: u64, d: Duration) -> f64 {

@@ -19,9 +19,13 @@
 //! that differs from the recorded one is a correctness failure: it is reported
 //! on stderr and the benchmark exits non-zero.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitCode, Output, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
+
+use common::{check_counter, ms, Failure, TempDir};
 
 /// The `ftvm` binary built by cargo for this benchmark.
 const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
@@ -32,9 +36,6 @@ const REPEATS: usize = 3;
 const PIO_COUNT: u64 = 100_000;
 /// Timer ticks (at 100 Hz) of the timer-driven workload.
 const COUNTER_TICKS: u64 = 100;
-
-/// A correctness failure (bad exit status, unexpected output, spawn error, divergence).
-type Failure = String;
 
 /// A guest workload and how to check its output.
 struct Workload {
@@ -65,30 +66,6 @@ struct Figures {
     output_bytes_per_s: f64,
 }
 
-/// The temporary directory holding the logs; removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Result<Self, Failure> {
-        let path =
-            std::env::temp_dir().join(format!("ftvm-bench-record-replay-{}", std::process::id()));
-        std::fs::create_dir_all(&path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        Ok(TempDir(path))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            eprintln!(
-                "record_replay bench: warning: cannot remove {}: {e}",
-                self.0.display()
-            );
-        }
-    }
-}
-
 /// The `epochs=.. verified=.. diverged=.. checkpoint_required=..` line of `ftvm replay`.
 struct Summary {
     epochs: u64,
@@ -98,13 +75,7 @@ struct Summary {
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("record_replay bench: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::exit_code("record_replay", run())
 }
 
 fn run() -> Result<(), Failure> {
@@ -117,7 +88,7 @@ fn run() -> Result<(), Failure> {
         std::env::consts::ARCH
     );
 
-    let dir = TempDir::new()?;
+    let dir = TempDir::new("record-replay")?;
     let pio = Workload {
         name: "pio",
         cmdline: format!("workload=pio count={PIO_COUNT}"),
@@ -126,7 +97,7 @@ fn run() -> Result<(), Failure> {
     let counter = Workload {
         name: "counter",
         cmdline: format!("workload=counter ticks={COUNTER_TICKS}"),
-        check: check_counter,
+        check: |stdout| check_counter(stdout, COUNTER_TICKS),
     };
     let p = measure(&pio, &dir.0)?;
     let c = measure(&counter, &dir.0)?;
@@ -355,29 +326,6 @@ fn check_pio(stdout: &str) -> Result<(), String> {
     }
 }
 
-/// `workload=counter`: `tick 1 sum=..` .. `tick N sum=..`, then `done sum=..`.
-fn check_counter(stdout: &str) -> Result<(), String> {
-    if !stdout.ends_with('\n') {
-        return Err("output does not end with a newline".to_string());
-    }
-    let lines: Vec<&str> = stdout.lines().collect();
-    let want = COUNTER_TICKS as usize + 1;
-    if lines.len() != want {
-        return Err(format!("expected {want} lines, got {}", lines.len()));
-    }
-    for (n, line) in (1..=COUNTER_TICKS).zip(&lines) {
-        if !line.starts_with(&format!("tick {n} sum=")) {
-            return Err(format!(
-                "line {n} is {line:?}, expected \"tick {n} sum=...\""
-            ));
-        }
-    }
-    if !lines[want - 1].starts_with("done sum=") {
-        return Err("last line does not start with \"done sum=\"".to_string());
-    }
-    Ok(())
-}
-
 /// `ftvm` with stdin closed (the guests read no input), stdout and stderr
 /// captured, and the default log filter (so that logging cannot skew timings).
 fn ftvm() -> Command {
@@ -403,8 +351,4 @@ fn median_f64(samples: &mut [f64]) -> f64 {
 
 fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64()
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }

@@ -17,6 +17,11 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+#[allow(dead_code)] // vmm uses only part of it
+mod common;
+
+use common::{ms, Failure};
+
 /// The `ftvm` binary built by cargo for this benchmark.
 const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
 
@@ -31,17 +36,8 @@ const SYSCALL_ITERS: u32 = 1_000_000;
 /// Runs of the first-output-line measurement and of its baseline.
 const FIRST_LINE_RUNS: usize = 10;
 
-/// A correctness failure (bad exit status, unexpected output, spawn error).
-type Failure = String;
-
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("vmm bench: error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::exit_code("vmm", run())
 }
 
 fn run() -> Result<(), Failure> {
@@ -235,8 +231,4 @@ fn ftvm_command(cmdline: &str) -> Command {
 fn median(samples: &mut [Duration]) -> Duration {
     samples.sort_unstable();
     samples[samples.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
