@@ -259,13 +259,9 @@ impl Primary {
                 }
             }
         }
-        if let Some(link) = &mut self.link {
-            if let Err(e) = link.send(&Message {
-                body: Some(Body::Batch(batch)),
-            }) {
-                self.lose_with(e);
-            }
-        }
+        self.send(Message {
+            body: Some(Body::Batch(batch)),
+        });
     }
 
     fn output(&mut self, bytes: Vec<u8>) {
@@ -342,10 +338,15 @@ impl Primary {
             self.write_out(&h.bytes, h.epoch, h.seq, &why);
         }
         let output_seq = self.buffer.released();
+        self.send(Message {
+            body: Some(Body::Released(Released { output_seq })),
+        });
+    }
+
+    /// Sends `msg` to the standby, if there is one.
+    fn send(&mut self, msg: Message) {
         if let Some(link) = &mut self.link {
-            if let Err(e) = link.send(&Message {
-                body: Some(Body::Released(Released { output_seq })),
-            }) {
+            if let Err(e) = link.send(&msg) {
                 self.lose_with(e);
             }
         }
