@@ -12,7 +12,7 @@ use ftvm_primary::{pair, EpochPolicy, Recorder};
 use ftvm_replication::ChannelOptions;
 use ftvm_replication::Heartbeat;
 use ftvm_secondary::log_file::LogFileReader;
-use ftvm_secondary::standby::StandbyEnd;
+use ftvm_secondary::standby::{Rendezvous, StandbyEnd, StandbyUi};
 use ftvm_secondary::{ReplayError, Replayer};
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::live::{spawn_reader, LiveHook};
@@ -64,10 +64,19 @@ struct PairArgs {
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("rendezvous").required(true).args(["listen", "join"])))]
 struct StandbyArgs {
-    /// Address to wait for the primary on (host:port).
+    /// Address to wait for the primary on (host:port): a primary started with `--peer`.
     #[arg(long, value_name = "ADDR")]
-    listen: String,
+    listen: Option<String>,
+    /// Join a primary that is already running: its `--accept-standby` address. The guest's
+    /// memory is synced while it runs (a progress bar shows on a terminal), then the
+    /// standby follows in lockstep.
+    #[arg(long, value_name = "ADDR")]
+    join: Option<String>,
+    /// With --join: how long to keep trying to reach the primary, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 10_000, requires = "join")]
+    connect_timeout_ms: u64,
     #[command(flatten)]
     pair: PairArgs,
 }
@@ -115,6 +124,11 @@ struct RunArgs {
     /// How long to keep trying to reach the standby, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 10_000, requires = "peer")]
     connect_timeout_ms: u64,
+    /// Accept a standby joining the running guest (`ftvm standby --join ADDR`) whenever the
+    /// guest is unprotected: started without --peer, or after its standby was lost. The
+    /// standby is synced while the guest runs, then protects it.
+    #[arg(long, value_name = "ADDR", conflicts_with = "record")]
+    accept_standby: Option<String>,
     #[command(flatten)]
     pair: PairArgs,
 }
@@ -253,57 +267,74 @@ fn listen(addr: &str) -> Result<TcpListener, CliError> {
 }
 
 fn run(args: RunArgs) -> Result<u8, CliError> {
-    if args.interrupt_windows && args.record.is_none() && args.peer.is_none() {
+    let paired = args.peer.is_some() || args.accept_standby.is_some();
+    if args.interrupt_windows && args.record.is_none() && !paired {
         return Err(CliError::Usage(
-            "--interrupt-windows applies only to a recorded or protected run (--record or --peer)"
+            "--interrupt-windows applies only to a recorded or protected run (--record, --peer or --accept-standby)"
                 .into(),
         ));
     }
-    if args.pair.control.is_some() && args.peer.is_none() {
-        return Err(CliError::Usage("--control needs --peer".into()));
+    if args.pair.control.is_some() && !paired {
+        return Err(CliError::Usage(
+            "--control needs --peer or --accept-standby".into(),
+        ));
     }
     let (config, mut vm) = boot(&args)?;
     let policy = EpochPolicy {
         interrupt_windows: args.interrupt_windows,
         ..EpochPolicy::default()
     };
-    if let Some(peer) = &args.peer {
+    if paired {
         let options = channel_options(&args.pair)?;
+        let accept = match &args.accept_standby {
+            Some(addr) => Some(listen(addr)?),
+            None => None,
+        };
         let header = ftvm_primary::header(&config, vm.cpuid(), &policy);
         let timeout = Duration::from_millis(args.connect_timeout_ms);
-        let link = match pair::connect_standby(peer, timeout, header, &config.kernel) {
-            Ok(link) => Ok(link),
-            Err(source @ ftvm_replication::ChannelError::Connect { .. }) => {
-                return Err(CliError::Connect {
-                    peer: peer.clone(),
-                    source,
-                })
-            }
-            Err(e) => {
-                let why = format!("standby handshake failed: {e}");
-                tracing::error!("{why}: running unprotected");
-                Err(why)
+        let link = match &args.peer {
+            None => Err("no standby yet: waiting for one to join".to_string()),
+            Some(peer) => {
+                match pair::connect_standby(peer, timeout, header.clone(), &config.kernel) {
+                    Ok(link) => Ok(link),
+                    Err(source @ ftvm_replication::ChannelError::Connect { .. }) => {
+                        return Err(CliError::Connect {
+                            peer: peer.clone(),
+                            source,
+                        })
+                    }
+                    Err(e) => {
+                        let why = format!("standby handshake failed: {e}");
+                        tracing::error!("{why}: running unprotected");
+                        Err(why)
+                    }
+                }
             }
         };
         let input = Some(spawn_reader(std::io::stdin()));
+        let start = pair::start_message(header, &config.kernel, true);
         let (stop, report) = pair::run_primary(
             &mut vm,
             policy,
             link,
             options,
+            start,
+            accept,
             input,
             Box::new(std::io::stdout()),
         )
         .map_err(|source| match source {
             ftvm_primary::RecordError::Vm(e) => CliError::Vm(e),
             source => CliError::Record {
-                path: PathBuf::from(peer),
+                path: PathBuf::from(args.peer.as_deref().unwrap_or("the pair channel")),
                 source,
             },
         })?;
         tracing::info!(
             epochs = report.epochs,
             verified = report.verified_epoch,
+            repairs = report.repairs,
+            syncs = report.syncs,
             protected_to_end = report.protected_to_end,
             "protected run complete"
         );
@@ -340,11 +371,29 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
 
 fn standby(args: StandbyArgs) -> Result<u8, CliError> {
     let options = channel_options(&args.pair)?;
-    let listener = listen(&args.listen)?;
-    tracing::info!(addr = args.listen, "waiting for a primary");
+    let listener = match &args.listen {
+        Some(addr) => {
+            let l = listen(addr)?;
+            tracing::info!(addr, "waiting for a primary");
+            Some(l)
+        }
+        None => None,
+    };
+    let rendezvous = match (&listener, args.join) {
+        (Some(l), _) => Rendezvous::Listen(l),
+        (None, Some(addr)) => Rendezvous::Join {
+            addr,
+            timeout: Duration::from_millis(args.connect_timeout_ms),
+        },
+        (None, None) => return Err(CliError::Usage("--listen or --join is required".into())),
+    };
+    let ui = StandbyUi {
+        progress: std::io::stderr().is_terminal(),
+    };
     let end = ftvm_secondary::standby::run_standby(
-        &listener,
+        rendezvous,
         options,
+        ui,
         || Some(spawn_reader(std::io::stdin())),
         std::io::stdout(),
     )?;

@@ -187,12 +187,101 @@ fn number_after(text: &str, key: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// What a workload's complete output looks like.
+#[derive(Clone, Copy)]
+enum Workload {
+    /// `workload=counter ticks=N`: ticks 1..=N, then `done`.
+    Counter(u64),
+    /// `workload=rdtsc n=N`: lines 0..N with TSC-dependent values, then `done`.
+    Rdtsc(u64),
+    /// `workload=spin ms=M`: one exit-free compute loop interrupted only by kicks, then a
+    /// result line and `done`.
+    Spin(u64),
+}
+
+impl Workload {
+    fn cmdline(self) -> String {
+        match self {
+            Workload::Counter(n) => format!("workload=counter ticks={n}"),
+            Workload::Rdtsc(n) => format!("workload=rdtsc n={n}"),
+            Workload::Spin(ms) => format!("workload=spin ms={ms}"),
+        }
+    }
+
+    fn finished(self, text: &str) -> bool {
+        text.lines().any(|l| l.starts_with("done"))
+    }
+
+    /// Checks that `text` is the workload's whole output: nothing missing, nothing twice.
+    fn assert_complete(self, text: &str) {
+        match self {
+            Workload::Counter(n) => assert_complete_count(text, n),
+            Workload::Rdtsc(n) => {
+                let lines: Vec<&str> = text.lines().collect();
+                assert_eq!(
+                    lines.len() as u64,
+                    n + 1,
+                    "expected {n} lines and done:\n{text}"
+                );
+                for (i, line) in lines[..n as usize].iter().enumerate() {
+                    assert!(
+                        line.starts_with(&format!("rdtsc {i} value=")),
+                        "line {i} is {line:?}:\n{text}"
+                    );
+                }
+                assert_eq!(lines[n as usize], "done", "{text}");
+            }
+            Workload::Spin(_) => {
+                let lines: Vec<&str> = text.lines().collect();
+                assert_eq!(lines.len(), 2, "{text}");
+                assert!(lines[0].starts_with("spin ticks="), "{text}");
+                assert_eq!(lines[1], "done", "{text}");
+            }
+        }
+    }
+}
+
+/// Checks a failover's output: the primary's stdout up to the sequence number the standby
+/// re-emits from (`standby_stderr` names it), then the standby's stdout, is the workload's
+/// whole output; the bytes both printed are the same bytes. Returns how many bytes appeared
+/// twice.
+fn assert_continuous(
+    w: Workload,
+    primary: &[u8],
+    standby_out: &[u8],
+    standby_stderr: &str,
+) -> usize {
+    // The standby names the output sequence number it re-emits from: every byte before it
+    // was released by the primary (and the primary may have released more, which then
+    // appears twice: the documented duplicate window).
+    let from = number_after(standby_stderr, "re-emitting output from sequence ")
+        .unwrap_or_else(|| panic!("no go-live line in the standby's stderr:\n{standby_stderr}"))
+        as usize;
+    assert!(
+        from <= primary.len(),
+        "the standby re-emits from byte {from}, but the primary printed only {} bytes",
+        primary.len()
+    );
+    let overlap = &primary[from..];
+    assert!(
+        standby_out.starts_with(overlap),
+        "the primary's last {} bytes {:?} are not what the standby re-emitted first {:?}",
+        overlap.len(),
+        String::from_utf8_lossy(overlap),
+        String::from_utf8_lossy(&standby_out[..overlap.len().min(standby_out.len())])
+    );
+    let mut merged = primary[..from].to_vec();
+    merged.extend_from_slice(standby_out);
+    w.assert_complete(&String::from_utf8_lossy(&merged));
+    overlap.len()
+}
+
 /// One failover drill: SIGKILL the primary `kill_after` into the run, check the standby
-/// finishes the count. Returns the number of duplicated output bytes.
-fn failover_drill(ticks: u64, kill_after: Duration) -> usize {
+/// finishes the workload. Returns the number of duplicated output bytes.
+fn failover_drill(w: Workload, kill_after: Duration) -> usize {
     let addr = free_addr();
     let s = standby(&addr, &[], &[]);
-    let cmdline = format!("workload=counter ticks={ticks}");
+    let cmdline = w.cmdline();
     let mut p = spawn_raw(&primary_args(&addr, &cmdline, &[]), &[]);
     let primary_out: ChildStdout = p.child.stdout.take().expect("stdout");
     let reader = collect(primary_out);
@@ -209,38 +298,17 @@ fn failover_drill(ticks: u64, kill_after: Duration) -> usize {
         s.stderr
     );
     let text = String::from_utf8_lossy(&primary).into_owned();
-    if text.contains("done sum=") {
+    if w.finished(&text) {
         // The run ended before the kill: nothing to take over.
-        assert_complete_count(&text, ticks);
+        w.assert_complete(&text);
         return 0;
     }
-    // The standby names the output sequence number it re-emits from: every byte before it
-    // was released by the primary (and the primary may have released more, which then
-    // appears twice: the documented duplicate window).
-    let from = number_after(&s.stderr, "re-emitting output from sequence ")
-        .unwrap_or_else(|| panic!("no go-live line in the standby's stderr:\n{}", s.stderr))
-        as usize;
-    assert!(
-        from <= primary.len(),
-        "the standby re-emits from byte {from}, but the primary printed only {} bytes",
-        primary.len()
-    );
-    let overlap = &primary[from..];
-    assert!(
-        s.stdout.starts_with(overlap),
-        "the primary's last {} bytes {:?} are not what the standby re-emitted first {:?}",
-        overlap.len(),
-        String::from_utf8_lossy(overlap),
-        String::from_utf8_lossy(&s.stdout[..overlap.len().min(s.stdout.len())])
-    );
-    let mut merged = primary[..from].to_vec();
-    merged.extend_from_slice(&s.stdout);
-    assert_complete_count(&String::from_utf8_lossy(&merged), ticks);
-    overlap.len()
+    assert_continuous(w, &primary, &s.stdout, &s.stderr)
 }
 
-#[test]
-fn failover_drills() {
+/// `FTVM_DRILLS` drills (default 10) on `w`, killing the primary at random moments within
+/// `window` (the guest's run time).
+fn drills(w: Workload, window: std::ops::Range<u64>) {
     let _one = serial();
     let drills: u64 = std::env::var("FTVM_DRILLS")
         .ok()
@@ -250,19 +318,191 @@ fn failover_drills() {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64)
         | 1;
-    eprintln!("failover drills: seed {seed}");
-    let ticks = 100;
+    eprintln!("failover drills on {}: seed {seed}", w.cmdline());
     let mut duplicated = 0;
     for i in 0..drills {
-        // The guest counts 100 ticks in about a second after a start-up of ~30 ms.
-        let kill_after = Duration::from_millis(60 + next_random(&mut seed) % 900);
+        let kill_after = Duration::from_millis(
+            window.start + next_random(&mut seed) % (window.end - window.start),
+        );
         eprintln!(
             "drill {}/{drills}: SIGKILL the primary after {kill_after:?}",
             i + 1
         );
-        duplicated += failover_drill(ticks, kill_after);
+        duplicated += failover_drill(w, kill_after);
     }
     eprintln!("{drills} drills passed; {duplicated} output bytes appeared twice in all");
+}
+
+#[test]
+fn failover_drills() {
+    // The guest counts 100 ticks in about a second after a start-up of ~30 ms.
+    drills(Workload::Counter(100), 60..960);
+}
+
+#[test]
+fn failover_drills_rdtsc() {
+    // Every epoch of this guest diverges on the standby (RDTSC cannot be replayed) and is
+    // repaired; the kill lands before, during and after repairs.
+    drills(Workload::Rdtsc(300), 40..900);
+}
+
+#[test]
+fn failover_drills_spin() {
+    // No exits but the timer's: every tick is delivered by a kick (checkpoint-required
+    // epochs), each repaired.
+    drills(Workload::Spin(800), 40..900);
+}
+
+/// Polls `ftvm status` on `control` until `pred` holds (at most 20 s).
+fn wait_status(control: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let start = Instant::now();
+    loop {
+        let text = status_of(control);
+        if pred(&text) {
+            return text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never {what}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn status_number(text: &str, key: &str) -> u64 {
+    status_field(text, key)
+        .parse()
+        .unwrap_or_else(|_| panic!("{key} in {text}"))
+}
+
+#[test]
+fn rdtsc_runs_protected_to_completion_with_repairs_counted_in_status() {
+    let _one = serial();
+    let (addr, pc, sc) = (free_addr(), free_addr(), free_addr());
+    let s = standby(&addr, &["--control", &sc], &[]);
+    let w = Workload::Rdtsc(400);
+    let cmdline = w.cmdline();
+    let p = spawn(
+        &primary_args(&addr, &cmdline, &["--control", &pc]),
+        &[("FTVM_LOG", "info")],
+    );
+    let ps = wait_status(&pc, "repaired", |t| status_number(t, "repairs") >= 3);
+    assert_eq!(status_field(&ps, "protected"), "yes", "{ps}");
+    let ss = wait_status(&sc, "repaired", |t| status_number(t, "repairs") >= 3);
+    assert_eq!(status_field(&ss, "protected"), "yes", "{ss}");
+    let p = p.wait(LIMIT);
+    let s = s.wait(LIMIT);
+    no_panic(&p);
+    no_panic(&s);
+    assert_eq!(p.status.code(), Some(0), "primary: {}", p.stderr);
+    w.assert_complete(&p.out());
+    assert_eq!(s.status.code(), Some(0), "standby: {}", s.stderr);
+    assert!(s.stdout.is_empty(), "the standby printed {:?}", s.out());
+    assert!(!p.stderr.contains("unprotected"), "{}", p.stderr);
+    assert!(p.stderr.contains("protected_to_end=true"), "{}", p.stderr);
+    let repairs = number_after(&p.stderr, "repairs=").expect("repairs in the final report");
+    assert!(repairs >= 3, "{}", p.stderr);
+}
+
+#[test]
+fn spin_stays_protected_every_kick_repaired() {
+    let _one = serial();
+    let addr = free_addr();
+    let s = standby(&addr, &[], &[]);
+    let w = Workload::Spin(300);
+    let p = spawn(
+        &primary_args(&addr, &w.cmdline(), &[]),
+        &[("FTVM_LOG", "info")],
+    );
+    let p = p.wait(LIMIT);
+    let s = s.wait(LIMIT);
+    no_panic(&s);
+    no_panic(&p);
+    assert_eq!(s.status.code(), Some(0), "{}", s.stderr);
+    assert_eq!(p.status.code(), Some(0), "{}", p.stderr);
+    w.assert_complete(&p.out());
+    assert!(!p.stderr.contains("unprotected"), "{}", p.stderr);
+    assert!(p.stderr.contains("needs a checkpoint"), "{}", p.stderr);
+    let repairs = number_after(&p.stderr, "repairs=").expect("repairs in the final report");
+    assert!(repairs >= 1, "{}", p.stderr);
+}
+
+#[test]
+fn a_killed_standby_is_replaced_while_the_guest_runs() {
+    let _one = serial();
+    let (first, accept, pc, sc) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let mut s1 = standby(&first, &[], &[]);
+    let w = Workload::Counter(300);
+    let cmdline = w.cmdline();
+    let mut p = spawn_raw(
+        &primary_args(
+            &first,
+            &cmdline,
+            &["--accept-standby", &accept, "--control", &pc],
+        ),
+        &[("FTVM_LOG", "info")],
+    );
+    let reader = collect(p.child.stdout.take().expect("stdout"));
+    std::thread::sleep(Duration::from_millis(300));
+    s1.child.kill().expect("SIGKILL the first standby");
+    wait_status(&pc, "unprotected", |t| status_field(t, "protected") == "no");
+    // A new standby joins the running guest, syncs, and protects it.
+    let s2 = spawn(
+        &["standby", "--join", &accept, "--control", &sc],
+        &[("FTVM_LOG", "info")],
+    );
+    let ps = wait_status(&pc, "re-protected", |t| {
+        status_number(t, "syncs") == 1 && status_field(t, "protected") == "yes"
+    });
+    assert_eq!(status_field(&ps, "state"), "lockstep", "{ps}");
+    let ss = wait_status(&sc, "in lockstep", |t| {
+        status_field(t, "state") == "lockstep"
+    });
+    assert_eq!(status_number(&ss, "syncs"), 1, "{ss}");
+    // Let it follow for a while, then kill the primary: the new standby finishes the count.
+    std::thread::sleep(Duration::from_millis(300));
+    p.child.kill().expect("SIGKILL the primary");
+    let _ = p.child.wait();
+    let primary = reader.join().unwrap_or_default();
+    let s2 = s2.wait(LIMIT);
+    no_panic(&s2);
+    assert_eq!(s2.status.code(), Some(0), "new standby: {}", s2.stderr);
+    assert!(s2.stderr.contains("synced"), "{}", s2.stderr);
+    let text = String::from_utf8_lossy(&primary).into_owned();
+    assert!(
+        !w.finished(&text),
+        "the guest ended before the kill: make it longer"
+    );
+    assert_continuous(w, &primary, &s2.stdout, &s2.stderr);
+}
+
+#[test]
+fn a_primary_started_alone_accepts_a_standby_that_joins() {
+    let _one = serial();
+    let accept = free_addr();
+    let w = Workload::Counter(120);
+    let p = spawn(
+        &[
+            "run",
+            "--accept-standby",
+            &accept,
+            "--cmdline",
+            &w.cmdline(),
+        ],
+        &[("FTVM_LOG", "info")],
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let s = spawn(&["standby", "--join", &accept], &[]);
+    let p = p.wait(LIMIT);
+    let s = s.wait(LIMIT);
+    no_panic(&p);
+    no_panic(&s);
+    assert_eq!(p.status.code(), Some(0), "{}", p.stderr);
+    w.assert_complete(&p.out());
+    assert_eq!(s.status.code(), Some(0), "{}", s.stderr);
+    assert!(s.stdout.is_empty(), "the standby printed {:?}", s.out());
+    assert!(p.stderr.contains("standby synced"), "{}", p.stderr);
+    assert!(p.stderr.contains("protected_to_end=true"), "{}", p.stderr);
 }
 
 #[test]
@@ -355,7 +595,7 @@ fn a_peer_with_another_protocol_version_is_refused() {
             let _ = s.write_all(&hello(99, Role::Standby));
             drain_then_close(s, Duration::from_secs(2));
         },
-        "speaks pair protocol version 99, this ftvm speaks version 1",
+        "speaks pair protocol version 99, this ftvm speaks version 2",
     );
 }
 
@@ -605,30 +845,6 @@ fn status_reports_both_sides_of_the_pair() {
     assert_eq!(status_field(&live, "protected"), "no", "{live}");
     let s = s.wait(LIMIT);
     assert_eq!(s.status.code(), Some(0), "{}", s.stderr);
-}
-
-#[test]
-fn a_checkpoint_required_epoch_is_reported_and_the_pair_shows_unprotected() {
-    let _one = serial();
-    let (addr, pc) = (free_addr(), free_addr());
-    let s = standby(&addr, &[], &[]);
-    let p = spawn(
-        &primary_args(&addr, "workload=spin ms=60", &["--control", &pc]),
-        &[],
-    );
-    let s = s.wait(LIMIT);
-    let p = p.wait(LIMIT);
-    no_panic(&s);
-    no_panic(&p);
-    assert_eq!(s.status.code(), Some(1), "{}", s.stderr);
-    assert!(s.stderr.contains("needs a checkpoint"), "{}", s.stderr);
-    assert_eq!(p.status.code(), Some(0), "{}", p.stderr);
-    assert!(p.out().ends_with("done\n"), "{}", p.out());
-    assert!(
-        p.stderr.contains("needs a checkpoint") && p.stderr.contains("running unprotected"),
-        "{}",
-        p.stderr
-    );
 }
 
 fn signal(child: &Child, sig: libc::c_int) {

@@ -11,13 +11,18 @@
 pub mod log_file;
 pub mod pair;
 
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
+use ftvm_proto::channel::{CheckpointEnd, Page, PageChunk};
 use ftvm_proto::log::{self, record::Kind, Record, RecordBatch};
+use ftvm_replication::checkpoint::{CheckpointPort, CheckpointRequest, PAGES_PER_CHUNK};
+use ftvm_replication::primary::FromVcpu;
 use ftvm_vmm::cpuid::CpuidTable;
 use ftvm_vmm::devices::StopRequest;
-use ftvm_vmm::digest::{epoch_digest, hash};
+use ftvm_vmm::digest::{epoch_digest, hash, state_digest};
 use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HookError, HostView, Kick, Point, RunEnd};
+use ftvm_vmm::memory::{is_zero_page, PAGE_SIZE};
 use ftvm_vmm::{Input, Vm, VmConfig};
 
 /// Default maximum epoch length.
@@ -114,6 +119,12 @@ pub struct Recorder<H, S> {
     in_output_burst: bool,
     checkpoint_required: bool,
     stats: RecordStats,
+    /// Where checkpoints are asked for and sent (a protected run).
+    checkpoints: Option<CheckpointPort>,
+    /// A checkpoint asked for: it is made at the end of the current exit.
+    requested: Option<CheckpointRequest>,
+    /// Pages dirtied in each closed epoch the standby has not verified yet.
+    unverified_dirty: VecDeque<(u64, Vec<u64>)>,
 }
 
 impl<H: ExitHook, S: LogSink> Recorder<H, S> {
@@ -132,7 +143,169 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
             in_output_burst: false,
             checkpoint_required: false,
             stats: RecordStats::default(),
+            checkpoints: None,
+            requested: None,
+            unverified_dirty: VecDeque::new(),
         }
+    }
+
+    /// Makes the checkpoints the channel asks for through `port`.
+    pub fn with_checkpoints(mut self, port: CheckpointPort) -> Self {
+        self.checkpoints = Some(port);
+        self
+    }
+
+    /// Keeps the dirty set of the epoch just closed for repairs, and passes it to a running
+    /// sync.
+    fn note_dirty(&mut self, epoch: u64, dirty: Vec<u64>) {
+        let Some(port) = &self.checkpoints else {
+            return;
+        };
+        port.tracking.note(&dirty);
+        if !port.tracking.protected() {
+            self.unverified_dirty.clear();
+            return;
+        }
+        let verified = port.tracking.verified();
+        while self
+            .unverified_dirty
+            .front()
+            .is_some_and(|(e, _)| *e <= verified)
+        {
+            self.unverified_dirty.pop_front();
+        }
+        self.unverified_dirty.push_back((epoch, dirty));
+    }
+
+    /// Makes the checkpoint `request` at exit `seq` (the vCPU is stopped there), closing the
+    /// open epoch: the records so far, the pages, then the state go out in that order.
+    /// `run_end`: the guest has already stopped.
+    pub fn checkpoint(
+        &mut self,
+        vm: &mut Vm,
+        seq: ExitSeq,
+        request: CheckpointRequest,
+        run_end: Option<StopRequest>,
+    ) -> Result<(), RecordError> {
+        let Some(port) = self.checkpoints.clone() else {
+            return Ok(());
+        };
+        self.flush(seq)?;
+        let dirty_now = vm.take_dirty_pages()?;
+        let (send, covered): (Vec<u64>, Vec<u64>) = match &request {
+            CheckpointRequest::Repair {
+                from_epoch,
+                standby_dirty,
+                ..
+            } => {
+                let standby: BTreeMap<u64, [u8; 32]> = standby_dirty.iter().copied().collect();
+                let mut mine: BTreeSet<u64> = dirty_now.iter().copied().collect();
+                for (_, pages) in self
+                    .unverified_dirty
+                    .iter()
+                    .filter(|(e, _)| e >= from_epoch)
+                {
+                    mine.extend(pages.iter().copied());
+                }
+                let covered: BTreeSet<u64> = mine.iter().chain(standby.keys()).copied().collect();
+                let mut page = vec![0u8; PAGE_SIZE as usize];
+                let mut send = Vec::new();
+                for &pfn in &covered {
+                    if let Some(theirs) = standby.get(&pfn) {
+                        vm.read_page(pfn, &mut page)?;
+                        if hash(&page) == *theirs {
+                            continue;
+                        }
+                    }
+                    send.push(pfn);
+                }
+                (send, covered.into_iter().collect())
+            }
+            CheckpointRequest::StopAndCopy { .. } => {
+                let mut pages = port.tracking.take_sync();
+                pages.extend(dirty_now.iter().copied());
+                let pages: Vec<u64> = pages.into_iter().collect();
+                (pages.clone(), pages)
+            }
+        };
+        let id = request.id();
+        let mut page_bytes = 0;
+        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        for chunk in send.chunks(PAGES_PER_CHUNK) {
+            let mut pages = Vec::with_capacity(chunk.len());
+            for &pfn in chunk {
+                vm.read_page(pfn, &mut buf)?;
+                let data = if is_zero_page(&buf) {
+                    Vec::new()
+                } else {
+                    buf.clone()
+                };
+                page_bytes += data.len() as u64;
+                pages.push(Page { pfn, data });
+            }
+            port.feed
+                .send(FromVcpu::Pages(PageChunk {
+                    checkpoint: id,
+                    pages,
+                    stopped: true,
+                    round: 0,
+                    remaining_pages: 0,
+                }))
+                .map_err(RecordError::Log)?;
+        }
+        let state = vm.save()?;
+        let digest = state_digest(vm, &covered)?;
+        let sync = matches!(request, CheckpointRequest::StopAndCopy { .. });
+        let run_end = run_end.map(|stop| log::RunEnd {
+            stop: Some(match stop {
+                StopRequest::Exit(status) => log::run_end::Stop::ExitStatus(u32::from(status)),
+                StopRequest::Reset => log::run_end::Stop::Reset(true),
+            }),
+        });
+        tracing::debug!(
+            checkpoint = id,
+            epoch = self.epoch,
+            exit_seq = seq.0,
+            sent = send.len(),
+            covered = covered.len(),
+            sync,
+            "checkpoint"
+        );
+        port.feed
+            .send(FromVcpu::CheckpointEnd(CheckpointEnd {
+                checkpoint: id,
+                epoch: self.epoch,
+                exit_seq: seq.0,
+                vm_state: ftvm_vmm::state::encode(&state),
+                digest: digest.to_vec(),
+                output_seq: 0,
+                held_output: Vec::new(),
+                pages: send.len() as u64,
+                page_bytes,
+                sync,
+                run_end,
+            }))
+            .map_err(RecordError::Log)?;
+        // The checkpoint is the new boundary both VMs start from.
+        self.unverified_dirty.clear();
+        self.stats.epochs += 1;
+        self.epoch += 1;
+        self.output_waiting = false;
+        self.checkpoint_required = false;
+        self.epoch_started = Instant::now();
+        Ok(())
+    }
+
+    /// After the guest stopped: makes the checkpoints the channel still asks for (a standby
+    /// that diverged in the last epoch) until the channel thread is done.
+    pub fn serve_after_end(&mut self, vm: &mut Vm, stop: StopRequest) -> Result<(), RecordError> {
+        let Some(port) = self.checkpoints.clone() else {
+            return Ok(());
+        };
+        while let Ok(request) = port.requests.recv() {
+            self.checkpoint(vm, vm.exit_seq(), request, Some(stop))?;
+        }
+        Ok(())
     }
 
     /// Counters so far.
@@ -176,6 +349,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
     /// Appends the `EpochEnd` of the epoch ending at exit `seq`.
     fn close_epoch(&mut self, vm: &mut Vm, seq: ExitSeq) -> Result<(), RecordError> {
         let digest = epoch_digest(vm)?;
+        let dirty_pages = digest.dirty_pages.clone();
         self.push(
             Point::Exit(seq),
             Kind::EpochEnd(log::EpochEnd {
@@ -194,6 +368,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         );
         self.stats.epochs += 1;
         self.stats.checkpoint_required += u64::from(self.checkpoint_required);
+        self.note_dirty(self.epoch, dirty_pages);
         self.epoch += 1;
         self.output_waiting = false;
         self.checkpoint_required = false;
@@ -234,7 +409,10 @@ pub fn record<H: ExitHook, S: LogSink>(
 ) -> Result<StopRequest, RecordError> {
     loop {
         match vm.run(recorder) {
-            Ok(RunEnd::Paused(seq)) => recorder.end_epoch(vm, seq)?,
+            Ok(RunEnd::Paused(seq)) => match recorder.requested.take() {
+                Some(request) => recorder.checkpoint(vm, seq, request, None)?,
+                None => recorder.end_epoch(vm, seq)?,
+            },
             Ok(RunEnd::Stopped(stop)) => {
                 recorder.finish(vm, vm.exit_seq(), stop)?;
                 return Ok(stop);
@@ -264,6 +442,12 @@ impl<H: ExitHook, S: LogSink> ExitHook for Recorder<H, S> {
 
     fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, HookError> {
         self.inner.end_of_exit(seq)?;
+        if let Some(port) = &self.checkpoints {
+            if let Ok(request) = port.requests.try_recv() {
+                self.requested = Some(request);
+                return Ok(Control::Pause);
+            }
+        }
         let full = self.epoch_started.elapsed() >= self.policy.max_epoch;
         // Output is waiting: end the epoch once the burst that produced it is over (the
         // first exit that is not another access to the same device), so a line printed byte

@@ -6,10 +6,12 @@ use std::io::Write;
 use std::time::Duration;
 
 use crossbeam_channel::Receiver;
-use ftvm_proto::channel::{message::Body, Message, Role, Start};
+use ftvm_proto::channel::{Role, Start};
 use ftvm_proto::log::{LogHeader, RecordBatch};
-use ftvm_replication::link::{self, Handshaken};
-use ftvm_replication::primary::{Feed, FromVcpu, PrimaryChannel, PrimaryReport};
+use ftvm_replication::link;
+use ftvm_replication::primary::{
+    offer_vm, Feed, FromVcpu, PrimaryChannel, PrimaryReport, PrimarySetup,
+};
 use ftvm_replication::{ChannelError, ChannelOptions, Link};
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::live::LiveHook;
@@ -35,58 +37,56 @@ pub fn connect_standby(
     kernel: &[u8],
 ) -> Result<Link, ChannelError> {
     let stream = link::connect(peer, timeout)?;
-    let mut h: Handshaken = link::handshake(stream, peer, Role::Primary)?;
-    link::send_blocking(
-        &mut h.stream,
-        peer,
-        &Message {
-            body: Some(Body::Start(Start {
-                header: Some(header),
-                kernel: kernel.to_vec(),
-            })),
-        },
-    )?;
+    let h = link::handshake(stream, peer, Role::Primary)?;
     // The standby answers Ack(0) once its VM is built (or Diverged when it cannot build
     // it): only then does the guest start, so the standby does not begin the run behind.
-    let msg = link::recv_blocking(&mut h.stream, peer, &mut h.rx_offset)?;
-    match msg.body {
-        Some(Body::Ack(_)) => {}
-        Some(Body::Diverged(d)) => {
-            return Err(ChannelError::Unexpected {
-                peer: peer.into(),
-                expected: "a ready standby",
-                got: format!("a standby that cannot build the VM: {}", d.reason),
-            })
-        }
-        _ => {
-            return Err(ChannelError::Unexpected {
-                peer: peer.into(),
-                expected: "Ack (standby ready)",
-                got: link::body_name(&msg).into(),
-            })
-        }
+    offer_vm(h, peer, start_message(header, kernel, false))
+}
+
+/// What a standby is sent first: the VM to build, and whether a sync follows.
+pub fn start_message(header: LogHeader, kernel: &[u8], sync: bool) -> Start {
+    Start {
+        header: Some(header),
+        kernel: kernel.to_vec(),
+        sync,
     }
-    tracing::info!(peer, standby = h.hello.software, "standby ready");
-    Link::new(h)
 }
 
 /// Runs `vm` to its end as the primary: recording under `policy` into the channel over
 /// `link` (Err: no standby, running unprotected for the reason given), guest input from
 /// `input`, guest output to `out` once the standby verified it.
+#[allow(clippy::too_many_arguments)]
 pub fn run_primary(
     vm: &mut Vm,
     policy: EpochPolicy,
     link: Result<Link, String>,
     options: ChannelOptions,
+    start: Start,
+    accept: Option<std::net::TcpListener>,
     input: Option<Receiver<Vec<u8>>>,
     out: Box<dyn Write + Send>,
 ) -> Result<(StopRequest, PrimaryReport), RecordError> {
-    let channel = PrimaryChannel::spawn(link, out, options).map_err(RecordError::Log)?;
+    let setup = PrimarySetup {
+        memory: vm.memory().clone(),
+        start: Start {
+            sync: true,
+            ..start
+        },
+        accept,
+    };
+    let channel = PrimaryChannel::spawn(link, out, options, setup).map_err(RecordError::Log)?;
     let live = LiveHook::new(input, channel.feed());
-    let mut recorder = Recorder::new(live, ChannelSink(channel.feed()), policy);
-    let result = record(vm, &mut recorder);
+    let mut recorder = Recorder::new(live, ChannelSink(channel.feed()), policy)
+        .with_checkpoints(channel.checkpoint_port());
+    let mut result = record(vm, &mut recorder);
     if let Err(e) = channel.feed().send(FromVcpu::End) {
         tracing::warn!("{e}");
+    }
+    if let Ok(stop) = result {
+        // A standby that diverged in the last epoch still gets its repair.
+        if let Err(e) = recorder.serve_after_end(vm, stop) {
+            result = Err(e);
+        }
     }
     drop(recorder);
     let report = channel.join();

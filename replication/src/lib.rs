@@ -18,11 +18,13 @@
 //! unprotected; a standby that loses its primary lets the replayer finish the log and go live.
 
 pub mod audit;
+pub mod checkpoint;
 pub mod link;
 pub mod output;
 pub mod primary;
 pub mod standby;
 pub mod status;
+pub mod sync;
 
 pub use link::{ChannelError, Heartbeat, Link};
 

@@ -213,6 +213,8 @@ pub fn body_name(m: &Message) -> &'static str {
         Some(Body::Heartbeat(_)) => "Heartbeat",
         Some(Body::Ack(_)) => "Ack",
         Some(Body::Diverged(_)) => "Diverged",
+        Some(Body::Pages(_)) => "a page chunk",
+        Some(Body::CheckpointEnd(_)) => "CheckpointEnd",
         None => "an empty message",
     }
 }

@@ -69,6 +69,16 @@ impl OutputBuffer {
         self.released = self.produced;
     }
 
+    /// The held output as one stretch: its first sequence number and the bytes.
+    pub fn held(&self) -> (u64, Vec<u8>) {
+        let bytes = self
+            .held
+            .iter()
+            .flat_map(|h| h.bytes.iter().copied())
+            .collect();
+        (self.released, bytes)
+    }
+
     /// Bytes held.
     pub fn held_bytes(&self) -> u64 {
         self.produced - self.released

@@ -2,7 +2,13 @@
 //! the recorder produces, holds guest output in the [`OutputBuffer`] until the standby
 //! verifies its epoch, releases it to stdout, tells the standby what it released, exchanges
 //! heartbeats, and drops to unprotected operation (output released at once) when the
-//! standby is lost or cannot follow.
+//! standby is lost.
+//!
+//! A standby that cannot follow (`Diverged`) is repaired: the channel thread asks the vCPU
+//! thread for a checkpoint ([`CheckpointRequest::Repair`]) and forwards it; the output held
+//! across the repair is released once the standby has installed it. A standby that joins a
+//! running primary (`--accept-standby`) is synced first: pre-copy ([`PreCopy`]) while the
+//! guest runs, then a stop-and-copy checkpoint, then lockstep.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -11,20 +17,29 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
-use ftvm_proto::channel::{message::Body, Message, Released};
+use ftvm_proto::channel::{
+    message::Body, CheckpointEnd, Diverged, Message, PageChunk, Released, Role, Start,
+};
 use ftvm_proto::log::{record::Kind, RecordBatch};
+use ftvm_vmm::memory::GuestMemory;
 use mio::net::TcpListener;
 use mio::{Events, Poll, Token, Waker};
 
 use crate::audit::Audit;
+use crate::checkpoint::{CheckpointPort, CheckpointRequest, DirtyTracking};
 use crate::link::{self, body_name, ChannelError, Heartbeat, Link};
 use crate::output::OutputBuffer;
 use crate::status::{self, RateMeter, Status};
+use crate::sync::{PreCopy, Step};
 use crate::ChannelOptions;
 
 const WAKER: Token = Token(0);
 const LINK: Token = Token(1);
 const CONTROL: Token = Token(2);
+const ACCEPT: Token = Token(3);
+
+/// The pre-copy sends while fewer than this many bytes wait in the socket's queue.
+const PRECOPY_QUEUE: usize = 4 << 20;
 
 /// What the vCPU thread hands the channel thread, in the order it happened.
 #[derive(Debug)]
@@ -33,6 +48,10 @@ pub enum FromVcpu {
     Batch(RecordBatch),
     /// Guest output produced in the epoch now open.
     Output(Vec<u8>),
+    /// Pages of the checkpoint being made.
+    Pages(PageChunk),
+    /// The end of the checkpoint being made.
+    CheckpointEnd(CheckpointEnd),
     /// The guest run is over (the last batch was sent).
     End,
 }
@@ -77,11 +96,26 @@ pub struct PrimaryReport {
     pub epochs: u64,
     /// The last epoch the standby verified.
     pub verified_epoch: u64,
+    /// Repairs installed by the standby.
+    pub repairs: u64,
+    /// Syncs completed (standbys that joined the running guest).
+    pub syncs: u64,
+}
+
+/// What the channel thread needs to make checkpoints and to let standbys join.
+pub struct PrimarySetup {
+    /// Guest memory (read by the pre-copy while the guest runs).
+    pub memory: GuestMemory,
+    /// What a joining standby is sent first: the log header and the kernel.
+    pub start: Start,
+    /// Accept joining standbys here (`--accept-standby`).
+    pub accept: Option<std::net::TcpListener>,
 }
 
 /// The primary's channel thread.
 pub struct PrimaryChannel {
     feed: Feed,
+    port: CheckpointPort,
     thread: JoinHandle<PrimaryReport>,
 }
 
@@ -92,19 +126,43 @@ impl PrimaryChannel {
         link: Result<Link, String>,
         out: Box<dyn Write + Send>,
         options: ChannelOptions,
+        setup: PrimarySetup,
     ) -> std::io::Result<Self> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = crossbeam_channel::unbounded();
+        let (request_tx, request_rx) = crossbeam_channel::unbounded();
+        let tracking = DirtyTracking::default();
         let mut state = Primary::new(link, out, rx, &options, &poll)?;
+        state.requests = Some(request_tx);
+        state.tracking = tracking.clone();
+        state.tracking.set_protected(state.link.is_some());
+        state.memory = Some(setup.memory);
+        state.start = setup.start;
+        state.waker = Some(waker.clone());
+        if let Some(l) = setup.accept {
+            l.set_nonblocking(true)?;
+            poll.registry().register(
+                &mut mio::unix::SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&l)),
+                ACCEPT,
+                mio::Interest::READABLE,
+            )?;
+            state.accept = Some(l);
+        }
         let thread = std::thread::Builder::new()
             .name("ftvm-channel".into())
             .spawn(move || {
                 state.run(poll);
-                state.report
+                std::mem::take(&mut state.report)
             })?;
+        let feed = Feed { tx, waker };
         Ok(Self {
-            feed: Feed { tx, waker },
+            port: CheckpointPort {
+                requests: request_rx,
+                feed: feed.clone(),
+                tracking,
+            },
+            feed,
             thread,
         })
     }
@@ -112,6 +170,11 @@ impl PrimaryChannel {
     /// The handle the vCPU thread feeds.
     pub fn feed(&self) -> Feed {
         self.feed.clone()
+    }
+
+    /// The vCPU thread's end of the checkpoint machinery.
+    pub fn checkpoint_port(&self) -> CheckpointPort {
+        self.port.clone()
     }
 
     /// Waits until every output has been released (after [`FromVcpu::End`]).
@@ -141,6 +204,36 @@ struct Primary {
     ended: bool,
     meter: RateMeter,
     report: PrimaryReport,
+    /// Checkpoint requests to the vCPU thread (dropped when the channel thread ends, which
+    /// tells a vCPU thread serving requests after the guest stopped that it is done).
+    requests: Option<Sender<CheckpointRequest>>,
+    tracking: DirtyTracking,
+    memory: Option<GuestMemory>,
+    start: Start,
+    waker: Option<Arc<Waker>>,
+    accept: Option<std::net::TcpListener>,
+    /// Standbys whose handshake runs on a helper thread.
+    joining: Option<(Sender<Joined>, Receiver<Joined>)>,
+    /// The sync of a standby that joined, while it runs.
+    sync: Option<PreCopy>,
+    /// The checkpoint asked of the vCPU thread and not yet installed by the standby.
+    checkpoint: Option<PendingCheckpoint>,
+    next_checkpoint_id: u64,
+}
+
+/// A joining standby's handshake, done on a helper thread: the link, or why it failed.
+type Joined = Result<Link, String>;
+
+/// A checkpoint on its way.
+#[derive(Debug)]
+struct PendingCheckpoint {
+    id: u64,
+    /// The epoch it closes, once its end went out.
+    epoch: Option<u64>,
+    sync: bool,
+    asked: Instant,
+    /// What it repairs (for the log).
+    why: String,
 }
 
 impl Primary {
@@ -180,6 +273,16 @@ impl Primary {
                 lost,
                 ..Default::default()
             },
+            requests: None,
+            tracking: DirtyTracking::default(),
+            memory: None,
+            start: Start::default(),
+            waker: None,
+            accept: None,
+            joining: Some(crossbeam_channel::unbounded()),
+            sync: None,
+            checkpoint: None,
+            next_checkpoint_id: 1,
         })
     }
 
@@ -187,16 +290,25 @@ impl Primary {
         let mut events = Events::with_capacity(64);
         let mut inbox = Vec::new();
         loop {
-            let timeout = Some(link::poll_timeout(self.link.as_ref(), &self.heartbeat));
-            if let Err(e) = poll.poll(&mut events, timeout) {
+            let mut timeout = link::poll_timeout(self.link.as_ref(), &self.heartbeat);
+            if self.precopy_can_send() {
+                timeout = Duration::ZERO;
+            }
+            if let Err(e) = poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != std::io::ErrorKind::Interrupted {
                     self.lose(format!("event loop failed: {e}"));
                 }
             }
             let mut control_ready = false;
+            let mut accept_ready = false;
             for event in events.iter() {
                 control_ready |= event.token() == CONTROL;
+                accept_ready |= event.token() == ACCEPT;
             }
+            if accept_ready {
+                self.accept_standbys();
+            }
+            self.attach_joined(&poll);
             self.drain_vcpu();
             if let Some(link) = &mut self.link {
                 let result = link.flush().and_then(|()| link.receive(&mut inbox));
@@ -212,6 +324,7 @@ impl Primary {
                     }
                 }
             }
+            self.pump_precopy();
             self.tick();
             if control_ready {
                 status::serve(self.control.as_ref(), || self.status());
@@ -228,9 +341,16 @@ impl Primary {
             match self.rx.try_recv() {
                 Ok(FromVcpu::Batch(b)) => self.ship(b),
                 Ok(FromVcpu::Output(bytes)) => self.output(bytes),
+                Ok(FromVcpu::Pages(chunk)) => self.send(Message {
+                    body: Some(Body::Pages(chunk)),
+                }),
+                Ok(FromVcpu::CheckpointEnd(end)) => self.checkpoint_end(end),
                 Ok(FromVcpu::End) => {
                     tracing::debug!("guest run over");
                     self.ended = true;
+                    if self.sync.is_some() {
+                        self.lose("the guest run ended while the standby was syncing".into());
+                    }
                 }
                 Err(TryRecvError::Empty) => return,
                 Err(TryRecvError::Disconnected) => {
@@ -241,14 +361,20 @@ impl Primary {
         }
     }
 
+    /// A standby is attached and has a copy of the guest (not syncing).
+    fn protecting(&self) -> bool {
+        self.link.is_some() && self.sync.is_none()
+    }
+
     fn ship(&mut self, batch: RecordBatch) {
         let now = Instant::now();
         self.exit_seq = batch.complete_through;
+        let protecting = self.protecting();
         for r in &batch.records {
             if let Some(Kind::EpochEnd(e)) = &r.kind {
                 self.epoch = e.epoch + 1;
                 self.report.epochs = e.epoch;
-                if self.link.is_some() {
+                if protecting {
                     self.unverified.push_back((e.epoch, now));
                     if let Some(a) = &mut self.audit {
                         a.line(format_args!(
@@ -259,13 +385,17 @@ impl Primary {
                 }
             }
         }
-        self.send(Message {
-            body: Some(Body::Batch(batch)),
-        });
+        // A syncing standby has no copy of the guest to apply the log to: it starts from
+        // the stop-and-copy checkpoint.
+        if protecting {
+            self.send(Message {
+                body: Some(Body::Batch(batch)),
+            });
+        }
     }
 
     fn output(&mut self, bytes: Vec<u8>) {
-        if self.link.is_some() {
+        if self.protecting() {
             self.buffer.hold(self.epoch, bytes);
         } else {
             let seq = self.buffer.produced();
@@ -294,6 +424,8 @@ impl Primary {
                     a.line(format_args!("acked epoch={}", ack.verified_epoch));
                 }
                 self.report.verified_epoch = self.report.verified_epoch.max(ack.verified_epoch);
+                self.tracking.set_verified(ack.verified_epoch);
+                self.checkpoint_installed(ack.verified_epoch);
                 while self
                     .unverified
                     .front()
@@ -303,17 +435,7 @@ impl Primary {
                 }
                 self.release(ack.verified_epoch);
             }
-            Some(Body::Diverged(d)) => {
-                let what = if d.checkpoint_required {
-                    "needs a checkpoint"
-                } else {
-                    "diverged"
-                };
-                self.lose(format!(
-                    "the standby reports that epoch {} {what} at exit {}: {}; checkpoints are not implemented yet",
-                    d.epoch, d.exit_seq, d.reason
-                ));
-            }
+            Some(Body::Diverged(d)) => self.repair(d),
             _ => {
                 let got = body_name(&msg).to_string();
                 self.lose_with(ChannelError::Unexpected {
@@ -361,6 +483,10 @@ impl Primary {
         if self.link.take().is_none() {
             return;
         }
+        self.tracking.set_protected(false);
+        self.tracking.stop_sync();
+        self.sync = None;
+        self.checkpoint = None;
         tracing::error!(
             held_output_bytes = self.buffer.held_bytes(),
             "{why}: running unprotected"
@@ -383,7 +509,10 @@ impl Primary {
 
     fn done(&self) -> bool {
         self.ended
-            && (self.link.is_none() || self.buffer.held_bytes() == 0 && self.unverified.is_empty())
+            && (self.link.is_none()
+                || self.buffer.held_bytes() == 0
+                    && self.unverified.is_empty()
+                    && self.checkpoint.is_none())
     }
 
     /// The run is over and every output released: make sure the standby hears the last
@@ -404,7 +533,21 @@ impl Primary {
     fn status(&self) -> Status {
         let now = Instant::now();
         let (protected, state) = match (&self.link, &self.report.lost) {
-            (Some(_), _) => (true, "lockstep".to_string()),
+            (Some(_), _) if self.sync.is_some() => {
+                let s = self.sync.as_ref().map_or(String::new(), |s| {
+                    format!(
+                        "syncing: round {}, {} MiB sent, {} pages left in the round",
+                        s.round,
+                        s.bytes_sent >> 20,
+                        s.remaining()
+                    )
+                });
+                (false, s)
+            }
+            (Some(_), _) => match &self.checkpoint {
+                Some(c) => (true, format!("repairing: {}", c.why)),
+                None => (true, "lockstep".to_string()),
+            },
             (None, Some(why)) => (false, format!("unprotected: {why}")),
             (None, None) => (false, "unprotected".to_string()),
         };
@@ -427,6 +570,288 @@ impl Primary {
                 .map_or(0, |l| self.meter.rate(now, l.bytes_sent)),
             released_output_seq: self.buffer.released(),
             held_output_bytes: self.buffer.held_bytes(),
+            repairs: self.report.repairs,
+            syncs: self.report.syncs,
         }
     }
+
+    /// The standby cannot follow: ask the vCPU thread for a repair checkpoint.
+    fn repair(&mut self, d: Diverged) {
+        let what = if d.checkpoint_required {
+            "needs a checkpoint"
+        } else {
+            "diverged"
+        };
+        let why = format!(
+            "epoch {} {what} at exit {}: {}",
+            d.epoch, d.exit_seq, d.reason
+        );
+        if d.checkpoint_failed {
+            return self.lose(format!("the standby could not install a checkpoint: {why}"));
+        }
+        if self.sync.is_some() || self.checkpoint.is_some() {
+            return self.lose(format!(
+                "the standby reports a divergence while a checkpoint is on its way: {why}"
+            ));
+        }
+        let id = self.next_checkpoint_id;
+        self.next_checkpoint_id += 1;
+        let request = CheckpointRequest::Repair {
+            id,
+            from_epoch: d.epoch,
+            standby_dirty: d
+                .dirty
+                .iter()
+                .filter_map(|p| Some((p.pfn, <[u8; 32]>::try_from(p.hash.as_slice()).ok()?)))
+                .collect(),
+        };
+        if d.dirty.iter().any(|p| p.hash.len() != 32) {
+            return self.lose(format!(
+                "the standby sent a page hash that is not 32 bytes long ({why})"
+            ));
+        }
+        if !self.ask_vcpu(request) {
+            return;
+        }
+        tracing::info!(
+            checkpoint = id,
+            standby_dirty = d.dirty.len(),
+            "repair: {why}"
+        );
+        if let Some(a) = &mut self.audit {
+            a.line(format_args!("repair checkpoint={id} epoch={}", d.epoch));
+        }
+        self.checkpoint = Some(PendingCheckpoint {
+            id,
+            epoch: None,
+            sync: false,
+            asked: Instant::now(),
+            why,
+        });
+    }
+
+    /// Hands `request` to the vCPU thread; false (and unprotected) if it is gone.
+    fn ask_vcpu(&mut self, request: CheckpointRequest) -> bool {
+        let sent = self
+            .requests
+            .as_ref()
+            .is_some_and(|r| r.send(request).is_ok());
+        if !sent {
+            self.lose("the vCPU thread is gone: no checkpoint can be made".into());
+        }
+        sent
+    }
+
+    /// The vCPU thread finished a checkpoint: complete it with the output held so far and
+    /// send it; its epoch is verified once the standby installed it.
+    fn checkpoint_end(&mut self, mut end: CheckpointEnd) {
+        let Some(pending) = &mut self.checkpoint else {
+            tracing::warn!(
+                checkpoint = end.checkpoint,
+                "a checkpoint nobody waits for; dropped"
+            );
+            return;
+        };
+        pending.epoch = Some(end.epoch);
+        let sync = pending.sync;
+        self.epoch = end.epoch + 1;
+        self.report.epochs = end.epoch;
+        self.exit_seq = end.exit_seq;
+        let (from, held) = self.buffer.held();
+        end.output_seq = self.buffer.produced();
+        debug_assert_eq!(from + held.len() as u64, end.output_seq);
+        end.held_output = held;
+        if sync {
+            // From here on the standby follows the log.
+            self.sync = None;
+            self.tracking.stop_sync();
+        }
+        if self.link.is_some() {
+            self.unverified.push_back((end.epoch, Instant::now()));
+            if let Some(a) = &mut self.audit {
+                a.line(format_args!(
+                    "shipped epoch={} exit_seq={} checkpoint={}",
+                    end.epoch, end.exit_seq, end.checkpoint
+                ));
+            }
+        }
+        tracing::debug!(
+            checkpoint = end.checkpoint,
+            epoch = end.epoch,
+            pages = end.pages,
+            bytes = end.page_bytes,
+            "checkpoint made"
+        );
+        self.send(Message {
+            body: Some(Body::CheckpointEnd(end)),
+        });
+    }
+
+    /// The standby verified `epoch`: a checkpoint closing it (or an earlier one) is
+    /// installed.
+    fn checkpoint_installed(&mut self, epoch: u64) {
+        let Some(c) = &self.checkpoint else { return };
+        if c.epoch.is_none_or(|e| e > epoch) {
+            return;
+        }
+        if c.sync {
+            self.report.syncs += 1;
+            self.report.lost = None;
+            tracing::warn!(
+                peer = self.peer,
+                took = ?c.asked.elapsed(),
+                "standby synced: the guest is protected again"
+            );
+        } else {
+            self.report.repairs += 1;
+            tracing::info!(checkpoint = c.id, took = ?c.asked.elapsed(), "repair installed");
+        }
+        self.checkpoint = None;
+    }
+
+    /// Whether the pre-copy has something to send and room to send it.
+    fn precopy_can_send(&self) -> bool {
+        self.sync.as_ref().is_some_and(|s| !s.stopping)
+            && self
+                .link
+                .as_ref()
+                .is_some_and(|l| l.pending() < PRECOPY_QUEUE)
+    }
+
+    /// Sends pre-copy chunks while the socket takes them; asks for the stop-and-copy at the
+    /// end.
+    fn pump_precopy(&mut self) {
+        let mut budget = 16;
+        while budget > 0 && self.precopy_can_send() {
+            budget -= 1;
+            let Some(sync) = &mut self.sync else { return };
+            match sync.step(&self.tracking) {
+                Ok(Step::Chunk(chunk)) => self.send(Message {
+                    body: Some(Body::Pages(chunk)),
+                }),
+                Ok(Step::StopAndCopy) => {
+                    let id = sync.id;
+                    if self.ask_vcpu(CheckpointRequest::StopAndCopy { id }) {
+                        self.checkpoint = Some(PendingCheckpoint {
+                            id,
+                            epoch: None,
+                            sync: true,
+                            asked: Instant::now(),
+                            why: "stop-and-copy of a sync".into(),
+                        });
+                    }
+                    return;
+                }
+                Err(e) => return self.lose(format!("pre-copy cannot read guest memory: {e}")),
+            }
+        }
+    }
+
+    /// Takes new connections on the `--accept-standby` socket; the handshake runs on a
+    /// helper thread so a slow or hostile peer cannot stall this loop.
+    fn accept_standbys(&mut self) {
+        loop {
+            let Some(listener) = &self.accept else { return };
+            let (stream, addr) = match listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!("cannot accept a standby: {e}");
+                    return;
+                }
+            };
+            let peer = addr.to_string();
+            if self.link.is_some() || self.ended {
+                let why = if self.ended {
+                    "the guest run is over"
+                } else {
+                    "a standby is already attached"
+                };
+                tracing::warn!(peer, "refusing a joining standby: {why}");
+                continue;
+            }
+            let Some((tx, _)) = &self.joining else { return };
+            let tx = tx.clone();
+            let waker = self.waker.clone();
+            let start = self.start.clone();
+            let spawned = std::thread::Builder::new()
+                .name("ftvm-join".into())
+                .spawn(move || {
+                    let result = link::handshake(stream, &peer, Role::Primary)
+                        .and_then(|h| offer_vm(h, &peer, start))
+                        .map_err(|e| format!("joining standby {peer}: {e}"));
+                    let _ = tx.send(result);
+                    if let Some(w) = waker {
+                        let _ = w.wake();
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("cannot start a thread for a joining standby: {e}");
+            }
+        }
+    }
+
+    /// A joining standby finished its handshake: start syncing it.
+    fn attach_joined(&mut self, poll: &Poll) {
+        let Some((_, rx)) = &self.joining else { return };
+        let Ok(result) = rx.try_recv() else { return };
+        let mut link = match result {
+            Ok(link) => link,
+            Err(why) => return tracing::warn!("{why}"),
+        };
+        if self.link.is_some() || self.ended {
+            return tracing::warn!(peer = link.peer(), "refusing a joining standby: too late");
+        }
+        let Some(memory) = self.memory.clone() else {
+            return;
+        };
+        if let Err(e) = link.register(poll.registry(), LINK) {
+            return tracing::warn!(peer = link.peer(), "cannot watch the joining standby: {e}");
+        }
+        self.peer = link.peer().to_string();
+        self.link = Some(link);
+        self.tracking.set_protected(true);
+        self.unverified.clear();
+        let id = self.next_checkpoint_id;
+        self.next_checkpoint_id += 1;
+        let sync = PreCopy::start(id, memory, &self.tracking);
+        tracing::warn!(
+            peer = self.peer,
+            memory_mib = sync.memory_bytes() >> 20,
+            "standby joined: syncing guest memory while the guest runs"
+        );
+        self.sync = Some(sync);
+    }
+}
+
+/// Sends a handshaken standby the VM it must build (`start`) and waits until it is ready
+/// (`Ack`), or says why it cannot build it (`Diverged`).
+pub fn offer_vm(mut h: link::Handshaken, peer: &str, start: Start) -> Result<Link, ChannelError> {
+    link::send_blocking(
+        &mut h.stream,
+        peer,
+        &Message {
+            body: Some(Body::Start(start)),
+        },
+    )?;
+    let msg = link::recv_blocking(&mut h.stream, peer, &mut h.rx_offset)?;
+    match msg.body {
+        Some(Body::Ack(_)) => {}
+        Some(Body::Diverged(d)) => {
+            return Err(ChannelError::Unexpected {
+                peer: peer.into(),
+                expected: "a ready standby",
+                got: format!("a standby that cannot build the VM: {}", d.reason),
+            })
+        }
+        _ => {
+            return Err(ChannelError::Unexpected {
+                peer: peer.into(),
+                expected: "Ack (standby ready)",
+                got: link::body_name(&msg).into(),
+            })
+        }
+    }
+    tracing::info!(peer, standby = h.hello.software, "standby ready");
+    Link::new(h)
 }

@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
-use ftvm_proto::channel::{message::Body, Ack, Diverged, Message};
+use ftvm_proto::channel::{message::Body, Ack, CheckpointEnd, Diverged, Message, PageChunk};
 use ftvm_proto::log::{record::Kind, RecordBatch};
 use mio::net::TcpListener;
 use mio::{Events, Poll, Token, Waker};
@@ -30,6 +30,10 @@ const CONTROL: Token = Token(2);
 pub enum ToReplayer {
     /// The next record batch of the log.
     Batch(RecordBatch),
+    /// Pages of a checkpoint (a repair, or a sync).
+    Pages(PageChunk),
+    /// The end of a checkpoint.
+    CheckpointEnd(CheckpointEnd),
     /// The primary is gone; nothing more will come. The reason, for the log.
     PrimaryLost(String),
 }
@@ -44,8 +48,26 @@ pub enum FromReplayer {
         /// Its last exit.
         exit_seq: u64,
     },
-    /// The replay cannot follow past `epoch`.
+    /// The replay cannot follow past `epoch`: ask for a repair (or, with
+    /// `checkpoint_failed`, give up).
     Diverged(Diverged),
+    /// A checkpoint closing `epoch` is installed and its digest matched.
+    Installed {
+        /// The epoch it closes.
+        epoch: u64,
+        /// Its exit.
+        exit_seq: u64,
+        /// It ended a sync (else a repair).
+        sync: bool,
+    },
+    /// Sync progress, for `ftvm status`: page bytes received, and pages the primary said
+    /// are left.
+    Syncing {
+        /// Page bytes received.
+        bytes: u64,
+        /// Pages left in the primary's current round.
+        remaining_pages: u64,
+    },
     /// The standby went live: it is the primary now (unprotected).
     Live,
     /// Flush what is queued for the primary and stop.
@@ -134,6 +156,12 @@ struct Standby {
     lost: Option<String>,
     live: bool,
     diverged: Option<String>,
+    /// Waiting for a repair checkpoint: why.
+    awaiting: Option<String>,
+    /// Syncing: (bytes received, pages left).
+    syncing: Option<(u64, u64)>,
+    repairs: u64,
+    syncs: u64,
     meter: RateMeter,
 }
 
@@ -164,6 +192,10 @@ impl Standby {
             lost: None,
             live: false,
             diverged: None,
+            awaiting: None,
+            syncing: None,
+            repairs: 0,
+            syncs: 0,
             meter: RateMeter::default(),
         })
     }
@@ -218,6 +250,15 @@ impl Standby {
             Some(Body::Released(r)) => {
                 self.released.fetch_max(r.output_seq, Ordering::SeqCst);
             }
+            Some(Body::Pages(chunk)) => {
+                let _ = self.to_replayer.send(ToReplayer::Pages(chunk));
+            }
+            Some(Body::CheckpointEnd(end)) => {
+                self.exit_seq = end.exit_seq;
+                self.received_epoch = end.epoch;
+                self.unverified.push_back((end.epoch, Instant::now()));
+                let _ = self.to_replayer.send(ToReplayer::CheckpointEnd(end));
+            }
             _ => {
                 let got = body_name(&msg).to_string();
                 self.lose_with(ChannelError::Unexpected {
@@ -255,14 +296,47 @@ impl Standby {
                     });
                 }
                 FromReplayer::Diverged(d) => {
-                    self.diverged = Some(format!(
-                        "epoch {} at exit {}: {}",
-                        d.epoch, d.exit_seq, d.reason
-                    ));
+                    let what = format!("epoch {} at exit {}: {}", d.epoch, d.exit_seq, d.reason);
+                    if d.checkpoint_failed {
+                        self.diverged = Some(what);
+                    } else {
+                        self.awaiting = Some(what);
+                    }
                     self.send(Message {
                         body: Some(Body::Diverged(d)),
                     });
                 }
+                FromReplayer::Installed {
+                    epoch,
+                    exit_seq,
+                    sync,
+                } => {
+                    if let Some(a) = &mut self.audit {
+                        a.line(format_args!(
+                            "verified epoch={epoch} exit_seq={exit_seq} checkpoint"
+                        ));
+                    }
+                    if sync {
+                        self.syncs += 1;
+                        self.syncing = None;
+                    } else {
+                        self.repairs += 1;
+                    }
+                    self.awaiting = None;
+                    self.verified_epoch = epoch;
+                    self.unverified.retain(|(e, _)| *e > epoch);
+                    self.send(Message {
+                        body: Some(Body::Ack(Ack {
+                            received_epoch: self.received_epoch,
+                            verified_epoch: epoch,
+                            exit_seq,
+                        })),
+                    });
+                }
+                FromReplayer::Syncing {
+                    bytes,
+                    remaining_pages,
+                } => self.syncing = Some((bytes, remaining_pages)),
                 FromReplayer::Live => self.live = true,
                 FromReplayer::Shutdown => return true,
             }
@@ -319,6 +393,17 @@ impl Standby {
             )
         } else if let Some(d) = &self.diverged {
             ("standby", false, format!("diverged: {d}"))
+        } else if let Some((bytes, left)) = self.syncing {
+            (
+                "standby",
+                false,
+                format!(
+                    "syncing: {} MiB received, {left} pages left in the round",
+                    bytes >> 20
+                ),
+            )
+        } else if let Some(why) = &self.awaiting {
+            ("standby", true, format!("repairing: {why}"))
         } else if let Some(why) = &self.lost {
             ("standby", false, format!("going live: {why}"))
         } else {
@@ -343,6 +428,8 @@ impl Standby {
                 .map_or(0, |l| self.meter.rate(now, l.bytes_received)),
             released_output_seq: self.released.load(Ordering::SeqCst),
             held_output_bytes: 0,
+            repairs: self.repairs,
+            syncs: self.syncs,
         }
     }
 }

@@ -33,6 +33,10 @@ pub struct Status {
     pub released_output_seq: u64,
     /// Output bytes held in the output buffer.
     pub held_output_bytes: u64,
+    /// Repair checkpoints installed on the standby.
+    pub repairs: u64,
+    /// Syncs completed (standbys that joined a running guest).
+    pub syncs: u64,
 }
 
 impl std::fmt::Display for Status {
@@ -48,7 +52,9 @@ impl std::fmt::Display for Status {
         writeln!(f, "lag_ms={:.3}", self.lag.as_secs_f64() * 1e3)?;
         writeln!(f, "log_bytes_per_s={}", self.log_bytes_per_s)?;
         writeln!(f, "released_output_seq={}", self.released_output_seq)?;
-        writeln!(f, "held_output_bytes={}", self.held_output_bytes)
+        writeln!(f, "held_output_bytes={}", self.held_output_bytes)?;
+        writeln!(f, "repairs={}", self.repairs)?;
+        writeln!(f, "syncs={}", self.syncs)
     }
 }
 

@@ -189,6 +189,12 @@ pub struct Replayer<S, W> {
     epoch: u64,
     output: W,
     interrupt_windows: bool,
+    /// The replay diverged at this exit: the exit completes with the replayed guest's own
+    /// values and the replay pauses at its end.
+    diverged: Option<Divergence>,
+    /// Pages dirtied in an epoch whose digest did not match (the digest took them from the
+    /// dirty log): part of what a repair must cover.
+    unverified_dirty: Vec<u64>,
 }
 
 impl<S: LogSource, W: Write> Replayer<S, W> {
@@ -203,6 +209,8 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
             ended: false,
             epoch: 1,
             output,
+            diverged: None,
+            unverified_dirty: Vec::new(),
         }
     }
 
@@ -212,6 +220,50 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
             exit_seq,
             reason,
         })
+    }
+
+    /// Notes the first divergence. The exit in progress then completes with the replayed
+    /// guest's own device values, and the replay pauses at its end: the VM stops at a
+    /// consistent point, from which it can install a repair or go live.
+    fn diverge(&mut self, exit_seq: u64, reason: String) {
+        if self.diverged.is_none() {
+            tracing::debug!(epoch = self.epoch, exit_seq, reason, "diverged");
+            self.diverged = Some(Divergence {
+                epoch: self.epoch,
+                exit_seq,
+                reason,
+            });
+        }
+    }
+
+    /// The epoch being replayed.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The log source.
+    pub fn source_mut(&mut self) -> &mut S {
+        &mut self.source
+    }
+
+    /// Pages this VM dirtied since the last verified boundary (the last matching digest or
+    /// installed checkpoint), sorted; the dirty logs restart.
+    pub fn dirty_since_boundary(&mut self, vm: &mut Vm) -> Result<Vec<u64>, ftvm_vmm::Error> {
+        let mut pages = std::mem::take(&mut self.unverified_dirty);
+        pages.extend(vm.take_dirty_pages()?);
+        pages.sort_unstable();
+        pages.dedup();
+        Ok(pages)
+    }
+
+    /// A checkpoint closing `epoch` at exit `exit_seq` was installed: everything received
+    /// before it is superseded; the log goes on with the next epoch.
+    pub fn restart_after_checkpoint(&mut self, epoch: u64, exit_seq: u64) {
+        self.queue.clear();
+        self.complete_through = exit_seq;
+        self.epoch = epoch + 1;
+        self.diverged = None;
+        self.unverified_dirty.clear();
     }
 
     /// Pulls batches until every record up to exit `n` is here (or the log ended).
@@ -302,11 +354,15 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
 
 impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
     fn on_exit(&mut self, seq: ExitSeq, _exit: &Exit) -> Result<(), HookError> {
+        if self.diverged.is_some() {
+            return Ok(());
+        }
         self.fill_through(seq.0)?;
         if let Some(r) = self.queue.front() {
             if r.exit_seq < seq.0 {
                 let reason = format!("the log holds {} that the replay never did", describe(r));
-                return Err(self.divergence(seq.0, reason));
+                self.diverge(seq.0, reason);
+                return Ok(());
             }
         } else if self.ended && self.complete_through < seq.0 {
             return Err(Box::new(self.log_ended_error()));
@@ -315,6 +371,9 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
     }
 
     fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, HookError> {
+        if self.diverged.is_some() {
+            return Ok(Control::Pause);
+        }
         // An epoch ends here: pause to compare digests now, without waiting for the next
         // batch (`replay` looks ahead before it re-enters the guest).
         if matches!(
@@ -333,13 +392,15 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
         };
         match (&r.kind, r.at_kick) {
             (_, true) | (Some(Kind::EpochEnd(_)), false) => Ok(Control::Pause),
-            (Some(Kind::RunEnd(_)), false) => Err(self.divergence(
-                seq.0,
-                "the recorded guest stopped here, the replayed one did not".into(),
-            )),
+            (Some(Kind::RunEnd(_)), false) => {
+                let reason = "the recorded guest stopped here, the replayed one did not";
+                self.diverge(seq.0, reason.into());
+                Ok(Control::Pause)
+            }
             _ => {
                 let reason = format!("the log holds {} that the replay did not do", describe(r));
-                Err(self.divergence(seq.0, reason))
+                self.diverge(seq.0, reason);
+                Ok(Control::Pause)
             }
         }
     }
@@ -351,6 +412,14 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
         inputs: &mut Vec<Input>,
     ) -> Result<(), HookError> {
         let (seq, at_kick) = at.log_position();
+        if let Some(d) = &self.diverged {
+            // Halted after diverging: nothing in the log applies; stop here (at the HLT,
+            // a consistent point).
+            return match view.halted {
+                true => Err(Box::new(d.clone())),
+                false => Ok(()),
+            };
+        }
         self.fill_through(seq)?;
         let matches = matches!(
             self.front_at(seq, at_kick).map(|r| &r.kind),
@@ -384,7 +453,8 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
                     rec.serial.len(),
                     view.rx_capacity
                 );
-                return Err(self.divergence(seq, reason));
+                self.diverge(seq, reason);
+                return Ok(());
             }
             inputs.push(Input::SerialRx(rec.serial));
         }
@@ -392,6 +462,9 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
     }
 
     fn on_read(&mut self, seq: ExitSeq, exit: &Exit, value: &mut [u8]) -> Result<(), HookError> {
+        if self.diverged.is_some() {
+            return Ok(());
+        }
         let logged = match (self.front_at(seq.0, false).map(|r| &r.kind), exit) {
             (Some(Some(Kind::PioRead(p))), Exit::IoIn { port, size, .. })
                 if p.port == u32::from(*port)
@@ -411,7 +484,8 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
                     "exit mismatch: the log has {expected}, the replayed guest did a {}",
                     describe_exit(exit)
                 );
-                return Err(self.divergence(seq.0, reason));
+                self.diverge(seq.0, reason);
+                return Ok(());
             }
         };
         self.queue.pop_front();
@@ -424,13 +498,16 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
                 hex(&logged),
                 hex(value)
             );
-            return Err(self.divergence(seq.0, reason));
+            self.diverge(seq.0, reason);
         }
         Ok(())
     }
 
     fn on_inject(&mut self, at: Point, vector: u8) -> Result<(), HookError> {
         let (seq, at_kick) = at.log_position();
+        if self.diverged.is_some() {
+            return Ok(());
+        }
         match self.front_at(seq, at_kick).map(|r| &r.kind) {
             Some(Some(Kind::Interrupt(i))) if i.vector == u32::from(vector) => {
                 self.queue.pop_front();
@@ -439,13 +516,17 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
             _ => {
                 let next = self.queue.front().map_or("nothing".into(), describe);
                 let reason = format!("the replay injects vector {vector:#x}, the log has {next}");
-                Err(self.divergence(seq, reason))
+                self.diverge(seq, reason);
+                Ok(())
             }
         }
     }
 
     fn on_request_window(&mut self, at: Point) -> Result<(), HookError> {
         let (seq, at_kick) = at.log_position();
+        if self.diverged.is_some() {
+            return Ok(());
+        }
         match self.front_at(seq, at_kick).map(|r| &r.kind) {
             Some(Some(Kind::InterruptWindow(_))) => {
                 self.queue.pop_front();
@@ -454,7 +535,8 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
             _ => {
                 let next = self.queue.front().map_or("nothing".into(), describe);
                 let reason = format!("the replay requests an interrupt window, the log has {next}");
-                Err(self.divergence(seq, reason))
+                self.diverge(seq, reason);
+                Ok(())
             }
         }
     }
@@ -524,6 +606,7 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
             return Ok(true);
         }
         report.diverged += 1;
+        self.unverified_dirty = digest.dirty_pages.clone();
         report.divergence = Some(Divergence {
             epoch: end.epoch,
             exit_seq: seq,
@@ -564,7 +647,16 @@ pub fn replay<S: LogSource, W: Write>(
             report.log_ended = Some(seq);
             return Ok(report);
         }
-        match vm.run(replayer) {
+        let result = vm.run(replayer);
+        if let Some(d) = replayer.diverged.clone() {
+            if result.is_ok() {
+                report.epochs += 1;
+                report.diverged += 1;
+                report.divergence = Some(d);
+                return Ok(report);
+            }
+        }
+        match result {
             Ok(RunEnd::Paused(seq)) => {
                 if !replayer.verify_epoch(vm, seq.0, &mut report, on_verified)? {
                     return Ok(report);

@@ -2,6 +2,7 @@
 //! describes, replay its log in lockstep as it streams in, answer each epoch, and when the
 //! primary is gone, replay everything received and **go live** (DESIGN.md §5).
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,15 +10,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::Receiver;
-use ftvm_proto::channel::{message::Body, Ack, Diverged, Message, Role};
-use ftvm_proto::log::RecordBatch;
+use ftvm_proto::channel::{
+    message::Body, Ack, CheckpointEnd, Diverged, Message, Page, PageHash, Role,
+};
+use ftvm_proto::log::{self, RecordBatch};
 use ftvm_replication::link::{self, body_name};
 use ftvm_replication::standby::{FromReplayer, StandbyChannel, ToReplayer};
 use ftvm_replication::ChannelOptions;
 use ftvm_replication::{ChannelError, Link};
 use ftvm_vmm::devices::StopRequest;
+use ftvm_vmm::digest::{page_hash, state_digest};
 use ftvm_vmm::live::LiveHook;
-use ftvm_vmm::{RunEnd, Vm};
+use ftvm_vmm::memory::PAGE_SIZE;
+use ftvm_vmm::{RunEnd, Vm, VmState};
 
 use crate::{config_from_header, replay, LogError, LogSource, ReplayError, Replayer};
 
@@ -36,9 +41,12 @@ pub enum StandbyError {
     /// The VM failed.
     #[error(transparent)]
     Vm(#[from] ftvm_vmm::Error),
-    /// The replay cannot follow the primary (until checkpoints exist, the standby stops).
-    #[error("{0}; this standby cannot take over without a checkpoint (not implemented yet), so it stops")]
+    /// A checkpoint could not be installed: this standby has no usable copy of the guest.
+    #[error("{0}; this standby has no usable copy of the guest, so it stops")]
     Diverged(String),
+    /// The primary was lost before the sync completed.
+    #[error("the primary was lost during the sync ({0}): this standby has no complete copy of the guest and cannot take over")]
+    SyncLost(String),
     /// The log the primary sent is unusable.
     #[error("the primary sent a bad log: {0}")]
     Log(#[source] LogError),
@@ -65,6 +73,10 @@ impl LogSource for ChannelSource {
                 self.lost = Some(why);
                 Ok(None)
             }
+            Ok(ToReplayer::Pages(_) | ToReplayer::CheckpointEnd(_)) => Err(LogError::Malformed {
+                offset: self.batches,
+                why: "a checkpoint this standby did not ask for".into(),
+            }),
             Err(_) => Ok(None),
         }
     }
@@ -127,17 +139,44 @@ pub enum StandbyEnd {
     WentLive(StopRequest),
 }
 
-/// Accepts one primary on `listener` and protects its guest: lockstep replay, then go-live if
-/// the primary is lost. Guest input after go-live comes from `input`; output (after go-live,
-/// or output the primary never released) goes to `out`.
+/// How the standby finds its primary.
+pub enum Rendezvous<'a> {
+    /// Wait for a primary to connect (`ftvm standby --listen`): a primary starting a new
+    /// guest, or one that re-protects a running guest.
+    Listen(&'a TcpListener),
+    /// Join a running primary (`ftvm standby --join`, the primary's `--accept-standby`).
+    Join {
+        /// The primary's accept address.
+        addr: String,
+        /// How long to keep trying to connect.
+        timeout: Duration,
+    },
+}
+
+/// What the standby shows while it syncs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StandbyUi {
+    /// Draw a progress bar on stderr (when it is a terminal).
+    pub progress: bool,
+}
+
+/// Meets a primary as `rendezvous` says and protects its guest: lockstep replay with repairs,
+/// then go-live if the primary is lost. Guest input after go-live comes from `input`; output
+/// (after go-live, or output the primary never released) goes to `out`.
 pub fn run_standby(
-    listener: &TcpListener,
+    rendezvous: Rendezvous<'_>,
     options: ChannelOptions,
+    ui: StandbyUi,
     input: impl FnOnce() -> Option<Receiver<Vec<u8>>>,
     mut out: impl Write,
 ) -> Result<StandbyEnd, StandbyError> {
-    let (stream, addr) = listener.accept().map_err(StandbyError::Accept)?;
-    let peer = addr.to_string();
+    let (stream, peer) = match rendezvous {
+        Rendezvous::Listen(listener) => {
+            let (stream, addr) = listener.accept().map_err(StandbyError::Accept)?;
+            (stream, addr.to_string())
+        }
+        Rendezvous::Join { addr, timeout } => (link::connect(&addr, timeout)?, addr),
+    };
     let mut h = link::handshake(stream, &peer, Role::Standby)?;
     let msg = link::recv_blocking(&mut h.stream, &peer, &mut h.rx_offset)?;
     let Some(Body::Start(start)) = msg.body else {
@@ -155,10 +194,19 @@ pub fn run_standby(
             found: header.format_version,
         }));
     }
+    let sync = start.sync;
     let built = config_from_header(&header, start.kernel, "the kernel the primary sent")
         .map_err(StandbyError::Config)
-        .and_then(|config| Ok((Vm::new(&config)?, config)));
-    // Tell the primary whether it can start the guest: Ack(0) when the VM is ready.
+        .and_then(|config| {
+            let vm = if sync {
+                Vm::new_incoming(&config)?
+            } else {
+                Vm::new(&config)?
+            };
+            Ok((vm, config))
+        });
+    // Tell the primary whether it can start the guest (or the sync): Ack(0) when the VM is
+    // ready.
     let answer = match &built {
         Ok(_) => Body::Ack(Ack::default()),
         Err(e) => Body::Diverged(Diverged {
@@ -172,7 +220,8 @@ pub fn run_standby(
         peer,
         mem_mib = config.mem_mib,
         cmdline = config.cmdline,
-        "primary connected; replaying"
+        sync,
+        "primary connected"
     );
 
     let channel = StandbyChannel::spawn(Link::new(h)?, options).map_err(StandbyError::Thread)?;
@@ -187,82 +236,111 @@ pub fn run_standby(
         pending: Vec::new(),
     };
     let mut replayer = Replayer::new(source, &header, output);
-    let result = replay(&mut vm, &mut replayer, &mut |epoch, exit_seq| {
-        channel.tell(FromReplayer::Verified { epoch, exit_seq });
-    });
-    let report = match result {
-        Ok(report) => report,
-        Err(e) => {
-            let reason = e.to_string();
-            channel.tell(FromReplayer::Diverged(Diverged {
-                epoch: 0,
-                exit_seq: vm.exit_seq().0,
-                reason: reason.clone(),
-                checkpoint_required: false,
-            }));
-            channel.shutdown();
-            return Err(match e {
-                ReplayError::Log(e) => StandbyError::Log(e),
-                ReplayError::Vm(e) => StandbyError::Vm(e),
-            });
+    if sync {
+        let end = receive_sync(&mut vm, &channel, ui, config.mem_mib)?;
+        if let Some(stop) = installed(&mut vm, &mut replayer, &channel, &end, true) {
+            return Ok(finish_completed(channel, &mut replayer, &mut out, stop));
         }
-    };
-    let stop_reason = if let Some(d) = &report.divergence {
-        Some((d.epoch, d.exit_seq, d.reason.clone(), false))
-    } else {
-        report.checkpoint_at.map(|(epoch, seq)| {
-            let reason = format!(
-                "the primary kicked the vCPU at a non-deterministic point after exit {seq}"
-            );
-            (epoch, seq, reason, true)
-        })
-    };
-    if let Some((epoch, exit_seq, reason, checkpoint_required)) = stop_reason {
+    }
+
+    loop {
+        let result = replay(&mut vm, &mut replayer, &mut |epoch, exit_seq| {
+            channel.tell(FromReplayer::Verified { epoch, exit_seq });
+        });
+        let report = match result {
+            Ok(report) => report,
+            Err(e) => {
+                let reason = e.to_string();
+                channel.tell(FromReplayer::Diverged(Diverged {
+                    exit_seq: vm.exit_seq().0,
+                    reason: reason.clone(),
+                    checkpoint_failed: true,
+                    ..Default::default()
+                }));
+                channel.shutdown();
+                return Err(match e {
+                    ReplayError::Log(e) => StandbyError::Log(e),
+                    ReplayError::Vm(e) => StandbyError::Vm(e),
+                });
+            }
+        };
+        if let Some(stop) = report.stop {
+            return Ok(finish_completed(channel, &mut replayer, &mut out, stop));
+        }
+        let stop_reason = if let Some(d) = &report.divergence {
+            Some((d.epoch, d.exit_seq, d.reason.clone(), false))
+        } else {
+            report.checkpoint_at.map(|(epoch, seq)| {
+                let reason = format!(
+                    "the primary kicked the vCPU at a non-deterministic point after exit {seq}"
+                );
+                (epoch, seq, reason, true)
+            })
+        };
+        let Some((epoch, exit_seq, reason, checkpoint_required)) = stop_reason else {
+            // The log ended: the primary is gone, and everything received has been replayed.
+            break;
+        };
+        // Ask for a repair: the pages this VM dirtied since the last verified boundary, with
+        // their hashes, so the primary sends only the pages that differ.
+        let dirty = replayer.dirty_since_boundary(&mut vm)?;
+        let mut scratch = vec![0u8; PAGE_SIZE as usize];
+        let hashes = dirty
+            .iter()
+            .map(|&pfn| {
+                Ok(PageHash {
+                    pfn,
+                    hash: page_hash(&vm, pfn, &mut scratch)?.to_vec(),
+                })
+            })
+            .collect::<Result<Vec<_>, ftvm_vmm::Error>>()?;
+        tracing::info!(
+            epoch,
+            exit_seq,
+            dirty = dirty.len(),
+            checkpoint_required,
+            "asking for a repair: {reason}"
+        );
         channel.tell(FromReplayer::Diverged(Diverged {
             epoch,
             exit_seq,
             reason: reason.clone(),
             checkpoint_required,
+            dirty: hashes,
+            checkpoint_failed: false,
         }));
-        channel.shutdown();
-        let what = if checkpoint_required {
-            "needs a checkpoint"
-        } else {
-            "diverged"
-        };
-        return Err(StandbyError::Diverged(format!(
-            "epoch {epoch} {what} at exit {exit_seq}: {reason}"
-        )));
-    }
-
-    if let Some(stop) = report.stop {
-        // The guest ended in lockstep. Wait for the primary to release the last output; if
-        // it dies first, what it did not release is ours to emit.
-        let lost = loop {
-            if channel.released().load(Ordering::SeqCst) >= replayer.output_mut().produced() {
-                break None;
-            }
-            match channel.inbox().recv_timeout(Duration::from_millis(20)) {
-                Ok(ToReplayer::PrimaryLost(why)) => break Some(why),
-                Ok(ToReplayer::Batch(_)) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                    break Some("channel closed".into())
+        match await_repair(&mut vm, &mut replayer, &dirty) {
+            Repair::Installed(end) => {
+                if let Some(stop) = installed(&mut vm, &mut replayer, &channel, &end, false) {
+                    return Ok(finish_completed(channel, &mut replayer, &mut out, stop));
                 }
             }
-        };
-        let (seq, bytes) = replayer.output_mut().unreleased();
-        if let (Some(why), false) = (lost, bytes.is_empty()) {
-            tracing::warn!("{why}: the guest had ended; emitting the {} output bytes from sequence {seq} the primary did not release", bytes.len());
-            write_out(&mut out, &bytes);
-            channel.shutdown();
-            return Ok(StandbyEnd::WentLive(stop));
+            Repair::PrimaryLost(why) => {
+                // This VM stopped at a consistent point: the end of an exit (or a HLT) of its
+                // own execution since the last verified boundary. Nothing the primary did
+                // after that boundary was released, so going live from here is consistent.
+                tracing::warn!("{why} while waiting for a repair of epoch {epoch}");
+                replayer.source.lost = Some(why);
+                break;
+            }
+            Repair::Failed(why) => {
+                channel.tell(FromReplayer::Diverged(Diverged {
+                    epoch,
+                    exit_seq: vm.exit_seq().0,
+                    reason: why.clone(),
+                    checkpoint_failed: true,
+                    ..Default::default()
+                }));
+                channel.shutdown();
+                return Err(StandbyError::Diverged(format!(
+                    "the repair of epoch {epoch} failed: {why}"
+                )));
+            }
         }
-        channel.shutdown();
-        return Ok(StandbyEnd::Completed(stop));
     }
 
-    // The log ended: the primary is gone. Everything received has been replayed; go live.
-    let seq = report.log_ended.unwrap_or(vm.exit_seq().0);
+    // The primary is gone. Everything received has been replayed; go live.
+    let seq = vm.exit_seq().0;
     let why = replayer
         .source
         .lost
@@ -271,7 +349,7 @@ pub fn run_standby(
     let (from, bytes) = replayer.output_mut().unreleased();
     tracing::warn!(
         "{why}: going live at exit {seq} after verified epoch {}; re-emitting output from sequence {from} ({} bytes)",
-        replayer.epoch.saturating_sub(1),
+        replayer.epoch().saturating_sub(1),
         bytes.len()
     );
     channel.tell(FromReplayer::Live);
@@ -285,6 +363,240 @@ pub fn run_standby(
     };
     channel.shutdown();
     Ok(StandbyEnd::WentLive(stop))
+}
+
+/// The guest ended in lockstep. Waits for the primary to release the last output; if it
+/// dies first, what it did not release is ours to emit.
+fn finish_completed<W: Write>(
+    channel: StandbyChannel,
+    replayer: &mut Replayer<ChannelSource, ReplayedOutput>,
+    out: &mut W,
+    stop: StopRequest,
+) -> StandbyEnd {
+    let lost = loop {
+        if channel.released().load(Ordering::SeqCst) >= replayer.output_mut().produced() {
+            break None;
+        }
+        match channel.inbox().recv_timeout(Duration::from_millis(20)) {
+            Ok(ToReplayer::PrimaryLost(why)) => break Some(why),
+            Ok(_) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                break Some("channel closed".into())
+            }
+        }
+    };
+    let (seq, bytes) = replayer.output_mut().unreleased();
+    if let (Some(why), false) = (lost, bytes.is_empty()) {
+        tracing::warn!(
+            "{why}: the guest had ended; re-emitting output from sequence {seq} ({} bytes the primary did not release)",
+            bytes.len()
+        );
+        write_out(out, &bytes);
+        channel.shutdown();
+        return StandbyEnd::WentLive(stop);
+    }
+    channel.shutdown();
+    StandbyEnd::Completed(stop)
+}
+
+/// How waiting for a repair ended.
+enum Repair {
+    /// The checkpoint is installed and its digest matched.
+    Installed(CheckpointEnd),
+    /// The primary was lost first.
+    PrimaryLost(String),
+    /// The checkpoint could not be installed.
+    Failed(String),
+}
+
+/// Waits for the repair checkpoint, discarding the log that comes before it (the checkpoint
+/// supersedes it). Its pages are kept aside until its end arrives, so a primary lost in the
+/// middle leaves this VM as it was: able to go live.
+fn await_repair(
+    vm: &mut Vm,
+    replayer: &mut Replayer<ChannelSource, ReplayedOutput>,
+    standby_dirty: &[u64],
+) -> Repair {
+    let mut pages: Vec<Page> = Vec::new();
+    loop {
+        match replayer.source.rx.recv() {
+            Ok(ToReplayer::Batch(_)) => {}
+            Ok(ToReplayer::Pages(chunk)) => pages.extend(chunk.pages),
+            Ok(ToReplayer::CheckpointEnd(end)) => {
+                return match install(vm, &pages, &end, standby_dirty) {
+                    Ok(()) => Repair::Installed(end),
+                    Err(why) => Repair::Failed(why),
+                };
+            }
+            Ok(ToReplayer::PrimaryLost(why)) => return Repair::PrimaryLost(why),
+            Err(_) => return Repair::PrimaryLost("the channel closed".into()),
+        }
+    }
+}
+
+/// Writes `pages`, restores the state of `end` and checks the checkpoint digest over the
+/// pages it covers: those sent while the primary was stopped plus `standby_dirty`.
+fn install(
+    vm: &mut Vm,
+    pages: &[Page],
+    end: &CheckpointEnd,
+    standby_dirty: &[u64],
+) -> Result<(), String> {
+    let state: VmState = ftvm_vmm::state::decode(&end.vm_state)
+        .map_err(|e| format!("checkpoint {}: {e}", end.checkpoint))?;
+    for p in pages {
+        vm.write_page(p.pfn, &p.data)
+            .map_err(|e| format!("checkpoint {}: {e}", end.checkpoint))?;
+    }
+    vm.restore(&state).map_err(|e| {
+        format!(
+            "checkpoint {}: cannot restore the state: {e}",
+            end.checkpoint
+        )
+    })?;
+    let covered: BTreeSet<u64> = standby_dirty
+        .iter()
+        .copied()
+        .chain(pages.iter().map(|p| p.pfn))
+        .collect();
+    let covered: Vec<u64> = covered.into_iter().collect();
+    let digest = state_digest(vm, &covered).map_err(|e| e.to_string())?;
+    if digest.as_slice() != end.digest.as_slice() {
+        return Err(format!(
+            "checkpoint {} installed but its digest does not match ({} pages covered)",
+            end.checkpoint,
+            covered.len()
+        ));
+    }
+    // The checkpoint is the new boundary: dirty tracking restarts from it.
+    vm.take_dirty_pages().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// A checkpoint is installed: the log goes on after it, the replayed output is the primary's
+/// up to it, and the primary hears that its epoch is verified. Returns how the guest stopped
+/// if the checkpoint was taken after the end of the run.
+fn installed(
+    vm: &mut Vm,
+    replayer: &mut Replayer<ChannelSource, ReplayedOutput>,
+    channel: &StandbyChannel,
+    end: &CheckpointEnd,
+    sync: bool,
+) -> Option<StopRequest> {
+    replayer.restart_after_checkpoint(end.epoch, end.exit_seq);
+    let output = replayer.output_mut();
+    output.base = end.output_seq.saturating_sub(end.held_output.len() as u64);
+    output.pending = end.held_output.clone();
+    output.trim();
+    tracing::info!(
+        checkpoint = end.checkpoint,
+        epoch = end.epoch,
+        exit_seq = end.exit_seq,
+        pages = end.pages,
+        sync,
+        "checkpoint installed"
+    );
+    channel.tell(FromReplayer::Installed {
+        epoch: end.epoch,
+        exit_seq: end.exit_seq,
+        sync,
+    });
+    debug_assert_eq!(vm.exit_seq().0, end.exit_seq);
+    end.run_end.as_ref().and_then(|r| match r.stop {
+        Some(log::run_end::Stop::ExitStatus(s)) => Some(StopRequest::Exit(s as u8)),
+        Some(log::run_end::Stop::Reset(_)) => Some(StopRequest::Reset),
+        None => None,
+    })
+}
+
+/// Receives a sync: pre-copy rounds written as they come, then the stop-and-copy checkpoint,
+/// installed and checked.
+fn receive_sync(
+    vm: &mut Vm,
+    channel: &StandbyChannel,
+    ui: StandbyUi,
+    mem_mib: u64,
+) -> Result<CheckpointEnd, StandbyError> {
+    let bar = if ui.progress {
+        indicatif::ProgressBar::new(mem_mib << 20)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "syncing {bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut received = 0u64;
+    let mut stopped: Vec<Page> = Vec::new();
+    let inbox = channel.inbox();
+    let mut last_status = std::time::Instant::now();
+    loop {
+        match inbox.recv() {
+            Ok(ToReplayer::Pages(chunk)) => {
+                for p in &chunk.pages {
+                    vm.write_page(p.pfn, &p.data).map_err(StandbyError::Vm)?;
+                    received += PAGE_SIZE;
+                }
+                if chunk.stopped {
+                    // Written already; kept (without data) for the digest's page list.
+                    stopped.extend(chunk.pages.into_iter().map(|p| Page {
+                        pfn: p.pfn,
+                        data: Vec::new(),
+                    }));
+                } else {
+                    bar.set_message(format!("round {}", chunk.round));
+                }
+                bar.set_length(received + chunk.remaining_pages * PAGE_SIZE);
+                bar.set_position(received);
+                if last_status.elapsed() >= Duration::from_millis(100) {
+                    last_status = std::time::Instant::now();
+                    channel.tell(FromReplayer::Syncing {
+                        bytes: received,
+                        remaining_pages: chunk.remaining_pages,
+                    });
+                }
+            }
+            Ok(ToReplayer::CheckpointEnd(end)) => {
+                bar.finish_and_clear();
+                // The stopped pages are in memory already: install only the state.
+                let covered: Vec<u64> = stopped.iter().map(|p| p.pfn).collect();
+                let state: VmState = ftvm_vmm::state::decode(&end.vm_state)
+                    .map_err(|e| StandbyError::Diverged(format!("sync checkpoint: {e}")))?;
+                vm.restore(&state)?;
+                let mut covered = covered;
+                covered.sort_unstable();
+                covered.dedup();
+                let digest = state_digest(vm, &covered)?;
+                if digest.as_slice() != end.digest.as_slice() {
+                    let why = "the sync checkpoint's digest does not match".to_string();
+                    channel.tell(FromReplayer::Diverged(Diverged {
+                        epoch: end.epoch,
+                        exit_seq: end.exit_seq,
+                        reason: why.clone(),
+                        checkpoint_failed: true,
+                        ..Default::default()
+                    }));
+                    return Err(StandbyError::Diverged(why));
+                }
+                vm.take_dirty_pages()?;
+                tracing::warn!(
+                    mib = received >> 20,
+                    epoch = end.epoch,
+                    exit_seq = end.exit_seq,
+                    "synced: following the primary in lockstep"
+                );
+                return Ok(end);
+            }
+            Ok(ToReplayer::Batch(_)) => {}
+            Ok(ToReplayer::PrimaryLost(why)) => {
+                bar.abandon();
+                return Err(StandbyError::SyncLost(why));
+            }
+            Err(_) => return Err(StandbyError::SyncLost("the channel closed".into())),
+        }
+    }
 }
 
 fn write_out(out: &mut impl Write, bytes: &[u8]) {

@@ -25,6 +25,16 @@ pub struct EpochDigest {
 /// reset). Call only while [`Vm::run`] has returned.
 pub fn epoch_digest(vm: &mut Vm) -> Result<EpochDigest, Error> {
     let dirty_pages = vm.take_dirty_pages()?;
+    Ok(EpochDigest {
+        digest: state_digest(vm, &dirty_pages)?,
+        dirty_pages,
+    })
+}
+
+/// The same digest over the current state and the given sorted `pages`, without touching the
+/// dirty logs: a checkpoint's digest covers the pages it carried plus the pages the standby
+/// reported dirty.
+pub fn state_digest(vm: &Vm, pages: &[u64]) -> Result<Digest, Error> {
     let (regs, sregs) = vm.registers()?;
     let devices = vm.machine().save()?;
     let mut h = blake3::Hasher::new();
@@ -32,17 +42,20 @@ pub fn epoch_digest(vm: &mut Vm) -> Result<EpochDigest, Error> {
     h.update(&encode(&sregs));
     h.update(&encode(&devices));
     let mut page = vec![0u8; PAGE_SIZE as usize];
-    for &pfn in &dirty_pages {
+    for &pfn in pages {
         vm.memory()
             .read_slice(&mut page, GuestAddress(pfn * PAGE_SIZE))
             .map_err(|e| Error::Device(format!("reading dirty page {pfn:#x}: {e}")))?;
         h.update(&pfn.to_le_bytes());
         h.update(blake3::hash(&page).as_bytes());
     }
-    Ok(EpochDigest {
-        digest: *h.finalize().as_bytes(),
-        dirty_pages,
-    })
+    Ok(*h.finalize().as_bytes())
+}
+
+/// BLAKE3 of guest page `pfn`.
+pub fn page_hash(vm: &Vm, pfn: u64, scratch: &mut [u8]) -> Result<Digest, Error> {
+    vm.read_page(pfn, scratch)?;
+    Ok(hash(scratch))
 }
 
 /// BLAKE3 of a byte string (kernel images, CPUID tables).

@@ -44,6 +44,14 @@ pub enum MemoryError {
     /// KVM refused the region.
     #[error("KVM_SET_USER_MEMORY_REGION failed: {0}")]
     Register(#[source] kvm_ioctls::Error),
+    /// A page outside guest RAM, or page data of the wrong size.
+    #[error("guest page {pfn:#x}: {why}")]
+    Page {
+        /// The page frame number.
+        pfn: u64,
+        /// What is wrong.
+        why: String,
+    },
     /// KVM refused the dirty log.
     #[error("KVM_GET_DIRTY_LOG failed: {0}")]
     DirtyLog(#[source] kvm_ioctls::Error),
@@ -128,6 +136,65 @@ pub fn take_dirty_pages(vm: &VmFd, mem: &GuestMemory) -> Result<Vec<u64>, Memory
         }
     }
     Ok(pages)
+}
+
+/// Page frame numbers of every page of guest RAM, in order.
+pub fn all_pages(mem: &GuestMemory) -> impl Iterator<Item = u64> + '_ {
+    mem.iter().flat_map(|region| {
+        let first = region.start_addr().raw_value() / PAGE_SIZE;
+        first..first + region.len() / PAGE_SIZE
+    })
+}
+
+/// Number of pages of guest RAM.
+pub fn page_count(mem: &GuestMemory) -> u64 {
+    mem.iter().map(|r| r.len() / PAGE_SIZE).sum()
+}
+
+/// Reads page `pfn` into `page` (exactly [`PAGE_SIZE`] bytes).
+pub fn read_page(mem: &GuestMemory, pfn: u64, page: &mut [u8]) -> Result<(), MemoryError> {
+    use vm_memory::Bytes;
+    if page.len() as u64 != PAGE_SIZE {
+        return Err(MemoryError::Page {
+            pfn,
+            why: format!("buffer of {} bytes", page.len()),
+        });
+    }
+    mem.read_slice(page, GuestAddress(pfn.saturating_mul(PAGE_SIZE)))
+        .map_err(|e| MemoryError::Page {
+            pfn,
+            why: e.to_string(),
+        })
+}
+
+/// Writes page `pfn`: `data` is [`PAGE_SIZE`] bytes, or empty for a page of zeroes.
+pub fn write_page(mem: &GuestMemory, pfn: u64, data: &[u8]) -> Result<(), MemoryError> {
+    use vm_memory::Bytes;
+    static ZERO: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+    let data = match data.len() as u64 {
+        0 => &ZERO[..],
+        PAGE_SIZE => data,
+        n => {
+            return Err(MemoryError::Page {
+                pfn,
+                why: format!("page data of {n} bytes (expected {PAGE_SIZE} or 0)"),
+            })
+        }
+    };
+    mem.write_slice(data, GuestAddress(pfn.saturating_mul(PAGE_SIZE)))
+        .map_err(|e| MemoryError::Page {
+            pfn,
+            why: e.to_string(),
+        })
+}
+
+/// Whether a page holds only zeroes (such pages are not sent: a new VM's memory is zero).
+pub fn is_zero_page(page: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: every bit pattern is a valid u64; align_to only reinterprets the middle.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
 trait DerefBitmap {

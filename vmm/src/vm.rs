@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::boot;
 use crate::cpuid::CpuidTable;
-use crate::exit::{self, ExitHook, ExitSeq, LoopState, RunEnd};
+use crate::exit::{self, ExitHook, ExitSeq, LoopState, RunEnd, VcpuRun};
 use crate::machine::{DeviceStates, Machine};
 use crate::memory::{self, GuestMemory};
 use crate::state::Persist;
@@ -67,6 +67,17 @@ pub fn open_kvm() -> Result<Kvm, Error> {
 impl Vm {
     /// Creates the VM, loads the kernel and puts the vCPU at its entry point.
     pub fn new(config: &VmConfig) -> Result<Self, Error> {
+        Self::create(config, true)
+    }
+
+    /// Creates the VM with zeroed memory and no kernel loaded: the target of a sync, whose
+    /// pages and state all come from a running primary (DESIGN.md §4). The kernel in
+    /// `config` is only checked against the primary's, never loaded.
+    pub fn new_incoming(config: &VmConfig) -> Result<Self, Error> {
+        Self::create(config, false)
+    }
+
+    fn create(config: &VmConfig, boot_kernel: bool) -> Result<Self, Error> {
         // Refuse a bad size before touching /dev/kvm.
         memory::ram_ranges(config.mem_mib)?;
         let kvm = open_kvm()?;
@@ -78,7 +89,11 @@ impl Vm {
             .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
         let memory = memory::create(config.mem_mib)?;
         memory::register(&vm_fd, &memory)?;
-        let kernel = boot::load_kernel(&memory, &config.kernel, &config.cmdline)?;
+        let kernel = if boot_kernel {
+            Some(boot::load_kernel(&memory, &config.kernel, &config.cmdline)?)
+        } else {
+            None
+        };
 
         let cpuid = match &config.cpuid {
             Some(t) => t.clone(),
@@ -98,9 +113,11 @@ impl Vm {
         vcpu_fd
             .set_sregs(&boot::boot_sregs(sregs))
             .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
-        vcpu_fd
-            .set_regs(&boot::boot_regs(&kernel))
-            .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+        if let Some(kernel) = &kernel {
+            vcpu_fd
+                .set_regs(&boot::boot_regs(kernel))
+                .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+        }
         let fpu = kvm_bindings::kvm_fpu {
             fcw: 0x37f,
             mxcsr: 0x1f80,
@@ -169,6 +186,16 @@ impl Vm {
         ))
     }
 
+    /// Reads guest page `pfn` into `page` (4096 bytes).
+    pub fn read_page(&self, pfn: u64, page: &mut [u8]) -> Result<(), Error> {
+        memory::read_page(&self.memory, pfn, page).map_err(Error::Memory)
+    }
+
+    /// Writes guest page `pfn` (a checkpoint being installed); empty `data` zeroes it.
+    pub fn write_page(&self, pfn: u64, data: &[u8]) -> Result<(), Error> {
+        memory::write_page(&self.memory, pfn, data).map_err(Error::Memory)
+    }
+
     /// Pages written since the last call (guest and VMM writes), sorted page frame numbers.
     pub fn take_dirty_pages(&mut self) -> Result<Vec<u64>, Error> {
         Ok(memory::take_dirty_pages(&self.vm_fd, &self.memory)?)
@@ -186,8 +213,11 @@ impl Vm {
     }
 
     /// Restores vCPU and device state saved by [`Vm::save`] (guest memory is restored by the
-    /// caller through [`Vm::memory`]).
+    /// caller through [`Vm::memory`]). The vCPU may be stopped in the middle of an exit (a
+    /// replay that diverged there): KVM first finishes that exit, so its completion cannot
+    /// land on top of the restored registers.
     pub fn restore(&mut self, state: &VmState) -> Result<(), Error> {
+        self.vcpu.complete_pending_io()?;
         self.vcpu.restore(&state.vcpu)?;
         self.machine.restore(&state.devices)?;
         self.loop_state = LoopState {

@@ -1,0 +1,123 @@
+//! What the primary's vCPU thread and its channel thread share to make checkpoints
+//! (DESIGN.md §4): the channel thread asks for a checkpoint (a repair after `Diverged`, or the
+//! stop-and-copy that ends a sync) and the vCPU thread makes it at its next exit, sending the
+//! pages and the state back through the [`Feed`](crate::primary::Feed) in log order.
+//!
+//! The vCPU thread also reports the pages each closed epoch dirtied ([`DirtyTracking`]): a
+//! sync's pre-copy resends them, and a repair needs those of every epoch the standby has not
+//! verified.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crossbeam_channel::Receiver;
+
+use crate::primary::Feed;
+
+/// Pages per [`PageChunk`](ftvm_proto::channel::PageChunk) message (1 MiB of page data).
+pub const PAGES_PER_CHUNK: usize = 256;
+
+/// BLAKE3 of a page.
+pub type PageDigest = [u8; 32];
+
+/// A checkpoint the channel thread asks the vCPU thread for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointRequest {
+    /// Repair the standby, which cannot follow past `from_epoch`: send every page that
+    /// differs among those either side dirtied since the last verified boundary.
+    Repair {
+        /// Checkpoint id.
+        id: u64,
+        /// The first epoch the standby did not verify.
+        from_epoch: u64,
+        /// The pages the standby dirtied since that boundary, with their hashes.
+        standby_dirty: Vec<(u64, PageDigest)>,
+    },
+    /// End a sync: stop, send the pages dirtied since the pre-copy read them, and the state.
+    StopAndCopy {
+        /// Checkpoint id.
+        id: u64,
+    },
+}
+
+impl CheckpointRequest {
+    /// The checkpoint id.
+    pub fn id(&self) -> u64 {
+        match self {
+            CheckpointRequest::Repair { id, .. } | CheckpointRequest::StopAndCopy { id } => *id,
+        }
+    }
+}
+
+/// Dirty-page bookkeeping shared by the vCPU thread (which reads the dirty logs at every
+/// epoch end) and the channel thread (which runs syncs and knows what the standby verified).
+#[derive(Debug, Clone, Default)]
+pub struct DirtyTracking {
+    /// Pages dirtied since a running sync's pre-copy last took them; None: no sync.
+    sync: Arc<Mutex<Option<BTreeSet<u64>>>>,
+    /// A standby is attached (syncing or in lockstep): keep unverified epochs' dirty sets.
+    protected: Arc<AtomicBool>,
+    /// The last epoch the standby verified.
+    verified: Arc<AtomicU64>,
+}
+
+impl DirtyTracking {
+    fn lock(&self) -> MutexGuard<'_, Option<BTreeSet<u64>>> {
+        // A panic while holding this lock leaves a set of page numbers, still usable.
+        self.sync.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The vCPU thread: `pages` were dirtied in the epoch just closed.
+    pub fn note(&self, pages: &[u64]) {
+        if let Some(set) = self.lock().as_mut() {
+            set.extend(pages.iter().copied());
+        }
+    }
+
+    /// The channel thread: a sync starts; track dirty pages from now on.
+    pub fn start_sync(&self) {
+        *self.lock() = Some(BTreeSet::new());
+    }
+
+    /// Takes the pages dirtied since the last call (empty if no sync runs); tracking goes on.
+    pub fn take_sync(&self) -> BTreeSet<u64> {
+        self.lock().as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// The sync is over (done or abandoned): stop tracking.
+    pub fn stop_sync(&self) {
+        *self.lock() = None;
+    }
+
+    /// Whether a standby is attached.
+    pub fn protected(&self) -> bool {
+        self.protected.load(Ordering::SeqCst)
+    }
+
+    /// The channel thread: a standby attached or was lost.
+    pub fn set_protected(&self, on: bool) {
+        self.protected.store(on, Ordering::SeqCst);
+    }
+
+    /// The last epoch the standby verified.
+    pub fn verified(&self) -> u64 {
+        self.verified.load(Ordering::SeqCst)
+    }
+
+    /// The channel thread: the standby verified `epoch`.
+    pub fn set_verified(&self, epoch: u64) {
+        self.verified.fetch_max(epoch, Ordering::SeqCst);
+    }
+}
+
+/// The vCPU thread's end of the checkpoint machinery.
+#[derive(Clone)]
+pub struct CheckpointPort {
+    /// Requests from the channel thread.
+    pub requests: Receiver<CheckpointRequest>,
+    /// Where the checkpoint's pages and end go.
+    pub feed: Feed,
+    /// Dirty pages.
+    pub tracking: DirtyTracking,
+}

@@ -1,0 +1,142 @@
+//! The primary's side of a sync (re-protection, DESIGN.md §4): iterative pre-copy of guest
+//! memory while the guest runs. Round 1 sends every non-zero page (the standby's new VM is
+//! zeroed); each later round sends the pages the guest dirtied since the previous round read
+//! them, until what is left is small enough for a short stop-and-copy, which the vCPU thread
+//! makes as a checkpoint ([`CheckpointRequest::StopAndCopy`]).
+//!
+//! [`CheckpointRequest::StopAndCopy`]: crate::checkpoint::CheckpointRequest::StopAndCopy
+
+use std::time::{Duration, Instant};
+
+use ftvm_proto::channel::{Page, PageChunk};
+use ftvm_vmm::memory::{self, GuestMemory, PAGE_SIZE};
+
+use crate::checkpoint::{DirtyTracking, PAGES_PER_CHUNK};
+
+/// Stop and copy once a round would send at most this many pages (4 MiB).
+pub const STOP_AND_COPY_PAGES: usize = 1024;
+/// Stop and copy after this many rounds even if the guest dirties memory faster than it
+/// can be sent.
+pub const MAX_ROUNDS: u32 = 8;
+
+/// What the pre-copy does next.
+#[derive(Debug)]
+pub enum Step {
+    /// Send this chunk.
+    Chunk(PageChunk),
+    /// Pre-copy is done: ask the vCPU thread for the stop-and-copy checkpoint.
+    StopAndCopy,
+}
+
+/// A running pre-copy.
+pub struct PreCopy {
+    /// The checkpoint id the sync ends with.
+    pub id: u64,
+    memory: GuestMemory,
+    /// Current round (1 = every page).
+    pub round: u32,
+    queue: Vec<u64>,
+    next: usize,
+    /// Pages sent so far (all rounds).
+    pub pages_sent: u64,
+    /// Page bytes sent so far (zero pages count nothing).
+    pub bytes_sent: u64,
+    /// When the sync started.
+    pub started: Instant,
+    last_report: Instant,
+    /// The stop-and-copy was asked for.
+    pub stopping: bool,
+}
+
+impl PreCopy {
+    /// Starts a pre-copy of `memory`; dirty pages are tracked from now on.
+    pub fn start(id: u64, memory: GuestMemory, tracking: &DirtyTracking) -> Self {
+        tracking.start_sync();
+        let queue: Vec<u64> = memory::all_pages(&memory).collect();
+        let now = Instant::now();
+        Self {
+            id,
+            memory,
+            round: 1,
+            queue,
+            next: 0,
+            pages_sent: 0,
+            bytes_sent: 0,
+            started: now,
+            last_report: now,
+            stopping: false,
+        }
+    }
+
+    /// Pages left in the current round.
+    pub fn remaining(&self) -> u64 {
+        (self.queue.len() - self.next) as u64
+    }
+
+    /// Guest memory in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        memory::page_count(&self.memory) * PAGE_SIZE
+    }
+
+    /// The next step. Round 1 skips zero pages; later rounds send them as empty pages (the
+    /// standby may hold an older, non-zero copy).
+    pub fn step(&mut self, tracking: &DirtyTracking) -> Result<Step, memory::MemoryError> {
+        if self.next == self.queue.len() {
+            let dirty = tracking.take_sync();
+            if dirty.len() <= STOP_AND_COPY_PAGES || self.round >= MAX_ROUNDS {
+                // The vCPU thread takes what is left, with what it dirties until it stops.
+                tracking.note(&dirty.into_iter().collect::<Vec<_>>());
+                self.stopping = true;
+                tracing::info!(
+                    round = self.round,
+                    pages = self.pages_sent,
+                    mib = self.bytes_sent >> 20,
+                    elapsed = ?self.started.elapsed(),
+                    "pre-copy done; stop-and-copy"
+                );
+                return Ok(Step::StopAndCopy);
+            }
+            self.round += 1;
+            tracing::info!(
+                round = self.round,
+                pages = dirty.len(),
+                "pre-copy: next round resends the pages dirtied meanwhile"
+            );
+            self.queue = dirty.into_iter().collect();
+            self.next = 0;
+        }
+        let mut pages = Vec::with_capacity(PAGES_PER_CHUNK);
+        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        while pages.len() < PAGES_PER_CHUNK && self.next < self.queue.len() {
+            let pfn = self.queue[self.next];
+            self.next += 1;
+            memory::read_page(&self.memory, pfn, &mut buf)?;
+            let zero = memory::is_zero_page(&buf);
+            if zero && self.round == 1 {
+                continue;
+            }
+            self.pages_sent += 1;
+            let data = if zero { Vec::new() } else { buf.clone() };
+            self.bytes_sent += data.len() as u64;
+            pages.push(Page { pfn, data });
+        }
+        if self.last_report.elapsed() >= Duration::from_secs(1) {
+            self.last_report = Instant::now();
+            let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+            tracing::info!(
+                round = self.round,
+                sent_mib = self.bytes_sent >> 20,
+                left_pages = self.remaining(),
+                mib_per_s = format!("{:.1}", self.bytes_sent as f64 / secs / f64::from(1 << 20)),
+                "pre-copy"
+            );
+        }
+        Ok(Step::Chunk(PageChunk {
+            checkpoint: self.id,
+            pages,
+            stopped: false,
+            round: self.round,
+            remaining_pages: self.remaining(),
+        }))
+    }
+}
