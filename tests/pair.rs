@@ -16,7 +16,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ftvm_proto::channel::{message::Body, Ack, Hello, Message, Role};
+use ftvm_proto::channel::{message::Body, Hello, Message, Ready, Role};
 use ftvm_proto::frame;
 
 const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
@@ -604,7 +604,7 @@ fn a_peer_closing_mid_frame_is_reported() {
     primary_survives(
         |mut s| {
             let mut ready = frame::encode(&Message {
-                body: Some(Body::Ack(Ack::default())),
+                body: Some(Body::Ready(Ready::default())),
             });
             ready.truncate(5);
             let mut first = hello(ftvm_proto::PROTOCOL_VERSION, Role::Standby);
@@ -625,7 +625,7 @@ fn garbage_in_the_middle_of_the_stream_is_reported() {
         |mut s| {
             let mut first = hello(ftvm_proto::PROTOCOL_VERSION, Role::Standby);
             first.extend(frame::encode(&Message {
-                body: Some(Body::Ack(Ack::default())),
+                body: Some(Body::Ready(Ready::default())),
             }));
             let _ = s.write_all(&first);
             std::thread::sleep(Duration::from_millis(20));
@@ -896,4 +896,109 @@ fn a_silent_standby_is_lost_after_the_heartbeat_timeout() {
         "{}",
         p.stderr
     );
+}
+
+/// A TCP proxy on loopback to `target`: the first connection is cut (both directions shut
+/// down) once `cut_after` bytes went from `target` to the client; later ones pass intact.
+fn cutting_proxy(target: String, cut_after: u64) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = format!("127.0.0.1:{}", l.local_addr().expect("addr").port());
+    std::thread::spawn(move || {
+        for (n, client) in l.incoming().enumerate() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(&target) else {
+                return;
+            };
+            let limit = if n == 0 { cut_after } else { u64::MAX };
+            let (c2, s2) = (
+                client.try_clone().expect("clone"),
+                server.try_clone().expect("clone"),
+            );
+            std::thread::spawn(move || {
+                let (mut from, mut to) = (c2, s2);
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let (mut from, mut to) = (server, client);
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut sent = 0u64;
+                loop {
+                    let n = match from.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let n = n.min((limit - sent) as usize);
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    sent += n as u64;
+                    if sent >= limit {
+                        break;
+                    }
+                }
+                let _ = to.shutdown(std::net::Shutdown::Both);
+                let _ = from.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_sync_cut_at_random_points_resumes_and_completes() {
+    let _one = serial();
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        | 1;
+    eprintln!("sync cuts: seed {seed}");
+    // 8 MiB of non-zero guest memory: the sync sends a little over 8 MiB.
+    let w = Workload::Counter(150);
+    let cmdline = format!("{} fill=8", w.cmdline());
+    for i in 0..3 {
+        let (accept, pc) = (free_addr(), free_addr());
+        let cut_after = 50_000 + next_random(&mut seed) % 8_000_000;
+        eprintln!("cut {}/3 after {cut_after} bytes", i + 1);
+        let p = spawn(
+            &[
+                "run",
+                "--accept-standby",
+                &accept,
+                "--control",
+                &pc,
+                "--mem-mib",
+                "64",
+                "--cmdline",
+                &cmdline,
+            ],
+            &[("FTVM_LOG", "info")],
+        );
+        let proxy = cutting_proxy(accept.clone(), cut_after);
+        // Join once the guest has filled its memory.
+        std::thread::sleep(Duration::from_millis(1200));
+        let s = spawn(&["standby", "--join", &proxy], &[("FTVM_LOG", "info")]);
+        let p = p.wait(LIMIT);
+        let s = s.wait(LIMIT);
+        no_panic(&p);
+        no_panic(&s);
+        assert_eq!(p.status.code(), Some(0), "{}", p.stderr);
+        w.assert_complete(&p.out());
+        assert_eq!(s.status.code(), Some(0), "standby: {}", s.stderr);
+        assert!(s.stdout.is_empty(), "the standby printed {:?}", s.out());
+        assert!(p.stderr.contains("standby synced"), "{}", p.stderr);
+        assert!(p.stderr.contains("protected_to_end=true"), "{}", p.stderr);
+        // The cut lands inside the sync: the standby reconnects; the primary resumes the
+        // sync where it was (or, if the cut hit the short stop-and-copy, starts it again).
+        assert!(
+            s.stderr.contains("reconnecting to resume the sync"),
+            "{}",
+            s.stderr
+        );
+        assert!(
+            p.stderr.contains("sync resumed") || p.stderr.matches("standby joined").count() == 2,
+            "{}",
+            p.stderr
+        );
+    }
 }

@@ -100,6 +100,10 @@ NORETURN void workload_counter(uint64_t n_ticks);
 NORETURN void workload_echo(void);
 NORETURN void workload_spin(uint64_t ms);
 NORETURN void workload_rdtsc(uint64_t n);
+
+/* fill=MIB: memory from FILL_BASE (32 MiB) made non-zero before the workload. */
+#define FILL_BASE 0x2000000ull
+void fill_memory(uint64_t mib);
 NORETURN void workload_pit(void);
 NORETURN void workload_pio(uint64_t count);
 NORETURN void workload_crash(void);

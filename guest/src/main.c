@@ -104,6 +104,7 @@ void guest_main(const void *boot_params)
 
     /* Options we understand; a later duplicate overrides an earlier one. */
     str_t workload = {0}, opt_ticks = {0}, opt_ms = {0}, opt_n = {0}, opt_count = {0};
+    str_t opt_fill = {0};
 
     uint64_t addr = ((uint64_t)read_u32(boot_params, BP_EXT_CMD_LINE_PTR) << 32) |
                     read_u32(boot_params, BP_CMD_LINE_PTR);
@@ -141,7 +142,13 @@ void guest_main(const void *boot_params)
             opt_n = val;
         else if (str_eq(key, "count"))
             opt_count = val;
+        else if (str_eq(key, "fill"))
+            opt_fill = val;
     }
+
+    /* fill=MIB: make MIB MiB of memory from 32 MiB on non-zero before the workload runs
+     * (for sync and checkpoint tests and benchmarks: a zero page is never sent). */
+    fill_memory(num_or(opt_fill, 0));
 
     if (!workload.ptr || str_eq(workload, "counter"))
         workload_counter(num_or(opt_ticks, 10));

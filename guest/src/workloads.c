@@ -172,3 +172,20 @@ void workload_reset(void)
     outb(PORT_I8042_CMD, 0xfe);
     guest_exit(4);
 }
+
+/*
+ * Fills `mib` MiB from FILL_BASE with a pattern that differs per page, with
+ * one REP STOSQ per page (one emulated instruction, not 512 stores).
+ */
+void fill_memory(uint64_t mib)
+{
+    for (uint64_t page = 0; page < mib * 256; page++) {
+        uint64_t *p = (uint64_t *)(uintptr_t)(FILL_BASE + page * 4096);
+        uint64_t value = FNV_OFFSET ^ page;
+        uint64_t count = 512;
+        __asm__ volatile("rep stosq"
+                         : "+D"(p), "+c"(count)
+                         : "a"(value)
+                         : "memory");
+    }
+}

@@ -40,7 +40,7 @@ pub fn connect_standby(
     let h = link::handshake(stream, peer, Role::Primary)?;
     // The standby answers Ack(0) once its VM is built (or Diverged when it cannot build
     // it): only then does the guest start, so the standby does not begin the run behind.
-    offer_vm(h, peer, start_message(header, kernel, false))
+    Ok(offer_vm(h, peer, start_message(header, kernel, false))?.0)
 }
 
 /// What a standby is sent first: the VM to build, and whether a sync follows.

@@ -36,3 +36,13 @@ pub struct ChannelOptions {
     /// The control socket answering `ftvm status`.
     pub control: Option<std::net::TcpListener>,
 }
+
+impl ChannelOptions {
+    /// The same options for another channel (the control socket is shared).
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self {
+            heartbeat: self.heartbeat,
+            control: self.control.as_ref().map(|l| l.try_clone()).transpose()?,
+        })
+    }
+}

@@ -215,6 +215,7 @@ pub fn body_name(m: &Message) -> &'static str {
         Some(Body::Diverged(_)) => "Diverged",
         Some(Body::Pages(_)) => "a page chunk",
         Some(Body::CheckpointEnd(_)) => "CheckpointEnd",
+        Some(Body::Ready(_)) => "Ready",
         None => "an empty message",
     }
 }

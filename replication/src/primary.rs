@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use ftvm_proto::channel::{
-    message::Body, CheckpointEnd, Diverged, Message, PageChunk, Released, Role, Start,
+    message::Body, CheckpointEnd, Diverged, Message, PageChunk, Ready, Released, Role, Start,
 };
 use ftvm_proto::log::{record::Kind, RecordBatch};
 use ftvm_vmm::memory::GuestMemory;
@@ -37,6 +37,9 @@ const WAKER: Token = Token(0);
 const LINK: Token = Token(1);
 const CONTROL: Token = Token(2);
 const ACCEPT: Token = Token(3);
+
+/// How long a sync whose connection dropped is kept for the standby to resume it.
+pub const PAUSED_SYNC_KEPT: Duration = Duration::from_secs(30);
 
 /// The pre-copy sends while fewer than this many bytes wait in the socket's queue.
 const PRECOPY_QUEUE: usize = 4 << 20;
@@ -216,13 +219,15 @@ struct Primary {
     joining: Option<(Sender<Joined>, Receiver<Joined>)>,
     /// The sync of a standby that joined, while it runs.
     sync: Option<PreCopy>,
+    /// A sync whose connection dropped, kept for the standby to resume, since when.
+    paused_sync: Option<(PreCopy, Instant)>,
     /// The checkpoint asked of the vCPU thread and not yet installed by the standby.
     checkpoint: Option<PendingCheckpoint>,
     next_checkpoint_id: u64,
 }
 
 /// A joining standby's handshake, done on a helper thread: the link, or why it failed.
-type Joined = Result<Link, String>;
+type Joined = Result<(Link, Ready), String>;
 
 /// A checkpoint on its way.
 #[derive(Debug)]
@@ -281,6 +286,7 @@ impl Primary {
             accept: None,
             joining: Some(crossbeam_channel::unbounded()),
             sync: None,
+            paused_sync: None,
             checkpoint: None,
             next_checkpoint_id: 1,
         })
@@ -341,15 +347,33 @@ impl Primary {
             match self.rx.try_recv() {
                 Ok(FromVcpu::Batch(b)) => self.ship(b),
                 Ok(FromVcpu::Output(bytes)) => self.output(bytes),
-                Ok(FromVcpu::Pages(chunk)) => self.send(Message {
-                    body: Some(Body::Pages(chunk)),
-                }),
+                Ok(FromVcpu::Pages(chunk)) => {
+                    // Pages of a checkpoint abandoned with its standby go nowhere: a new
+                    // standby must never see them.
+                    if self.checkpoint.as_ref().map(|c| c.id) != Some(chunk.checkpoint) {
+                        tracing::debug!(
+                            checkpoint = chunk.checkpoint,
+                            "pages of an abandoned checkpoint dropped"
+                        );
+                        continue;
+                    }
+                    // Stop-and-copy pages count as chunks of the sync, for a resume.
+                    if let Some(s) = self.sync.as_mut().filter(|s| s.id == chunk.checkpoint) {
+                        s.note_chunk(&chunk.pages);
+                    }
+                    self.send(Message {
+                        body: Some(Body::Pages(chunk)),
+                    })
+                }
                 Ok(FromVcpu::CheckpointEnd(end)) => self.checkpoint_end(end),
                 Ok(FromVcpu::End) => {
                     tracing::debug!("guest run over");
                     self.ended = true;
                     if self.sync.is_some() {
                         self.lose("the guest run ended while the standby was syncing".into());
+                    }
+                    if self.paused_sync.take().is_some() {
+                        self.tracking.stop_sync();
                     }
                 }
                 Err(TryRecvError::Empty) => return,
@@ -363,7 +387,7 @@ impl Primary {
 
     /// A standby is attached and has a copy of the guest (not syncing).
     fn protecting(&self) -> bool {
-        self.link.is_some() && self.sync.is_none()
+        self.link.is_some() && self.sync.as_ref().is_none_or(|s| s.end_sent)
     }
 
     fn ship(&mut self, batch: RecordBatch) {
@@ -484,8 +508,20 @@ impl Primary {
             return;
         }
         self.tracking.set_protected(false);
-        self.tracking.stop_sync();
-        self.sync = None;
+        match self.sync.take() {
+            // Not once the stop-and-copy is under way: that checkpoint is abandoned, and a
+            // standby that comes back starts a new sync.
+            Some(sync) if !self.ended && !sync.stopping => {
+                // A joining standby reconnects and resumes where it stopped: keep the
+                // sync's progress, and go on tracking dirty pages, for a while.
+                tracing::warn!(
+                    "the standby was lost during its sync; keeping the sync for {:?} for it to reconnect",
+                    PAUSED_SYNC_KEPT
+                );
+                self.paused_sync = Some((sync, Instant::now()));
+            }
+            _ => self.tracking.stop_sync(),
+        }
         self.checkpoint = None;
         tracing::error!(
             held_output_bytes = self.buffer.held_bytes(),
@@ -500,6 +536,15 @@ impl Primary {
 
     fn tick(&mut self) {
         let now = Instant::now();
+        if self
+            .paused_sync
+            .as_ref()
+            .is_some_and(|(_, since)| now.duration_since(*since) > PAUSED_SYNC_KEPT)
+        {
+            tracing::warn!("the standby did not reconnect: its sync is abandoned");
+            self.paused_sync = None;
+            self.tracking.stop_sync();
+        }
         let Some(link) = &mut self.link else { return };
         self.meter.sample(now, link.bytes_sent);
         if let Err(e) = link.tick(now, &self.heartbeat) {
@@ -645,10 +690,10 @@ impl Primary {
     /// The vCPU thread finished a checkpoint: complete it with the output held so far and
     /// send it; its epoch is verified once the standby installed it.
     fn checkpoint_end(&mut self, mut end: CheckpointEnd) {
-        let Some(pending) = &mut self.checkpoint else {
-            tracing::warn!(
+        let Some(pending) = self.checkpoint.as_mut().filter(|c| c.id == end.checkpoint) else {
+            tracing::debug!(
                 checkpoint = end.checkpoint,
-                "a checkpoint nobody waits for; dropped"
+                "end of an abandoned checkpoint dropped"
             );
             return;
         };
@@ -661,10 +706,9 @@ impl Primary {
         end.output_seq = self.buffer.produced();
         debug_assert_eq!(from + held.len() as u64, end.output_seq);
         end.held_output = held;
-        if sync {
+        if let (true, Some(s)) = (sync, &mut self.sync) {
             // From here on the standby follows the log.
-            self.sync = None;
-            self.tracking.stop_sync();
+            s.end_sent = true;
         }
         if self.link.is_some() {
             self.unverified.push_back((end.epoch, Instant::now()));
@@ -695,6 +739,8 @@ impl Primary {
             return;
         }
         if c.sync {
+            self.sync = None;
+            self.tracking.stop_sync();
             self.report.syncs += 1;
             self.report.lost = None;
             tracing::warn!(
@@ -795,8 +841,8 @@ impl Primary {
     fn attach_joined(&mut self, poll: &Poll) {
         let Some((_, rx)) = &self.joining else { return };
         let Ok(result) = rx.try_recv() else { return };
-        let mut link = match result {
-            Ok(link) => link,
+        let (mut link, ready) = match result {
+            Ok(joined) => joined,
             Err(why) => return tracing::warn!("{why}"),
         };
         if self.link.is_some() || self.ended {
@@ -812,6 +858,15 @@ impl Primary {
         self.link = Some(link);
         self.tracking.set_protected(true);
         self.unverified.clear();
+        match self.paused_sync.take() {
+            Some((mut sync, _)) if ready.resume_checkpoint == sync.id => {
+                sync.resume(ready.chunks_applied);
+                self.sync = Some(sync);
+                return;
+            }
+            Some(_) => self.tracking.stop_sync(),
+            None => {}
+        }
         let id = self.next_checkpoint_id;
         self.next_checkpoint_id += 1;
         let sync = PreCopy::start(id, memory, &self.tracking);
@@ -826,7 +881,11 @@ impl Primary {
 
 /// Sends a handshaken standby the VM it must build (`start`) and waits until it is ready
 /// (`Ack`), or says why it cannot build it (`Diverged`).
-pub fn offer_vm(mut h: link::Handshaken, peer: &str, start: Start) -> Result<Link, ChannelError> {
+pub fn offer_vm(
+    mut h: link::Handshaken,
+    peer: &str,
+    start: Start,
+) -> Result<(Link, Ready), ChannelError> {
     link::send_blocking(
         &mut h.stream,
         peer,
@@ -835,8 +894,8 @@ pub fn offer_vm(mut h: link::Handshaken, peer: &str, start: Start) -> Result<Lin
         },
     )?;
     let msg = link::recv_blocking(&mut h.stream, peer, &mut h.rx_offset)?;
-    match msg.body {
-        Some(Body::Ack(_)) => {}
+    let ready = match msg.body {
+        Some(Body::Ready(ready)) => ready,
         Some(Body::Diverged(d)) => {
             return Err(ChannelError::Unexpected {
                 peer: peer.into(),
@@ -847,11 +906,11 @@ pub fn offer_vm(mut h: link::Handshaken, peer: &str, start: Start) -> Result<Lin
         _ => {
             return Err(ChannelError::Unexpected {
                 peer: peer.into(),
-                expected: "Ack (standby ready)",
+                expected: "Ready",
                 got: link::body_name(&msg).into(),
             })
         }
-    }
+    };
     tracing::info!(peer, standby = h.hello.software, "standby ready");
-    Link::new(h)
+    Ok((Link::new(h)?, ready))
 }

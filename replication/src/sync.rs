@@ -46,6 +46,13 @@ pub struct PreCopy {
     last_report: Instant,
     /// The stop-and-copy was asked for.
     pub stopping: bool,
+    /// The stop-and-copy checkpoint's end went out: the standby follows the log from it.
+    pub end_sent: bool,
+    /// Page chunks sent in this sync, over all its connections (the standby counts the
+    /// same way: what it reports applied after a reconnect is a prefix of these).
+    pub chunks: u64,
+    /// The pages of each chunk sent, by chunk number, for a resume.
+    sent: Vec<(u64, Vec<u64>)>,
 }
 
 impl PreCopy {
@@ -65,7 +72,43 @@ impl PreCopy {
             started: now,
             last_report: now,
             stopping: false,
+            end_sent: false,
+            chunks: 0,
+            sent: Vec::new(),
         }
+    }
+
+    /// A chunk of this sync went out (a pre-copy chunk, or one the vCPU thread made for the
+    /// stop-and-copy).
+    pub fn note_chunk(&mut self, pages: &[Page]) {
+        self.chunks += 1;
+        self.sent
+            .push((self.chunks, pages.iter().map(|p| p.pfn).collect()));
+    }
+
+    /// The standby reconnected having applied the first `applied` chunks: everything sent
+    /// after them goes out again (with what the guest dirtied meanwhile, which the dirty
+    /// tracking kept), and a stop-and-copy that was under way is made again.
+    pub fn resume(&mut self, applied: u64) {
+        let mut again: Vec<u64> = Vec::new();
+        for (_, pages) in self.sent.iter().filter(|(n, _)| *n > applied) {
+            again.extend(pages);
+        }
+        self.sent.retain(|(n, _)| *n <= applied);
+        self.chunks = applied.min(self.chunks);
+        again.extend_from_slice(&self.queue[self.next..]);
+        again.sort_unstable();
+        again.dedup();
+        tracing::warn!(
+            applied,
+            resend = again.len(),
+            round = self.round,
+            "sync resumed"
+        );
+        self.queue = again;
+        self.next = 0;
+        self.stopping = false;
+        self.end_sent = false;
     }
 
     /// Pages left in the current round.
@@ -131,6 +174,7 @@ impl PreCopy {
                 "pre-copy"
             );
         }
+        self.note_chunk(&pages);
         Ok(Step::Chunk(PageChunk {
             checkpoint: self.id,
             pages,

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 use ftvm_proto::channel::{
-    message::Body, Ack, CheckpointEnd, Diverged, Message, Page, PageHash, Role,
+    message::Body, CheckpointEnd, Diverged, Message, Page, PageHash, Ready, Role, Start,
 };
 use ftvm_proto::log::{self, RecordBatch};
-use ftvm_replication::link::{self, body_name};
+use ftvm_replication::link::{self, body_name, Handshaken};
 use ftvm_replication::standby::{FromReplayer, StandbyChannel, ToReplayer};
 use ftvm_replication::ChannelOptions;
 use ftvm_replication::{ChannelError, Link};
@@ -170,23 +170,7 @@ pub fn run_standby(
     input: impl FnOnce() -> Option<Receiver<Vec<u8>>>,
     mut out: impl Write,
 ) -> Result<StandbyEnd, StandbyError> {
-    let (stream, peer) = match rendezvous {
-        Rendezvous::Listen(listener) => {
-            let (stream, addr) = listener.accept().map_err(StandbyError::Accept)?;
-            (stream, addr.to_string())
-        }
-        Rendezvous::Join { addr, timeout } => (link::connect(&addr, timeout)?, addr),
-    };
-    let mut h = link::handshake(stream, &peer, Role::Standby)?;
-    let msg = link::recv_blocking(&mut h.stream, &peer, &mut h.rx_offset)?;
-    let Some(Body::Start(start)) = msg.body else {
-        return Err(ChannelError::Unexpected {
-            peer,
-            expected: "Start",
-            got: body_name(&msg).into(),
-        }
-        .into());
-    };
+    let (mut h, peer, start) = meet(&rendezvous)?;
     let header = start.header.unwrap_or_default();
     if header.format_version != ftvm_proto::FORMAT_VERSION {
         return Err(StandbyError::Config(LogError::Version {
@@ -205,10 +189,9 @@ pub fn run_standby(
             };
             Ok((vm, config))
         });
-    // Tell the primary whether it can start the guest (or the sync): Ack(0) when the VM is
-    // ready.
+    // Tell the primary whether it can start the guest (or the sync).
     let answer = match &built {
-        Ok(_) => Body::Ack(Ack::default()),
+        Ok(_) => Body::Ready(Ready::default()),
         Err(e) => Body::Diverged(Diverged {
             reason: e.to_string(),
             ..Default::default()
@@ -224,7 +207,52 @@ pub fn run_standby(
         "primary connected"
     );
 
-    let channel = StandbyChannel::spawn(Link::new(h)?, options).map_err(StandbyError::Thread)?;
+    let mut channel = StandbyChannel::spawn(
+        Link::new(h)?,
+        options.try_clone().map_err(StandbyError::Thread)?,
+    )
+    .map_err(StandbyError::Thread)?;
+    let mut synced = None;
+    if sync {
+        let mut progress = SyncProgress::new(ui, config.mem_mib);
+        synced = Some(loop {
+            match receive_sync(&mut vm, &channel, &mut progress) {
+                Ok(end) => break end,
+                Err(StandbyError::SyncLost(why))
+                    if matches!(rendezvous, Rendezvous::Join { .. }) =>
+                {
+                    // Reconnect and resume: the primary resends only what this VM has not
+                    // applied.
+                    channel.shutdown();
+                    tracing::warn!("{why}: reconnecting to resume the sync");
+                    let (mut h, peer, start) = meet(&rendezvous)?;
+                    if !start.sync || start.header.as_ref() != Some(&header) {
+                        return Err(StandbyError::SyncLost(format!(
+                            "{why}; {peer} now runs another guest"
+                        )));
+                    }
+                    let ready = Ready {
+                        resume_checkpoint: progress.id,
+                        chunks_applied: progress.chunks,
+                    };
+                    link::send_blocking(
+                        &mut h.stream,
+                        &peer,
+                        &Message {
+                            body: Some(Body::Ready(ready)),
+                        },
+                    )?;
+                    progress.stopped.clear();
+                    channel = StandbyChannel::spawn(
+                        Link::new(h)?,
+                        options.try_clone().map_err(StandbyError::Thread)?,
+                    )
+                    .map_err(StandbyError::Thread)?;
+                }
+                Err(e) => return Err(e),
+            }
+        });
+    }
     let source = ChannelSource {
         rx: channel.inbox(),
         batches: 0,
@@ -236,8 +264,7 @@ pub fn run_standby(
         pending: Vec::new(),
     };
     let mut replayer = Replayer::new(source, &header, output);
-    if sync {
-        let end = receive_sync(&mut vm, &channel, ui, config.mem_mib)?;
+    if let Some(end) = synced {
         if let Some(stop) = installed(&mut vm, &mut replayer, &channel, &end, true) {
             return Ok(finish_completed(channel, &mut replayer, &mut out, stop));
         }
@@ -509,63 +536,90 @@ fn installed(
     })
 }
 
+/// How far a sync got, kept across reconnects.
+struct SyncProgress {
+    bar: indicatif::ProgressBar,
+    /// The sync's checkpoint id (0 until the first chunk).
+    id: u64,
+    /// Page chunks applied, over all connections.
+    chunks: u64,
+    /// Page bytes received.
+    received: u64,
+    /// Pages of the stop-and-copy received on this connection: the digest covers them.
+    stopped: Vec<u64>,
+    last_status: std::time::Instant,
+}
+
+impl SyncProgress {
+    fn new(ui: StandbyUi, mem_mib: u64) -> Self {
+        let bar = if ui.progress {
+            indicatif::ProgressBar::new(mem_mib << 20)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "syncing {bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Self {
+            bar,
+            id: 0,
+            chunks: 0,
+            received: 0,
+            stopped: Vec::new(),
+            last_status: std::time::Instant::now(),
+        }
+    }
+}
+
 /// Receives a sync: pre-copy rounds written as they come, then the stop-and-copy checkpoint,
 /// installed and checked.
 fn receive_sync(
     vm: &mut Vm,
     channel: &StandbyChannel,
-    ui: StandbyUi,
-    mem_mib: u64,
+    progress: &mut SyncProgress,
 ) -> Result<CheckpointEnd, StandbyError> {
-    let bar = if ui.progress {
-        indicatif::ProgressBar::new(mem_mib << 20)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "syncing {bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let mut received = 0u64;
-    let mut stopped: Vec<Page> = Vec::new();
     let inbox = channel.inbox();
-    let mut last_status = std::time::Instant::now();
     loop {
         match inbox.recv() {
             Ok(ToReplayer::Pages(chunk)) => {
+                if progress.id != chunk.checkpoint {
+                    progress.id = chunk.checkpoint;
+                    progress.chunks = 0;
+                }
                 for p in &chunk.pages {
                     vm.write_page(p.pfn, &p.data).map_err(StandbyError::Vm)?;
-                    received += PAGE_SIZE;
+                    progress.received += PAGE_SIZE;
                 }
+                progress.chunks += 1;
                 if chunk.stopped {
-                    // Written already; kept (without data) for the digest's page list.
-                    stopped.extend(chunk.pages.into_iter().map(|p| Page {
-                        pfn: p.pfn,
-                        data: Vec::new(),
-                    }));
+                    progress.stopped.extend(chunk.pages.iter().map(|p| p.pfn));
                 } else {
-                    bar.set_message(format!("round {}", chunk.round));
+                    // Pre-copy goes on: stopped pages seen so far belonged to a
+                    // stop-and-copy that was abandoned.
+                    progress.stopped.clear();
+                    progress.bar.set_message(format!("round {}", chunk.round));
                 }
-                bar.set_length(received + chunk.remaining_pages * PAGE_SIZE);
-                bar.set_position(received);
-                if last_status.elapsed() >= Duration::from_millis(100) {
-                    last_status = std::time::Instant::now();
+                let bar = &progress.bar;
+                bar.set_length(progress.received + chunk.remaining_pages * PAGE_SIZE);
+                bar.set_position(progress.received);
+                if progress.last_status.elapsed() >= Duration::from_millis(100) {
+                    progress.last_status = std::time::Instant::now();
                     channel.tell(FromReplayer::Syncing {
-                        bytes: received,
+                        bytes: progress.received,
                         remaining_pages: chunk.remaining_pages,
                     });
                 }
             }
             Ok(ToReplayer::CheckpointEnd(end)) => {
-                bar.finish_and_clear();
+                progress.bar.finish_and_clear();
                 // The stopped pages are in memory already: install only the state.
-                let covered: Vec<u64> = stopped.iter().map(|p| p.pfn).collect();
                 let state: VmState = ftvm_vmm::state::decode(&end.vm_state)
                     .map_err(|e| StandbyError::Diverged(format!("sync checkpoint: {e}")))?;
                 vm.restore(&state)?;
-                let mut covered = covered;
+                let mut covered = std::mem::take(&mut progress.stopped);
                 covered.sort_unstable();
                 covered.dedup();
                 let digest = state_digest(vm, &covered)?;
@@ -582,7 +636,7 @@ fn receive_sync(
                 }
                 vm.take_dirty_pages()?;
                 tracing::warn!(
-                    mib = received >> 20,
+                    mib = progress.received >> 20,
                     epoch = end.epoch,
                     exit_seq = end.exit_seq,
                     "synced: following the primary in lockstep"
@@ -590,13 +644,32 @@ fn receive_sync(
                 return Ok(end);
             }
             Ok(ToReplayer::Batch(_)) => {}
-            Ok(ToReplayer::PrimaryLost(why)) => {
-                bar.abandon();
-                return Err(StandbyError::SyncLost(why));
-            }
+            Ok(ToReplayer::PrimaryLost(why)) => return Err(StandbyError::SyncLost(why)),
             Err(_) => return Err(StandbyError::SyncLost("the channel closed".into())),
         }
     }
+}
+
+/// Meets the primary: accepts or connects, does the handshake, and reads its Start.
+fn meet(rendezvous: &Rendezvous<'_>) -> Result<(Handshaken, String, Start), StandbyError> {
+    let (stream, peer) = match rendezvous {
+        Rendezvous::Listen(listener) => {
+            let (stream, addr) = listener.accept().map_err(StandbyError::Accept)?;
+            (stream, addr.to_string())
+        }
+        Rendezvous::Join { addr, timeout } => (link::connect(addr, *timeout)?, addr.clone()),
+    };
+    let mut h = link::handshake(stream, &peer, Role::Standby)?;
+    let msg = link::recv_blocking(&mut h.stream, &peer, &mut h.rx_offset)?;
+    let Some(Body::Start(start)) = msg.body else {
+        return Err(ChannelError::Unexpected {
+            peer,
+            expected: "Start",
+            got: body_name(&msg).into(),
+        }
+        .into());
+    };
+    Ok((h, peer, start))
 }
 
 fn write_out(out: &mut impl Write, bytes: &[u8]) {
