@@ -724,7 +724,7 @@ impl Primary {
             epoch = end.epoch,
             pages = end.pages,
             bytes = end.page_bytes,
-            "checkpoint made"
+            "checkpoint forwarded"
         );
         self.send(Message {
             body: Some(Body::CheckpointEnd(end)),
@@ -767,11 +767,14 @@ impl Primary {
     /// Sends pre-copy chunks while the socket takes them; asks for the stop-and-copy at the
     /// end.
     fn pump_precopy(&mut self) {
+        // At most 16 chunks and 5 ms a turn: heartbeats and acks must not wait for the copy.
+        let deadline = Instant::now() + Duration::from_millis(5);
         let mut budget = 16;
-        while budget > 0 && self.precopy_can_send() {
+        while budget > 0 && Instant::now() < deadline && self.precopy_can_send() {
             budget -= 1;
             let Some(sync) = &mut self.sync else { return };
             match sync.step(&self.tracking) {
+                Ok(Step::Skipped) => budget += 1,
                 Ok(Step::Chunk(chunk)) => self.send(Message {
                     body: Some(Body::Pages(chunk)),
                 }),

@@ -19,11 +19,17 @@ pub const STOP_AND_COPY_PAGES: usize = 1024;
 /// can be sent.
 pub const MAX_ROUNDS: u32 = 8;
 
+/// Pages one step reads at most (8 MiB), so the event loop that runs the pre-copy keeps
+/// its heartbeats going even over long stretches of zero pages.
+pub const PAGES_READ_PER_STEP: usize = 2048;
+
 /// What the pre-copy does next.
 #[derive(Debug)]
 pub enum Step {
     /// Send this chunk.
     Chunk(PageChunk),
+    /// Pages were read and all were zero: nothing to send this step.
+    Skipped,
     /// Pre-copy is done: ask the vCPU thread for the stop-and-copy checkpoint.
     StopAndCopy,
 }
@@ -133,8 +139,9 @@ impl PreCopy {
                 tracing::info!(
                     round = self.round,
                     pages = self.pages_sent,
-                    mib = self.bytes_sent >> 20,
-                    elapsed = ?self.started.elapsed(),
+                    bytes = self.bytes_sent,
+                    memory_bytes = self.memory_bytes(),
+                    elapsed_us = self.started.elapsed().as_micros() as u64,
                     "pre-copy done; stop-and-copy"
                 );
                 return Ok(Step::StopAndCopy);
@@ -150,9 +157,14 @@ impl PreCopy {
         }
         let mut pages = Vec::with_capacity(PAGES_PER_CHUNK);
         let mut buf = vec![0u8; PAGE_SIZE as usize];
-        while pages.len() < PAGES_PER_CHUNK && self.next < self.queue.len() {
+        let mut read = 0;
+        while pages.len() < PAGES_PER_CHUNK
+            && self.next < self.queue.len()
+            && read < PAGES_READ_PER_STEP
+        {
             let pfn = self.queue[self.next];
             self.next += 1;
+            read += 1;
             memory::read_page(&self.memory, pfn, &mut buf)?;
             let zero = memory::is_zero_page(&buf);
             if zero && self.round == 1 {
@@ -173,6 +185,9 @@ impl PreCopy {
                 mib_per_s = format!("{:.1}", self.bytes_sent as f64 / secs / f64::from(1 << 20)),
                 "pre-copy"
             );
+        }
+        if pages.is_empty() {
+            return Ok(Step::Skipped);
         }
         self.note_chunk(&pages);
         Ok(Step::Chunk(PageChunk {

@@ -139,6 +139,9 @@ pub enum StandbyEnd {
     WentLive(StopRequest),
 }
 
+/// How often a joining standby reconnects to resume one sync before it gives up.
+pub const MAX_SYNC_RECONNECTS: u32 = 10;
+
 /// How the standby finds its primary.
 pub enum Rendezvous<'a> {
     /// Wait for a primary to connect (`ftvm standby --listen`): a primary starting a new
@@ -215,12 +218,15 @@ pub fn run_standby(
     let mut synced = None;
     if sync {
         let mut progress = SyncProgress::new(ui, config.mem_mib);
+        let mut reconnects = 0;
         synced = Some(loop {
             match receive_sync(&mut vm, &channel, &mut progress) {
                 Ok(end) => break end,
                 Err(StandbyError::SyncLost(why))
-                    if matches!(rendezvous, Rendezvous::Join { .. }) =>
+                    if matches!(rendezvous, Rendezvous::Join { .. })
+                        && reconnects < MAX_SYNC_RECONNECTS =>
                 {
+                    reconnects += 1;
                     // Reconnect and resume: the primary resends only what this VM has not
                     // applied.
                     channel.shutdown();
