@@ -94,7 +94,7 @@ fn print_figures(mem: u64, repairs: &[Made], sync: &Sync, raw: f64) {
     );
     let p = &sync.precopy;
     println!(
-        "  2. sync: pre-copy {} rounds, {} non-zero pages ({:.1} MiB) at {:.0} MiB/s (raw TCP {raw:.0} MiB/s); all {} MiB of guest memory covered in {:.0} ms ({:.0} MiB/s read)",
+        "  2. sync: pre-copy {} round(s) sent {} non-zero pages ({:.1} MiB): {:.0} MiB/s sent over the whole pre-copy (raw TCP {raw:.0} MiB/s); it read all {} MiB of guest memory (zero pages are not sent) in {:.0} ms ({:.0} MiB/s read)",
         p.rounds,
         p.pages,
         p.bytes as f64 / f64::from(1 << 20),
