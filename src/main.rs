@@ -12,7 +12,7 @@ use ftvm_primary::{pair, EpochPolicy, Recorder};
 use ftvm_replication::ChannelOptions;
 use ftvm_replication::Heartbeat;
 use ftvm_secondary::log_file::LogFileReader;
-use ftvm_secondary::standby::{Rendezvous, StandbyEnd, StandbyUi};
+use ftvm_secondary::standby::{FollowFrom, Rendezvous, StandbyEnd, StandbyUi};
 use ftvm_secondary::{ReplayError, Replayer};
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::live::{spawn_reader, LiveHook};
@@ -48,6 +48,10 @@ enum Command {
     Standby(StandbyArgs),
     /// Print the status of a pair process through its control socket (`--control`).
     Status(StatusArgs),
+    /// Planned role swap, no output lost: the standby becomes the primary and the primary
+    /// its standby. ADDR is the primary's control socket (`--control`); returns once the
+    /// swap is done.
+    Switchover(StatusArgs),
 }
 
 #[derive(clap::Args)]
@@ -180,6 +184,8 @@ enum CliError {
     Standby(#[from] ftvm_secondary::standby::StandbyError),
     #[error(transparent)]
     Status(#[from] ftvm_replication::status::QueryError),
+    #[error("cannot share the control socket: {0}")]
+    Control(#[source] std::io::Error),
     #[error("{0}")]
     Usage(String),
 }
@@ -311,34 +317,19 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
                 }
             }
         };
-        let input = Some(spawn_reader(std::io::stdin()));
-        let start = pair::start_message(header, &config.kernel, true);
-        let (stop, report) = pair::run_primary(
-            &mut vm,
-            policy,
-            link,
+        let roles = Roles {
+            header,
+            kernel: config.kernel.clone(),
             options,
-            start,
+            input: Some(spawn_reader(std::io::stdin())),
             accept,
-            input,
-            Box::new(std::io::stdout()),
-        )
-        .map_err(|source| match source {
-            ftvm_primary::RecordError::Vm(e) => CliError::Vm(e),
-            source => CliError::Record {
-                path: PathBuf::from(args.peer.as_deref().unwrap_or("the pair channel")),
-                source,
-            },
-        })?;
-        tracing::info!(
-            epochs = report.epochs,
-            verified = report.verified_epoch,
-            repairs = report.repairs,
-            syncs = report.syncs,
-            protected_to_end = report.protected_to_end,
-            "protected run complete"
-        );
-        return Ok(stop_status(stop));
+        };
+        let first = Role::Primary {
+            vm,
+            link,
+            at: pair::StartAt::default(),
+        };
+        return roles.run(first);
     }
     let live = LiveHook::new(Some(spawn_reader(std::io::stdin())), std::io::stdout());
     let Some(path) = args.record else {
@@ -366,7 +357,161 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
         bytes = recorder.into_sink().bytes(),
         "recording complete"
     );
-    Ok(stop_status(stop))
+    match stop {
+        ftvm_primary::RecordEnd::Stopped(stop) => Ok(stop_status(stop)),
+        // Only a pair channel asks for switchovers.
+        ftvm_primary::RecordEnd::Switchover => Ok(0),
+    }
+}
+
+/// What a pair process keeps across role changes (`ftvm switchover` swaps primary and
+/// standby on the same connection; each process may change roles several times).
+struct Roles {
+    header: ftvm_proto::log::LogHeader,
+    kernel: Vec<u8>,
+    options: ChannelOptions,
+    input: Option<crossbeam_channel::Receiver<Vec<u8>>>,
+    accept: Option<TcpListener>,
+}
+
+/// The role a pair process plays now.
+enum Role {
+    /// Recording from `at`, shipping to `link`.
+    Primary {
+        vm: Vm,
+        link: Result<ftvm_replication::Link, String>,
+        at: pair::StartAt,
+    },
+    /// Following the primary on `link` from `at`.
+    Standby {
+        vm: Vm,
+        link: ftvm_replication::Link,
+        at: FollowFrom,
+    },
+}
+
+impl Roles {
+    /// Plays `role`, then whatever role a switchover gives this process, until the guest
+    /// ends. Returns the guest's exit status.
+    fn run(mut self, mut role: Role) -> Result<u8, CliError> {
+        loop {
+            role = match role {
+                Role::Primary { mut vm, link, at } => {
+                    let policy = EpochPolicy {
+                        interrupt_windows: self.header.interrupt_windows,
+                        ..EpochPolicy::default()
+                    };
+                    let options = self.options.try_clone().map_err(CliError::Control)?;
+                    let end = pair::run_primary(
+                        &mut vm,
+                        policy,
+                        link,
+                        options,
+                        pair::start_message(self.header.clone(), &self.kernel, true),
+                        self.accept.take(),
+                        at,
+                        self.input.clone(),
+                        Box::new(std::io::stdout()),
+                    )
+                    .map_err(|source| match source {
+                        ftvm_primary::RecordError::Vm(e) => CliError::Vm(e),
+                        source => CliError::Record {
+                            path: PathBuf::from("the pair channel"),
+                            source,
+                        },
+                    })?;
+                    match end {
+                        pair::PrimaryEnd::Stopped(stop, report) => {
+                            tracing::info!(
+                                epochs = report.epochs,
+                                verified = report.verified_epoch,
+                                repairs = report.repairs,
+                                syncs = report.syncs,
+                                protected_to_end = report.protected_to_end,
+                                "protected run complete"
+                            );
+                            return Ok(stop_status(stop));
+                        }
+                        pair::PrimaryEnd::HandedOver(h, _) => Role::Standby {
+                            vm,
+                            link: h.link,
+                            at: FollowFrom {
+                                epoch: h.epoch,
+                                exit_seq: h.exit_seq,
+                                output_seq: h.output_seq,
+                            },
+                        },
+                    }
+                }
+                Role::Standby { vm, link, at } => {
+                    let options = self.options.try_clone().map_err(CliError::Control)?;
+                    let end = ftvm_secondary::standby::follow(
+                        vm,
+                        self.header.clone(),
+                        self.kernel.clone(),
+                        link,
+                        options,
+                        at,
+                        self.input.clone(),
+                        std::io::stdout(),
+                    )?;
+                    match self.standby_ended(end) {
+                        Ok(status) => return Ok(status),
+                        Err(role) => *role,
+                    }
+                }
+            };
+        }
+    }
+
+    /// The guest's status when the standby's run is over, or the primary role it took over.
+    fn standby_ended(&mut self, end: StandbyEnd) -> Result<u8, Box<Role>> {
+        match end {
+            StandbyEnd::Completed(stop) | StandbyEnd::WentLive(stop) => Ok(stop_status(stop)),
+            StandbyEnd::TookOver(t) => {
+                let t = *t;
+                self.header = t.header;
+                self.kernel = t.kernel;
+                let at = pair::StartAt {
+                    epoch: t.epoch + 1,
+                    output_seq: t.output_seq,
+                    clock_ns: t.vm.clock_ns(),
+                };
+                Err(Box::new(Role::Primary {
+                    vm: t.vm,
+                    link: Ok(t.link),
+                    at,
+                }))
+            }
+        }
+    }
+}
+
+fn switchover(args: StatusArgs) -> Result<u8, CliError> {
+    let answer = ftvm_replication::status::ask(&args.addr, "switchover")?;
+    if let Some(why) = answer.strip_prefix("error: ") {
+        return Err(CliError::Usage(format!(
+            "{}: switchover refused: {}",
+            args.addr,
+            why.trim()
+        )));
+    }
+    // The old primary's control socket answers for its new role once the swap is done.
+    let start = std::time::Instant::now();
+    loop {
+        let status = ftvm_replication::status::query(&args.addr)?;
+        if status.lines().any(|l| l == "role=standby") {
+            println!("switched over: {} is now the standby", args.addr);
+            return Ok(0);
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            return Err(CliError::Usage(format!(
+                "{}: the switchover did not complete within 30 s:\n{status}",
+                args.addr
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn standby(args: StandbyArgs) -> Result<u8, CliError> {
@@ -390,16 +535,20 @@ fn standby(args: StandbyArgs) -> Result<u8, CliError> {
     let ui = StandbyUi {
         progress: std::io::stderr().is_terminal(),
     };
-    let end = ftvm_secondary::standby::run_standby(
-        rendezvous,
-        options,
-        ui,
-        || Some(spawn_reader(std::io::stdin())),
-        std::io::stdout(),
-    )?;
-    Ok(match end {
-        StandbyEnd::Completed(stop) | StandbyEnd::WentLive(stop) => stop_status(stop),
-    })
+    let input = Some(spawn_reader(std::io::stdin()));
+    let mut roles = Roles {
+        header: Default::default(),
+        kernel: Vec::new(),
+        options: options.try_clone().map_err(CliError::Control)?,
+        input: input.clone(),
+        accept: None,
+    };
+    let end =
+        ftvm_secondary::standby::run_standby(rendezvous, options, ui, input, std::io::stdout())?;
+    match roles.standby_ended(end) {
+        Ok(status) => Ok(status),
+        Err(role) => roles.run(*role),
+    }
 }
 
 fn status(args: StatusArgs) -> Result<u8, CliError> {
@@ -456,6 +605,7 @@ fn main() -> ExitCode {
         Command::Replay(args) => replay(args),
         Command::Standby(args) => standby(args),
         Command::Status(args) => status(args),
+        Command::Switchover(args) => switchover(args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

@@ -1024,3 +1024,77 @@ fn a_sync_cut_at_random_points_resumes_and_completes() {
         );
     }
 }
+
+#[test]
+fn switchover_mid_run_then_failover_of_the_new_primary() {
+    let _one = serial();
+    let (addr, pc, sc) = (free_addr(), free_addr(), free_addr());
+    let mut s = spawn_raw(
+        &["standby", "--listen", &addr, "--control", &sc],
+        &[("FTVM_LOG", "info")],
+    );
+    let s_reader = collect(s.child.stdout.take().expect("stdout"));
+    let w = Workload::Counter(300);
+    let cmdline = w.cmdline();
+    let p = spawn(
+        &primary_args(&addr, &cmdline, &["--control", &pc]),
+        &[("FTVM_LOG", "info")],
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    let o = Command::new(FTVM)
+        .args(["switchover", &pc])
+        .output()
+        .expect("ftvm switchover");
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let ps = status_of(&pc);
+    assert_eq!(status_field(&ps, "role"), "standby", "{ps}");
+    assert_eq!(status_field(&ps, "protected"), "yes", "{ps}");
+    let ss = wait_status(&sc, "primary", |t| status_field(t, "role") == "primary");
+    assert_eq!(status_field(&ss, "protected"), "yes", "{ss}");
+    // A second switchover asked of the new standby is refused with a clear error.
+    let o = Command::new(FTVM)
+        .args(["switchover", &pc])
+        .output()
+        .expect("ftvm switchover");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("this is the standby"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Failover drill on the swapped pair: kill the new primary.
+    std::thread::sleep(Duration::from_millis(400));
+    s.child.kill().expect("SIGKILL the new primary");
+    let _ = s.child.wait();
+    let new_primary_out = s_reader.join().unwrap_or_default();
+    let p = p.wait(LIMIT);
+    no_panic(&p);
+    assert_eq!(p.status.code(), Some(0), "old primary: {}", p.stderr);
+    // The old primary's stdout: its own output up to the switchover (the new primary
+    // printed from there), then what it re-emitted after going live.
+    let switched_at = p
+        .stderr
+        .lines()
+        .find(|l| l.contains("this host is now the standby"))
+        .and_then(|line| number_after(line, "output_seq="))
+        .unwrap_or_else(|| panic!("no switchover line with output_seq:\n{}", p.stderr))
+        as usize;
+    assert!(
+        switched_at > 0 && switched_at <= p.stdout.len(),
+        "{}",
+        p.stderr
+    );
+    let (before, after) = p.stdout.split_at(switched_at);
+    let mut primary_side = before.to_vec();
+    primary_side.extend_from_slice(&new_primary_out);
+    assert!(
+        !w.finished(&String::from_utf8_lossy(&primary_side)),
+        "the guest ended before the kill: make it longer"
+    );
+    assert_continuous(w, &primary_side, after, &p.stderr);
+}

@@ -149,6 +149,17 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         }
     }
 
+    /// Starts numbering epochs at `epoch` (a primary that took over in a switchover).
+    pub fn starting_at(mut self, epoch: u64) -> Self {
+        self.epoch = epoch.max(1);
+        self
+    }
+
+    /// The epoch now open.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// Makes the checkpoints the channel asks for through `port`.
     pub fn with_checkpoints(mut self, port: CheckpointPort) -> Self {
         self.checkpoints = Some(port);
@@ -190,6 +201,10 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         let Some(port) = self.checkpoints.clone() else {
             return Ok(());
         };
+        if request == CheckpointRequest::Switchover {
+            // Not a checkpoint: `record` returns at the switchover's pause.
+            return Ok(());
+        }
         let stopped = Instant::now();
         self.flush(seq)?;
         let dirty_now = vm.take_dirty_pages()?;
@@ -222,6 +237,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
                 }
                 (send, covered.into_iter().collect())
             }
+            CheckpointRequest::Switchover => return Ok(()),
             CheckpointRequest::StopAndCopy { .. } => {
                 let mut pages = port.tracking.take_sync();
                 pages.extend(dirty_now.iter().copied());
@@ -310,6 +326,10 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
             return Ok(());
         };
         while let Ok(request) = port.requests.recv() {
+            if request == CheckpointRequest::Switchover {
+                // Too late for a switchover: the run is over.
+                continue;
+            }
             self.checkpoint(vm, vm.exit_seq(), request, Some(stop))?;
         }
         Ok(())
@@ -409,20 +429,34 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
     }
 }
 
-/// Runs `vm` to its end under `recorder`, closing epochs as the recorder asks.
+/// Why [`record`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordEnd {
+    /// The guest stopped.
+    Stopped(StopRequest),
+    /// A switchover: the epoch was closed at the current exit and the VM is paused there.
+    Switchover,
+}
+
+/// Runs `vm` under `recorder` until the guest stops (or a switchover pauses it), closing
+/// epochs and making checkpoints as the recorder asks.
 pub fn record<H: ExitHook, S: LogSink>(
     vm: &mut Vm,
     recorder: &mut Recorder<H, S>,
-) -> Result<StopRequest, RecordError> {
+) -> Result<RecordEnd, RecordError> {
     loop {
         match vm.run(recorder) {
             Ok(RunEnd::Paused(seq)) => match recorder.requested.take() {
+                Some(CheckpointRequest::Switchover) => {
+                    recorder.end_epoch(vm, seq)?;
+                    return Ok(RecordEnd::Switchover);
+                }
                 Some(request) => recorder.checkpoint(vm, seq, request, None)?,
                 None => recorder.end_epoch(vm, seq)?,
             },
             Ok(RunEnd::Stopped(stop)) => {
                 recorder.finish(vm, vm.exit_seq(), stop)?;
-                return Ok(stop);
+                return Ok(RecordEnd::Stopped(stop));
             }
             Err(e) => {
                 // Keep what was recorded up to the failure; the failure itself is what

@@ -10,14 +10,14 @@ use ftvm_proto::channel::{Role, Start};
 use ftvm_proto::log::{LogHeader, RecordBatch};
 use ftvm_replication::link;
 use ftvm_replication::primary::{
-    offer_vm, Feed, FromVcpu, PrimaryChannel, PrimaryReport, PrimarySetup,
+    offer_vm, Feed, FromVcpu, Handover, PrimaryChannel, PrimaryReport, PrimarySetup,
 };
 use ftvm_replication::{ChannelError, ChannelOptions, Link};
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::live::LiveHook;
 use ftvm_vmm::Vm;
 
-use crate::{record, EpochPolicy, LogSink, RecordError, Recorder};
+use crate::{record, EpochPolicy, LogSink, RecordEnd, RecordError, Recorder};
 
 /// The log goes to the channel thread.
 pub struct ChannelSink(Feed);
@@ -52,9 +52,30 @@ pub fn start_message(header: LogHeader, kernel: &[u8], sync: bool) -> Start {
     }
 }
 
-/// Runs `vm` to its end as the primary: recording under `policy` into the channel over
-/// `link` (Err: no standby, running unprotected for the reason given), guest input from
-/// `input`, guest output to `out` once the standby verified it.
+/// Where a primary starts: at the guest's boot, or where an old primary handed over.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartAt {
+    /// The first epoch to record (1 at boot).
+    pub epoch: u64,
+    /// Output sequence number of the guest's next output byte.
+    pub output_seq: u64,
+    /// The guest's virtual clock (ns).
+    pub clock_ns: u64,
+}
+
+/// How a primary's run ended.
+pub enum PrimaryEnd {
+    /// The guest stopped.
+    Stopped(StopRequest, PrimaryReport),
+    /// `ftvm switchover`: the standby is the primary now; this VM is paused at the handover
+    /// point and follows it from there.
+    HandedOver(Handover, PrimaryReport),
+}
+
+/// Runs `vm` as the primary from `at`: recording under `policy` into the channel over `link`
+/// (Err: no standby, running unprotected for the reason given), guest input from `input`,
+/// guest output to `out` once the standby verified it; until the guest stops or a
+/// switchover hands the primary's role to the standby.
 #[allow(clippy::too_many_arguments)]
 pub fn run_primary(
     vm: &mut Vm,
@@ -63,9 +84,10 @@ pub fn run_primary(
     options: ChannelOptions,
     start: Start,
     accept: Option<std::net::TcpListener>,
+    at: StartAt,
     input: Option<Receiver<Vec<u8>>>,
     out: Box<dyn Write + Send>,
-) -> Result<(StopRequest, PrimaryReport), RecordError> {
+) -> Result<PrimaryEnd, RecordError> {
     let setup = PrimarySetup {
         memory: vm.memory().clone(),
         start: Start {
@@ -73,12 +95,49 @@ pub fn run_primary(
             ..start
         },
         accept,
+        first_epoch: at.epoch,
+        output_seq: at.output_seq,
     };
     let channel = PrimaryChannel::spawn(link, out, options, setup).map_err(RecordError::Log)?;
-    let live = LiveHook::new(input, channel.feed());
+    let live = if at.epoch > 1 {
+        LiveHook::resume(input, channel.feed(), at.clock_ns)
+    } else {
+        LiveHook::new(input, channel.feed())
+    };
+    let port = channel.checkpoint_port();
     let mut recorder = Recorder::new(live, ChannelSink(channel.feed()), policy)
-        .with_checkpoints(channel.checkpoint_port());
-    let mut result = record(vm, &mut recorder);
+        .with_checkpoints(port.clone())
+        .starting_at(at.epoch);
+    let result = loop {
+        match record(vm, &mut recorder) {
+            Ok(RecordEnd::Switchover) => {
+                let stopped = FromVcpu::Stopped {
+                    epoch: recorder.epoch() - 1,
+                    exit_seq: vm.exit_seq().0,
+                };
+                if let Err(e) = channel.feed().send(stopped) {
+                    break Err(RecordError::Log(e));
+                }
+                match port.handover.recv() {
+                    Ok(Ok(handover)) => {
+                        drop(recorder);
+                        let report = channel.join();
+                        return Ok(PrimaryEnd::HandedOver(handover, report));
+                    }
+                    // Abandoned: record on from here.
+                    Ok(Err(_)) => continue,
+                    Err(_) => {
+                        break Err(RecordError::Log(std::io::Error::other(
+                            "the replication channel thread has stopped",
+                        )))
+                    }
+                }
+            }
+            Ok(RecordEnd::Stopped(stop)) => break Ok(stop),
+            Err(e) => break Err(e),
+        }
+    };
+    let mut result = result;
     if let Err(e) = channel.feed().send(FromVcpu::End) {
         tracing::warn!("{e}");
     }
@@ -89,6 +148,7 @@ pub fn run_primary(
         }
     }
     drop(recorder);
+    drop(port);
     let report = channel.join();
-    result.map(|stop| (stop, report))
+    result.map(|stop| PrimaryEnd::Stopped(stop, report))
 }

@@ -39,6 +39,9 @@ pub enum CheckpointRequest {
         /// Checkpoint id.
         id: u64,
     },
+    /// `ftvm switchover`: stop at the next exit, close the epoch there, and wait for the
+    /// channel's [`Handover`](crate::primary::Handover) (or for word that it failed).
+    Switchover,
 }
 
 impl CheckpointRequest {
@@ -46,6 +49,7 @@ impl CheckpointRequest {
     pub fn id(&self) -> u64 {
         match self {
             CheckpointRequest::Repair { id, .. } | CheckpointRequest::StopAndCopy { id } => *id,
+            CheckpointRequest::Switchover => 0,
         }
     }
 }
@@ -120,4 +124,7 @@ pub struct CheckpointPort {
     pub feed: Feed,
     /// Dirty pages.
     pub tracking: DirtyTracking,
+    /// The answer to a [`CheckpointRequest::Switchover`]: the connection to hand over, or
+    /// why the switchover was abandoned.
+    pub handover: Receiver<Result<crate::primary::Handover, String>>,
 }

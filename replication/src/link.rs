@@ -216,6 +216,7 @@ pub fn body_name(m: &Message) -> &'static str {
         Some(Body::Pages(_)) => "a page chunk",
         Some(Body::CheckpointEnd(_)) => "CheckpointEnd",
         Some(Body::Ready(_)) => "Ready",
+        Some(Body::Switchover(_)) => "Switchover",
         None => "an empty message",
     }
 }
@@ -405,6 +406,11 @@ impl Link {
             token,
             mio::Interest::READABLE | mio::Interest::WRITABLE,
         )
+    }
+
+    /// Removes the socket from `registry` (before the link moves to another event loop).
+    pub fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
+        registry.deregister(&mut self.stream)
     }
 
     /// Queues `msg` and writes as much as the socket takes now.

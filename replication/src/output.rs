@@ -29,6 +29,16 @@ pub struct OutputBuffer {
 }
 
 impl OutputBuffer {
+    /// A buffer whose first byte has output sequence number `seq` (a primary that took
+    /// over in a switchover: everything before was released by the old primary).
+    pub fn starting_at(seq: u64) -> Self {
+        Self {
+            produced: seq,
+            released: seq,
+            ..Self::default()
+        }
+    }
+
     /// Holds `bytes` produced in `epoch`.
     pub fn hold(&mut self, epoch: u64, bytes: Vec<u8>) {
         let seq = self.produced;

@@ -55,6 +55,13 @@ pub enum FromVcpu {
     Pages(PageChunk),
     /// The end of the checkpoint being made.
     CheckpointEnd(CheckpointEnd),
+    /// Stopped for a switchover after closing `epoch` at exit `exit_seq`.
+    Stopped {
+        /// The epoch closed.
+        epoch: u64,
+        /// Its last exit.
+        exit_seq: u64,
+    },
     /// The guest run is over (the last batch was sent).
     End,
 }
@@ -105,6 +112,19 @@ pub struct PrimaryReport {
     pub syncs: u64,
 }
 
+/// The connection a switchover hands to the vCPU thread, and where the pair stands: the old
+/// primary becomes the standby from here.
+pub struct Handover {
+    /// The connection to the new primary.
+    pub link: Link,
+    /// The last epoch, verified by both.
+    pub epoch: u64,
+    /// Its last exit.
+    pub exit_seq: u64,
+    /// Every output byte before this was released.
+    pub output_seq: u64,
+}
+
 /// What the channel thread needs to make checkpoints and to let standbys join.
 pub struct PrimarySetup {
     /// Guest memory (read by the pre-copy while the guest runs).
@@ -113,6 +133,10 @@ pub struct PrimarySetup {
     pub start: Start,
     /// Accept joining standbys here (`--accept-standby`).
     pub accept: Option<std::net::TcpListener>,
+    /// The first epoch and output sequence number (not 1 and 0 after a switchover).
+    pub first_epoch: u64,
+    /// See `first_epoch`.
+    pub output_seq: u64,
 }
 
 /// The primary's channel thread.
@@ -135,8 +159,12 @@ impl PrimaryChannel {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = crossbeam_channel::unbounded();
         let (request_tx, request_rx) = crossbeam_channel::unbounded();
+        let (handover_tx, handover_rx) = crossbeam_channel::unbounded();
         let tracking = DirtyTracking::default();
         let mut state = Primary::new(link, out, rx, &options, &poll)?;
+        state.handover = Some(handover_tx);
+        state.epoch = setup.first_epoch.max(1);
+        state.buffer = OutputBuffer::starting_at(setup.output_seq);
         state.requests = Some(request_tx);
         state.tracking = tracking.clone();
         state.tracking.set_protected(state.link.is_some());
@@ -164,6 +192,7 @@ impl PrimaryChannel {
                 requests: request_rx,
                 feed: feed.clone(),
                 tracking,
+                handover: handover_rx,
             },
             feed,
             thread,
@@ -224,6 +253,28 @@ struct Primary {
     /// The checkpoint asked of the vCPU thread and not yet installed by the standby.
     checkpoint: Option<PendingCheckpoint>,
     next_checkpoint_id: u64,
+    /// Where the switchover's answer goes.
+    handover: Option<Sender<Result<Handover, String>>>,
+    /// A switchover under way.
+    switchover: Option<Switchover>,
+    /// The connection was handed over: this thread is done.
+    handed_over: bool,
+    /// A switchover abandoned for a repair is asked again once the repair is installed.
+    switchover_after_repair: bool,
+    switchover_retries: u32,
+}
+
+/// How often a switchover abandoned for a repair is asked again.
+const MAX_SWITCHOVER_RETRIES: u32 = 20;
+
+/// Where a switchover stands.
+#[derive(Debug, Clone, Copy)]
+enum Switchover {
+    /// Asked of the vCPU thread.
+    Asked,
+    /// The vCPU stopped after closing `epoch` at `exit_seq`; hand over once the standby
+    /// verified it and all output is released.
+    Stopped { epoch: u64, exit_seq: u64 },
 }
 
 /// A joining standby's handshake, done on a helper thread: the link, or why it failed.
@@ -289,6 +340,11 @@ impl Primary {
             paused_sync: None,
             checkpoint: None,
             next_checkpoint_id: 1,
+            handover: None,
+            switchover: None,
+            handed_over: false,
+            switchover_after_repair: false,
+            switchover_retries: 0,
         })
     }
 
@@ -332,8 +388,11 @@ impl Primary {
             }
             self.pump_precopy();
             self.tick();
+            self.try_handover(&poll);
             if control_ready {
-                status::serve(self.control.as_ref(), || self.status());
+                let control = self.control.take();
+                status::serve(control.as_ref(), |r| self.control_request(r));
+                self.control = control;
             }
             if self.done() {
                 self.finish(&mut poll);
@@ -366,6 +425,18 @@ impl Primary {
                     })
                 }
                 Ok(FromVcpu::CheckpointEnd(end)) => self.checkpoint_end(end),
+                Ok(FromVcpu::Stopped { epoch, exit_seq }) => {
+                    if self.link.is_none() || self.switchover.is_none() {
+                        // Abandoned while the vCPU was on its way to stop: let it run on.
+                        self.switchover = None;
+                        tracing::warn!("switchover abandoned: the standby was lost or diverged");
+                        if let Some(tx) = &self.handover {
+                            let _ = tx.send(Err("the standby was lost or diverged".into()));
+                        }
+                    } else {
+                        self.switchover = Some(Switchover::Stopped { epoch, exit_seq });
+                    }
+                }
                 Ok(FromVcpu::End) => {
                     tracing::debug!("guest run over");
                     self.ended = true;
@@ -508,6 +579,9 @@ impl Primary {
             return;
         }
         self.tracking.set_protected(false);
+        if matches!(self.switchover, Some(Switchover::Stopped { .. })) {
+            self.abandon_switchover(why.clone());
+        }
         match self.sync.take() {
             // Not once the stop-and-copy is under way: that checkpoint is abandoned, and a
             // standby that comes back starts a new sync.
@@ -553,11 +627,12 @@ impl Primary {
     }
 
     fn done(&self) -> bool {
-        self.ended
-            && (self.link.is_none()
-                || self.buffer.held_bytes() == 0
-                    && self.unverified.is_empty()
-                    && self.checkpoint.is_none())
+        self.handed_over
+            || self.ended
+                && (self.link.is_none()
+                    || self.buffer.held_bytes() == 0
+                        && self.unverified.is_empty()
+                        && self.checkpoint.is_none())
     }
 
     /// The run is over and every output released: make sure the standby hears the last
@@ -589,6 +664,7 @@ impl Primary {
                 });
                 (false, s)
             }
+            (Some(_), _) if self.switchover.is_some() => (true, "switching over".to_string()),
             (Some(_), _) => match &self.checkpoint {
                 Some(c) => (true, format!("repairing: {}", c.why)),
                 None => (true, "lockstep".to_string()),
@@ -620,6 +696,107 @@ impl Primary {
         }
     }
 
+    fn control_request(&mut self, request: status::Request) -> String {
+        match request {
+            status::Request::Status => self.status().to_string(),
+            status::Request::Switchover => match self.start_switchover() {
+                Ok(()) => "switchover started: the primary stops at its next exit\n".into(),
+                Err(why) => format!("error: {why}\n"),
+            },
+        }
+    }
+
+    /// `ftvm switchover`: stop the vCPU at its next exit; once the standby verified
+    /// everything up to there, hand it the primary's role.
+    fn start_switchover(&mut self) -> Result<(), String> {
+        if self.link.is_none() || !self.protecting() {
+            return Err("the guest is not protected: there is no standby to switch over to".into());
+        }
+        if self.ended {
+            return Err("the guest run is over".into());
+        }
+        if self.switchover.is_some() {
+            return Err("a switchover is already under way".into());
+        }
+        if !self.ask_vcpu(CheckpointRequest::Switchover) {
+            return Err("the vCPU thread is gone".into());
+        }
+        tracing::warn!(peer = self.peer, "switchover requested");
+        self.switchover = Some(Switchover::Asked);
+        self.switchover_after_repair = false;
+        Ok(())
+    }
+
+    /// The switchover cannot happen: the vCPU thread (if it stopped for it) runs on.
+    fn abandon_switchover(&mut self, why: String) {
+        let was = self.switchover.take();
+        if matches!(was, Some(Switchover::Asked)) {
+            // The vCPU has not stopped yet; it is told when it does.
+            return;
+        }
+        tracing::warn!("switchover abandoned: {why}");
+        if let Some(tx) = &self.handover {
+            let _ = tx.send(Err(why));
+        }
+    }
+
+    /// Hands the connection over once the stopped primary's last epoch is verified and all
+    /// its output released.
+    fn try_handover(&mut self, poll: &Poll) {
+        let Some(Switchover::Stopped { epoch, exit_seq }) = self.switchover else {
+            return;
+        };
+        if !self.unverified.is_empty() || self.buffer.held_bytes() > 0 {
+            return;
+        }
+        let Some(mut link) = self.link.take() else {
+            return;
+        };
+        let output_seq = self.buffer.released();
+        let sent = link
+            .send(&Message {
+                body: Some(Body::Switchover(ftvm_proto::channel::Switchover {
+                    epoch,
+                    exit_seq,
+                    output_seq,
+                })),
+            })
+            .and_then(|()| {
+                // The message must be out before the new roles start on this connection.
+                let deadline = Instant::now() + self.heartbeat.timeout;
+                while link.pending() > 0 && Instant::now() < deadline {
+                    link.flush()?;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Ok(())
+            });
+        if let Err(e) = sent {
+            self.link = Some(link);
+            return self.lose_with(e);
+        }
+        if let Err(e) = link.deregister(poll.registry()) {
+            tracing::warn!("cannot move the connection off this event loop: {e}");
+        }
+        self.switchover = None;
+        self.handed_over = true;
+        self.tracking.set_protected(false);
+        tracing::warn!(
+            epoch,
+            exit_seq,
+            output_seq,
+            "switched over: this host is now the standby"
+        );
+        let handover = Handover {
+            link,
+            epoch,
+            exit_seq,
+            output_seq,
+        };
+        if let Some(tx) = &self.handover {
+            let _ = tx.send(Ok(handover));
+        }
+    }
+
     /// The standby cannot follow: ask the vCPU thread for a repair checkpoint.
     fn repair(&mut self, d: Diverged) {
         let what = if d.checkpoint_required {
@@ -633,6 +810,15 @@ impl Primary {
         );
         if d.checkpoint_failed {
             return self.lose(format!("the standby could not install a checkpoint: {why}"));
+        }
+        if self.switchover.is_some() {
+            // The vCPU must run again to make the repair; the switchover is asked again
+            // once the repair is installed.
+            self.abandon_switchover(format!("the standby diverged: {why}"));
+            if self.switchover_retries < MAX_SWITCHOVER_RETRIES {
+                self.switchover_retries += 1;
+                self.switchover_after_repair = true;
+            }
         }
         if self.sync.is_some() || self.checkpoint.is_some() {
             return self.lose(format!(
@@ -753,6 +939,11 @@ impl Primary {
             tracing::info!(checkpoint = c.id, took = ?c.asked.elapsed(), "repair installed");
         }
         self.checkpoint = None;
+        if std::mem::take(&mut self.switchover_after_repair) {
+            if let Err(why) = self.start_switchover() {
+                tracing::warn!("switchover not retried: {why}");
+            }
+        }
     }
 
     /// Whether the pre-copy has something to send and room to send it.

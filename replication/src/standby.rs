@@ -34,6 +34,9 @@ pub enum ToReplayer {
     Pages(PageChunk),
     /// The end of a checkpoint.
     CheckpointEnd(CheckpointEnd),
+    /// The primary hands over its role (`ftvm switchover`); the connection is the
+    /// replayer's to take ([`StandbyChannel::into_link`]).
+    Switchover(ftvm_proto::channel::Switchover),
     /// The primary is gone; nothing more will come. The reason, for the log.
     PrimaryLost(String),
 }
@@ -80,13 +83,13 @@ pub struct StandbyChannel {
     waker: Arc<Waker>,
     rx: Receiver<ToReplayer>,
     released: Arc<AtomicU64>,
-    thread: JoinHandle<()>,
+    thread: JoinHandle<Option<Link>>,
 }
 
 impl StandbyChannel {
     /// Starts the channel thread over `link`.
     pub fn spawn(link: Link, options: ChannelOptions) -> std::io::Result<Self> {
-        let poll = Poll::new()?;
+        let mut poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (to_replayer, rx) = crossbeam_channel::unbounded();
         let (tx, from_replayer) = crossbeam_channel::unbounded();
@@ -101,7 +104,14 @@ impl StandbyChannel {
         )?;
         let thread = std::thread::Builder::new()
             .name("ftvm-channel".into())
-            .spawn(move || state.run(poll))?;
+            .spawn(move || {
+                state.run(&mut poll);
+                let mut link = state.handover.then(|| state.link.take()).flatten()?;
+                if let Err(e) = link.deregister(poll.registry()) {
+                    tracing::warn!("cannot move the connection off this event loop: {e}");
+                }
+                Some(link)
+            })?;
         Ok(Self {
             tx,
             waker,
@@ -137,6 +147,12 @@ impl StandbyChannel {
             tracing::warn!("the channel thread panicked");
         }
     }
+
+    /// After a [`ToReplayer::Switchover`]: the connection, for the new primary's channel.
+    pub fn into_link(self) -> Option<Link> {
+        self.tell(FromReplayer::Shutdown);
+        self.thread.join().ok().flatten()
+    }
 }
 
 struct Standby {
@@ -162,6 +178,8 @@ struct Standby {
     syncing: Option<(u64, u64)>,
     repairs: u64,
     syncs: u64,
+    /// The primary handed over its role: keep the connection for the new primary.
+    handover: bool,
     meter: RateMeter,
 }
 
@@ -196,11 +214,12 @@ impl Standby {
             syncing: None,
             repairs: 0,
             syncs: 0,
+            handover: false,
             meter: RateMeter::default(),
         })
     }
 
-    fn run(&mut self, mut poll: Poll) {
+    fn run(&mut self, poll: &mut Poll) {
         let mut events = Events::with_capacity(64);
         let mut inbox = Vec::new();
         loop {
@@ -220,13 +239,20 @@ impl Standby {
                     self.lose_with(e);
                 }
             }
+            if self.handover {
+                // Nothing more is read from this connection here: the new primary's
+                // channel takes it over.
+                return;
+            }
             if self.drain_replayer() {
-                self.finish(&mut poll);
+                self.finish(poll);
                 return;
             }
             self.tick();
             if control_ready {
-                status::serve(self.control.as_ref(), || self.status());
+                let control = self.control.take();
+                status::serve(control.as_ref(), |r| self.control_request(r));
+                self.control = control;
             }
         }
     }
@@ -249,6 +275,15 @@ impl Standby {
             }
             Some(Body::Released(r)) => {
                 self.released.fetch_max(r.output_seq, Ordering::SeqCst);
+            }
+            Some(Body::Switchover(sw)) => {
+                tracing::warn!(
+                    epoch = sw.epoch,
+                    exit_seq = sw.exit_seq,
+                    "the primary hands over its role"
+                );
+                self.handover = true;
+                let _ = self.to_replayer.send(ToReplayer::Switchover(sw));
             }
             Some(Body::Pages(chunk)) => {
                 let _ = self.to_replayer.send(ToReplayer::Pages(chunk));
@@ -377,6 +412,15 @@ impl Standby {
     fn finish(&mut self, poll: &mut Poll) {
         if let Some(link) = &mut self.link {
             link.drain(poll, self.heartbeat.timeout);
+        }
+    }
+
+    fn control_request(&mut self, request: status::Request) -> String {
+        match request {
+            status::Request::Status => self.status().to_string(),
+            status::Request::Switchover => {
+                "error: this is the standby; ask the primary's control socket\n".into()
+            }
         }
     }
 

@@ -89,16 +89,47 @@ impl RateMeter {
     }
 }
 
-/// Answers every pending control connection on `listener` with `status` (best effort: a
-/// client that does not read only loses its own answer).
-pub fn serve(listener: Option<&mio::net::TcpListener>, status: impl FnOnce() -> Status) {
+/// What a control client asks for: one line, sent as soon as it connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// `status` (or nothing): the [`Status`] report.
+    Status,
+    /// `switchover`: swap the roles of the pair (primary only).
+    Switchover,
+}
+
+/// How long the control socket waits for a client's request line; a client that sends
+/// nothing gets the status.
+const REQUEST_WAIT: Duration = Duration::from_millis(5);
+
+/// Answers every pending control connection on `listener` with what `answer` says to its
+/// request (best effort: a client that does not read only loses its own answer).
+pub fn serve(listener: Option<&mio::net::TcpListener>, mut answer: impl FnMut(Request) -> String) {
     let Some(listener) = listener else { return };
-    let text = status().to_string();
-    while let Ok((mut stream, _)) = listener.accept() {
-        if let Err(e) = stream.write_all(text.as_bytes()) {
+    while let Ok((stream, _)) = listener.accept() {
+        let Ok(mut stream) = into_blocking(stream) else {
+            continue;
+        };
+        let mut line = [0u8; 64];
+        let n = stream.read(&mut line).unwrap_or(0);
+        let request = match std::str::from_utf8(&line[..n]).map(str::trim) {
+            Ok("switchover") => Request::Switchover,
+            _ => Request::Status,
+        };
+        if let Err(e) = stream.write_all(answer(request).as_bytes()) {
             tracing::debug!("control socket: {e}");
         }
     }
+}
+
+fn into_blocking(stream: mio::net::TcpStream) -> std::io::Result<TcpStream> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: the descriptor comes from a mio stream we own and give up here.
+    let stream = unsafe { TcpStream::from_raw_fd(stream.into_raw_fd()) };
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(REQUEST_WAIT))?;
+    stream.set_write_timeout(Some(Duration::from_millis(100)))?;
+    Ok(stream)
 }
 
 /// Errors of `ftvm status`.
@@ -112,6 +143,18 @@ pub struct QueryError {
 
 /// Asks the pair process whose control socket is `addr` for its status.
 pub fn query(addr: &str) -> Result<String, QueryError> {
+    let text = ask(addr, "status")?;
+    if !text.starts_with("role=") {
+        return Err(QueryError {
+            addr: addr.into(),
+            source: std::io::Error::other("the answer is not an ftvm status report"),
+        });
+    }
+    Ok(text)
+}
+
+/// Sends `request` to the control socket `addr` and returns the answer.
+pub fn ask(addr: &str, request: &str) -> Result<String, QueryError> {
     let err = |source| QueryError {
         addr: addr.into(),
         source,
@@ -124,12 +167,9 @@ pub fn query(addr: &str) -> Result<String, QueryError> {
     let mut s = TcpStream::connect_timeout(&sockaddr, Duration::from_secs(2)).map_err(err)?;
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(err)?;
+    s.write_all(format!("{request}\n").as_bytes())
+        .map_err(err)?;
     let mut text = String::new();
     s.read_to_string(&mut text).map_err(err)?;
-    if !text.starts_with("role=") {
-        return Err(err(std::io::Error::other(
-            "the answer is not an ftvm status report",
-        )));
-    }
     Ok(text)
 }

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 use ftvm_proto::channel::{
-    message::Body, CheckpointEnd, Diverged, Message, Page, PageHash, Ready, Role, Start,
+    message::Body, CheckpointEnd, Diverged, Message, Page, PageHash, Ready, Role, Start, Switchover,
 };
-use ftvm_proto::log::{self, RecordBatch};
+use ftvm_proto::log::{self, LogHeader, RecordBatch};
 use ftvm_replication::link::{self, body_name, Handshaken};
 use ftvm_replication::standby::{FromReplayer, StandbyChannel, ToReplayer};
 use ftvm_replication::ChannelOptions;
@@ -60,6 +60,8 @@ pub struct ChannelSource {
     rx: Receiver<ToReplayer>,
     batches: u64,
     lost: Option<String>,
+    /// The primary handed over its role here: the log ends.
+    switchover: Option<Switchover>,
 }
 
 impl LogSource for ChannelSource {
@@ -71,6 +73,10 @@ impl LogSource for ChannelSource {
             }
             Ok(ToReplayer::PrimaryLost(why)) => {
                 self.lost = Some(why);
+                Ok(None)
+            }
+            Ok(ToReplayer::Switchover(sw)) => {
+                self.switchover = Some(sw);
                 Ok(None)
             }
             Ok(ToReplayer::Pages(_) | ToReplayer::CheckpointEnd(_)) => Err(LogError::Malformed {
@@ -131,12 +137,42 @@ impl Write for ReplayedOutput {
 }
 
 /// How the standby's run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StandbyEnd {
     /// The primary ran the guest to its end, verified to the last epoch.
     Completed(StopRequest),
     /// The primary was lost; the standby went live and ran the guest to its end.
     WentLive(StopRequest),
+    /// `ftvm switchover`: the primary handed over its role; this host records from here.
+    TookOver(Box<TakeOver>),
+}
+
+/// What a standby that takes over the primary's role in a switchover has.
+pub struct TakeOver {
+    /// The VM, paused at the end of the last verified epoch.
+    pub vm: Vm,
+    /// The connection to the old primary, the new standby.
+    pub link: Link,
+    /// The log header (the VM configuration).
+    pub header: LogHeader,
+    /// The kernel image (for standbys that join later).
+    pub kernel: Vec<u8>,
+    /// The last epoch, verified by both.
+    pub epoch: u64,
+    /// Its last exit.
+    pub exit_seq: u64,
+    /// Every output byte before this was released.
+    pub output_seq: u64,
+}
+
+/// Where a standby starts following: at boot, or where a switchover made it the standby.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FollowFrom {
+    /// The last epoch both VMs verified (0 at boot).
+    pub epoch: u64,
+    /// Its last exit.
+    pub exit_seq: u64,
+    /// Output sequence number of the guest's next output byte.
+    pub output_seq: u64,
 }
 
 /// How often a joining standby reconnects to resume one sync before it gives up.
@@ -170,7 +206,7 @@ pub fn run_standby(
     rendezvous: Rendezvous<'_>,
     options: ChannelOptions,
     ui: StandbyUi,
-    input: impl FnOnce() -> Option<Receiver<Vec<u8>>>,
+    input: Option<Receiver<Vec<u8>>>,
     mut out: impl Write,
 ) -> Result<StandbyEnd, StandbyError> {
     let (mut h, peer, start) = meet(&rendezvous)?;
@@ -182,6 +218,7 @@ pub fn run_standby(
         }));
     }
     let sync = start.sync;
+    let kernel = start.kernel.clone();
     let built = config_from_header(&header, start.kernel, "the kernel the primary sent")
         .map_err(StandbyError::Config)
         .and_then(|config| {
@@ -259,23 +296,64 @@ pub fn run_standby(
             }
         });
     }
+    let mut replayer = new_replayer(&channel, &header);
+    if let Some(end) = synced {
+        if let Some(stop) = installed(&mut vm, &mut replayer, &channel, &end, true) {
+            return Ok(finish_completed(channel, &mut replayer, &mut out, stop));
+        }
+    }
+    follow_with(vm, header, kernel, channel, replayer, input, out)
+}
+
+fn new_replayer(
+    channel: &StandbyChannel,
+    header: &LogHeader,
+) -> Replayer<ChannelSource, ReplayedOutput> {
     let source = ChannelSource {
         rx: channel.inbox(),
         batches: 0,
         lost: None,
+        switchover: None,
     };
     let output = ReplayedOutput {
         released: channel.released(),
         base: 0,
         pending: Vec::new(),
     };
-    let mut replayer = Replayer::new(source, &header, output);
-    if let Some(end) = synced {
-        if let Some(stop) = installed(&mut vm, &mut replayer, &channel, &end, true) {
-            return Ok(finish_completed(channel, &mut replayer, &mut out, stop));
-        }
-    }
+    Replayer::new(source, header, output)
+}
 
+/// Follows a primary on `link` as its standby from `at` (after a switchover made this host
+/// the standby: `vm` is in the state both verified there).
+#[allow(clippy::too_many_arguments)]
+pub fn follow(
+    vm: Vm,
+    header: LogHeader,
+    kernel: Vec<u8>,
+    link: Link,
+    options: ChannelOptions,
+    at: FollowFrom,
+    input: Option<Receiver<Vec<u8>>>,
+    out: impl Write,
+) -> Result<StandbyEnd, StandbyError> {
+    let channel = StandbyChannel::spawn(link, options).map_err(StandbyError::Thread)?;
+    let mut replayer = new_replayer(&channel, &header);
+    replayer.restart_after_checkpoint(at.epoch, at.exit_seq);
+    replayer.output_mut().base = at.output_seq;
+    follow_with(vm, header, kernel, channel, replayer, input, out)
+}
+
+/// The standby's life: lockstep replay with repairs; go-live if the primary is lost; the
+/// primary's role if it hands it over.
+fn follow_with(
+    mut vm: Vm,
+    header: LogHeader,
+    kernel: Vec<u8>,
+    channel: StandbyChannel,
+    mut replayer: Replayer<ChannelSource, ReplayedOutput>,
+    input: Option<Receiver<Vec<u8>>>,
+    mut out: impl Write,
+) -> Result<StandbyEnd, StandbyError> {
     loop {
         let result = replay(&mut vm, &mut replayer, &mut |epoch, exit_seq| {
             channel.tell(FromReplayer::Verified { epoch, exit_seq });
@@ -311,6 +389,9 @@ pub fn run_standby(
             })
         };
         let Some((epoch, exit_seq, reason, checkpoint_required)) = stop_reason else {
+            if let Some(sw) = replayer.source.switchover.take() {
+                return take_over(vm, header, kernel, channel, sw);
+            }
             // The log ended: the primary is gone, and everything received has been replayed.
             break;
         };
@@ -387,7 +468,7 @@ pub fn run_standby(
     );
     channel.tell(FromReplayer::Live);
     write_out(&mut out, &bytes);
-    let mut live = LiveHook::resume(input(), out, vm.clock_ns());
+    let mut live = LiveHook::resume(input, out, vm.clock_ns());
     let stop = loop {
         match vm.run(&mut live)? {
             RunEnd::Stopped(stop) => break stop,
@@ -396,6 +477,42 @@ pub fn run_standby(
     };
     channel.shutdown();
     Ok(StandbyEnd::WentLive(stop))
+}
+
+/// The primary handed over its role at `sw`: this VM must be exactly there.
+fn take_over(
+    vm: Vm,
+    header: LogHeader,
+    kernel: Vec<u8>,
+    channel: StandbyChannel,
+    sw: Switchover,
+) -> Result<StandbyEnd, StandbyError> {
+    let at = vm.exit_seq().0;
+    if at != sw.exit_seq {
+        channel.shutdown();
+        return Err(StandbyError::Diverged(format!(
+            "the primary handed over at exit {} but this standby is at exit {at}",
+            sw.exit_seq
+        )));
+    }
+    let link = channel.into_link().ok_or_else(|| {
+        StandbyError::Diverged("the connection was lost during the switchover".into())
+    })?;
+    tracing::warn!(
+        epoch = sw.epoch,
+        exit_seq = sw.exit_seq,
+        output_seq = sw.output_seq,
+        "switched over: this host is now the primary"
+    );
+    Ok(StandbyEnd::TookOver(Box::new(TakeOver {
+        vm,
+        link,
+        header,
+        kernel,
+        epoch: sw.epoch,
+        exit_seq: sw.exit_seq,
+        output_seq: sw.output_seq,
+    })))
 }
 
 /// The guest ended in lockstep. Waits for the primary to release the last output; if it
@@ -462,6 +579,9 @@ fn await_repair(
                 };
             }
             Ok(ToReplayer::PrimaryLost(why)) => return Repair::PrimaryLost(why),
+            Ok(ToReplayer::Switchover(_)) => {
+                return Repair::Failed("the primary handed over its role during a repair".into())
+            }
             Err(_) => return Repair::PrimaryLost("the channel closed".into()),
         }
     }
@@ -650,6 +770,11 @@ fn receive_sync(
                 return Ok(end);
             }
             Ok(ToReplayer::Batch(_)) => {}
+            Ok(ToReplayer::Switchover(_)) => {
+                return Err(StandbyError::SyncLost(
+                    "the primary handed over its role during the sync".into(),
+                ))
+            }
             Ok(ToReplayer::PrimaryLost(why)) => return Err(StandbyError::SyncLost(why)),
             Err(_) => return Err(StandbyError::SyncLost("the channel closed".into())),
         }
