@@ -1,7 +1,7 @@
 #!/bin/busybox sh
 # PID 1 of the nested-KVM harness's VM (scripts/nested.sh): load virtio-9p and kvm-amd
 # (nested=1), mount the host's root read-only at /host with this VM's /dev, /proc, /sys and a
-# writable /tmp, run the command file named by ftvm.cmd= in a chroot of it, print its exit
+# writable /tmp (an overlay over the host's), run the command file named by ftvm.cmd= in a chroot of it, print its exit
 # status on the console, and power off.
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -38,7 +38,15 @@ cp "/host$cmd" /cmd.sh
 mount -t devtmpfs devtmpfs /host/dev
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
-mount -t tmpfs -o size=75% tmpfs /host/tmp
+# A writable /tmp that still shows the host's (a checkout under /tmp must stay visible):
+# the host's /tmp as the lower layer of an overlay whose upper layer is a tmpfs.
+mkdir -p /rw
+mount -t tmpfs -o size=75% tmpfs /rw
+mkdir -p /rw/upper /rw/work
+if ! mount -t overlay overlay -o lowerdir=/host/tmp,upperdir=/rw/upper,workdir=/rw/work /host/tmp; then
+    echo "ftvm-nested: cannot make /tmp writable" >&2
+    report 125
+fi
 cp /cmd.sh /host/tmp/.ftvm-nested-cmd.sh
 echo "ftvm-nested: running"
 chroot /host /bin/sh /tmp/.ftvm-nested-cmd.sh

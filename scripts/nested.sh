@@ -6,7 +6,8 @@
 # linux-image-amd64 depends on) loads kvm-amd with nested=1. The host's root is shared into
 # that VM read-only over virtio-9p, so the ftvm binaries built here run there as they are.
 # The command runs as root in a chroot of the host root (cwd: the current directory), with
-# the VM's own /dev, /proc, /sys and a writable /tmp; its output comes back on stdout, and
+# the VM's own /dev, /proc, /sys and a writable /tmp (an overlay over the host's); its output
+# comes back on stdout, and
 # the harness exits with the command's exit status.
 #
 #   scripts/nested.sh [--timeout SECS] [--mem MIB] -- COMMAND [ARG...]
@@ -81,6 +82,7 @@ modules=(
     drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci
     fs/netfs/netfs fs/fscache/fscache net/9p/9pnet net/9p/9pnet_virtio fs/9p/9p
     virt/lib/irqbypass arch/x86/kvm/kvm drivers/crypto/ccp/ccp arch/x86/kvm/kvm-amd
+    fs/overlayfs/overlay
 )
 
 # --- the L1 initramfs ---------------------------------------------------------------------
