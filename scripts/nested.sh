@@ -7,8 +7,7 @@
 # that VM read-only over virtio-9p, so the ftvm binaries built here run there as they are.
 # The command runs as root in a chroot of the host root (cwd: the current directory), with
 # the VM's own /dev, /proc, /sys and a writable /tmp (an overlay over the host's); its output
-# comes back on stdout, and
-# the harness exits with the command's exit status.
+# comes back on stdout, and the harness exits with the command's exit status.
 #
 #   scripts/nested.sh [--timeout SECS] [--mem MIB] -- COMMAND [ARG...]
 #

