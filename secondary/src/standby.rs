@@ -588,7 +588,8 @@ fn await_repair(
 }
 
 /// Writes `pages`, restores the state of `end` and checks the checkpoint digest over the
-/// pages it covers: those sent while the primary was stopped plus `standby_dirty`.
+/// pages it covers: `pages` (sent while the primary was stopped) plus `standby_dirty` (for a
+/// sync: the stop-and-copy pages, already written).
 fn install(
     vm: &mut Vm,
     pages: &[Page],
@@ -741,16 +742,10 @@ fn receive_sync(
             }
             Ok(ToReplayer::CheckpointEnd(end)) => {
                 progress.bar.finish_and_clear();
-                // The stopped pages are in memory already: install only the state.
-                let state: VmState = ftvm_vmm::state::decode(&end.vm_state)
-                    .map_err(|e| StandbyError::Diverged(format!("sync checkpoint: {e}")))?;
-                vm.restore(&state)?;
-                let mut covered = std::mem::take(&mut progress.stopped);
-                covered.sort_unstable();
-                covered.dedup();
-                let digest = state_digest(vm, &covered)?;
-                if digest.as_slice() != end.digest.as_slice() {
-                    let why = "the sync checkpoint's digest does not match".to_string();
+                // The stopped pages are in memory already: only the state is installed; the
+                // digest covers the stopped pages.
+                let stopped = std::mem::take(&mut progress.stopped);
+                if let Err(why) = install(vm, &[], &end, &stopped) {
                     channel.tell(FromReplayer::Diverged(Diverged {
                         epoch: end.epoch,
                         exit_seq: end.exit_seq,
@@ -760,7 +755,6 @@ fn receive_sync(
                     }));
                     return Err(StandbyError::Diverged(why));
                 }
-                vm.take_dirty_pages()?;
                 tracing::warn!(
                     mib = progress.received >> 20,
                     epoch = end.epoch,
