@@ -825,22 +825,23 @@ impl Primary {
                 "the standby reports a divergence while a checkpoint is on its way: {why}"
             ));
         }
+        let standby_dirty: Option<Vec<(u64, [u8; 32])>> = d
+            .dirty
+            .iter()
+            .map(|p| Some((p.pfn, <[u8; 32]>::try_from(p.hash.as_slice()).ok()?)))
+            .collect();
+        let Some(standby_dirty) = standby_dirty else {
+            return self.lose(format!(
+                "the standby sent a page hash that is not 32 bytes long ({why})"
+            ));
+        };
         let id = self.next_checkpoint_id;
         self.next_checkpoint_id += 1;
         let request = CheckpointRequest::Repair {
             id,
             from_epoch: d.epoch,
-            standby_dirty: d
-                .dirty
-                .iter()
-                .filter_map(|p| Some((p.pfn, <[u8; 32]>::try_from(p.hash.as_slice()).ok()?)))
-                .collect(),
+            standby_dirty,
         };
-        if d.dirty.iter().any(|p| p.hash.len() != 32) {
-            return self.lose(format!(
-                "the standby sent a page hash that is not 32 bytes long ({why})"
-            ));
-        }
         if !self.ask_vcpu(request) {
             return;
         }
