@@ -57,10 +57,14 @@ fi
 # --- the L1 kernel and its modules ------------------------------------------------------
 cache="$repo/target/nested"
 mkdir -p "$cache"
-kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+# The versioned package linux-image-amd64 depends on (the package lists may need a refresh).
+kernel_package() {
+    apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
+}
+kpkg=$(kernel_package)
 if [ -z "$kpkg" ]; then
     apt-get update -qq >/dev/null 2>&1 || true
-    kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+    kpkg=$(kernel_package)
 fi
 [ -n "$kpkg" ] || fail "cannot find the package linux-image-amd64 depends on"
 kver="${kpkg#linux-image-}"

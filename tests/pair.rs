@@ -395,7 +395,7 @@ fn rdtsc_runs_protected_to_completion_with_repairs_counted_in_status() {
             if seen[i] >= 3 {
                 continue;
             }
-            if let Some(text) = try_status(control) {
+            if let Ok(text) = try_status(control) {
                 assert_eq!(status_field(&text, "protected"), "yes", "{text}");
                 seen[i] = seen[i].max(status_number(&text, "repairs"));
             }
@@ -794,26 +794,21 @@ fn no_output_byte_leaves_before_its_epoch_is_verified() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `ftvm status addr`, or None if it fails (the process has exited).
-fn try_status(addr: &str) -> Option<String> {
-    let o = Command::new(FTVM).args(["status", addr]).output().ok()?;
-    o.status
-        .success()
-        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
-}
-
-fn status_of(addr: &str) -> String {
+/// `ftvm status addr`, or what it printed on stderr if it failed (the process has exited).
+fn try_status(addr: &str) -> Result<String, String> {
     let o = Command::new(FTVM)
         .args(["status", addr])
         .output()
         .expect("ftvm status");
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    if o.status.success() {
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&o.stderr).into_owned())
+    }
+}
+
+fn status_of(addr: &str) -> String {
+    try_status(addr).unwrap_or_else(|err| panic!("ftvm status {addr} failed: {err}"))
 }
 
 fn status_field(text: &str, key: &str) -> String {

@@ -161,25 +161,14 @@ impl PrimaryChannel {
         let (request_tx, request_rx) = crossbeam_channel::unbounded();
         let (handover_tx, handover_rx) = crossbeam_channel::unbounded();
         let tracking = DirtyTracking::default();
-        let mut state = Primary::new(link, out, rx, &options, &poll)?;
-        state.handover = Some(handover_tx);
-        state.epoch = setup.first_epoch.max(1);
-        state.buffer = OutputBuffer::starting_at(setup.output_seq);
-        state.requests = Some(request_tx);
-        state.tracking = tracking.clone();
-        state.tracking.set_protected(state.link.is_some());
-        state.memory = Some(setup.memory);
-        state.start = setup.start;
-        state.waker = Some(waker.clone());
-        if let Some(l) = setup.accept {
-            l.set_nonblocking(true)?;
-            poll.registry().register(
-                &mut mio::unix::SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&l)),
-                ACCEPT,
-                mio::Interest::READABLE,
-            )?;
-            state.accept = Some(l);
-        }
+        let vcpu = VcpuSide {
+            rx,
+            requests: request_tx,
+            handover: handover_tx,
+            tracking: tracking.clone(),
+            waker: waker.clone(),
+        };
+        let mut state = Primary::new(link, out, vcpu, &options, setup, &poll)?;
         let thread = std::thread::Builder::new()
             .name("ftvm-channel".into())
             .spawn(move || {
@@ -238,14 +227,14 @@ struct Primary {
     report: PrimaryReport,
     /// Checkpoint requests to the vCPU thread (dropped when the channel thread ends, which
     /// tells a vCPU thread serving requests after the guest stopped that it is done).
-    requests: Option<Sender<CheckpointRequest>>,
+    requests: Sender<CheckpointRequest>,
     tracking: DirtyTracking,
-    memory: Option<GuestMemory>,
+    memory: GuestMemory,
     start: Start,
-    waker: Option<Arc<Waker>>,
+    waker: Arc<Waker>,
     accept: Option<std::net::TcpListener>,
     /// Standbys whose handshake runs on a helper thread.
-    joining: Option<(Sender<Joined>, Receiver<Joined>)>,
+    joining: (Sender<Joined>, Receiver<Joined>),
     /// The sync of a standby that joined, while it runs.
     sync: Option<PreCopy>,
     /// A sync whose connection dropped, kept for the standby to resume, since when.
@@ -254,7 +243,7 @@ struct Primary {
     checkpoint: Option<PendingCheckpoint>,
     next_checkpoint_id: u64,
     /// Where the switchover's answer goes.
-    handover: Option<Sender<Result<Handover, String>>>,
+    handover: Sender<Result<Handover, String>>,
     /// A switchover under way.
     switchover: Option<Switchover>,
     /// The connection was handed over: this thread is done.
@@ -280,6 +269,15 @@ enum Switchover {
 /// A joining standby's handshake, done on a helper thread: the link, or why it failed.
 type Joined = Result<(Link, Ready), String>;
 
+/// The channel thread's ends of what it shares with the vCPU thread.
+struct VcpuSide {
+    rx: Receiver<FromVcpu>,
+    requests: Sender<CheckpointRequest>,
+    handover: Sender<Result<Handover, String>>,
+    tracking: DirtyTracking,
+    waker: Arc<Waker>,
+}
+
 /// A checkpoint on its way.
 #[derive(Debug)]
 struct PendingCheckpoint {
@@ -296,8 +294,9 @@ impl Primary {
     fn new(
         link: Result<Link, String>,
         out: Box<dyn Write + Send>,
-        rx: Receiver<FromVcpu>,
+        vcpu: VcpuSide,
         options: &ChannelOptions,
+        setup: PrimarySetup,
         poll: &Poll,
     ) -> std::io::Result<Self> {
         let (mut link, lost) = match link {
@@ -311,16 +310,25 @@ impl Primary {
             l.register(poll.registry(), LINK)?;
         }
         let control = link::register_control(options.control.as_ref(), poll, CONTROL)?;
+        if let Some(l) = &setup.accept {
+            l.set_nonblocking(true)?;
+            poll.registry().register(
+                &mut mio::unix::SourceFd(&std::os::fd::AsRawFd::as_raw_fd(l)),
+                ACCEPT,
+                mio::Interest::READABLE,
+            )?;
+        }
+        vcpu.tracking.set_protected(link.is_some());
         Ok(Self {
             link,
             peer,
             out,
-            rx,
+            rx: vcpu.rx,
             heartbeat: options.heartbeat,
             control,
             audit: Audit::from_env(),
-            buffer: OutputBuffer::default(),
-            epoch: 1,
+            buffer: OutputBuffer::starting_at(setup.output_seq),
+            epoch: setup.first_epoch.max(1),
             exit_seq: 0,
             unverified: VecDeque::new(),
             ended: false,
@@ -329,18 +337,18 @@ impl Primary {
                 lost,
                 ..Default::default()
             },
-            requests: None,
-            tracking: DirtyTracking::default(),
-            memory: None,
-            start: Start::default(),
-            waker: None,
-            accept: None,
-            joining: Some(crossbeam_channel::unbounded()),
+            requests: vcpu.requests,
+            tracking: vcpu.tracking,
+            memory: setup.memory,
+            start: setup.start,
+            waker: vcpu.waker,
+            accept: setup.accept,
+            joining: crossbeam_channel::unbounded(),
             sync: None,
             paused_sync: None,
             checkpoint: None,
             next_checkpoint_id: 1,
-            handover: None,
+            handover: vcpu.handover,
             switchover: None,
             handed_over: false,
             switchover_after_repair: false,
@@ -429,10 +437,7 @@ impl Primary {
                     if self.link.is_none() || self.switchover.is_none() {
                         // Abandoned while the vCPU was on its way to stop: let it run on.
                         self.switchover = None;
-                        tracing::warn!("switchover abandoned: the standby was lost or diverged");
-                        if let Some(tx) = &self.handover {
-                            let _ = tx.send(Err("the standby was lost or diverged".into()));
-                        }
+                        self.refuse_handover("the standby was lost or diverged".into());
                     } else {
                         self.switchover = Some(Switchover::Stopped { epoch, exit_seq });
                     }
@@ -734,10 +739,13 @@ impl Primary {
             // The vCPU has not stopped yet; it is told when it does.
             return;
         }
+        self.refuse_handover(why);
+    }
+
+    /// Tells the vCPU thread, stopped for a switchover, to run on as the primary.
+    fn refuse_handover(&self, why: String) {
         tracing::warn!("switchover abandoned: {why}");
-        if let Some(tx) = &self.handover {
-            let _ = tx.send(Err(why));
-        }
+        let _ = self.handover.send(Err(why));
     }
 
     /// Hands the connection over once the stopped primary's last epoch is verified and all
@@ -792,9 +800,7 @@ impl Primary {
             exit_seq,
             output_seq,
         };
-        if let Some(tx) = &self.handover {
-            let _ = tx.send(Ok(handover));
-        }
+        let _ = self.handover.send(Ok(handover));
     }
 
     /// The standby cannot follow: ask the vCPU thread for a repair checkpoint.
@@ -864,10 +870,7 @@ impl Primary {
 
     /// Hands `request` to the vCPU thread; false (and unprotected) if it is gone.
     fn ask_vcpu(&mut self, request: CheckpointRequest) -> bool {
-        let sent = self
-            .requests
-            .as_ref()
-            .is_some_and(|r| r.send(request).is_ok());
+        let sent = self.requests.send(request).is_ok();
         if !sent {
             self.lose("the vCPU thread is gone: no checkpoint can be made".into());
         }
@@ -1011,8 +1014,7 @@ impl Primary {
                 tracing::warn!(peer, "refusing a joining standby: {why}");
                 continue;
             }
-            let Some((tx, _)) = &self.joining else { return };
-            let tx = tx.clone();
+            let tx = self.joining.0.clone();
             let waker = self.waker.clone();
             let start = self.start.clone();
             let spawned = std::thread::Builder::new()
@@ -1022,9 +1024,7 @@ impl Primary {
                         .and_then(|h| offer_vm(h, &peer, start))
                         .map_err(|e| format!("joining standby {peer}: {e}"));
                     let _ = tx.send(result);
-                    if let Some(w) = waker {
-                        let _ = w.wake();
-                    }
+                    let _ = waker.wake();
                 });
             if let Err(e) = spawned {
                 tracing::warn!("cannot start a thread for a joining standby: {e}");
@@ -1034,8 +1034,9 @@ impl Primary {
 
     /// A joining standby finished its handshake: start syncing it.
     fn attach_joined(&mut self, poll: &Poll) {
-        let Some((_, rx)) = &self.joining else { return };
-        let Ok(result) = rx.try_recv() else { return };
+        let Ok(result) = self.joining.1.try_recv() else {
+            return;
+        };
         let (mut link, ready) = match result {
             Ok(joined) => joined,
             Err(why) => return tracing::warn!("{why}"),
@@ -1043,9 +1044,7 @@ impl Primary {
         if self.link.is_some() || self.ended {
             return tracing::warn!(peer = link.peer(), "refusing a joining standby: too late");
         }
-        let Some(memory) = self.memory.clone() else {
-            return;
-        };
+        let memory = self.memory.clone();
         if let Err(e) = link.register(poll.registry(), LINK) {
             return tracing::warn!(peer = link.peer(), "cannot watch the joining standby: {e}");
         }
