@@ -21,6 +21,19 @@ use ftvm_vmm::{RunEnd, Vm, VmConfig};
 /// The command line the built-in guest runs when none is given.
 const DEFAULT_CMDLINE: &str = "workload=counter ticks=20";
 
+/// The command line a `--kernel` (Linux) runs with when none is given. What each part is for:
+/// `console=ttyS0`: the console is COM1; `noapic nolapic`: no local or I/O APIC (the CPUID
+/// table hides the local APIC too), so Linux stays on the 8259 PIC and takes its timer from
+/// the 8254 PIT, the userspace interrupt model every exit is logged through; `reboot=k`: a
+/// reboot pulses the i8042 reset line, which ends the VM; `panic=-1`: so does a panic;
+/// `nokaslr`: KASLR seeds from RDTSC, so the kernel would land elsewhere on each host;
+/// `pci=off`: there is no PCI bus (the disks are virtio-mmio, announced through ACPI);
+/// `i8042.*`: the keyboard controller exists only for its reset line. ftvm appends
+/// `tsc_early_khz=<this host's TSC kHz> tsc=reliable`: Linux then needs no PIT calibration
+/// (a thousand exits in 10 ms, too many where exits are slow) and keeps the TSC as its clock.
+const LINUX_CMDLINE: &str = "console=ttyS0 noapic nolapic reboot=k panic=-1 nokaslr pci=off \
+                             i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
 /// Exit status for errors of ftvm itself (the guest's own status is passed through otherwise).
 const STATUS_ERROR: u8 = 1;
 /// `ftvm replay`: the log is unusable (damaged, wrong version, another kernel).
@@ -98,6 +111,13 @@ struct ReplayArgs {
     /// The kernel the log was recorded with (default: the built-in test guest).
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// The initrd the log was recorded with.
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    /// The disks the log was recorded with, in the same order: copies of the images as they
+    /// were when the recording started (the replay writes to them as the guest did).
+    #[arg(long, value_name = "PATH[,ro]")]
+    disk: Vec<ftvm_vmm::devices::virtio_blk::DiskConfig>,
     /// Write the replayed guest's serial output to stdout.
     #[arg(long)]
     show_output: bool,
@@ -105,12 +125,23 @@ struct ReplayArgs {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// ELF64 kernel to boot (default: the built-in test guest).
+    /// Kernel to boot: a Linux bzImage, or an ELF64 vmlinux (default: the built-in test
+    /// guest).
     #[arg(long)]
     kernel: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, default_value = DEFAULT_CMDLINE)]
-    cmdline: String,
+    /// Initial ramdisk for a Linux kernel.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Attach a raw disk image as a virtio-mmio block device (Linux: /dev/vda, then vdb…);
+    /// PATH,ro attaches it read-only. Up to four.
+    #[arg(long, value_name = "PATH[,ro]")]
+    disk: Vec<ftvm_vmm::devices::virtio_blk::DiskConfig>,
+    /// Kernel command line. Default: "workload=counter ticks=20" for the built-in guest;
+    /// for --kernel: "console=ttyS0 noapic nolapic reboot=k panic=-1 nokaslr pci=off
+    /// i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd tsc_early_khz=<host TSC kHz>
+    /// tsc=reliable" (docs/ARCHITECTURE.md says why).
+    #[arg(long)]
+    cmdline: Option<String>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = ftvm_vmm::vm::DEFAULT_MEM_MIB)]
     mem_mib: u64,
@@ -142,6 +173,12 @@ struct RunArgs {
 enum CliError {
     #[error("cannot read kernel {path}: {source}")]
     Kernel {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read initrd {path}: {source}")]
+    Initrd {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -215,6 +252,17 @@ fn read_kernel(path: &Option<PathBuf>) -> Result<(Vec<u8>, String), CliError> {
     })
 }
 
+fn read_initrd(path: &Option<PathBuf>) -> Result<Option<Vec<u8>>, CliError> {
+    path.as_ref()
+        .map(|path| {
+            std::fs::read(path).map_err(|source| CliError::Initrd {
+                path: path.clone(),
+                source,
+            })
+        })
+        .transpose()
+}
+
 fn stop_status(stop: StopRequest) -> u8 {
     match stop {
         StopRequest::Exit(status) => status,
@@ -227,10 +275,20 @@ fn stop_status(stop: StopRequest) -> u8 {
 
 fn boot(args: &RunArgs) -> Result<(VmConfig, Vm), CliError> {
     let (kernel, kernel_name) = read_kernel(&args.kernel)?;
+    let cmdline = match (&args.cmdline, &args.kernel) {
+        (Some(c), _) => c.clone(),
+        (None, None) => DEFAULT_CMDLINE.to_string(),
+        (None, Some(_)) => format!(
+            "{LINUX_CMDLINE} tsc_early_khz={} tsc=reliable",
+            ftvm_vmm::vm::host_tsc_khz()?
+        ),
+    };
     let config = VmConfig {
         mem_mib: args.mem_mib,
         kernel,
-        cmdline: args.cmdline.clone(),
+        initrd: read_initrd(&args.initrd)?,
+        disks: args.disk.clone(),
+        cmdline,
         cpuid: None,
     };
     let vm = Vm::new(&config).map_err(|e| match e {
@@ -280,6 +338,14 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
                 .into(),
         ));
     }
+    if paired && !args.disk.is_empty() {
+        // The standby would need its own copy of each image and the pair protocol does not
+        // carry disk specs or resync disks yet (DESIGN.md §4, issue 6 note).
+        return Err(CliError::Usage(
+            "--disk cannot be used with --peer or --accept-standby yet: a protected guest has no disks"
+                .into(),
+        ));
+    }
     if args.pair.control.is_some() && !paired {
         return Err(CliError::Usage(
             "--control needs --peer or --accept-standby".into(),
@@ -296,14 +362,17 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             Some(addr) => Some(listen(addr)?),
             None => None,
         };
-        let header = ftvm_primary::header(&config, vm.cpuid(), &policy);
+        let header = ftvm_primary::header(&config, vm.cpuid(), &vm.machine().disks(), &policy);
         let timeout = Duration::from_millis(args.connect_timeout_ms);
         let link = match &args.peer {
             None => Err("no standby yet: waiting for one to join".to_string()),
             Some(peer) => {
                 match pair::connect_standby(peer, timeout, header.clone(), &config.kernel) {
                     Ok(link) => Ok(link),
-                    Err(source @ ftvm_replication::ChannelError::Connect { .. }) => {
+                    Err(
+                        source @ (ftvm_replication::ChannelError::Connect { .. }
+                        | ftvm_replication::ChannelError::HostMismatch { .. }),
+                    ) => {
                         return Err(CliError::Connect {
                             peer: peer.clone(),
                             source,
@@ -339,7 +408,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             RunEnd::Paused(_) => Ok(0),
         };
     };
-    let header = ftvm_primary::header(&config, vm.cpuid(), &policy);
+    let header = ftvm_primary::header(&config, vm.cpuid(), &vm.machine().disks(), &policy);
     let sink = LogFileWriter::create(&path, header).map_err(|source| CliError::CreateLog {
         path: path.clone(),
         source,
@@ -560,9 +629,17 @@ fn replay(args: ReplayArgs) -> Result<u8, CliError> {
     let (reader, header) = LogFileReader::open(&args.log)
         .map_err(|e| CliError::BadLog(format!("{}: {e}", args.log.display())))?;
     let (kernel, kernel_name) = read_kernel(&args.kernel)?;
-    let config = ftvm_secondary::config_from_header(&header, kernel, &kernel_name)
-        .map_err(|e| CliError::BadLog(format!("{}: {e}", args.log.display())))?;
+    let config = ftvm_secondary::config_from_header(
+        &header,
+        kernel,
+        &kernel_name,
+        read_initrd(&args.initrd)?,
+        args.disk.clone(),
+    )
+    .map_err(|e| CliError::BadLog(format!("{}: {e}", args.log.display())))?;
     let mut vm = Vm::new(&config)?;
+    ftvm_secondary::check_disks(&header, &vm.machine().disks())
+        .map_err(|e| CliError::BadLog(format!("{}: {e}", args.log.display())))?;
     let output: Box<dyn std::io::Write> = if args.show_output {
         Box::new(std::io::stdout())
     } else {

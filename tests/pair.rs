@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use ftvm_proto::channel::{message::Body, Hello, Message, Ready, Role};
 use ftvm_proto::frame;
+use ftvm_replication::host::{HostKind, KvmFlavour};
 
 const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
 
@@ -559,13 +560,20 @@ fn fake_standby(script: impl FnOnce(TcpStream) + Send + 'static) -> (String, Joi
     (addr, h)
 }
 
+/// The magic and a Hello from a fake peer on this host.
 fn hello(version: u32, role: Role) -> Vec<u8> {
+    hello_on(version, role, HostKind::local())
+}
+
+/// The magic and a Hello from a fake peer on a host of kind `host`.
+fn hello_on(version: u32, role: Role, host: &HostKind) -> Vec<u8> {
     let mut v = ftvm_proto::CHANNEL_MAGIC.to_vec();
     v.extend(frame::encode(&Message {
         body: Some(Body::Hello(Hello {
             protocol_version: version,
             role: role as i32,
             software: "fake".into(),
+            host: Some(host.to_proto()),
         })),
     }));
     v
@@ -618,7 +626,10 @@ fn a_peer_with_another_protocol_version_is_refused() {
             let _ = s.write_all(&hello(99, Role::Standby));
             drain_then_close(s, Duration::from_secs(2));
         },
-        "speaks pair protocol version 99, this ftvm speaks version 2",
+        &format!(
+            "speaks pair protocol version 99, this ftvm speaks version {}",
+            ftvm_proto::PROTOCOL_VERSION
+        ),
     );
 }
 
@@ -685,6 +696,227 @@ fn a_standby_refuses_a_primary_speaking_garbage() {
             && s.stderr.contains("is not an ftvm pair endpoint"),
         "{}",
         s.stderr
+    );
+}
+
+/// This host with another KVM flavour (same CPU vendor).
+fn other_flavour() -> HostKind {
+    let local = HostKind::local();
+    HostKind {
+        kvm: if local.kvm == KvmFlavour::Svm {
+            KvmFlavour::Pvm
+        } else {
+            KvmFlavour::Svm
+        },
+        vendor: local.vendor.clone(),
+    }
+}
+
+/// This host with another CPU vendor (same KVM flavour).
+fn other_vendor() -> HostKind {
+    let local = HostKind::local();
+    HostKind {
+        kvm: local.kvm.clone(),
+        vendor: if local.vendor == "GenuineIntel" {
+            "AuthenticAMD".into()
+        } else {
+            "GenuineIntel".into()
+        },
+    }
+}
+
+/// What a peer refusing a `them` on `theirs` says (after "refusing the pair with PEER").
+fn refusal(them: &str, theirs: &HostKind, us: &str) -> String {
+    format!(
+        ": the {them} runs on {theirs}, this {us} on {}; a guest cannot replay across host kinds",
+        HostKind::local()
+    )
+}
+
+/// Connects to `addr`, retrying while the process there starts.
+fn connect_when_up(addr: &str) -> TcpStream {
+    let start = Instant::now();
+    loop {
+        match TcpStream::connect(addr) {
+            Ok(c) => return c,
+            Err(e) if start.elapsed() < Duration::from_secs(10) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("nothing listened on {addr}: {e}"),
+        }
+    }
+}
+
+/// Reads everything `conn` sends until the peer closes, and returns its Hello (after the
+/// magic) and what followed it.
+fn peer_hello(mut conn: TcpStream) -> (Hello, usize) {
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut all = Vec::new();
+    let _ = conn.read_to_end(&mut all);
+    assert!(all.starts_with(ftvm_proto::CHANNEL_MAGIC), "{all:?}");
+    let (msg, len) = frame::decode_from::<Message>(&all[8..], 8)
+        .expect("a well-formed frame")
+        .expect("a whole Hello");
+    let Some(Body::Hello(hello)) = msg.body else {
+        panic!("expected Hello, got {msg:?}");
+    };
+    (hello, all.len() - 8 - len)
+}
+
+/// The standby sees a primary on another kind of host (here: another KVM flavour) in its
+/// Hello and refuses the pair with both kinds named; it sends its own host kind, and nothing
+/// after its Hello.
+#[test]
+fn a_standby_refuses_a_primary_on_another_kind_of_host() {
+    let _one = serial();
+    let addr = free_addr();
+    let s = standby(&addr, &[], &[]);
+    let mut conn = connect_when_up(&addr);
+    let theirs = other_flavour();
+    conn.write_all(&hello_on(
+        ftvm_proto::PROTOCOL_VERSION,
+        Role::Primary,
+        &theirs,
+    ))
+    .expect("send Hello");
+    let (hello, after) = peer_hello(conn);
+    let s = s.wait(LIMIT);
+    no_panic(&s);
+    assert_eq!(
+        HostKind::from_proto(hello.host.as_ref()),
+        *HostKind::local(),
+        "the standby's Hello must carry its host kind"
+    );
+    assert_eq!(after, 0, "the standby sent more than its Hello");
+    assert_eq!(s.status.code(), Some(1), "{}", s.stderr);
+    assert!(s.stdout.is_empty(), "{}", s.out());
+    let expected = refusal("primary", &theirs, "standby");
+    let line = s.stderr.trim_end();
+    assert!(
+        line.starts_with("ftvm: error: refusing the pair with 127.0.0.1:")
+            && line.ends_with(&expected),
+        "expected {expected:?} in:\n{}",
+        s.stderr
+    );
+}
+
+/// The primary started with --peer sees a standby on another kind of host (here: another
+/// CPU vendor): it does not run the guest unprotected but exits with both kinds named.
+#[test]
+fn a_primary_refuses_a_standby_on_another_kind_of_host() {
+    let _one = serial();
+    let theirs = other_vendor();
+    let sent = theirs.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (addr, fake) = fake_standby(move |mut s| {
+        let _ = s.write_all(&hello_on(
+            ftvm_proto::PROTOCOL_VERSION,
+            Role::Standby,
+            &sent,
+        ));
+        let _ = tx.send(peer_hello(s));
+    });
+    let p = spawn(&primary_args(&addr, "workload=counter ticks=5", &[]), &[]);
+    let p = p.wait(LIMIT);
+    let _ = fake.join();
+    no_panic(&p);
+    let (hello, after) = rx.recv().expect("the primary connected");
+    assert_eq!(
+        HostKind::from_proto(hello.host.as_ref()),
+        *HostKind::local(),
+        "the primary's Hello must carry its host kind"
+    );
+    assert_eq!(after, 0, "the primary sent more than its Hello (a Start?)");
+    assert_eq!(p.status.code(), Some(1), "{}", p.stderr);
+    assert!(p.stdout.is_empty(), "the guest ran: {}", p.out());
+    assert!(!p.stderr.contains("unprotected"), "{}", p.stderr);
+    let expected = refusal("standby", &theirs, "primary");
+    let line = p.stderr.trim_end();
+    assert!(
+        line.starts_with(&format!(
+            "ftvm: error: standby {addr}: refusing the pair with {addr}"
+        )) && line.ends_with(&expected),
+        "expected {expected:?} in:\n{}",
+        p.stderr
+    );
+}
+
+/// `ftvm standby --join` refuses a primary on another kind of host the same way.
+#[test]
+fn a_joining_standby_refuses_a_primary_on_another_kind_of_host() {
+    let _one = serial();
+    let theirs = other_flavour();
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let accept = format!("127.0.0.1:{}", l.local_addr().expect("addr").port());
+    let s = spawn(&["standby", "--join", &accept], &[]);
+    let (mut conn, _) = l.accept().expect("the standby connects");
+    conn.write_all(&hello_on(
+        ftvm_proto::PROTOCOL_VERSION,
+        Role::Primary,
+        &theirs,
+    ))
+    .expect("send Hello");
+    let (hello, _) = peer_hello(conn);
+    let s = s.wait(LIMIT);
+    no_panic(&s);
+    assert_eq!(
+        HostKind::from_proto(hello.host.as_ref()),
+        *HostKind::local()
+    );
+    assert_eq!(s.status.code(), Some(1), "{}", s.stderr);
+    let expected = refusal("primary", &theirs, "standby");
+    assert!(
+        s.stderr
+            .trim_end()
+            .starts_with(&format!("ftvm: error: refusing the pair with {accept}"))
+            && s.stderr.trim_end().ends_with(&expected),
+        "expected {expected:?} in:\n{}",
+        s.stderr
+    );
+}
+
+/// A primary already running the guest (`--accept-standby`) turns away a joining standby on
+/// another kind of host, says why, and runs on (unprotected, as before it came).
+#[test]
+fn a_running_primary_turns_away_a_joining_standby_on_another_kind_of_host() {
+    let _one = serial();
+    let accept = free_addr();
+    let w = Workload::Counter(40);
+    let p = spawn(
+        &[
+            "run",
+            "--accept-standby",
+            &accept,
+            "--cmdline",
+            &w.cmdline(),
+        ],
+        &[],
+    );
+    let theirs = other_vendor();
+    let mut conn = connect_when_up(&accept);
+    conn.write_all(&hello_on(
+        ftvm_proto::PROTOCOL_VERSION,
+        Role::Standby,
+        &theirs,
+    ))
+    .expect("send Hello");
+    let (hello, after) = peer_hello(conn);
+    assert_eq!(
+        HostKind::from_proto(hello.host.as_ref()),
+        *HostKind::local()
+    );
+    assert_eq!(after, 0, "the primary sent more than its Hello (a Start?)");
+    let p = p.wait(LIMIT);
+    no_panic(&p);
+    assert_eq!(p.status.code(), Some(0), "{}", p.stderr);
+    w.assert_complete(&p.out());
+    let expected = refusal("standby", &theirs, "primary");
+    assert!(
+        p.stderr.contains("joining standby 127.0.0.1:") && p.stderr.contains(&expected),
+        "expected {expected:?} in:\n{}",
+        p.stderr
     );
 }
 

@@ -87,8 +87,13 @@ pub struct RecordStats {
     pub records: u64,
 }
 
-/// The header of a log for `config` running with `cpuid` under `policy`.
-pub fn header(config: &VmConfig, cpuid: &CpuidTable, policy: &EpochPolicy) -> log::LogHeader {
+/// The header of a log for `config` running with `cpuid` and `disks` under `policy`.
+pub fn header(
+    config: &VmConfig,
+    cpuid: &CpuidTable,
+    disks: &[ftvm_vmm::devices::virtio_blk::DiskInfo],
+    policy: &EpochPolicy,
+) -> log::LogHeader {
     let table = ftvm_vmm::state::encode(cpuid);
     log::LogHeader {
         format_version: ftvm_proto::FORMAT_VERSION,
@@ -99,6 +104,18 @@ pub fn header(config: &VmConfig, cpuid: &CpuidTable, policy: &EpochPolicy) -> lo
             kernel_hash: hash(&config.kernel).to_vec(),
             cpuid_hash: hash(&table).to_vec(),
             cpuid_table: table,
+            initrd_hash: config
+                .initrd
+                .as_ref()
+                .map(|i| hash(i).to_vec())
+                .unwrap_or_default(),
+            disks: disks
+                .iter()
+                .map(|d| log::DiskSpec {
+                    sectors: d.sectors,
+                    read_only: d.read_only,
+                })
+                .collect(),
         }),
     }
 }

@@ -25,7 +25,8 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const LOG_MAGIC: &[u8; 8] = b"FTVMLOG\0";
 
 /// The pair protocol this build speaks (exchanged first on every pair connection).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version 3: `Hello` carries the sender's host kind.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// First bytes each side of a pair connection sends.
 pub const CHANNEL_MAGIC: &[u8; 8] = b"FTVMPAIR";

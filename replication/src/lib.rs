@@ -1,8 +1,8 @@
 //! `ftvm-replication`: the pair channel (DESIGN.md §3, §5, §6).
 //!
 //! One TCP connection per pair. Each side opens with the magic `FTVMPAIR` and a `Hello`
-//! carrying its protocol version and role ([`link::handshake`]); a mismatch is a clear
-//! error. Then frames `[len][crc32c][prost Message]` flow on a mio event loop in a thread of
+//! carrying its protocol version, role and host kind ([`link::handshake`], [`host`]); a
+//! mismatch is a clear error (a guest cannot be replayed across host kinds). Then frames `[len][crc32c][prost Message]` flow on a mio event loop in a thread of
 //! each process:
 //! - [`primary::PrimaryChannel`] ships the replication log (one record batch per epoch,
 //!   several batches coalesced into one write when they queue up), holds guest output in the
@@ -19,6 +19,7 @@
 
 pub mod audit;
 pub mod checkpoint;
+pub mod host;
 pub mod link;
 pub mod output;
 pub mod primary;

@@ -1,7 +1,7 @@
 //! One pair connection: the handshake on a blocking socket, then a non-blocking [`Link`]
 //! driven by a mio event loop. Nothing a peer sends is trusted: a wrong magic, another
-//! protocol version, a damaged frame or a connection closed in the middle of a frame is a
-//! [`ChannelError`] that names the peer and the byte offset, never a panic.
+//! protocol version, another host kind, a damaged frame or a connection closed in the middle
+//! of a frame is a [`ChannelError`] that names the peer and the byte offset, never a panic.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use ftvm_proto::channel::{message::Body, Hello, Message, Role};
 use ftvm_proto::frame::{self, FrameError, FrameReader};
 use ftvm_proto::{CHANNEL_MAGIC, PROTOCOL_VERSION};
+
+use crate::host::HostKind;
 
 /// The channel failed. Every variant names the peer.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +47,22 @@ pub enum ChannelError {
         theirs: u32,
         /// Its software string.
         software: String,
+    },
+    /// The peer runs on another kind of host: a guest cannot be replayed across host kinds
+    /// (KVM flavour, CPU vendor), so the pair is refused. Both sides see both hellos, so
+    /// both refuse.
+    #[error("refusing the pair with {peer}: the {their_role} runs on {theirs}, this {our_role} on {ours}; a guest cannot replay across host kinds")]
+    HostMismatch {
+        /// The peer.
+        peer: String,
+        /// The peer's role ("primary", "standby").
+        their_role: &'static str,
+        /// The peer's host kind.
+        theirs: Box<HostKind>,
+        /// This side's role.
+        our_role: &'static str,
+        /// This host's kind.
+        ours: Box<HostKind>,
     },
     /// The peer sent a message that does not belong here.
     #[error("{peer} broke the pair protocol: expected {expected}, got {got}")]
@@ -269,14 +287,21 @@ pub fn recv_blocking(
     }
 }
 
-/// The pair handshake, the same on both sides: send the magic and a Hello naming our role,
-/// then read the peer's and check its magic, protocol version and role (it must be the other
-/// one). Both sides send before reading, so each learns the other's version even when they
-/// differ.
-pub fn handshake(
+/// The pair handshake, the same on both sides: send the magic and a Hello naming our role
+/// and this host's kind ([`HostKind::local`]), then read the peer's and check its magic,
+/// protocol version, role (it must be the other one) and host kind (it must be ours). Both
+/// sides send before reading, so each learns the other's version and host even when they
+/// differ, and both refuse a mismatch.
+pub fn handshake(stream: TcpStream, peer: &str, role: Role) -> Result<Handshaken, ChannelError> {
+    handshake_on(stream, peer, role, HostKind::local())
+}
+
+/// [`handshake`] as a host of kind `host`.
+pub fn handshake_on(
     mut stream: TcpStream,
     peer: &str,
     role: Role,
+    host: &HostKind,
 ) -> Result<Handshaken, ChannelError> {
     let io_err = |e| ChannelError::io(peer, e);
     stream.set_nodelay(true).map_err(io_err)?;
@@ -287,6 +312,7 @@ pub fn handshake(
         protocol_version: PROTOCOL_VERSION,
         role: role as i32,
         software: format!("ftvm {}", env!("CARGO_PKG_VERSION")),
+        host: Some(host.to_proto()),
     };
     let mut first = CHANNEL_MAGIC.to_vec();
     first.extend_from_slice(&frame::encode(&Message {
@@ -347,6 +373,21 @@ pub fn handshake(
             got: role_name(theirs.role).into(),
         });
     }
+    let their_host = HostKind::from_proto(theirs.host.as_ref());
+    if !their_host.compatible(host) {
+        let name = |role: Role| match role {
+            Role::Primary => "primary",
+            _ => "standby",
+        };
+        return Err(ChannelError::HostMismatch {
+            peer: peer.into(),
+            their_role: name(wanted),
+            theirs: Box::new(their_host),
+            our_role: name(role),
+            ours: Box::new(host.clone()),
+        });
+    }
+    tracing::debug!(peer, host = %their_host, "pair handshake done");
     Ok(Handshaken {
         stream,
         peer: peer.into(),
@@ -566,4 +607,83 @@ pub fn register_control(
 /// an unbounded `epoll_wait` about once in five runs under load (docs/ARCHITECTURE.md).
 pub fn poll_timeout(link: Option<&Link>, heartbeat: &Heartbeat) -> Duration {
     link.map_or(heartbeat.interval, |l| l.until_next_heartbeat(heartbeat))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::KvmFlavour;
+    use std::net::TcpListener;
+
+    fn host(kvm: KvmFlavour, vendor: &str) -> HostKind {
+        HostKind {
+            kvm,
+            vendor: vendor.into(),
+        }
+    }
+
+    /// A primary on `primary_host` and a standby on `standby_host` meet over loopback.
+    fn pair(
+        primary_host: HostKind,
+        standby_host: HostKind,
+    ) -> (
+        Result<Handshaken, ChannelError>,
+        Result<Handshaken, ChannelError>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let standby = std::thread::spawn(move || {
+            let (stream, peer) = listener.accept().expect("accept");
+            handshake_on(stream, &peer.to_string(), Role::Standby, &standby_host)
+        });
+        let stream = TcpStream::connect(&addr).expect("connect");
+        let primary = handshake_on(stream, &addr, Role::Primary, &primary_host);
+        (primary, standby.join().expect("standby thread"))
+    }
+
+    #[test]
+    fn hosts_of_the_same_kind_pair() {
+        let h = host(KvmFlavour::Svm, "AuthenticAMD");
+        let (p, s) = pair(h.clone(), h.clone());
+        let p = p.expect("primary handshake");
+        let s = s.expect("standby handshake");
+        assert_eq!(HostKind::from_proto(p.hello.host.as_ref()), h);
+        assert_eq!(HostKind::from_proto(s.hello.host.as_ref()), h);
+    }
+
+    #[test]
+    fn both_sides_refuse_hosts_of_another_kind() {
+        let (p, s) = pair(
+            host(KvmFlavour::Svm, "AuthenticAMD"),
+            host(KvmFlavour::Pvm, "AuthenticAMD"),
+        );
+        let p = p.err().expect("the primary must refuse").to_string();
+        let s = s.err().expect("the standby must refuse").to_string();
+        assert!(
+            p.starts_with("refusing the pair with 127.0.0.1:")
+                && p.ends_with(": the standby runs on PVM on AuthenticAMD, this primary on KVM (SVM) on AuthenticAMD; a guest cannot replay across host kinds"),
+            "{p}"
+        );
+        assert!(
+            s.starts_with("refusing the pair with 127.0.0.1:")
+                && s.ends_with(": the primary runs on KVM (SVM) on AuthenticAMD, this standby on PVM on AuthenticAMD; a guest cannot replay across host kinds"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn another_cpu_vendor_is_refused() {
+        let (p, s) = pair(
+            host(KvmFlavour::Pvm, "GenuineIntel"),
+            host(KvmFlavour::Pvm, "AuthenticAMD"),
+        );
+        assert!(matches!(p, Err(ChannelError::HostMismatch { .. })));
+        let s = s.err().expect("the standby must refuse").to_string();
+        assert!(
+            s.contains(
+                "the primary runs on PVM on GenuineIntel, this standby on PVM on AuthenticAMD"
+            ),
+            "{s}"
+        );
+    }
 }

@@ -17,6 +17,7 @@ use std::io::Write;
 use ftvm_proto::frame::FrameError;
 use ftvm_proto::log::{self, record::Kind, LogHeader, Record, RecordBatch};
 use ftvm_vmm::cpuid::CpuidTable;
+use ftvm_vmm::devices::virtio_blk::{DiskConfig, DiskInfo};
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::{epoch_digest, hash};
 use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HookError, HostView, Point, RunEnd};
@@ -118,11 +119,14 @@ fn hex(b: &[u8]) -> String {
 }
 
 /// The VM configuration a log header describes, with `kernel` (named `kernel_name` in errors)
-/// as the image; the kernel must be the one the log was recorded with.
+/// as the image, `initrd` and `disks`; the kernel and initrd must be the ones the log was
+/// recorded with (the disks are checked against the header by [`check_disks`] once opened).
 pub fn config_from_header(
     header: &LogHeader,
     kernel: Vec<u8>,
     kernel_name: &str,
+    initrd: Option<Vec<u8>>,
+    disks: Vec<DiskConfig>,
 ) -> Result<VmConfig, LogError> {
     let c = header
         .config
@@ -143,12 +147,66 @@ pub fn config_from_header(
     }
     let cpuid: CpuidTable = ftvm_vmm::state::decode(&c.cpuid_table)
         .map_err(|e| LogError::Config(format!("CPUID table: {e}")))?;
+    match (&initrd, c.initrd_hash.is_empty()) {
+        (None, false) => {
+            return Err(LogError::Config(
+                "the guest was recorded with an initrd; give the same one (--initrd)".into(),
+            ))
+        }
+        (Some(_), true) => {
+            return Err(LogError::Config(
+                "the guest was recorded without an initrd, but one was given".into(),
+            ))
+        }
+        (Some(i), false) if hash(i).as_slice() != c.initrd_hash.as_slice() => {
+            return Err(LogError::Config(format!(
+                "the initrd given hashes to {}, the log's to {}",
+                hex(&hash(i)),
+                hex(&c.initrd_hash)
+            )))
+        }
+        _ => {}
+    }
+    if disks.len() != c.disks.len() {
+        return Err(LogError::Config(format!(
+            "the guest was recorded with {} disks, {} given (--disk)",
+            c.disks.len(),
+            disks.len()
+        )));
+    }
     Ok(VmConfig {
         mem_mib: c.mem_mib,
         kernel,
+        initrd,
+        disks,
         cmdline: c.cmdline.clone(),
         cpuid: Some(cpuid),
     })
+}
+
+/// Checks the opened disks against the ones the header describes (same count, size and
+/// mode). Their contents cannot be checked here: a disk that differs shows as a divergence.
+pub fn check_disks(header: &LogHeader, disks: &[DiskInfo]) -> Result<(), LogError> {
+    let logged = header.config.as_ref().map_or(&[][..], |c| &c.disks[..]);
+    if logged.len() != disks.len() {
+        return Err(LogError::Config(format!(
+            "the guest was recorded with {} disks, {} given",
+            logged.len(),
+            disks.len()
+        )));
+    }
+    for (i, (l, d)) in logged.iter().zip(disks).enumerate() {
+        if l.sectors != d.sectors || l.read_only != d.read_only {
+            return Err(LogError::Config(format!(
+                "disk {i}: recorded with {} sectors{}, given {} sectors{}",
+                l.sectors,
+                if l.read_only { " read-only" } else { "" },
+                d.sectors,
+                if d.read_only { " read-only" } else { "" },
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn describe(r: &Record) -> String {

@@ -219,16 +219,22 @@ pub fn run_standby(
     }
     let sync = start.sync;
     let kernel = start.kernel.clone();
-    let built = config_from_header(&header, start.kernel, "the kernel the primary sent")
-        .map_err(StandbyError::Config)
-        .and_then(|config| {
-            let vm = if sync {
-                Vm::new_incoming(&config)?
-            } else {
-                Vm::new(&config)?
-            };
-            Ok((vm, config))
-        });
+    let built = config_from_header(
+        &header,
+        start.kernel,
+        "the kernel the primary sent",
+        None,
+        Vec::new(),
+    )
+    .map_err(StandbyError::Config)
+    .and_then(|config| {
+        let vm = if sync {
+            Vm::new_incoming(&config)?
+        } else {
+            Vm::new(&config)?
+        };
+        Ok((vm, config))
+    });
     // Tell the primary whether it can start the guest (or the sync).
     let answer = match &built {
         Ok(_) => Body::Ready(Ready::default()),

@@ -1,7 +1,8 @@
-//! Guest memory layout and boot: an ELF64 kernel loaded with linux-loader and entered directly
-//! in 64-bit long mode exactly as Linux's 64-bit boot protocol enters a `vmlinux`: flat GDT
-//! with `__BOOT_CS` = 0x10 and `__BOOT_DS` = 0x18, identity-mapped page tables, interrupts off,
-//! RSI pointing at a `boot_params` zero page that holds the command line and an e820 map.
+//! Guest memory layout and boot: a kernel loaded with linux-loader (an ELF64 `vmlinux`, such as
+//! the built-in test guest, or a Linux `bzImage`) and entered directly in 64-bit long mode as
+//! Linux's 64-bit boot protocol prescribes: flat GDT with `__BOOT_CS` = 0x10 and `__BOOT_DS` =
+//! 0x18, identity-mapped page tables, interrupts off, RSI pointing at a `boot_params` zero page
+//! that holds the command line, an e820 map, the initrd's place and the ACPI RSDP address.
 
 use std::io::Cursor;
 
@@ -9,6 +10,7 @@ use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::Elf;
 use linux_loader::loader::{load_cmdline, Cmdline, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress};
@@ -49,6 +51,30 @@ pub enum BootError {
     /// Not an ELF64 x86_64 kernel (linux-loader's reason).
     #[error("not an ELF64 x86_64 kernel: {0}")]
     NotElf64(linux_loader::loader::Error),
+    /// Looked like a bzImage but could not be loaded (truncated, too old, wrong address).
+    #[error("invalid bzImage: {0}")]
+    BzImage(linux_loader::loader::Error),
+    /// The bzImage is shorter than its header says.
+    #[error("truncated bzImage: {size} bytes, its boot header says {needed}")]
+    Truncated {
+        /// The image's size.
+        size: u64,
+        /// What its header says it should be.
+        needed: u64,
+    },
+    /// Neither an ELF64 image nor a bzImage.
+    #[error("not a kernel image: neither ELF64 (vmlinux) nor bzImage (no \"HdrS\" boot header)")]
+    UnknownFormat,
+    /// The initrd does not fit below the kernel's initrd limit next to the kernel.
+    #[error("the initrd ({size} bytes) does not fit in guest memory below {limit:#x} above the kernel (ends at {kernel_end:#x}); give the guest more memory")]
+    InitrdTooBig {
+        /// Its size.
+        size: u64,
+        /// The highest address the kernel accepts, or the end of low memory.
+        limit: u64,
+        /// Where the kernel image ends.
+        kernel_end: u64,
+    },
     /// The command line is too long or holds characters Linux cannot take.
     #[error("invalid kernel command line: {0}")]
     Cmdline(String),
@@ -66,44 +92,124 @@ pub struct LoadedKernel {
     pub end: u64,
 }
 
-/// Loads `image` (an ELF64 vmlinux-style kernel) and the boot structures into `mem`.
-pub fn load_kernel(
-    mem: &GuestMemory,
-    image: &[u8],
-    cmdline: &str,
-) -> Result<LoadedKernel, BootError> {
-    let result = Elf::load(
-        mem,
-        None,
-        &mut Cursor::new(image),
-        Some(GuestAddress(HIMEM_START)),
-    )
-    .map_err(BootError::NotElf64)?;
-    // linux-loader reports the entry point as kernel_load for ELF images.
-    let loaded = LoadedKernel {
-        entry: result.kernel_load.raw_value(),
-        end: result.kernel_end,
+/// The images and options a boot takes.
+#[derive(Debug, Clone, Copy)]
+pub struct BootImages<'a> {
+    /// An ELF64 `vmlinux`-style kernel or a Linux bzImage.
+    pub kernel: &'a [u8],
+    /// An initial ramdisk, if any.
+    pub initrd: Option<&'a [u8]>,
+    /// The kernel command line.
+    pub cmdline: &'a str,
+    /// Where the ACPI RSDP is (written by [`crate::acpi`]), if there are ACPI tables.
+    pub acpi_rsdp: Option<u64>,
+}
+
+/// The bzImage boot header magic "HdrS" and where it is.
+const HDRS_MAGIC: u32 = 0x5372_6448;
+const HDRS_OFFSET: usize = 0x202;
+/// A bzImage's 64-bit entry point is this far into its protected-mode code.
+const BZIMAGE_ENTRY_64: u64 = 0x200;
+/// The highest initrd address kernels that do not say otherwise accept.
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+
+/// Whether `image` is a bzImage (rather than an ELF).
+fn is_bzimage(image: &[u8]) -> bool {
+    image
+        .get(HDRS_OFFSET..HDRS_OFFSET + 4)
+        .is_some_and(|m| u32::from_le_bytes([m[0], m[1], m[2], m[3]]) == HDRS_MAGIC)
+}
+
+/// A bzImage's setup sectors plus its protected-mode code (`syssize`, in 16-byte units) must
+/// all be there: a truncated image would load and then fail to decompress inside the guest.
+fn check_bzimage_size(image: &[u8]) -> Result<(), BootError> {
+    let setup_sects = match image.get(0x1f1) {
+        Some(0) | None => 4,
+        Some(&n) => u64::from(n),
+    };
+    let syssize = image
+        .get(0x1f4..0x1f8)
+        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let needed = (setup_sects + 1) * 512 + u64::from(syssize) * 16;
+    if (image.len() as u64) < needed {
+        return Err(BootError::Truncated {
+            size: image.len() as u64,
+            needed,
+        });
+    }
+    Ok(())
+}
+
+/// Loads the kernel, the initrd and the boot structures into `mem`.
+pub fn load_kernel(mem: &GuestMemory, boot: &BootImages<'_>) -> Result<LoadedKernel, BootError> {
+    let image = boot.kernel;
+    let mut params = boot_params::default();
+    let loaded = if image.starts_with(b"\x7fELF") {
+        let result = Elf::load(
+            mem,
+            None,
+            &mut Cursor::new(image),
+            Some(GuestAddress(HIMEM_START)),
+        )
+        .map_err(BootError::NotElf64)?;
+        // linux-loader reports the entry point as kernel_load for ELF images.
+        params.hdr.kernel_alignment = 0x0100_0000;
+        LoadedKernel {
+            entry: result.kernel_load.raw_value(),
+            end: result.kernel_end,
+        }
+    } else if is_bzimage(image) {
+        check_bzimage_size(image)?;
+        let result = BzImage::load(
+            mem,
+            None,
+            &mut Cursor::new(image),
+            Some(GuestAddress(HIMEM_START)),
+        )
+        .map_err(BootError::BzImage)?;
+        // The kernel's own setup header, as the boot protocol asks a loader to pass it on.
+        if let Some(hdr) = result.setup_header {
+            params.hdr = hdr;
+        }
+        LoadedKernel {
+            entry: result.kernel_load.raw_value() + BZIMAGE_ENTRY_64,
+            end: result.kernel_end,
+        }
+    } else {
+        return Err(BootError::UnknownFormat);
     };
 
     let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
-    cl.insert_str(cmdline)
+    cl.insert_str(boot.cmdline)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
     load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
 
-    let mut params = boot_params::default();
     params.hdr.type_of_loader = 0xff;
     params.hdr.boot_flag = 0xaa55;
-    params.hdr.header = 0x5372_6448; // "HdrS"
-    params.hdr.kernel_alignment = 0x0100_0000;
+    params.hdr.header = HDRS_MAGIC;
     params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
-    params.hdr.cmdline_size = cmdline.len() as u32;
+    params.hdr.cmdline_size = boot.cmdline.len() as u32;
+    let mem_end = crate::memory::end_of_memory(mem);
+    let low_end = mem_end.min(MMIO_GAP_START);
+    if let Some(initrd) = boot.initrd {
+        let addr_max = match params.hdr.initrd_addr_max {
+            0 => DEFAULT_INITRD_ADDR_MAX,
+            max => u64::from(max),
+        };
+        let (addr, size) = place_initrd(initrd.len() as u64, loaded.end, low_end, addr_max)?;
+        mem.write_slice(initrd, GuestAddress(addr))
+            .map_err(|e| BootError::Memory(e.to_string()))?;
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+    if let Some(rsdp) = boot.acpi_rsdp {
+        params.acpi_rsdp_addr = rsdp;
+    }
     let mut e820 = vec![
         (0, EBDA_START, E820_RAM),
         (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
     ];
-    let mem_end = crate::memory::end_of_memory(mem);
-    let low_end = mem_end.min(MMIO_GAP_START);
     e820.push((HIMEM_START, low_end - HIMEM_START, E820_RAM));
     if mem_end > MMIO_GAP_END {
         e820.push((MMIO_GAP_END, mem_end - MMIO_GAP_END, E820_RAM));
@@ -125,6 +231,32 @@ pub fn load_kernel(
     write_gdt(mem)?;
     write_page_tables(mem)?;
     Ok(loaded)
+}
+
+/// Where an initrd of `size` bytes goes: page-aligned, as high as the kernel accepts
+/// (`addr_max` is the highest address it may touch) and low memory allows, above the kernel
+/// image so the kernel's decompressor, which works upwards from the image, meets it last.
+fn place_initrd(
+    size: u64,
+    kernel_end: u64,
+    low_end: u64,
+    addr_max: u64,
+) -> Result<(u64, u64), BootError> {
+    let limit = low_end.min(addr_max.saturating_add(1));
+    let too_big = BootError::InitrdTooBig {
+        size,
+        limit,
+        kernel_end,
+    };
+    let addr = limit.checked_sub(size).ok_or(too_big)? & !0xfff;
+    if addr < kernel_end.max(HIMEM_START) {
+        return Err(BootError::InitrdTooBig {
+            size,
+            limit,
+            kernel_end,
+        });
+    }
+    Ok((addr, size))
 }
 
 /// A GDT descriptor from (flags, base, limit), the layout the CPU reads.
@@ -243,5 +375,50 @@ mod tests {
         let cs = segment(BOOT_CS);
         assert_eq!((cs.l, cs.db, cs.present, cs.type_), (1, 0, 1, 0xb));
         assert_eq!(cs.limit, 0xffff_ffff);
+    }
+
+    #[test]
+    fn initrd_goes_high_page_aligned_and_never_over_the_kernel() {
+        let mib = 1 << 20;
+        assert_eq!(
+            place_initrd(5000, 20 * mib, 256 * mib, DEFAULT_INITRD_ADDR_MAX).unwrap(),
+            ((256 * mib - 5000) & !0xfff, 5000)
+        );
+        // The kernel's limit wins over the end of memory.
+        let (addr, _) = place_initrd(4096, 20 * mib, 2048 * mib, 0x37ff_ffff).unwrap();
+        assert_eq!(addr, 0x3800_0000 - 4096);
+        assert!(matches!(
+            place_initrd(250 * mib, 20 * mib, 256 * mib, u64::MAX),
+            Err(BootError::InitrdTooBig { .. })
+        ));
+    }
+
+    #[test]
+    fn tells_bzimage_from_elf_and_rejects_anything_else() {
+        let mem = crate::memory::create(32).unwrap();
+        let mut fake = vec![0u8; 0x400];
+        fake[HDRS_OFFSET..HDRS_OFFSET + 4].copy_from_slice(b"HdrS");
+        assert!(is_bzimage(&fake));
+        // A truncated bzImage: the header claims more setup sectors than there are bytes.
+        fake[0x1f1] = 60;
+        fake[0x206..0x208].copy_from_slice(&0x20fu16.to_le_bytes());
+        fake[0x211] = 1;
+        let boot = |kernel| BootImages {
+            kernel,
+            initrd: None,
+            cmdline: "",
+            acpi_rsdp: None,
+        };
+        assert!(matches!(
+            load_kernel(&mem, &boot(&fake)),
+            Err(BootError::Truncated {
+                size: 0x400,
+                needed: 31232
+            })
+        ));
+        assert!(matches!(
+            load_kernel(&mem, &boot(b"MZ not a kernel")),
+            Err(BootError::UnknownFormat)
+        ));
     }
 }

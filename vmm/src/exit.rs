@@ -622,7 +622,7 @@ mod tests {
             ready,
             ..Default::default()
         };
-        let mut machine = Machine::new().unwrap();
+        let mut machine = Machine::new(&crate::memory::create(16).unwrap(), Vec::new()).unwrap();
         let mut state = LoopState::default();
         let end = run(&mut vcpu, &mut machine, hook, &mut state).unwrap();
         assert_eq!(end, RunEnd::Stopped(StopRequest::Exit(0)));
@@ -691,7 +691,7 @@ mod tests {
             ready: false,
             ..Default::default()
         };
-        let mut machine = Machine::new().unwrap();
+        let mut machine = Machine::new(&crate::memory::create(16).unwrap(), Vec::new()).unwrap();
         let mut state = LoopState::default();
         // Run up to the window exit with the guest not ready; then make it ready.
         hook.pause_at = Some(setup + 1);
@@ -726,7 +726,7 @@ mod tests {
             ready: false,
             ..Default::default()
         };
-        let mut machine = Machine::new().unwrap();
+        let mut machine = Machine::new(&crate::memory::create(16).unwrap(), Vec::new()).unwrap();
         let mut state = LoopState::default();
         // The final debug-exit write stops the run before anything becomes ready.
         let end = run(&mut vcpu, &mut machine, &mut hook, &mut state).unwrap();
@@ -767,7 +767,7 @@ mod tests {
             script: vec![out(0x80, 0), RunOutcome::Exit(Exit::Shutdown)].into(),
             ..Default::default()
         };
-        let mut machine = Machine::new().unwrap();
+        let mut machine = Machine::new(&crate::memory::create(16).unwrap(), Vec::new()).unwrap();
         let err = run(
             &mut vcpu,
             &mut machine,

@@ -6,6 +6,7 @@
 //! exit and passes it through an [`ExitHook`]: live devices, the recorder and the replayer are
 //! hooks over the same loop.
 
+pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod cpuid;
@@ -47,6 +48,9 @@ pub enum Error {
     /// The CPUID table could not be built.
     #[error("invalid CPUID table: {0}")]
     Cpuid(String),
+    /// A disk image could not be attached.
+    #[error(transparent)]
+    Disk(#[from] devices::virtio_blk::DiskError),
     /// A device could not be set up.
     #[error("device setup failed: {0}")]
     Device(String),

@@ -6,15 +6,25 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use crate::acpi::VirtioMmioSlot;
 use crate::bus::{lock, Bus, OverlapError};
+use crate::devices::acpi_pm::{AcpiPm, AcpiPmState, PM1A_EVT_PORT, PM_PORTS};
 use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{I8042State, COMMAND_PORT, DATA_PORT, I8042};
 use crate::devices::pic::{Pic, PicState, MASTER_PORT, SLAVE_PORT};
 use crate::devices::pit::{Pit, PitState, PIT_PORT, PORT_61};
 use crate::devices::post::{PostCode, PostState, POST_PORT};
 use crate::devices::serial::{Serial, SerialState, TxQueue, COM1_IRQ, COM1_PORT};
+use crate::devices::virtio_blk::{DiskImage, DiskInfo, VirtioBlk, VirtioBlkState, MMIO_WINDOW};
 use crate::devices::{IrqLines, StopLine, StopRequest};
+use crate::memory::GuestMemory;
 use crate::state::{Persist, StateError};
+
+/// Where the virtio-mmio windows start (in the MMIO gap below 4 GiB), one page each.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// The ISA interrupt lines of the virtio-mmio slots, in slot order: lines no legacy device
+/// of this platform uses.
+pub const VIRTIO_IRQS: [u8; 4] = [5, 10, 11, 9];
 
 /// A nondeterministic input from the host side, delivered to the devices at an exit. The exit
 /// hook decides what the inputs are (live: the host; secondary: the replication log).
@@ -39,6 +49,17 @@ pub enum InputError {
     },
 }
 
+/// The platform could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// Two devices claim one address range.
+    #[error(transparent)]
+    Overlap(#[from] OverlapError),
+    /// More disks than virtio-mmio slots.
+    #[error("{0} disks given; at most {n} can be attached", n = VIRTIO_IRQS.len())]
+    TooManyDisks(usize),
+}
+
 /// The saved state of every device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceStates {
@@ -52,6 +73,10 @@ pub struct DeviceStates {
     pub i8042: I8042State,
     /// The POST-code latch.
     pub post: PostState,
+    /// The ACPI PM1 registers.
+    pub acpi_pm: AcpiPmState,
+    /// The virtio block devices, in slot order.
+    pub virtio_blk: Vec<VirtioBlkState>,
 }
 
 /// The devices and the buses that reach them.
@@ -65,14 +90,20 @@ pub struct Machine {
     serial: Arc<Mutex<Serial>>,
     i8042: Arc<Mutex<I8042>>,
     post: Arc<Mutex<PostCode>>,
+    acpi_pm: Arc<Mutex<AcpiPm>>,
+    virtio_blk: Vec<Arc<Mutex<VirtioBlk>>>,
     irq_lines: IrqLines,
     stop: StopLine,
     tx: TxQueue,
 }
 
 impl Machine {
-    /// The PC platform ftvm offers: dual PIC, PIT, COM1, i8042, debug-exit and POST ports.
-    pub fn new() -> Result<Self, OverlapError> {
+    /// The PC platform ftvm offers: dual PIC, PIT, COM1, i8042, debug-exit and POST ports,
+    /// and a virtio-mmio block device for each of `disks`, doing DMA into `memory`.
+    pub fn new(memory: &GuestMemory, disks: Vec<DiskImage>) -> Result<Self, MachineError> {
+        if disks.len() > VIRTIO_IRQS.len() {
+            return Err(MachineError::TooManyDisks(disks.len()));
+        }
         let irq_lines = IrqLines::default();
         let stop = StopLine::default();
         let tx = TxQueue::default();
@@ -98,9 +129,28 @@ impl Machine {
             DEBUG_EXIT_PORT,
             1,
         )?;
+        let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(stop.clone())));
+        pio.insert(acpi_pm.clone(), PM1A_EVT_PORT, PM_PORTS)?;
+        let mut mmio = Bus::new();
+        let mut virtio_blk = Vec::new();
+        for (i, disk) in disks.into_iter().enumerate() {
+            let dev = Arc::new(Mutex::new(VirtioBlk::new(
+                disk,
+                memory.clone(),
+                irq_lines.line(VIRTIO_IRQS[i]),
+            )));
+            mmio.insert(
+                dev.clone(),
+                VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW,
+                MMIO_WINDOW,
+            )?;
+            virtio_blk.push(dev);
+        }
         Ok(Self {
             pio,
-            mmio: Bus::new(),
+            mmio,
+            acpi_pm,
+            virtio_blk,
             pic,
             pit,
             serial,
@@ -110,6 +160,25 @@ impl Machine {
             stop,
             tx,
         })
+    }
+
+    /// The attached disks, in slot order.
+    pub fn disks(&self) -> Vec<DiskInfo> {
+        self.virtio_blk
+            .iter()
+            .map(|d| lock(d).disk().info())
+            .collect()
+    }
+
+    /// The virtio-mmio devices as the ACPI tables announce them.
+    pub fn virtio_slots(&self) -> Vec<VirtioMmioSlot> {
+        (0..self.virtio_blk.len())
+            .map(|i| VirtioMmioSlot {
+                base: VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW,
+                len: MMIO_WINDOW,
+                irq: VIRTIO_IRQS[i],
+            })
+            .collect()
     }
 
     /// Applies one input.
@@ -182,6 +251,12 @@ impl Machine {
             serial: lock(&self.serial).save()?,
             i8042: lock(&self.i8042).save()?,
             post: lock(&self.post).save()?,
+            acpi_pm: lock(&self.acpi_pm).save()?,
+            virtio_blk: self
+                .virtio_blk
+                .iter()
+                .map(|d| lock(d).save())
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -193,6 +268,20 @@ impl Machine {
         lock(&self.serial).restore(&s.serial)?;
         lock(&self.i8042).restore(&s.i8042)?;
         lock(&self.post).restore(&s.post)?;
+        lock(&self.acpi_pm).restore(&s.acpi_pm)?;
+        if s.virtio_blk.len() != self.virtio_blk.len() {
+            return Err(StateError::Invalid {
+                device: "virtio-blk",
+                why: format!(
+                    "state for {} disks restored into a VM with {}",
+                    s.virtio_blk.len(),
+                    self.virtio_blk.len()
+                ),
+            });
+        }
+        for (d, state) in self.virtio_blk.iter().zip(&s.virtio_blk) {
+            lock(d).restore(state)?;
+        }
         Ok(())
     }
 }

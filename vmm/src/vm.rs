@@ -5,8 +5,10 @@
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 
+use crate::acpi;
 use crate::boot;
 use crate::cpuid::CpuidTable;
+use crate::devices::virtio_blk::{DiskConfig, DiskImage};
 use crate::exit::{self, ExitHook, ExitSeq, LoopState, RunEnd, VcpuRun};
 use crate::machine::{DeviceStates, Machine};
 use crate::memory::{self, GuestMemory};
@@ -22,8 +24,12 @@ pub const DEFAULT_MEM_MIB: u64 = 128;
 pub struct VmConfig {
     /// Guest RAM in MiB.
     pub mem_mib: u64,
-    /// The kernel image (ELF64).
+    /// The kernel image: ELF64 (`vmlinux`, the built-in test guest) or a Linux bzImage.
     pub kernel: Vec<u8>,
+    /// An initial ramdisk for a Linux kernel.
+    pub initrd: Option<Vec<u8>>,
+    /// Raw disk images, offered as virtio-mmio block devices in this order (Linux: vda, vdb…).
+    pub disks: Vec<DiskConfig>,
     /// The kernel command line.
     pub cmdline: String,
     /// The CPUID table; None derives it from this host ([`CpuidTable::from_supported`]).
@@ -64,6 +70,21 @@ pub fn open_kvm() -> Result<Kvm, Error> {
     })
 }
 
+/// The TSC frequency (kHz) KVM gives a new vCPU on this host. A Linux guest is told it on its
+/// command line (`tsc_early_khz=`): calibrating the TSC against the PIT takes a thousand
+/// port reads within 10 ms, which slow exits (nested virtualization) cannot deliver.
+pub fn host_tsc_khz() -> Result<u32, Error> {
+    let kvm = open_kvm()?;
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+    let vcpu = vm
+        .create_vcpu(0)
+        .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+    vcpu.get_tsc_khz()
+        .map_err(|e| Error::Kvm("KVM_GET_TSC_KHZ", e))
+}
+
 impl Vm {
     /// Creates the VM, loads the kernel and puts the vCPU at its entry point.
     pub fn new(config: &VmConfig) -> Result<Self, Error> {
@@ -80,6 +101,11 @@ impl Vm {
     fn create(config: &VmConfig, boot_kernel: bool) -> Result<Self, Error> {
         // Refuse a bad size before touching /dev/kvm.
         memory::ram_ranges(config.mem_mib)?;
+        let disks = config
+            .disks
+            .iter()
+            .map(DiskImage::open)
+            .collect::<Result<Vec<_>, _>>()?;
         let kvm = open_kvm()?;
         if kvm.get_api_version() != 12 {
             return Err(Error::NotKvm);
@@ -89,8 +115,18 @@ impl Vm {
             .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
         let memory = memory::create(config.mem_mib)?;
         memory::register(&vm_fd, &memory)?;
+        let machine = Machine::new(&memory, disks).map_err(|e| Error::Device(e.to_string()))?;
         let kernel = if boot_kernel {
-            Some(boot::load_kernel(&memory, &config.kernel, &config.cmdline)?)
+            let rsdp = acpi::write_tables(&memory, &machine.virtio_slots())?;
+            Some(boot::load_kernel(
+                &memory,
+                &boot::BootImages {
+                    kernel: &config.kernel,
+                    initrd: config.initrd.as_deref(),
+                    cmdline: &config.cmdline,
+                    acpi_rsdp: Some(rsdp),
+                },
+            )?)
         } else {
             None
         };
@@ -127,7 +163,6 @@ impl Vm {
             .set_fpu(&fpu)
             .map_err(|e| Error::Kvm("KVM_SET_FPU", e))?;
         let vcpu = Vcpu::new(&kvm, vcpu_fd)?;
-        let machine = Machine::new().map_err(|e| Error::Device(e.to_string()))?;
         let mut vm = Self {
             vcpu,
             vm_fd,

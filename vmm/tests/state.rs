@@ -75,6 +75,8 @@ fn config() -> VmConfig {
         kernel: ftvm_guest::KERNEL.to_vec(),
         cmdline: "workload=counter ticks=6".into(),
         cpuid: None,
+        initrd: None,
+        disks: Vec::new(),
     }
 }
 

@@ -1,12 +1,14 @@
 //! The emulated devices. All of them are driven from the vCPU thread only, at exits: the
 //! userspace interrupt model of DESIGN.md §2 (no in-kernel irqchip, no in-kernel PIT).
 
+pub mod acpi_pm;
 pub mod debug_exit;
 pub mod i8042;
 pub mod pic;
 pub mod pit;
 pub mod post;
 pub mod serial;
+pub mod virtio_blk;
 
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,7 +18,8 @@ use std::sync::{Arc, Mutex};
 pub enum StopRequest {
     /// The guest wrote its exit status to the debug-exit port.
     Exit(u8),
-    /// The guest pulsed the i8042 reset line: the VM powers off.
+    /// The guest pulsed the i8042 reset line or asked ACPI for soft-off (S5): the VM powers
+    /// off.
     Reset,
 }
 
