@@ -142,6 +142,10 @@ struct RunArgs {
     /// tsc=reliable" (docs/ARCHITECTURE.md says why).
     #[arg(long)]
     cmdline: Option<String>,
+    /// Words appended to the kernel command line (the default one or --cmdline), e.g.
+    /// "quiet" or a guest's own options.
+    #[arg(long, value_name = "STR")]
+    append: Option<String>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = ftvm_vmm::vm::DEFAULT_MEM_MIB)]
     mem_mib: u64,
@@ -283,6 +287,10 @@ fn boot(args: &RunArgs) -> Result<(VmConfig, Vm), CliError> {
             ftvm_vmm::vm::host_tsc_khz()?
         ),
     };
+    let cmdline = match &args.append {
+        Some(extra) => format!("{cmdline} {extra}"),
+        None => cmdline,
+    };
     let config = VmConfig {
         mem_mib: args.mem_mib,
         kernel,
@@ -338,11 +346,12 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
                 .into(),
         ));
     }
-    if paired && !args.disk.is_empty() {
-        // The standby would need its own copy of each image and the pair protocol does not
-        // carry disk specs or resync disks yet (DESIGN.md §4, issue 6 note).
+    if paired && (!args.disk.is_empty() || args.initrd.is_some()) {
+        // The standby would need its own copy of each image, and the pair protocol carries
+        // neither the initrd nor disk specs, nor resyncs disks, yet (DESIGN.md §4; noted on
+        // issue 6).
         return Err(CliError::Usage(
-            "--disk cannot be used with --peer or --accept-standby yet: a protected guest has no disks"
+            "--disk and --initrd cannot be used with --peer or --accept-standby yet: a protected guest boots from its kernel alone"
                 .into(),
         ));
     }
