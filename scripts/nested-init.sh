@@ -49,5 +49,6 @@ if ! mount -t overlay overlay -o lowerdir=/host/tmp,upperdir=/rw/upper,workdir=/
 fi
 cp /cmd.sh /host/tmp/.ftvm-nested-cmd.sh
 echo "ftvm-nested: running"
-chroot /host /bin/sh /tmp/.ftvm-nested-cmd.sh
+# The command file is written with bash quoting (printf %q), so bash runs it.
+chroot /host /bin/bash /tmp/.ftvm-nested-cmd.sh
 report $?

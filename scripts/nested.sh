@@ -57,27 +57,14 @@ fi
 # --- the L1 kernel and its modules ------------------------------------------------------
 cache="$repo/target/nested"
 mkdir -p "$cache"
-# The versioned package linux-image-amd64 depends on (the package lists may need a refresh).
-kernel_package() {
-    apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
-}
-kpkg=$(kernel_package)
-if [ -z "$kpkg" ]; then
-    apt-get update -qq >/dev/null 2>&1 || true
-    kpkg=$(kernel_package)
-fi
-[ -n "$kpkg" ] || fail "cannot find the package linux-image-amd64 depends on"
-kver="${kpkg#linux-image-}"
-kdir="$cache/$kpkg"
-if [ ! -e "$kdir/boot/vmlinuz-$kver" ]; then
-    echo "nested: downloading $kpkg" >&2
-    rm -rf "$kdir" "$cache"/*.deb
-    (cd "$cache" && apt-get download "$kpkg" >/dev/null 2>&1) || fail "apt-get download $kpkg failed"
-    dpkg -x "$cache"/"$kpkg"_*.deb "$kdir"
-    rm -f "$cache"/"$kpkg"_*.deb
-fi
-kernel="$kdir/boot/vmlinuz-$kver"
-moddir="$kdir/lib/modules/$kver/kernel"
+# The Debian kernel package, downloaded and unpacked on first use (scripts/lib/debian-kernel.sh).
+# shellcheck source=scripts/lib/debian-kernel.sh
+. "$repo/scripts/lib/debian-kernel.sh"
+debian_kernel nested || exit 125
+kpkg="$debian_kernel_pkg"
+kver="$debian_kernel_version"
+kernel="$debian_kernel_image"
+moddir="$debian_kernel_moddir/kernel"
 
 # Modules in load order (each after what it depends on).
 modules=(

@@ -12,6 +12,9 @@ command -v setpriv >/dev/null || need+=(util-linux)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v cpio >/dev/null || need+=(cpio)
+# The Linux test guest (scripts/linux-guest.sh): ext4 disk images, module dependencies.
+command -v mkfs.ext4 >/dev/null || [ -x /sbin/mkfs.ext4 ] || need+=(e2fsprogs)
+command -v objcopy >/dev/null || need+=(binutils)
 command -v cargo >/dev/null || { echo "setup: cargo (Rust stable) is required" >&2; exit 1; }
 
 if [ ${#need[@]} -gt 0 ]; then

@@ -20,9 +20,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -333,7 +333,8 @@ impl VirtioBlk {
     }
 
     fn device_features(&self) -> u64 {
-        let mut f = 1u64 << VIRTIO_F_VERSION_1 | 1u64 << VIRTIO_BLK_F_FLUSH;
+        let mut f =
+            1u64 << VIRTIO_F_VERSION_1 | 1u64 << VIRTIO_BLK_F_FLUSH | 1u64 << VIRTIO_BLK_F_SEG_MAX;
         if self.disk.read_only {
             f |= 1u64 << VIRTIO_BLK_F_RO;
         }
@@ -351,8 +352,13 @@ impl VirtioBlk {
     }
 
     fn config_read(&self, offset: u64, data: &mut [u8]) {
-        // struct virtio_blk_config: capacity (le64) is all this device offers.
-        let config = self.disk.sectors.to_le_bytes();
+        // struct virtio_blk_config: capacity (le64), size_max (le32, not offered), seg_max
+        // (le32): a request may have as many data segments as the queue has room for
+        // beside its header and status. Without SEG_MAX Linux sends one segment per request,
+        // so an O_DIRECT read of 1 MiB took 256 requests (3.8 MiB/s in the nested bench).
+        let mut config = [0u8; 16];
+        config[..8].copy_from_slice(&self.disk.sectors.to_le_bytes());
+        config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
         for (i, b) in data.iter_mut().enumerate() {
             *b = usize::try_from(offset)
                 .ok()
@@ -689,3 +695,195 @@ pub const STATUS_READY: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE
     | VIRTIO_CONFIG_S_DRIVER
     | VIRTIO_CONFIG_S_FEATURES_OK
     | VIRTIO_CONFIG_S_DRIVER_OK;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::IrqLines;
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+
+    struct Rig {
+        dev: VirtioBlk,
+        mem: GuestMemory,
+        lines: IrqLines,
+        image: PathBuf,
+        next_desc: u16,
+        avail_idx: u16,
+    }
+
+    impl Rig {
+        fn new(name: &str, read_only: bool) -> Self {
+            let image =
+                std::env::temp_dir().join(format!("ftvm-blk-{name}-{}.img", std::process::id()));
+            let pattern: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+            std::fs::write(&image, pattern).unwrap();
+            let disk = DiskImage::open(&DiskConfig {
+                path: image.clone(),
+                read_only,
+            })
+            .unwrap();
+            let mem = crate::memory::create(16).unwrap();
+            let lines = IrqLines::default();
+            let mut dev = VirtioBlk::new(disk, mem.clone(), lines.line(5));
+            let w = |dev: &mut VirtioBlk, reg: u64, v: u32| dev.write(0, reg, &v.to_le_bytes());
+            w(
+                &mut dev,
+                REG_STATUS,
+                VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+            );
+            w(&mut dev, REG_DRIVER_FEATURES_SEL, 1);
+            w(&mut dev, REG_DRIVER_FEATURES, 1); // VERSION_1 (bit 32)
+            w(&mut dev, REG_QUEUE_SEL, 0);
+            w(&mut dev, REG_QUEUE_NUM, 16);
+            w(&mut dev, REG_QUEUE_DESC_LOW, DESC as u32);
+            w(&mut dev, REG_QUEUE_AVAIL_LOW, AVAIL as u32);
+            w(&mut dev, REG_QUEUE_USED_LOW, USED as u32);
+            w(&mut dev, REG_QUEUE_READY, 1);
+            w(&mut dev, REG_STATUS, STATUS_READY);
+            assert_eq!(dev.read_reg(REG_STATUS), STATUS_READY);
+            Self {
+                dev,
+                mem,
+                lines,
+                image,
+                next_desc: 0,
+                avail_idx: 0,
+            }
+        }
+
+        /// Queues a request made of (addr, len, writable) buffers and notifies.
+        fn request(&mut self, bufs: &[(u64, u32, bool)]) {
+            let head = self.next_desc;
+            for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
+                let idx = self.next_desc;
+                let last = i + 1 == bufs.len();
+                let mut flags = if writable { F_WRITE } else { 0 };
+                if !last {
+                    flags |= F_NEXT;
+                }
+                let at = DESC + u64::from(idx) * 16;
+                self.mem.write_obj(addr, GuestAddress(at)).unwrap();
+                self.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+                self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+                self.mem.write_obj(idx + 1, GuestAddress(at + 14)).unwrap();
+                self.next_desc += 1;
+            }
+            let slot = AVAIL + 4 + u64::from(self.avail_idx % 16) * 2;
+            self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+            self.avail_idx += 1;
+            self.mem
+                .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+                .unwrap();
+            self.dev.write(0, REG_QUEUE_NOTIFY, &0u32.to_le_bytes());
+        }
+
+        fn header(&self, at: u64, kind: u32, sector: u64) {
+            self.mem.write_obj(kind, GuestAddress(at)).unwrap();
+            self.mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+            self.mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
+        }
+
+        fn byte(&self, at: u64) -> u8 {
+            self.mem.read_obj(GuestAddress(at)).unwrap()
+        }
+
+        fn used_idx(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+        }
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.image);
+        }
+    }
+
+    #[test]
+    fn writes_then_reads_back_across_segments_at_the_notify() {
+        let mut rig = Rig::new("rw", false);
+        // Write 1 KiB of 0xab at sector 2.
+        rig.mem
+            .write_slice(&[0xab; 1024], GuestAddress(0x5000))
+            .unwrap();
+        rig.header(0x4000, VIRTIO_BLK_T_OUT, 2);
+        rig.request(&[
+            (0x4000, 16, false),
+            (0x5000, 1024, false),
+            (0x4100, 1, true),
+        ]);
+        assert_eq!(rig.byte(0x4100), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(rig.used_idx(), 1);
+        assert_eq!(rig.lines.take(), 1 << 5, "completion pulses the line");
+        assert_eq!(rig.dev.read_reg(REG_INTERRUPT_STATUS), INT_USED_BUFFER);
+        rig.dev.write(0, REG_INTERRUPT_ACK, &1u32.to_le_bytes());
+        let file = std::fs::read(&rig.image).unwrap();
+        assert!(file[1024..2048].iter().all(|b| *b == 0xab));
+        assert_eq!(file[2048], (2048 % 251) as u8);
+
+        // Read sectors 1..4 back into two segments.
+        rig.header(0x4200, VIRTIO_BLK_T_IN, 1);
+        rig.request(&[
+            (0x4200, 16, false),
+            (0x6000, 512, true),
+            (0x7000, 1024, true),
+            (0x4300, 1, true),
+        ]);
+        assert_eq!(rig.byte(0x4300), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(rig.used_idx(), 2);
+        let used_len: u32 = rig.mem.read_obj(GuestAddress(USED + 4 + 8 + 4)).unwrap();
+        assert_eq!(used_len, 1536 + 1);
+        assert_eq!(rig.byte(0x6000), (512 % 251) as u8);
+        assert_eq!(rig.byte(0x7000), 0xab);
+        assert_eq!(rig.byte(0x7000 + 1023), 0xab);
+
+        // State survives save/restore.
+        let saved = rig.dev.save().unwrap();
+        rig.dev.restore(&saved).unwrap();
+        assert_eq!(rig.dev.save().unwrap(), saved);
+        assert_eq!(saved.queue.next_avail, 2);
+    }
+
+    #[test]
+    fn bad_requests_complete_with_an_error_status() {
+        let mut rig = Rig::new("bad", true);
+        // Read-only: a write fails, the image is untouched.
+        rig.mem
+            .write_slice(&[1; 512], GuestAddress(0x5000))
+            .unwrap();
+        rig.header(0x4000, VIRTIO_BLK_T_OUT, 0);
+        rig.request(&[(0x4000, 16, false), (0x5000, 512, false), (0x4100, 1, true)]);
+        assert_eq!(rig.byte(0x4100), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(std::fs::read(&rig.image).unwrap()[0], 0);
+        // Past the end of the disk.
+        rig.header(0x4200, VIRTIO_BLK_T_IN, 128);
+        rig.request(&[(0x4200, 16, false), (0x6000, 512, true), (0x4300, 1, true)]);
+        assert_eq!(rig.byte(0x4300), VIRTIO_BLK_S_IOERR as u8);
+        // An unknown request type.
+        rig.header(0x4400, 0x99, 0);
+        rig.request(&[(0x4400, 16, false), (0x4500, 1, true)]);
+        assert_eq!(rig.byte(0x4500), VIRTIO_BLK_S_UNSUPP as u8);
+        assert_eq!(rig.used_idx(), 3);
+        // The read-only feature is offered.
+        rig.dev
+            .write(0, REG_DEVICE_FEATURES_SEL, &0u32.to_le_bytes());
+        assert_ne!(
+            rig.dev.read_reg(REG_DEVICE_FEATURES) & (1 << VIRTIO_BLK_F_RO),
+            0
+        );
+    }
+
+    #[test]
+    fn disk_options_parse() {
+        let d: DiskConfig = "/x/y.img,ro".parse().unwrap();
+        assert_eq!((d.path.to_str(), d.read_only), (Some("/x/y.img"), true));
+        let d: DiskConfig = "/x/y.img".parse().unwrap();
+        assert!(!d.read_only);
+        assert!("/x,y.img,fast".parse::<DiskConfig>().is_err());
+        assert!(",ro".parse::<DiskConfig>().is_err());
+    }
+}

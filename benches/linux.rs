@@ -1,0 +1,209 @@
+//! Linux guest benchmarks on standard KVM (the nested-KVM harness, scripts/nested.sh), each
+//! figure printed next to its baseline measured in the same harness run:
+//!
+//! - boot time of the repo's Linux test guest (Debian kernel + busybox initramfs,
+//!   `ftvm.workload=boot`) to the init's first line under `ftvm run`, next to
+//!   `qemu-system-x86_64 -accel kvm` (microvm machine) booting the same kernel and initramfs;
+//! - disk throughput of `dd` in the guest (`ftvm.workload=dd`: 32 MiB, O_DIRECT, 1 MiB
+//!   blocks) on a virtio-mmio disk under ftvm, next to the same workload under QEMU/KVM's
+//!   virtio-mmio disk and to `dd` on the raw image file in the harness's own Linux (the
+//!   guest's host) and on this machine.
+//!
+//! The harness runs the VMMs themselves under QEMU TCG (an exit costs tens of µs there), so
+//! the absolute numbers are far below hardware; the comparisons are what the bench is for.
+//!
+//! `cargo bench --bench linux` (builds the guest with scripts/linux-guest.sh first).
+
+use std::path::Path;
+use std::process::Command;
+
+const RUNS: usize = 3;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn linux_guest(args: &[&str]) -> String {
+    let o = Command::new(repo().join("scripts/linux-guest.sh"))
+        .args(args)
+        .output()
+        .expect("run scripts/linux-guest.sh");
+    assert!(
+        o.status.success(),
+        "scripts/linux-guest.sh failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The script the harness runs: every measurement, as `key=value` lines.
+fn script(ftvm: &str, kernel: &str, initrd: &str, disk: &str) -> String {
+    format!(
+        r#"
+set -u
+K={kernel}; I={initrd}; D={disk}
+# Milliseconds from the start of CMD... to the guest's first init line (or 0 if none).
+time_to_init() {{
+    start=$(date +%s%N)
+    "$@" 2>/dev/null | while IFS= read -r line; do
+        case "$line" in
+        *"ftvm-linux-guest: init"*) echo $(( ($(date +%s%N) - start) / 1000000 )) ;;
+        esac
+    done | head -1
+}}
+tsc=$(awk '/^cpu MHz/ {{ printf "%d", $4 * 1000; exit }}' /proc/cpuinfo)
+qemu() {{
+    qemu-system-x86_64 -M microvm,rtc=off,isa-serial=on,acpi=on -accel kvm -cpu host -m 256 \
+        -kernel $K -initrd $I -nographic -no-reboot -nodefaults -serial stdio \
+        -device isa-debug-exit,iobase=0xf4,iosize=1 "$@" </dev/null
+}}
+for i in $(seq {RUNS}); do
+    echo "ftvm_boot_ms=$(time_to_init {ftvm} run --kernel $K --initrd $I --mem-mib 256 \
+        --append 'quiet ftvm.workload=boot')"
+    echo "qemu_boot_ms=$(time_to_init qemu -append "console=ttyS0 quiet reboot=k panic=-1 tsc_early_khz=$tsc ftvm.workload=boot")"
+done
+cp $D /tmp/ftvm-dd.img; cp $D /tmp/qemu-dd.img
+echo "ftvm_$({ftvm} run --kernel $K --initrd $I --mem-mib 256 --disk /tmp/ftvm-dd.img \
+    --append 'quiet ftvm.workload=dd' 2>/dev/null | grep '^dd ')"
+echo "qemu_$(qemu -append "console=ttyS0 quiet reboot=k panic=-1 tsc_early_khz=$tsc ftvm.workload=dd" \
+    -drive id=d,file=/tmp/qemu-dd.img,format=raw,if=none -device virtio-blk-device,drive=d \
+    2>/dev/null | tr -d '\r' | grep '^dd ')"
+# The raw image in the guest's host: write 32 MiB with fsync, then read it back uncached.
+t0=$(date +%s%N); dd if=/dev/zero of=/tmp/raw.img bs=1M count=32 conv=fsync 2>/dev/null
+t1=$(date +%s%N); sync; echo 3 > /proc/sys/vm/drop_caches
+t2=$(date +%s%N); dd if=/tmp/raw.img of=/dev/null bs=1M 2>/dev/null; t3=$(date +%s%N)
+echo "l1_dd write_ms=$(( (t1 - t0) / 1000000 )) read_ms=$(( (t3 - t2) / 1000000 ))"
+rm -f /tmp/ftvm-dd.img /tmp/qemu-dd.img /tmp/raw.img
+"#
+    )
+}
+
+fn values<'a>(out: &'a str, key: &str) -> Vec<f64> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .filter_map(|v| v.trim().parse().ok())
+        .filter(|v| *v > 0.0)
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+/// MiB/s from a `dd write_bytes=N write_cs=C read_bytes=N read_cs=C` line.
+fn dd_rates(out: &str, prefix: &str) -> Option<(f64, f64)> {
+    let line = out.lines().find(|l| l.starts_with(prefix))?;
+    let field = |k: &str| -> Option<f64> {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))?
+            .parse()
+            .ok()
+    };
+    let mib = |bytes: f64, cs: f64| bytes / 1048576.0 / (cs.max(1.0) / 100.0);
+    Some((
+        mib(field("write_bytes")?, field("write_cs")?),
+        mib(field("read_bytes")?, field("read_cs")?),
+    ))
+}
+
+/// dd on the raw image on this machine (the development host).
+fn host_raw_dd() -> (f64, f64) {
+    let img = std::env::temp_dir().join(format!("ftvm-bench-raw-{}.img", std::process::id()));
+    let img = img.to_string_lossy();
+    let t = std::time::Instant::now();
+    let w = Command::new("dd")
+        .args([
+            "if=/dev/zero",
+            &format!("of={img}"),
+            "bs=1M",
+            "count=32",
+            "conv=fsync",
+        ])
+        .output()
+        .expect("dd");
+    let write = t.elapsed().as_secs_f64();
+    assert!(w.status.success());
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    let t = std::time::Instant::now();
+    let r = Command::new("dd")
+        .args([&format!("if={img}"), "of=/dev/null", "bs=1M"])
+        .output()
+        .expect("dd");
+    let read = t.elapsed().as_secs_f64();
+    assert!(r.status.success());
+    let _ = std::fs::remove_file(&*img);
+    (32.0 / write, 32.0 / read)
+}
+
+fn main() {
+    let ftvm = env!("CARGO_BIN_EXE_ftvm");
+    let paths = linux_guest(&[]);
+    let field = |key: &str| {
+        paths
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}= from scripts/linux-guest.sh"))
+            .to_string()
+    };
+    let (kernel, initrd) = (field("kernel"), field("initrd"));
+    let disk = std::env::temp_dir().join(format!("ftvm-bench-disk-{}.img", std::process::id()));
+    let disk = disk.to_string_lossy().into_owned();
+    linux_guest(&["disk", &disk, "40"]);
+
+    // The script goes through a file: the harness's /tmp is an overlay over this one.
+    let script_file =
+        std::env::temp_dir().join(format!("ftvm-bench-linux-{}.sh", std::process::id()));
+    std::fs::write(&script_file, script(ftvm, &kernel, &initrd, &disk)).expect("write script");
+    let o = Command::new(repo().join("scripts/nested.sh"))
+        .args(["--timeout", "1200", "--", "bash"])
+        .arg(&script_file)
+        .current_dir(repo())
+        .output()
+        .expect("run scripts/nested.sh");
+    let _ = std::fs::remove_file(&disk);
+    let _ = std::fs::remove_file(&script_file);
+    let out = String::from_utf8_lossy(&o.stdout).replace('\r', "");
+    if !o.status.success() {
+        eprintln!("{out}\n{}", String::from_utf8_lossy(&o.stderr));
+        panic!("the harness failed: {:?}", o.status.code());
+    }
+
+    println!("Linux guest on standard KVM (nested harness: the VMMs run under QEMU TCG)");
+    println!("kernel {kernel}\n");
+    let ftvm_boot = values(&out, "ftvm_boot_ms");
+    let qemu_boot = values(&out, "qemu_boot_ms");
+    println!("boot to the init's first line, median of {RUNS} (ms):");
+    println!(
+        "  ftvm run                      {:>8.0}   runs {ftvm_boot:?}",
+        median(ftvm_boot.clone()).unwrap_or(f64::NAN)
+    );
+    println!(
+        "  qemu -accel kvm (microvm)     {:>8.0}   runs {qemu_boot:?}   (baseline)",
+        median(qemu_boot.clone()).unwrap_or(f64::NAN)
+    );
+
+    println!(
+        "\ndisk throughput, 32 MiB in 1 MiB blocks (MiB/s, write with fsync / read uncached):"
+    );
+    let show = |name: &str, r: Option<(f64, f64)>| match r {
+        Some((w, r)) => println!("  {name:<32} {w:>8.1} / {r:>8.1}"),
+        None => println!("  {name:<32} no result"),
+    };
+    show("guest dd under ftvm", dd_rates(&out, "ftvm_dd "));
+    show("guest dd under qemu -accel kvm", dd_rates(&out, "qemu_dd "));
+    let l1 = out.lines().find(|l| l.starts_with("l1_dd ")).and_then(|l| {
+        let ms = |k: &str| -> Option<f64> {
+            l.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=")))?
+                .parse()
+                .ok()
+        };
+        Some((
+            32.0 / (ms("write_ms")?.max(1.0) / 1000.0),
+            32.0 / (ms("read_ms")?.max(1.0) / 1000.0),
+        ))
+    });
+    show("raw image in the guest's host", l1);
+    show("raw image on this machine", Some(host_raw_dd()));
+}
