@@ -78,7 +78,7 @@ rm -f /tmp/ftvm-dd.img /tmp/qemu-dd.img /tmp/raw.img
     )
 }
 
-fn values<'a>(out: &'a str, key: &str) -> Vec<f64> {
+fn values(out: &str, key: &str) -> Vec<f64> {
     out.lines()
         .filter_map(|l| l.strip_prefix(&format!("{key}=")))
         .filter_map(|v| v.trim().parse().ok())
