@@ -193,7 +193,10 @@ fn a_recorded_linux_guest_replays_or_reports_where_it_diverged() {
         }
     }
     let divergence = out.lines().find(|l| l.starts_with("diverged epoch="));
-    eprintln!("Linux replay: {summary}; {}", divergence.unwrap_or("no divergence"));
+    eprintln!(
+        "Linux replay: {summary}; {}",
+        divergence.unwrap_or("no divergence")
+    );
 }
 
 /// Runs `ftvm run ARGS` on this host (bad input is refused before the guest starts, so
