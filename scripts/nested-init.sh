@@ -8,6 +8,8 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# Loopback up: the pair tests talk over 127.0.0.1.
+ip link set lo up
 
 report() {
     printf '\nftvm-nested: exit status %s\n' "$1"

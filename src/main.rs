@@ -34,6 +34,9 @@ const DEFAULT_CMDLINE: &str = "workload=counter ticks=20";
 const LINUX_CMDLINE: &str = "console=ttyS0 noapic nolapic reboot=k panic=-1 nokaslr pci=off \
                              i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
+/// The recorder's default latency bound (`--latency-bound-ms`).
+const DEFAULT_LATENCY_BOUND_MS: u64 = ftvm_primary::DEFAULT_LATENCY_BOUND.as_millis() as u64;
+
 /// Exit status for errors of ftvm itself (the guest's own status is passed through otherwise).
 const STATUS_ERROR: u8 = 1;
 /// `ftvm replay`: the log is unusable (damaged, wrong version, another kernel).
@@ -94,6 +97,9 @@ struct StandbyArgs {
     /// With --join: how long to keep trying to reach the primary, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 10_000, requires = "join")]
     connect_timeout_ms: u64,
+    /// If this standby becomes the primary (switchover): the latency bound, as for `ftvm run`.
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_LATENCY_BOUND_MS, value_parser = clap::value_parser!(u64).range(1..))]
+    latency_bound_ms: u64,
     #[command(flatten)]
     pair: PairArgs,
 }
@@ -156,6 +162,11 @@ struct RunArgs {
     /// hosts where those exits are exact (VMX/SVM); on PVM they make replay diverge.
     #[arg(long)]
     interrupt_windows: bool,
+    /// Recorded or protected runs: how long (ms of the vCPU thread's CPU time) a due
+    /// interrupt may wait for the guest to exit before the vCPU is kicked, which makes the
+    /// epoch checkpoint-required. Raise it where exits are slow (nested KVM). Default: 4.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    latency_bound_ms: Option<u64>,
     /// Run protected: the standby (`ftvm standby`) listening at ADDR (host:port) replays the
     /// guest in lockstep; output is released only once the standby verified it.
     #[arg(long, value_name = "ADDR", conflicts_with = "record")]
@@ -340,6 +351,14 @@ fn listen(addr: &str) -> Result<TcpListener, CliError> {
 
 fn run(args: RunArgs) -> Result<u8, CliError> {
     let paired = args.peer.is_some() || args.accept_standby.is_some();
+    if args.latency_bound_ms.is_some() && args.record.is_none() && !paired {
+        return Err(CliError::Usage(
+            "--latency-bound-ms applies only to a recorded or protected run (--record, --peer or --accept-standby)"
+                .into(),
+        ));
+    }
+    let latency_bound =
+        Duration::from_millis(args.latency_bound_ms.unwrap_or(DEFAULT_LATENCY_BOUND_MS));
     if args.interrupt_windows && args.record.is_none() && !paired {
         return Err(CliError::Usage(
             "--interrupt-windows applies only to a recorded or protected run (--record, --peer or --accept-standby)"
@@ -363,6 +382,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
     let (config, mut vm) = boot(&args)?;
     let policy = EpochPolicy {
         interrupt_windows: args.interrupt_windows,
+        latency_bound,
         ..EpochPolicy::default()
     };
     if paired {
@@ -401,6 +421,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             options,
             input: Some(spawn_reader(std::io::stdin())),
             accept,
+            latency_bound,
         };
         let first = Role::Primary {
             vm,
@@ -450,6 +471,8 @@ struct Roles {
     options: ChannelOptions,
     input: Option<crossbeam_channel::Receiver<Vec<u8>>>,
     accept: Option<TcpListener>,
+    /// The recorder's latency bound whenever this process is the primary.
+    latency_bound: Duration,
 }
 
 /// The role a pair process plays now.
@@ -477,6 +500,7 @@ impl Roles {
                 Role::Primary { mut vm, link, at } => {
                     let policy = EpochPolicy {
                         interrupt_windows: self.header.interrupt_windows,
+                        latency_bound: self.latency_bound,
                         ..EpochPolicy::default()
                     };
                     let options = self.options.try_clone().map_err(CliError::Control)?;
@@ -620,6 +644,7 @@ fn standby(args: StandbyArgs) -> Result<u8, CliError> {
         options: options.try_clone().map_err(CliError::Control)?,
         input: input.clone(),
         accept: None,
+        latency_bound: Duration::from_millis(args.latency_bound_ms),
     };
     let end =
         ftvm_secondary::standby::run_standby(rendezvous, options, ui, input, std::io::stdout())?;

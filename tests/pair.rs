@@ -8,6 +8,15 @@
 //!
 //! `FTVM_DRILLS=N cargo test --release --test pair failover_drills` runs N drills
 //! (`scripts/drill.sh N`); the default is 10.
+//!
+//! The sizes of the guests' runs and the kill windows are for the PVM host these tests were
+//! written on. `FTVM_TEST_HOST=nested` (set by tests/nested.rs, which runs part of this suite
+//! inside the nested-KVM harness) says the host is that harness's standard KVM: there the
+//! VMM itself runs under TCG emulation on one emulated CPU shared by both processes of the
+//! pair, and a protected guest advances about fifty times slower (an exit costs about a
+//! millisecond, the counter guest prints about two lines a second, the pair's handshake
+//! takes about a second). [`Host::Nested`] gives the tests run there guests sized to fit
+//! and a longer heartbeat timeout; every check stays the same.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -21,6 +30,49 @@ use ftvm_proto::frame;
 use ftvm_replication::host::{HostKind, KvmFlavour};
 
 const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
+
+/// The host the suite runs on (see the module docs).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Host {
+    /// PVM, as on the development machines: the sizes the tests were written for.
+    Pvm,
+    /// Standard KVM in the nested-KVM harness (`FTVM_TEST_HOST=nested`).
+    Nested,
+}
+
+fn host() -> Host {
+    match std::env::var("FTVM_TEST_HOST").as_deref() {
+        Ok("nested") => Host::Nested,
+        Ok(other) if !other.is_empty() => panic!("FTVM_TEST_HOST={other}: expected nested"),
+        _ => Host::Pvm,
+    }
+}
+
+/// `pvm` on PVM, `nested` in the nested-KVM harness.
+fn sized<T>(pvm: T, nested: T) -> T {
+    match host() {
+        Host::Pvm => pvm,
+        Host::Nested => nested,
+    }
+}
+
+/// Options every pair process of this suite gets on this host. In the harness a peer is
+/// lost after a second of silence, not 150 ms: both processes of the pair and the harness's
+/// own work share one emulated CPU there, and a process can be left off it that long.
+fn host_pair_options(args: &[&str]) -> Vec<&'static str> {
+    let pair_process = match args.first() {
+        Some(&"standby") => true,
+        Some(&"run") => args
+            .iter()
+            .any(|a| *a == "--peer" || *a == "--accept-standby"),
+        _ => false,
+    };
+    if host() == Host::Nested && pair_process && !args.contains(&"--heartbeat-timeout-ms") {
+        vec!["--heartbeat-timeout-ms", "1000"]
+    } else {
+        Vec::new()
+    }
+}
 
 static ONE_PAIR_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -75,20 +127,57 @@ fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proc {
 
 /// Like [`spawn`], but the caller reads stdout.
 fn spawn_raw(args: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut child = Command::new(FTVM)
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ftvm");
+    let mut child = command(args, env);
     let stderr = Some(collect(child.stderr.take().expect("stderr")));
     Proc {
         child,
         stdout: None,
         stderr,
     }
+}
+
+/// Like [`spawn_raw`]; the receiver hears once stderr had a line containing `needle`.
+fn spawn_watched(
+    args: &[&str],
+    env: &[(&str, &str)],
+    needle: &'static str,
+) -> (Proc, std::sync::mpsc::Receiver<()>) {
+    let mut child = command(args, env);
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let collector = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = Vec::new();
+        loop {
+            let start = all.len();
+            match stderr.read_until(b'\n', &mut all) {
+                Ok(0) | Err(_) => return all,
+                Ok(_) => {
+                    if String::from_utf8_lossy(&all[start..]).contains(needle) {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        }
+    });
+    let p = Proc {
+        child,
+        stdout: None,
+        stderr: Some(collector),
+    };
+    (p, rx)
+}
+
+fn command(args: &[&str], env: &[(&str, &str)]) -> Child {
+    Command::new(FTVM)
+        .args(args)
+        .args(host_pair_options(args))
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ftvm")
 }
 
 impl Proc {
@@ -163,11 +252,14 @@ fn the_pair_runs_counter_to_completion() {
     let _one = serial();
     let addr = free_addr();
     let s = standby(&addr, &[], &[]);
-    let p = spawn(&primary_args(&addr, "workload=counter ticks=40", &[]), &[]);
+    // Nested harness: 12 ticks take three to six seconds.
+    let ticks = sized(40, 12);
+    let cmdline = format!("workload=counter ticks={ticks}");
+    let p = spawn(&primary_args(&addr, &cmdline, &[]), &[]);
     let p = p.wait(LIMIT);
     let s = s.wait(LIMIT);
     assert_eq!(p.status.code(), Some(0), "primary: {}", p.stderr);
-    assert_complete_count(&p.out(), 40);
+    assert_complete_count(&p.out(), ticks);
     assert_eq!(s.status.code(), Some(0), "standby: {}", s.stderr);
     assert!(s.stdout.is_empty(), "the standby printed {:?}", s.out());
     assert!(!p.stderr.contains("unprotected"), "{}", p.stderr);
@@ -277,15 +369,29 @@ fn assert_continuous(
     overlap.len()
 }
 
-/// One failover drill: SIGKILL the primary `kill_after` into the run, check the standby
-/// finishes the workload. Returns the number of duplicated output bytes.
+/// One failover drill: SIGKILL the primary `kill_after` into the guest's run, check the
+/// standby finishes the workload. Returns the number of duplicated output bytes.
 fn failover_drill(w: Workload, kill_after: Duration) -> usize {
     let addr = free_addr();
     let s = standby(&addr, &[], &[]);
     let cmdline = w.cmdline();
-    let mut p = spawn_raw(&primary_args(&addr, &cmdline, &[]), &[]);
+    // The guest starts once the standby said it is ready: the kill is timed from there, so
+    // it lands in the guest's run however long the handshake takes on this host (in the
+    // nested harness, about a second; a primary killed before the standby has the VM
+    // leaves a `--listen` standby waiting for the next primary).
+    let (mut p, ready) = spawn_watched(
+        &primary_args(&addr, &cmdline, &[]),
+        &[("FTVM_LOG", "info")],
+        "standby ready",
+    );
     let primary_out: ChildStdout = p.child.stdout.take().expect("stdout");
     let reader = collect(primary_out);
+    if ready.recv_timeout(LIMIT).is_err() {
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+        let err = String::from_utf8_lossy(&joined(p.stderr.take())).into_owned();
+        panic!("the primary never had its standby ready; stderr:\n{err}");
+    }
     std::thread::sleep(kill_after);
     p.child.kill().expect("SIGKILL the primary");
     let _ = p.child.wait();
@@ -301,14 +407,20 @@ fn failover_drill(w: Workload, kill_after: Duration) -> usize {
     let text = String::from_utf8_lossy(&primary).into_owned();
     if w.finished(&text) {
         // The run ended before the kill: nothing to take over.
+        eprintln!("  the guest had ended: nothing to take over");
         w.assert_complete(&text);
         return 0;
     }
+    eprintln!(
+        "  the primary had printed {} bytes; the standby went live and printed {}",
+        primary.len(),
+        s.stdout.len()
+    );
     assert_continuous(w, &primary, &s.stdout, &s.stderr)
 }
 
 /// `FTVM_DRILLS` drills (default 10) on `w`, killing the primary at random moments within
-/// `window` (the guest's run time).
+/// `window` (milliseconds of the guest's run, from when the pair is up).
 fn drills(w: Workload, window: std::ops::Range<u64>) {
     let _one = serial();
     let drills: u64 = std::env::var("FTVM_DRILLS")
@@ -336,22 +448,36 @@ fn drills(w: Workload, window: std::ops::Range<u64>) {
 
 #[test]
 fn failover_drills() {
-    // The guest counts 100 ticks in about a second after a start-up of ~30 ms.
-    drills(Workload::Counter(100), 60..960);
+    // The guest counts 100 ticks in about a second; in the nested harness 20 take from
+    // four seconds (an idle host) to ten.
+    let (w, window) = sized(
+        (Workload::Counter(100), 30..930),
+        (Workload::Counter(20), 0..3000),
+    );
+    drills(w, window);
 }
 
 #[test]
 fn failover_drills_rdtsc() {
     // Every epoch of this guest diverges on the standby (RDTSC cannot be replayed) and is
-    // repaired; the kill lands before, during and after repairs.
-    drills(Workload::Rdtsc(300), 40..900);
+    // repaired; the kill lands before, during and after repairs. 300 lines take about 0.65 s
+    // here; in the nested harness 60 take from four seconds (an idle host) to sixteen.
+    let (w, window) = sized(
+        (Workload::Rdtsc(300), 10..600),
+        (Workload::Rdtsc(60), 0..3000),
+    );
+    drills(w, window);
 }
 
 #[test]
 fn failover_drills_spin() {
     // No exits but the timer's: every tick is delivered by a kick (checkpoint-required
-    // epochs), each repaired.
-    drills(Workload::Spin(800), 40..900);
+    // epochs), each repaired. Nested harness: 300 ms of spinning take 1.5 s or more.
+    let (w, window) = sized(
+        (Workload::Spin(800), 10..870),
+        (Workload::Spin(300), 0..1000),
+    );
+    drills(w, window);
 }
 
 /// Polls `ftvm status` on `control` until `pred` holds (at most 20 s).
@@ -497,7 +623,9 @@ fn a_killed_standby_is_replaced_while_the_guest_runs() {
 fn a_primary_started_alone_accepts_a_standby_that_joins() {
     let _one = serial();
     let accept = free_addr();
-    let w = Workload::Counter(120);
+    // In the nested harness the standby has synced by about tick 5, and the 25 ticks after
+    // that take about twelve seconds.
+    let w = Workload::Counter(sized(120, 30));
     let p = spawn(
         &[
             "run",

@@ -193,7 +193,10 @@ fn a_file_that_is_not_a_kernel_is_a_clear_error() {
     let text = dir.join("not-a-kernel.txt");
     std::fs::write(&text, "this is not an ELF file\n").unwrap();
     let o = ftvm_run(&["--kernel", text.to_str().unwrap()], b"");
-    assert_one_line_error(&o, "not a kernel image: neither ELF64 (vmlinux) nor bzImage");
+    assert_one_line_error(
+        &o,
+        "not a kernel image: neither ELF64 (vmlinux) nor bzImage",
+    );
     // A 32-bit ELF header is refused too.
     let mut elf32 = vec![0x7f, b'E', b'L', b'F', 1, 1, 1];
     elf32.resize(64, 0);

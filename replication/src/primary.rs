@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use ftvm_proto::channel::{
     message::Body, CheckpointEnd, Diverged, Message, PageChunk, Ready, Released, Role, Start,
 };
@@ -223,6 +223,9 @@ struct Primary {
     /// Epochs shipped and not yet verified, with when they were shipped.
     unverified: VecDeque<(u64, Instant)>,
     ended: bool,
+    /// The log's `RunEnd` went out: the guest has stopped, and the vCPU thread's
+    /// [`FromVcpu::End`] follows.
+    run_end_shipped: bool,
     meter: RateMeter,
     report: PrimaryReport,
     /// Checkpoint requests to the vCPU thread (dropped when the channel thread ends, which
@@ -332,6 +335,7 @@ impl Primary {
             exit_seq: 0,
             unverified: VecDeque::new(),
             ended: false,
+            run_end_shipped: false,
             meter: RateMeter::default(),
             report: PrimaryReport {
                 lost,
@@ -387,8 +391,13 @@ impl Primary {
                 }
                 if let Err(e) = result {
                     // A standby that closes once it verified the last epoch of a finished
-                    // run is done, not lost.
+                    // run is done, not lost. It can do so before the vCPU thread, which
+                    // sends `End` right after the batch carrying the run's end, gets to
+                    // that (seen where the host is slow: the nested-KVM harness).
                     self.drain_vcpu();
+                    if self.run_end_shipped {
+                        self.await_end();
+                    }
                     if !self.done() {
                         self.lose_with(e);
                     }
@@ -412,50 +421,70 @@ impl Primary {
     fn drain_vcpu(&mut self) {
         loop {
             match self.rx.try_recv() {
-                Ok(FromVcpu::Batch(b)) => self.ship(b),
-                Ok(FromVcpu::Output(bytes)) => self.output(bytes),
-                Ok(FromVcpu::Pages(chunk)) => {
-                    // Pages of a checkpoint abandoned with its standby go nowhere: a new
-                    // standby must never see them.
-                    if self.checkpoint.as_ref().map(|c| c.id) != Some(chunk.checkpoint) {
-                        tracing::debug!(
-                            checkpoint = chunk.checkpoint,
-                            "pages of an abandoned checkpoint dropped"
-                        );
-                        continue;
-                    }
-                    // Stop-and-copy pages count as chunks of the sync, for a resume.
-                    if let Some(s) = self.sync.as_mut().filter(|s| s.id == chunk.checkpoint) {
-                        s.note_chunk(&chunk.pages);
-                    }
-                    self.send(Message {
-                        body: Some(Body::Pages(chunk)),
-                    })
-                }
-                Ok(FromVcpu::CheckpointEnd(end)) => self.checkpoint_end(end),
-                Ok(FromVcpu::Stopped { epoch, exit_seq }) => {
-                    if self.link.is_none() || self.switchover.is_none() {
-                        // Abandoned while the vCPU was on its way to stop: let it run on.
-                        self.switchover = None;
-                        self.refuse_handover("the standby was lost or diverged".into());
-                    } else {
-                        self.switchover = Some(Switchover::Stopped { epoch, exit_seq });
-                    }
-                }
-                Ok(FromVcpu::End) => {
-                    tracing::debug!("guest run over");
-                    self.ended = true;
-                    if self.sync.is_some() {
-                        self.lose("the guest run ended while the standby was syncing".into());
-                    }
-                    if self.paused_sync.take().is_some() {
-                        self.tracking.stop_sync();
-                    }
-                }
+                Ok(msg) => self.on_vcpu(msg),
                 Err(TryRecvError::Empty) => return,
                 Err(TryRecvError::Disconnected) => {
                     self.ended = true;
                     return;
+                }
+            }
+        }
+    }
+
+    /// Waits (at most a heartbeat timeout) for the vCPU thread's `End`, handling what comes
+    /// before it.
+    fn await_end(&mut self) {
+        let deadline = Instant::now() + self.heartbeat.timeout;
+        while !self.ended {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(msg) => self.on_vcpu(msg),
+                Err(RecvTimeoutError::Timeout) => return,
+                Err(RecvTimeoutError::Disconnected) => self.ended = true,
+            }
+        }
+    }
+
+    fn on_vcpu(&mut self, msg: FromVcpu) {
+        match msg {
+            FromVcpu::Batch(b) => self.ship(b),
+            FromVcpu::Output(bytes) => self.output(bytes),
+            FromVcpu::Pages(chunk) => {
+                // Pages of a checkpoint abandoned with its standby go nowhere: a new
+                // standby must never see them.
+                if self.checkpoint.as_ref().map(|c| c.id) != Some(chunk.checkpoint) {
+                    tracing::debug!(
+                        checkpoint = chunk.checkpoint,
+                        "pages of an abandoned checkpoint dropped"
+                    );
+                    return;
+                }
+                // Stop-and-copy pages count as chunks of the sync, for a resume.
+                if let Some(s) = self.sync.as_mut().filter(|s| s.id == chunk.checkpoint) {
+                    s.note_chunk(&chunk.pages);
+                }
+                self.send(Message {
+                    body: Some(Body::Pages(chunk)),
+                })
+            }
+            FromVcpu::CheckpointEnd(end) => self.checkpoint_end(end),
+            FromVcpu::Stopped { epoch, exit_seq } => {
+                if self.link.is_none() || self.switchover.is_none() {
+                    // Abandoned while the vCPU was on its way to stop: let it run on.
+                    self.switchover = None;
+                    self.refuse_handover("the standby was lost or diverged".into());
+                } else {
+                    self.switchover = Some(Switchover::Stopped { epoch, exit_seq });
+                }
+            }
+            FromVcpu::End => {
+                tracing::debug!("guest run over");
+                self.ended = true;
+                if self.sync.is_some() {
+                    self.lose("the guest run ended while the standby was syncing".into());
+                }
+                if self.paused_sync.take().is_some() {
+                    self.tracking.stop_sync();
                 }
             }
         }
@@ -471,6 +500,7 @@ impl Primary {
         self.exit_seq = batch.complete_through;
         let protecting = self.protecting();
         for r in &batch.records {
+            self.run_end_shipped |= matches!(r.kind, Some(Kind::RunEnd(_)));
             if let Some(Kind::EpochEnd(e)) = &r.kind {
                 self.epoch = e.epoch + 1;
                 self.report.epochs = e.epoch;

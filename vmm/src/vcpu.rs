@@ -2,6 +2,7 @@
 //! KVM_INTERRUPT (userspace irqchip), kicks, and save/restore of the complete vCPU state.
 
 use std::cell::Cell;
+use std::sync::atomic::{compiler_fence, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
@@ -58,9 +59,15 @@ pub struct VcpuState {
 thread_local! {
     /// The kvm_run area of the vCPU running on this thread, for the kick signal handler.
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+    /// This thread is entering or in KVM_RUN for the guest: a kick applies. Outside it the
+    /// VMM is handling an exit, and a kick that lands there is dropped (see [`Vcpu::run`]).
+    static IN_GUEST: Cell<bool> = const { Cell::new(false) };
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    if !IN_GUEST.with(Cell::get) {
+        return;
+    }
     KVM_RUN.with(|run| {
         let run = run.get();
         if !run.is_null() {
@@ -80,6 +87,13 @@ fn kick_signal() -> libc::c_int {
 
 /// Kicks the vCPU thread out of KVM_RUN once a deadline has passed and the vCPU thread has
 /// then run for a given CPU time without reaching an exit. One thread per VM.
+///
+/// The CPU time is counted from the later of the deadline and the entry into the current
+/// KVM_RUN ([`Kicker::arm`] is called before every entry and restarts the count), so time
+/// the VMM spends handling exits (an epoch digest, a checkpoint) never counts as guest time
+/// without an exit. Where exits are slow (nested KVM, the VMM under emulation) that time
+/// alone used to exceed the latency bound, and recordings took kicks the guest never
+/// needed.
 struct Kicker {
     shared: Arc<(Mutex<KickState>, Condvar)>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -88,7 +102,8 @@ struct Kicker {
 #[derive(Default)]
 struct KickState {
     kick: Option<Kick>,
-    /// The vCPU thread's CPU time when the deadline was seen to have passed.
+    /// The vCPU thread's CPU time when the count started: at the entry into the current
+    /// KVM_RUN if the deadline had passed then, else when the kicker saw it pass.
     cpu_base: Option<Duration>,
     shutdown: bool,
 }
@@ -137,6 +152,11 @@ impl Kicker {
                         let cpu = thread_cpu_time(clock);
                         let used = cpu.saturating_sub(*st.cpu_base.get_or_insert(cpu));
                         if used >= kick.after_guest_time {
+                            tracing::trace!(
+                                late_us = (now - kick.at).as_micros() as u64,
+                                cpu_us = used.as_micros() as u64,
+                                "kicker fires"
+                            );
                             st.kick = None;
                             // SAFETY: `target` is the vCPU thread, alive while this thread
                             // runs (the Kicker is dropped, and this thread joined, before the
@@ -159,14 +179,21 @@ impl Kicker {
         })
     }
 
+    /// Arms `kick` for the KVM_RUN the calling (vCPU) thread is about to enter. The CPU time
+    /// the kick waits for restarts now if the deadline has passed, at the deadline if not.
     fn arm(&self, kick: Option<Kick>) {
+        let cpu_base = kick
+            .filter(|k| Instant::now() >= k.at)
+            .map(|_| thread_cpu_time(libc::CLOCK_THREAD_CPUTIME_ID));
         let (lock, cv) = &*self.shared;
         let mut st = crate::bus::lock(lock);
+        st.cpu_base = cpu_base;
         if st.kick != kick {
             st.kick = kick;
-            st.cpu_base = None;
             cv.notify_one();
         }
+        // An unchanged kick needs no wake-up: the kicker re-reads the base when its wait
+        // ends, and the base only moved later.
     }
 }
 
@@ -258,9 +285,9 @@ impl Drop for Vcpu {
     }
 }
 
-impl VcpuRun for Vcpu {
-    fn run(&mut self) -> Result<RunOutcome, Error> {
-        self.bind_to_current_thread()?;
+impl Vcpu {
+    /// One KVM_RUN, its return converted.
+    fn enter(&mut self) -> Result<RunOutcome, Error> {
         let (port, len) = match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => (port, data.len()),
             Ok(VcpuExit::IoOut(port, data)) => {
@@ -318,6 +345,28 @@ impl VcpuRun for Vcpu {
             size,
             count: (len / usize::from(size)) as u32,
         }))
+    }
+}
+
+impl VcpuRun for Vcpu {
+    fn run(&mut self) -> Result<RunOutcome, Error> {
+        self.bind_to_current_thread()?;
+        // A kick applies from here to the return of KVM_RUN. One that arrives after the
+        // guest has exited on its own is dropped: the exit is handled, and the next entry
+        // re-arms the kicker with the CPU time restarting then. Without that, a kick fired
+        // while the VMM handled an exit would end the next KVM_RUN before the guest ran an
+        // instruction.
+        IN_GUEST.with(|g| g.set(true));
+        compiler_fence(Ordering::SeqCst);
+        let outcome = self.enter();
+        compiler_fence(Ordering::SeqCst);
+        IN_GUEST.with(|g| g.set(false));
+        compiler_fence(Ordering::SeqCst);
+        if let Ok(RunOutcome::Exit(_)) = outcome {
+            // The guest exited by itself: a kick that raced that exit is void.
+            self.fd.set_kvm_immediate_exit(0);
+        }
+        outcome
     }
 
     fn complete_read(&mut self, data: &[u8]) {
@@ -503,5 +552,129 @@ impl Persist for Vcpu {
             .set_vcpu_events(&s.events)
             .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::{Control, ExitHook, ExitSeq, HookError, HostView, Point};
+    use crate::{Input, Vm, VmConfig};
+
+    /// Arms a kick whose deadline has long passed, to fire after `after` of CPU time without
+    /// an exit; spends `busy` of CPU time at the end of every exit (as an epoch digest does);
+    /// counts kicks; pauses after `exits` exits. The virtual clock never moves.
+    struct BusyHook {
+        at: Instant,
+        after: Duration,
+        busy: Duration,
+        exits: u64,
+        kicks: u64,
+    }
+
+    impl ExitHook for BusyHook {
+        fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, HookError> {
+            let start = thread_cpu_time(libc::CLOCK_THREAD_CPUTIME_ID);
+            while thread_cpu_time(libc::CLOCK_THREAD_CPUTIME_ID) - start < self.busy {}
+            Ok(if seq.0 >= self.exits {
+                Control::Pause
+            } else {
+                Control::Continue
+            })
+        }
+        fn on_kick(&mut self, _after: ExitSeq) -> Result<(), HookError> {
+            self.kicks += 1;
+            Ok(())
+        }
+        fn poll_inputs(
+            &mut self,
+            _: Point,
+            _: &HostView,
+            _: &mut Vec<Input>,
+        ) -> Result<(), HookError> {
+            Ok(())
+        }
+        fn on_output(&mut self, _seq: ExitSeq, _bytes: &[u8]) -> Result<(), HookError> {
+            Ok(())
+        }
+        fn kick_at(&self, _deadline_ns: u64) -> Option<Kick> {
+            Some(Kick {
+                at: self.at,
+                after_guest_time: self.after,
+            })
+        }
+    }
+
+    fn vm(workload: &str) -> Vm {
+        Vm::new(&VmConfig {
+            mem_mib: 32,
+            kernel: ftvm_guest::KERNEL.to_vec(),
+            cmdline: format!("workload={workload}"),
+            cpuid: None,
+            initrd: None,
+            disks: Vec::new(),
+        })
+        .unwrap()
+    }
+
+    /// The counter guest exits every few hundred instructions. The VMM spends 2.5 times the
+    /// kick's CPU-time budget on every exit: that is not guest time without an exit, so no
+    /// kick may land (the kicker used to count it and end the next KVM_RUN at once).
+    #[test]
+    fn time_spent_handling_exits_does_not_count_towards_a_kick() {
+        let mut vm = vm("counter ticks=1000");
+        let mut hook = BusyHook {
+            at: Instant::now(),
+            after: Duration::from_millis(2),
+            busy: Duration::from_millis(5),
+            exits: 60,
+            kicks: 0,
+        };
+        assert_eq!(
+            vm.run(&mut hook).unwrap(),
+            crate::RunEnd::Paused(ExitSeq(60))
+        );
+        assert_eq!(hook.kicks, 0);
+    }
+
+    /// The spin guest runs without exits once its timer is set: the kick must still come.
+    #[test]
+    fn a_guest_running_without_exits_is_kicked() {
+        let mut vm = vm("spin ms=100000");
+        let mut hook = BusyHook {
+            at: Instant::now(),
+            after: Duration::from_millis(1),
+            busy: Duration::ZERO,
+            exits: u64::MAX,
+            kicks: 0,
+        };
+        // Let it run until five kicks; the guest never exits on its own by then.
+        struct Until<'a>(&'a mut BusyHook);
+        impl ExitHook for Until<'_> {
+            fn on_kick(&mut self, after: ExitSeq) -> Result<(), HookError> {
+                self.0.on_kick(after)?;
+                if self.0.kicks >= 5 {
+                    return Err("enough kicks".into());
+                }
+                Ok(())
+            }
+            fn poll_inputs(
+                &mut self,
+                _: Point,
+                _: &HostView,
+                _: &mut Vec<Input>,
+            ) -> Result<(), HookError> {
+                Ok(())
+            }
+            fn on_output(&mut self, _seq: ExitSeq, _bytes: &[u8]) -> Result<(), HookError> {
+                Ok(())
+            }
+            fn kick_at(&self, deadline_ns: u64) -> Option<Kick> {
+                self.0.kick_at(deadline_ns)
+            }
+        }
+        let err = vm.run(&mut Until(&mut hook)).unwrap_err();
+        assert!(err.to_string().contains("enough kicks"), "{err}");
+        assert_eq!(hook.kicks, 5);
     }
 }
