@@ -105,6 +105,20 @@ fn checksum_lines(out: &str) -> Vec<String> {
         .collect()
 }
 
+/// A scratch directory holding a fresh ext4 disk image, and the checksum lines the files
+/// workload must print (computed on the host).
+fn fresh_disk(name: &str) -> (Scratch, String, Vec<String>) {
+    let expected: Vec<String> = linux_guest(&["expected"])
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(expected.len(), 3, "{expected:?}");
+    let dir = Scratch::new(name);
+    let disk = dir.path("disk.img");
+    linux_guest(&["disk", &disk]);
+    (dir, disk, expected)
+}
+
 /// The command of the "done when", on the default command line: the Debian kernel
 /// boots to the init's first line, the disk workload's checksums are the ones the host
 /// computes, and ftvm exits with the guest's status 0.
@@ -112,14 +126,7 @@ fn checksum_lines(out: &str) -> Vec<String> {
 fn debian_kernel_boots_and_the_disk_workload_checksums_are_right() {
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let (kernel, initrd) = guest_images();
-    let expected: Vec<String> = linux_guest(&["expected"])
-        .lines()
-        .map(str::to_string)
-        .collect();
-    assert_eq!(expected.len(), 3, "{expected:?}");
-    let dir = Scratch::new("boot");
-    let disk = dir.path("disk.img");
-    linux_guest(&["disk", &disk]);
+    let (_dir, disk, expected) = fresh_disk("boot");
     let script = format!(
         "timeout 400 {FTVM} run --kernel {kernel} --initrd {initrd} --disk {disk} --mem-mib 256"
     );
@@ -146,13 +153,7 @@ fn debian_kernel_boots_and_the_disk_workload_checksums_are_right() {
 fn a_recorded_linux_guest_replays_or_reports_where_it_diverged() {
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let (kernel, initrd) = guest_images();
-    let expected: Vec<String> = linux_guest(&["expected"])
-        .lines()
-        .map(str::to_string)
-        .collect();
-    let dir = Scratch::new("replay");
-    let disk = dir.path("disk.img");
-    linux_guest(&["disk", &disk]);
+    let (dir, disk, expected) = fresh_disk("replay");
     let log = dir.path("linux.log");
     // The replay gets a copy of the image as it was when the recording started.
     let script = format!(
