@@ -145,6 +145,10 @@ resolve_modules() {
 
 # --- build: the kernel and the initramfs ------------------------------------------------------
 build() {
+    # One build at a time (tests run in parallel threads and each asks for the images).
+    mkdir -p "$out"
+    exec 9>"$out/.build.lock"
+    flock 9
     need busybox-static cpio binutils
     # shellcheck source=scripts/lib/debian-kernel.sh
     . "$repo/scripts/lib/debian-kernel.sh"
@@ -153,8 +157,8 @@ build() {
 
     # A copy, not a link: target/linux-guest/ stays whole when copied elsewhere.
     if ! cmp -s "$debian_kernel_image" "$out/vmlinuz"; then
-        cp "$debian_kernel_image" "$out/vmlinuz.tmp"
-        mv "$out/vmlinuz.tmp" "$out/vmlinuz"
+        cp "$debian_kernel_image" "$out/vmlinuz.tmp.$$"
+        mv "$out/vmlinuz.tmp.$$" "$out/vmlinuz"
     fi
 
     local initrd="$out/initramfs.cpio.gz" stamp="$out/kernel-version"
@@ -179,8 +183,8 @@ build() {
         # inode numbers, no gzip timestamp), owned by root whoever builds it.
         find "$staging" -exec touch -h -d @0 {} +
         (cd "$staging" && find . | LC_ALL=C sort |
-            cpio -o -H newc -R 0:0 --reproducible --quiet | gzip -9n) >"$initrd.tmp"
-        mv "$initrd.tmp" "$initrd"
+            cpio -o -H newc -R 0:0 --reproducible --quiet | gzip -9n) >"$initrd.tmp.$$"
+        mv "$initrd.tmp.$$" "$initrd"
         echo "$debian_kernel_version" >"$stamp"
         echo "linux-guest: modules: ${mod_order[*]}" >&2
         rm -rf "$staging"

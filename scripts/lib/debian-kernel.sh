@@ -45,6 +45,10 @@ debian_kernel() {
     ver="${pkg#linux-image-}"
     kdir="$cache/$pkg"
 
+    # One download at a time (the harness and the guest builder may ask together).
+    local lock
+    exec {lock}>"$cache/.download.lock"
+    flock "$lock"
     if [ ! -e "$kdir/boot/vmlinuz-$ver" ]; then
         echo "$tag: downloading $pkg" >&2
         tmp=$(mktemp -d "$cache/.download.XXXXXX") || return 1
@@ -69,6 +73,7 @@ debian_kernel() {
         fi
         rm -rf "$tmp"
     fi
+    exec {lock}>&-
 
     # For the caller (shellcheck sees no use of them here).
     # shellcheck disable=SC2034
