@@ -15,6 +15,8 @@ command -v cpio >/dev/null || need+=(cpio)
 # The Linux test guest (scripts/linux-guest.sh): ext4 disk images, module dependencies.
 command -v mkfs.ext4 >/dev/null || [ -x /sbin/mkfs.ext4 ] || need+=(e2fsprogs)
 command -v objcopy >/dev/null || need+=(binutils)
+# tests/linux.rs unpacks the bzImage's XZ payload into an ELF vmlinux.
+command -v xz >/dev/null || need+=(xz-utils)
 command -v cargo >/dev/null || { echo "setup: cargo (Rust stable) is required" >&2; exit 1; }
 
 if [ ${#need[@]} -gt 0 ]; then

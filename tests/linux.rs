@@ -200,6 +200,43 @@ fn a_recorded_linux_guest_replays_or_reports_where_it_diverged() {
     );
 }
 
+/// The same kernel as an ELF `vmlinux` (the bzImage's XZ payload, decompressed as the
+/// kernel's scripts/extract-vmlinux does) boots through the ELF path to the init.
+#[test]
+fn the_debian_kernel_as_an_elf_vmlinux_boots_too() {
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let (kernel, initrd) = guest_images();
+    let image = std::fs::read(&kernel).unwrap();
+    let xz_magic = b"\xfd7zXZ\0";
+    let at = image
+        .windows(xz_magic.len())
+        .position(|w| w == xz_magic)
+        .expect("Debian's bzImage carries an XZ payload");
+    let dir = Scratch::new("vmlinux");
+    let vmlinux = dir.path("vmlinux");
+    let mut xz = Command::new("xz")
+        .args(["-dc"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::fs::File::create(&vmlinux).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run xz");
+    // xz stops at the end of its stream and complains about the bytes after it.
+    let _ = std::io::Write::write_all(xz.stdin.as_mut().unwrap(), &image[at..]);
+    drop(xz.stdin.take());
+    let _ = xz.wait();
+    let elf = std::fs::read(&vmlinux).unwrap();
+    assert!(elf.starts_with(b"\x7fELF\x02"), "not an ELF64 vmlinux");
+    let script = format!(
+        "timeout 200 {FTVM} run --kernel {vmlinux} --initrd {initrd} --append 'quiet ftvm.workload=boot'"
+    );
+    let (status, out) = nested_sh(&script, 300);
+    let lines = guest_lines(&out);
+    assert!(lines.contains(&"ftvm-linux-guest: init"), "{out}");
+    assert!(lines.contains(&"ftvm-linux-guest: booted"), "{out}");
+    assert_eq!(status, Some(0), "{out}");
+}
+
 /// Runs `ftvm run ARGS` on this host (bad input is refused before the guest starts, so
 /// these need no standard KVM).
 fn ftvm_run(args: &[&str]) -> std::process::Output {
