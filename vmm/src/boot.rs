@@ -248,15 +248,10 @@ fn place_initrd(
         limit,
         kernel_end,
     };
-    let addr = limit.checked_sub(size).ok_or(too_big)? & !0xfff;
-    if addr < kernel_end.max(HIMEM_START) {
-        return Err(BootError::InitrdTooBig {
-            size,
-            limit,
-            kernel_end,
-        });
+    match limit.checked_sub(size).map(|a| a & !0xfff) {
+        Some(addr) if addr >= kernel_end.max(HIMEM_START) => Ok((addr, size)),
+        _ => Err(too_big),
     }
-    Ok((addr, size))
 }
 
 /// A GDT descriptor from (flags, base, limit), the layout the CPU reads.

@@ -49,6 +49,16 @@ pub enum InputError {
     },
 }
 
+/// Where virtio-mmio slot `i` (< `VIRTIO_IRQS.len()`) lives and which line it raises: the
+/// one layout both the MMIO bus and the ACPI tables use.
+fn virtio_slot(i: usize) -> VirtioMmioSlot {
+    VirtioMmioSlot {
+        base: VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW,
+        len: MMIO_WINDOW,
+        irq: VIRTIO_IRQS[i],
+    }
+}
+
 /// The platform could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
@@ -134,16 +144,13 @@ impl Machine {
         let mut mmio = Bus::new();
         let mut virtio_blk = Vec::new();
         for (i, disk) in disks.into_iter().enumerate() {
+            let slot = virtio_slot(i);
             let dev = Arc::new(Mutex::new(VirtioBlk::new(
                 disk,
                 memory.clone(),
-                irq_lines.line(VIRTIO_IRQS[i]),
+                irq_lines.line(slot.irq),
             )));
-            mmio.insert(
-                dev.clone(),
-                VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW,
-                MMIO_WINDOW,
-            )?;
+            mmio.insert(dev.clone(), slot.base, slot.len)?;
             virtio_blk.push(dev);
         }
         Ok(Self {
@@ -172,13 +179,7 @@ impl Machine {
 
     /// The virtio-mmio devices as the ACPI tables announce them.
     pub fn virtio_slots(&self) -> Vec<VirtioMmioSlot> {
-        (0..self.virtio_blk.len())
-            .map(|i| VirtioMmioSlot {
-                base: VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW,
-                len: MMIO_WINDOW,
-                irq: VIRTIO_IRQS[i],
-            })
-            .collect()
+        (0..self.virtio_blk.len()).map(virtio_slot).collect()
     }
 
     /// Applies one input.
