@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use ftvm_proto::channel::{CheckpointEnd, Page, PageChunk};
 use ftvm_proto::log::{self, record::Kind, Record, RecordBatch};
-use ftvm_replication::checkpoint::{CheckpointPort, CheckpointRequest, PAGES_PER_CHUNK};
+use ftvm_replication::checkpoint::{CheckpointPort, VcpuRequest, PAGES_PER_CHUNK};
 use ftvm_replication::primary::FromVcpu;
 use ftvm_vmm::cpuid::CpuidTable;
 use ftvm_vmm::devices::StopRequest;
@@ -139,7 +139,7 @@ pub struct Recorder<H, S> {
     /// Where checkpoints are asked for and sent (a protected run).
     checkpoints: Option<CheckpointPort>,
     /// A checkpoint asked for: it is made at the end of the current exit.
-    requested: Option<CheckpointRequest>,
+    requested: Option<VcpuRequest>,
     /// Pages dirtied in each closed epoch the standby has not verified yet.
     unverified_dirty: VecDeque<(u64, Vec<u64>)>,
 }
@@ -212,13 +212,13 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         &mut self,
         vm: &mut Vm,
         seq: ExitSeq,
-        request: CheckpointRequest,
+        request: VcpuRequest,
         run_end: Option<StopRequest>,
     ) -> Result<(), RecordError> {
         let Some(port) = self.checkpoints.clone() else {
             return Ok(());
         };
-        if request == CheckpointRequest::Switchover {
+        if request == VcpuRequest::Switchover {
             // Not a checkpoint: `record` returns at the switchover's pause.
             return Ok(());
         }
@@ -226,7 +226,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         self.flush(seq)?;
         let dirty_now = vm.take_dirty_pages()?;
         let (send, covered): (Vec<u64>, Vec<u64>) = match &request {
-            CheckpointRequest::Repair {
+            VcpuRequest::Repair {
                 from_epoch,
                 standby_dirty,
                 ..
@@ -254,8 +254,8 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
                 }
                 (send, covered.into_iter().collect())
             }
-            CheckpointRequest::Switchover => return Ok(()),
-            CheckpointRequest::StopAndCopy { .. } => {
+            VcpuRequest::Switchover => return Ok(()),
+            VcpuRequest::StopAndCopy { .. } => {
                 let mut pages = port.tracking.take_sync();
                 pages.extend(dirty_now.iter().copied());
                 let pages: Vec<u64> = pages.into_iter().collect();
@@ -289,7 +289,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         }
         let state = vm.save()?;
         let digest = state_digest(vm, &covered)?;
-        let sync = matches!(request, CheckpointRequest::StopAndCopy { .. });
+        let sync = matches!(request, VcpuRequest::StopAndCopy { .. });
         let run_end = run_end.map(|stop| log::RunEnd {
             stop: Some(match stop {
                 StopRequest::Exit(status) => log::run_end::Stop::ExitStatus(u32::from(status)),
@@ -305,8 +305,6 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
                 exit_seq: seq.0,
                 vm_state: ftvm_vmm::state::encode(&state),
                 digest: digest.to_vec(),
-                output_seq: 0,
-                held_output: Vec::new(),
                 pages: send.len() as u64,
                 page_bytes,
                 sync,
@@ -343,7 +341,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
             return Ok(());
         };
         while let Ok(request) = port.requests.recv() {
-            if request == CheckpointRequest::Switchover {
+            if request == VcpuRequest::Switchover {
                 // Too late for a switchover: the run is over.
                 continue;
             }
@@ -464,7 +462,7 @@ pub fn record<H: ExitHook, S: LogSink>(
     loop {
         match vm.run(recorder) {
             Ok(RunEnd::Paused(seq)) => match recorder.requested.take() {
-                Some(CheckpointRequest::Switchover) => {
+                Some(VcpuRequest::Switchover) => {
                     recorder.end_epoch(vm, seq)?;
                     return Ok(RecordEnd::Switchover);
                 }

@@ -25,8 +25,9 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const LOG_MAGIC: &[u8; 8] = b"FTVMLOG\0";
 
 /// The pair protocol this build speaks (exchanged first on every pair connection).
-/// Version 3: `Hello` carries the sender's host kind.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// Version 3: `Hello` carries the sender's host kind. Version 4: the output a checkpoint
+/// carries travels as its own `HeldOutput` message.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// First bytes each side of a pair connection sends.
 pub const CHANNEL_MAGIC: &[u8; 8] = b"FTVMPAIR";

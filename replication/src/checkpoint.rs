@@ -1,7 +1,8 @@
-//! What the primary's vCPU thread and its channel thread share to make checkpoints
-//! (DESIGN.md §4): the channel thread asks for a checkpoint (a repair after `Diverged`, or the
-//! stop-and-copy that ends a sync) and the vCPU thread makes it at its next exit, sending the
-//! pages and the state back through the [`Feed`](crate::primary::Feed) in log order.
+//! What the primary's vCPU thread and its channel thread share (DESIGN.md §4): the channel
+//! thread asks the vCPU thread for something only it can do at an exit ([`VcpuRequest`]: a
+//! repair checkpoint after `Diverged`, the stop-and-copy that ends a sync, or the stop for a
+//! switchover); the vCPU thread does it at its next exit, sending the pages and the state
+//! back through the [`Feed`](crate::primary::Feed) in log order.
 //!
 //! The vCPU thread also reports the pages each closed epoch dirtied ([`DirtyTracking`]): a
 //! sync's pre-copy resends them, and a repair needs those of every epoch the standby has not
@@ -21,9 +22,9 @@ pub const PAGES_PER_CHUNK: usize = 256;
 /// BLAKE3 of a page.
 pub type PageDigest = [u8; 32];
 
-/// A checkpoint the channel thread asks the vCPU thread for.
+/// What the channel thread asks of the vCPU thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CheckpointRequest {
+pub enum VcpuRequest {
     /// Repair the standby, which cannot follow past `from_epoch`: send every page that
     /// differs among those either side dirtied since the last verified boundary.
     Repair {
@@ -44,12 +45,12 @@ pub enum CheckpointRequest {
     Switchover,
 }
 
-impl CheckpointRequest {
-    /// The checkpoint id.
+impl VcpuRequest {
+    /// The checkpoint id (0 for a switchover, which makes none).
     pub fn id(&self) -> u64 {
         match self {
-            CheckpointRequest::Repair { id, .. } | CheckpointRequest::StopAndCopy { id } => *id,
-            CheckpointRequest::Switchover => 0,
+            VcpuRequest::Repair { id, .. } | VcpuRequest::StopAndCopy { id } => *id,
+            VcpuRequest::Switchover => 0,
         }
     }
 }
@@ -119,12 +120,12 @@ impl DirtyTracking {
 #[derive(Clone)]
 pub struct CheckpointPort {
     /// Requests from the channel thread.
-    pub requests: Receiver<CheckpointRequest>,
+    pub requests: Receiver<VcpuRequest>,
     /// Where the checkpoint's pages and end go.
     pub feed: Feed,
     /// Dirty pages.
     pub tracking: DirtyTracking,
-    /// The answer to a [`CheckpointRequest::Switchover`]: the connection to hand over, or
+    /// The answer to a [`VcpuRequest::Switchover`]: the connection to hand over, or
     /// why the switchover was abandoned.
     pub handover: Receiver<Result<crate::primary::Handover, String>>,
 }

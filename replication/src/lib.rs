@@ -19,8 +19,10 @@
 
 pub mod audit;
 pub mod checkpoint;
+pub mod event_loop;
 pub mod host;
 pub mod link;
+pub mod liveness;
 pub mod output;
 pub mod primary;
 pub mod standby;

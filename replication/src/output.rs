@@ -39,8 +39,8 @@ impl OutputBuffer {
         }
     }
 
-    /// Holds `bytes` produced in `epoch`.
-    pub fn hold(&mut self, epoch: u64, bytes: Vec<u8>) {
+    /// Holds `bytes` produced in `epoch` at `now`.
+    pub fn hold(&mut self, epoch: u64, bytes: Vec<u8>, now: Instant) {
         let seq = self.produced;
         self.produced += bytes.len() as u64;
         match self.held.back_mut() {
@@ -49,7 +49,7 @@ impl OutputBuffer {
                 epoch,
                 seq,
                 bytes,
-                produced: Instant::now(),
+                produced: now,
             }),
         }
     }
@@ -112,10 +112,11 @@ mod tests {
     #[test]
     fn output_leaves_only_with_its_epoch_and_in_order() {
         let mut b = OutputBuffer::default();
-        b.hold(1, b"ab".to_vec());
-        b.hold(1, b"c".to_vec());
-        b.hold(2, b"de".to_vec());
-        b.hold(4, b"f".to_vec());
+        let now = Instant::now();
+        b.hold(1, b"ab".to_vec(), now);
+        b.hold(1, b"c".to_vec(), now);
+        b.hold(2, b"de".to_vec(), now);
+        b.hold(4, b"f".to_vec(), now);
         assert!(b.release_through(0).is_empty());
         let r = b.release_through(1);
         assert_eq!(

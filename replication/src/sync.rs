@@ -2,9 +2,9 @@
 //! memory while the guest runs. Round 1 sends every non-zero page (the standby's new VM is
 //! zeroed); each later round sends the pages the guest dirtied since the previous round read
 //! them, until what is left is small enough for a short stop-and-copy, which the vCPU thread
-//! makes as a checkpoint ([`CheckpointRequest::StopAndCopy`]).
+//! makes as a checkpoint ([`VcpuRequest::StopAndCopy`]).
 //!
-//! [`CheckpointRequest::StopAndCopy`]: crate::checkpoint::CheckpointRequest::StopAndCopy
+//! [`VcpuRequest::StopAndCopy`]: crate::checkpoint::VcpuRequest::StopAndCopy
 
 use std::time::{Duration, Instant};
 

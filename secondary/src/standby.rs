@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 use ftvm_proto::channel::{
-    message::Body, CheckpointEnd, Diverged, Message, Page, PageHash, Ready, Role, Start, Switchover,
+    message::Body, CheckpointEnd, Diverged, HeldOutput, Message, Page, PageHash, Ready, Role,
+    Start, Switchover,
 };
 use ftvm_proto::log::{self, LogHeader, RecordBatch};
 use ftvm_replication::link::{self, body_name, Handshaken};
@@ -79,10 +80,12 @@ impl LogSource for ChannelSource {
                 self.switchover = Some(sw);
                 Ok(None)
             }
-            Ok(ToReplayer::Pages(_) | ToReplayer::CheckpointEnd(_)) => Err(LogError::Malformed {
-                offset: self.batches,
-                why: "a checkpoint this standby did not ask for".into(),
-            }),
+            Ok(ToReplayer::Pages(_) | ToReplayer::CheckpointEnd { .. }) => {
+                Err(LogError::Malformed {
+                    offset: self.batches,
+                    why: "a checkpoint this standby did not ask for".into(),
+                })
+            }
             Err(_) => Ok(None),
         }
     }
@@ -430,8 +433,10 @@ fn follow_with(
             checkpoint_failed: false,
         }));
         match await_repair(&mut vm, &mut replayer, &dirty) {
-            Repair::Installed(end) => {
-                if let Some(stop) = installed(&mut vm, &mut replayer, &channel, &end, false) {
+            Repair::Installed(end, held) => {
+                let checkpoint = (end, held);
+                if let Some(stop) = installed(&mut vm, &mut replayer, &channel, &checkpoint, false)
+                {
                     return Ok(finish_completed(channel, &mut replayer, &mut out, stop));
                 }
             }
@@ -558,7 +563,7 @@ fn finish_completed<W: Write>(
 /// How waiting for a repair ended.
 enum Repair {
     /// The checkpoint is installed and its digest matched.
-    Installed(CheckpointEnd),
+    Installed(CheckpointEnd, HeldOutput),
     /// The primary was lost first.
     PrimaryLost(String),
     /// The checkpoint could not be installed.
@@ -578,9 +583,9 @@ fn await_repair(
         match replayer.source.rx.recv() {
             Ok(ToReplayer::Batch(_)) => {}
             Ok(ToReplayer::Pages(chunk)) => pages.extend(chunk.pages),
-            Ok(ToReplayer::CheckpointEnd(end)) => {
+            Ok(ToReplayer::CheckpointEnd { end, held }) => {
                 return match install(vm, &pages, &end, standby_dirty) {
-                    Ok(()) => Repair::Installed(end),
+                    Ok(()) => Repair::Installed(end, held),
                     Err(why) => Repair::Failed(why),
                 };
             }
@@ -640,13 +645,13 @@ fn installed(
     vm: &mut Vm,
     replayer: &mut Replayer<ChannelSource, ReplayedOutput>,
     channel: &StandbyChannel,
-    end: &CheckpointEnd,
+    (end, held): &(CheckpointEnd, HeldOutput),
     sync: bool,
 ) -> Option<StopRequest> {
     replayer.restart_after_checkpoint(end.epoch, end.exit_seq);
     let output = replayer.output_mut();
-    output.base = end.output_seq.saturating_sub(end.held_output.len() as u64);
-    output.pending = end.held_output.clone();
+    output.base = held.released_seq;
+    output.pending = held.data.clone();
     output.trim();
     tracing::info!(
         checkpoint = end.checkpoint,
@@ -713,7 +718,7 @@ fn receive_sync(
     vm: &mut Vm,
     channel: &StandbyChannel,
     progress: &mut SyncProgress,
-) -> Result<CheckpointEnd, StandbyError> {
+) -> Result<(CheckpointEnd, HeldOutput), StandbyError> {
     let inbox = channel.inbox();
     loop {
         match inbox.recv() {
@@ -746,7 +751,7 @@ fn receive_sync(
                     });
                 }
             }
-            Ok(ToReplayer::CheckpointEnd(end)) => {
+            Ok(ToReplayer::CheckpointEnd { end, held }) => {
                 progress.bar.finish_and_clear();
                 // The stopped pages are in memory already: only the state is installed; the
                 // digest covers the stopped pages.
@@ -767,7 +772,7 @@ fn receive_sync(
                     exit_seq = end.exit_seq,
                     "synced: following the primary in lockstep"
                 );
-                return Ok(end);
+                return Ok((end, held));
             }
             Ok(ToReplayer::Batch(_)) => {}
             Ok(ToReplayer::Switchover(_)) => {

@@ -146,6 +146,12 @@ pub fn all_pages(mem: &GuestMemory) -> impl Iterator<Item = u64> + '_ {
     })
 }
 
+/// Whether page `pfn` is guest RAM (page numbers from a peer are checked with this).
+pub fn holds_page(mem: &GuestMemory, pfn: u64) -> bool {
+    pfn.checked_mul(PAGE_SIZE)
+        .is_some_and(|gpa| mem.address_in_range(GuestAddress(gpa)))
+}
+
 /// Number of pages of guest RAM.
 pub fn page_count(mem: &GuestMemory) -> u64 {
     mem.iter().map(|r| r.len() / PAGE_SIZE).sum()

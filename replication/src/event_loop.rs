@@ -1,0 +1,161 @@
+//! The one mio event loop both channel threads run. It only moves bytes and time: it waits
+//! for the socket, the waker (a message from the vCPU thread or the replayer), the control
+//! socket and the join socket; moves frames between the [`Link`] and the role's protocol
+//! core; and serves `ftvm status`. What each role does with what arrives is its [`Side`].
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ftvm_proto::channel::Message;
+use mio::net::TcpListener;
+use mio::{Events, Poll, Registry, Token, Waker};
+
+use crate::link::{self, ChannelError, Link};
+use crate::status::{self, Request};
+use crate::ChannelOptions;
+
+/// The waker: another thread has something for this one.
+pub const WAKER: Token = Token(0);
+/// The pair connection.
+pub const LINK: Token = Token(1);
+/// The control socket (`ftvm status`).
+pub const CONTROL: Token = Token(2);
+/// The socket joining standbys connect to (`--accept-standby`).
+pub const ACCEPT: Token = Token(3);
+
+/// What one wait found ready, besides the link and the waker (always looked at).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Woken {
+    /// A control client is waiting.
+    pub control: bool,
+    /// A standby is connecting to the join socket.
+    pub accept: bool,
+}
+
+/// A role's part of the loop.
+pub trait Side {
+    /// The pair connection, if there is one.
+    fn link(&mut self) -> Option<&mut Link>;
+    /// How long the loop may wait from `now`.
+    fn timeout(&self, now: Instant) -> Duration;
+    /// What arrived from the other threads (and, with `woken.accept`, joining standbys),
+    /// before the link is read.
+    fn inputs(&mut self, woken: Woken, registry: &Registry, now: Instant);
+    /// A message from the peer; bytes arrived at `now`.
+    fn on_message(&mut self, msg: Message, now: Instant);
+    /// Bytes arrived from the peer at `now`.
+    fn heard(&mut self, now: Instant);
+    /// The connection failed (after the messages that came before the failure).
+    fn link_failed(&mut self, e: ChannelError, registry: &Registry, now: Instant);
+    /// The rest of the turn: timers, work that waits for room in the socket. Returns true
+    /// when the loop must stop now (without [`Side::finish`]).
+    fn after(&mut self, registry: &Registry, now: Instant) -> bool;
+    /// Answers a control request.
+    fn control(&mut self, request: Request, registry: &Registry, now: Instant) -> String;
+    /// The loop is done: [`Side::finish`] and stop.
+    fn done(&self) -> bool;
+    /// The last thing the loop does when [`Side::done`].
+    fn finish(&mut self, event_loop: &mut EventLoop);
+}
+
+/// The poll, its events, and the control socket.
+pub struct EventLoop {
+    poll: Poll,
+    events: Events,
+    control: Option<TcpListener>,
+}
+
+impl EventLoop {
+    /// A loop with a waker for other threads and the control socket of `options`.
+    pub fn new(options: &ChannelOptions) -> io::Result<(Self, Arc<Waker>)> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let control = link::register_control(options.control.as_ref(), &poll, CONTROL)?;
+        Ok((
+            Self {
+                poll,
+                events: Events::with_capacity(64),
+                control,
+            },
+            waker,
+        ))
+    }
+
+    /// Where sockets are registered.
+    pub fn registry(&self) -> &Registry {
+        self.poll.registry()
+    }
+
+    /// The poll itself (to drain a link before closing it).
+    pub fn poll_mut(&mut self) -> &mut Poll {
+        &mut self.poll
+    }
+
+    /// Waits at most `timeout` for something to happen.
+    pub fn wait(&mut self, timeout: Duration) -> io::Result<Woken> {
+        match self.poll.poll(&mut self.events, Some(timeout)) {
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
+            _ => {}
+        }
+        let mut woken = Woken::default();
+        for event in self.events.iter() {
+            woken.control |= event.token() == CONTROL;
+            woken.accept |= event.token() == ACCEPT;
+        }
+        Ok(woken)
+    }
+
+    /// Runs `side` until it is done or asks to stop.
+    pub fn run(&mut self, side: &mut impl Side) {
+        let mut inbox = Vec::new();
+        loop {
+            let timeout = side.timeout(Instant::now());
+            let woken = match self.wait(timeout) {
+                Ok(w) => w,
+                Err(e) => {
+                    side.link_failed(
+                        ChannelError::Io {
+                            peer: "the event loop".into(),
+                            source: e,
+                        },
+                        self.poll.registry(),
+                        Instant::now(),
+                    );
+                    Woken::default()
+                }
+            };
+            side.inputs(woken, self.poll.registry(), Instant::now());
+            if let Some(link) = side.link() {
+                let before = link.bytes_received;
+                let result = link.flush().and_then(|()| link.receive(&mut inbox));
+                let heard = link.bytes_received != before;
+                let now = Instant::now();
+                if heard {
+                    side.heard(now);
+                }
+                for msg in inbox.drain(..) {
+                    side.on_message(msg, now);
+                }
+                if let Err(e) = result {
+                    side.link_failed(e, self.poll.registry(), now);
+                }
+            }
+            if side.after(self.poll.registry(), Instant::now()) {
+                return;
+            }
+            if woken.control {
+                let control = self.control.take();
+                let registry = self.poll.registry();
+                status::serve(control.as_ref(), |r| {
+                    side.control(r, registry, Instant::now())
+                });
+                self.control = control;
+            }
+            if side.done() {
+                side.finish(self);
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! Before a [`Link`](super::Link): connecting with backoff, and the pair handshake on a
+//! blocking socket (magic, `Hello` with protocol version, role and host kind).
+
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use ftvm_proto::channel::{message::Body, Hello, Message, Role};
+use ftvm_proto::frame::{self, FrameError, FrameReader};
+use ftvm_proto::{CHANNEL_MAGIC, PROTOCOL_VERSION};
+
+use super::ChannelError;
+use crate::host::HostKind;
+
+/// Heartbeats and the failure detector.
+#[derive(Debug, Clone, Copy)]
+pub struct Heartbeat {
+    /// Each side sends a heartbeat this often.
+    pub interval: Duration,
+    /// A peer silent for this long is lost.
+    pub timeout: Duration,
+}
+
+/// Default heartbeat interval.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(50);
+/// Default heartbeat timeout: three intervals.
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(150);
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Self {
+            interval: DEFAULT_HEARTBEAT_INTERVAL,
+            timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+        }
+    }
+}
+
+/// How long each handshake read may wait.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to `peer`, retrying with exponential backoff (50 ms doubling to 1 s) until
+/// `timeout` has passed.
+pub fn connect(peer: &str, timeout: Duration) -> Result<TcpStream, ChannelError> {
+    let start = Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let attempt = peer.to_socket_addrs().and_then(|addrs| {
+            let mut last = io::Error::new(io::ErrorKind::NotFound, "address resolves to nothing");
+            for addr in addrs {
+                let left = timeout.saturating_sub(start.elapsed()).max(backoff);
+                match TcpStream::connect_timeout(&addr, left) {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        });
+        match attempt {
+            Ok(stream) => return Ok(stream),
+            Err(source) => {
+                let waited = start.elapsed();
+                if waited + backoff > timeout {
+                    return Err(ChannelError::Connect {
+                        peer: peer.into(),
+                        source,
+                        waited,
+                    });
+                }
+                tracing::debug!(peer, "connect failed ({source}); retrying in {backoff:?}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// A connection whose handshake is done: what [`Link::new`] takes over.
+pub struct Handshaken {
+    /// The socket (still blocking).
+    pub stream: TcpStream,
+    /// The peer, for messages.
+    pub peer: String,
+    /// The peer's hello.
+    pub hello: Hello,
+    /// Stream offset of the next frame from the peer.
+    pub rx_offset: u64,
+}
+
+fn role_name(role: i32) -> &'static str {
+    match Role::try_from(role) {
+        Ok(Role::Primary) => "a primary",
+        Ok(Role::Standby) => "a standby",
+        _ => "an endpoint of unknown role",
+    }
+}
+
+/// The `Body` name of a message, for errors.
+pub fn body_name(m: &Message) -> &'static str {
+    match &m.body {
+        Some(Body::Hello(_)) => "Hello",
+        Some(Body::Start(_)) => "Start",
+        Some(Body::Batch(_)) => "a record batch",
+        Some(Body::Released(_)) => "Released",
+        Some(Body::Heartbeat(_)) => "Heartbeat",
+        Some(Body::Ack(_)) => "Ack",
+        Some(Body::Diverged(_)) => "Diverged",
+        Some(Body::Pages(_)) => "a page chunk",
+        Some(Body::CheckpointEnd(_)) => "CheckpointEnd",
+        Some(Body::Ready(_)) => "Ready",
+        Some(Body::Switchover(_)) => "Switchover",
+        Some(Body::HeldOutput(_)) => "HeldOutput",
+        None => "an empty message",
+    }
+}
+
+/// Sends `msg` as one frame on a blocking socket.
+pub fn send_blocking(
+    stream: &mut TcpStream,
+    peer: &str,
+    msg: &Message,
+) -> Result<(), ChannelError> {
+    stream
+        .write_all(&frame::encode(msg))
+        .map_err(|e| ChannelError::io(peer, e))
+}
+
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Reads one message from a blocking socket whose read timeout is set; `offset` is the
+/// stream offset of the frame and advances past it.
+pub fn recv_blocking(
+    stream: &mut TcpStream,
+    peer: &str,
+    offset: &mut u64,
+) -> Result<Message, ChannelError> {
+    let mut frames = FrameReader::new(&mut *stream, *offset);
+    let result = frames.read_frame::<Message>();
+    *offset = frames.offset();
+    match result {
+        Ok(Some((_, m))) => Ok(m),
+        Ok(None) => Err(ChannelError::Closed { peer: peer.into() }),
+        Err(FrameError::Io { source, .. }) if timed_out(&source) => {
+            Err(ChannelError::HandshakeTimeout {
+                peer: peer.into(),
+                timeout: HANDSHAKE_TIMEOUT,
+            })
+        }
+        Err(source @ FrameError::Truncated { .. }) => Err(ChannelError::ClosedMidFrame {
+            peer: peer.into(),
+            source,
+        }),
+        Err(source) => Err(ChannelError::Frame {
+            peer: peer.into(),
+            source,
+        }),
+    }
+}
+
+/// The pair handshake, the same on both sides: send the magic and a Hello naming our role
+/// and this host's kind ([`HostKind::local`]), then read the peer's and check its magic,
+/// protocol version, role (it must be the other one) and host kind (it must be ours). Both
+/// sides send before reading, so each learns the other's version and host even when they
+/// differ, and both refuse a mismatch.
+pub fn handshake(stream: TcpStream, peer: &str, role: Role) -> Result<Handshaken, ChannelError> {
+    handshake_on(stream, peer, role, HostKind::local())
+}
+
+/// [`handshake`] as a host of kind `host`.
+pub fn handshake_on(
+    mut stream: TcpStream,
+    peer: &str,
+    role: Role,
+    host: &HostKind,
+) -> Result<Handshaken, ChannelError> {
+    let io_err = |e| ChannelError::io(peer, e);
+    stream.set_nodelay(true).map_err(io_err)?;
+    stream
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(io_err)?;
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        role: role as i32,
+        software: format!("ftvm {}", env!("CARGO_PKG_VERSION")),
+        host: Some(host.to_proto()),
+    };
+    let mut first = CHANNEL_MAGIC.to_vec();
+    first.extend_from_slice(&frame::encode(&Message {
+        body: Some(Body::Hello(hello)),
+    }));
+    stream.write_all(&first).map_err(io_err)?;
+
+    let mut magic = [0u8; 8];
+    let mut got = 0;
+    while got < magic.len() {
+        match stream.read(&mut magic[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if timed_out(&e) && got == 0 => {
+                return Err(ChannelError::HandshakeTimeout {
+                    peer: peer.into(),
+                    timeout: HANDSHAKE_TIMEOUT,
+                })
+            }
+            Err(e) if timed_out(&e) => break,
+            Err(e) => return Err(io_err(e)),
+        }
+    }
+    if got == 0 {
+        return Err(ChannelError::Closed { peer: peer.into() });
+    }
+    if &magic[..got] != CHANNEL_MAGIC {
+        return Err(ChannelError::BadMagic {
+            peer: peer.into(),
+            got: String::from_utf8_lossy(&magic[..got]).into_owned(),
+        });
+    }
+    let mut offset = magic.len() as u64;
+    let msg = recv_blocking(&mut stream, peer, &mut offset)?;
+    let Some(Body::Hello(theirs)) = msg.body else {
+        return Err(ChannelError::Unexpected {
+            peer: peer.into(),
+            expected: "Hello",
+            got: body_name(&msg).into(),
+        });
+    };
+    if theirs.protocol_version != PROTOCOL_VERSION {
+        return Err(ChannelError::Version {
+            peer: peer.into(),
+            theirs: theirs.protocol_version,
+            software: theirs.software,
+        });
+    }
+    let wanted = match role {
+        Role::Primary => Role::Standby,
+        _ => Role::Primary,
+    };
+    if theirs.role != wanted as i32 {
+        return Err(ChannelError::Unexpected {
+            peer: peer.into(),
+            expected: role_name(wanted as i32),
+            got: role_name(theirs.role).into(),
+        });
+    }
+    let their_host = HostKind::from_proto(theirs.host.as_ref());
+    if !their_host.compatible(host) {
+        let name = |role: Role| match role {
+            Role::Primary => "primary",
+            _ => "standby",
+        };
+        return Err(ChannelError::HostMismatch {
+            peer: peer.into(),
+            their_role: name(wanted),
+            theirs: Box::new(their_host),
+            our_role: name(role),
+            ours: Box::new(host.clone()),
+        });
+    }
+    tracing::debug!(peer, host = %their_host, "pair handshake done");
+    Ok(Handshaken {
+        stream,
+        peer: peer.into(),
+        hello: theirs,
+        rx_offset: offset,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::KvmFlavour;
+    use std::net::TcpListener;
+
+    fn host(kvm: KvmFlavour, vendor: &str) -> HostKind {
+        HostKind {
+            kvm,
+            vendor: vendor.into(),
+        }
+    }
+
+    /// A primary on `primary_host` and a standby on `standby_host` meet over loopback.
+    fn pair(
+        primary_host: HostKind,
+        standby_host: HostKind,
+    ) -> (
+        Result<Handshaken, ChannelError>,
+        Result<Handshaken, ChannelError>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let standby = std::thread::spawn(move || {
+            let (stream, peer) = listener.accept().expect("accept");
+            handshake_on(stream, &peer.to_string(), Role::Standby, &standby_host)
+        });
+        let stream = TcpStream::connect(&addr).expect("connect");
+        let primary = handshake_on(stream, &addr, Role::Primary, &primary_host);
+        (primary, standby.join().expect("standby thread"))
+    }
+
+    #[test]
+    fn hosts_of_the_same_kind_pair() {
+        let h = host(KvmFlavour::Svm, "AuthenticAMD");
+        let (p, s) = pair(h.clone(), h.clone());
+        let p = p.expect("primary handshake");
+        let s = s.expect("standby handshake");
+        assert_eq!(HostKind::from_proto(p.hello.host.as_ref()), h);
+        assert_eq!(HostKind::from_proto(s.hello.host.as_ref()), h);
+    }
+
+    #[test]
+    fn both_sides_refuse_hosts_of_another_kind() {
+        let (p, s) = pair(
+            host(KvmFlavour::Svm, "AuthenticAMD"),
+            host(KvmFlavour::Pvm, "AuthenticAMD"),
+        );
+        let p = p.err().expect("the primary must refuse").to_string();
+        let s = s.err().expect("the standby must refuse").to_string();
+        assert!(
+            p.starts_with("refusing the pair with 127.0.0.1:")
+                && p.ends_with(": the standby runs on PVM on AuthenticAMD, this primary on KVM (SVM) on AuthenticAMD; a guest cannot replay across host kinds"),
+            "{p}"
+        );
+        assert!(
+            s.starts_with("refusing the pair with 127.0.0.1:")
+                && s.ends_with(": the primary runs on KVM (SVM) on AuthenticAMD, this standby on PVM on AuthenticAMD; a guest cannot replay across host kinds"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn another_cpu_vendor_is_refused() {
+        let (p, s) = pair(
+            host(KvmFlavour::Pvm, "GenuineIntel"),
+            host(KvmFlavour::Pvm, "AuthenticAMD"),
+        );
+        assert!(matches!(p, Err(ChannelError::HostMismatch { .. })));
+        let s = s.err().expect("the standby must refuse").to_string();
+        assert!(
+            s.contains(
+                "the primary runs on PVM on GenuineIntel, this standby on PVM on AuthenticAMD"
+            ),
+            "{s}"
+        );
+    }
+}

@@ -1,0 +1,187 @@
+//! One pair connection: the handshake on a blocking socket ([`handshake`]), then a
+//! non-blocking [`Link`] driven by the event loop. Nothing a peer sends is trusted: a wrong
+//! magic, another protocol version, another host kind, a damaged frame or a connection
+//! closed in the middle of a frame is a [`ChannelError`] that names the peer and the byte
+//! offset, never a panic.
+
+mod error;
+mod handshake;
+
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+use ftvm_proto::channel::Message;
+use ftvm_proto::frame;
+
+pub use self::error::ChannelError;
+pub use self::handshake::{
+    body_name, connect, handshake, handshake_on, recv_blocking, send_blocking, Handshaken,
+    Heartbeat, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT, HANDSHAKE_TIMEOUT,
+};
+
+/// A connection after its handshake, non-blocking, on a mio event loop.
+pub struct Link {
+    stream: mio::net::TcpStream,
+    peer: String,
+    rx: Vec<u8>,
+    rx_offset: u64,
+    tx: Vec<u8>,
+    tx_done: usize,
+    /// Bytes sent so far (frames).
+    pub bytes_sent: u64,
+    /// Bytes received so far (frames).
+    pub bytes_received: u64,
+}
+
+impl Link {
+    /// Takes over a handshaken connection.
+    pub fn new(h: Handshaken) -> Result<Self, ChannelError> {
+        h.stream
+            .set_nonblocking(true)
+            .map_err(|e| ChannelError::io(&h.peer, e))?;
+        Ok(Self {
+            stream: mio::net::TcpStream::from_std(h.stream),
+            peer: h.peer,
+            rx: Vec::new(),
+            rx_offset: h.rx_offset,
+            tx: Vec::new(),
+            tx_done: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+        })
+    }
+
+    /// The peer.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Registers the socket for readable and writable events under `token`.
+    pub fn register(&mut self, registry: &mio::Registry, token: mio::Token) -> io::Result<()> {
+        registry.register(
+            &mut self.stream,
+            token,
+            mio::Interest::READABLE | mio::Interest::WRITABLE,
+        )
+    }
+
+    /// Removes the socket from `registry` (before the link moves to another event loop).
+    pub fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
+        registry.deregister(&mut self.stream)
+    }
+
+    /// Queues `msg` and writes as much as the socket takes now.
+    pub fn send(&mut self, msg: &Message) -> Result<(), ChannelError> {
+        let frame = frame::encode(msg);
+        self.bytes_sent += frame.len() as u64;
+        self.tx.extend_from_slice(&frame);
+        self.flush()
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn pending(&self) -> usize {
+        self.tx.len() - self.tx_done
+    }
+
+    /// Writes queued bytes until the socket would block.
+    pub fn flush(&mut self) -> Result<(), ChannelError> {
+        while self.tx_done < self.tx.len() {
+            match self.stream.write(&self.tx[self.tx_done..]) {
+                Ok(0) => {
+                    return Err(ChannelError::Closed {
+                        peer: self.peer.clone(),
+                    })
+                }
+                Ok(n) => self.tx_done += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ChannelError::io(&self.peer, e)),
+            }
+        }
+        if self.tx_done == self.tx.len() {
+            self.tx.clear();
+            self.tx_done = 0;
+        } else if self.tx_done > (1 << 20) {
+            self.tx.drain(..self.tx_done);
+            self.tx_done = 0;
+        }
+        Ok(())
+    }
+
+    /// Reads everything available and appends the complete messages to `out`. Messages that
+    /// arrived before a failure (for example before the peer closed) are in `out` even when
+    /// an error is returned.
+    pub fn receive(&mut self, out: &mut Vec<Message>) -> Result<(), ChannelError> {
+        let mut buf = [0u8; 64 * 1024];
+        let mut end = None;
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => {
+                    end = Some(None);
+                    break;
+                }
+                Ok(n) => {
+                    self.rx.extend_from_slice(&buf[..n]);
+                    self.bytes_received += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    end = Some(Some(e));
+                    break;
+                }
+            }
+        }
+        let mut used = 0;
+        while let Some((msg, len)) = frame::decode_from::<Message>(&self.rx[used..], self.rx_offset)
+            .map_err(|source| ChannelError::Frame {
+                peer: self.peer.clone(),
+                source,
+            })?
+        {
+            out.push(msg);
+            used += len;
+            self.rx_offset += len as u64;
+        }
+        self.rx.drain(..used);
+        match end {
+            None => Ok(()),
+            Some(Some(e)) => Err(ChannelError::io(&self.peer, e)),
+            Some(None) if self.rx.is_empty() => Err(ChannelError::Closed {
+                peer: self.peer.clone(),
+            }),
+            Some(None) => Err(ChannelError::ClosedMidFrame {
+                peer: self.peer.clone(),
+                source: frame::truncated(&self.rx, self.rx_offset),
+            }),
+        }
+    }
+
+    /// Writes what is still queued (a last `Released`, `Ack` or `Diverged`) before the
+    /// connection closes, for at most `limit`.
+    pub fn drain(&mut self, poll: &mut mio::Poll, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut events = mio::Events::with_capacity(8);
+        while self.pending() > 0 && Instant::now() < deadline {
+            if self.flush().is_err() {
+                break;
+            }
+            let _ = poll.poll(&mut events, Some(Duration::from_millis(10)));
+        }
+    }
+}
+
+/// Registers the control socket of `options` (if any) on `poll` under `token`.
+pub fn register_control(
+    listener: Option<&std::net::TcpListener>,
+    poll: &mio::Poll,
+    token: mio::Token,
+) -> io::Result<Option<mio::net::TcpListener>> {
+    let Some(l) = listener else { return Ok(None) };
+    let l = l.try_clone()?;
+    l.set_nonblocking(true)?;
+    let mut l = mio::net::TcpListener::from_std(l);
+    poll.registry()
+        .register(&mut l, token, mio::Interest::READABLE)?;
+    Ok(Some(l))
+}

@@ -1,0 +1,449 @@
+//! [`PrimaryChannel`]: the primary's channel thread. It runs [`PrimaryCore`] on the shared
+//! event loop and carries out its [`Action`]s: frames to the standby, released output to
+//! stdout, the audit trail, the handover of the connection to the vCPU thread. It also
+//! accepts joining standbys, whose handshake runs on a helper thread so that a slow or
+//! hostile peer cannot stall the loop.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use ftvm_proto::channel::{message::Body, Message, Ready, Role, Start};
+use mio::{Registry, Waker};
+
+use super::core::{Action, CoreConfig, PrimaryCore};
+use super::{Feed, FromVcpu, Handover, PrimaryReport, PrimarySetup};
+use crate::audit::Audit;
+use crate::checkpoint::{CheckpointPort, DirtyTracking};
+use crate::event_loop::{EventLoop, Side, Woken, ACCEPT, LINK};
+use crate::link::{self, ChannelError, Link};
+use crate::status::{RateMeter, Request};
+use crate::ChannelOptions;
+
+/// The pre-copy sends while fewer than this many bytes wait in the socket's queue.
+const PRECOPY_QUEUE: usize = 4 << 20;
+
+/// A joining standby's handshake, done on a helper thread: the link, or why it failed.
+type Joined = Result<(Link, Ready), String>;
+
+/// The primary's channel thread.
+pub struct PrimaryChannel {
+    feed: Feed,
+    port: CheckpointPort,
+    thread: JoinHandle<PrimaryReport>,
+}
+
+impl PrimaryChannel {
+    /// Starts the channel thread over `link` (Err: no standby, unprotected from the start,
+    /// it says why), releasing guest output to `out`.
+    pub fn spawn(
+        link: Result<Link, String>,
+        out: Box<dyn Write + Send>,
+        options: ChannelOptions,
+        setup: PrimarySetup,
+    ) -> std::io::Result<Self> {
+        let (mut event_loop, waker) = EventLoop::new(&options)?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (request_tx, request_rx) = crossbeam_channel::unbounded();
+        let (handover_tx, handover_rx) = crossbeam_channel::unbounded();
+        let tracking = DirtyTracking::default();
+        let mut link = link;
+        if let Ok(l) = &mut link {
+            l.register(event_loop.registry(), LINK)?;
+        }
+        if let Some(l) = &setup.accept {
+            l.set_nonblocking(true)?;
+            event_loop.registry().register(
+                &mut mio::unix::SourceFd(&std::os::fd::AsRawFd::as_raw_fd(l)),
+                ACCEPT,
+                mio::Interest::READABLE,
+            )?;
+        }
+        let audit = Audit::from_env();
+        let core = PrimaryCore::new(
+            CoreConfig {
+                heartbeat: options.heartbeat,
+                audit: audit.is_some(),
+                memory: setup.memory,
+                start: setup.start,
+                first_epoch: setup.first_epoch,
+                output_seq: setup.output_seq,
+                requests: request_tx,
+                tracking: tracking.clone(),
+            },
+            link.as_ref()
+                .map(|l| l.peer().to_string())
+                .map_err(Clone::clone),
+            Instant::now(),
+        );
+        let mut driver = Driver {
+            core,
+            link: link.ok(),
+            out,
+            audit,
+            rx,
+            handover: handover_tx,
+            accept: setup.accept,
+            joining: crossbeam_channel::unbounded(),
+            waker: waker.clone(),
+            meter: RateMeter::default(),
+            report: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("ftvm-channel".into())
+            .spawn(move || {
+                event_loop.run(&mut driver);
+                driver.report.unwrap_or_else(|| driver.core.finish())
+            })?;
+        let feed = Feed { tx, waker };
+        Ok(Self {
+            port: CheckpointPort {
+                requests: request_rx,
+                feed: feed.clone(),
+                tracking,
+                handover: handover_rx,
+            },
+            feed,
+            thread,
+        })
+    }
+
+    /// The handle the vCPU thread feeds.
+    pub fn feed(&self) -> Feed {
+        self.feed.clone()
+    }
+
+    /// The vCPU thread's end of the checkpoint machinery.
+    pub fn checkpoint_port(&self) -> CheckpointPort {
+        self.port.clone()
+    }
+
+    /// Waits until every output has been released (after [`FromVcpu::End`]).
+    pub fn join(self) -> PrimaryReport {
+        drop(self.feed);
+        self.thread.join().unwrap_or_else(|_| PrimaryReport {
+            lost: Some("the channel thread panicked".into()),
+            ..Default::default()
+        })
+    }
+}
+
+/// The channel thread's state outside the core: the sockets, the output, the threads'
+/// channels.
+struct Driver {
+    core: PrimaryCore,
+    link: Option<Link>,
+    out: Box<dyn Write + Send>,
+    audit: Option<Audit>,
+    rx: Receiver<FromVcpu>,
+    handover: Sender<Result<Handover, String>>,
+    accept: Option<std::net::TcpListener>,
+    /// Standbys whose handshake runs on a helper thread.
+    joining: (Sender<Joined>, Receiver<Joined>),
+    waker: Arc<Waker>,
+    meter: RateMeter,
+    /// The final report, once the loop finished.
+    report: Option<PrimaryReport>,
+}
+
+impl Driver {
+    /// Carries out what the core asked for.
+    fn apply(&mut self, registry: &Registry) {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                Action::Send(msg) => {
+                    if let Some(link) = &mut self.link {
+                        if let Err(e) = link.send(&msg) {
+                            self.core.link_failed(e, Instant::now());
+                        }
+                    }
+                }
+                Action::Release {
+                    epoch,
+                    seq,
+                    bytes,
+                    why,
+                } => {
+                    if let Some(a) = &mut self.audit {
+                        a.line(format_args!(
+                            "release epoch={epoch} seq={seq}..{} {why}",
+                            seq + bytes.len() as u64
+                        ));
+                    }
+                    if let Err(e) = self.out.write_all(&bytes).and_then(|()| self.out.flush()) {
+                        tracing::warn!("cannot write guest output: {e}");
+                    }
+                }
+                Action::Audit(line) => {
+                    if let Some(a) = &mut self.audit {
+                        a.line(format_args!("{line}"));
+                    }
+                }
+                Action::DropLink => self.link = None,
+                Action::HandOver {
+                    epoch,
+                    exit_seq,
+                    output_seq,
+                } => self.hand_over(registry, epoch, exit_seq, output_seq),
+                Action::RefuseHandover(why) => {
+                    let _ = self.handover.send(Err(why));
+                }
+            }
+        }
+    }
+
+    /// Flushes the `Switchover` message (it must be out before the new roles start on
+    /// this connection) and hands the connection to the vCPU thread.
+    fn hand_over(&mut self, registry: &Registry, epoch: u64, exit_seq: u64, output_seq: u64) {
+        let Some(mut link) = self.link.take() else {
+            return;
+        };
+        let deadline = Instant::now() + self.core.heartbeat().timeout;
+        let mut flushed = Ok(());
+        while link.pending() > 0 && Instant::now() < deadline {
+            flushed = link.flush();
+            if flushed.is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if let Err(e) = flushed {
+            self.link = Some(link);
+            return self.core.link_failed(e, Instant::now());
+        }
+        if let Err(e) = link.deregister(registry) {
+            tracing::warn!("cannot move the connection off this event loop: {e}");
+        }
+        self.core.handed_over();
+        let _ = self.handover.send(Ok(Handover {
+            link,
+            epoch,
+            exit_seq,
+            output_seq,
+        }));
+    }
+
+    fn drain_vcpu(&mut self, registry: &Registry) {
+        loop {
+            match self.rx.try_recv() {
+                Ok(msg) => self.core.on_vcpu(msg, Instant::now()),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    self.core.vcpu_gone();
+                    break;
+                }
+            }
+            self.apply(registry);
+        }
+        self.apply(registry);
+    }
+
+    /// Waits (at most a heartbeat timeout) for the vCPU thread's `End`, handling what comes
+    /// before it.
+    fn await_end(&mut self, registry: &Registry) {
+        let deadline = Instant::now() + self.core.heartbeat().timeout;
+        while !self.core.ended() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(msg) => self.core.on_vcpu(msg, Instant::now()),
+                Err(RecvTimeoutError::Timeout) => return,
+                Err(RecvTimeoutError::Disconnected) => self.core.vcpu_gone(),
+            }
+            self.apply(registry);
+        }
+    }
+
+    /// Takes new connections on the `--accept-standby` socket; each handshake runs on a
+    /// helper thread.
+    fn accept_standbys(&mut self) {
+        loop {
+            let Some(listener) = &self.accept else { return };
+            let (stream, addr) = match listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!("cannot accept a standby: {e}");
+                    return;
+                }
+            };
+            let peer = addr.to_string();
+            if let Err(why) = self.core.accepts_standby() {
+                tracing::warn!(peer, "refusing a joining standby: {why}");
+                continue;
+            }
+            let tx = self.joining.0.clone();
+            let waker = self.waker.clone();
+            let start = self.core.start_message().clone();
+            let spawned = std::thread::Builder::new()
+                .name("ftvm-join".into())
+                .spawn(move || {
+                    let result = link::handshake(stream, &peer, Role::Primary)
+                        .and_then(|h| offer_vm(h, &peer, start))
+                        .map_err(|e| format!("joining standby {peer}: {e}"));
+                    let _ = tx.send(result);
+                    let _ = waker.wake();
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("cannot start a thread for a joining standby: {e}");
+            }
+        }
+    }
+
+    /// A joining standby finished its handshake: attach it.
+    fn attach_joined(&mut self, registry: &Registry) {
+        let Ok(result) = self.joining.1.try_recv() else {
+            return;
+        };
+        let (mut link, ready) = match result {
+            Ok(joined) => joined,
+            Err(why) => return tracing::warn!("{why}"),
+        };
+        if self.core.accepts_standby().is_err() {
+            return tracing::warn!(peer = link.peer(), "refusing a joining standby: too late");
+        }
+        if let Err(e) = link.register(registry, LINK) {
+            return tracing::warn!(peer = link.peer(), "cannot watch the joining standby: {e}");
+        }
+        self.core
+            .attach(link.peer().to_string(), &ready, Instant::now());
+        self.link = Some(link);
+        self.apply(registry);
+    }
+
+    /// Sends pre-copy chunks while the socket takes them.
+    fn pump_precopy(&mut self, registry: &Registry) {
+        // At most 16 chunks and 5 ms a turn: heartbeats and acks must not wait for the copy.
+        let deadline = Instant::now() + Duration::from_millis(5);
+        let mut budget = 16;
+        while budget > 0 && Instant::now() < deadline && self.precopy_can_send() {
+            if self.core.precopy_step(Instant::now()) {
+                budget -= 1;
+            }
+            self.apply(registry);
+        }
+    }
+
+    fn precopy_can_send(&self) -> bool {
+        self.core.precopy_pending()
+            && self
+                .link
+                .as_ref()
+                .is_some_and(|l| l.pending() < PRECOPY_QUEUE)
+    }
+}
+
+impl Side for Driver {
+    fn link(&mut self) -> Option<&mut Link> {
+        self.link.as_mut()
+    }
+
+    fn timeout(&self, now: Instant) -> Duration {
+        if self.precopy_can_send() {
+            Duration::ZERO
+        } else {
+            self.core.poll_timeout(now)
+        }
+    }
+
+    fn inputs(&mut self, woken: Woken, registry: &Registry, _now: Instant) {
+        if woken.accept {
+            self.accept_standbys();
+        }
+        self.attach_joined(registry);
+        self.drain_vcpu(registry);
+    }
+
+    fn on_message(&mut self, msg: Message, now: Instant) {
+        // What the core asks for is done in `after`, in this same turn.
+        self.core.on_message(msg, now);
+    }
+
+    fn heard(&mut self, now: Instant) {
+        self.core.heard(now);
+    }
+
+    fn link_failed(&mut self, e: ChannelError, registry: &Registry, now: Instant) {
+        // A standby that closes once it verified the last epoch of a finished run is done,
+        // not lost. It can do so before the vCPU thread, which sends `End` right after the
+        // batch carrying the run's end, gets to that (seen where the host is slow: the
+        // nested-KVM harness).
+        self.drain_vcpu(registry);
+        if self.core.run_end_shipped() {
+            self.await_end(registry);
+        }
+        self.core.link_failed(e, now);
+        self.apply(registry);
+    }
+
+    fn after(&mut self, registry: &Registry, now: Instant) -> bool {
+        self.apply(registry);
+        self.pump_precopy(registry);
+        if let Some(link) = &self.link {
+            self.meter.sample(now, link.bytes_sent);
+        }
+        self.core.tick(now);
+        self.apply(registry);
+        self.core.try_handover(now);
+        self.apply(registry);
+        false
+    }
+
+    fn control(&mut self, request: Request, registry: &Registry, now: Instant) -> String {
+        let rate = self
+            .link
+            .as_ref()
+            .map_or(0, |l| self.meter.rate(now, l.bytes_sent));
+        let answer = self.core.control_request(request, now, rate);
+        self.apply(registry);
+        answer
+    }
+
+    fn done(&self) -> bool {
+        self.core.done()
+    }
+
+    fn finish(&mut self, event_loop: &mut EventLoop) {
+        self.report = Some(self.core.finish());
+        if let Some(link) = &mut self.link {
+            link.drain(event_loop.poll_mut(), self.core.heartbeat().timeout);
+        }
+    }
+}
+
+/// Sends a handshaken standby the VM it must build (`start`) and waits until it is ready
+/// (`Ready`), or says why it cannot build it (`Diverged`).
+pub fn offer_vm(
+    mut h: link::Handshaken,
+    peer: &str,
+    start: Start,
+) -> Result<(Link, Ready), ChannelError> {
+    link::send_blocking(
+        &mut h.stream,
+        peer,
+        &Message {
+            body: Some(Body::Start(start)),
+        },
+    )?;
+    let msg = link::recv_blocking(&mut h.stream, peer, &mut h.rx_offset)?;
+    let ready = match msg.body {
+        Some(Body::Ready(ready)) => ready,
+        Some(Body::Diverged(d)) => {
+            return Err(ChannelError::Unexpected {
+                peer: peer.into(),
+                expected: "a ready standby",
+                got: format!("a standby that cannot build the VM: {}", d.reason),
+            })
+        }
+        _ => {
+            return Err(ChannelError::Unexpected {
+                peer: peer.into(),
+                expected: "Ready",
+                got: link::body_name(&msg).into(),
+            })
+        }
+    };
+    tracing::info!(peer, standby = h.hello.software, "standby ready");
+    Ok((Link::new(h)?, ready))
+}

@@ -1,0 +1,427 @@
+//! [`PrimaryCore`]: the primary's side of the pair protocol as a state machine. Events go in
+//! through its methods, each with the time it happened; what the event loop must do comes
+//! out of [`PrimaryCore::poll_action`]. No socket, thread or clock is touched here.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use ftvm_proto::channel::{message::Body, Ack, Message, Released, Start};
+use ftvm_proto::log::{record::Kind, RecordBatch};
+use ftvm_vmm::memory::GuestMemory;
+
+use super::join::Join;
+use super::protection::Protection;
+use super::repair::Checkpoints;
+use super::switchover::Switchover;
+use super::{FromVcpu, PrimaryReport};
+use crate::checkpoint::{DirtyTracking, VcpuRequest};
+use crate::link::{body_name, ChannelError, Heartbeat};
+use crate::liveness::{Beat, Liveness};
+
+/// What the event loop must do for the core, in order.
+#[derive(Debug)]
+pub enum Action {
+    /// Send this message to the standby.
+    Send(Message),
+    /// Output bytes `seq..seq + bytes.len()` of `epoch` may leave the VM now.
+    Release {
+        /// The epoch that produced them.
+        epoch: u64,
+        /// Output sequence number of the first byte.
+        seq: u64,
+        /// The bytes.
+        bytes: Vec<u8>,
+        /// Why they may leave (`verified held_ns=…`, `unprotected`), for the audit trail.
+        why: String,
+    },
+    /// A line for the audit trail (`FTVM_AUDIT`).
+    Audit(String),
+    /// The standby is lost: close the connection to it.
+    DropLink,
+    /// The switchover is complete on this side: flush what is queued (the `Switchover`
+    /// message) and hand the connection to the vCPU thread, then call
+    /// [`PrimaryCore::handed_over`] (or [`PrimaryCore::link_failed`]).
+    HandOver {
+        /// The last epoch, verified by both.
+        epoch: u64,
+        /// Its last exit.
+        exit_seq: u64,
+        /// Every output byte before this was released.
+        output_seq: u64,
+    },
+    /// Tell the vCPU thread, stopped for a switchover, to run on as the primary.
+    RefuseHandover(String),
+}
+
+/// How the core is set up.
+pub struct CoreConfig {
+    /// Heartbeats and the failure detector.
+    pub heartbeat: Heartbeat,
+    /// Produce [`Action::Audit`] lines.
+    pub audit: bool,
+    /// Guest memory, which a sync's pre-copy reads.
+    pub memory: GuestMemory,
+    /// What a joining standby is sent first.
+    pub start: Start,
+    /// The first epoch (not 1 after a switchover).
+    pub first_epoch: u64,
+    /// The first output sequence number (not 0 after a switchover).
+    pub output_seq: u64,
+    /// Requests to the vCPU thread.
+    pub requests: Sender<VcpuRequest>,
+    /// Dirty pages, shared with the vCPU thread.
+    pub tracking: DirtyTracking,
+}
+
+/// The standby attached now.
+pub(super) struct Attached {
+    pub(super) liveness: Liveness,
+}
+
+/// The primary's side of the pair protocol.
+pub struct PrimaryCore {
+    pub(super) standby: Option<Attached>,
+    /// The last standby's address (kept after it is lost, for `ftvm status`).
+    pub(super) peer: String,
+    pub(super) heartbeat: Heartbeat,
+    pub(super) audit: bool,
+    /// The epoch now open on the vCPU thread (output is produced in it).
+    pub(super) epoch: u64,
+    /// The last exit the log shipped covers.
+    pub(super) exit_seq: u64,
+    pub(super) protection: Protection,
+    pub(super) join: Join,
+    pub(super) checkpoints: Checkpoints,
+    pub(super) switchover: Switchover,
+    pub(super) requests: Sender<VcpuRequest>,
+    pub(super) tracking: DirtyTracking,
+    pub(super) lifecycle: Lifecycle,
+    pub(super) report: PrimaryReport,
+    pub(super) actions: VecDeque<Action>,
+}
+
+/// How far the run is.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Lifecycle {
+    /// The vCPU thread said the guest run is over (or is gone).
+    pub(super) ended: bool,
+    /// The log's `RunEnd` went out: the vCPU thread's `End` follows.
+    pub(super) run_end_shipped: bool,
+    /// The connection was handed over: this side is done.
+    pub(super) handed_over: bool,
+}
+
+impl PrimaryCore {
+    /// A primary whose standby is `standby` (its address) or, with `Err(why)`, that runs
+    /// unprotected from the start.
+    pub fn new(config: CoreConfig, standby: Result<String, String>, now: Instant) -> Self {
+        let (attached, peer, lost) = match standby {
+            Ok(peer) => (
+                Some(Attached {
+                    liveness: Liveness::new(config.heartbeat, now),
+                }),
+                peer,
+                None,
+            ),
+            Err(why) => (None, String::new(), Some(why)),
+        };
+        config.tracking.set_protected(attached.is_some());
+        Self {
+            standby: attached,
+            peer,
+            heartbeat: config.heartbeat,
+            audit: config.audit,
+            epoch: config.first_epoch.max(1),
+            exit_seq: 0,
+            protection: Protection::new(config.output_seq),
+            join: Join::new(config.memory, config.start),
+            checkpoints: Checkpoints::new(),
+            switchover: Switchover::default(),
+            requests: config.requests,
+            tracking: config.tracking,
+            lifecycle: Lifecycle::default(),
+            report: PrimaryReport {
+                lost,
+                ..Default::default()
+            },
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The next thing the event loop must do.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// A standby is attached (syncing or in lockstep).
+    pub fn attached(&self) -> bool {
+        self.standby.is_some()
+    }
+
+    /// A standby is attached and has a copy of the guest (it is not syncing).
+    pub fn protecting(&self) -> bool {
+        self.standby.is_some() && !self.join.syncing()
+    }
+
+    /// Heartbeats and the failure detector.
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat
+    }
+
+    /// What the channel measured so far.
+    pub fn report(&self) -> &PrimaryReport {
+        &self.report
+    }
+
+    /// The guest run is over on the vCPU thread.
+    pub fn ended(&self) -> bool {
+        self.lifecycle.ended
+    }
+
+    /// The log's `RunEnd` went out (the vCPU thread's `End` follows).
+    pub fn run_end_shipped(&self) -> bool {
+        self.lifecycle.run_end_shipped
+    }
+
+    /// Nothing is left to do: the connection was handed over, or the run is over and every
+    /// output was released (with the standby having verified everything, if there is one).
+    pub fn done(&self) -> bool {
+        self.lifecycle.handed_over
+            || self.lifecycle.ended
+                && (self.standby.is_none()
+                    || self.protection.settled() && self.checkpoints.pending.is_none())
+    }
+
+    /// The run is over: the final report.
+    pub fn finish(&mut self) -> PrimaryReport {
+        self.report.protected_to_end = self.standby.is_some();
+        tracing::info!(
+            epochs = self.report.epochs,
+            verified_epoch = self.report.verified_epoch,
+            protected = self.report.protected_to_end,
+            "guest run over; every output released"
+        );
+        std::mem::take(&mut self.report)
+    }
+
+    /// How long the event loop may wait from `now` before it must call [`Self::tick`].
+    pub fn poll_timeout(&self, now: Instant) -> Duration {
+        match &self.standby {
+            Some(s) => s.liveness.until_next_heartbeat(now),
+            None => self.heartbeat.interval,
+        }
+    }
+
+    pub(super) fn send(&mut self, body: Body, now: Instant) {
+        if let Some(s) = &mut self.standby {
+            s.liveness.spoke(now);
+            self.actions
+                .push_back(Action::Send(Message { body: Some(body) }));
+        }
+    }
+
+    pub(super) fn audit(&mut self, line: impl FnOnce() -> String) {
+        if self.audit {
+            self.actions.push_back(Action::Audit(line()));
+        }
+    }
+
+    // ---- the vCPU thread ----
+
+    /// The vCPU thread handed over `msg` at `now`.
+    pub fn on_vcpu(&mut self, msg: FromVcpu, now: Instant) {
+        match msg {
+            FromVcpu::Batch(b) => self.ship(b, now),
+            FromVcpu::Output(bytes) => self.output(bytes, now),
+            FromVcpu::Pages(chunk) => self.pages(chunk, now),
+            FromVcpu::CheckpointEnd(end) => self.checkpoint_end(end, now),
+            FromVcpu::Stopped { epoch, exit_seq } => self.stopped(epoch, exit_seq),
+            FromVcpu::End => {
+                tracing::debug!("guest run over");
+                self.lifecycle.ended = true;
+                if self.join.sync.is_some() {
+                    self.lose(
+                        "the guest run ended while the standby was syncing".into(),
+                        now,
+                    );
+                }
+                self.join.run_ended(&self.tracking);
+            }
+        }
+    }
+
+    /// The vCPU thread is gone (its end of the channel closed).
+    pub fn vcpu_gone(&mut self) {
+        self.lifecycle.ended = true;
+    }
+
+    fn ship(&mut self, batch: RecordBatch, now: Instant) {
+        self.exit_seq = batch.complete_through;
+        let protecting = self.protecting();
+        for r in &batch.records {
+            self.lifecycle.run_end_shipped |= matches!(r.kind, Some(Kind::RunEnd(_)));
+            if let Some(Kind::EpochEnd(e)) = &r.kind {
+                self.epoch = e.epoch + 1;
+                self.report.epochs = e.epoch;
+                if protecting {
+                    self.protection.shipped(e.epoch, now);
+                    let (epoch, exit_seq) = (e.epoch, e.exit_seq);
+                    self.audit(|| format!("shipped epoch={epoch} exit_seq={exit_seq}"));
+                }
+            }
+        }
+        // A syncing standby has no copy of the guest to apply the log to: it starts from
+        // the stop-and-copy checkpoint.
+        if protecting {
+            self.send(Body::Batch(batch), now);
+        }
+    }
+
+    fn output(&mut self, bytes: Vec<u8>, now: Instant) {
+        if self.protecting() {
+            self.protection.buffer.hold(self.epoch, bytes, now);
+        } else {
+            let seq = self.protection.buffer.produced();
+            self.protection.buffer.pass_through(bytes.len());
+            self.actions.push_back(Action::Release {
+                epoch: self.epoch,
+                seq,
+                bytes,
+                why: "unprotected".into(),
+            });
+        }
+    }
+
+    /// Hands `request` to the vCPU thread; false (and unprotected) if it is gone.
+    pub(super) fn ask_vcpu(&mut self, request: VcpuRequest, now: Instant) -> bool {
+        let sent = self.requests.send(request).is_ok();
+        if !sent {
+            self.lose(
+                "the vCPU thread is gone: no checkpoint can be made".into(),
+                now,
+            );
+        }
+        sent
+    }
+
+    // ---- the standby ----
+
+    /// Bytes from the standby arrived at `now`.
+    pub fn heard(&mut self, now: Instant) {
+        if let Some(s) = &mut self.standby {
+            s.liveness.heard(now);
+        }
+    }
+
+    /// A message from the standby.
+    pub fn on_message(&mut self, msg: Message, now: Instant) {
+        if self.standby.is_none() {
+            return;
+        }
+        match msg.body {
+            Some(Body::Heartbeat(_)) => {}
+            Some(Body::Ack(ack)) => self.ack(ack, now),
+            Some(Body::Diverged(d)) => self.repair(d, now),
+            body => {
+                let got = body_name(&Message { body }).to_string();
+                self.link_failed(
+                    ChannelError::Unexpected {
+                        peer: self.peer.clone(),
+                        expected: "Ack, Diverged or Heartbeat",
+                        got,
+                    },
+                    now,
+                );
+            }
+        }
+    }
+
+    fn ack(&mut self, ack: Ack, now: Instant) {
+        if let Err(why) = self.protection.check_ack(&ack) {
+            return self.lose(
+                format!("standby lost: it broke the pair protocol: {why}"),
+                now,
+            );
+        }
+        let epoch = ack.verified_epoch;
+        self.audit(|| format!("acked epoch={epoch}"));
+        self.report.verified_epoch = self.report.verified_epoch.max(epoch);
+        self.tracking.set_verified(epoch);
+        if let Some(c) = self.checkpoints.installed(epoch) {
+            self.checkpoint_installed(c, now);
+        }
+        let released = self.protection.verify(epoch);
+        if released.is_empty() {
+            return;
+        }
+        for h in released {
+            let held = now.saturating_duration_since(h.produced);
+            self.actions.push_back(Action::Release {
+                epoch: h.epoch,
+                seq: h.seq,
+                bytes: h.bytes,
+                why: format!("verified held_ns={}", held.as_nanos()),
+            });
+        }
+        let output_seq = self.protection.buffer.released();
+        self.send(Body::Released(Released { output_seq }), now);
+    }
+
+    /// The connection to the standby failed (closed, reset, a bad frame, a send error). A
+    /// standby that closes once it verified the last epoch of a finished run is done, not
+    /// lost.
+    pub fn link_failed(&mut self, e: ChannelError, now: Instant) {
+        if self.standby.is_some() && !self.done() {
+            self.lose(format!("standby lost: {e}"), now);
+        }
+    }
+
+    /// The pair is no longer protected: say so once, release everything held, go on alone.
+    pub fn lose(&mut self, why: String, now: Instant) {
+        if self.standby.take().is_none() {
+            return;
+        }
+        self.actions.push_back(Action::DropLink);
+        self.tracking.set_protected(false);
+        if self.switchover.abandon() {
+            self.refuse_handover(why.clone());
+        }
+        self.join
+            .standby_lost(self.lifecycle.ended, now, &self.tracking);
+        // A checkpoint on its way is abandoned with its standby (its pages and end are
+        // dropped when they come: a new standby must never see them).
+        self.checkpoints.pending = None;
+        tracing::error!(
+            held_output_bytes = self.protection.buffer.held_bytes(),
+            "{why}: running unprotected"
+        );
+        self.report.lost = Some(why);
+        for h in self.protection.unprotect() {
+            self.actions.push_back(Action::Release {
+                epoch: h.epoch,
+                seq: h.seq,
+                bytes: h.bytes,
+                why: "unprotected".into(),
+            });
+        }
+    }
+
+    /// The clock at `now`: the failure detector, heartbeats, paused syncs that expired.
+    pub fn tick(&mut self, now: Instant) {
+        self.join.expire(now, &self.tracking);
+        let Some(s) = &self.standby else { return };
+        match s.liveness.tick(now) {
+            Beat::Quiet => {}
+            Beat::SendHeartbeat => self.send(Body::Heartbeat(Default::default()), now),
+            Beat::Silent(silent) => self.link_failed(
+                ChannelError::Silent {
+                    peer: self.peer.clone(),
+                    silent,
+                    timeout: self.heartbeat.timeout,
+                },
+                now,
+            ),
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The output rule's bookkeeping (DESIGN.md §3): the epochs shipped to the standby and not
+//! yet verified, and the guest output held until they are.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use ftvm_proto::channel::Ack;
+
+use crate::output::{HeldOutput, OutputBuffer};
+
+/// Unverified epochs and the output buffer.
+#[derive(Debug)]
+pub(super) struct Protection {
+    /// Output held until its epoch is verified.
+    pub buffer: OutputBuffer,
+    /// Epochs shipped to the standby and not yet verified, with when they were shipped.
+    unverified: VecDeque<(u64, Instant)>,
+    /// The highest epoch shipped to the standby attached now (0: none yet).
+    shipped: u64,
+    /// The highest epoch the standby verified.
+    pub verified: u64,
+}
+
+impl Protection {
+    /// No output yet; the first byte produced gets sequence number `output_seq`.
+    pub fn new(output_seq: u64) -> Self {
+        Self {
+            buffer: OutputBuffer::starting_at(output_seq),
+            unverified: VecDeque::new(),
+            shipped: 0,
+            verified: 0,
+        }
+    }
+
+    /// A new standby attached: nothing is shipped to it yet.
+    pub fn attached(&mut self) {
+        self.unverified.clear();
+        self.shipped = 0;
+    }
+
+    /// The end of `epoch` went to the standby at `now`.
+    pub fn shipped(&mut self, epoch: u64, now: Instant) {
+        self.unverified.push_back((epoch, now));
+        self.shipped = self.shipped.max(epoch);
+    }
+
+    /// Checks an acknowledgement against what was shipped: the standby cannot have received
+    /// or verified an epoch that was never sent to it.
+    pub fn check_ack(&self, ack: &Ack) -> Result<(), String> {
+        let claimed = ack.verified_epoch.max(ack.received_epoch);
+        if claimed > self.shipped {
+            return Err(format!(
+                "it acknowledged epoch {claimed} (received {}, verified {}) but the last epoch shipped to it is {}",
+                ack.received_epoch, ack.verified_epoch, self.shipped
+            ));
+        }
+        Ok(())
+    }
+
+    /// The standby verified every epoch through `epoch`: the output they produced may
+    /// leave. A stale acknowledgement (an epoch verified before) releases nothing new.
+    pub fn verify(&mut self, epoch: u64) -> Vec<HeldOutput> {
+        self.verified = self.verified.max(epoch);
+        while self.unverified.front().is_some_and(|(e, _)| *e <= epoch) {
+            self.unverified.pop_front();
+        }
+        self.buffer.release_through(epoch)
+    }
+
+    /// The standby is gone: nothing waits for it any more, everything held may leave.
+    pub fn unprotect(&mut self) -> Vec<HeldOutput> {
+        self.unverified.clear();
+        self.buffer.release_all()
+    }
+
+    /// Every shipped epoch is verified and no output is held.
+    pub fn settled(&self) -> bool {
+        self.unverified.is_empty() && self.buffer.held_bytes() == 0
+    }
+
+    /// Epochs shipped and not verified.
+    pub fn lag_epochs(&self) -> u64 {
+        self.unverified.len() as u64
+    }
+
+    /// Age of the oldest epoch not verified.
+    pub fn lag(&self, now: Instant) -> Duration {
+        self.unverified
+            .front()
+            .map_or(Duration::ZERO, |(_, t)| now.saturating_duration_since(*t))
+    }
+}

@@ -1,0 +1,63 @@
+//! What the primary's control socket answers (`ftvm status`, `ftvm switchover`).
+
+use std::time::Instant;
+
+use super::core::PrimaryCore;
+use crate::status::{Request, Status};
+
+impl PrimaryCore {
+    /// Answers a control request; `log_bytes_per_s` is the channel's send rate now.
+    pub fn control_request(
+        &mut self,
+        request: Request,
+        now: Instant,
+        log_bytes_per_s: u64,
+    ) -> String {
+        match request {
+            Request::Status => self.status(now, log_bytes_per_s).to_string(),
+            Request::Switchover => match self.start_switchover(now) {
+                Ok(()) => "switchover started: the primary stops at its next exit\n".into(),
+                Err(why) => format!("error: {why}\n"),
+            },
+        }
+    }
+
+    /// Where the pair stands, for `ftvm status`.
+    pub fn status(&self, now: Instant, log_bytes_per_s: u64) -> Status {
+        let (protected, state) = if self.standby.is_some() {
+            if let Some(s) = self.join.describe() {
+                (false, s)
+            } else if self.switchover.phase.is_some() {
+                (true, "switching over".to_string())
+            } else if let Some(c) = &self.checkpoints.pending {
+                (true, format!("repairing: {}", c.why))
+            } else {
+                (true, "lockstep".to_string())
+            }
+        } else if let Some(why) = &self.report.lost {
+            (false, format!("unprotected: {why}"))
+        } else {
+            (false, "unprotected".to_string())
+        };
+        Status {
+            role: "primary".into(),
+            protected,
+            state,
+            peer: self.peer.clone(),
+            epoch: self.epoch.saturating_sub(1),
+            verified_epoch: self.report.verified_epoch,
+            exit_seq: self.exit_seq,
+            lag_epochs: self.protection.lag_epochs(),
+            lag: self.protection.lag(now),
+            log_bytes_per_s: if self.standby.is_some() {
+                log_bytes_per_s
+            } else {
+                0
+            },
+            released_output_seq: self.protection.buffer.released(),
+            held_output_bytes: self.protection.buffer.held_bytes(),
+            repairs: self.report.repairs,
+            syncs: self.report.syncs,
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! The standby's side of the pair protocol.
+//!
+//! [`StandbyCore`] is the protocol as a state machine with no I/O inside; [`StandbyChannel`]
+//! runs it on a thread over the shared event loop ([`crate::event_loop`]), handing the
+//! primary's log to the replayer as it arrives and telling the replayer when the primary is
+//! gone (EOF or reset: at once; silence: after the heartbeat timeout).
+
+mod core;
+#[cfg(test)]
+mod tests;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use ftvm_proto::channel::{CheckpointEnd, Diverged, HeldOutput, Message, PageChunk};
+use ftvm_proto::log::RecordBatch;
+use mio::{Registry, Waker};
+
+pub use self::core::{Action, StandbyCore};
+
+use crate::audit::Audit;
+use crate::event_loop::{EventLoop, Side, Woken, LINK};
+use crate::link::{ChannelError, Link};
+use crate::status::{RateMeter, Request};
+use crate::ChannelOptions;
+
+/// What the channel thread hands the replayer.
+#[derive(Debug)]
+pub enum ToReplayer {
+    /// The next record batch of the log.
+    Batch(RecordBatch),
+    /// Pages of a checkpoint (a repair, or a sync).
+    Pages(PageChunk),
+    /// The end of a checkpoint, with the output the primary held when it made it.
+    CheckpointEnd {
+        /// The state, digest and position.
+        end: CheckpointEnd,
+        /// The output not yet released at that point.
+        held: HeldOutput,
+    },
+    /// The primary hands over its role (`ftvm switchover`); the connection is the
+    /// replayer's to take ([`StandbyChannel::into_link`]).
+    Switchover(ftvm_proto::channel::Switchover),
+    /// The primary is gone; nothing more will come. The reason, for the log.
+    PrimaryLost(String),
+}
+
+/// What the replayer tells the channel thread.
+#[derive(Debug)]
+pub enum FromReplayer {
+    /// The replay matched the digest of `epoch`, ending at `exit_seq`.
+    Verified {
+        /// The epoch.
+        epoch: u64,
+        /// Its last exit.
+        exit_seq: u64,
+    },
+    /// The replay cannot follow past `epoch`: ask for a repair (or, with
+    /// `checkpoint_failed`, give up).
+    Diverged(Diverged),
+    /// A checkpoint closing `epoch` is installed and its digest matched.
+    Installed {
+        /// The epoch it closes.
+        epoch: u64,
+        /// Its exit.
+        exit_seq: u64,
+        /// It ended a sync (else a repair).
+        sync: bool,
+    },
+    /// Sync progress, for `ftvm status`: page bytes received, and pages the primary said
+    /// are left.
+    Syncing {
+        /// Page bytes received.
+        bytes: u64,
+        /// Pages left in the primary's current round.
+        remaining_pages: u64,
+    },
+    /// The standby went live: it is the primary now (unprotected).
+    Live,
+    /// Flush what is queued for the primary and stop.
+    Shutdown,
+}
+
+/// The standby's channel thread.
+pub struct StandbyChannel {
+    tx: Sender<FromReplayer>,
+    waker: Arc<Waker>,
+    rx: Receiver<ToReplayer>,
+    released: Arc<AtomicU64>,
+    thread: JoinHandle<Option<Link>>,
+}
+
+impl StandbyChannel {
+    /// Starts the channel thread over `link`.
+    pub fn spawn(mut link: Link, options: ChannelOptions) -> std::io::Result<Self> {
+        let (mut event_loop, waker) = EventLoop::new(&options)?;
+        link.register(event_loop.registry(), LINK)?;
+        let (to_replayer, rx) = crossbeam_channel::unbounded();
+        let (tx, from_replayer) = crossbeam_channel::unbounded();
+        let released = Arc::new(AtomicU64::new(0));
+        let audit = Audit::from_env();
+        let core = StandbyCore::new(
+            link.peer().to_string(),
+            options.heartbeat,
+            audit.is_some(),
+            Instant::now(),
+        );
+        let mut driver = Driver {
+            core,
+            link: Some(link),
+            to_replayer,
+            from_replayer,
+            released: released.clone(),
+            audit,
+            meter: RateMeter::default(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("ftvm-channel".into())
+            .spawn(move || {
+                event_loop.run(&mut driver);
+                if !driver.core.handing_over() {
+                    return None;
+                }
+                let mut link = driver.link.take()?;
+                if let Err(e) = link.deregister(event_loop.registry()) {
+                    tracing::warn!("cannot move the connection off this event loop: {e}");
+                }
+                Some(link)
+            })?;
+        Ok(Self {
+            tx,
+            waker,
+            rx,
+            released,
+            thread,
+        })
+    }
+
+    /// Where the replayer reads the log from.
+    pub fn inbox(&self) -> Receiver<ToReplayer> {
+        self.rx.clone()
+    }
+
+    /// The primary's released output sequence number, as last heard.
+    pub fn released(&self) -> Arc<AtomicU64> {
+        self.released.clone()
+    }
+
+    /// Tells the channel thread `event`.
+    pub fn tell(&self, event: FromReplayer) {
+        if self.tx.send(event).is_ok() {
+            if let Err(e) = self.waker.wake() {
+                tracing::warn!("cannot wake the channel thread: {e}");
+            }
+        }
+    }
+
+    /// Flushes what is queued for the primary and stops the channel thread.
+    pub fn shutdown(self) {
+        self.tell(FromReplayer::Shutdown);
+        if self.thread.join().is_err() {
+            tracing::warn!("the channel thread panicked");
+        }
+    }
+
+    /// After a [`ToReplayer::Switchover`]: the connection, for the new primary's channel.
+    pub fn into_link(self) -> Option<Link> {
+        self.tell(FromReplayer::Shutdown);
+        self.thread.join().ok().flatten()
+    }
+}
+
+/// The channel thread's state outside the core.
+struct Driver {
+    core: StandbyCore,
+    link: Option<Link>,
+    to_replayer: Sender<ToReplayer>,
+    from_replayer: Receiver<FromReplayer>,
+    released: Arc<AtomicU64>,
+    audit: Option<Audit>,
+    meter: RateMeter,
+}
+
+impl Driver {
+    /// Carries out what the core asked for.
+    fn apply(&mut self) {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                Action::Send(msg) => {
+                    if let Some(link) = &mut self.link {
+                        if let Err(e) = link.send(&msg) {
+                            self.core.link_failed(e);
+                        }
+                    }
+                }
+                // The replayer stops reading only when it stops replaying; then nothing
+                // needs what it was sent.
+                Action::ToReplayer(msg) => {
+                    let _ = self.to_replayer.send(msg);
+                }
+                Action::Released(seq) => {
+                    self.released.fetch_max(seq, Ordering::SeqCst);
+                }
+                Action::Audit(line) => {
+                    if let Some(a) = &mut self.audit {
+                        a.line(format_args!("{line}"));
+                    }
+                }
+                Action::DropLink => self.link = None,
+            }
+        }
+    }
+
+    /// Handles what the replayer said; a replayer that is gone means stop.
+    fn drain_replayer(&mut self, now: Instant) {
+        loop {
+            match self.from_replayer.try_recv() {
+                Ok(event) => self.core.on_replayer(event, now),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    self.core.on_replayer(FromReplayer::Shutdown, now);
+                    break;
+                }
+            }
+            self.apply();
+            if self.core.shut_down() {
+                break;
+            }
+        }
+        self.apply();
+    }
+}
+
+impl Side for Driver {
+    fn link(&mut self) -> Option<&mut Link> {
+        self.link.as_mut()
+    }
+
+    fn timeout(&self, now: Instant) -> Duration {
+        self.core.poll_timeout(now)
+    }
+
+    fn inputs(&mut self, _woken: Woken, _registry: &Registry, _now: Instant) {}
+
+    fn on_message(&mut self, msg: Message, now: Instant) {
+        self.core.on_message(msg, now);
+        self.apply();
+    }
+
+    fn heard(&mut self, now: Instant) {
+        self.core.heard(now);
+    }
+
+    fn link_failed(&mut self, e: ChannelError, _registry: &Registry, _now: Instant) {
+        self.core.link_failed(e);
+        self.apply();
+    }
+
+    fn after(&mut self, _registry: &Registry, now: Instant) -> bool {
+        if self.core.handing_over() {
+            // Nothing more is read from this connection here: the new primary's channel
+            // takes it over.
+            return true;
+        }
+        self.drain_replayer(now);
+        if self.core.shut_down() {
+            return false;
+        }
+        if let Some(link) = &self.link {
+            self.meter.sample(now, link.bytes_received);
+        }
+        self.core.tick(now);
+        self.apply();
+        false
+    }
+
+    fn control(&mut self, request: Request, _registry: &Registry, now: Instant) -> String {
+        let rate = self
+            .link
+            .as_ref()
+            .map_or(0, |l| self.meter.rate(now, l.bytes_received));
+        self.core.control_request(request, now, rate)
+    }
+
+    fn done(&self) -> bool {
+        self.core.shut_down()
+    }
+
+    /// Sends what is still queued (a last Ack or Diverged) before the connection closes.
+    fn finish(&mut self, event_loop: &mut EventLoop) {
+        if let Some(link) = &mut self.link {
+            link.drain(event_loop.poll_mut(), self.core.heartbeat().timeout);
+        }
+    }
+}

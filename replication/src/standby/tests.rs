@@ -1,0 +1,276 @@
+//! The standby's protocol rules, each driven through [`StandbyCore`] with constructed
+//! events: no socket, no thread, no clock.
+
+use std::time::{Duration, Instant};
+
+use ftvm_proto::channel::{
+    message::Body, CheckpointEnd, Diverged, HeldOutput, Message, Released, Switchover,
+};
+use ftvm_proto::log::{record::Kind, EpochEnd, Record, RecordBatch};
+
+use super::core::{Action, StandbyCore};
+use super::{FromReplayer, ToReplayer};
+use crate::link::{ChannelError, Heartbeat};
+use crate::status::Request;
+
+const HB: Heartbeat = Heartbeat {
+    interval: Duration::from_millis(50),
+    timeout: Duration::from_millis(150),
+};
+
+struct Standby {
+    core: StandbyCore,
+    now: Instant,
+}
+
+fn standby() -> Standby {
+    let now = Instant::now();
+    Standby {
+        core: StandbyCore::new("primary:1".into(), HB, false, now),
+        now,
+    }
+}
+
+fn epoch_end(epoch: u64, exit_seq: u64) -> Message {
+    Message {
+        body: Some(Body::Batch(RecordBatch {
+            complete_through: exit_seq,
+            records: vec![Record {
+                exit_seq,
+                at_kick: false,
+                kind: Some(Kind::EpochEnd(EpochEnd {
+                    epoch,
+                    exit_seq,
+                    ..Default::default()
+                })),
+            }],
+        })),
+    }
+}
+
+impl Standby {
+    fn primary(&mut self, msg: Message) {
+        self.core.heard(self.now);
+        self.core.on_message(msg, self.now);
+    }
+
+    fn replayer(&mut self, event: FromReplayer) {
+        self.core.on_replayer(event, self.now);
+    }
+
+    fn actions(&mut self) -> Vec<Action> {
+        std::iter::from_fn(|| self.core.poll_action()).collect()
+    }
+
+    fn status(&self) -> String {
+        self.core.status(self.now, 0).to_string()
+    }
+}
+
+#[test]
+fn the_log_goes_to_the_replayer_and_each_verified_epoch_is_acknowledged() {
+    let mut s = standby();
+    s.primary(epoch_end(1, 10));
+    s.primary(epoch_end(2, 20));
+    let actions = s.actions();
+    assert!(matches!(
+        actions.as_slice(),
+        [
+            Action::ToReplayer(ToReplayer::Batch(_)),
+            Action::ToReplayer(ToReplayer::Batch(_))
+        ]
+    ));
+    assert!(s.status().contains("lag_epochs=2"));
+    s.replayer(FromReplayer::Verified {
+        epoch: 1,
+        exit_seq: 10,
+    });
+    let actions = s.actions();
+    let [Action::Send(Message {
+        body: Some(Body::Ack(ack)),
+    })] = actions.as_slice()
+    else {
+        panic!("one Ack: {actions:?}");
+    };
+    assert_eq!(
+        (ack.received_epoch, ack.verified_epoch, ack.exit_seq),
+        (2, 1, 10)
+    );
+    assert!(s.status().contains("lag_epochs=1"));
+    assert!(s.status().contains("verified_epoch=1"));
+}
+
+#[test]
+fn released_output_is_noted_and_never_goes_back() {
+    let mut s = standby();
+    s.primary(Message {
+        body: Some(Body::Released(Released { output_seq: 40 })),
+    });
+    s.primary(Message {
+        body: Some(Body::Released(Released { output_seq: 30 })),
+    });
+    assert!(matches!(
+        s.actions().as_slice(),
+        [Action::Released(40), Action::Released(30)]
+    ));
+    assert!(s.status().contains("released_output_seq=40"));
+}
+
+#[test]
+fn a_divergence_is_reported_and_the_repair_acknowledged_once_installed() {
+    let mut s = standby();
+    s.primary(epoch_end(1, 10));
+    s.actions();
+    s.replayer(FromReplayer::Diverged(Diverged {
+        epoch: 1,
+        exit_seq: 9,
+        reason: "digest mismatch".into(),
+        ..Default::default()
+    }));
+    assert!(matches!(
+        s.actions().as_slice(),
+        [Action::Send(Message {
+            body: Some(Body::Diverged(_))
+        })]
+    ));
+    assert!(s.status().contains("state=repairing: epoch 1 at exit 9"));
+    // The checkpoint's held output comes first, then its end.
+    s.primary(Message {
+        body: Some(Body::HeldOutput(HeldOutput {
+            checkpoint: 4,
+            released_seq: 7,
+            data: b"held".to_vec(),
+        })),
+    });
+    s.primary(Message {
+        body: Some(Body::CheckpointEnd(CheckpointEnd {
+            checkpoint: 4,
+            epoch: 2,
+            exit_seq: 12,
+            ..Default::default()
+        })),
+    });
+    let actions = s.actions();
+    let [Action::ToReplayer(ToReplayer::CheckpointEnd { end, held })] = actions.as_slice() else {
+        panic!("the checkpoint goes to the replayer: {actions:?}");
+    };
+    assert_eq!(
+        (end.epoch, held.released_seq, held.data.as_slice()),
+        (2, 7, &b"held"[..])
+    );
+    s.replayer(FromReplayer::Installed {
+        epoch: 2,
+        exit_seq: 12,
+        sync: false,
+    });
+    assert!(matches!(
+        s.actions().as_slice(),
+        [Action::Send(Message {
+            body: Some(Body::Ack(_))
+        })]
+    ));
+    assert!(s.status().contains("state=lockstep"));
+    assert!(s.status().contains("repairs=1"));
+    assert!(s.status().contains("lag_epochs=0"));
+}
+
+#[test]
+fn a_checkpoint_end_without_its_held_output_loses_the_primary() {
+    let mut s = standby();
+    s.primary(Message {
+        body: Some(Body::CheckpointEnd(CheckpointEnd {
+            checkpoint: 4,
+            ..Default::default()
+        })),
+    });
+    let actions = s.actions();
+    assert!(matches!(
+        actions.as_slice(),
+        [
+            Action::DropLink,
+            Action::ToReplayer(ToReplayer::PrimaryLost(_))
+        ]
+    ));
+    assert!(s.status().contains("came without its held output"));
+}
+
+#[test]
+fn a_silent_primary_is_lost_after_the_heartbeat_timeout() {
+    let mut s = standby();
+    s.now += Duration::from_millis(60);
+    s.core.tick(s.now);
+    assert!(matches!(
+        s.actions().as_slice(),
+        [Action::Send(Message {
+            body: Some(Body::Heartbeat(_))
+        })]
+    ));
+    s.now += Duration::from_millis(91);
+    s.core.tick(s.now);
+    let actions = s.actions();
+    let [Action::DropLink, Action::ToReplayer(ToReplayer::PrimaryLost(why))] = actions.as_slice()
+    else {
+        panic!("the primary is lost: {actions:?}");
+    };
+    assert!(why.contains("silent for"), "{why}");
+    assert!(s
+        .status()
+        .contains("state=going live: primary lost: primary:1 silent"));
+    // Nothing more is sent or passed on once lost.
+    s.primary(epoch_end(1, 10));
+    s.core.tick(s.now + Duration::from_secs(1));
+    assert!(s.actions().is_empty());
+}
+
+#[test]
+fn a_closed_connection_loses_the_primary_once() {
+    let mut s = standby();
+    let closed = || ChannelError::Closed {
+        peer: "primary:1".into(),
+    };
+    s.core.link_failed(closed());
+    s.core.link_failed(closed());
+    assert_eq!(s.actions().len(), 2, "DropLink and PrimaryLost, once");
+    s.replayer(FromReplayer::Live);
+    assert!(s.status().contains("role=primary (live after failover)"));
+}
+
+#[test]
+fn a_switchover_hands_the_connection_over() {
+    let mut s = standby();
+    s.primary(Message {
+        body: Some(Body::Switchover(Switchover {
+            epoch: 3,
+            exit_seq: 30,
+            output_seq: 9,
+        })),
+    });
+    assert!(s.core.handing_over());
+    assert!(matches!(
+        s.actions().as_slice(),
+        [Action::ToReplayer(ToReplayer::Switchover(_))]
+    ));
+    assert!(s
+        .core
+        .control_request(Request::Switchover, s.now, 0)
+        .starts_with("error: this is the standby"));
+}
+
+#[test]
+fn a_message_only_a_standby_sends_loses_the_primary() {
+    let mut s = standby();
+    s.primary(Message {
+        body: Some(Body::Ack(Default::default())),
+    });
+    assert!(s
+        .status()
+        .contains("expected a record batch, Released or Heartbeat, got Ack"));
+}
+
+#[test]
+fn the_replayer_shutting_down_stops_the_channel() {
+    let mut s = standby();
+    assert!(!s.core.shut_down());
+    s.replayer(FromReplayer::Shutdown);
+    assert!(s.core.shut_down());
+}
