@@ -7,11 +7,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use ftvm_primary::log_file::LogFileWriter;
 use ftvm_primary::{pair, EpochPolicy, Recorder};
+use ftvm_replication::log::{LogFileReader, LogFileWriter};
 use ftvm_replication::ChannelOptions;
 use ftvm_replication::Heartbeat;
-use ftvm_secondary::log_file::LogFileReader;
 use ftvm_secondary::standby::{FollowFrom, Rendezvous, StandbyEnd, StandbyUi};
 use ftvm_secondary::{ReplayError, Replayer};
 use ftvm_vmm::devices::StopRequest;
@@ -391,7 +390,12 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             Some(addr) => Some(listen(addr)?),
             None => None,
         };
-        let header = ftvm_primary::header(&config, vm.cpuid(), &vm.machine().disks(), &policy);
+        let header = ftvm_replication::log::build_header(
+            &config,
+            vm.cpuid(),
+            &vm.machine().disks(),
+            policy.interrupt_windows,
+        );
         let timeout = Duration::from_millis(args.connect_timeout_ms);
         let link = match &args.peer {
             None => Err("no standby yet: waiting for one to join".to_string()),
@@ -438,7 +442,12 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             RunEnd::Paused(_) => Ok(0),
         };
     };
-    let header = ftvm_primary::header(&config, vm.cpuid(), &vm.machine().disks(), &policy);
+    let header = ftvm_replication::log::build_header(
+        &config,
+        vm.cpuid(),
+        &vm.machine().disks(),
+        policy.interrupt_windows,
+    );
     let sink = LogFileWriter::create(&path, header).map_err(|source| CliError::CreateLog {
         path: path.clone(),
         source,
@@ -663,7 +672,7 @@ fn replay(args: ReplayArgs) -> Result<u8, CliError> {
     let (reader, header) = LogFileReader::open(&args.log)
         .map_err(|e| CliError::BadLog(format!("{}: {e}", args.log.display())))?;
     let (kernel, kernel_name) = read_kernel(&args.kernel)?;
-    let config = ftvm_secondary::config_from_header(
+    let config = ftvm_replication::log::config_from_header(
         &header,
         kernel,
         &kernel_name,
@@ -672,7 +681,7 @@ fn replay(args: ReplayArgs) -> Result<u8, CliError> {
     )
     .map_err(|e| CliError::BadLog(format!("{}: {e}", args.log.display())))?;
     let mut vm = Vm::new(&config)?;
-    ftvm_secondary::check_disks(&header, &vm.machine().disks())
+    ftvm_replication::log::check_disks(&header, &vm.machine().disks())
         .map_err(|e| CliError::BadLog(format!("{}: {e}", args.log.display())))?;
     let output: Box<dyn std::io::Write> = if args.show_output {
         Box::new(std::io::stdout())

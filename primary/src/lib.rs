@@ -8,7 +8,6 @@
 //! with an `EpochEnd` carrying the epoch's **digest**. An epoch in which a kick delivered an
 //! input at a non-deterministic point is marked **checkpoint-required**.
 
-pub mod log_file;
 pub mod pair;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -17,13 +16,16 @@ use std::time::{Duration, Instant};
 use ftvm_proto::channel::{CheckpointEnd, Page, PageChunk};
 use ftvm_proto::log::{self, record::Kind, Record, RecordBatch};
 use ftvm_replication::checkpoint::{CheckpointPort, CheckpointRequest, PAGES_PER_CHUNK};
+use ftvm_replication::log::to_run_end;
 use ftvm_replication::primary::FromVcpu;
-use ftvm_vmm::cpuid::CpuidTable;
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::{epoch_digest, hash, state_digest};
 use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HookError, HostView, Kick, Point, RunEnd};
 use ftvm_vmm::memory::{is_zero_page, PAGE_SIZE};
-use ftvm_vmm::{Input, Vm, VmConfig};
+use ftvm_vmm::{Input, Vm};
+
+/// Where the log goes (re-exported from its home, [`ftvm_replication::log`]).
+pub use ftvm_replication::log::LogSink;
 
 /// Default maximum epoch length.
 pub const DEFAULT_MAX_EPOCH: Duration = Duration::from_millis(10);
@@ -32,12 +34,6 @@ pub const DEFAULT_STREAM_INTERVAL: Duration = Duration::from_millis(1);
 /// Default latency bound: how long a due interrupt waits for a natural exit before the vCPU
 /// is kicked.
 pub const DEFAULT_LATENCY_BOUND: Duration = Duration::from_millis(4);
-
-/// Where the log goes: a file now, the pair's channel later.
-pub trait LogSink {
-    /// Ships one batch of records.
-    fn write_batch(&mut self, batch: RecordBatch) -> Result<(), std::io::Error>;
-}
 
 /// Recording failed.
 #[derive(Debug, thiserror::Error)]
@@ -85,39 +81,6 @@ pub struct RecordStats {
     pub checkpoint_required: u64,
     /// Records written.
     pub records: u64,
-}
-
-/// The header of a log for `config` running with `cpuid` and `disks` under `policy`.
-pub fn header(
-    config: &VmConfig,
-    cpuid: &CpuidTable,
-    disks: &[ftvm_vmm::devices::virtio_blk::DiskInfo],
-    policy: &EpochPolicy,
-) -> log::LogHeader {
-    let table = ftvm_vmm::state::encode(cpuid);
-    log::LogHeader {
-        format_version: ftvm_proto::FORMAT_VERSION,
-        interrupt_windows: policy.interrupt_windows,
-        config: Some(log::VmConfig {
-            mem_mib: config.mem_mib,
-            cmdline: config.cmdline.clone(),
-            kernel_hash: hash(&config.kernel).to_vec(),
-            cpuid_hash: hash(&table).to_vec(),
-            cpuid_table: table,
-            initrd_hash: config
-                .initrd
-                .as_ref()
-                .map(|i| hash(i).to_vec())
-                .unwrap_or_default(),
-            disks: disks
-                .iter()
-                .map(|d| log::DiskSpec {
-                    sectors: d.sectors,
-                    read_only: d.read_only,
-                })
-                .collect(),
-        }),
-    }
 }
 
 /// The recorder hook over `inner` (the live hook), writing to `sink`.
@@ -290,12 +253,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         let state = vm.save()?;
         let digest = state_digest(vm, &covered)?;
         let sync = matches!(request, CheckpointRequest::StopAndCopy { .. });
-        let run_end = run_end.map(|stop| log::RunEnd {
-            stop: Some(match stop {
-                StopRequest::Exit(status) => log::run_end::Stop::ExitStatus(u32::from(status)),
-                StopRequest::Reset => log::run_end::Stop::Reset(true),
-            }),
-        });
+        let run_end = run_end.map(to_run_end);
         let sent = send.len();
         let covered_pages = covered.len();
         port.feed
@@ -428,14 +386,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         stop: StopRequest,
     ) -> Result<(), RecordError> {
         self.close_epoch(vm, seq)?;
-        let stop = match stop {
-            StopRequest::Exit(status) => log::run_end::Stop::ExitStatus(u32::from(status)),
-            StopRequest::Reset => log::run_end::Stop::Reset(true),
-        };
-        self.push(
-            Point::Exit(seq),
-            Kind::RunEnd(log::RunEnd { stop: Some(stop) }),
-        );
+        self.push(Point::Exit(seq), Kind::RunEnd(to_run_end(stop)));
         self.flush(seq)
     }
 

@@ -16,11 +16,15 @@
 //! peer process is gone, at once; no bytes for the heartbeat timeout (default 150 ms) means
 //! the peer is lost. A primary that loses its standby releases what it holds and runs on
 //! unprotected; a standby that loses its primary lets the replayer finish the log and go live.
+//!
+//! [`log`] is the one home of the replication log's format (file writer and reader, header,
+//! run-end records) that the recorder, the replayer and the CLI share.
 
 pub mod audit;
 pub mod checkpoint;
 pub mod host;
 pub mod link;
+pub mod log;
 pub mod output;
 pub mod primary;
 pub mod standby;

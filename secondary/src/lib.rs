@@ -8,99 +8,21 @@
 //! exit N+1, so a kick the primary took after exit N (a checkpoint-required epoch) stops the
 //! replay exactly at the last deterministic exit before it.
 
-pub mod log_file;
 pub mod standby;
 
 use std::collections::VecDeque;
 use std::io::Write;
 
-use ftvm_proto::frame::FrameError;
-use ftvm_proto::log::{self, record::Kind, LogHeader, Record, RecordBatch};
-use ftvm_vmm::cpuid::CpuidTable;
-use ftvm_vmm::devices::virtio_blk::{DiskConfig, DiskInfo};
+use ftvm_proto::log::{self, record::Kind, LogHeader, Record};
+use ftvm_replication::log::to_run_end;
 use ftvm_vmm::devices::StopRequest;
-use ftvm_vmm::digest::{epoch_digest, hash};
+use ftvm_vmm::digest::epoch_digest;
 use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HookError, HostView, Point, RunEnd};
-use ftvm_vmm::{Input, Vm, VmConfig};
+use ftvm_vmm::{Input, Vm};
 
-/// Where the log comes from: a file now, the pair's channel later.
-pub trait LogSource {
-    /// The next batch, or None when the log has ended.
-    fn next_batch(&mut self) -> Result<Option<RecordBatch>, LogError>;
-    /// Byte offset reached (for error messages).
-    fn offset(&self) -> u64;
-}
-
-/// The log is unusable (as opposed to the replay diverging from it).
-#[derive(Debug, thiserror::Error)]
-pub enum LogError {
-    /// The file cannot be opened.
-    #[error("cannot open log {path}: {source}")]
-    Open {
-        /// The path.
-        path: String,
-        /// The reason.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Not a log file.
-    #[error("not an ftvm log: bad magic at offset 0")]
-    BadMagic,
-    /// A frame is damaged.
-    #[error(transparent)]
-    Frame(#[from] FrameError),
-    /// Written by an incompatible version.
-    #[error("unsupported log format version {found} in the header frame at offset {offset} (this ftvm reads version {})", ftvm_proto::FORMAT_VERSION)]
-    Version {
-        /// Offset of the header frame.
-        offset: u64,
-        /// The version found.
-        found: u32,
-    },
-    /// A frame of the wrong kind.
-    #[error("unexpected frame at offset {offset}: {what}")]
-    UnexpectedFrame {
-        /// Offset of the frame.
-        offset: u64,
-        /// What was found.
-        what: &'static str,
-    },
-    /// The log has no header.
-    #[error("log ends at offset {offset} before its header")]
-    Ended {
-        /// Offset of the end.
-        offset: u64,
-    },
-    /// The log ends before the run does.
-    #[error("log ends at offset {offset} after exit {exit_seq} without a run-end record (truncated log?)")]
-    Truncated {
-        /// Offset of the end.
-        offset: u64,
-        /// The last exit the log covers.
-        exit_seq: u64,
-    },
-    /// A record makes no sense.
-    #[error("malformed record in the frame ending at offset {offset}: {why}")]
-    Malformed {
-        /// Offset reached.
-        offset: u64,
-        /// What is wrong.
-        why: String,
-    },
-    /// The log was recorded with another kernel.
-    #[error("log was recorded with another kernel: log has kernel hash {logged}, {kernel} hashes to {actual}")]
-    KernelMismatch {
-        /// Hash in the log.
-        logged: String,
-        /// Hash of the kernel given.
-        actual: String,
-        /// Which kernel.
-        kernel: String,
-    },
-    /// The header's VM configuration is unusable.
-    #[error("invalid VM configuration in the log header: {0}")]
-    Config(String),
-}
+/// Where the log comes from, and why it is unusable (re-exported from their home,
+/// [`ftvm_replication::log`]).
+pub use ftvm_replication::log::{LogError, LogSource};
 
 /// The replayed guest did something other than the recorded one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -116,97 +38,6 @@ pub struct Divergence {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// The VM configuration a log header describes, with `kernel` (named `kernel_name` in errors)
-/// as the image, `initrd` and `disks`; the kernel and initrd must be the ones the log was
-/// recorded with (the disks are checked against the header by [`check_disks`] once opened).
-pub fn config_from_header(
-    header: &LogHeader,
-    kernel: Vec<u8>,
-    kernel_name: &str,
-    initrd: Option<Vec<u8>>,
-    disks: Vec<DiskConfig>,
-) -> Result<VmConfig, LogError> {
-    let c = header
-        .config
-        .as_ref()
-        .ok_or_else(|| LogError::Config("no VM configuration".into()))?;
-    let actual = hash(&kernel);
-    if actual.as_slice() != c.kernel_hash.as_slice() {
-        return Err(LogError::KernelMismatch {
-            logged: hex(&c.kernel_hash),
-            actual: hex(&actual),
-            kernel: kernel_name.to_string(),
-        });
-    }
-    if hash(&c.cpuid_table).as_slice() != c.cpuid_hash.as_slice() {
-        return Err(LogError::Config(
-            "CPUID table does not match its hash".into(),
-        ));
-    }
-    let cpuid: CpuidTable = ftvm_vmm::state::decode(&c.cpuid_table)
-        .map_err(|e| LogError::Config(format!("CPUID table: {e}")))?;
-    match (&initrd, c.initrd_hash.is_empty()) {
-        (None, false) => {
-            return Err(LogError::Config(
-                "the guest was recorded with an initrd; give the same one (--initrd)".into(),
-            ))
-        }
-        (Some(_), true) => {
-            return Err(LogError::Config(
-                "the guest was recorded without an initrd, but one was given".into(),
-            ))
-        }
-        (Some(i), false) if hash(i).as_slice() != c.initrd_hash.as_slice() => {
-            return Err(LogError::Config(format!(
-                "the initrd given hashes to {}, the log's to {}",
-                hex(&hash(i)),
-                hex(&c.initrd_hash)
-            )))
-        }
-        _ => {}
-    }
-    if disks.len() != c.disks.len() {
-        return Err(LogError::Config(format!(
-            "the guest was recorded with {} disks, {} given (--disk)",
-            c.disks.len(),
-            disks.len()
-        )));
-    }
-    Ok(VmConfig {
-        mem_mib: c.mem_mib,
-        kernel,
-        initrd,
-        disks,
-        cmdline: c.cmdline.clone(),
-        cpuid: Some(cpuid),
-    })
-}
-
-/// Checks the opened disks against the ones the header describes (same count, size and
-/// mode). Their contents cannot be checked here: a disk that differs shows as a divergence.
-pub fn check_disks(header: &LogHeader, disks: &[DiskInfo]) -> Result<(), LogError> {
-    let logged = header.config.as_ref().map_or(&[][..], |c| &c.disks[..]);
-    if logged.len() != disks.len() {
-        return Err(LogError::Config(format!(
-            "the guest was recorded with {} disks, {} given",
-            logged.len(),
-            disks.len()
-        )));
-    }
-    for (i, (l, d)) in logged.iter().zip(disks).enumerate() {
-        if l.sectors != d.sectors || l.read_only != d.read_only {
-            return Err(LogError::Config(format!(
-                "disk {i}: recorded with {} sectors{}, given {} sectors{}",
-                l.sectors,
-                if l.read_only { " read-only" } else { "" },
-                d.sectors,
-                if d.read_only { " read-only" } else { "" },
-            )));
-        }
-    }
-    Ok(())
 }
 
 fn describe(r: &Record) -> String {
@@ -739,12 +570,8 @@ pub fn replay<S: LogSource, W: Write>(
                 if !replayer.verify_epoch(vm, seq, &mut report, on_verified)? {
                     return Ok(report);
                 }
-                let expected = match stop {
-                    StopRequest::Exit(s) => log::run_end::Stop::ExitStatus(u32::from(s)),
-                    StopRequest::Reset => log::run_end::Stop::Reset(true),
-                };
                 match replayer.take_run_end(seq)? {
-                    Some(end) if end.stop == Some(expected) => {}
+                    Some(end) if end == to_run_end(stop) => {}
                     other => {
                         report.diverged += 1;
                         report.divergence = Some(Divergence {

@@ -13,7 +13,7 @@ use crossbeam_channel::Receiver;
 use ftvm_proto::channel::{
     message::Body, CheckpointEnd, Diverged, Message, Page, PageHash, Ready, Role, Start, Switchover,
 };
-use ftvm_proto::log::{self, LogHeader, RecordBatch};
+use ftvm_proto::log::{LogHeader, RecordBatch};
 use ftvm_replication::link::{self, body_name, Handshaken};
 use ftvm_replication::standby::{FromReplayer, StandbyChannel, ToReplayer};
 use ftvm_replication::ChannelOptions;
@@ -24,7 +24,8 @@ use ftvm_vmm::live::LiveHook;
 use ftvm_vmm::memory::PAGE_SIZE;
 use ftvm_vmm::{RunEnd, Vm, VmState};
 
-use crate::{config_from_header, replay, LogError, LogSource, ReplayError, Replayer};
+use crate::{replay, ReplayError, Replayer};
+use ftvm_replication::log::{check_version, config_from_header, from_run_end, LogError, LogSource};
 
 /// The standby could not protect the guest.
 #[derive(Debug, thiserror::Error)]
@@ -211,12 +212,7 @@ pub fn run_standby(
 ) -> Result<StandbyEnd, StandbyError> {
     let (mut h, peer, start) = meet(&rendezvous)?;
     let header = start.header.unwrap_or_default();
-    if header.format_version != ftvm_proto::FORMAT_VERSION {
-        return Err(StandbyError::Config(LogError::Version {
-            offset: 0,
-            found: header.format_version,
-        }));
-    }
+    check_version(&header, 0).map_err(StandbyError::Config)?;
     let sync = start.sync;
     let kernel = start.kernel.clone();
     let built = config_from_header(
@@ -662,11 +658,7 @@ fn installed(
         sync,
     });
     debug_assert_eq!(vm.exit_seq().0, end.exit_seq);
-    end.run_end.as_ref().and_then(|r| match r.stop {
-        Some(log::run_end::Stop::ExitStatus(s)) => Some(StopRequest::Exit(s as u8)),
-        Some(log::run_end::Stop::Reset(_)) => Some(StopRequest::Reset),
-        None => None,
-    })
+    end.run_end.as_ref().and_then(from_run_end)
 }
 
 /// How far a sync got, kept across reconnects.
