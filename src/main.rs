@@ -9,9 +9,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use ftvm_primary::{pair, EpochPolicy, Recorder};
 use ftvm_replication::log::{LogFileReader, LogFileWriter};
-use ftvm_replication::ChannelOptions;
-use ftvm_replication::Heartbeat;
-use ftvm_secondary::standby::{FollowFrom, Rendezvous, StandbyEnd, StandbyUi};
+use ftvm_replication::{ChannelOptions, Heartbeat, Position};
+use ftvm_secondary::standby::{Rendezvous, StandbyEnd, StandbyUi};
 use ftvm_secondary::{ReplayError, Replayer};
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::live::{spawn_reader, LiveHook};
@@ -492,11 +491,11 @@ enum Role {
         link: Result<ftvm_replication::Link, String>,
         at: pair::StartAt,
     },
-    /// Following the primary on `link` from `at`.
+    /// Following the primary on `link` from `at` (the end of the last epoch both verified).
     Standby {
         vm: Vm,
         link: ftvm_replication::Link,
-        at: FollowFrom,
+        at: Position,
     },
 }
 
@@ -546,7 +545,7 @@ impl Roles {
                         pair::PrimaryEnd::HandedOver(h, _) => Role::Standby {
                             vm,
                             link: h.link,
-                            at: FollowFrom {
+                            at: Position {
                                 epoch: h.epoch,
                                 exit_seq: h.exit_seq,
                                 output_seq: h.output_seq,
@@ -584,8 +583,7 @@ impl Roles {
                 self.header = t.header;
                 self.kernel = t.kernel;
                 let at = pair::StartAt {
-                    epoch: t.epoch + 1,
-                    output_seq: t.output_seq,
+                    after: t.at,
                     clock_ns: t.vm.clock_ns(),
                 };
                 Err(Box::new(Role::Primary {

@@ -26,12 +26,14 @@ pub mod host;
 pub mod link;
 pub mod log;
 pub mod output;
+pub mod position;
 pub mod primary;
 pub mod standby;
 pub mod status;
 pub mod sync;
 
 pub use link::{ChannelError, Heartbeat, Link};
+pub use position::Position;
 
 /// Options of a pair process's channel thread.
 #[derive(Default)]

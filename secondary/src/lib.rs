@@ -15,6 +15,7 @@ use std::io::Write;
 
 use ftvm_proto::log::{self, record::Kind, LogHeader, Record};
 use ftvm_replication::log::to_run_end;
+use ftvm_replication::Position;
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::epoch_digest;
 use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HookError, HostView, Point, RunEnd};
@@ -145,12 +146,14 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
         Ok(pages)
     }
 
-    /// A checkpoint closing `epoch` at exit `exit_seq` was installed: everything received
-    /// before it is superseded; the log goes on with the next epoch.
-    pub fn restart_after_checkpoint(&mut self, epoch: u64, exit_seq: u64) {
+    /// The VM was put at `at`, the end of an epoch (a checkpoint closing it was installed,
+    /// or a switchover made this host the standby there): everything received before it is
+    /// superseded; the log goes on with the next epoch. The replayed output is the caller's
+    /// to position.
+    pub fn restart_after_checkpoint(&mut self, at: Position) {
         self.queue.clear();
-        self.complete_through = exit_seq;
-        self.epoch = epoch + 1;
+        self.complete_through = at.exit_seq;
+        self.epoch = at.epoch + 1;
         self.diverged = None;
         self.unverified_dirty.clear();
     }

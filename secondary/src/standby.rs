@@ -15,9 +15,9 @@ use ftvm_proto::channel::{
 };
 use ftvm_proto::log::{LogHeader, RecordBatch};
 use ftvm_replication::link::{self, body_name, Handshaken};
+use ftvm_replication::log::{check_version, config_from_header, from_run_end, LogError, LogSource};
 use ftvm_replication::standby::{FromReplayer, StandbyChannel, ToReplayer};
-use ftvm_replication::ChannelOptions;
-use ftvm_replication::{ChannelError, Link};
+use ftvm_replication::{ChannelError, ChannelOptions, Link, Position};
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::{page_hash, state_digest};
 use ftvm_vmm::live::LiveHook;
@@ -25,7 +25,6 @@ use ftvm_vmm::memory::PAGE_SIZE;
 use ftvm_vmm::{RunEnd, Vm, VmState};
 
 use crate::{replay, ReplayError, Replayer};
-use ftvm_replication::log::{check_version, config_from_header, from_run_end, LogError, LogSource};
 
 /// The standby could not protect the guest.
 #[derive(Debug, thiserror::Error)]
@@ -157,23 +156,9 @@ pub struct TakeOver {
     pub header: LogHeader,
     /// The kernel image (for standbys that join later).
     pub kernel: Vec<u8>,
-    /// The last epoch, verified by both.
-    pub epoch: u64,
-    /// Its last exit.
-    pub exit_seq: u64,
-    /// Every output byte before this was released.
-    pub output_seq: u64,
-}
-
-/// Where a standby starts following: at boot, or where a switchover made it the standby.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct FollowFrom {
-    /// The last epoch both VMs verified (0 at boot).
-    pub epoch: u64,
-    /// Its last exit.
-    pub exit_seq: u64,
-    /// Output sequence number of the guest's next output byte.
-    pub output_seq: u64,
+    /// Where the primary handed over: the end of the last epoch, verified by both; every
+    /// output byte before `at.output_seq` was released.
+    pub at: Position,
 }
 
 /// How often a joining standby reconnects to resume one sync before it gives up.
@@ -325,8 +310,9 @@ fn new_replayer(
     Replayer::new(source, header, output)
 }
 
-/// Follows a primary on `link` as its standby from `at` (after a switchover made this host
-/// the standby: `vm` is in the state both verified there).
+/// Follows a primary on `link` as its standby from `at`, the end of the last epoch both VMs
+/// verified (after a switchover made this host the standby: `vm` is in the state both
+/// verified there).
 #[allow(clippy::too_many_arguments)]
 pub fn follow(
     vm: Vm,
@@ -334,13 +320,13 @@ pub fn follow(
     kernel: Vec<u8>,
     link: Link,
     options: ChannelOptions,
-    at: FollowFrom,
+    at: Position,
     input: Option<Receiver<Vec<u8>>>,
     out: impl Write,
 ) -> Result<StandbyEnd, StandbyError> {
     let channel = StandbyChannel::spawn(link, options).map_err(StandbyError::Thread)?;
     let mut replayer = new_replayer(&channel, &header);
-    replayer.restart_after_checkpoint(at.epoch, at.exit_seq);
+    replayer.restart_after_checkpoint(at);
     replayer.output_mut().base = at.output_seq;
     follow_with(vm, header, kernel, channel, replayer, input, out)
 }
@@ -489,21 +475,22 @@ fn take_over(
     channel: StandbyChannel,
     sw: Switchover,
 ) -> Result<StandbyEnd, StandbyError> {
-    let at = vm.exit_seq().0;
-    if at != sw.exit_seq {
+    let at = Position::from(&sw);
+    let here = vm.exit_seq().0;
+    if here != at.exit_seq {
         channel.shutdown();
         return Err(StandbyError::Diverged(format!(
-            "the primary handed over at exit {} but this standby is at exit {at}",
-            sw.exit_seq
+            "the primary handed over at exit {} but this standby is at exit {here}",
+            at.exit_seq
         )));
     }
     let link = channel.into_link().ok_or_else(|| {
         StandbyError::Diverged("the connection was lost during the switchover".into())
     })?;
     tracing::warn!(
-        epoch = sw.epoch,
-        exit_seq = sw.exit_seq,
-        output_seq = sw.output_seq,
+        epoch = at.epoch,
+        exit_seq = at.exit_seq,
+        output_seq = at.output_seq,
         "switched over: this host is now the primary"
     );
     Ok(StandbyEnd::TookOver(Box::new(TakeOver {
@@ -511,9 +498,7 @@ fn take_over(
         link,
         header,
         kernel,
-        epoch: sw.epoch,
-        exit_seq: sw.exit_seq,
-        output_seq: sw.output_seq,
+        at,
     })))
 }
 
@@ -639,7 +624,7 @@ fn installed(
     end: &CheckpointEnd,
     sync: bool,
 ) -> Option<StopRequest> {
-    replayer.restart_after_checkpoint(end.epoch, end.exit_seq);
+    replayer.restart_after_checkpoint(Position::from(end));
     let output = replayer.output_mut();
     output.base = end.output_seq.saturating_sub(end.held_output.len() as u64);
     output.pending = end.held_output.clone();
