@@ -13,8 +13,8 @@ use ftvm_replication::{ChannelOptions, Heartbeat, Position};
 use ftvm_secondary::standby::{Rendezvous, StandbyEnd, StandbyUi};
 use ftvm_secondary::{ReplayError, Replayer};
 use ftvm_vmm::devices::StopRequest;
-use ftvm_vmm::live::{spawn_reader, LiveHook};
-use ftvm_vmm::{RunEnd, Vm, VmConfig};
+use ftvm_vmm::live::{spawn_reader, LiveError, LiveHook};
+use ftvm_vmm::{RunEnd, RunError, Vm, VmConfig};
 
 /// The command line the built-in guest runs when none is given.
 const DEFAULT_CMDLINE: &str = "workload=counter ticks=20";
@@ -204,6 +204,10 @@ enum CliError {
     },
     #[error(transparent)]
     Vm(#[from] ftvm_vmm::Error),
+    #[error(transparent)]
+    Live(#[from] LiveError),
+    #[error(transparent)]
+    Replay(ReplayError),
     #[error("cannot create log {path}: {source}")]
     CreateLog {
         path: PathBuf,
@@ -238,6 +242,15 @@ enum CliError {
     Control(#[source] std::io::Error),
     #[error("{0}")]
     Usage(String),
+}
+
+impl From<RunError<LiveError>> for CliError {
+    fn from(e: RunError<LiveError>) -> Self {
+        match e {
+            RunError::Vm(e) => e.into(),
+            RunError::Hook(e) => e.into(),
+        }
+    }
 }
 
 impl CliError {
@@ -454,6 +467,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
     let mut recorder = Recorder::new(live, sink, policy);
     let stop = ftvm_primary::record(&mut vm, &mut recorder).map_err(|source| match source {
         ftvm_primary::RecordError::Vm(e) => CliError::Vm(e),
+        ftvm_primary::RecordError::Live(e) => CliError::Live(e),
         source => CliError::Record { path, source },
     })?;
     let stats = recorder.stats();
@@ -525,6 +539,7 @@ impl Roles {
                     )
                     .map_err(|source| match source {
                         ftvm_primary::RecordError::Vm(e) => CliError::Vm(e),
+                        ftvm_primary::RecordError::Live(e) => CliError::Live(e),
                         source => CliError::Record {
                             path: PathBuf::from("the pair channel"),
                             source,
@@ -691,6 +706,7 @@ fn replay(args: ReplayArgs) -> Result<u8, CliError> {
         ftvm_secondary::replay(&mut vm, &mut replayer, &mut |_, _| {}).map_err(|e| match e {
             ReplayError::Log(e) => CliError::BadLog(format!("{}: {e}", args.log.display())),
             ReplayError::Vm(e) => CliError::Vm(e),
+            e @ ReplayError::Output(_) => CliError::Replay(e),
         })?;
     if report.log_ended.is_some() {
         let e = replayer.log_ended_error();

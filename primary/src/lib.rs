@@ -20,7 +20,8 @@ use ftvm_replication::log::to_run_end;
 use ftvm_replication::primary::FromVcpu;
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::{epoch_digest, hash, state_digest};
-use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HookError, HostView, Kick, Point, RunEnd};
+use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HostView, Kick, Point, RunEnd, RunError};
+use ftvm_vmm::live::LiveError;
 use ftvm_vmm::memory::{is_zero_page, PAGE_SIZE};
 use ftvm_vmm::{Input, Vm};
 
@@ -44,6 +45,19 @@ pub enum RecordError {
     /// The VM failed.
     #[error(transparent)]
     Vm(#[from] ftvm_vmm::Error),
+    /// The live hook under the recorder failed (a guest that can never wake up, output that
+    /// cannot be written).
+    #[error(transparent)]
+    Live(#[from] LiveError),
+}
+
+impl From<RunError<RecordError>> for RecordError {
+    fn from(e: RunError<RecordError>) -> Self {
+        match e {
+            RunError::Vm(e) => e.into(),
+            RunError::Hook(e) => e,
+        }
+    }
 }
 
 /// Epoch policy.
@@ -411,7 +425,10 @@ pub enum RecordEnd {
 pub fn record<H: ExitHook, S: LogSink>(
     vm: &mut Vm,
     recorder: &mut Recorder<H, S>,
-) -> Result<RecordEnd, RecordError> {
+) -> Result<RecordEnd, RecordError>
+where
+    RecordError: From<H::Error>,
+{
     loop {
         match vm.run(recorder) {
             Ok(RunEnd::Paused(seq)) => match recorder.requested.take() {
@@ -438,18 +455,25 @@ pub fn record<H: ExitHook, S: LogSink>(
     }
 }
 
-impl<H: ExitHook, S: LogSink> ExitHook for Recorder<H, S> {
-    fn on_exit(&mut self, seq: ExitSeq, exit: &Exit) -> Result<(), HookError> {
+/// The recorder's errors are its own (the log) and its live hook's, which must convert into
+/// a [`RecordError`] (the live hook's [`LiveError`] does).
+impl<H: ExitHook, S: LogSink> ExitHook for Recorder<H, S>
+where
+    RecordError: From<H::Error>,
+{
+    type Error = RecordError;
+
+    fn on_exit(&mut self, seq: ExitSeq, exit: &Exit) -> Result<(), RecordError> {
         let port = match exit {
             Exit::IoIn { port, .. } | Exit::IoOut { port, .. } => Some(*port & !7),
             _ => None,
         };
         self.in_output_burst = port.is_some() && port == self.last_ports;
         self.last_ports = port;
-        self.inner.on_exit(seq, exit)
+        self.inner.on_exit(seq, exit).map_err(RecordError::from)
     }
 
-    fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, HookError> {
+    fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, RecordError> {
         self.inner.end_of_exit(seq)?;
         if let Some(port) = &self.checkpoints {
             if let Ok(request) = port.requests.try_recv() {
@@ -467,13 +491,13 @@ impl<H: ExitHook, S: LogSink> ExitHook for Recorder<H, S> {
         }
         if !self.records.is_empty() && self.last_flush.elapsed() >= self.policy.stream_interval {
             // Every record for this exit is in: ship them now.
-            self.flush(seq).map_err(|e| Box::new(e) as HookError)?;
+            self.flush(seq)?;
         }
         Ok(Control::Continue)
     }
 
-    fn on_kick(&mut self, after: ExitSeq) -> Result<(), HookError> {
-        self.inner.on_kick(after)
+    fn on_kick(&mut self, after: ExitSeq) -> Result<(), RecordError> {
+        self.inner.on_kick(after).map_err(RecordError::from)
     }
 
     fn poll_inputs(
@@ -481,7 +505,7 @@ impl<H: ExitHook, S: LogSink> ExitHook for Recorder<H, S> {
         at: Point,
         view: &HostView,
         inputs: &mut Vec<Input>,
-    ) -> Result<(), HookError> {
+    ) -> Result<(), RecordError> {
         self.inner.poll_inputs(at, view, inputs)?;
         if inputs.is_empty() {
             return Ok(());
@@ -503,7 +527,7 @@ impl<H: ExitHook, S: LogSink> ExitHook for Recorder<H, S> {
         Ok(())
     }
 
-    fn on_read(&mut self, seq: ExitSeq, exit: &Exit, value: &mut [u8]) -> Result<(), HookError> {
+    fn on_read(&mut self, seq: ExitSeq, exit: &Exit, value: &mut [u8]) -> Result<(), RecordError> {
         self.inner.on_read(seq, exit, value)?;
         let kind = match exit {
             Exit::IoIn { port, size, .. } => Kind::PioRead(log::PioRead {
@@ -522,7 +546,7 @@ impl<H: ExitHook, S: LogSink> ExitHook for Recorder<H, S> {
         Ok(())
     }
 
-    fn on_inject(&mut self, at: Point, vector: u8) -> Result<(), HookError> {
+    fn on_inject(&mut self, at: Point, vector: u8) -> Result<(), RecordError> {
         self.inner.on_inject(at, vector)?;
         if matches!(at, Point::Kick { .. }) {
             self.checkpoint_required = true;
@@ -536,15 +560,15 @@ impl<H: ExitHook, S: LogSink> ExitHook for Recorder<H, S> {
         Ok(())
     }
 
-    fn on_request_window(&mut self, at: Point) -> Result<(), HookError> {
+    fn on_request_window(&mut self, at: Point) -> Result<(), RecordError> {
         self.inner.on_request_window(at)?;
         self.push(at, Kind::InterruptWindow(log::InterruptWindow {}));
         Ok(())
     }
 
-    fn on_output(&mut self, seq: ExitSeq, bytes: &[u8]) -> Result<(), HookError> {
+    fn on_output(&mut self, seq: ExitSeq, bytes: &[u8]) -> Result<(), RecordError> {
         self.output_waiting = true;
-        self.inner.on_output(seq, bytes)
+        self.inner.on_output(seq, bytes).map_err(RecordError::from)
     }
 
     fn interrupt_windows(&self) -> bool {

@@ -18,12 +18,27 @@ use ftvm_replication::log::to_run_end;
 use ftvm_replication::Position;
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::epoch_digest;
-use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HookError, HostView, Point, RunEnd};
+use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HostView, Point, RunEnd, RunError};
 use ftvm_vmm::{Input, Vm};
 
 /// Where the log comes from, and why it is unusable (re-exported from their home,
 /// [`ftvm_replication::log`]).
 pub use ftvm_replication::log::{LogError, LogSource};
+
+/// Why the replayer hook stopped the exit loop; [`replay`] sorts it out (a divergence goes
+/// into the [`ReplayReport`], the rest become a [`ReplayError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayHookError {
+    /// The replayed guest did something other than the recorded one.
+    #[error(transparent)]
+    Divergence(#[from] Divergence),
+    /// The log is unusable.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The replayed guest's output could not be written.
+    #[error(transparent)]
+    Output(#[from] std::io::Error),
+}
 
 /// The replayed guest did something other than the recorded one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -104,8 +119,8 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
         }
     }
 
-    fn divergence(&self, exit_seq: u64, reason: String) -> HookError {
-        Box::new(Divergence {
+    fn divergence(&self, exit_seq: u64, reason: String) -> ReplayHookError {
+        ReplayHookError::Divergence(Divergence {
             epoch: self.epoch,
             exit_seq,
             reason,
@@ -245,7 +260,9 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
 }
 
 impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
-    fn on_exit(&mut self, seq: ExitSeq, _exit: &Exit) -> Result<(), HookError> {
+    type Error = ReplayHookError;
+
+    fn on_exit(&mut self, seq: ExitSeq, _exit: &Exit) -> Result<(), ReplayHookError> {
         if self.diverged.is_some() {
             return Ok(());
         }
@@ -257,12 +274,12 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
                 return Ok(());
             }
         } else if self.ended && self.complete_through < seq.0 {
-            return Err(Box::new(self.log_ended_error()));
+            return Err(self.log_ended_error().into());
         }
         Ok(())
     }
 
-    fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, HookError> {
+    fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, ReplayHookError> {
         if self.diverged.is_some() {
             return Ok(Control::Pause);
         }
@@ -302,13 +319,13 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
         at: Point,
         view: &HostView,
         inputs: &mut Vec<Input>,
-    ) -> Result<(), HookError> {
+    ) -> Result<(), ReplayHookError> {
         let (seq, at_kick) = at.log_position();
         if let Some(d) = &self.diverged {
             // Halted after diverging: nothing in the log applies; stop here (at the HLT,
             // a consistent point).
             return match view.halted {
-                true => Err(Box::new(d.clone())),
+                true => Err(d.clone().into()),
                 false => Ok(()),
             };
         }
@@ -320,7 +337,7 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
         if !matches {
             if view.halted {
                 if self.ended && self.queue.is_empty() {
-                    return Err(Box::new(self.log_ended_error()));
+                    return Err(self.log_ended_error().into());
                 }
                 let next = self.queue.front().map_or("nothing".into(), describe);
                 let reason = format!("the guest halted and the log has no input to wake it (next in the log: {next})");
@@ -353,7 +370,12 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
         Ok(())
     }
 
-    fn on_read(&mut self, seq: ExitSeq, exit: &Exit, value: &mut [u8]) -> Result<(), HookError> {
+    fn on_read(
+        &mut self,
+        seq: ExitSeq,
+        exit: &Exit,
+        value: &mut [u8],
+    ) -> Result<(), ReplayHookError> {
         if self.diverged.is_some() {
             return Ok(());
         }
@@ -395,7 +417,7 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
         Ok(())
     }
 
-    fn on_inject(&mut self, at: Point, vector: u8) -> Result<(), HookError> {
+    fn on_inject(&mut self, at: Point, vector: u8) -> Result<(), ReplayHookError> {
         let (seq, at_kick) = at.log_position();
         if self.diverged.is_some() {
             return Ok(());
@@ -414,7 +436,7 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
         }
     }
 
-    fn on_request_window(&mut self, at: Point) -> Result<(), HookError> {
+    fn on_request_window(&mut self, at: Point) -> Result<(), ReplayHookError> {
         let (seq, at_kick) = at.log_position();
         if self.diverged.is_some() {
             return Ok(());
@@ -437,7 +459,7 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
         self.interrupt_windows
     }
 
-    fn on_output(&mut self, _seq: ExitSeq, bytes: &[u8]) -> Result<(), HookError> {
+    fn on_output(&mut self, _seq: ExitSeq, bytes: &[u8]) -> Result<(), ReplayHookError> {
         self.output.write_all(bytes)?;
         self.output.flush()?;
         Ok(())
@@ -473,6 +495,9 @@ pub enum ReplayError {
     /// The log is unusable.
     #[error(transparent)]
     Log(#[from] LogError),
+    /// The replayed guest's output could not be written.
+    #[error(transparent)]
+    Output(std::io::Error),
     /// The VM failed.
     #[error(transparent)]
     Vm(#[from] ftvm_vmm::Error),
@@ -590,22 +615,18 @@ pub fn replay<S: LogSource, W: Write>(
                 report.stop = Some(stop);
                 return Ok(report);
             }
-            Err(ftvm_vmm::Error::Hook(e)) => {
-                let e = match e.downcast::<Divergence>() {
-                    Ok(d) => {
-                        report.epochs += 1;
-                        report.diverged += 1;
-                        report.divergence = Some(*d);
-                        return Ok(report);
-                    }
-                    Err(e) => e,
-                };
-                return match e.downcast::<LogError>() {
-                    Ok(l) => Err(ReplayError::Log(*l)),
-                    Err(e) => Err(ReplayError::Vm(ftvm_vmm::Error::Hook(e))),
-                };
+            Err(RunError::Hook(ReplayHookError::Divergence(d))) => {
+                report.epochs += 1;
+                report.diverged += 1;
+                report.divergence = Some(d);
+                return Ok(report);
             }
-            Err(e) => {
+            Err(RunError::Hook(ReplayHookError::Log(e))) => return Err(ReplayError::Log(e)),
+            Err(RunError::Hook(ReplayHookError::Output(e))) => return Err(ReplayError::Output(e)),
+            // The replayer offered an input the devices refused: the replay's fault, not the
+            // guest's.
+            Err(RunError::Vm(e @ ftvm_vmm::Error::Input(_))) => return Err(ReplayError::Vm(e)),
+            Err(RunError::Vm(e)) => {
                 // The replayed guest failed where the recorded one went on.
                 report.epochs += 1;
                 report.diverged += 1;

@@ -20,9 +20,9 @@ use ftvm_replication::standby::{FromReplayer, StandbyChannel, ToReplayer};
 use ftvm_replication::{ChannelError, ChannelOptions, Link, Position};
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::{page_hash, state_digest};
-use ftvm_vmm::live::LiveHook;
+use ftvm_vmm::live::{LiveError, LiveHook};
 use ftvm_vmm::memory::PAGE_SIZE;
-use ftvm_vmm::{RunEnd, Vm, VmState};
+use ftvm_vmm::{RunEnd, RunError, Vm, VmState};
 
 use crate::{replay, ReplayError, Replayer};
 
@@ -41,6 +41,12 @@ pub enum StandbyError {
     /// The VM failed.
     #[error(transparent)]
     Vm(#[from] ftvm_vmm::Error),
+    /// The guest, live, cannot go on.
+    #[error(transparent)]
+    Live(#[from] LiveError),
+    /// The replayed guest's output could not be written.
+    #[error(transparent)]
+    Output(std::io::Error),
     /// A checkpoint could not be installed: this standby has no usable copy of the guest.
     #[error("{0}; this standby has no usable copy of the guest, so it stops")]
     Diverged(String),
@@ -53,6 +59,15 @@ pub enum StandbyError {
     /// A thread could not be started.
     #[error("cannot start the channel thread: {0}")]
     Thread(#[source] std::io::Error),
+}
+
+impl From<RunError<LiveError>> for StandbyError {
+    fn from(e: RunError<LiveError>) -> Self {
+        match e {
+            RunError::Vm(e) => e.into(),
+            RunError::Hook(e) => e.into(),
+        }
+    }
 }
 
 /// The log as it streams in from the channel thread.
@@ -359,6 +374,7 @@ fn follow_with(
                 channel.shutdown();
                 return Err(match e {
                     ReplayError::Log(e) => StandbyError::Log(e),
+                    ReplayError::Output(e) => StandbyError::Output(e),
                     ReplayError::Vm(e) => StandbyError::Vm(e),
                 });
             }
