@@ -7,16 +7,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use ftvm_primary::log_file::LogFileWriter;
 use ftvm_primary::{pair, EpochPolicy, Recorder};
-use ftvm_replication::ChannelOptions;
-use ftvm_replication::Heartbeat;
-use ftvm_secondary::log_file::LogFileReader;
-use ftvm_secondary::standby::{FollowFrom, Rendezvous, StandbyEnd, StandbyUi};
+use ftvm_replication::log::{LogFileReader, LogFileWriter};
+use ftvm_replication::{ChannelOptions, Heartbeat, Position};
+use ftvm_secondary::standby::{Rendezvous, StandbyEnd, StandbyUi};
 use ftvm_secondary::{ReplayError, Replayer};
 use ftvm_vmm::devices::StopRequest;
-use ftvm_vmm::live::{spawn_reader, LiveHook};
-use ftvm_vmm::{RunEnd, Vm, VmConfig};
+use ftvm_vmm::live::{spawn_reader, LiveError, LiveHook};
+use ftvm_vmm::{RunEnd, RunError, Vm, VmConfig};
 
 /// The command line the built-in guest runs when none is given.
 const DEFAULT_CMDLINE: &str = "workload=counter ticks=20";
@@ -206,6 +204,10 @@ enum CliError {
     },
     #[error(transparent)]
     Vm(#[from] ftvm_vmm::Error),
+    #[error(transparent)]
+    Live(#[from] LiveError),
+    #[error(transparent)]
+    Replay(ReplayError),
     #[error("cannot create log {path}: {source}")]
     CreateLog {
         path: PathBuf,
@@ -240,6 +242,15 @@ enum CliError {
     Control(#[source] std::io::Error),
     #[error("{0}")]
     Usage(String),
+}
+
+impl From<RunError<LiveError>> for CliError {
+    fn from(e: RunError<LiveError>) -> Self {
+        match e {
+            RunError::Vm(e) => e.into(),
+            RunError::Hook(e) => e.into(),
+        }
+    }
 }
 
 impl CliError {
@@ -391,7 +402,12 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             Some(addr) => Some(listen(addr)?),
             None => None,
         };
-        let header = ftvm_primary::header(&config, vm.cpuid(), &vm.machine().disks(), &policy);
+        let header = ftvm_replication::log::build_header(
+            &config,
+            vm.cpuid(),
+            &vm.machine().disks(),
+            policy.interrupt_windows,
+        );
         let timeout = Duration::from_millis(args.connect_timeout_ms);
         let link = match &args.peer {
             None => Err("no standby yet: waiting for one to join".to_string()),
@@ -438,7 +454,12 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             RunEnd::Paused(_) => Ok(0),
         };
     };
-    let header = ftvm_primary::header(&config, vm.cpuid(), &vm.machine().disks(), &policy);
+    let header = ftvm_replication::log::build_header(
+        &config,
+        vm.cpuid(),
+        &vm.machine().disks(),
+        policy.interrupt_windows,
+    );
     let sink = LogFileWriter::create(&path, header).map_err(|source| CliError::CreateLog {
         path: path.clone(),
         source,
@@ -446,6 +467,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
     let mut recorder = Recorder::new(live, sink, policy);
     let stop = ftvm_primary::record(&mut vm, &mut recorder).map_err(|source| match source {
         ftvm_primary::RecordError::Vm(e) => CliError::Vm(e),
+        ftvm_primary::RecordError::Live(e) => CliError::Live(e),
         source => CliError::Record { path, source },
     })?;
     let stats = recorder.stats();
@@ -483,11 +505,11 @@ enum Role {
         link: Result<ftvm_replication::Link, String>,
         at: pair::StartAt,
     },
-    /// Following the primary on `link` from `at`.
+    /// Following the primary on `link` from `at` (the end of the last epoch both verified).
     Standby {
         vm: Vm,
         link: ftvm_replication::Link,
-        at: FollowFrom,
+        at: Position,
     },
 }
 
@@ -517,6 +539,7 @@ impl Roles {
                     )
                     .map_err(|source| match source {
                         ftvm_primary::RecordError::Vm(e) => CliError::Vm(e),
+                        ftvm_primary::RecordError::Live(e) => CliError::Live(e),
                         source => CliError::Record {
                             path: PathBuf::from("the pair channel"),
                             source,
@@ -537,7 +560,7 @@ impl Roles {
                         pair::PrimaryEnd::HandedOver(h, _) => Role::Standby {
                             vm,
                             link: h.link,
-                            at: FollowFrom {
+                            at: Position {
                                 epoch: h.epoch,
                                 exit_seq: h.exit_seq,
                                 output_seq: h.output_seq,
@@ -575,8 +598,7 @@ impl Roles {
                 self.header = t.header;
                 self.kernel = t.kernel;
                 let at = pair::StartAt {
-                    epoch: t.epoch + 1,
-                    output_seq: t.output_seq,
+                    after: t.at,
                     clock_ns: t.vm.clock_ns(),
                 };
                 Err(Box::new(Role::Primary {
@@ -663,7 +685,7 @@ fn replay(args: ReplayArgs) -> Result<u8, CliError> {
     let (reader, header) = LogFileReader::open(&args.log)
         .map_err(|e| CliError::BadLog(format!("{}: {e}", args.log.display())))?;
     let (kernel, kernel_name) = read_kernel(&args.kernel)?;
-    let config = ftvm_secondary::config_from_header(
+    let config = ftvm_replication::log::config_from_header(
         &header,
         kernel,
         &kernel_name,
@@ -672,7 +694,7 @@ fn replay(args: ReplayArgs) -> Result<u8, CliError> {
     )
     .map_err(|e| CliError::BadLog(format!("{}: {e}", args.log.display())))?;
     let mut vm = Vm::new(&config)?;
-    ftvm_secondary::check_disks(&header, &vm.machine().disks())
+    ftvm_replication::log::check_disks(&header, &vm.machine().disks())
         .map_err(|e| CliError::BadLog(format!("{}: {e}", args.log.display())))?;
     let output: Box<dyn std::io::Write> = if args.show_output {
         Box::new(std::io::stdout())
@@ -684,6 +706,7 @@ fn replay(args: ReplayArgs) -> Result<u8, CliError> {
         ftvm_secondary::replay(&mut vm, &mut replayer, &mut |_, _| {}).map_err(|e| match e {
             ReplayError::Log(e) => CliError::BadLog(format!("{}: {e}", args.log.display())),
             ReplayError::Vm(e) => CliError::Vm(e),
+            e @ ReplayError::Output(_) => CliError::Replay(e),
         })?;
     if report.log_ended.is_some() {
         let e = replayer.log_ended_error();

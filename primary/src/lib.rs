@@ -8,7 +8,6 @@
 //! with an `EpochEnd` carrying the epoch's **digest**. An epoch in which a kick delivered an
 //! input at a non-deterministic point is marked **checkpoint-required**.
 
-pub mod log_file;
 pub mod pair;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -17,13 +16,17 @@ use std::time::{Duration, Instant};
 use ftvm_proto::channel::{CheckpointEnd, Page, PageChunk};
 use ftvm_proto::log::{self, record::Kind, Record, RecordBatch};
 use ftvm_replication::checkpoint::{CheckpointPort, VcpuRequest, PAGES_PER_CHUNK};
+use ftvm_replication::log::to_run_end;
 use ftvm_replication::primary::FromVcpu;
-use ftvm_vmm::cpuid::CpuidTable;
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::{epoch_digest, hash, state_digest};
-use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HookError, HostView, Kick, Point, RunEnd};
+use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HostView, Kick, Point, RunEnd, RunError};
+use ftvm_vmm::live::LiveError;
 use ftvm_vmm::memory::{is_zero_page, PAGE_SIZE};
-use ftvm_vmm::{Input, Vm, VmConfig};
+use ftvm_vmm::{Input, Vm};
+
+/// Where the log goes (re-exported from its home, [`ftvm_replication::log`]).
+pub use ftvm_replication::log::LogSink;
 
 /// Default maximum epoch length.
 pub const DEFAULT_MAX_EPOCH: Duration = Duration::from_millis(10);
@@ -32,12 +35,6 @@ pub const DEFAULT_STREAM_INTERVAL: Duration = Duration::from_millis(1);
 /// Default latency bound: how long a due interrupt waits for a natural exit before the vCPU
 /// is kicked.
 pub const DEFAULT_LATENCY_BOUND: Duration = Duration::from_millis(4);
-
-/// Where the log goes: a file now, the pair's channel later.
-pub trait LogSink {
-    /// Ships one batch of records.
-    fn write_batch(&mut self, batch: RecordBatch) -> Result<(), std::io::Error>;
-}
 
 /// Recording failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +45,19 @@ pub enum RecordError {
     /// The VM failed.
     #[error(transparent)]
     Vm(#[from] ftvm_vmm::Error),
+    /// The live hook under the recorder failed (a guest that can never wake up, output that
+    /// cannot be written).
+    #[error(transparent)]
+    Live(#[from] LiveError),
+}
+
+impl From<RunError<RecordError>> for RecordError {
+    fn from(e: RunError<RecordError>) -> Self {
+        match e {
+            RunError::Vm(e) => e.into(),
+            RunError::Hook(e) => e,
+        }
+    }
 }
 
 /// Epoch policy.
@@ -85,39 +95,6 @@ pub struct RecordStats {
     pub checkpoint_required: u64,
     /// Records written.
     pub records: u64,
-}
-
-/// The header of a log for `config` running with `cpuid` and `disks` under `policy`.
-pub fn header(
-    config: &VmConfig,
-    cpuid: &CpuidTable,
-    disks: &[ftvm_vmm::devices::virtio_blk::DiskInfo],
-    policy: &EpochPolicy,
-) -> log::LogHeader {
-    let table = ftvm_vmm::state::encode(cpuid);
-    log::LogHeader {
-        format_version: ftvm_proto::FORMAT_VERSION,
-        interrupt_windows: policy.interrupt_windows,
-        config: Some(log::VmConfig {
-            mem_mib: config.mem_mib,
-            cmdline: config.cmdline.clone(),
-            kernel_hash: hash(&config.kernel).to_vec(),
-            cpuid_hash: hash(&table).to_vec(),
-            cpuid_table: table,
-            initrd_hash: config
-                .initrd
-                .as_ref()
-                .map(|i| hash(i).to_vec())
-                .unwrap_or_default(),
-            disks: disks
-                .iter()
-                .map(|d| log::DiskSpec {
-                    sectors: d.sectors,
-                    read_only: d.read_only,
-                })
-                .collect(),
-        }),
-    }
 }
 
 /// The recorder hook over `inner` (the live hook), writing to `sink`.
@@ -290,12 +267,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         let state = vm.save()?;
         let digest = state_digest(vm, &covered)?;
         let sync = matches!(request, VcpuRequest::StopAndCopy { .. });
-        let run_end = run_end.map(|stop| log::RunEnd {
-            stop: Some(match stop {
-                StopRequest::Exit(status) => log::run_end::Stop::ExitStatus(u32::from(status)),
-                StopRequest::Reset => log::run_end::Stop::Reset(true),
-            }),
-        });
+        let run_end = run_end.map(to_run_end);
         let sent = send.len();
         let covered_pages = covered.len();
         port.feed
@@ -426,14 +398,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         stop: StopRequest,
     ) -> Result<(), RecordError> {
         self.close_epoch(vm, seq)?;
-        let stop = match stop {
-            StopRequest::Exit(status) => log::run_end::Stop::ExitStatus(u32::from(status)),
-            StopRequest::Reset => log::run_end::Stop::Reset(true),
-        };
-        self.push(
-            Point::Exit(seq),
-            Kind::RunEnd(log::RunEnd { stop: Some(stop) }),
-        );
+        self.push(Point::Exit(seq), Kind::RunEnd(to_run_end(stop)));
         self.flush(seq)
     }
 
@@ -458,7 +423,10 @@ pub enum RecordEnd {
 pub fn record<H: ExitHook, S: LogSink>(
     vm: &mut Vm,
     recorder: &mut Recorder<H, S>,
-) -> Result<RecordEnd, RecordError> {
+) -> Result<RecordEnd, RecordError>
+where
+    RecordError: From<H::Error>,
+{
     loop {
         match vm.run(recorder) {
             Ok(RunEnd::Paused(seq)) => match recorder.requested.take() {
@@ -485,18 +453,25 @@ pub fn record<H: ExitHook, S: LogSink>(
     }
 }
 
-impl<H: ExitHook, S: LogSink> ExitHook for Recorder<H, S> {
-    fn on_exit(&mut self, seq: ExitSeq, exit: &Exit) -> Result<(), HookError> {
+/// The recorder's errors are its own (the log) and its live hook's, which must convert into
+/// a [`RecordError`] (the live hook's [`LiveError`] does).
+impl<H: ExitHook, S: LogSink> ExitHook for Recorder<H, S>
+where
+    RecordError: From<H::Error>,
+{
+    type Error = RecordError;
+
+    fn on_exit(&mut self, seq: ExitSeq, exit: &Exit) -> Result<(), RecordError> {
         let port = match exit {
             Exit::IoIn { port, .. } | Exit::IoOut { port, .. } => Some(*port & !7),
             _ => None,
         };
         self.in_output_burst = port.is_some() && port == self.last_ports;
         self.last_ports = port;
-        self.inner.on_exit(seq, exit)
+        self.inner.on_exit(seq, exit).map_err(RecordError::from)
     }
 
-    fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, HookError> {
+    fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, RecordError> {
         self.inner.end_of_exit(seq)?;
         if let Some(port) = &self.checkpoints {
             if let Ok(request) = port.requests.try_recv() {
@@ -514,13 +489,13 @@ impl<H: ExitHook, S: LogSink> ExitHook for Recorder<H, S> {
         }
         if !self.records.is_empty() && self.last_flush.elapsed() >= self.policy.stream_interval {
             // Every record for this exit is in: ship them now.
-            self.flush(seq).map_err(|e| Box::new(e) as HookError)?;
+            self.flush(seq)?;
         }
         Ok(Control::Continue)
     }
 
-    fn on_kick(&mut self, after: ExitSeq) -> Result<(), HookError> {
-        self.inner.on_kick(after)
+    fn on_kick(&mut self, after: ExitSeq) -> Result<(), RecordError> {
+        self.inner.on_kick(after).map_err(RecordError::from)
     }
 
     fn poll_inputs(
@@ -528,7 +503,7 @@ impl<H: ExitHook, S: LogSink> ExitHook for Recorder<H, S> {
         at: Point,
         view: &HostView,
         inputs: &mut Vec<Input>,
-    ) -> Result<(), HookError> {
+    ) -> Result<(), RecordError> {
         self.inner.poll_inputs(at, view, inputs)?;
         if inputs.is_empty() {
             return Ok(());
@@ -550,7 +525,7 @@ impl<H: ExitHook, S: LogSink> ExitHook for Recorder<H, S> {
         Ok(())
     }
 
-    fn on_read(&mut self, seq: ExitSeq, exit: &Exit, value: &mut [u8]) -> Result<(), HookError> {
+    fn on_read(&mut self, seq: ExitSeq, exit: &Exit, value: &mut [u8]) -> Result<(), RecordError> {
         self.inner.on_read(seq, exit, value)?;
         let kind = match exit {
             Exit::IoIn { port, size, .. } => Kind::PioRead(log::PioRead {
@@ -569,7 +544,7 @@ impl<H: ExitHook, S: LogSink> ExitHook for Recorder<H, S> {
         Ok(())
     }
 
-    fn on_inject(&mut self, at: Point, vector: u8) -> Result<(), HookError> {
+    fn on_inject(&mut self, at: Point, vector: u8) -> Result<(), RecordError> {
         self.inner.on_inject(at, vector)?;
         if matches!(at, Point::Kick { .. }) {
             self.checkpoint_required = true;
@@ -583,15 +558,15 @@ impl<H: ExitHook, S: LogSink> ExitHook for Recorder<H, S> {
         Ok(())
     }
 
-    fn on_request_window(&mut self, at: Point) -> Result<(), HookError> {
+    fn on_request_window(&mut self, at: Point) -> Result<(), RecordError> {
         self.inner.on_request_window(at)?;
         self.push(at, Kind::InterruptWindow(log::InterruptWindow {}));
         Ok(())
     }
 
-    fn on_output(&mut self, seq: ExitSeq, bytes: &[u8]) -> Result<(), HookError> {
+    fn on_output(&mut self, seq: ExitSeq, bytes: &[u8]) -> Result<(), RecordError> {
         self.output_waiting = true;
-        self.inner.on_output(seq, bytes)
+        self.inner.on_output(seq, bytes).map_err(RecordError::from)
     }
 
     fn interrupt_windows(&self) -> bool {

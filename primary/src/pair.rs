@@ -12,7 +12,7 @@ use ftvm_replication::link;
 use ftvm_replication::primary::{
     offer_vm, Feed, FromVcpu, Handover, PrimaryChannel, PrimaryReport, PrimarySetup,
 };
-use ftvm_replication::{ChannelError, ChannelOptions, Link};
+use ftvm_replication::{ChannelError, ChannelOptions, Link, Position};
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::live::LiveHook;
 use ftvm_vmm::Vm;
@@ -52,15 +52,23 @@ pub fn start_message(header: LogHeader, kernel: &[u8], sync: bool) -> Start {
     }
 }
 
-/// Where a primary starts: at the guest's boot, or where an old primary handed over.
+/// Where a primary starts: at the guest's boot (the default), or where an old primary
+/// handed over.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StartAt {
-    /// The first epoch to record (1 at boot).
-    pub epoch: u64,
-    /// Output sequence number of the guest's next output byte.
-    pub output_seq: u64,
+    /// The end of the last epoch recorded before (the default position at boot): recording
+    /// goes on with epoch `after.epoch + 1`, and the guest's next output byte has sequence
+    /// number `after.output_seq`.
+    pub after: Position,
     /// The guest's virtual clock (ns).
     pub clock_ns: u64,
+}
+
+impl StartAt {
+    /// The first epoch to record (1 at boot).
+    pub fn first_epoch(&self) -> u64 {
+        self.after.epoch + 1
+    }
 }
 
 /// How a primary's run ended.
@@ -95,11 +103,11 @@ pub fn run_primary(
             ..start
         },
         accept,
-        first_epoch: at.epoch,
-        output_seq: at.output_seq,
+        first_epoch: at.first_epoch(),
+        output_seq: at.after.output_seq,
     };
     let channel = PrimaryChannel::spawn(link, out, options, setup).map_err(RecordError::Log)?;
-    let live = if at.epoch > 1 {
+    let live = if at.first_epoch() > 1 {
         LiveHook::resume(input, channel.feed(), at.clock_ns)
     } else {
         LiveHook::new(input, channel.feed())
@@ -107,7 +115,7 @@ pub fn run_primary(
     let port = channel.checkpoint_port();
     let mut recorder = Recorder::new(live, ChannelSink(channel.feed()), policy)
         .with_checkpoints(port.clone())
-        .starting_at(at.epoch);
+        .starting_at(at.first_epoch());
     let result = loop {
         match record(vm, &mut recorder) {
             Ok(RecordEnd::Switchover) => {

@@ -16,6 +16,9 @@
 //! peer process is gone, at once; no bytes for the heartbeat timeout (default 150 ms) means
 //! the peer is lost. A primary that loses its standby releases what it holds and runs on
 //! unprotected; a standby that loses its primary lets the replayer finish the log and go live.
+//!
+//! [`log`] is the one home of the replication log's format (file writer and reader, header,
+//! run-end records) that the recorder, the replayer and the CLI share.
 
 pub mod audit;
 pub mod checkpoint;
@@ -23,13 +26,16 @@ pub mod event_loop;
 pub mod host;
 pub mod link;
 pub mod liveness;
+pub mod log;
 pub mod output;
+pub mod position;
 pub mod primary;
 pub mod standby;
 pub mod status;
 pub mod sync;
 
 pub use link::{ChannelError, Heartbeat, Link};
+pub use position::Position;
 
 /// Options of a pair process's channel thread.
 #[derive(Default)]

@@ -8,98 +8,36 @@
 //! exit N+1, so a kick the primary took after exit N (a checkpoint-required epoch) stops the
 //! replay exactly at the last deterministic exit before it.
 
-pub mod log_file;
 pub mod standby;
 
 use std::collections::VecDeque;
 use std::io::Write;
 
-use ftvm_proto::frame::FrameError;
-use ftvm_proto::log::{self, record::Kind, LogHeader, Record, RecordBatch};
-use ftvm_vmm::cpuid::CpuidTable;
-use ftvm_vmm::devices::virtio_blk::{DiskConfig, DiskInfo};
+use ftvm_proto::log::{self, record::Kind, LogHeader, Record};
+use ftvm_replication::log::to_run_end;
+use ftvm_replication::Position;
 use ftvm_vmm::devices::StopRequest;
-use ftvm_vmm::digest::{epoch_digest, hash};
-use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HookError, HostView, Point, RunEnd};
-use ftvm_vmm::{Input, Vm, VmConfig};
+use ftvm_vmm::digest::epoch_digest;
+use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HostView, Point, RunEnd, RunError};
+use ftvm_vmm::{Input, Vm};
 
-/// Where the log comes from: a file now, the pair's channel later.
-pub trait LogSource {
-    /// The next batch, or None when the log has ended.
-    fn next_batch(&mut self) -> Result<Option<RecordBatch>, LogError>;
-    /// Byte offset reached (for error messages).
-    fn offset(&self) -> u64;
-}
+/// Where the log comes from, and why it is unusable (re-exported from their home,
+/// [`ftvm_replication::log`]).
+pub use ftvm_replication::log::{LogError, LogSource};
 
-/// The log is unusable (as opposed to the replay diverging from it).
+/// Why the replayer hook stopped the exit loop; [`replay`] sorts it out (a divergence goes
+/// into the [`ReplayReport`], the rest become a [`ReplayError`]).
 #[derive(Debug, thiserror::Error)]
-pub enum LogError {
-    /// The file cannot be opened.
-    #[error("cannot open log {path}: {source}")]
-    Open {
-        /// The path.
-        path: String,
-        /// The reason.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Not a log file.
-    #[error("not an ftvm log: bad magic at offset 0")]
-    BadMagic,
-    /// A frame is damaged.
+pub enum ReplayHookError {
+    /// The replayed guest did something other than the recorded one.
     #[error(transparent)]
-    Frame(#[from] FrameError),
-    /// Written by an incompatible version.
-    #[error("unsupported log format version {found} in the header frame at offset {offset} (this ftvm reads version {})", ftvm_proto::FORMAT_VERSION)]
-    Version {
-        /// Offset of the header frame.
-        offset: u64,
-        /// The version found.
-        found: u32,
-    },
-    /// A frame of the wrong kind.
-    #[error("unexpected frame at offset {offset}: {what}")]
-    UnexpectedFrame {
-        /// Offset of the frame.
-        offset: u64,
-        /// What was found.
-        what: &'static str,
-    },
-    /// The log has no header.
-    #[error("log ends at offset {offset} before its header")]
-    Ended {
-        /// Offset of the end.
-        offset: u64,
-    },
-    /// The log ends before the run does.
-    #[error("log ends at offset {offset} after exit {exit_seq} without a run-end record (truncated log?)")]
-    Truncated {
-        /// Offset of the end.
-        offset: u64,
-        /// The last exit the log covers.
-        exit_seq: u64,
-    },
-    /// A record makes no sense.
-    #[error("malformed record in the frame ending at offset {offset}: {why}")]
-    Malformed {
-        /// Offset reached.
-        offset: u64,
-        /// What is wrong.
-        why: String,
-    },
-    /// The log was recorded with another kernel.
-    #[error("log was recorded with another kernel: log has kernel hash {logged}, {kernel} hashes to {actual}")]
-    KernelMismatch {
-        /// Hash in the log.
-        logged: String,
-        /// Hash of the kernel given.
-        actual: String,
-        /// Which kernel.
-        kernel: String,
-    },
-    /// The header's VM configuration is unusable.
-    #[error("invalid VM configuration in the log header: {0}")]
-    Config(String),
+    Divergence(#[from] Divergence),
+    /// The log is unusable.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The replayed guest's output could not be written.
+    #[error(transparent)]
+    Output(#[from] std::io::Error),
 }
 
 /// The replayed guest did something other than the recorded one.
@@ -116,97 +54,6 @@ pub struct Divergence {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// The VM configuration a log header describes, with `kernel` (named `kernel_name` in errors)
-/// as the image, `initrd` and `disks`; the kernel and initrd must be the ones the log was
-/// recorded with (the disks are checked against the header by [`check_disks`] once opened).
-pub fn config_from_header(
-    header: &LogHeader,
-    kernel: Vec<u8>,
-    kernel_name: &str,
-    initrd: Option<Vec<u8>>,
-    disks: Vec<DiskConfig>,
-) -> Result<VmConfig, LogError> {
-    let c = header
-        .config
-        .as_ref()
-        .ok_or_else(|| LogError::Config("no VM configuration".into()))?;
-    let actual = hash(&kernel);
-    if actual.as_slice() != c.kernel_hash.as_slice() {
-        return Err(LogError::KernelMismatch {
-            logged: hex(&c.kernel_hash),
-            actual: hex(&actual),
-            kernel: kernel_name.to_string(),
-        });
-    }
-    if hash(&c.cpuid_table).as_slice() != c.cpuid_hash.as_slice() {
-        return Err(LogError::Config(
-            "CPUID table does not match its hash".into(),
-        ));
-    }
-    let cpuid: CpuidTable = ftvm_vmm::state::decode(&c.cpuid_table)
-        .map_err(|e| LogError::Config(format!("CPUID table: {e}")))?;
-    match (&initrd, c.initrd_hash.is_empty()) {
-        (None, false) => {
-            return Err(LogError::Config(
-                "the guest was recorded with an initrd; give the same one (--initrd)".into(),
-            ))
-        }
-        (Some(_), true) => {
-            return Err(LogError::Config(
-                "the guest was recorded without an initrd, but one was given".into(),
-            ))
-        }
-        (Some(i), false) if hash(i).as_slice() != c.initrd_hash.as_slice() => {
-            return Err(LogError::Config(format!(
-                "the initrd given hashes to {}, the log's to {}",
-                hex(&hash(i)),
-                hex(&c.initrd_hash)
-            )))
-        }
-        _ => {}
-    }
-    if disks.len() != c.disks.len() {
-        return Err(LogError::Config(format!(
-            "the guest was recorded with {} disks, {} given (--disk)",
-            c.disks.len(),
-            disks.len()
-        )));
-    }
-    Ok(VmConfig {
-        mem_mib: c.mem_mib,
-        kernel,
-        initrd,
-        disks,
-        cmdline: c.cmdline.clone(),
-        cpuid: Some(cpuid),
-    })
-}
-
-/// Checks the opened disks against the ones the header describes (same count, size and
-/// mode). Their contents cannot be checked here: a disk that differs shows as a divergence.
-pub fn check_disks(header: &LogHeader, disks: &[DiskInfo]) -> Result<(), LogError> {
-    let logged = header.config.as_ref().map_or(&[][..], |c| &c.disks[..]);
-    if logged.len() != disks.len() {
-        return Err(LogError::Config(format!(
-            "the guest was recorded with {} disks, {} given",
-            logged.len(),
-            disks.len()
-        )));
-    }
-    for (i, (l, d)) in logged.iter().zip(disks).enumerate() {
-        if l.sectors != d.sectors || l.read_only != d.read_only {
-            return Err(LogError::Config(format!(
-                "disk {i}: recorded with {} sectors{}, given {} sectors{}",
-                l.sectors,
-                if l.read_only { " read-only" } else { "" },
-                d.sectors,
-                if d.read_only { " read-only" } else { "" },
-            )));
-        }
-    }
-    Ok(())
 }
 
 fn describe(r: &Record) -> String {
@@ -272,8 +119,8 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
         }
     }
 
-    fn divergence(&self, exit_seq: u64, reason: String) -> HookError {
-        Box::new(Divergence {
+    fn divergence(&self, exit_seq: u64, reason: String) -> ReplayHookError {
+        ReplayHookError::Divergence(Divergence {
             epoch: self.epoch,
             exit_seq,
             reason,
@@ -314,12 +161,14 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
         Ok(pages)
     }
 
-    /// A checkpoint closing `epoch` at exit `exit_seq` was installed: everything received
-    /// before it is superseded; the log goes on with the next epoch.
-    pub fn restart_after_checkpoint(&mut self, epoch: u64, exit_seq: u64) {
+    /// The VM was put at `at`, the end of an epoch (a checkpoint closing it was installed,
+    /// or a switchover made this host the standby there): everything received before it is
+    /// superseded; the log goes on with the next epoch. The replayed output is the caller's
+    /// to position.
+    pub fn restart_after_checkpoint(&mut self, at: Position) {
         self.queue.clear();
-        self.complete_through = exit_seq;
-        self.epoch = epoch + 1;
+        self.complete_through = at.exit_seq;
+        self.epoch = at.epoch + 1;
         self.diverged = None;
         self.unverified_dirty.clear();
     }
@@ -411,7 +260,9 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
 }
 
 impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
-    fn on_exit(&mut self, seq: ExitSeq, _exit: &Exit) -> Result<(), HookError> {
+    type Error = ReplayHookError;
+
+    fn on_exit(&mut self, seq: ExitSeq, _exit: &Exit) -> Result<(), ReplayHookError> {
         if self.diverged.is_some() {
             return Ok(());
         }
@@ -423,12 +274,12 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
                 return Ok(());
             }
         } else if self.ended && self.complete_through < seq.0 {
-            return Err(Box::new(self.log_ended_error()));
+            return Err(self.log_ended_error().into());
         }
         Ok(())
     }
 
-    fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, HookError> {
+    fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, ReplayHookError> {
         if self.diverged.is_some() {
             return Ok(Control::Pause);
         }
@@ -468,13 +319,13 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
         at: Point,
         view: &HostView,
         inputs: &mut Vec<Input>,
-    ) -> Result<(), HookError> {
+    ) -> Result<(), ReplayHookError> {
         let (seq, at_kick) = at.log_position();
         if let Some(d) = &self.diverged {
             // Halted after diverging: nothing in the log applies; stop here (at the HLT,
             // a consistent point).
             return match view.halted {
-                true => Err(Box::new(d.clone())),
+                true => Err(d.clone().into()),
                 false => Ok(()),
             };
         }
@@ -486,7 +337,7 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
         if !matches {
             if view.halted {
                 if self.ended && self.queue.is_empty() {
-                    return Err(Box::new(self.log_ended_error()));
+                    return Err(self.log_ended_error().into());
                 }
                 let next = self.queue.front().map_or("nothing".into(), describe);
                 let reason = format!("the guest halted and the log has no input to wake it (next in the log: {next})");
@@ -519,7 +370,12 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
         Ok(())
     }
 
-    fn on_read(&mut self, seq: ExitSeq, exit: &Exit, value: &mut [u8]) -> Result<(), HookError> {
+    fn on_read(
+        &mut self,
+        seq: ExitSeq,
+        exit: &Exit,
+        value: &mut [u8],
+    ) -> Result<(), ReplayHookError> {
         if self.diverged.is_some() {
             return Ok(());
         }
@@ -561,7 +417,7 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
         Ok(())
     }
 
-    fn on_inject(&mut self, at: Point, vector: u8) -> Result<(), HookError> {
+    fn on_inject(&mut self, at: Point, vector: u8) -> Result<(), ReplayHookError> {
         let (seq, at_kick) = at.log_position();
         if self.diverged.is_some() {
             return Ok(());
@@ -580,7 +436,7 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
         }
     }
 
-    fn on_request_window(&mut self, at: Point) -> Result<(), HookError> {
+    fn on_request_window(&mut self, at: Point) -> Result<(), ReplayHookError> {
         let (seq, at_kick) = at.log_position();
         if self.diverged.is_some() {
             return Ok(());
@@ -603,7 +459,7 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
         self.interrupt_windows
     }
 
-    fn on_output(&mut self, _seq: ExitSeq, bytes: &[u8]) -> Result<(), HookError> {
+    fn on_output(&mut self, _seq: ExitSeq, bytes: &[u8]) -> Result<(), ReplayHookError> {
         self.output.write_all(bytes)?;
         self.output.flush()?;
         Ok(())
@@ -639,6 +495,9 @@ pub enum ReplayError {
     /// The log is unusable.
     #[error(transparent)]
     Log(#[from] LogError),
+    /// The replayed guest's output could not be written.
+    #[error(transparent)]
+    Output(std::io::Error),
     /// The VM failed.
     #[error(transparent)]
     Vm(#[from] ftvm_vmm::Error),
@@ -739,12 +598,8 @@ pub fn replay<S: LogSource, W: Write>(
                 if !replayer.verify_epoch(vm, seq, &mut report, on_verified)? {
                     return Ok(report);
                 }
-                let expected = match stop {
-                    StopRequest::Exit(s) => log::run_end::Stop::ExitStatus(u32::from(s)),
-                    StopRequest::Reset => log::run_end::Stop::Reset(true),
-                };
                 match replayer.take_run_end(seq)? {
-                    Some(end) if end.stop == Some(expected) => {}
+                    Some(end) if end == to_run_end(stop) => {}
                     other => {
                         report.diverged += 1;
                         report.divergence = Some(Divergence {
@@ -760,22 +615,18 @@ pub fn replay<S: LogSource, W: Write>(
                 report.stop = Some(stop);
                 return Ok(report);
             }
-            Err(ftvm_vmm::Error::Hook(e)) => {
-                let e = match e.downcast::<Divergence>() {
-                    Ok(d) => {
-                        report.epochs += 1;
-                        report.diverged += 1;
-                        report.divergence = Some(*d);
-                        return Ok(report);
-                    }
-                    Err(e) => e,
-                };
-                return match e.downcast::<LogError>() {
-                    Ok(l) => Err(ReplayError::Log(*l)),
-                    Err(e) => Err(ReplayError::Vm(ftvm_vmm::Error::Hook(e))),
-                };
+            Err(RunError::Hook(ReplayHookError::Divergence(d))) => {
+                report.epochs += 1;
+                report.diverged += 1;
+                report.divergence = Some(d);
+                return Ok(report);
             }
-            Err(e) => {
+            Err(RunError::Hook(ReplayHookError::Log(e))) => return Err(ReplayError::Log(e)),
+            Err(RunError::Hook(ReplayHookError::Output(e))) => return Err(ReplayError::Output(e)),
+            // The replayer offered an input the devices refused: the replay's fault, not the
+            // guest's.
+            Err(RunError::Vm(e @ ftvm_vmm::Error::Input(_))) => return Err(ReplayError::Vm(e)),
+            Err(RunError::Vm(e)) => {
                 // The replayed guest failed where the recorded one went on.
                 report.epochs += 1;
                 report.diverged += 1;

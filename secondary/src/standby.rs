@@ -14,18 +14,18 @@ use ftvm_proto::channel::{
     message::Body, CheckpointEnd, Diverged, HeldOutput, Message, Page, PageHash, Ready, Role,
     Start, Switchover,
 };
-use ftvm_proto::log::{self, LogHeader, RecordBatch};
+use ftvm_proto::log::{LogHeader, RecordBatch};
 use ftvm_replication::link::{self, body_name, Handshaken};
+use ftvm_replication::log::{check_version, config_from_header, from_run_end, LogError, LogSource};
 use ftvm_replication::standby::{FromReplayer, StandbyChannel, ToReplayer};
-use ftvm_replication::ChannelOptions;
-use ftvm_replication::{ChannelError, Link};
+use ftvm_replication::{ChannelError, ChannelOptions, Link, Position};
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::{page_hash, state_digest};
-use ftvm_vmm::live::LiveHook;
+use ftvm_vmm::live::{LiveError, LiveHook};
 use ftvm_vmm::memory::PAGE_SIZE;
-use ftvm_vmm::{RunEnd, Vm, VmState};
+use ftvm_vmm::{RunEnd, RunError, Vm, VmState};
 
-use crate::{config_from_header, replay, LogError, LogSource, ReplayError, Replayer};
+use crate::{replay, ReplayError, Replayer};
 
 /// The standby could not protect the guest.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,12 @@ pub enum StandbyError {
     /// The VM failed.
     #[error(transparent)]
     Vm(#[from] ftvm_vmm::Error),
+    /// The guest, live, cannot go on.
+    #[error(transparent)]
+    Live(#[from] LiveError),
+    /// The replayed guest's output could not be written.
+    #[error(transparent)]
+    Output(std::io::Error),
     /// A checkpoint could not be installed: this standby has no usable copy of the guest.
     #[error("{0}; this standby has no usable copy of the guest, so it stops")]
     Diverged(String),
@@ -54,6 +60,15 @@ pub enum StandbyError {
     /// A thread could not be started.
     #[error("cannot start the channel thread: {0}")]
     Thread(#[source] std::io::Error),
+}
+
+impl From<RunError<LiveError>> for StandbyError {
+    fn from(e: RunError<LiveError>) -> Self {
+        match e {
+            RunError::Vm(e) => e.into(),
+            RunError::Hook(e) => e.into(),
+        }
+    }
 }
 
 /// The log as it streams in from the channel thread.
@@ -159,23 +174,9 @@ pub struct TakeOver {
     pub header: LogHeader,
     /// The kernel image (for standbys that join later).
     pub kernel: Vec<u8>,
-    /// The last epoch, verified by both.
-    pub epoch: u64,
-    /// Its last exit.
-    pub exit_seq: u64,
-    /// Every output byte before this was released.
-    pub output_seq: u64,
-}
-
-/// Where a standby starts following: at boot, or where a switchover made it the standby.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct FollowFrom {
-    /// The last epoch both VMs verified (0 at boot).
-    pub epoch: u64,
-    /// Its last exit.
-    pub exit_seq: u64,
-    /// Output sequence number of the guest's next output byte.
-    pub output_seq: u64,
+    /// Where the primary handed over: the end of the last epoch, verified by both; every
+    /// output byte before `at.output_seq` was released.
+    pub at: Position,
 }
 
 /// How often a joining standby reconnects to resume one sync before it gives up.
@@ -214,12 +215,7 @@ pub fn run_standby(
 ) -> Result<StandbyEnd, StandbyError> {
     let (mut h, peer, start) = meet(&rendezvous)?;
     let header = start.header.unwrap_or_default();
-    if header.format_version != ftvm_proto::FORMAT_VERSION {
-        return Err(StandbyError::Config(LogError::Version {
-            offset: 0,
-            found: header.format_version,
-        }));
-    }
+    check_version(&header, 0).map_err(StandbyError::Config)?;
     let sync = start.sync;
     let kernel = start.kernel.clone();
     let built = config_from_header(
@@ -332,8 +328,9 @@ fn new_replayer(
     Replayer::new(source, header, output)
 }
 
-/// Follows a primary on `link` as its standby from `at` (after a switchover made this host
-/// the standby: `vm` is in the state both verified there).
+/// Follows a primary on `link` as its standby from `at`, the end of the last epoch both VMs
+/// verified (after a switchover made this host the standby: `vm` is in the state both
+/// verified there).
 #[allow(clippy::too_many_arguments)]
 pub fn follow(
     vm: Vm,
@@ -341,13 +338,13 @@ pub fn follow(
     kernel: Vec<u8>,
     link: Link,
     options: ChannelOptions,
-    at: FollowFrom,
+    at: Position,
     input: Option<Receiver<Vec<u8>>>,
     out: impl Write,
 ) -> Result<StandbyEnd, StandbyError> {
     let channel = StandbyChannel::spawn(link, options).map_err(StandbyError::Thread)?;
     let mut replayer = new_replayer(&channel, &header);
-    replayer.restart_after_checkpoint(at.epoch, at.exit_seq);
+    replayer.restart_after_checkpoint(at);
     replayer.output_mut().base = at.output_seq;
     follow_with(vm, header, kernel, channel, replayer, input, out)
 }
@@ -380,6 +377,7 @@ fn follow_with(
                 channel.shutdown();
                 return Err(match e {
                     ReplayError::Log(e) => StandbyError::Log(e),
+                    ReplayError::Output(e) => StandbyError::Output(e),
                     ReplayError::Vm(e) => StandbyError::Vm(e),
                 });
             }
@@ -498,21 +496,22 @@ fn take_over(
     channel: StandbyChannel,
     sw: Switchover,
 ) -> Result<StandbyEnd, StandbyError> {
-    let at = vm.exit_seq().0;
-    if at != sw.exit_seq {
+    let at = Position::from(&sw);
+    let here = vm.exit_seq().0;
+    if here != at.exit_seq {
         channel.shutdown();
         return Err(StandbyError::Diverged(format!(
-            "the primary handed over at exit {} but this standby is at exit {at}",
-            sw.exit_seq
+            "the primary handed over at exit {} but this standby is at exit {here}",
+            at.exit_seq
         )));
     }
     let link = channel.into_link().ok_or_else(|| {
         StandbyError::Diverged("the connection was lost during the switchover".into())
     })?;
     tracing::warn!(
-        epoch = sw.epoch,
-        exit_seq = sw.exit_seq,
-        output_seq = sw.output_seq,
+        epoch = at.epoch,
+        exit_seq = at.exit_seq,
+        output_seq = at.output_seq,
         "switched over: this host is now the primary"
     );
     Ok(StandbyEnd::TookOver(Box::new(TakeOver {
@@ -520,9 +519,7 @@ fn take_over(
         link,
         header,
         kernel,
-        epoch: sw.epoch,
-        exit_seq: sw.exit_seq,
-        output_seq: sw.output_seq,
+        at,
     })))
 }
 
@@ -648,7 +645,7 @@ fn installed(
     (end, held): &(CheckpointEnd, HeldOutput),
     sync: bool,
 ) -> Option<StopRequest> {
-    replayer.restart_after_checkpoint(end.epoch, end.exit_seq);
+    replayer.restart_after_checkpoint(Position::after_checkpoint(end, held));
     let output = replayer.output_mut();
     output.base = held.released_seq;
     output.pending = held.data.clone();
@@ -667,11 +664,7 @@ fn installed(
         sync,
     });
     debug_assert_eq!(vm.exit_seq().0, end.exit_seq);
-    end.run_end.as_ref().and_then(|r| match r.stop {
-        Some(log::run_end::Stop::ExitStatus(s)) => Some(StopRequest::Exit(s as u8)),
-        Some(log::run_end::Stop::Reset(_)) => Some(StopRequest::Reset),
-        None => None,
-    })
+    end.run_end.as_ref().and_then(from_run_end)
 }
 
 /// How far a sync got, kept across reconnects.

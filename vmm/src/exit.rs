@@ -178,24 +178,25 @@ pub enum Control {
     Pause,
 }
 
-/// Errors a hook reports (a log that cannot be written, a divergence).
-pub type HookError = Box<dyn std::error::Error + Send + Sync>;
-
 /// The one place that decides what a nondeterministic input is. See the module docs.
 pub trait ExitHook {
+    /// What the hook reports when the run cannot go on (a log that cannot be written, a
+    /// divergence): [`run`] passes it on untouched as [`RunError::Hook`].
+    type Error: std::error::Error + Send + Sync + 'static;
+
     /// Every guest-caused exit, numbered, before it is handled.
-    fn on_exit(&mut self, _seq: ExitSeq, _exit: &Exit) -> Result<(), HookError> {
+    fn on_exit(&mut self, _seq: ExitSeq, _exit: &Exit) -> Result<(), Self::Error> {
         Ok(())
     }
 
     /// The exit `seq` is fully handled (inputs applied, output taken, interrupt injected):
     /// the hook may pause here (an epoch boundary, a checkpoint).
-    fn end_of_exit(&mut self, _seq: ExitSeq) -> Result<Control, HookError> {
+    fn end_of_exit(&mut self, _seq: ExitSeq) -> Result<Control, Self::Error> {
         Ok(Control::Continue)
     }
 
     /// A kick interrupted guest execution after exit `after`.
-    fn on_kick(&mut self, _after: ExitSeq) -> Result<(), HookError> {
+    fn on_kick(&mut self, _after: ExitSeq) -> Result<(), Self::Error> {
         Ok(())
     }
 
@@ -206,26 +207,31 @@ pub trait ExitHook {
         at: Point,
         view: &HostView,
         inputs: &mut Vec<Input>,
-    ) -> Result<(), HookError>;
+    ) -> Result<(), Self::Error>;
 
     /// The guest reads: `value` holds the device's answer; the hook may log or replace it.
-    fn on_read(&mut self, _seq: ExitSeq, _exit: &Exit, _value: &mut [u8]) -> Result<(), HookError> {
+    fn on_read(
+        &mut self,
+        _seq: ExitSeq,
+        _exit: &Exit,
+        _value: &mut [u8],
+    ) -> Result<(), Self::Error> {
         Ok(())
     }
 
     /// The interrupt `vector` is injected at `at`.
-    fn on_inject(&mut self, _at: Point, _vector: u8) -> Result<(), HookError> {
+    fn on_inject(&mut self, _at: Point, _vector: u8) -> Result<(), Self::Error> {
         Ok(())
     }
 
     /// An interrupt is pending but the vCPU cannot take it: the loop requests an
     /// interrupt-window exit at `at`.
-    fn on_request_window(&mut self, _at: Point) -> Result<(), HookError> {
+    fn on_request_window(&mut self, _at: Point) -> Result<(), Self::Error> {
         Ok(())
     }
 
     /// Output the guest produced at exit `seq` (serial bytes).
-    fn on_output(&mut self, seq: ExitSeq, bytes: &[u8]) -> Result<(), HookError>;
+    fn on_output(&mut self, seq: ExitSeq, bytes: &[u8]) -> Result<(), Self::Error>;
 
     /// Whether a pending interrupt the vCPU cannot take yet may be delivered through an
     /// interrupt-window exit. Where that exit is not at an exact instruction boundary (PVM),
@@ -240,6 +246,17 @@ pub trait ExitHook {
     fn kick_at(&self, _deadline_ns: u64) -> Option<Kick> {
         None
     }
+}
+
+/// Why [`run`] failed: the VM, or the hook (with its own error type `E`).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError<E> {
+    /// The VM failed.
+    #[error(transparent)]
+    Vm(#[from] crate::Error),
+    /// The hook stopped the run.
+    #[error(transparent)]
+    Hook(E),
 }
 
 /// Why [`run`] returned.
@@ -266,7 +283,7 @@ pub fn run<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
     machine: &mut Machine,
     hook: &mut H,
     state: &mut LoopState,
-) -> Result<RunEnd, crate::Error> {
+) -> Result<RunEnd, RunError<H::Error>> {
     let mut inputs = Vec::new();
     loop {
         if state.halted {
@@ -284,7 +301,7 @@ pub fn run<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
         let exit = match vcpu.run()? {
             RunOutcome::Kicked => {
                 tracing::trace!(after = state.seq.0, "kick");
-                hook.on_kick(state.seq).map_err(crate::Error::Hook)?;
+                hook.on_kick(state.seq).map_err(RunError::Hook)?;
                 let point = Point::Kick { after: state.seq };
                 deliver_inputs(machine, hook, point, false, false, &mut inputs)?;
                 inject_if_ready(vcpu, machine, hook, point)?;
@@ -295,7 +312,7 @@ pub fn run<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
         state.seq.0 += 1;
         let seq = state.seq;
         tracing::trace!(seq = seq.0, ?exit, "exit");
-        hook.on_exit(seq, &exit).map_err(crate::Error::Hook)?;
+        hook.on_exit(seq, &exit).map_err(RunError::Hook)?;
         let point = Point::Exit(seq);
         handle_exit(vcpu, machine, hook, seq, &exit, &mut inputs)?;
         if exit == Exit::Hlt {
@@ -304,7 +321,7 @@ pub fn run<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
         if let Some(end) = after_exit(vcpu, machine, hook, state, point, &mut inputs)? {
             return Ok(end);
         }
-        if hook.end_of_exit(seq).map_err(crate::Error::Hook)? == Control::Pause {
+        if hook.end_of_exit(seq).map_err(RunError::Hook)? == Control::Pause {
             vcpu.complete_pending_io()?;
             return Ok(RunEnd::Paused(seq));
         }
@@ -319,7 +336,7 @@ fn handle_exit<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
     seq: ExitSeq,
     exit: &Exit,
     inputs: &mut Vec<Input>,
-) -> Result<(), crate::Error> {
+) -> Result<(), RunError<H::Error>> {
     let point = Point::Exit(seq);
     match exit {
         Exit::IoIn { port, size, .. } | Exit::IoOut { port, size, .. } => {
@@ -339,7 +356,7 @@ fn handle_exit<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
                     machine.pio.read(addr, chunk);
                 }
                 hook.on_read(seq, exit, &mut value)
-                    .map_err(crate::Error::Hook)?;
+                    .map_err(RunError::Hook)?;
                 vcpu.complete_read(&value);
             }
         }
@@ -349,7 +366,7 @@ fn handle_exit<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
             let mut value = vec![0u8; usize::from(*len)];
             machine.mmio.read(*addr, &mut value);
             hook.on_read(seq, exit, &mut value)
-                .map_err(crate::Error::Hook)?;
+                .map_err(RunError::Hook)?;
             vcpu.complete_read(&value);
         }
         Exit::MmioWrite { addr, data } => {
@@ -364,19 +381,22 @@ fn handle_exit<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
             return Err(crate::Error::TripleFault {
                 rip: vcpu.rip(),
                 seq,
-            })
+            }
+            .into())
         }
         Exit::SystemEvent(kind) => {
             return Err(crate::Error::UnexpectedExit {
                 what: format!("system event {kind}"),
                 seq,
-            })
+            }
+            .into())
         }
         Exit::Unexpected(what) => {
             return Err(crate::Error::UnexpectedExit {
                 what: what.clone(),
                 seq,
-            })
+            }
+            .into())
         }
     }
     Ok(())
@@ -390,11 +410,10 @@ fn after_exit<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
     state: &mut LoopState,
     point: Point,
     inputs: &mut Vec<Input>,
-) -> Result<Option<RunEnd>, crate::Error> {
+) -> Result<Option<RunEnd>, RunError<H::Error>> {
     let output = machine.take_output();
     if !output.is_empty() {
-        hook.on_output(state.seq, &output)
-            .map_err(crate::Error::Hook)?;
+        hook.on_output(state.seq, &output).map_err(RunError::Hook)?;
     }
     if let Some(stop) = machine.take_stop() {
         return Ok(Some(RunEnd::Stopped(stop)));
@@ -411,7 +430,8 @@ fn after_exit<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
             return Err(crate::Error::HaltedForever {
                 rip: vcpu.rip(),
                 seq: state.seq,
-            });
+            }
+            .into());
         }
         deliver_inputs(machine, hook, point, true, false, inputs)?;
     }
@@ -425,7 +445,7 @@ fn deliver_inputs<H: ExitHook + ?Sized>(
     halted: bool,
     wants_clock: bool,
     inputs: &mut Vec<Input>,
-) -> Result<(), crate::Error> {
+) -> Result<(), RunError<H::Error>> {
     let view = HostView {
         halted,
         wants_clock,
@@ -435,14 +455,14 @@ fn deliver_inputs<H: ExitHook + ?Sized>(
     };
     inputs.clear();
     hook.poll_inputs(at, &view, inputs)
-        .map_err(crate::Error::Hook)?;
+        .map_err(RunError::Hook)?;
     if !inputs.is_empty() {
         tracing::trace!(?at, halted, ?inputs, "inputs");
     }
     for input in inputs.iter() {
         machine
             .apply(input)
-            .map_err(|e: InputError| crate::Error::Hook(e.into()))?;
+            .map_err(|e: InputError| RunError::Vm(e.into()))?;
     }
     Ok(())
 }
@@ -454,7 +474,7 @@ fn inject_if_ready<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
     machine: &mut Machine,
     hook: &mut H,
     at: Point,
-) -> Result<bool, crate::Error> {
+) -> Result<bool, RunError<H::Error>> {
     if machine.pending_vector().is_none() {
         vcpu.request_interrupt_window(false);
         return Ok(false);
@@ -462,7 +482,7 @@ fn inject_if_ready<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
     if !vcpu.ready_for_interrupt() {
         if hook.interrupt_windows() {
             tracing::trace!(?at, "request interrupt window");
-            hook.on_request_window(at).map_err(crate::Error::Hook)?;
+            hook.on_request_window(at).map_err(RunError::Hook)?;
             vcpu.request_interrupt_window(true);
         }
         return Ok(false);
@@ -471,7 +491,7 @@ fn inject_if_ready<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
         return Ok(false);
     };
     tracing::trace!(?at, vector, "inject");
-    hook.on_inject(at, vector).map_err(crate::Error::Hook)?;
+    hook.on_inject(at, vector).map_err(RunError::Hook)?;
     vcpu.inject(vector)?;
     vcpu.request_interrupt_window(false);
     Ok(true)
@@ -548,15 +568,17 @@ mod tests {
     }
 
     impl ExitHook for Recorder {
-        fn on_exit(&mut self, seq: ExitSeq, exit: &Exit) -> Result<(), HookError> {
+        type Error = std::convert::Infallible;
+
+        fn on_exit(&mut self, seq: ExitSeq, exit: &Exit) -> Result<(), Self::Error> {
             self.exits.push((seq, exit.clone()));
             Ok(())
         }
-        fn on_request_window(&mut self, at: Point) -> Result<(), HookError> {
+        fn on_request_window(&mut self, at: Point) -> Result<(), Self::Error> {
             self.windows.push(at);
             Ok(())
         }
-        fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, HookError> {
+        fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, Self::Error> {
             Ok(if Some(seq.0) == self.pause_at {
                 Control::Pause
             } else {
@@ -566,7 +588,7 @@ mod tests {
         fn interrupt_windows(&self) -> bool {
             !self.no_windows
         }
-        fn on_kick(&mut self, after: ExitSeq) -> Result<(), HookError> {
+        fn on_kick(&mut self, after: ExitSeq) -> Result<(), Self::Error> {
             self.kicks.push(after);
             Ok(())
         }
@@ -575,18 +597,18 @@ mod tests {
             at: Point,
             view: &HostView,
             inputs: &mut Vec<Input>,
-        ) -> Result<(), HookError> {
+        ) -> Result<(), Self::Error> {
             self.polls.push(at);
             if self.clock_at.contains(&at) || view.halted {
                 inputs.push(Input::Clock(view.timer_deadline_ns.unwrap_or(0)));
             }
             Ok(())
         }
-        fn on_inject(&mut self, at: Point, vector: u8) -> Result<(), HookError> {
+        fn on_inject(&mut self, at: Point, vector: u8) -> Result<(), Self::Error> {
             self.injections.push((at, vector));
             Ok(())
         }
-        fn on_output(&mut self, _seq: ExitSeq, bytes: &[u8]) -> Result<(), HookError> {
+        fn on_output(&mut self, _seq: ExitSeq, bytes: &[u8]) -> Result<(), Self::Error> {
             self.output.extend_from_slice(bytes);
             Ok(())
         }

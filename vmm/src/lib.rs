@@ -20,7 +20,7 @@ pub mod state;
 pub mod vcpu;
 pub mod vm;
 
-pub use exit::{Control, Exit, ExitHook, ExitSeq, HostView, Point, RunEnd};
+pub use exit::{Control, Exit, ExitHook, ExitSeq, HostView, Point, RunEnd, RunError};
 pub use machine::Input;
 pub use vm::{Vm, VmConfig, VmState};
 
@@ -63,9 +63,9 @@ pub enum Error {
     /// State could not be saved or restored.
     #[error(transparent)]
     State(#[from] state::StateError),
-    /// The exit hook failed (log I/O, divergence).
-    #[error("{0}")]
-    Hook(#[source] exit::HookError),
+    /// The exit hook offered an input the devices could not take.
+    #[error(transparent)]
+    Input(#[from] machine::InputError),
     /// KVM_EXIT_SHUTDOWN: the guest triple-faulted.
     #[error("guest triple fault at rip={rip:#x} (exit sequence number {seq})")]
     TripleFault {

@@ -8,13 +8,21 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 
-use crate::exit::{ExitHook, ExitSeq, HookError, HostView, Kick, Point};
+use crate::exit::{ExitHook, ExitSeq, HostView, Kick, Point};
 use crate::machine::Input;
 
-/// Nothing can ever wake the halted guest: no timer is armed and serial input is closed.
+/// Why a live run cannot go on.
 #[derive(Debug, thiserror::Error)]
-#[error("the guest is halted waiting for input, but serial input is closed and no timer is armed")]
-pub struct IdleForever;
+pub enum LiveError {
+    /// Nothing can ever wake the halted guest: no timer is armed and serial input is closed.
+    #[error(
+        "the guest is halted waiting for input, but serial input is closed and no timer is armed"
+    )]
+    IdleForever,
+    /// The guest's output could not be written.
+    #[error(transparent)]
+    Output(#[from] std::io::Error),
+}
 
 /// The host side of a live VM.
 pub struct LiveHook<W: Write> {
@@ -97,7 +105,7 @@ impl<W: Write> LiveHook<W> {
     }
 
     /// Blocks until serial input arrives or virtual time reaches `deadline_ns`.
-    fn wait(&mut self, deadline_ns: Option<u64>) -> Result<(), HookError> {
+    fn wait(&mut self, deadline_ns: Option<u64>) -> Result<(), LiveError> {
         let now = self.now_ns();
         let timeout = deadline_ns.map(|d| Duration::from_nanos(d.saturating_sub(now)));
         match (&self.input, timeout) {
@@ -112,19 +120,21 @@ impl<W: Write> LiveHook<W> {
                 Err(_) => self.input = None,
             },
             (None, Some(t)) => std::thread::sleep(t),
-            (None, None) => return Err(Box::new(IdleForever)),
+            (None, None) => return Err(LiveError::IdleForever),
         }
         Ok(())
     }
 }
 
 impl<W: Write> ExitHook for LiveHook<W> {
+    type Error = LiveError;
+
     fn poll_inputs(
         &mut self,
         _at: Point,
         view: &HostView,
         inputs: &mut Vec<Input>,
-    ) -> Result<(), HookError> {
+    ) -> Result<(), LiveError> {
         self.drain_input();
         let can_receive = !self.pending.is_empty() && view.rx_capacity > 0;
         if view.halted && !can_receive {
@@ -142,7 +152,7 @@ impl<W: Write> ExitHook for LiveHook<W> {
         Ok(())
     }
 
-    fn on_output(&mut self, _seq: ExitSeq, bytes: &[u8]) -> Result<(), HookError> {
+    fn on_output(&mut self, _seq: ExitSeq, bytes: &[u8]) -> Result<(), LiveError> {
         self.out.write_all(bytes)?;
         self.out.flush()?;
         Ok(())

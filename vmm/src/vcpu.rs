@@ -558,8 +558,9 @@ impl Persist for Vcpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exit::{Control, ExitHook, ExitSeq, HookError, HostView, Point};
+    use crate::exit::{Control, ExitHook, ExitSeq, HostView, Point};
     use crate::{Input, Vm, VmConfig};
+    use std::convert::Infallible;
 
     /// Arms a kick whose deadline has long passed, to fire after `after` of CPU time without
     /// an exit; spends `busy` of CPU time at the end of every exit (as an epoch digest does);
@@ -573,7 +574,9 @@ mod tests {
     }
 
     impl ExitHook for BusyHook {
-        fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, HookError> {
+        type Error = Infallible;
+
+        fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, Infallible> {
             let start = thread_cpu_time(libc::CLOCK_THREAD_CPUTIME_ID);
             while thread_cpu_time(libc::CLOCK_THREAD_CPUTIME_ID) - start < self.busy {}
             Ok(if seq.0 >= self.exits {
@@ -582,7 +585,7 @@ mod tests {
                 Control::Continue
             })
         }
-        fn on_kick(&mut self, _after: ExitSeq) -> Result<(), HookError> {
+        fn on_kick(&mut self, _after: ExitSeq) -> Result<(), Infallible> {
             self.kicks += 1;
             Ok(())
         }
@@ -591,10 +594,10 @@ mod tests {
             _: Point,
             _: &HostView,
             _: &mut Vec<Input>,
-        ) -> Result<(), HookError> {
+        ) -> Result<(), Infallible> {
             Ok(())
         }
-        fn on_output(&mut self, _seq: ExitSeq, _bytes: &[u8]) -> Result<(), HookError> {
+        fn on_output(&mut self, _seq: ExitSeq, _bytes: &[u8]) -> Result<(), Infallible> {
             Ok(())
         }
         fn kick_at(&self, _deadline_ns: u64) -> Option<Kick> {
@@ -651,10 +654,12 @@ mod tests {
         // Let it run until five kicks; the guest never exits on its own by then.
         struct Until<'a>(&'a mut BusyHook);
         impl ExitHook for Until<'_> {
-            fn on_kick(&mut self, after: ExitSeq) -> Result<(), HookError> {
-                self.0.on_kick(after)?;
+            type Error = std::io::Error;
+
+            fn on_kick(&mut self, after: ExitSeq) -> Result<(), std::io::Error> {
+                let Ok(()) = self.0.on_kick(after);
                 if self.0.kicks >= 5 {
-                    return Err("enough kicks".into());
+                    return Err(std::io::Error::other("enough kicks"));
                 }
                 Ok(())
             }
@@ -663,10 +668,10 @@ mod tests {
                 _: Point,
                 _: &HostView,
                 _: &mut Vec<Input>,
-            ) -> Result<(), HookError> {
+            ) -> Result<(), std::io::Error> {
                 Ok(())
             }
-            fn on_output(&mut self, _seq: ExitSeq, _bytes: &[u8]) -> Result<(), HookError> {
+            fn on_output(&mut self, _seq: ExitSeq, _bytes: &[u8]) -> Result<(), std::io::Error> {
                 Ok(())
             }
             fn kick_at(&self, deadline_ns: u64) -> Option<Kick> {

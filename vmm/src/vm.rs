@@ -9,7 +9,7 @@ use crate::acpi;
 use crate::boot;
 use crate::cpuid::CpuidTable;
 use crate::devices::virtio_blk::{DiskConfig, DiskImage};
-use crate::exit::{self, ExitHook, ExitSeq, LoopState, RunEnd, VcpuRun};
+use crate::exit::{self, ExitHook, ExitSeq, LoopState, RunEnd, RunError, VcpuRun};
 use crate::machine::{DeviceStates, Machine};
 use crate::memory::{self, GuestMemory};
 use crate::state::Persist;
@@ -178,7 +178,10 @@ impl Vm {
     }
 
     /// Runs the guest until it stops or `hook` pauses it.
-    pub fn run<H: ExitHook + ?Sized>(&mut self, hook: &mut H) -> Result<RunEnd, Error> {
+    pub fn run<H: ExitHook + ?Sized>(
+        &mut self,
+        hook: &mut H,
+    ) -> Result<RunEnd, RunError<H::Error>> {
         exit::run(
             &mut self.vcpu,
             &mut self.machine,

@@ -6,7 +6,7 @@
 //! finishes the run. Output, registers, devices and every byte of memory must come out equal.
 
 use ftvm_vmm::devices::StopRequest;
-use ftvm_vmm::exit::{Control, ExitHook, ExitSeq, HookError, HostView, Point, RunEnd};
+use ftvm_vmm::exit::{Control, ExitHook, ExitSeq, HostView, Point, RunEnd};
 use ftvm_vmm::memory::GuestMemory;
 use ftvm_vmm::{Input, Vm, VmConfig, VmState};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -31,7 +31,9 @@ impl SyntheticClock {
 }
 
 impl ExitHook for SyntheticClock {
-    fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, HookError> {
+    type Error = std::io::Error;
+
+    fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, std::io::Error> {
         Ok(if Some(seq.0) == self.pause_at {
             Control::Pause
         } else {
@@ -44,13 +46,14 @@ impl ExitHook for SyntheticClock {
         at: Point,
         view: &HostView,
         inputs: &mut Vec<Input>,
-    ) -> Result<(), HookError> {
+    ) -> Result<(), std::io::Error> {
         let Point::Exit(seq) = at else {
-            return Err("a kick in a deterministic run".into());
+            return Err(std::io::Error::other("a kick in a deterministic run"));
         };
         let mut now = seq.0 * NS_PER_EXIT;
         if view.halted {
-            now = now.max(view.timer_deadline_ns.ok_or("halted with no timer")?);
+            let deadline = view.timer_deadline_ns;
+            now = now.max(deadline.ok_or_else(|| std::io::Error::other("halted with no timer"))?);
         }
         if now > view.now_ns {
             inputs.push(Input::Clock(now));
@@ -58,12 +61,12 @@ impl ExitHook for SyntheticClock {
         Ok(())
     }
 
-    fn on_inject(&mut self, _at: Point, _vector: u8) -> Result<(), HookError> {
+    fn on_inject(&mut self, _at: Point, _vector: u8) -> Result<(), std::io::Error> {
         self.injections += 1;
         Ok(())
     }
 
-    fn on_output(&mut self, _seq: ExitSeq, bytes: &[u8]) -> Result<(), HookError> {
+    fn on_output(&mut self, _seq: ExitSeq, bytes: &[u8]) -> Result<(), std::io::Error> {
         self.output.extend_from_slice(bytes);
         Ok(())
     }

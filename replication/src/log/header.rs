@@ -1,0 +1,151 @@
+//! The log header: the VM a log was recorded with. The primary builds it from its VM
+//! configuration; a replay (or a standby) turns it back into the same configuration and
+//! checks that the kernel, initrd and disks it was given are the recorded ones.
+
+use ftvm_proto::log::{DiskSpec, LogHeader};
+use ftvm_vmm::cpuid::CpuidTable;
+use ftvm_vmm::devices::virtio_blk::{DiskConfig, DiskInfo};
+use ftvm_vmm::digest::hash;
+use ftvm_vmm::VmConfig;
+
+use super::LogError;
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The header of a log for `config` running with `cpuid` and `disks` (as opened), pending
+/// interrupts delivered through interrupt-window exits if `interrupt_windows`.
+pub fn build_header(
+    config: &VmConfig,
+    cpuid: &CpuidTable,
+    disks: &[DiskInfo],
+    interrupt_windows: bool,
+) -> LogHeader {
+    let table = ftvm_vmm::state::encode(cpuid);
+    LogHeader {
+        format_version: ftvm_proto::FORMAT_VERSION,
+        interrupt_windows,
+        config: Some(ftvm_proto::log::VmConfig {
+            mem_mib: config.mem_mib,
+            cmdline: config.cmdline.clone(),
+            kernel_hash: hash(&config.kernel).to_vec(),
+            cpuid_hash: hash(&table).to_vec(),
+            cpuid_table: table,
+            initrd_hash: config
+                .initrd
+                .as_ref()
+                .map(|i| hash(i).to_vec())
+                .unwrap_or_default(),
+            disks: disks
+                .iter()
+                .map(|d| DiskSpec {
+                    sectors: d.sectors,
+                    read_only: d.read_only,
+                })
+                .collect(),
+        }),
+    }
+}
+
+/// Checks that the header (found at byte `offset`) was written in this build's log format.
+pub fn check_version(header: &LogHeader, offset: u64) -> Result<(), LogError> {
+    if header.format_version != ftvm_proto::FORMAT_VERSION {
+        return Err(LogError::Version {
+            offset,
+            found: header.format_version,
+        });
+    }
+    Ok(())
+}
+
+/// The VM configuration a log header describes, with `kernel` (named `kernel_name` in errors)
+/// as the image, `initrd` and `disks`; the kernel and initrd must be the ones the log was
+/// recorded with (the disks are checked against the header by [`check_disks`] once opened).
+pub fn config_from_header(
+    header: &LogHeader,
+    kernel: Vec<u8>,
+    kernel_name: &str,
+    initrd: Option<Vec<u8>>,
+    disks: Vec<DiskConfig>,
+) -> Result<VmConfig, LogError> {
+    let c = header
+        .config
+        .as_ref()
+        .ok_or_else(|| LogError::Config("no VM configuration".into()))?;
+    let actual = hash(&kernel);
+    if actual.as_slice() != c.kernel_hash.as_slice() {
+        return Err(LogError::KernelMismatch {
+            logged: hex(&c.kernel_hash),
+            actual: hex(&actual),
+            kernel: kernel_name.to_string(),
+        });
+    }
+    if hash(&c.cpuid_table).as_slice() != c.cpuid_hash.as_slice() {
+        return Err(LogError::Config(
+            "CPUID table does not match its hash".into(),
+        ));
+    }
+    let cpuid: CpuidTable = ftvm_vmm::state::decode(&c.cpuid_table)
+        .map_err(|e| LogError::Config(format!("CPUID table: {e}")))?;
+    match (&initrd, c.initrd_hash.is_empty()) {
+        (None, false) => {
+            return Err(LogError::Config(
+                "the guest was recorded with an initrd; give the same one (--initrd)".into(),
+            ))
+        }
+        (Some(_), true) => {
+            return Err(LogError::Config(
+                "the guest was recorded without an initrd, but one was given".into(),
+            ))
+        }
+        (Some(i), false) if hash(i).as_slice() != c.initrd_hash.as_slice() => {
+            return Err(LogError::Config(format!(
+                "the initrd given hashes to {}, the log's to {}",
+                hex(&hash(i)),
+                hex(&c.initrd_hash)
+            )))
+        }
+        _ => {}
+    }
+    if disks.len() != c.disks.len() {
+        return Err(LogError::Config(format!(
+            "the guest was recorded with {} disks, {} given (--disk)",
+            c.disks.len(),
+            disks.len()
+        )));
+    }
+    Ok(VmConfig {
+        mem_mib: c.mem_mib,
+        kernel,
+        initrd,
+        disks,
+        cmdline: c.cmdline.clone(),
+        cpuid: Some(cpuid),
+    })
+}
+
+/// Checks the opened disks against the ones the header describes (same count, size and
+/// mode). Their contents cannot be checked here: a disk that differs shows as a divergence.
+pub fn check_disks(header: &LogHeader, disks: &[DiskInfo]) -> Result<(), LogError> {
+    let logged = header.config.as_ref().map_or(&[][..], |c| &c.disks[..]);
+    if logged.len() != disks.len() {
+        return Err(LogError::Config(format!(
+            "the guest was recorded with {} disks, {} given",
+            logged.len(),
+            disks.len()
+        )));
+    }
+    for (i, (l, d)) in logged.iter().zip(disks).enumerate() {
+        if l.sectors != d.sectors || l.read_only != d.read_only {
+            return Err(LogError::Config(format!(
+                "disk {i}: recorded with {} sectors{}, given {} sectors{}",
+                l.sectors,
+                if l.read_only { " read-only" } else { "" },
+                d.sectors,
+                if d.read_only { " read-only" } else { "" },
+            )));
+        }
+    }
+    Ok(())
+}
