@@ -91,7 +91,7 @@ pub struct RecordStats {
 pub fn header(
     config: &VmConfig,
     cpuid: &CpuidTable,
-    disks: &[ftvm_vmm::devices::virtio_blk::DiskInfo],
+    disks: &[ftvm_vmm::devices::virtio::block::DiskInfo],
     policy: &EpochPolicy,
 ) -> log::LogHeader {
     let table = ftvm_vmm::state::encode(cpuid);

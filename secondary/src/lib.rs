@@ -17,7 +17,7 @@ use std::io::Write;
 use ftvm_proto::frame::FrameError;
 use ftvm_proto::log::{self, record::Kind, LogHeader, Record, RecordBatch};
 use ftvm_vmm::cpuid::CpuidTable;
-use ftvm_vmm::devices::virtio_blk::{DiskConfig, DiskInfo};
+use ftvm_vmm::devices::virtio::block::{DiskConfig, DiskInfo};
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::{epoch_digest, hash};
 use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HookError, HostView, Point, RunEnd};
