@@ -19,12 +19,11 @@ use std::process::{Command, ExitCode, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-// Shared by several benchmarks; this one uses part of it.
-#[allow(dead_code)]
+// The helpers the tests use too (tests/common/mod.rs says why they live there).
+#[path = "../tests/common/mod.rs"]
 mod common;
-use common::{exit_code, ms, Failure};
+use common::{exit_code, mib_per_s, ms, try_free_addr, Failure, FTVM};
 
-const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
 const RAW_BYTES: u64 = 512 << 20;
 const FILL_MIB: u64 = 32;
 const LIMIT: Duration = Duration::from_secs(300);
@@ -112,7 +111,7 @@ fn print_figures(mem: u64, repairs: &[Made], sync: &Sync, raw: f64) {
 
 /// A protected `rdtsc` run: every repair the primary made.
 fn repair_run(mem: u64) -> Result<Vec<Made>, Failure> {
-    let addr = free_addr()?;
+    let addr = try_free_addr()?;
     let mem_arg = mem.to_string();
     let standby = spawn(&["standby", "--listen", &addr], "warn")?;
     let primary = spawn(
@@ -146,7 +145,7 @@ fn repair_run(mem: u64) -> Result<Vec<Made>, Failure> {
 
 /// A primary started alone with [`FILL_MIB`] of non-zero memory, and a standby that joins.
 fn sync_run(mem: u64) -> Result<Sync, Failure> {
-    let accept = free_addr()?;
+    let accept = try_free_addr()?;
     let mem_arg = mem.to_string();
     let cmdline = format!("workload=counter ticks=200 fill={FILL_MIB}");
     let primary = spawn(
@@ -276,15 +275,6 @@ fn finish(mut r: Running, what: &str) -> Result<(String, String), Failure> {
     Ok((out, err))
 }
 
-fn free_addr() -> Result<String, Failure> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
-    let port = l
-        .local_addr()
-        .map_err(|e| format!("local_addr: {e}"))?
-        .port();
-    Ok(format!("127.0.0.1:{port}"))
-}
-
 /// [`RAW_BYTES`] through a loopback TCP connection in 1 MiB writes.
 fn raw_tcp() -> Result<(u64, Duration), Failure> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
@@ -317,8 +307,4 @@ fn raw_tcp() -> Result<(u64, Duration), Failure> {
         return Err(format!("raw TCP: sent {sent}, received {got}"));
     }
     Ok((sent, elapsed))
-}
-
-fn mib_per_s(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / f64::from(1 << 20) / d.as_secs_f64().max(1e-9)
 }

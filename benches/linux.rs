@@ -14,27 +14,14 @@
 //!
 //! `cargo bench --bench linux` (builds the guest with scripts/linux-guest.sh first).
 
-use std::path::Path;
 use std::process::Command;
 
+// The helpers the tests use too (tests/common/mod.rs says why they live there).
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{field, linux_guest, linux_guest_images, median_f64, nested, FTVM};
+
 const RUNS: usize = 3;
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn linux_guest(args: &[&str]) -> String {
-    let o = Command::new(repo().join("scripts/linux-guest.sh"))
-        .args(args)
-        .output()
-        .expect("run scripts/linux-guest.sh");
-    assert!(
-        o.status.success(),
-        "scripts/linux-guest.sh failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// The script the harness runs: every measurement, as `key=value` lines.
 fn script(ftvm: &str, kernel: &str, initrd: &str, disk: &str) -> String {
@@ -87,23 +74,17 @@ fn values(out: &str, key: &str) -> Vec<f64> {
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
+    (!v.is_empty()).then(|| median_f64(&mut v))
 }
 
 /// MiB/s from a `dd write_bytes=N write_cs=C read_bytes=N read_cs=C` line.
 fn dd_rates(out: &str, prefix: &str) -> Option<(f64, f64)> {
     let line = out.lines().find(|l| l.starts_with(prefix))?;
-    let field = |k: &str| -> Option<f64> {
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))?
-            .parse()
-            .ok()
-    };
+    let number = |k: &str| -> Option<f64> { field(line, k)?.parse().ok() };
     let mib = |bytes: f64, cs: f64| bytes / 1048576.0 / (cs.max(1.0) / 100.0);
     Some((
-        mib(field("write_bytes")?, field("write_cs")?),
-        mib(field("read_bytes")?, field("read_cs")?),
+        mib(number("write_bytes")?, number("write_cs")?),
+        mib(number("read_bytes")?, number("read_cs")?),
     ))
 }
 
@@ -137,16 +118,7 @@ fn host_raw_dd() -> (f64, f64) {
 }
 
 fn main() {
-    let ftvm = env!("CARGO_BIN_EXE_ftvm");
-    let paths = linux_guest(&[]);
-    let field = |key: &str| {
-        paths
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .unwrap_or_else(|| panic!("no {key}= from scripts/linux-guest.sh"))
-            .to_string()
-    };
-    let (kernel, initrd) = (field("kernel"), field("initrd"));
+    let (kernel, initrd) = linux_guest_images();
     let disk = std::env::temp_dir().join(format!("ftvm-bench-disk-{}.img", std::process::id()));
     let disk = disk.to_string_lossy().into_owned();
     linux_guest(&["disk", &disk, "40"]);
@@ -154,19 +126,14 @@ fn main() {
     // The script goes through a file: the harness's /tmp is an overlay over this one.
     let script_file =
         std::env::temp_dir().join(format!("ftvm-bench-linux-{}.sh", std::process::id()));
-    std::fs::write(&script_file, script(ftvm, &kernel, &initrd, &disk)).expect("write script");
-    let o = Command::new(repo().join("scripts/nested.sh"))
-        .args(["--timeout", "1200", "--", "bash"])
-        .arg(&script_file)
-        .current_dir(repo())
-        .output()
-        .expect("run scripts/nested.sh");
+    std::fs::write(&script_file, script(FTVM, &kernel, &initrd, &disk)).expect("write script");
+    let (status, stdout, stderr) = nested(&["bash", &script_file.to_string_lossy()], 1200);
     let _ = std::fs::remove_file(&disk);
     let _ = std::fs::remove_file(&script_file);
-    let out = String::from_utf8_lossy(&o.stdout).replace('\r', "");
-    if !o.status.success() {
-        eprintln!("{out}\n{}", String::from_utf8_lossy(&o.stderr));
-        panic!("the harness failed: {:?}", o.status.code());
+    let out = stdout.replace('\r', "");
+    if status != Some(0) {
+        eprintln!("{out}\n{stderr}");
+        panic!("the harness failed: {status:?}");
     }
 
     println!("Linux guest on standard KVM (nested harness: the VMMs run under QEMU TCG)");
@@ -193,12 +160,7 @@ fn main() {
     show("guest dd under ftvm", dd_rates(&out, "ftvm_dd "));
     show("guest dd under qemu -accel kvm", dd_rates(&out, "qemu_dd "));
     let l1 = out.lines().find(|l| l.starts_with("l1_dd ")).and_then(|l| {
-        let ms = |k: &str| -> Option<f64> {
-            l.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(&format!("{k}=")))?
-                .parse()
-                .ok()
-        };
+        let ms = |k: &str| -> Option<f64> { field(l, k)?.parse().ok() };
         Some((
             32.0 / (ms("write_ms")?.max(1.0) / 1000.0),
             32.0 / (ms("read_ms")?.max(1.0) / 1000.0),

@@ -49,12 +49,10 @@ use ftvm_proto::log::{
     log_frame, record, Inputs, Interrupt, LogFrame, PioRead, Record, RecordBatch,
 };
 
+// The helpers the tests use too (tests/common/mod.rs says why they live there).
+#[path = "../tests/common/mod.rs"]
 mod common;
-
-use common::{check_counter, ms, Failure, TempDir};
-
-/// The `ftvm` binary built by cargo for this benchmark.
-const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
+use common::{check_counter, mib_per_s, ms, try_free_addr, Failure, Scratch, FTVM};
 
 /// Protected runs whose audit files give figures 1 and 4.
 const PROTECTED_RUNS: usize = 3;
@@ -87,16 +85,9 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), Failure> {
-    let osrelease = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".to_string());
-    let cpus = thread::available_parallelism().map_or(0, |n| n.get());
-    println!(
-        "ftvm pair benchmark: {FTVM} on Linux {osrelease} {}, {cpus} CPUs",
-        std::env::consts::ARCH
-    );
+    common::print_banner("pair");
     let total = Instant::now();
-    let dir = TempDir::new("pair")?;
+    let dir = Scratch::try_new("bench-pair")?;
 
     // Figure 1: log bytes per epoch, the round-trip baseline, the protected runs.
     let per_epoch = log_bytes_per_epoch(&dir.0)?;
@@ -378,7 +369,7 @@ struct PrimaryAudit {
 /// 0, the primary print the expected output and the standby nothing; returns
 /// the primary's audit.
 fn protected_run(dir: &Path, i: usize) -> Result<PrimaryAudit, Failure> {
-    let addr = free_addr()?;
+    let addr = try_free_addr()?;
     let cmdline = format!("workload=counter ticks={PROTECTED_TICKS}");
     let primary_audit = dir.join(format!("run{i}-primary.audit"));
     let standby_audit = dir.join(format!("run{i}-standby.audit"));
@@ -754,7 +745,7 @@ struct Drill {
 }
 
 fn drill(dir: &Path, i: usize) -> Result<Drill, Failure> {
-    let addr = free_addr()?;
+    let addr = try_free_addr()?;
     let cmdline = format!("workload=counter ticks={DRILL_TICKS}");
     let standby_stderr = dir.join(format!("drill{i}-standby.stderr"));
 
@@ -1050,17 +1041,6 @@ fn ftvm() -> Command {
     cmd
 }
 
-/// A free loopback address: bind port 0, read the port, release it.
-fn free_addr() -> Result<String, Failure> {
-    let listener =
-        TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
-    let port = listener
-        .local_addr()
-        .map_err(|e| format!("local_addr: {e}"))?
-        .port();
-    Ok(format!("127.0.0.1:{port}"))
-}
-
 fn read_text(path: &Path) -> Result<String, Failure> {
     std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
@@ -1070,8 +1050,4 @@ fn percentile(samples: &mut [Duration], p: usize) -> Duration {
     samples.sort_unstable();
     let rank = (samples.len() * p).div_ceil(100).max(1);
     samples[rank.min(samples.len()) - 1]
-}
-
-fn mib_per_s(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / (1u64 << 20) as f64 / d.as_secs_f64()
 }

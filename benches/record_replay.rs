@@ -23,12 +23,10 @@ use std::path::Path;
 use std::process::{Command, ExitCode, Output, Stdio};
 use std::time::{Duration, Instant};
 
+// The helpers the tests use too (tests/common/mod.rs says why they live there).
+#[path = "../tests/common/mod.rs"]
 mod common;
-
-use common::{check_counter, ms, Failure, TempDir};
-
-/// The `ftvm` binary built by cargo for this benchmark.
-const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
+use common::{check_counter, median, median_f64, ms, Failure, ReplaySummary, Scratch, FTVM};
 
 /// Repetitions of each run (the median is reported).
 const REPEATS: usize = 3;
@@ -66,29 +64,14 @@ struct Figures {
     output_bytes_per_s: f64,
 }
 
-/// The `epochs=.. verified=.. diverged=.. checkpoint_required=..` line of `ftvm replay`.
-struct Summary {
-    epochs: u64,
-    diverged: u64,
-    checkpoint_required: u64,
-    line: String,
-}
-
 fn main() -> ExitCode {
     common::exit_code("record_replay", run())
 }
 
 fn run() -> Result<(), Failure> {
-    let osrelease = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".to_string());
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!(
-        "ftvm record/replay benchmark: {FTVM} on Linux {osrelease} {}, {cpus} CPUs",
-        std::env::consts::ARCH
-    );
+    common::print_banner("record/replay");
 
-    let dir = TempDir::new("record-replay")?;
+    let dir = Scratch::try_new("bench-record-replay")?;
     let pio = Workload {
         name: "pio",
         cmdline: format!("workload=pio count={PIO_COUNT}"),
@@ -254,7 +237,7 @@ fn run_guest(w: &Workload, log: Option<&Path>) -> Result<(Duration, Output), Fai
 /// Runs `ftvm replay --show-output LOG`, checks that it exits 0, that its
 /// summary reports no divergence and no required checkpoint, and that the
 /// replayed output equals `recorded`; returns its wall time and summary.
-fn run_replay(log: &Path, recorded: &[u8]) -> Result<(Duration, Summary), Failure> {
+fn run_replay(log: &Path, recorded: &[u8]) -> Result<(Duration, ReplaySummary), Failure> {
     let what = format!("ftvm replay --show-output {}", log.display());
     let start = Instant::now();
     let output = ftvm()
@@ -271,7 +254,7 @@ fn run_replay(log: &Path, recorded: &[u8]) -> Result<(Duration, Summary), Failur
             output.status, stderr
         ))
     };
-    let summary = match parse_summary(&stderr) {
+    let summary = match ReplaySummary::find(&stderr) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
@@ -294,28 +277,6 @@ fn run_replay(log: &Path, recorded: &[u8]) -> Result<(Duration, Summary), Failur
     Ok((elapsed, summary))
 }
 
-/// Parses the last `epochs=.. verified=.. diverged=.. checkpoint_required=..` line.
-fn parse_summary(stderr: &str) -> Result<Summary, String> {
-    let line = stderr
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("epochs="))
-        .ok_or_else(|| "no \"epochs=... diverged=...\" summary line".to_string())?;
-    let field = |key: &str| -> Result<u64, String> {
-        line.split_whitespace()
-            .find_map(|tok| tok.strip_prefix(key)?.strip_prefix('='))
-            .ok_or_else(|| format!("summary line {line:?} has no {key}="))?
-            .parse::<u64>()
-            .map_err(|e| format!("summary line {line:?}: {key}: {e}"))
-    };
-    Ok(Summary {
-        epochs: field("epochs")?,
-        diverged: field("diverged")?,
-        checkpoint_required: field("checkpoint_required")?,
-        line: line.to_string(),
-    })
-}
-
 /// `workload=pio`: exactly `pio done count=N`.
 fn check_pio(stdout: &str) -> Result<(), String> {
     let expected = format!("pio done count={PIO_COUNT}\n");
@@ -335,18 +296,6 @@ fn ftvm() -> Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     cmd
-}
-
-/// Median of a non-empty sample (sorts it in place).
-fn median<T: Ord + Copy>(samples: &mut [T]) -> T {
-    samples.sort_unstable();
-    samples[samples.len() / 2]
-}
-
-/// Median of a non-empty sample of finite floats (sorts it in place).
-fn median_f64(samples: &mut [f64]) -> f64 {
-    samples.sort_unstable_by(f64::total_cmp);
-    samples[samples.len() / 2]
 }
 
 fn ratio(a: Duration, b: Duration) -> f64 {

@@ -17,13 +17,10 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-#[allow(dead_code)] // vmm uses only part of it
+// The helpers the tests use too (tests/common/mod.rs says why they live there).
+#[path = "../tests/common/mod.rs"]
 mod common;
-
-use common::{ms, Failure};
-
-/// The `ftvm` binary built by cargo for this benchmark.
-const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
+use common::{median, ms, Failure, FTVM};
 
 /// Default number of `outb(0x80)` exits of the long PIO run.
 const DEFAULT_PIO_COUNT: u64 = 200_000;
@@ -42,14 +39,7 @@ fn main() -> ExitCode {
 
 fn run() -> Result<(), Failure> {
     let pio_count = pio_count()?;
-    let osrelease = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".to_string());
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!(
-        "ftvm vmm benchmark: {FTVM} on Linux {osrelease} {}, {cpus} CPUs",
-        std::env::consts::ARCH
-    );
+    common::print_banner("vmm");
 
     bench_pio(pio_count)?;
     bench_first_line()?;
@@ -225,10 +215,4 @@ fn ftvm_command(cmdline: &str) -> Command {
     let mut cmd = Command::new(FTVM);
     cmd.args(["run", "--cmdline", cmdline]).stdin(Stdio::null());
     cmd
-}
-
-/// Median of a non-empty sample (sorts it in place).
-fn median(samples: &mut [Duration]) -> Duration {
-    samples.sort_unstable();
-    samples[samples.len() / 2]
 }

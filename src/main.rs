@@ -121,7 +121,7 @@ struct ReplayArgs {
     /// The disks the log was recorded with, in the same order: copies of the images as they
     /// were when the recording started (the replay writes to them as the guest did).
     #[arg(long, value_name = "PATH[,ro]")]
-    disk: Vec<ftvm_vmm::devices::virtio_blk::DiskConfig>,
+    disk: Vec<ftvm_vmm::devices::virtio::block::DiskConfig>,
     /// Write the replayed guest's serial output to stdout.
     #[arg(long)]
     show_output: bool,
@@ -139,7 +139,7 @@ struct RunArgs {
     /// Attach a raw disk image as a virtio-mmio block device (Linux: /dev/vda, then vdb…);
     /// PATH,ro attaches it read-only. Up to four.
     #[arg(long, value_name = "PATH[,ro]")]
-    disk: Vec<ftvm_vmm::devices::virtio_blk::DiskConfig>,
+    disk: Vec<ftvm_vmm::devices::virtio::block::DiskConfig>,
     /// Kernel command line. Default: "workload=counter ticks=20" for the built-in guest;
     /// for --kernel: "console=ttyS0 noapic nolapic reboot=k panic=-1 nokaslr pci=off
     /// i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd tsc_early_khz=<host TSC kHz>

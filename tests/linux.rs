@@ -7,86 +7,22 @@
 //! `cargo test --release --test linux`; the first run installs QEMU, busybox-static, cpio
 //! and e2fsprogs and downloads the kernel package.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
+
+mod common;
+use common::{linux_guest, linux_guest_images, ReplaySummary, Scratch, FTVM};
 
 /// One VM at a time: each takes both cores.
 static ONE_VM: Mutex<()> = Mutex::new(());
 
-const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Runs scripts/linux-guest.sh with `args`; its stdout.
-fn linux_guest(args: &[&str]) -> String {
-    let o = Command::new(repo().join("scripts/linux-guest.sh"))
-        .args(args)
-        .output()
-        .expect("run scripts/linux-guest.sh");
-    assert!(
-        o.status.success(),
-        "scripts/linux-guest.sh {args:?} failed:\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// The kernel and the initramfs, built (or found cached) by the repo's script.
-fn guest_images() -> (String, String) {
-    let out = linux_guest(&[]);
-    let field = |key: &str| {
-        out.lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .unwrap_or_else(|| panic!("no {key}= in {out}"))
-            .to_string()
-    };
-    (field("kernel"), field("initrd"))
-}
-
-/// A scratch directory under /tmp (the harness's /tmp is an overlay over this one, so files
-/// made here are seen there; what the VM writes stays in the VM).
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("ftvm-linux-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-    fn path(&self, file: &str) -> String {
-        self.0.join(file).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Runs a shell script inside the harness; returns (status, output).
 fn nested_sh(script: &str, timeout_s: u32) -> (Option<i32>, String) {
-    let o = Command::new(repo().join("scripts/nested.sh"))
-        .args([
-            "--timeout",
-            &timeout_s.to_string(),
-            "--",
-            "sh",
-            "-c",
-            script,
-        ])
-        .current_dir(repo())
-        .output()
-        .expect("run scripts/nested.sh");
-    let out = format!(
-        "{}\n--- harness stderr ---\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    (o.status.code(), out)
+    let (status, stdout, stderr) = common::nested(&["sh", "-c", script], timeout_s);
+    (
+        status,
+        format!("{stdout}\n--- harness stderr ---\n{stderr}"),
+    )
 }
 
 /// The guest's own lines (the kernel's log lines start with "[").
@@ -105,7 +41,8 @@ fn checksum_lines(out: &str) -> Vec<String> {
         .collect()
 }
 
-/// A scratch directory holding a fresh ext4 disk image, and the checksum lines the files
+/// A scratch directory (under /tmp, seen by the harness; what the VM writes stays in the VM)
+/// holding a fresh ext4 disk image, and the checksum lines the files
 /// workload must print (computed on the host).
 fn fresh_disk(name: &str) -> (Scratch, String, Vec<String>) {
     let expected: Vec<String> = linux_guest(&["expected"])
@@ -113,8 +50,8 @@ fn fresh_disk(name: &str) -> (Scratch, String, Vec<String>) {
         .map(str::to_string)
         .collect();
     assert_eq!(expected.len(), 3, "{expected:?}");
-    let dir = Scratch::new(name);
-    let disk = dir.path("disk.img");
+    let dir = Scratch::new(&format!("linux-{name}"));
+    let disk = dir.path_str("disk.img");
     linux_guest(&["disk", &disk]);
     (dir, disk, expected)
 }
@@ -125,7 +62,7 @@ fn fresh_disk(name: &str) -> (Scratch, String, Vec<String>) {
 #[test]
 fn debian_kernel_boots_and_the_disk_workload_checksums_are_right() {
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
-    let (kernel, initrd) = guest_images();
+    let (kernel, initrd) = linux_guest_images();
     let (_dir, disk, expected) = fresh_disk("boot");
     let script = format!(
         "timeout 400 {FTVM} run --kernel {kernel} --initrd {initrd} --disk {disk} --mem-mib 256"
@@ -152,9 +89,9 @@ fn debian_kernel_boots_and_the_disk_workload_checksums_are_right() {
 #[test]
 fn a_recorded_linux_guest_replays_or_reports_where_it_diverged() {
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
-    let (kernel, initrd) = guest_images();
+    let (kernel, initrd) = linux_guest_images();
     let (dir, disk, expected) = fresh_disk("replay");
-    let log = dir.path("linux.log");
+    let log = dir.path_str("linux.log");
     // The replay gets a copy of the image as it was when the recording started.
     let script = format!(
         "cp {disk} /tmp/replay-disk.img || exit 98; \
@@ -167,19 +104,10 @@ fn a_recorded_linux_guest_replays_or_reports_where_it_diverged() {
     assert_eq!(status, Some(0), "{out}");
     assert!(out.contains("record-status=0"), "{out}");
     assert_eq!(checksum_lines(&out), expected, "{out}");
-    let summary = out
-        .lines()
-        .find(|l| l.starts_with("epochs="))
-        .unwrap_or_else(|| panic!("no replay summary:\n{out}"));
-    let field = |key: &str| -> u64 {
-        summary
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{key} in {summary}"))
-    };
-    let (epochs, verified) = (field("epochs"), field("verified"));
-    let (diverged, stopped) = (field("diverged"), field("checkpoint_required"));
+    let s = ReplaySummary::find(&out).unwrap_or_else(|e| panic!("{e}:\n{out}"));
+    let summary = &s.line;
+    let (epochs, verified) = (s.epochs, s.verified);
+    let (diverged, stopped) = (s.diverged, s.checkpoint_required);
     if diverged + stopped == 0 {
         assert_eq!(verified, epochs, "{summary}");
         assert!(out.contains("replay-status=0"), "{out}");
@@ -205,15 +133,15 @@ fn a_recorded_linux_guest_replays_or_reports_where_it_diverged() {
 #[test]
 fn the_debian_kernel_as_an_elf_vmlinux_boots_too() {
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
-    let (kernel, initrd) = guest_images();
+    let (kernel, initrd) = linux_guest_images();
     let image = std::fs::read(&kernel).unwrap();
     let xz_magic = b"\xfd7zXZ\0";
     let at = image
         .windows(xz_magic.len())
         .position(|w| w == xz_magic)
         .expect("Debian's bzImage carries an XZ payload");
-    let dir = Scratch::new("vmlinux");
-    let vmlinux = dir.path("vmlinux");
+    let dir = Scratch::new("linux-vmlinux");
+    let vmlinux = dir.path_str("vmlinux");
     let mut xz = Command::new("xz")
         .args(["-dc"])
         .stdin(std::process::Stdio::piped())
@@ -264,10 +192,10 @@ fn assert_clear_error(o: &std::process::Output, what: &str) {
 
 #[test]
 fn a_truncated_bzimage_is_a_clear_error() {
-    let (kernel, initrd) = guest_images();
+    let (kernel, initrd) = linux_guest_images();
     let image = std::fs::read(&kernel).unwrap();
-    let dir = Scratch::new("truncated");
-    let cut = dir.path("vmlinuz-truncated");
+    let dir = Scratch::new("linux-truncated");
+    let cut = dir.path_str("vmlinuz-truncated");
     std::fs::write(&cut, &image[..image.len() / 2]).unwrap();
     let o = ftvm_run(&["--kernel", &cut, "--initrd", &initrd]);
     assert_clear_error(&o, "truncated bzImage");
@@ -279,7 +207,7 @@ fn a_truncated_bzimage_is_a_clear_error() {
 
 #[test]
 fn a_missing_initrd_is_a_clear_error() {
-    let (kernel, _) = guest_images();
+    let (kernel, _) = linux_guest_images();
     let o = ftvm_run(&["--kernel", &kernel, "--initrd", "/nonexistent/initrd.gz"]);
     assert_clear_error(
         &o,
@@ -289,15 +217,15 @@ fn a_missing_initrd_is_a_clear_error() {
 
 #[test]
 fn bad_disks_are_clear_errors() {
-    let (kernel, initrd) = guest_images();
-    let dir = Scratch::new("disks");
+    let (kernel, initrd) = linux_guest_images();
+    let dir = Scratch::new("linux-disks");
     let run = |disk: &str| ftvm_run(&["--kernel", &kernel, "--initrd", &initrd, "--disk", disk]);
     // A directory.
-    let o = run(&dir.path(""));
+    let o = run(&dir.path_str(""));
     assert_clear_error(&o, "is a directory, not a raw image file");
     // A read-only image opened read-write; accepted with ,ro (then the guest boots: not
     // run to the end here, PVM cannot boot Linux).
-    let image = dir.path("ro.img");
+    let image = dir.path_str("ro.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
     let mut perms = std::fs::metadata(&image).unwrap().permissions();
     perms.set_readonly(true);
@@ -306,9 +234,9 @@ fn bad_disks_are_clear_errors() {
     assert_clear_error(&o, &format!("disk image {image} is read-only"));
     assert!(String::from_utf8_lossy(&o.stderr).contains(&format!("--disk {image},ro")));
     // Missing, and a size that is not whole sectors.
-    let o = run(&dir.path("missing.img"));
+    let o = run(&dir.path_str("missing.img"));
     assert_clear_error(&o, "No such file or directory");
-    let odd = dir.path("odd.img");
+    let odd = dir.path_str("odd.img");
     std::fs::write(&odd, vec![0u8; 1000]).unwrap();
     let o = run(&odd);
     assert_clear_error(&o, "size 1000 is not a multiple of 512 bytes");
@@ -320,7 +248,7 @@ fn bad_disks_are_clear_errors() {
 
 #[test]
 fn a_disk_or_initrd_with_a_peer_is_refused() {
-    let (kernel, initrd) = guest_images();
+    let (kernel, initrd) = linux_guest_images();
     let o = ftvm_run(&[
         "--kernel",
         &kernel,

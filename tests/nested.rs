@@ -13,9 +13,11 @@
 //! harness's boot of about 10 s.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 use std::time::Instant;
+
+mod common;
+use common::{nested, ReplaySummary, FTVM};
 
 /// One VM at a time: each takes both cores.
 static ONE_VM: Mutex<()> = Mutex::new(());
@@ -57,22 +59,6 @@ fn sibling_test(name: &str) -> PathBuf {
         .pop()
         .unwrap_or_else(|| panic!("no test binary of {root} in {}", dir.display()))
         .1
-}
-
-/// Runs `args` inside the harness; returns (status, stdout, stderr).
-fn nested(args: &[&str], timeout_s: u32) -> (Option<i32>, String, String) {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let o = Command::new(repo.join("scripts/nested.sh"))
-        .args(["--timeout", &timeout_s.to_string(), "--"])
-        .args(args)
-        .current_dir(repo)
-        .output()
-        .expect("run scripts/nested.sh");
-    (
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
 }
 
 /// Runs the test binary of tests/<name>.rs inside the harness, one test at a time, with
@@ -141,10 +127,9 @@ fn nested_harness_reports_the_command_status_and_offers_kvm() {
 #[test]
 fn nested_counter_records_and_replays_on_standard_kvm() {
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
-    let ftvm = env!("CARGO_BIN_EXE_ftvm");
     let script = format!(
-        "timeout 60 {ftvm} run --cmdline 'workload=counter ticks=30' --record /tmp/c.log || exit 99; \
-         timeout 60 {ftvm} replay /tmp/c.log"
+        "timeout 60 {FTVM} run --cmdline 'workload=counter ticks=30' --record /tmp/c.log || exit 99; \
+         timeout 60 {FTVM} replay /tmp/c.log"
     );
     let (status, out, err) = nested(&["sh", "-c", &script], 300);
     let lines: Vec<&str> = out.lines().collect();
@@ -157,26 +142,13 @@ fn nested_counter_records_and_replays_on_standard_kvm() {
         );
     }
     assert!(lines.iter().any(|l| l.starts_with("done sum=")), "{out}");
-    let summary = lines
-        .iter()
-        .find(|l| l.starts_with("epochs="))
-        .unwrap_or_else(|| panic!("no replay summary:\n{out}\n{err}"));
-    let field = |key: &str| -> u64 {
-        summary
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{key} in {summary}"))
-    };
-    assert_eq!(field("diverged"), 0, "{out}");
-    let (epochs, verified, stopped) = (
-        field("epochs"),
-        field("verified"),
-        field("checkpoint_required"),
-    );
+    let s = ReplaySummary::find(&out).unwrap_or_else(|e| panic!("{e}:\n{out}\n{err}"));
+    assert_eq!(s.diverged, 0, "{out}");
+    let (epochs, verified, stopped) = (s.epochs, s.verified, s.checkpoint_required);
     assert!(
         stopped <= 1 && verified + stopped == epochs && verified > 0,
-        "{summary}"
+        "{}",
+        s.line
     );
     assert_eq!(status, Some(u8::from(stopped > 0).into()), "{out}\n{err}");
 }

@@ -29,7 +29,8 @@ use ftvm_proto::channel::{message::Body, Hello, Message, Ready, Role};
 use ftvm_proto::frame;
 use ftvm_replication::host::{HostKind, KvmFlavour};
 
-const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
+mod common;
+use common::{free_addr, FTVM};
 
 /// The host the suite runs on (see the module docs).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -80,11 +81,6 @@ fn serial() -> MutexGuard<'static, ()> {
     ONE_PAIR_AT_A_TIME
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn free_addr() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    format!("127.0.0.1:{}", l.local_addr().expect("addr").port())
 }
 
 /// A child process whose stdout and stderr are collected by threads.

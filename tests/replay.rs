@@ -3,34 +3,15 @@
 //! reported (never passed silently), and a damaged log must be refused with a clear error.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ftvm_proto::frame::{self, FrameReader};
 use ftvm_proto::log::{log_frame::Body, LogFrame};
 
-const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
-
-/// A scratch directory removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("ftvm-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::{ReplaySummary, Scratch, FTVM};
 
 /// `ftvm run --record LOG` with the options this host needs. `FTVM_TEST_HOST=nested` (set by
 /// tests/nested.rs, which runs this suite inside the nested-KVM harness) raises the
@@ -77,33 +58,14 @@ fn replay(log: &Path, extra: &[&str]) -> Output {
         .unwrap()
 }
 
-/// The numbers on the replay's summary line.
-#[derive(Debug, PartialEq, Eq)]
-struct Summary {
-    epochs: u64,
-    verified: u64,
-    diverged: u64,
-    checkpoint_required: u64,
-}
-
-fn summary(o: &Output) -> Summary {
+/// The replay's summary, its last line on stderr.
+fn summary(o: &Output) -> ReplaySummary {
     let err = String::from_utf8_lossy(&o.stderr);
     let line = err
         .lines()
         .last()
         .unwrap_or_else(|| panic!("no summary line in {err:?}"));
-    let field = |k: &str| -> u64 {
-        line.split(' ')
-            .find_map(|t| t.strip_prefix(k))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{k} in {line:?}"))
-    };
-    Summary {
-        epochs: field("epochs="),
-        verified: field("verified="),
-        diverged: field("diverged="),
-        checkpoint_required: field("checkpoint_required="),
-    }
+    ReplaySummary::parse(line).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn assert_clean_replay(log: &Path, recorded_stdout: &[u8]) {

@@ -4,7 +4,8 @@
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
-const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
+mod common;
+use common::FTVM;
 
 fn ftvm_run(args: &[&str], stdin: &[u8]) -> Output {
     let mut child = Command::new(FTVM)

@@ -50,7 +50,7 @@ pub enum Error {
     Cpuid(String),
     /// A disk image could not be attached.
     #[error(transparent)]
-    Disk(#[from] devices::virtio_blk::DiskError),
+    Disk(#[from] devices::virtio::block::DiskError),
     /// A device could not be set up.
     #[error("device setup failed: {0}")]
     Device(String),

@@ -15,7 +15,8 @@ use crate::devices::pic::{Pic, PicState, MASTER_PORT, SLAVE_PORT};
 use crate::devices::pit::{Pit, PitState, PIT_PORT, PORT_61};
 use crate::devices::post::{PostCode, PostState, POST_PORT};
 use crate::devices::serial::{Serial, SerialState, TxQueue, COM1_IRQ, COM1_PORT};
-use crate::devices::virtio_blk::{DiskImage, DiskInfo, VirtioBlk, VirtioBlkState, MMIO_WINDOW};
+use crate::devices::virtio::block::{Block, DiskImage, DiskInfo, VirtioBlk, VirtioBlkState};
+use crate::devices::virtio::MMIO_WINDOW;
 use crate::devices::{IrqLines, StopLine, StopRequest};
 use crate::memory::GuestMemory;
 use crate::state::{Persist, StateError};
@@ -146,7 +147,7 @@ impl Machine {
         for (i, disk) in disks.into_iter().enumerate() {
             let slot = virtio_slot(i);
             let dev = Arc::new(Mutex::new(VirtioBlk::new(
-                disk,
+                Block::new(disk),
                 memory.clone(),
                 irq_lines.line(slot.irq),
             )));
@@ -173,7 +174,7 @@ impl Machine {
     pub fn disks(&self) -> Vec<DiskInfo> {
         self.virtio_blk
             .iter()
-            .map(|d| lock(d).disk().info())
+            .map(|d| lock(d).device().disk().info())
             .collect()
     }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::acpi;
 use crate::boot;
 use crate::cpuid::CpuidTable;
-use crate::devices::virtio_blk::{DiskConfig, DiskImage};
+use crate::devices::virtio::block::{DiskConfig, DiskImage};
 use crate::exit::{self, ExitHook, ExitSeq, LoopState, RunEnd, RunError, VcpuRun};
 use crate::machine::{DeviceStates, Machine};
 use crate::memory::{self, GuestMemory};

@@ -4,7 +4,7 @@
 
 use ftvm_proto::log::{DiskSpec, LogHeader};
 use ftvm_vmm::cpuid::CpuidTable;
-use ftvm_vmm::devices::virtio_blk::{DiskConfig, DiskInfo};
+use ftvm_vmm::devices::virtio::block::{DiskConfig, DiskInfo};
 use ftvm_vmm::digest::hash;
 use ftvm_vmm::VmConfig;
 

@@ -8,7 +8,7 @@ pub mod pic;
 pub mod pit;
 pub mod post;
 pub mod serial;
-pub mod virtio_blk;
+pub mod virtio;
 
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};

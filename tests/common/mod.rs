@@ -1,0 +1,259 @@
+//! What the integration tests (tests/*.rs) and the benchmarks (benches/*.rs) share: the
+//! `ftvm` binary and the repository, the Linux test guest and the nested-KVM harness,
+//! scratch directories, free loopback addresses, the `key=value` fields of ftvm's output
+//! and the replay's summary line, and what the benchmarks need to report.
+//!
+//! Tests include it with `mod common;`, benchmarks with
+//! `#[path = "../tests/common/mod.rs"] mod common;`. Cargo builds neither this file nor
+//! its folder as a test of its own.
+//!
+//! Failures: helpers for tests panic; the benchmarks report a [`Failure`] and exit non-zero,
+//! so the fallible forms (`try_…`) return one.
+
+// Every test and benchmark is a crate of its own that compiles this module by itself and
+// uses only part of it: what one of them leaves unused is not dead code.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+/// The `ftvm` binary cargo built for this test or benchmark.
+pub const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
+
+/// The repository's root.
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs scripts/linux-guest.sh with `args` (it builds the Linux test guest, or finds it
+/// cached, and makes disk images); its stdout.
+pub fn linux_guest(args: &[&str]) -> String {
+    let o = Command::new(repo().join("scripts/linux-guest.sh"))
+        .args(args)
+        .output()
+        .expect("run scripts/linux-guest.sh");
+    assert!(
+        o.status.success(),
+        "scripts/linux-guest.sh {args:?} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The Linux test guest's kernel and initramfs: (kernel, initrd).
+pub fn linux_guest_images() -> (String, String) {
+    let out = linux_guest(&[]);
+    let path = |key: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}= from scripts/linux-guest.sh in {out}"))
+            .to_string()
+    };
+    (path("kernel"), path("initrd"))
+}
+
+/// Runs `args` inside the nested-KVM harness (scripts/nested.sh), killed after `timeout_s`;
+/// returns (status, stdout, stderr).
+pub fn nested(args: &[&str], timeout_s: u32) -> (Option<i32>, String, String) {
+    let o = Command::new(repo().join("scripts/nested.sh"))
+        .args(["--timeout", &timeout_s.to_string(), "--"])
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("run scripts/nested.sh");
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// A scratch directory, `ftvm-<name>-<pid>` in the system's temporary directory (/tmp: the
+/// nested-KVM harness's /tmp is an overlay over this one, so files made here are seen
+/// there); removed with what is in it when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// Creates the directory; panics if it cannot.
+    pub fn new(name: &str) -> Self {
+        Self::try_new(name).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Creates the directory.
+    pub fn try_new(name: &str) -> Result<Self, Failure> {
+        let path = std::env::temp_dir().join(format!("ftvm-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        Ok(Self(path))
+    }
+
+    /// The path of `file` in the directory.
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+
+    /// The path of `file` in the directory, as a string (for command lines and scripts).
+    pub fn path_str(&self, file: &str) -> String {
+        self.path(file).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            eprintln!("warning: cannot remove {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// A free loopback address: bind port 0, read the port, release it.
+pub fn try_free_addr() -> Result<String, Failure> {
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| format!("local_addr: {e}"))?
+        .port();
+    Ok(format!("127.0.0.1:{port}"))
+}
+
+/// A free loopback address; panics if there is none.
+pub fn free_addr() -> String {
+    try_free_addr().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The value of the `key=value` field among the whitespace-separated fields of `line`.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// The summary line `ftvm replay` ends with:
+/// `epochs=N verified=N diverged=N checkpoint_required=N`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplaySummary {
+    /// Epochs replayed.
+    pub epochs: u64,
+    /// Epochs whose digest matched the log's.
+    pub verified: u64,
+    /// Epochs that diverged.
+    pub diverged: u64,
+    /// Epochs the replay stopped at because the recording needed a checkpoint there.
+    pub checkpoint_required: u64,
+    /// The line itself, for messages.
+    pub line: String,
+}
+
+impl ReplaySummary {
+    /// Parses a summary line.
+    pub fn parse(line: &str) -> Result<Self, String> {
+        let number = |key: &str| -> Result<u64, String> {
+            field(line, key)
+                .ok_or_else(|| format!("summary line {line:?} has no {key}="))?
+                .parse()
+                .map_err(|e| format!("summary line {line:?}: {key}: {e}"))
+        };
+        Ok(Self {
+            epochs: number("epochs")?,
+            verified: number("verified")?,
+            diverged: number("diverged")?,
+            checkpoint_required: number("checkpoint_required")?,
+            line: line.trim_end().to_string(),
+        })
+    }
+
+    /// Parses the last summary line (the last line that starts with `epochs=`) in `text`.
+    pub fn find(text: &str) -> Result<Self, String> {
+        let line = text
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("epochs="))
+            .ok_or_else(|| "no \"epochs=... diverged=...\" summary line".to_string())?;
+        Self::parse(line)
+    }
+}
+
+/// A benchmark's correctness failure (bad exit status, unexpected output, spawn error, hang).
+pub type Failure = String;
+
+/// A benchmark's exit status: success, or the failure on stderr and a non-zero status.
+pub fn exit_code(bench: &str, result: Result<(), Failure>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{bench} bench: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints the line a benchmark's report starts with: what runs, on which host.
+pub fn print_banner(bench: &str) {
+    let osrelease = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "ftvm {bench} benchmark: {FTVM} on Linux {osrelease} {}, {cpus} CPUs",
+        std::env::consts::ARCH
+    );
+}
+
+/// `workload=counter`: `tick 1 sum=X` .. `tick N sum=X`, then `done sum=X` with the sum of
+/// the last tick.
+pub fn check_counter(stdout: &str, ticks: u64) -> Result<(), String> {
+    if !stdout.ends_with('\n') {
+        return Err("output does not end with a newline".to_string());
+    }
+    let lines: Vec<&str> = stdout.lines().collect();
+    let want = ticks as usize + 1;
+    if lines.len() != want {
+        return Err(format!("expected {want} lines, got {}", lines.len()));
+    }
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let mut last = "";
+    for (n, line) in (1..=ticks).zip(&lines) {
+        match line
+            .strip_prefix(&format!("tick {n} sum="))
+            .filter(|s| hex(s))
+        {
+            Some(sum) => last = sum,
+            None => {
+                return Err(format!(
+                    "line {n} is {line:?}, expected \"tick {n} sum=<hex>\""
+                ))
+            }
+        }
+    }
+    let done = lines[want - 1];
+    if done.strip_prefix("done sum=") != Some(last) {
+        return Err(format!(
+            "last line is {done:?}, expected \"done sum={last}\""
+        ));
+    }
+    Ok(())
+}
+
+/// `d` in milliseconds.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// MiB per second for `bytes` moved in `d`.
+pub fn mib_per_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / f64::from(1 << 20) / d.as_secs_f64().max(1e-9)
+}
+
+/// Median of a non-empty sample (sorts it in place).
+pub fn median<T: Ord + Copy>(samples: &mut [T]) -> T {
+    samples.sort_unstable();
+    samples[samples.len() / 2]
+}
+
+/// Median of a non-empty sample of finite floats (sorts it in place).
+pub fn median_f64(samples: &mut [f64]) -> f64 {
+    samples.sort_unstable_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
