@@ -1449,3 +1449,121 @@ fn switchover_mid_run_then_failover_of_the_new_primary() {
     );
     assert_continuous(w, &primary_side, after, &p.stderr);
 }
+
+/// A protected echo answers each line while its stdin stays open: the guest prints its
+/// answer and halts waiting for the next line, and the epoch closes at that halt, so the
+/// standby verifies it and the answer is released while the guest sleeps.
+#[test]
+fn a_protected_echo_answers_each_line_without_further_input() {
+    let _one = serial();
+    let addr = free_addr();
+    let s = standby(&addr, &[], &[]);
+    let (p, mut stdin, answers) = echo_primary(&addr, &[]);
+    for (said, answer) in [("hello", "echo olleh"), ("protected", "echo detcetorp")] {
+        say(&mut stdin, said);
+        // Nothing more is written until the answer came back.
+        let got = answers
+            .recv_timeout(LIMIT)
+            .unwrap_or_else(|_| panic!("no answer to {said:?} while stdin stayed open"));
+        assert_eq!(got, answer);
+    }
+    say(&mut stdin, "quit");
+    drop(stdin);
+    let p = p.wait(LIMIT);
+    let s = s.wait(LIMIT);
+    assert_eq!(p.status.code(), Some(0), "primary: {}", p.stderr);
+    assert_eq!(s.status.code(), Some(0), "standby: {}", s.stderr);
+    assert!(!p.stderr.contains("unprotected"), "{}", p.stderr);
+}
+
+/// A switchover asked while the guest is halted waiting for input (echo arms no timer)
+/// reaches the vCPU at once through the vCPU control channel's doorbell, instead of waiting
+/// for the next line.
+#[test]
+fn a_switchover_reaches_a_halted_guest_at_once() {
+    let _one = serial();
+    let (addr, pc, sc) = (free_addr(), free_addr(), free_addr());
+    // The standby becomes the primary: its stdin stays open too, so the echo guest it runs
+    // from then on keeps waiting for input.
+    let args = ["standby", "--listen", &addr, "--control", &sc];
+    let mut child = Command::new(FTVM)
+        .args(args)
+        .args(host_pair_options(&args))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the standby");
+    let _standby_stdin = child.stdin.take();
+    let _s = Proc {
+        child,
+        stdout: None,
+        stderr: None,
+    };
+    let (_p, mut stdin, answers) = echo_primary(&addr, &["--control", &pc]);
+    say(&mut stdin, "halt");
+    assert_eq!(answers.recv_timeout(LIMIT).as_deref(), Ok("echo tlah"));
+    // The guest now sleeps until the next line, which never comes during the switchover.
+    let o = Command::new(FTVM)
+        .args(["switchover", &pc])
+        .output()
+        .expect("ftvm switchover");
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let ps = status_of(&pc);
+    assert_eq!(status_field(&ps, "role"), "standby", "{ps}");
+    let ss = wait_status(&sc, "primary", |t| status_field(t, "role") == "primary");
+    assert_eq!(status_field(&ss, "protected"), "yes", "{ss}");
+}
+
+/// Writes `line` and a newline to a guest's stdin.
+fn say(stdin: &mut std::process::ChildStdin, line: &str) {
+    use std::io::Write;
+    stdin
+        .write_all(format!("{line}\n").as_bytes())
+        .and_then(|()| stdin.flush())
+        .expect("write a line to the guest");
+}
+
+/// A protected `workload=echo` primary whose stdin stays open: the process, its stdin, and
+/// its stdout's lines as they come.
+fn echo_primary(
+    addr: &str,
+    extra: &[&str],
+) -> (
+    Proc,
+    std::process::ChildStdin,
+    std::sync::mpsc::Receiver<String>,
+) {
+    use std::io::{BufRead, BufReader};
+    let args = primary_args(addr, "workload=echo", extra);
+    let mut child = Command::new(FTVM)
+        .args(&args)
+        .args(host_pair_options(&args))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ftvm");
+    let stdin = child.stdin.take().expect("stdin");
+    let stdout = child.stdout.take().expect("stdout");
+    let p = Proc {
+        stderr: Some(collect(child.stderr.take().expect("stderr"))),
+        child,
+        stdout: None,
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (p, stdin, rx)
+}

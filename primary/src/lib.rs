@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ftvm_proto::channel::{CheckpointEnd, Page, PageChunk};
 use ftvm_proto::log::{self, record::Kind, Record, RecordBatch};
-use ftvm_replication::checkpoint::{CheckpointPort, VcpuRequest, PAGES_PER_CHUNK};
+use ftvm_replication::checkpoint::{VcpuPort, VcpuRequest, PAGES_PER_CHUNK};
 use ftvm_replication::log::to_run_end;
 use ftvm_replication::primary::FromVcpu;
 use ftvm_vmm::devices::StopRequest;
@@ -114,7 +114,7 @@ pub struct Recorder<H, S> {
     checkpoint_required: bool,
     stats: RecordStats,
     /// Where checkpoints are asked for and sent (a protected run).
-    checkpoints: Option<CheckpointPort>,
+    checkpoints: Option<VcpuPort>,
     /// A checkpoint asked for: it is made at the end of the current exit.
     requested: Option<VcpuRequest>,
     /// Pages dirtied in each closed epoch the standby has not verified yet.
@@ -155,7 +155,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
     }
 
     /// Makes the checkpoints the channel asks for through `port`.
-    pub fn with_checkpoints(mut self, port: CheckpointPort) -> Self {
+    pub fn with_checkpoints(mut self, port: VcpuPort) -> Self {
         self.checkpoints = Some(port);
         self
     }
@@ -327,6 +327,20 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         self.stats
     }
 
+    /// Takes a request from the channel thread, if one is waiting: the vCPU pauses for it.
+    fn take_request(&mut self) -> bool {
+        let Some(port) = &self.checkpoints else {
+            return false;
+        };
+        match port.requests.try_recv() {
+            Ok(request) => {
+                self.requested = Some(request);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     /// The sink.
     pub fn into_sink(self) -> S {
         self.sink
@@ -473,11 +487,8 @@ where
 
     fn end_of_exit(&mut self, seq: ExitSeq) -> Result<Control, RecordError> {
         self.inner.end_of_exit(seq)?;
-        if let Some(port) = &self.checkpoints {
-            if let Ok(request) = port.requests.try_recv() {
-                self.requested = Some(request);
-                return Ok(Control::Pause);
-            }
+        if self.take_request() {
+            return Ok(Control::Pause);
         }
         let full = self.epoch_started.elapsed() >= self.policy.max_epoch;
         // Output is waiting: end the epoch once the burst that produced it is over (the
@@ -492,6 +503,20 @@ where
             self.flush(seq)?;
         }
         Ok(Control::Continue)
+    }
+
+    fn on_halted(&mut self, seq: ExitSeq) -> Result<Control, RecordError> {
+        if self.inner.on_halted(seq)? == Control::Pause || self.take_request() {
+            return Ok(Control::Pause);
+        }
+        // The guest halted with output waiting: close the epoch now, before the vCPU waits,
+        // so that output is verified and released while the guest sleeps (a guest that
+        // prints and then halts must never keep its output held).
+        Ok(if self.output_waiting {
+            Control::Pause
+        } else {
+            Control::Continue
+        })
     }
 
     fn on_kick(&mut self, after: ExitSeq) -> Result<(), RecordError> {

@@ -107,12 +107,13 @@ pub fn run_primary(
         output_seq: at.after.output_seq,
     };
     let channel = PrimaryChannel::spawn(link, out, options, setup).map_err(RecordError::Log)?;
+    let port = channel.vcpu_port();
     let live = if at.first_epoch() > 1 {
         LiveHook::resume(input, channel.feed(), at.clock_ns)
     } else {
         LiveHook::new(input, channel.feed())
-    };
-    let port = channel.checkpoint_port();
+    }
+    .with_doorbell(port.doorbell.clone());
     let mut recorder = Recorder::new(live, ChannelSink(channel.feed()), policy)
         .with_checkpoints(port.clone())
         .starting_at(at.first_epoch());

@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::primary::Feed;
 
@@ -51,6 +51,37 @@ impl VcpuRequest {
         match self {
             VcpuRequest::Repair { id, .. } | VcpuRequest::StopAndCopy { id } => *id,
             VcpuRequest::Switchover => 0,
+        }
+    }
+}
+
+/// The channel thread's end of the vCPU control channel (Firecracker's `VcpuEvent` idea):
+/// a request goes in and the doorbell rings, so a vCPU halted in its wait for input sees the
+/// request at once instead of at the guest's next exit. A vCPU running guest code takes it at
+/// its next exit (a kick there would be a nondeterministic point; the latency bound keeps
+/// that wait short whenever an interrupt is due).
+#[derive(Debug, Clone)]
+pub struct VcpuControl {
+    requests: Sender<VcpuRequest>,
+    doorbell: Sender<()>,
+}
+
+impl VcpuControl {
+    /// A control channel: this end, the requests and the doorbell for the vCPU thread.
+    pub fn new() -> (Self, Receiver<VcpuRequest>, Receiver<()>) {
+        let (requests, requests_rx) = crossbeam_channel::unbounded();
+        let (doorbell, doorbell_rx) = crossbeam_channel::bounded(1);
+        (Self { requests, doorbell }, requests_rx, doorbell_rx)
+    }
+
+    /// Hands `request` to the vCPU thread and rings; false if the vCPU thread is gone.
+    pub fn ask(&self, request: VcpuRequest) -> bool {
+        if self.requests.send(request).is_err() {
+            return false;
+        }
+        // A full doorbell already rings; a closed one has no halted vCPU behind it.
+        match self.doorbell.try_send(()) {
+            Ok(()) | Err(TrySendError::Full(())) | Err(TrySendError::Disconnected(())) => true,
         }
     }
 }
@@ -116,11 +147,13 @@ impl DirtyTracking {
     }
 }
 
-/// The vCPU thread's end of the checkpoint machinery.
+/// The vCPU thread's end of the vCPU control channel and of the checkpoint machinery.
 #[derive(Clone)]
-pub struct CheckpointPort {
+pub struct VcpuPort {
     /// Requests from the channel thread.
     pub requests: Receiver<VcpuRequest>,
+    /// Rings when a request was sent: a halted vCPU waits on it as well as on its input.
+    pub doorbell: Receiver<()>,
     /// Where the checkpoint's pages and end go.
     pub feed: Feed,
     /// Dirty pages.

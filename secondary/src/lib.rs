@@ -176,31 +176,46 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
     /// Pulls batches until every record up to exit `n` is here (or the log ended).
     fn fill_through(&mut self, n: u64) -> Result<(), LogError> {
         while !self.ended && self.complete_through < n {
-            match self.source.next_batch()? {
-                None => self.ended = true,
-                Some(batch) => {
-                    let offset = self.source.offset();
-                    let mut last = self.queue.back().map_or(0, |r| r.exit_seq);
-                    for r in &batch.records {
-                        if r.kind.is_none() || r.exit_seq < last {
-                            return Err(LogError::Malformed {
-                                offset,
-                                why: format!("{} out of order or empty", describe(r)),
-                            });
-                        }
-                        last = r.exit_seq;
-                    }
-                    if batch.complete_through < self.complete_through {
-                        return Err(LogError::Malformed {
-                            offset,
-                            why: "log completeness went backwards".into(),
-                        });
-                    }
-                    self.complete_through = batch.complete_through;
-                    self.queue.extend(batch.records);
-                }
-            }
+            self.pull()?;
         }
+        Ok(())
+    }
+
+    /// Pulls batches until the next record is here (or the log ended). The replay is
+    /// halted: every record before this exit was used, so the next one says what the
+    /// recorded guest did next (took an input, or its epoch ended before the wait).
+    fn fill_next(&mut self) -> Result<(), LogError> {
+        while !self.ended && self.queue.is_empty() {
+            self.pull()?;
+        }
+        Ok(())
+    }
+
+    /// Pulls one batch of the log, checking its order.
+    fn pull(&mut self) -> Result<(), LogError> {
+        let Some(batch) = self.source.next_batch()? else {
+            self.ended = true;
+            return Ok(());
+        };
+        let offset = self.source.offset();
+        let mut last = self.queue.back().map_or(0, |r| r.exit_seq);
+        for r in &batch.records {
+            if r.kind.is_none() || r.exit_seq < last {
+                return Err(LogError::Malformed {
+                    offset,
+                    why: format!("{} out of order or empty", describe(r)),
+                });
+            }
+            last = r.exit_seq;
+        }
+        if batch.complete_through < self.complete_through {
+            return Err(LogError::Malformed {
+                offset,
+                why: "log completeness went backwards".into(),
+            });
+        }
+        self.complete_through = batch.complete_through;
+        self.queue.extend(batch.records);
         Ok(())
     }
 
@@ -312,6 +327,19 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
                 Ok(Control::Pause)
             }
         }
+    }
+
+    fn on_halted(&mut self, seq: ExitSeq) -> Result<Control, ReplayHookError> {
+        if self.diverged.is_some() {
+            return Ok(Control::Continue);
+        }
+        // The recorder closes an epoch at a halt, before the wait, when output is waiting
+        // (or for a switchover): pause at the same point to compare digests.
+        self.fill_next()?;
+        Ok(match self.front_at(seq.0, false).map(|r| &r.kind) {
+            Some(Some(Kind::EpochEnd(_))) => Control::Pause,
+            _ => Control::Continue,
+        })
     }
 
     fn poll_inputs(
@@ -553,7 +581,14 @@ pub fn replay<S: LogSource, W: Write>(
         // Before entering the guest after exit `seq`: the log must cover the next exit, and
         // a kick the primary took after `seq` must not be run past.
         let seq = vm.exit_seq().0;
-        replayer.fill_through(seq + 1)?;
+        // A halted guest resumes its wait, where the hook reads the log as far as the next
+        // record (an input, or an epoch the recorder closed at the halt): waiting here for
+        // the next exit would wait for the recorded guest to wake up first.
+        if vm.halted() {
+            replayer.fill_next()?;
+        } else {
+            replayer.fill_through(seq + 1)?;
+        }
         if replayer.kick_follows(seq) {
             report.epochs += 1;
             report.checkpoint_required += 1;

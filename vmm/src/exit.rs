@@ -195,6 +195,15 @@ pub trait ExitHook {
         Ok(Control::Continue)
     }
 
+    /// The vCPU is halted after exit `seq` with nothing to inject, and the loop is about to
+    /// wait for the host side (called again before each wait). The guest stays at this
+    /// deterministic point until an input arrives: the hook may pause here to close an
+    /// epoch or make a checkpoint; `run` then returns [`RunEnd::Paused`] and resumes the
+    /// wait when called again.
+    fn on_halted(&mut self, _seq: ExitSeq) -> Result<Control, Self::Error> {
+        Ok(Control::Continue)
+    }
+
     /// A kick interrupted guest execution after exit `after`.
     fn on_kick(&mut self, _after: ExitSeq) -> Result<(), Self::Error> {
         Ok(())
@@ -432,6 +441,9 @@ fn after_exit<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
                 seq: state.seq,
             }
             .into());
+        }
+        if hook.on_halted(state.seq).map_err(RunError::Hook)? == Control::Pause {
+            return Ok(Some(RunEnd::Paused(state.seq)));
         }
         deliver_inputs(machine, hook, point, true, false, inputs)?;
     }

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+use crossbeam_channel::{Receiver, Select, TryRecvError};
 
 use crate::exit::{ExitHook, ExitSeq, HostView, Kick, Point};
 use crate::machine::Input;
@@ -30,6 +30,8 @@ pub struct LiveHook<W: Write> {
     input: Option<Receiver<Vec<u8>>>,
     pending: VecDeque<u8>,
     out: W,
+    /// Rings when the VMM has a request for the vCPU thread: a halted wait ends at once.
+    doorbell: Option<Receiver<()>>,
 }
 
 /// Reads `source` on a thread and delivers what it reads as chunks; the channel closes at EOF.
@@ -70,7 +72,14 @@ impl<W: Write> LiveHook<W> {
             input,
             pending: VecDeque::new(),
             out,
+            doorbell: None,
         }
+    }
+
+    /// Ends a halted wait as soon as `doorbell` rings (the vCPU control channel).
+    pub fn with_doorbell(mut self, doorbell: Receiver<()>) -> Self {
+        self.doorbell = Some(doorbell);
+        self
     }
 
     /// A live hook for a VM whose virtual clock already reads `clock_ns` (a standby going
@@ -104,23 +113,49 @@ impl<W: Write> LiveHook<W> {
         }
     }
 
-    /// Blocks until serial input arrives or virtual time reaches `deadline_ns`.
+    /// Blocks until serial input arrives, the doorbell rings, or virtual time reaches
+    /// `deadline_ns`.
     fn wait(&mut self, deadline_ns: Option<u64>) -> Result<(), LiveError> {
         let now = self.now_ns();
         let timeout = deadline_ns.map(|d| Duration::from_nanos(d.saturating_sub(now)));
-        match (&self.input, timeout) {
-            (_, Some(t)) if t.is_zero() => {}
-            (Some(rx), Some(t)) => match rx.recv_timeout(t) {
-                Ok(chunk) => self.pending.extend(chunk),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => self.input = None,
+        if timeout.is_some_and(|t| t.is_zero()) {
+            return Ok(());
+        }
+        if self.input.is_none() && timeout.is_none() {
+            // The doorbell alone cannot wake the guest.
+            return Err(LiveError::IdleForever);
+        }
+        let mut select = Select::new();
+        let input = self.input.as_ref().map(|rx| select.recv(rx));
+        let doorbell = self.doorbell.as_ref().map(|rx| select.recv(rx));
+        if input.is_none() && doorbell.is_none() {
+            if let Some(t) = timeout {
+                std::thread::sleep(t);
+            }
+            return Ok(());
+        }
+        let ready = match timeout {
+            Some(t) => match select.select_timeout(t) {
+                Ok(op) => op,
+                Err(_) => return Ok(()),
             },
-            (Some(rx), None) => match rx.recv() {
-                Ok(chunk) => self.pending.extend(chunk),
-                Err(_) => self.input = None,
-            },
-            (None, Some(t)) => std::thread::sleep(t),
-            (None, None) => return Err(LiveError::IdleForever),
+            None => select.select(),
+        };
+        let index = Some(ready.index());
+        if index == input {
+            if let Some(rx) = &self.input {
+                match ready.recv(rx) {
+                    Ok(chunk) => self.pending.extend(chunk),
+                    Err(_) => self.input = None,
+                }
+            }
+        } else if index == doorbell {
+            if let Some(rx) = &self.doorbell {
+                // Rung: return, so the loop asks the hook at once. Closed: nobody will ring.
+                if ready.recv(rx).is_err() {
+                    self.doorbell = None;
+                }
+            }
         }
         Ok(())
     }

@@ -195,6 +195,11 @@ impl Vm {
         self.loop_state.seq
     }
 
+    /// The vCPU is halted (after HLT, no interrupt has woken it yet).
+    pub fn halted(&self) -> bool {
+        self.loop_state.halted
+    }
+
     /// The virtual clock (ns since the VM started, as the devices see it).
     pub fn clock_ns(&self) -> u64 {
         self.machine.now_ns()

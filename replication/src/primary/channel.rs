@@ -16,7 +16,7 @@ use mio::{Registry, Waker};
 use super::core::{Action, CoreConfig, PrimaryCore};
 use super::{Feed, FromVcpu, Handover, PrimaryReport, PrimarySetup};
 use crate::audit::Audit;
-use crate::checkpoint::{CheckpointPort, DirtyTracking};
+use crate::checkpoint::{DirtyTracking, VcpuControl, VcpuPort};
 use crate::event_loop::{EventLoop, Side, Woken, ACCEPT, LINK};
 use crate::link::{self, ChannelError, Link};
 use crate::status::{RateMeter, Request};
@@ -31,7 +31,7 @@ type Joined = Result<(Link, Ready), String>;
 /// The primary's channel thread.
 pub struct PrimaryChannel {
     feed: Feed,
-    port: CheckpointPort,
+    port: VcpuPort,
     thread: JoinHandle<PrimaryReport>,
 }
 
@@ -46,7 +46,7 @@ impl PrimaryChannel {
     ) -> std::io::Result<Self> {
         let (mut event_loop, waker) = EventLoop::new(&options)?;
         let (tx, rx) = crossbeam_channel::unbounded();
-        let (request_tx, request_rx) = crossbeam_channel::unbounded();
+        let (vcpu, requests, doorbell) = VcpuControl::new();
         let (handover_tx, handover_rx) = crossbeam_channel::unbounded();
         let tracking = DirtyTracking::default();
         let mut link = link;
@@ -70,7 +70,7 @@ impl PrimaryChannel {
                 start: setup.start,
                 first_epoch: setup.first_epoch,
                 output_seq: setup.output_seq,
-                requests: request_tx,
+                vcpu,
                 tracking: tracking.clone(),
             },
             link.as_ref()
@@ -99,8 +99,9 @@ impl PrimaryChannel {
             })?;
         let feed = Feed { tx, waker };
         Ok(Self {
-            port: CheckpointPort {
-                requests: request_rx,
+            port: VcpuPort {
+                requests,
+                doorbell,
                 feed: feed.clone(),
                 tracking,
                 handover: handover_rx,
@@ -115,8 +116,8 @@ impl PrimaryChannel {
         self.feed.clone()
     }
 
-    /// The vCPU thread's end of the checkpoint machinery.
-    pub fn checkpoint_port(&self) -> CheckpointPort {
+    /// The vCPU thread's end of the vCPU control channel.
+    pub fn vcpu_port(&self) -> VcpuPort {
         self.port.clone()
     }
 

@@ -5,7 +5,6 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
 use ftvm_proto::channel::{message::Body, Ack, Message, Released, Start};
 use ftvm_proto::log::{record::Kind, RecordBatch};
 use ftvm_vmm::memory::GuestMemory;
@@ -15,7 +14,7 @@ use super::protection::Protection;
 use super::repair::Checkpoints;
 use super::switchover::Switchover;
 use super::{FromVcpu, PrimaryReport};
-use crate::checkpoint::{DirtyTracking, VcpuRequest};
+use crate::checkpoint::{DirtyTracking, VcpuControl, VcpuRequest};
 use crate::link::{body_name, ChannelError, Heartbeat};
 use crate::liveness::{Beat, Liveness};
 
@@ -69,7 +68,7 @@ pub struct CoreConfig {
     /// The first output sequence number (not 0 after a switchover).
     pub output_seq: u64,
     /// Requests to the vCPU thread.
-    pub requests: Sender<VcpuRequest>,
+    pub vcpu: VcpuControl,
     /// Dirty pages, shared with the vCPU thread.
     pub tracking: DirtyTracking,
 }
@@ -94,7 +93,7 @@ pub struct PrimaryCore {
     pub(super) join: Join,
     pub(super) checkpoints: Checkpoints,
     pub(super) switchover: Switchover,
-    pub(super) requests: Sender<VcpuRequest>,
+    pub(super) vcpu: VcpuControl,
     pub(super) tracking: DirtyTracking,
     pub(super) lifecycle: Lifecycle,
     pub(super) report: PrimaryReport,
@@ -138,7 +137,7 @@ impl PrimaryCore {
             join: Join::new(config.memory, config.start),
             checkpoints: Checkpoints::new(),
             switchover: Switchover::default(),
-            requests: config.requests,
+            vcpu: config.vcpu,
             tracking: config.tracking,
             lifecycle: Lifecycle::default(),
             report: PrimaryReport {
@@ -295,7 +294,7 @@ impl PrimaryCore {
 
     /// Hands `request` to the vCPU thread; false (and unprotected) if it is gone.
     pub(super) fn ask_vcpu(&mut self, request: VcpuRequest, now: Instant) -> bool {
-        let sent = self.requests.send(request).is_ok();
+        let sent = self.vcpu.ask(request);
         if !sent {
             self.lose(
                 "the vCPU thread is gone: no checkpoint can be made".into(),

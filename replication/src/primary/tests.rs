@@ -11,7 +11,7 @@ use ftvm_proto::log::{record::Kind, EpochEnd, Record, RecordBatch, RunEnd};
 
 use super::core::{Action, CoreConfig, PrimaryCore};
 use super::FromVcpu;
-use crate::checkpoint::{DirtyTracking, VcpuRequest};
+use crate::checkpoint::{DirtyTracking, VcpuControl, VcpuRequest};
 use crate::link::{ChannelError, Heartbeat};
 use crate::status::Request;
 
@@ -29,7 +29,7 @@ struct Pair {
 
 /// A primary over a 16 MiB guest, with a standby attached (or not).
 fn primary(standby: bool) -> Pair {
-    let (tx, requests) = crossbeam_channel::unbounded();
+    let (vcpu, requests, _doorbell) = VcpuControl::new();
     let tracking = DirtyTracking::default();
     let memory = ftvm_vmm::memory::create(16).expect("guest memory");
     let now = Instant::now();
@@ -41,7 +41,7 @@ fn primary(standby: bool) -> Pair {
             start: Start::default(),
             first_epoch: 1,
             output_seq: 0,
-            requests: tx,
+            vcpu,
             tracking: tracking.clone(),
         },
         if standby {
