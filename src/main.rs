@@ -560,11 +560,7 @@ impl Roles {
                         pair::PrimaryEnd::HandedOver(h, _) => Role::Standby {
                             vm,
                             link: h.link,
-                            at: Position {
-                                epoch: h.epoch,
-                                exit_seq: h.exit_seq,
-                                output_seq: h.output_seq,
-                            },
+                            at: h.at,
                         },
                     }
                 }

@@ -103,8 +103,7 @@ pub fn run_primary(
             ..start
         },
         accept,
-        first_epoch: at.first_epoch(),
-        output_seq: at.after.output_seq,
+        after: at.after,
     };
     let channel = PrimaryChannel::spawn(link, out, options, setup).map_err(RecordError::Log)?;
     let port = channel.vcpu_port();

@@ -19,6 +19,7 @@ use crate::audit::Audit;
 use crate::checkpoint::{DirtyTracking, VcpuControl, VcpuPort};
 use crate::event_loop::{EventLoop, Side, Woken, ACCEPT, LINK};
 use crate::link::{self, ChannelError, Link};
+use crate::position::Position;
 use crate::status::{RateMeter, Request};
 use crate::ChannelOptions;
 
@@ -68,8 +69,7 @@ impl PrimaryChannel {
                 audit: audit.is_some(),
                 memory: setup.memory,
                 start: setup.start,
-                first_epoch: setup.first_epoch,
-                output_seq: setup.output_seq,
+                after: setup.after,
                 vcpu,
                 tracking: tracking.clone(),
             },
@@ -187,7 +187,14 @@ impl Driver {
                     epoch,
                     exit_seq,
                     output_seq,
-                } => self.hand_over(registry, epoch, exit_seq, output_seq),
+                } => self.hand_over(
+                    registry,
+                    Position {
+                        epoch,
+                        exit_seq,
+                        output_seq,
+                    },
+                ),
                 Action::RefuseHandover(why) => {
                     let _ = self.handover.send(Err(why));
                 }
@@ -197,7 +204,7 @@ impl Driver {
 
     /// Flushes the `Switchover` message (it must be out before the new roles start on
     /// this connection) and hands the connection to the vCPU thread.
-    fn hand_over(&mut self, registry: &Registry, epoch: u64, exit_seq: u64, output_seq: u64) {
+    fn hand_over(&mut self, registry: &Registry, at: Position) {
         let Some(mut link) = self.link.take() else {
             return;
         };
@@ -218,12 +225,7 @@ impl Driver {
             tracing::warn!("cannot move the connection off this event loop: {e}");
         }
         self.core.handed_over();
-        let _ = self.handover.send(Ok(Handover {
-            link,
-            epoch,
-            exit_seq,
-            output_seq,
-        }));
+        let _ = self.handover.send(Ok(Handover { link, at }));
     }
 
     fn drain_vcpu(&mut self, registry: &Registry) {

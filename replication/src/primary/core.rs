@@ -17,6 +17,7 @@ use super::{FromVcpu, PrimaryReport};
 use crate::checkpoint::{DirtyTracking, VcpuControl, VcpuRequest};
 use crate::link::{body_name, ChannelError, Heartbeat};
 use crate::liveness::{Beat, Liveness};
+use crate::position::Position;
 
 /// What the event loop must do for the core, in order.
 #[derive(Debug)]
@@ -63,10 +64,8 @@ pub struct CoreConfig {
     pub memory: GuestMemory,
     /// What a joining standby is sent first.
     pub start: Start,
-    /// The first epoch (not 1 after a switchover).
-    pub first_epoch: u64,
-    /// The first output sequence number (not 0 after a switchover).
-    pub output_seq: u64,
+    /// Where the run starts (after epoch 0 and output 0 at boot).
+    pub after: Position,
     /// Requests to the vCPU thread.
     pub vcpu: VcpuControl,
     /// Dirty pages, shared with the vCPU thread.
@@ -131,9 +130,9 @@ impl PrimaryCore {
             peer,
             heartbeat: config.heartbeat,
             audit: config.audit,
-            epoch: config.first_epoch.max(1),
+            epoch: config.after.epoch + 1,
             exit_seq: 0,
-            protection: Protection::new(config.output_seq),
+            protection: Protection::new(config.after.output_seq),
             join: Join::new(config.memory, config.start),
             checkpoints: Checkpoints::new(),
             switchover: Switchover::default(),

@@ -33,6 +33,7 @@ pub use self::channel::{offer_vm, PrimaryChannel};
 pub use self::core::{Action, PrimaryCore};
 
 use crate::link::Link;
+use crate::position::Position;
 
 /// How long a sync whose connection dropped is kept for the standby to resume it.
 pub const PAUSED_SYNC_KEPT: Duration = Duration::from_secs(30);
@@ -110,12 +111,9 @@ pub struct PrimaryReport {
 pub struct Handover {
     /// The connection to the new primary.
     pub link: Link,
-    /// The last epoch, verified by both.
-    pub epoch: u64,
-    /// Its last exit.
-    pub exit_seq: u64,
-    /// Every output byte before this was released.
-    pub output_seq: u64,
+    /// Where both VMs stand: the last epoch (verified by both), its last exit, and the
+    /// output sequence number before which every byte was released.
+    pub at: Position,
 }
 
 /// What the channel thread needs to make checkpoints and to let standbys join.
@@ -126,8 +124,7 @@ pub struct PrimarySetup {
     pub start: Start,
     /// Accept joining standbys here (`--accept-standby`).
     pub accept: Option<std::net::TcpListener>,
-    /// The first epoch and output sequence number (not 1 and 0 after a switchover).
-    pub first_epoch: u64,
-    /// See `first_epoch`.
-    pub output_seq: u64,
+    /// Where the run starts: after `after.epoch` (0 at boot; the switchover's epoch for a
+    /// primary born from one), with output sequence numbers from `after.output_seq`.
+    pub after: Position,
 }
