@@ -66,6 +66,33 @@ enum Command {
     /// its standby. ADDR is the primary's control socket (`--control`); returns once the
     /// swap is done.
     Switchover(StatusArgs),
+    /// Measure the logging channel between two hosts: on one, `ftvm bench --listen ADDR`; on
+    /// the other, `ftvm bench --peer ADDR` prints ack latency and log throughput over the
+    /// pair channel, each next to raw TCP between the same hosts.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("side").required(true).args(["listen", "peer"])))]
+struct BenchArgs {
+    /// Answer benchmark connections on this address (host:port) until killed.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Measure against the responder at this address.
+    #[arg(long, value_name = "ADDR")]
+    peer: Option<String>,
+    /// Round trips per latency figure.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..=1_000_000))]
+    samples: u64,
+    /// Seconds each throughput figure is measured.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Records in a large batch.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    records: u64,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -242,6 +269,8 @@ enum CliError {
     Control(#[source] std::io::Error),
     #[error("{0}")]
     Usage(String),
+    #[error("bench: {0}")]
+    Bench(#[from] ftvm_replication::bench::BenchError),
 }
 
 impl From<RunError<LiveError>> for CliError {
@@ -720,6 +749,38 @@ fn replay(args: ReplayArgs) -> Result<u8, CliError> {
     ))
 }
 
+/// `ftvm bench`.
+fn bench(args: BenchArgs) -> Result<u8, CliError> {
+    if let Some(addr) = args.listen {
+        let listener = std::net::TcpListener::bind(&addr).map_err(|source| CliError::Listen {
+            addr: addr.clone(),
+            source,
+        })?;
+        eprintln!("ftvm bench: answering on {addr}");
+        ftvm_replication::bench::serve(listener)
+            .map_err(|source| CliError::Listen { addr, source })?;
+        return Ok(0);
+    }
+    let peer = args.peer.unwrap_or_default();
+    if !(args.seconds.is_finite() && (0.1..=600.0).contains(&args.seconds)) {
+        return Err(CliError::Usage(
+            "--seconds must be between 0.1 and 600".into(),
+        ));
+    }
+    let options = ftvm_replication::bench::BenchOptions {
+        samples: args.samples as usize,
+        large_records: args.records as usize,
+        duration: std::time::Duration::from_secs_f64(args.seconds),
+    };
+    let report = ftvm_replication::bench::run(&peer, options)?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{report}");
+    }
+    Ok(0)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -736,6 +797,7 @@ fn main() -> ExitCode {
         Command::Standby(args) => standby(args),
         Command::Status(args) => status(args),
         Command::Switchover(args) => switchover(args),
+        Command::Bench(args) => bench(args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

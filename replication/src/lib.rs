@@ -21,6 +21,7 @@
 //! run-end records) that the recorder, the replayer and the CLI share.
 
 pub mod audit;
+pub mod bench;
 pub mod checkpoint;
 pub mod event_loop;
 pub mod host;

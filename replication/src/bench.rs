@@ -1,0 +1,571 @@
+//! `ftvm bench`: the logging channel between two real hosts, measured over the channel's own
+//! code (the pair handshake, CRC-checked frames, record batches answered by acks, the mio
+//! event loop), each figure next to its baseline, raw TCP, measured between the same two
+//! hosts in the same run.
+//!
+//! One host runs the responder ([`serve`], `ftvm bench --listen ADDR`); the other runs
+//! [`run`] (`ftvm bench --peer ADDR`). A connection starts with 8 bytes that say what it is:
+//! the pair magic (`FTVMPAIR`: a pair handshake as a standby follows, then every record batch
+//! that closes an epoch is acknowledged at once, as a standby's channel would acknowledge it
+//! received) or [`RAW_MAGIC`] followed by a mode byte (`e`: echo 64-byte messages; `s`: sink
+//! a length-prefixed stream and answer with its length).
+
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ftvm_proto::channel::{message::Body, Ack, Message, Role};
+use ftvm_proto::log::{record::Kind, EpochEnd, PioRead, Record, RecordBatch};
+use mio::{Events, Poll, Token};
+
+use crate::link::{self, ChannelError, Link};
+
+/// First bytes of a raw-TCP baseline connection.
+pub const RAW_MAGIC: &[u8; 8] = b"FTVMRAW\0";
+
+/// Connections the responder serves at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 8;
+
+/// Size of a raw round-trip message (about an ack frame).
+const RAW_MESSAGE: usize = 64;
+
+/// Errors of the benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The channel failed (no listener, a refused handshake, a closed connection).
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    /// A raw baseline connection failed.
+    #[error("raw TCP baseline with {peer}: {source}")]
+    Raw {
+        /// The responder.
+        peer: String,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The responder answered something that is not the benchmark's answer.
+    #[error("{peer} is not an ftvm bench responder: {what}")]
+    Protocol {
+        /// The responder.
+        peer: String,
+        /// What was wrong.
+        what: String,
+    },
+}
+
+/// What to measure.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchOptions {
+    /// Round trips per latency figure.
+    pub samples: usize,
+    /// Records in a large batch.
+    pub large_records: usize,
+    /// How long each throughput figure is measured.
+    pub duration: Duration,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            samples: 2000,
+            large_records: 1000,
+            duration: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Latency percentiles of one series, in microseconds.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Latency {
+    /// Samples taken.
+    pub samples: usize,
+    /// Median.
+    pub p50_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+    /// Counts per power-of-two bucket of microseconds (`[lo, 2 lo)`), for the histogram.
+    #[serde(skip)]
+    pub histogram: Vec<(f64, usize)>,
+}
+
+impl Latency {
+    fn of(mut samples: Vec<Duration>) -> Self {
+        samples.sort_unstable();
+        let n = samples.len();
+        let at = |q: f64| -> f64 {
+            if n == 0 {
+                return 0.0;
+            }
+            let i = ((q * n as f64).ceil() as usize).clamp(1, n) - 1;
+            samples[i].as_secs_f64() * 1e6
+        };
+        let mut histogram: Vec<(f64, usize)> = Vec::new();
+        for s in &samples {
+            let us = s.as_secs_f64() * 1e6;
+            let lo = if us < 1.0 {
+                0.0
+            } else {
+                2f64.powi(us.log2().floor() as i32)
+            };
+            match histogram.last_mut() {
+                Some((l, c)) if *l == lo => *c += 1,
+                _ => histogram.push((lo, 1)),
+            }
+        }
+        Self {
+            samples: n,
+            p50_us: at(0.5),
+            p99_us: at(0.99),
+            p999_us: at(0.999),
+            histogram,
+        }
+    }
+}
+
+/// Everything `ftvm bench` measured.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BenchReport {
+    /// The responder.
+    pub peer: String,
+    /// Raw TCP round trip of a 64-byte message.
+    pub raw_rtt: Latency,
+    /// Raw TCP throughput, MiB/s.
+    pub raw_mib_per_s: f64,
+    /// A one-record batch (an epoch end) to its ack.
+    pub ack_small: Latency,
+    /// A batch of `large_records` records to its ack.
+    pub ack_large: Latency,
+    /// Records in the large batch.
+    pub large_records: usize,
+    /// Log throughput over the channel (large batches, each acked), MiB/s of frames.
+    pub log_mib_per_s: f64,
+}
+
+impl BenchReport {
+    /// The report as one JSON object.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let base = self.raw_rtt.p50_us.max(1e-9);
+        writeln!(f, "ftvm bench: logging channel to {}", self.peer)?;
+        writeln!(
+            f,
+            "{:<34} {:>10} {:>10} {:>10} {:>9}",
+            "", "p50 µs", "p99 µs", "p99.9 µs", "p50 / raw"
+        )?;
+        for (name, l) in [
+            ("raw TCP round trip (64 B)", &self.raw_rtt),
+            ("channel ack, 1-record batch", &self.ack_small),
+            (
+                &*format!("channel ack, {}-record batch", self.large_records),
+                &self.ack_large,
+            ),
+        ] {
+            writeln!(
+                f,
+                "{name:<34} {:>10.1} {:>10.1} {:>10.1} {:>8.2}x",
+                l.p50_us,
+                l.p99_us,
+                l.p999_us,
+                l.p50_us / base
+            )?;
+        }
+        writeln!(
+            f,
+            "{:<34} {:>10.0} MiB/s   (raw TCP {:.0} MiB/s, {:.2}x)",
+            "log throughput",
+            self.log_mib_per_s,
+            self.raw_mib_per_s,
+            self.log_mib_per_s / self.raw_mib_per_s.max(1e-9)
+        )?;
+        writeln!(f, "channel ack latency, 1-record batch (µs):")?;
+        let most = self
+            .ack_small
+            .histogram
+            .iter()
+            .map(|(_, c)| *c)
+            .max()
+            .unwrap_or(1);
+        for (lo, count) in &self.ack_small.histogram {
+            let bar = "#".repeat((count * 50).div_ceil(most.max(1)));
+            writeln!(f, "  {:>8.0} .. {:<8.0} {:>7} {bar}", lo, lo * 2.0, count)?;
+        }
+        Ok(())
+    }
+}
+
+/// Serves benchmark connections on `listener` until it fails.
+pub fn serve(listener: TcpListener) -> io::Result<()> {
+    let active = Arc::new(AtomicUsize::new(0));
+    loop {
+        let (stream, addr) = listener.accept()?;
+        let peer = addr.to_string();
+        if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+            tracing::warn!(peer, "bench: too many connections; closing this one");
+            continue;
+        }
+        active.fetch_add(1, Ordering::SeqCst);
+        let active = active.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ftvm-bench".into())
+            .spawn(move || {
+                if let Err(e) = respond(stream, &peer) {
+                    tracing::info!(peer, "bench connection ended: {e}");
+                }
+                active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("bench: cannot start a thread: {e}");
+        }
+    }
+}
+
+fn respond(stream: TcpStream, peer: &str) -> Result<(), BenchError> {
+    let raw = |source| BenchError::Raw {
+        peer: peer.into(),
+        source,
+    };
+    stream
+        .set_read_timeout(Some(link::HANDSHAKE_TIMEOUT))
+        .map_err(raw)?;
+    let mut magic = [0u8; 8];
+    let mut got = 0;
+    while got < magic.len() {
+        match stream.peek(&mut magic[got..]).map_err(raw)? {
+            0 => return Ok(()),
+            n if n == magic.len() => got = n,
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    if &magic == ftvm_proto::CHANNEL_MAGIC {
+        return respond_channel(stream, peer);
+    }
+    if &magic != RAW_MAGIC {
+        return Err(BenchError::Protocol {
+            peer: peer.into(),
+            what: "unknown first bytes".into(),
+        });
+    }
+    let mut stream = stream;
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).map_err(raw)?;
+    stream.set_read_timeout(None).map_err(raw)?;
+    stream.set_nodelay(true).map_err(raw)?;
+    match head[8] {
+        b'e' => {
+            let mut msg = [0u8; RAW_MESSAGE];
+            loop {
+                match stream.read_exact(&mut msg) {
+                    Ok(()) => stream.write_all(&msg).map_err(raw)?,
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(raw(e)),
+                }
+            }
+        }
+        b's' => {
+            let mut len = [0u8; 8];
+            stream.read_exact(&mut len).map_err(raw)?;
+            let want = u64::from_le_bytes(len);
+            let copied = io::copy(&mut (&mut stream).take(want), &mut io::sink()).map_err(raw)?;
+            stream.write_all(&copied.to_le_bytes()).map_err(raw)
+        }
+        other => Err(BenchError::Protocol {
+            peer: peer.into(),
+            what: format!("unknown raw mode {other:#x}"),
+        }),
+    }
+}
+
+/// The channel side of the responder: a standby's handshake, then an `Ack` for every batch
+/// that closes an epoch, the moment it has arrived.
+fn respond_channel(stream: TcpStream, peer: &str) -> Result<(), BenchError> {
+    let h = link::handshake(stream, peer, Role::Standby)?;
+    let mut link = Link::new(h)?;
+    let mut poll = Poll::new().map_err(|source| ChannelError::Io {
+        peer: peer.into(),
+        source,
+    })?;
+    link.register(poll.registry(), Token(0))
+        .map_err(|source| ChannelError::Io {
+            peer: peer.into(),
+            source,
+        })?;
+    let mut events = Events::with_capacity(8);
+    let mut inbox = Vec::new();
+    loop {
+        // Bounded, so a send that could not finish is retried.
+        let _ = poll.poll(&mut events, Some(Duration::from_millis(50)));
+        link.flush()?;
+        let result = link.receive(&mut inbox);
+        for msg in inbox.drain(..) {
+            let Some(Body::Batch(batch)) = msg.body else {
+                continue;
+            };
+            let Some(epoch) = batch.records.iter().rev().find_map(|r| match &r.kind {
+                Some(Kind::EpochEnd(e)) => Some(e.epoch),
+                _ => None,
+            }) else {
+                continue;
+            };
+            link.send(&ack(epoch, batch.complete_through))?;
+        }
+        match result {
+            Ok(()) => {}
+            Err(ChannelError::Closed { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn ack(epoch: u64, exit_seq: u64) -> Message {
+    Message {
+        body: Some(Body::Ack(Ack {
+            received_epoch: epoch,
+            verified_epoch: epoch,
+            exit_seq,
+        })),
+    }
+}
+
+/// A batch of `records` port reads closed by the end of `epoch`.
+fn batch(epoch: u64, records: usize) -> Message {
+    let exit_seq = epoch * (records as u64 + 1);
+    let mut recs: Vec<Record> = (0..records as u64)
+        .map(|i| Record {
+            exit_seq: exit_seq - records as u64 + i,
+            at_kick: false,
+            kind: Some(Kind::PioRead(PioRead {
+                port: 0x3fd,
+                size: 1,
+                value: vec![0x60],
+            })),
+        })
+        .collect();
+    recs.push(Record {
+        exit_seq,
+        at_kick: false,
+        kind: Some(Kind::EpochEnd(EpochEnd {
+            epoch,
+            exit_seq,
+            digest: vec![0xd1; 32],
+            checkpoint_required: false,
+        })),
+    });
+    Message {
+        body: Some(Body::Batch(RecordBatch {
+            complete_through: exit_seq,
+            records: recs,
+        })),
+    }
+}
+
+/// Measures the channel to the responder at `peer`.
+pub fn run(peer: &str, options: BenchOptions) -> Result<BenchReport, BenchError> {
+    let raw_rtt = raw_round_trips(peer, options.samples)?;
+    let raw_mib_per_s = raw_throughput(peer, options.duration)?;
+    let mut channel = Channel::open(peer)?;
+    let ack_small = channel.round_trips(1, options.samples, 0)?;
+    let large_samples = (options.samples / 4).max(1);
+    let ack_large = channel.round_trips(
+        options.samples as u64 + 1,
+        large_samples,
+        options.large_records,
+    )?;
+    let log_mib_per_s = channel.throughput(
+        (options.samples + large_samples) as u64 + 1,
+        options.large_records,
+        options.duration,
+    )?;
+    Ok(BenchReport {
+        peer: peer.into(),
+        raw_rtt,
+        raw_mib_per_s,
+        ack_small,
+        ack_large,
+        large_records: options.large_records,
+        log_mib_per_s,
+    })
+}
+
+fn raw_connect(peer: &str, mode: u8) -> Result<TcpStream, BenchError> {
+    let mut s = link::connect(peer, Duration::from_secs(2))?;
+    let raw = |source| BenchError::Raw {
+        peer: peer.into(),
+        source,
+    };
+    s.set_nodelay(true).map_err(raw)?;
+    let mut head = RAW_MAGIC.to_vec();
+    head.push(mode);
+    s.write_all(&head).map_err(raw)?;
+    Ok(s)
+}
+
+fn raw_round_trips(peer: &str, samples: usize) -> Result<Latency, BenchError> {
+    let mut s = raw_connect(peer, b'e')?;
+    let raw = |source| BenchError::Raw {
+        peer: peer.into(),
+        source,
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(raw)?;
+    let msg = [0x5a; RAW_MESSAGE];
+    let mut back = [0u8; RAW_MESSAGE];
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let t = Instant::now();
+        s.write_all(&msg).map_err(raw)?;
+        s.read_exact(&mut back).map_err(raw)?;
+        times.push(t.elapsed());
+    }
+    Ok(Latency::of(times))
+}
+
+fn raw_throughput(peer: &str, duration: Duration) -> Result<f64, BenchError> {
+    let mut s = raw_connect(peer, b's')?;
+    let raw = |source| BenchError::Raw {
+        peer: peer.into(),
+        source,
+    };
+    let chunk = vec![0xa5u8; 1 << 20];
+    // Measure how much one second-slice takes, then send a fixed amount sized for the
+    // duration (the sink needs the length up front).
+    let probe = Instant::now();
+    let mut probe_s = raw_connect(peer, b's')?;
+    probe_s
+        .write_all(&(64u64 << 20).to_le_bytes())
+        .map_err(raw)?;
+    for _ in 0..64 {
+        probe_s.write_all(&chunk).map_err(raw)?;
+    }
+    let mut done = [0u8; 8];
+    probe_s.read_exact(&mut done).map_err(raw)?;
+    let per_mib = probe.elapsed().as_secs_f64() / 64.0;
+    let mib = ((duration.as_secs_f64() / per_mib.max(1e-9)) as u64).clamp(16, 64 << 10);
+    let start = Instant::now();
+    s.write_all(&(mib << 20).to_le_bytes()).map_err(raw)?;
+    for _ in 0..mib {
+        s.write_all(&chunk).map_err(raw)?;
+    }
+    s.read_exact(&mut done).map_err(raw)?;
+    if u64::from_le_bytes(done) != mib << 20 {
+        return Err(BenchError::Protocol {
+            peer: peer.into(),
+            what: "the raw sink counted another length".into(),
+        });
+    }
+    Ok(mib as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The benchmark's end of a pair connection: the real handshake and `Link`, on a mio poll.
+struct Channel {
+    peer: String,
+    link: Link,
+    poll: Poll,
+    events: Events,
+    inbox: Vec<Message>,
+}
+
+impl Channel {
+    fn open(peer: &str) -> Result<Self, BenchError> {
+        let stream = link::connect(peer, Duration::from_secs(2))?;
+        let h = link::handshake(stream, peer, Role::Primary)?;
+        let mut link = Link::new(h)?;
+        let io = |source| ChannelError::Io {
+            peer: peer.into(),
+            source,
+        };
+        let poll = Poll::new().map_err(io)?;
+        link.register(poll.registry(), Token(0)).map_err(io)?;
+        Ok(Self {
+            peer: peer.into(),
+            link,
+            poll,
+            events: Events::with_capacity(8),
+            inbox: Vec::new(),
+        })
+    }
+
+    /// Waits for the ack of `epoch`, sending what is queued meanwhile.
+    fn await_ack(&mut self, epoch: u64) -> Result<(), BenchError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.link.flush()?;
+            self.link.receive(&mut self.inbox)?;
+            for msg in self.inbox.drain(..) {
+                match msg.body {
+                    Some(Body::Ack(a)) if a.verified_epoch >= epoch => return Ok(()),
+                    Some(Body::Ack(_) | Body::Heartbeat(_)) => {}
+                    _ => {
+                        return Err(BenchError::Protocol {
+                            peer: self.peer.clone(),
+                            what: format!("it sent {}", link::body_name(&msg)),
+                        })
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::Protocol {
+                    peer: self.peer.clone(),
+                    what: format!("no ack for epoch {epoch} within 10 s"),
+                });
+            }
+            let _ = self
+                .poll
+                .poll(&mut self.events, Some(Duration::from_millis(50)));
+        }
+    }
+
+    fn round_trips(
+        &mut self,
+        first_epoch: u64,
+        samples: usize,
+        records: usize,
+    ) -> Result<Latency, BenchError> {
+        let mut times = Vec::with_capacity(samples);
+        for i in 0..samples as u64 {
+            let msg = batch(first_epoch + i, records);
+            let t = Instant::now();
+            self.link.send(&msg)?;
+            self.await_ack(first_epoch + i)?;
+            times.push(t.elapsed());
+        }
+        Ok(Latency::of(times))
+    }
+
+    /// Streams batches for `duration`, keeping at most 4 MiB in flight; MiB/s of frames.
+    fn throughput(
+        &mut self,
+        first_epoch: u64,
+        records: usize,
+        duration: Duration,
+    ) -> Result<f64, BenchError> {
+        let start = Instant::now();
+        let sent_before = self.link.bytes_sent;
+        let mut epoch = first_epoch;
+        while start.elapsed() < duration {
+            if self.link.pending() < 4 << 20 {
+                self.link.send(&batch(epoch, records))?;
+                epoch += 1;
+            } else {
+                let _ = self
+                    .poll
+                    .poll(&mut self.events, Some(Duration::from_millis(1)));
+                self.link.flush()?;
+                self.link.receive(&mut self.inbox)?;
+                self.inbox.clear();
+            }
+        }
+        self.await_ack(epoch - 1)?;
+        let bytes = self.link.bytes_sent - sent_before;
+        Ok(bytes as f64 / f64::from(1 << 20) / start.elapsed().as_secs_f64())
+    }
+}
