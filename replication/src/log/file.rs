@@ -53,9 +53,9 @@ impl LogSink for LogFileWriter {
     }
 }
 
-/// A log file opened for replay.
-pub struct LogFileReader {
-    frames: FrameReader<BufReader<File>>,
+/// A log file opened for replay (any reader: a file, or bytes in memory).
+pub struct LogFileReader<R: Read = BufReader<File>> {
+    frames: FrameReader<R>,
 }
 
 impl LogFileReader {
@@ -66,7 +66,13 @@ impl LogFileReader {
             path: path.display().to_string(),
             source,
         })?;
-        let mut input = BufReader::new(file);
+        Self::from_reader(BufReader::new(file))
+    }
+}
+
+impl<R: Read> LogFileReader<R> {
+    /// Reads a log from `input`: checks the magic and reads the header.
+    pub fn from_reader(mut input: R) -> Result<(Self, LogHeader), LogError> {
         let mut magic = [0u8; 8];
         let mut got = 0;
         while got < magic.len() {
@@ -104,7 +110,7 @@ impl LogFileReader {
     }
 }
 
-impl LogSource for LogFileReader {
+impl<R: Read> LogSource for LogFileReader<R> {
     fn next_batch(&mut self) -> Result<Option<RecordBatch>, LogError> {
         let offset = self.frames.offset();
         match self.frames.read_frame::<LogFrame>()? {

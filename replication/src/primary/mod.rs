@@ -30,7 +30,7 @@ use ftvm_vmm::memory::GuestMemory;
 use mio::Waker;
 
 pub use self::channel::{offer_vm, PrimaryChannel};
-pub use self::core::{Action, PrimaryCore};
+pub use self::core::{Action, CoreConfig, PrimaryCore};
 
 use crate::link::Link;
 use crate::position::Position;
