@@ -149,7 +149,7 @@ impl Pair {
                     Some(Body::Switchover(_)) => "switchover",
                     _ => "send",
                 },
-                Action::DropLink => "drop",
+                Action::Abandon(_) => "abandon",
                 Action::HandOver { .. } => "hand-over",
                 Action::RefuseHandover(_) => "refuse-handover",
                 Action::Audit(_) => "audit",
@@ -215,7 +215,7 @@ fn an_acknowledgement_of_an_epoch_never_shipped_drops_the_standby_not_the_guest(
     let (bytes, kinds) = p.released();
     // The standby is dropped, and the output it held goes out unprotected; the guest runs
     // on (nothing is asked of the vCPU thread).
-    assert_eq!(kinds, vec!["drop", "release"]);
+    assert_eq!(kinds, vec!["abandon", "release"]);
     assert_eq!(bytes, b"held");
     assert!(!p.core.attached());
     assert!(p
@@ -369,7 +369,7 @@ fn a_silent_standby_is_lost_after_the_heartbeat_timeout_and_output_flows_again()
     assert_eq!(p.released().1, vec!["heartbeat"]);
     let t = p.later(1);
     p.core.tick(t);
-    assert_eq!(p.released(), (b"x".to_vec(), vec!["drop", "release"]));
+    assert_eq!(p.released(), (b"x".to_vec(), vec!["abandon", "release"]));
     assert!(!p.tracking.protected());
     assert!(p.status().contains("silent for"));
     // Unprotected: output leaves at once.
@@ -436,7 +436,8 @@ fn a_primary_started_alone_releases_at_once_and_accepts_a_standby() {
 #[test]
 fn a_joining_standby_is_synced_by_pre_copy_then_a_stop_and_copy() {
     let mut p = primary(false);
-    p.core.attach("standby:2".into(), &Ready::default(), p.now);
+    p.core
+        .attach("standby:2".into(), HB, &Ready::default(), p.now);
     assert!(p.core.attached() && !p.core.protecting());
     assert!(p.tracking.protected());
     assert_eq!(
@@ -485,7 +486,8 @@ fn a_joining_standby_is_synced_by_pre_copy_then_a_stop_and_copy() {
 #[test]
 fn a_sync_cut_by_a_lost_connection_is_kept_for_a_while_then_abandoned() {
     let mut p = primary(false);
-    p.core.attach("standby:2".into(), &Ready::default(), p.now);
+    p.core
+        .attach("standby:2".into(), HB, &Ready::default(), p.now);
     p.core.lose("cut".into(), p.now);
     p.actions();
     // The standby reconnects in time and names the sync: it resumes (no new id).
@@ -493,13 +495,13 @@ fn a_sync_cut_by_a_lost_connection_is_kept_for_a_while_then_abandoned() {
         resume_checkpoint: 1,
         chunks_applied: 0,
     };
-    p.core.attach("standby:2".into(), &resumed, p.now);
+    p.core.attach("standby:2".into(), HB, &resumed, p.now);
     assert!(p.status().contains("state=syncing"));
     p.core.lose("cut again".into(), p.now);
     let t = p.later(31_000);
     p.core.tick(t);
     // Too late: a new sync starts.
-    p.core.attach("standby:2".into(), &resumed, p.now);
+    p.core.attach("standby:2".into(), HB, &resumed, p.now);
     while p.core.precopy_pending() {
         p.core.precopy_step(p.now);
     }
@@ -617,3 +619,5 @@ fn a_message_only_a_primary_sends_drops_the_standby() {
         .status()
         .contains("expected Ack, Diverged or Heartbeat, got Start"));
 }
+
+mod split_brain;
