@@ -39,6 +39,10 @@ const DEFAULT_LATENCY_BOUND_MS: u64 = ftvm_primary::DEFAULT_LATENCY_BOUND.as_mil
 const STATUS_ERROR: u8 = 1;
 /// `ftvm replay`: the log is unusable (damaged, wrong version, another kernel).
 const STATUS_BAD_LOG: u8 = 2;
+/// `ftvm standby`: the primary abandoned this standby (it dropped it and runs on), so this
+/// copy of the guest stopped and never went live (DESIGN.md §5). Above the built-in guest's
+/// own statuses (0–4).
+const STATUS_ABANDONED: u8 = 10;
 
 #[derive(Parser)]
 #[command(
@@ -66,6 +70,10 @@ enum Command {
     /// its standby. ADDR is the primary's control socket (`--control`); returns once the
     /// swap is done.
     Switchover(StatusArgs),
+    /// Make a standby that waits for a silent primary go live now, from its last consistent
+    /// point: an operator's decision that the primary is gone (without an arbiter, silence
+    /// never makes a standby live on its own). ADDR is the standby's control socket.
+    Promote(StatusArgs),
     /// Measure the logging channel between two hosts: on one, `ftvm bench --listen ADDR`; on
     /// the other, `ftvm bench --peer ADDR` prints ack latency and log throughput over the
     /// pair channel, each next to raw TCP between the same hosts.
@@ -286,6 +294,9 @@ impl CliError {
     fn status(&self) -> u8 {
         match self {
             CliError::BadLog(_) => STATUS_BAD_LOG,
+            CliError::Standby(ftvm_secondary::standby::StandbyError::Abandoned(_)) => {
+                STATUS_ABANDONED
+            }
             _ => STATUS_ERROR,
         }
     }
@@ -441,7 +452,13 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
         let link = match &args.peer {
             None => Err("no standby yet: waiting for one to join".to_string()),
             Some(peer) => {
-                match pair::connect_standby(peer, timeout, header.clone(), &config.kernel) {
+                match pair::connect_standby(
+                    peer,
+                    timeout,
+                    header.clone(),
+                    &config.kernel,
+                    options.heartbeat,
+                ) {
                     Ok(link) => Ok(link),
                     Err(
                         source @ (ftvm_replication::ChannelError::Connect { .. }
@@ -663,6 +680,19 @@ fn switchover(args: StatusArgs) -> Result<u8, CliError> {
     }
 }
 
+fn promote(args: StatusArgs) -> Result<u8, CliError> {
+    let answer = ftvm_replication::status::ask(&args.addr, "promote")?;
+    if let Some(why) = answer.strip_prefix("error: ") {
+        return Err(CliError::Usage(format!(
+            "{}: promote refused: {}",
+            args.addr,
+            why.trim()
+        )));
+    }
+    print!("{answer}");
+    Ok(0)
+}
+
 fn standby(args: StandbyArgs) -> Result<u8, CliError> {
     let options = channel_options(&args.pair)?;
     let listener = match &args.listen {
@@ -798,9 +828,15 @@ fn main() -> ExitCode {
         Command::Status(args) => status(args),
         Command::Switchover(args) => switchover(args),
         Command::Bench(args) => bench(args),
+        Command::Promote(args) => promote(args),
     };
     match result {
         Ok(status) => ExitCode::from(status),
+        // Not an error of ftvm's: the pair's rules stopped this standby.
+        Err(e @ CliError::Standby(ftvm_secondary::standby::StandbyError::Abandoned(_))) => {
+            eprintln!("ftvm: {e}");
+            ExitCode::from(e.status())
+        }
         Err(e) => {
             eprintln!("ftvm: error: {e}");
             ExitCode::from(e.status())

@@ -698,6 +698,7 @@ fn hello_on(version: u32, role: Role, host: &HostKind) -> Vec<u8> {
             role: role as i32,
             software: "fake".into(),
             host: Some(host.to_proto()),
+            ..Default::default()
         })),
     }));
     v
@@ -1235,30 +1236,8 @@ fn signal(child: &Child, sig: libc::c_int) {
     assert_eq!(rc, 0, "kill({}, {sig})", child.id());
 }
 
-#[test]
-fn a_silent_primary_is_lost_after_the_heartbeat_timeout() {
-    let _one = serial();
-    let addr = free_addr();
-    let s = standby(&addr, &[], &[]);
-    let mut p = spawn_raw(&primary_args(&addr, "workload=counter ticks=100", &[]), &[]);
-    let reader = collect(p.child.stdout.take().expect("stdout"));
-    std::thread::sleep(Duration::from_millis(400));
-    // Frozen, not dead: the connection stays open and only the heartbeats stop.
-    signal(&p.child, libc::SIGSTOP);
-    let s = s.wait(LIMIT);
-    p.child.kill().expect("kill the frozen primary");
-    let _ = p.child.wait();
-    let primary = reader.join().unwrap_or_default();
-    no_panic(&s);
-    assert_eq!(s.status.code(), Some(0), "{}", s.stderr);
-    assert!(s.stderr.contains("silent for"), "{}", s.stderr);
-    let from =
-        number_after(&s.stderr, "re-emitting output from sequence ").expect("go-live") as usize;
-    assert!(from <= primary.len());
-    let mut merged = primary[..from].to_vec();
-    merged.extend_from_slice(&s.stdout);
-    assert_complete_count(&String::from_utf8_lossy(&merged), 100);
-}
+// A silent primary no longer makes the standby live (DESIGN.md §5): see
+// tests/split_brain.rs, which freezes the primary and checks that the standby waits.
 
 #[test]
 fn a_silent_standby_is_lost_after_the_heartbeat_timeout() {

@@ -34,5 +34,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok((server, peer)) = listener.accept() else {
         return;
     };
-    let _ = link::handshake_on(server, &peer.to_string(), Role::Standby, HostKind::local());
+    let _ = link::handshake_on(
+        server,
+        &peer.to_string(),
+        Role::Standby,
+        HostKind::local(),
+        link::Heartbeat::default(),
+    );
 });

@@ -35,9 +35,10 @@ pub fn connect_standby(
     timeout: Duration,
     header: LogHeader,
     kernel: &[u8],
+    heartbeat: ftvm_replication::Heartbeat,
 ) -> Result<Link, ChannelError> {
     let stream = link::connect(peer, timeout)?;
-    let h = link::handshake(stream, peer, Role::Primary)?;
+    let h = link::handshake(stream, peer, Role::Primary, heartbeat)?;
     // The standby answers Ack(0) once its VM is built (or Diverged when it cannot build
     // it): only then does the guest start, so the standby does not begin the run behind.
     Ok(offer_vm(h, peer, start_message(header, kernel, false))?.0)

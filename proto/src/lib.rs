@@ -26,8 +26,11 @@ pub const LOG_MAGIC: &[u8; 8] = b"FTVMLOG\0";
 
 /// The pair protocol this build speaks (exchanged first on every pair connection).
 /// Version 3: `Hello` carries the sender's host kind. Version 4: the output a checkpoint
-/// carries travels as its own `HeldOutput` message.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// carries travels as its own `HeldOutput` message. Version 5: `Abandon`, which a primary
+/// sends before it closes the connection to a standby it drops; an older standby would take
+/// that close for the primary's death and go live next to a primary that runs on; and
+/// `Hello` carries the sender's heartbeat interval and timeout, which both sides agree on.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// First bytes each side of a pair connection sends.
 pub const CHANNEL_MAGIC: &[u8; 8] = b"FTVMPAIR";

@@ -288,7 +288,7 @@ fn respond(stream: TcpStream, peer: &str) -> Result<(), BenchError> {
 /// The channel side of the responder: a standby's handshake, then an `Ack` for every batch
 /// that closes an epoch, the moment it has arrived.
 fn respond_channel(stream: TcpStream, peer: &str) -> Result<(), BenchError> {
-    let h = link::handshake(stream, peer, Role::Standby)?;
+    let h = link::handshake(stream, peer, Role::Standby, link::Heartbeat::default())?;
     let mut link = Link::new(h)?;
     let mut poll = Poll::new().map_err(|source| ChannelError::Io {
         peer: peer.into(),
@@ -477,7 +477,7 @@ struct Channel {
 impl Channel {
     fn open(peer: &str) -> Result<Self, BenchError> {
         let stream = link::connect(peer, Duration::from_secs(2))?;
-        let h = link::handshake(stream, peer, Role::Primary)?;
+        let h = link::handshake(stream, peer, Role::Primary, link::Heartbeat::default())?;
         let mut link = Link::new(h)?;
         let io = |source| ChannelError::Io {
             peer: peer.into(),

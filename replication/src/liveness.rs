@@ -62,6 +62,13 @@ impl Liveness {
         Beat::Quiet
     }
 
+    /// Nothing was sent for an interval (whether or not the peer is silent): a heartbeat is
+    /// due. A side that waits for a silent peer keeps sending them, so a peer that was only
+    /// paused finds it alive when it runs again.
+    pub fn heartbeat_due(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_tx) >= self.heartbeat.interval
+    }
+
     /// How long the event loop may sleep from `now`: until the next heartbeat is due.
     pub fn until_next_heartbeat(&self, now: Instant) -> Duration {
         (self.last_tx + self.heartbeat.interval).saturating_duration_since(now)

@@ -37,6 +37,8 @@ pub struct Status {
     pub repairs: u64,
     /// Syncs completed (standbys that joined a running guest).
     pub syncs: u64,
+    /// The heartbeat settings agreed with the peer (ours when there is none).
+    pub heartbeat: crate::Heartbeat,
 }
 
 impl std::fmt::Display for Status {
@@ -54,7 +56,13 @@ impl std::fmt::Display for Status {
         writeln!(f, "released_output_seq={}", self.released_output_seq)?;
         writeln!(f, "held_output_bytes={}", self.held_output_bytes)?;
         writeln!(f, "repairs={}", self.repairs)?;
-        writeln!(f, "syncs={}", self.syncs)
+        writeln!(f, "syncs={}", self.syncs)?;
+        writeln!(f, "heartbeat_ms={}", self.heartbeat.interval.as_millis())?;
+        writeln!(
+            f,
+            "heartbeat_timeout_ms={}",
+            self.heartbeat.timeout.as_millis()
+        )
     }
 }
 
@@ -96,6 +104,9 @@ pub enum Request {
     Status,
     /// `switchover`: swap the roles of the pair (primary only).
     Switchover,
+    /// `promote`: a standby waiting for a silent primary goes live (an operator's decision:
+    /// DESIGN.md §5).
+    Promote,
 }
 
 /// How long the control socket waits for a client's request line; a client that sends
@@ -114,6 +125,7 @@ pub fn serve(listener: Option<&mio::net::TcpListener>, mut answer: impl FnMut(Re
         let n = stream.read(&mut line).unwrap_or(0);
         let request = match std::str::from_utf8(&line[..n]).map(str::trim) {
             Ok("switchover") => Request::Switchover,
+            Ok("promote") => Request::Promote,
             _ => Request::Status,
         };
         if let Err(e) = stream.write_all(answer(request).as_bytes()) {

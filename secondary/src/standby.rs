@@ -57,6 +57,10 @@ pub enum StandbyError {
     /// The log the primary sent is unusable.
     #[error("the primary sent a bad log: {0}")]
     Log(#[source] LogError),
+    /// The primary dropped this standby and runs on (`Abandon`): this copy must never go
+    /// live (DESIGN.md §5).
+    #[error("the primary abandoned this standby: {0}")]
+    Abandoned(String),
     /// A thread could not be started.
     #[error("cannot start the channel thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -76,6 +80,8 @@ pub struct ChannelSource {
     rx: Receiver<ToReplayer>,
     batches: u64,
     lost: Option<String>,
+    /// The primary abandoned this standby: why.
+    abandoned: Option<String>,
     /// The primary handed over its role here: the log ends.
     switchover: Option<Switchover>,
 }
@@ -89,6 +95,10 @@ impl LogSource for ChannelSource {
             }
             Ok(ToReplayer::PrimaryLost(why)) => {
                 self.lost = Some(why);
+                Ok(None)
+            }
+            Ok(ToReplayer::Abandoned(why)) => {
+                self.abandoned = Some(why);
                 Ok(None)
             }
             Ok(ToReplayer::Switchover(sw)) => {
@@ -213,7 +223,7 @@ pub fn run_standby(
     input: Option<Receiver<Vec<u8>>>,
     mut out: impl Write,
 ) -> Result<StandbyEnd, StandbyError> {
-    let (mut h, peer, start) = meet(&rendezvous)?;
+    let (mut h, peer, start) = meet(&rendezvous, options.heartbeat)?;
     let header = start.header.unwrap_or_default();
     check_version(&header, 0).map_err(StandbyError::Config)?;
     let sync = start.sync;
@@ -273,7 +283,7 @@ pub fn run_standby(
                     // applied.
                     channel.shutdown();
                     tracing::warn!("{why}: reconnecting to resume the sync");
-                    let (mut h, peer, start) = meet(&rendezvous)?;
+                    let (mut h, peer, start) = meet_again(&rendezvous, options.heartbeat)?;
                     if !start.sync || start.header.as_ref() != Some(&header) {
                         return Err(StandbyError::SyncLost(format!(
                             "{why}; {peer} now runs another guest"
@@ -304,7 +314,7 @@ pub fn run_standby(
     let mut replayer = new_replayer(&channel, &header);
     if let Some(end) = synced {
         if let Some(stop) = installed(&mut vm, &mut replayer, &channel, &end, true) {
-            return Ok(finish_completed(channel, &mut replayer, &mut out, stop));
+            return finish_completed(channel, &mut replayer, &mut out, stop);
         }
     }
     follow_with(vm, header, kernel, channel, replayer, input, out)
@@ -318,6 +328,7 @@ fn new_replayer(
         rx: channel.inbox(),
         batches: 0,
         lost: None,
+        abandoned: None,
         switchover: None,
     };
     let output = ReplayedOutput {
@@ -382,8 +393,12 @@ fn follow_with(
                 });
             }
         };
+        if let Some(why) = replayer.source.abandoned.take() {
+            channel.shutdown();
+            return Err(StandbyError::Abandoned(why));
+        }
         if let Some(stop) = report.stop {
-            return Ok(finish_completed(channel, &mut replayer, &mut out, stop));
+            return finish_completed(channel, &mut replayer, &mut out, stop);
         }
         let stop_reason = if let Some(d) = &report.divergence {
             Some((d.epoch, d.exit_seq, d.reason.clone(), false))
@@ -435,7 +450,7 @@ fn follow_with(
                 let checkpoint = (end, held);
                 if let Some(stop) = installed(&mut vm, &mut replayer, &channel, &checkpoint, false)
                 {
-                    return Ok(finish_completed(channel, &mut replayer, &mut out, stop));
+                    return finish_completed(channel, &mut replayer, &mut out, stop);
                 }
             }
             Repair::PrimaryLost(why) => {
@@ -445,6 +460,10 @@ fn follow_with(
                 tracing::warn!("{why} while waiting for a repair of epoch {epoch}");
                 replayer.source.lost = Some(why);
                 break;
+            }
+            Repair::Abandoned(why) => {
+                channel.shutdown();
+                return Err(StandbyError::Abandoned(why));
             }
             Repair::Failed(why) => {
                 channel.tell(FromReplayer::Diverged(Diverged {
@@ -530,13 +549,17 @@ fn finish_completed<W: Write>(
     replayer: &mut Replayer<ChannelSource, ReplayedOutput>,
     out: &mut W,
     stop: StopRequest,
-) -> StandbyEnd {
+) -> Result<StandbyEnd, StandbyError> {
     let lost = loop {
         if channel.released().load(Ordering::SeqCst) >= replayer.output_mut().produced() {
             break None;
         }
         match channel.inbox().recv_timeout(Duration::from_millis(20)) {
             Ok(ToReplayer::PrimaryLost(why)) => break Some(why),
+            Ok(ToReplayer::Abandoned(why)) => {
+                channel.shutdown();
+                return Err(StandbyError::Abandoned(why));
+            }
             Ok(_) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                 break Some("channel closed".into())
@@ -551,10 +574,10 @@ fn finish_completed<W: Write>(
         );
         write_out(out, &bytes);
         channel.shutdown();
-        return StandbyEnd::WentLive(stop);
+        return Ok(StandbyEnd::WentLive(stop));
     }
     channel.shutdown();
-    StandbyEnd::Completed(stop)
+    Ok(StandbyEnd::Completed(stop))
 }
 
 /// How waiting for a repair ended.
@@ -563,6 +586,8 @@ enum Repair {
     Installed(CheckpointEnd, HeldOutput),
     /// The primary was lost first.
     PrimaryLost(String),
+    /// The primary abandoned this standby.
+    Abandoned(String),
     /// The checkpoint could not be installed.
     Failed(String),
 }
@@ -587,6 +612,7 @@ fn await_repair(
                 };
             }
             Ok(ToReplayer::PrimaryLost(why)) => return Repair::PrimaryLost(why),
+            Ok(ToReplayer::Abandoned(why)) => return Repair::Abandoned(why),
             Ok(ToReplayer::Switchover(_)) => {
                 return Repair::Failed("the primary handed over its role during a repair".into())
             }
@@ -774,13 +800,40 @@ fn receive_sync(
                 ))
             }
             Ok(ToReplayer::PrimaryLost(why)) => return Err(StandbyError::SyncLost(why)),
+            Ok(ToReplayer::Abandoned(why)) => return Err(StandbyError::Abandoned(why)),
             Err(_) => return Err(StandbyError::SyncLost("the channel closed".into())),
         }
     }
 }
 
 /// Meets the primary: accepts or connects, does the handshake, and reads its Start.
-fn meet(rendezvous: &Rendezvous<'_>) -> Result<(Handshaken, String, Start), StandbyError> {
+/// Meets the primary again to resume a sync. The primary may not have noticed yet that the
+/// old connection is gone, and turns a second standby away while it thinks one is attached:
+/// a connection closed during the handshake is tried again for a while.
+fn meet_again(
+    rendezvous: &Rendezvous<'_>,
+    heartbeat: ftvm_replication::Heartbeat,
+) -> Result<(Handshaken, String, Start), StandbyError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        match meet(rendezvous, heartbeat) {
+            Err(StandbyError::Channel(
+                e @ (ChannelError::Closed { .. } | ChannelError::ClosedMidFrame { .. }),
+            )) if std::time::Instant::now() + backoff < deadline => {
+                tracing::info!("{e}; trying again in {backoff:?}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn meet(
+    rendezvous: &Rendezvous<'_>,
+    heartbeat: ftvm_replication::Heartbeat,
+) -> Result<(Handshaken, String, Start), StandbyError> {
     let (stream, peer) = match rendezvous {
         Rendezvous::Listen(listener) => {
             let (stream, addr) = listener.accept().map_err(StandbyError::Accept)?;
@@ -788,7 +841,7 @@ fn meet(rendezvous: &Rendezvous<'_>) -> Result<(Handshaken, String, Start), Stan
         }
         Rendezvous::Join { addr, timeout } => (link::connect(addr, *timeout)?, addr.clone()),
     };
-    let mut h = link::handshake(stream, &peer, Role::Standby)?;
+    let mut h = link::handshake(stream, &peer, Role::Standby, heartbeat)?;
     let msg = link::recv_blocking(&mut h.stream, &peer, &mut h.rx_offset)?;
     let Some(Body::Start(start)) = msg.body else {
         return Err(ChannelError::Unexpected {

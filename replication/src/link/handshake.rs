@@ -26,6 +26,34 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(50);
 /// Default heartbeat timeout: three intervals.
 pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(150);
 
+/// The longest heartbeat interval or timeout a peer may ask for (a peer asking for more
+/// gets this): the failure detector must keep working whatever the peer says.
+pub const MAX_HEARTBEAT: Duration = Duration::from_secs(60);
+
+impl Heartbeat {
+    /// What both sides of a pair use (DESIGN.md §6): the larger interval and the larger
+    /// timeout of ours and the peer's `Hello` (a value it left at 0 counts as ours; one above
+    /// [`MAX_HEARTBEAT`] counts as that).
+    pub fn agree(self, theirs: &Hello) -> Heartbeat {
+        let peer = |ms: u32, ours: Duration| match ms {
+            0 => ours,
+            ms => Duration::from_millis(u64::from(ms)).min(MAX_HEARTBEAT),
+        };
+        Heartbeat {
+            interval: self
+                .interval
+                .max(peer(theirs.heartbeat_interval_ms, self.interval)),
+            timeout: self
+                .timeout
+                .max(peer(theirs.heartbeat_timeout_ms, self.timeout)),
+        }
+    }
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
 impl Default for Heartbeat {
     fn default() -> Self {
         Self {
@@ -84,6 +112,8 @@ pub struct Handshaken {
     pub hello: Hello,
     /// Stream offset of the next frame from the peer.
     pub rx_offset: u64,
+    /// The heartbeat settings both sides agreed on.
+    pub heartbeat: Heartbeat,
 }
 
 fn role_name(role: i32) -> &'static str {
@@ -109,6 +139,7 @@ pub fn body_name(m: &Message) -> &'static str {
         Some(Body::Ready(_)) => "Ready",
         Some(Body::Switchover(_)) => "Switchover",
         Some(Body::HeldOutput(_)) => "HeldOutput",
+        Some(Body::Abandon(_)) => "Abandon",
         None => "an empty message",
     }
 }
@@ -161,13 +192,19 @@ pub fn recv_blocking(
     }
 }
 
-/// The pair handshake, the same on both sides: send the magic and a Hello naming our role
-/// and this host's kind ([`HostKind::local`]), then read the peer's and check its magic,
-/// protocol version, role (it must be the other one) and host kind (it must be ours). Both
-/// sides send before reading, so each learns the other's version and host even when they
-/// differ, and both refuse a mismatch.
-pub fn handshake(stream: TcpStream, peer: &str, role: Role) -> Result<Handshaken, ChannelError> {
-    handshake_on(stream, peer, role, HostKind::local())
+/// The pair handshake, the same on both sides: send the magic and a Hello naming our role,
+/// this host's kind ([`HostKind::local`]) and our `heartbeat` settings, then read the peer's
+/// and check its magic, protocol version, role (it must be the other one) and host kind (it
+/// must be ours). Both sides send before reading, so each learns the other's version and
+/// host even when they differ, and both refuse a mismatch. Both agree on the heartbeat
+/// ([`Heartbeat::agree`]).
+pub fn handshake(
+    stream: TcpStream,
+    peer: &str,
+    role: Role,
+    heartbeat: Heartbeat,
+) -> Result<Handshaken, ChannelError> {
+    handshake_on(stream, peer, role, HostKind::local(), heartbeat)
 }
 
 /// [`handshake`] as a host of kind `host`.
@@ -176,6 +213,7 @@ pub fn handshake_on(
     peer: &str,
     role: Role,
     host: &HostKind,
+    heartbeat: Heartbeat,
 ) -> Result<Handshaken, ChannelError> {
     let io_err = |e| ChannelError::io(peer, e);
     stream.set_nodelay(true).map_err(io_err)?;
@@ -187,6 +225,8 @@ pub fn handshake_on(
         role: role as i32,
         software: format!("ftvm {}", env!("CARGO_PKG_VERSION")),
         host: Some(host.to_proto()),
+        heartbeat_interval_ms: millis(heartbeat.interval),
+        heartbeat_timeout_ms: millis(heartbeat.timeout),
     };
     let mut first = CHANNEL_MAGIC.to_vec();
     first.extend_from_slice(&frame::encode(&Message {
@@ -261,12 +301,30 @@ pub fn handshake_on(
             ours: Box::new(host.clone()),
         });
     }
+    let agreed = heartbeat.agree(&theirs);
+    if agreed.timeout <= agreed.interval {
+        return Err(ChannelError::Unexpected {
+            peer: peer.into(),
+            expected: "a heartbeat timeout longer than the heartbeat interval",
+            got: format!(
+                "interval {} ms, timeout {} ms",
+                theirs.heartbeat_interval_ms, theirs.heartbeat_timeout_ms
+            ),
+        });
+    }
     tracing::debug!(peer, host = %their_host, "pair handshake done");
+    tracing::info!(
+        peer,
+        heartbeat_ms = agreed.interval.as_millis() as u64,
+        heartbeat_timeout_ms = agreed.timeout.as_millis() as u64,
+        "heartbeat agreed with the peer (the larger interval and timeout of both sides)"
+    );
     Ok(Handshaken {
         stream,
         peer: peer.into(),
         hello: theirs,
         rx_offset: offset,
+        heartbeat: agreed,
     })
 }
 
@@ -291,14 +349,34 @@ mod tests {
         Result<Handshaken, ChannelError>,
         Result<Handshaken, ChannelError>,
     ) {
+        pair_with(
+            (primary_host, Heartbeat::default()),
+            (standby_host, Heartbeat::default()),
+        )
+    }
+
+    /// [`pair`] with each side's heartbeat settings.
+    fn pair_with(
+        (primary_host, primary_hb): (HostKind, Heartbeat),
+        (standby_host, standby_hb): (HostKind, Heartbeat),
+    ) -> (
+        Result<Handshaken, ChannelError>,
+        Result<Handshaken, ChannelError>,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let standby = std::thread::spawn(move || {
             let (stream, peer) = listener.accept().expect("accept");
-            handshake_on(stream, &peer.to_string(), Role::Standby, &standby_host)
+            handshake_on(
+                stream,
+                &peer.to_string(),
+                Role::Standby,
+                &standby_host,
+                standby_hb,
+            )
         });
         let stream = TcpStream::connect(&addr).expect("connect");
-        let primary = handshake_on(stream, &addr, Role::Primary, &primary_host);
+        let primary = handshake_on(stream, &addr, Role::Primary, &primary_host, primary_hb);
         (primary, standby.join().expect("standby thread"))
     }
 
@@ -310,6 +388,47 @@ mod tests {
         let s = s.expect("standby handshake");
         assert_eq!(HostKind::from_proto(p.hello.host.as_ref()), h);
         assert_eq!(HostKind::from_proto(s.hello.host.as_ref()), h);
+    }
+
+    fn ms(interval: u64, timeout: u64) -> Heartbeat {
+        Heartbeat {
+            interval: Duration::from_millis(interval),
+            timeout: Duration::from_millis(timeout),
+        }
+    }
+
+    #[test]
+    fn both_sides_agree_on_the_larger_heartbeat_interval_and_timeout() {
+        let h = host(KvmFlavour::Pvm, "AuthenticAMD");
+        let (p, s) = pair_with((h.clone(), ms(200, 600)), (h, ms(50, 900)));
+        let (p, s) = (p.expect("primary"), s.expect("standby"));
+        for agreed in [p.heartbeat, s.heartbeat] {
+            assert_eq!(agreed.interval, Duration::from_millis(200));
+            assert_eq!(agreed.timeout, Duration::from_millis(900));
+        }
+    }
+
+    #[test]
+    fn a_peer_cannot_switch_the_failure_detector_off() {
+        let ours = ms(50, 150);
+        let mut theirs = Hello {
+            heartbeat_interval_ms: u32::MAX,
+            heartbeat_timeout_ms: u32::MAX,
+            ..Default::default()
+        };
+        let agreed = ours.agree(&theirs);
+        assert_eq!(
+            (agreed.interval, agreed.timeout),
+            (MAX_HEARTBEAT, MAX_HEARTBEAT)
+        );
+        // A peer that says nothing (0) leaves ours.
+        theirs.heartbeat_interval_ms = 0;
+        theirs.heartbeat_timeout_ms = 0;
+        let agreed = ours.agree(&theirs);
+        assert_eq!(
+            (agreed.interval, agreed.timeout),
+            (ours.interval, ours.timeout)
+        );
     }
 
     #[test]

@@ -17,12 +17,14 @@ pub use self::error::ChannelError;
 pub use self::handshake::{
     body_name, connect, handshake, handshake_on, recv_blocking, send_blocking, Handshaken,
     Heartbeat, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT, HANDSHAKE_TIMEOUT,
+    MAX_HEARTBEAT,
 };
 
 /// A connection after its handshake, non-blocking, on a mio event loop.
 pub struct Link {
     stream: mio::net::TcpStream,
     peer: String,
+    heartbeat: Heartbeat,
     rx: Vec<u8>,
     rx_offset: u64,
     tx: Vec<u8>,
@@ -42,6 +44,7 @@ impl Link {
         Ok(Self {
             stream: mio::net::TcpStream::from_std(h.stream),
             peer: h.peer,
+            heartbeat: h.heartbeat,
             rx: Vec::new(),
             rx_offset: h.rx_offset,
             tx: Vec::new(),
@@ -54,6 +57,11 @@ impl Link {
     /// The peer.
     pub fn peer(&self) -> &str {
         &self.peer
+    }
+
+    /// The heartbeat settings both sides agreed on in the handshake.
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat
     }
 
     /// Registers the socket for readable and writable events under `token`.
@@ -154,6 +162,14 @@ impl Link {
                 peer: self.peer.clone(),
                 source: frame::truncated(&self.rx, self.rx_offset),
             }),
+        }
+    }
+
+    /// Ends our direction of the connection (the peer reads EOF after what was queued);
+    /// the socket stays open, so what the peer still sends is not answered with a reset.
+    pub fn shutdown_write(&mut self) {
+        if let Err(e) = self.stream.shutdown(std::net::Shutdown::Write) {
+            tracing::debug!(peer = self.peer, "shutdown: {e}");
         }
     }
 

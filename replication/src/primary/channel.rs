@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
-use ftvm_proto::channel::{message::Body, Message, Ready, Role, Start};
+use ftvm_proto::channel::{message::Body, Abandon, Message, Ready, Role, Start};
 use mio::{Registry, Waker};
 
 use super::core::{Action, CoreConfig, PrimaryCore};
@@ -25,6 +25,10 @@ use crate::ChannelOptions;
 
 /// The pre-copy sends while fewer than this many bytes wait in the socket's queue.
 const PRECOPY_QUEUE: usize = 4 << 20;
+
+/// How long the connection to an abandoned standby stays open once `Abandon` is written and
+/// our side shut down: the standby reads it before the socket closes (DESIGN.md §5).
+const ABANDONED_LINGER: Duration = Duration::from_secs(5);
 
 /// A joining standby's handshake, done on a helper thread: the link, or why it failed.
 type Joined = Result<(Link, Ready), String>;
@@ -65,7 +69,8 @@ impl PrimaryChannel {
         let audit = Audit::from_env();
         let core = PrimaryCore::new(
             CoreConfig {
-                heartbeat: options.heartbeat,
+                // The settings agreed with the standby (ours until one joins).
+                heartbeat: link.as_ref().map_or(options.heartbeat, Link::heartbeat),
                 audit: audit.is_some(),
                 memory: setup.memory,
                 start: setup.start,
@@ -90,6 +95,8 @@ impl PrimaryChannel {
             waker: waker.clone(),
             meter: RateMeter::default(),
             report: None,
+            closing: Vec::new(),
+            heartbeat: options.heartbeat,
         };
         let thread = std::thread::Builder::new()
             .name("ftvm-channel".into())
@@ -147,6 +154,39 @@ struct Driver {
     meter: RateMeter,
     /// The final report, once the loop finished.
     report: Option<PrimaryReport>,
+    /// Connections to abandoned standbys, until `Abandon` is out.
+    closing: Vec<Closing>,
+    /// Our own heartbeat settings (`--heartbeat-ms`), offered to joining standbys.
+    heartbeat: crate::Heartbeat,
+}
+
+/// The connection to an abandoned standby: `Abandon` is queued on it. It closes once that
+/// is written and the standby had time to read it, or once the standby closes; never before
+/// `Abandon` is out, since a close without it is what tells a standby that its primary died.
+struct Closing {
+    link: Link,
+    /// When `Abandon` was written out entirely (and our side shut down).
+    flushed: Option<Instant>,
+}
+
+impl Closing {
+    /// Writes what it can, reads and drops what the standby sent; false once it is done.
+    fn service(&mut self, now: Instant) -> bool {
+        if self.link.flush().is_err() {
+            return false;
+        }
+        if self.flushed.is_none() && self.link.pending() == 0 {
+            self.link.shutdown_write();
+            self.flushed = Some(now);
+        }
+        let mut ignored = Vec::new();
+        if self.link.receive(&mut ignored).is_err() {
+            // The standby closed (it read `Abandon`, or it is gone): nothing more to say.
+            return false;
+        }
+        self.flushed
+            .is_none_or(|t| now.saturating_duration_since(t) < ABANDONED_LINGER)
+    }
 }
 
 impl Driver {
@@ -182,7 +222,7 @@ impl Driver {
                         a.line(format_args!("{line}"));
                     }
                 }
-                Action::DropLink => self.link = None,
+                Action::Abandon(reason) => self.abandon(reason),
                 Action::HandOver {
                     epoch,
                     exit_seq,
@@ -199,6 +239,27 @@ impl Driver {
                     let _ = self.handover.send(Err(why));
                 }
             }
+        }
+    }
+
+    /// Sends `Abandon` to the standby being dropped; its connection closes once that is out.
+    fn abandon(&mut self, reason: String) {
+        let Some(mut link) = self.link.take() else {
+            return;
+        };
+        let msg = Message {
+            body: Some(Body::Abandon(Abandon { reason })),
+        };
+        if link.send(&msg).is_err() {
+            // The connection is broken already: there is nobody to tell.
+            return;
+        }
+        let mut closing = Closing {
+            link,
+            flushed: None,
+        };
+        if closing.service(Instant::now()) {
+            self.closing.push(closing);
         }
     }
 
@@ -279,10 +340,11 @@ impl Driver {
             let tx = self.joining.0.clone();
             let waker = self.waker.clone();
             let start = self.core.start_message().clone();
+            let heartbeat = self.heartbeat;
             let spawned = std::thread::Builder::new()
                 .name("ftvm-join".into())
                 .spawn(move || {
-                    let result = link::handshake(stream, &peer, Role::Primary)
+                    let result = link::handshake(stream, &peer, Role::Primary, heartbeat)
                         .and_then(|h| offer_vm(h, &peer, start))
                         .map_err(|e| format!("joining standby {peer}: {e}"));
                     let _ = tx.send(result);
@@ -309,8 +371,12 @@ impl Driver {
         if let Err(e) = link.register(registry, LINK) {
             return tracing::warn!(peer = link.peer(), "cannot watch the joining standby: {e}");
         }
-        self.core
-            .attach(link.peer().to_string(), &ready, Instant::now());
+        self.core.attach(
+            link.peer().to_string(),
+            link.heartbeat(),
+            &ready,
+            Instant::now(),
+        );
         self.link = Some(link);
         self.apply(registry);
     }
@@ -382,6 +448,7 @@ impl Side for Driver {
 
     fn after(&mut self, registry: &Registry, now: Instant) -> bool {
         self.apply(registry);
+        self.closing.retain_mut(|c| c.service(now));
         self.pump_precopy(registry);
         if let Some(link) = &self.link {
             self.meter.sample(now, link.bytes_sent);
@@ -411,6 +478,10 @@ impl Side for Driver {
         self.report = Some(self.core.finish());
         if let Some(link) = &mut self.link {
             link.drain(event_loop.poll_mut(), self.core.heartbeat().timeout);
+        }
+        for c in &mut self.closing {
+            c.link
+                .drain(event_loop.poll_mut(), self.core.heartbeat().timeout);
         }
     }
 }

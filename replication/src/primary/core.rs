@@ -37,8 +37,10 @@ pub enum Action {
     },
     /// A line for the audit trail (`FTVM_AUDIT`).
     Audit(String),
-    /// The standby is lost: close the connection to it.
-    DropLink,
+    /// The standby is dropped: send it `Abandon { reason }` (so it knows this primary lives
+    /// on and never goes live from this pair), then close the connection once that is
+    /// flushed (bounded). DESIGN.md §5.
+    Abandon(String),
     /// The switchover is complete on this side: flush what is queued (the `Switchover`
     /// message) and hand the connection to the vCPU thread, then call
     /// [`PrimaryCore::handed_over`] (or [`PrimaryCore::link_failed`]).
@@ -375,12 +377,14 @@ impl PrimaryCore {
         }
     }
 
-    /// The pair is no longer protected: say so once, release everything held, go on alone.
+    /// The pair is no longer protected: tell the standby it is abandoned (whatever the
+    /// reason, so it never takes our close for our death), say so once, release everything
+    /// held, go on alone.
     pub fn lose(&mut self, why: String, now: Instant) {
         if self.standby.take().is_none() {
             return;
         }
-        self.actions.push_back(Action::DropLink);
+        self.actions.push_back(Action::Abandon(why.clone()));
         self.tracking.set_protected(false);
         if self.switchover.abandon() {
             self.refuse_handover(why.clone());

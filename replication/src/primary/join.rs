@@ -14,6 +14,7 @@ use super::core::{Attached, PrimaryCore};
 use super::repair::PendingCheckpoint;
 use super::PAUSED_SYNC_KEPT;
 use crate::checkpoint::{DirtyTracking, VcpuRequest};
+use crate::link::Heartbeat;
 use crate::liveness::Liveness;
 use crate::sync::{PreCopy, Step};
 
@@ -146,12 +147,13 @@ impl PrimaryCore {
         }
     }
 
-    /// A joining standby at `peer` finished its handshake and is ready: start (or resume)
-    /// its sync.
-    pub fn attach(&mut self, peer: String, ready: &Ready, now: Instant) {
+    /// A joining standby at `peer` finished its handshake (agreeing on `heartbeat`) and is
+    /// ready: start (or resume) its sync.
+    pub fn attach(&mut self, peer: String, heartbeat: Heartbeat, ready: &Ready, now: Instant) {
         self.peer = peer;
+        self.heartbeat = heartbeat;
         self.standby = Some(Attached {
-            liveness: Liveness::new(self.heartbeat, now),
+            liveness: Liveness::new(heartbeat, now),
         });
         self.tracking.set_protected(true);
         self.protection.attached();

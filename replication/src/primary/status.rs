@@ -19,6 +19,10 @@ impl PrimaryCore {
                 Ok(()) => "switchover started: the primary stops at its next exit\n".into(),
                 Err(why) => format!("error: {why}\n"),
             },
+            Request::Promote => {
+                "error: this is the primary; promote asks a standby that waits for its primary\n"
+                    .into()
+            }
         }
     }
 
@@ -58,6 +62,7 @@ impl PrimaryCore {
             held_output_bytes: self.protection.buffer.held_bytes(),
             repairs: self.report.repairs,
             syncs: self.report.syncs,
+            heartbeat: self.heartbeat,
         }
     }
 }

@@ -46,6 +46,11 @@ struct Progress {
 struct Condition {
     /// Why the primary was lost.
     lost: Option<String>,
+    /// The primary abandoned this standby: why.
+    abandoned: Option<String>,
+    /// The primary fell silent or broke the stream, and may live on: why. The standby keeps
+    /// its VM as it is and waits for the primary to come back or for `promote`.
+    waiting: Option<String>,
     /// The replayer went live.
     live: bool,
     /// A checkpoint could not be installed: the replay gave up.
@@ -73,7 +78,24 @@ pub struct StandbyCore {
     handover: bool,
     /// The replayer asked the channel to stop.
     shutdown: bool,
+    /// Our control socket's address, for the hint a waiting standby logs.
+    control: Option<String>,
     actions: VecDeque<Action>,
+}
+
+/// Whether the failure of the primary's connection is evidence that its process is gone
+/// while its host lives (DESIGN.md §5): the connection closed or was reset. Silence, a
+/// malformed frame or a message that breaks the protocol are not: the primary may run on.
+pub fn evidence_of_death(e: &ChannelError) -> bool {
+    use std::io::ErrorKind;
+    match e {
+        ChannelError::Closed { .. } | ChannelError::ClosedMidFrame { .. } => true,
+        ChannelError::Io { source, .. } => matches!(
+            source.kind(),
+            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
+        ),
+        _ => false,
+    }
 }
 
 impl StandbyCore {
@@ -89,8 +111,14 @@ impl StandbyCore {
             held: None,
             handover: false,
             shutdown: false,
+            control: None,
             actions: VecDeque::new(),
         }
+    }
+
+    /// Our control socket is at `addr` (what `ftvm promote` is pointed at).
+    pub fn set_control_addr(&mut self, addr: String) {
+        self.control = Some(addr);
     }
 
     /// The next thing the event loop must do.
@@ -138,10 +166,14 @@ impl StandbyCore {
         }
     }
 
-    /// Bytes from the primary arrived at `now`.
+    /// Bytes from the primary arrived at `now`. A primary that was silent is back: follow
+    /// it again.
     pub fn heard(&mut self, now: Instant) {
         if let Some(l) = &mut self.primary {
             l.heard(now);
+            if let Some(why) = self.condition.waiting.take() {
+                tracing::warn!("the primary is back ({why}): following it again");
+            }
         }
     }
 
@@ -175,15 +207,17 @@ impl StandbyCore {
                 self.handover = true;
                 self.replayer(ToReplayer::Switchover(sw));
             }
+            Some(Body::Abandon(a)) => self.abandoned(a.reason),
             Some(Body::Pages(chunk)) => self.replayer(ToReplayer::Pages(chunk)),
             Some(Body::HeldOutput(held)) => self.held = Some(held),
             Some(Body::CheckpointEnd(end)) => {
                 let Some(held) = self.held.take().filter(|h| h.checkpoint == end.checkpoint) else {
-                    return self.lose(
+                    return self.wait(
                         format!(
-                            "primary lost: {} broke the pair protocol: the end of checkpoint {} came without its held output",
+                            "primary {} broke the pair protocol: the end of checkpoint {} came without its held output",
                             self.peer, end.checkpoint
                         ),
+                        false,
                     );
                 };
                 self.progress.exit_seq = end.exit_seq;
@@ -265,9 +299,76 @@ impl StandbyCore {
         );
     }
 
-    /// The connection to the primary failed (closed, reset, silent, a bad frame).
+    /// The connection to the primary failed (closed, reset, silent, a bad frame). Only a
+    /// close or a reset is evidence that the primary is gone: then the standby goes live.
+    /// Otherwise it waits (DESIGN.md §5), on the same connection if it is only silence.
     pub fn link_failed(&mut self, e: ChannelError) {
-        self.lose(format!("primary lost: {e}"));
+        if evidence_of_death(&e) {
+            self.lose(format!("primary lost: {e}"));
+        } else {
+            let keep = matches!(e, ChannelError::Silent { .. });
+            self.wait(format!("primary {e}"), keep);
+        }
+    }
+
+    /// The primary may live on but this standby cannot follow it now: keep the VM as it is
+    /// and wait, for the primary to speak again (`keep_link`: it is only silent) or for an
+    /// operator's `promote`. Never live on its own.
+    fn wait(&mut self, why: String, keep_link: bool) {
+        if self.primary.is_none() {
+            return;
+        }
+        if !keep_link {
+            self.primary = None;
+            self.actions.push_back(Action::DropLink);
+        }
+        if self.condition.waiting.is_none() || !keep_link {
+            tracing::warn!(
+                "{why}; not going live without an arbiter: waiting ({})",
+                self.promote_hint()
+            );
+        }
+        self.condition.waiting = Some(why);
+    }
+
+    fn promote_hint(&self) -> String {
+        match &self.control {
+            Some(addr) => format!("ftvm promote {addr} to go live"),
+            None => "ftvm promote ADDR to go live; this standby has no --control socket".into(),
+        }
+    }
+
+    /// `ftvm promote`: an operator decided that the primary this standby waits for is gone;
+    /// go live from the last consistent point (the same path as a primary's death).
+    pub fn promote(&mut self) -> Result<(), String> {
+        let c = &self.condition;
+        if c.live || c.lost.is_some() {
+            return Err("this standby is live already".into());
+        }
+        if let Some(why) = &c.abandoned {
+            return Err(format!(
+                "the primary abandoned this standby ({why}): its copy is not the guest's"
+            ));
+        }
+        if let Some(why) = &c.diverged {
+            return Err(format!(
+                "this standby has no usable copy of the guest: {why}"
+            ));
+        }
+        let Some(why) = self.condition.waiting.take() else {
+            return Err(
+                "this standby follows a live primary; only a standby that waits for a silent primary can be promoted (`ftvm switchover` swaps the roles of a healthy pair)"
+                    .into(),
+            );
+        };
+        tracing::warn!("promoted by the operator ({why})");
+        if self.primary.take().is_some() {
+            self.actions.push_back(Action::DropLink);
+        }
+        let reason = format!("promoted by the operator ({why})");
+        self.condition.lost = Some(reason.clone());
+        self.replayer(ToReplayer::PrimaryLost(reason));
+        Ok(())
     }
 
     fn lose(&mut self, why: String) {
@@ -280,24 +381,52 @@ impl StandbyCore {
         self.replayer(ToReplayer::PrimaryLost(why));
     }
 
-    /// The clock at `now`: the failure detector and heartbeats.
+    /// The primary dropped this standby and lives on: this copy must never go live.
+    fn abandoned(&mut self, reason: String) {
+        if self.primary.take().is_none() {
+            return;
+        }
+        tracing::debug!("the primary abandoned this standby: {reason}");
+        self.condition.abandoned = Some(reason.clone());
+        self.actions.push_back(Action::DropLink);
+        self.replayer(ToReplayer::Abandoned(reason));
+    }
+
+    /// The clock at `now`: the failure detector and heartbeats. A standby waiting for a
+    /// silent primary goes on sending heartbeats, so a primary that was only paused finds
+    /// it alive when it runs again.
     pub fn tick(&mut self, now: Instant) {
         let Some(l) = &self.primary else { return };
-        match l.tick(now) {
-            Beat::Quiet => {}
-            Beat::SendHeartbeat => self.send(Body::Heartbeat(Default::default()), now),
-            Beat::Silent(silent) => self.link_failed(ChannelError::Silent {
-                peer: self.peer.clone(),
-                silent,
-                timeout: self.heartbeat.timeout,
-            }),
+        let due = l.heartbeat_due(now);
+        if let Beat::Silent(silent) = l.tick(now) {
+            if self.condition.waiting.is_none() {
+                self.link_failed(ChannelError::Silent {
+                    peer: self.peer.clone(),
+                    silent,
+                    timeout: self.heartbeat.timeout,
+                });
+            }
+        }
+        if due {
+            self.send(Body::Heartbeat(Default::default()), now);
         }
     }
 
     /// Answers a control request; `log_bytes_per_s` is the channel's receive rate now.
-    pub fn control_request(&self, request: Request, now: Instant, log_bytes_per_s: u64) -> String {
+    pub fn control_request(
+        &mut self,
+        request: Request,
+        now: Instant,
+        log_bytes_per_s: u64,
+    ) -> String {
         match request {
             Request::Status => self.status(now, log_bytes_per_s).to_string(),
+            Request::Promote => match self.promote() {
+                Ok(()) => {
+                    "promoted: this standby goes live from its last consistent point\n".into()
+                }
+                Err(why) => format!("error: {why}\n"),
+            },
             Request::Switchover => {
                 "error: this is the standby; ask the primary's control socket\n".into()
             }
@@ -316,6 +445,8 @@ impl StandbyCore {
                     c.lost.as_deref().unwrap_or("primary lost")
                 ),
             )
+        } else if let Some(why) = &c.abandoned {
+            ("standby", false, format!("abandoned: {why}"))
         } else if let Some(d) = &c.diverged {
             ("standby", false, format!("diverged: {d}"))
         } else if let Some((bytes, left)) = c.syncing {
@@ -329,6 +460,15 @@ impl StandbyCore {
             )
         } else if let Some(why) = &c.awaiting {
             ("standby", true, format!("repairing: {why}"))
+        } else if let Some(why) = &c.waiting {
+            (
+                "standby",
+                false,
+                format!(
+                    "waiting: {why}; not going live without an arbiter ({})",
+                    self.promote_hint()
+                ),
+            )
         } else if let Some(why) = &c.lost {
             ("standby", false, format!("going live: {why}"))
         } else {
@@ -357,6 +497,7 @@ impl StandbyCore {
             held_output_bytes: 0,
             repairs: c.repairs,
             syncs: c.syncs,
+            heartbeat: self.heartbeat,
         }
     }
 }

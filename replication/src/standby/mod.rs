@@ -3,7 +3,8 @@
 //! [`StandbyCore`] is the protocol as a state machine with no I/O inside; [`StandbyChannel`]
 //! runs it on a thread over the shared event loop ([`crate::event_loop`]), handing the
 //! primary's log to the replayer as it arrives and telling the replayer when the primary is
-//! gone (EOF or reset: at once; silence: after the heartbeat timeout).
+//! gone (EOF or reset without `Abandon`: at once; silence: never on its own, it waits for
+//! the primary to speak again or for `ftvm promote`; DESIGN.md §5).
 
 mod core;
 #[cfg(test)]
@@ -46,6 +47,9 @@ pub enum ToReplayer {
     Switchover(ftvm_proto::channel::Switchover),
     /// The primary is gone; nothing more will come. The reason, for the log.
     PrimaryLost(String),
+    /// The primary dropped this standby and runs on (`Abandon`): stop, never go live. Its
+    /// reason.
+    Abandoned(String),
 }
 
 /// What the replayer tells the channel thread.
@@ -102,12 +106,16 @@ impl StandbyChannel {
         let (tx, from_replayer) = crossbeam_channel::unbounded();
         let released = Arc::new(AtomicU64::new(0));
         let audit = Audit::from_env();
-        let core = StandbyCore::new(
+        let mut core = StandbyCore::new(
             link.peer().to_string(),
-            options.heartbeat,
+            // The settings agreed with the primary in the handshake.
+            link.heartbeat(),
             audit.is_some(),
             Instant::now(),
         );
+        if let Some(addr) = options.control.as_ref().and_then(|l| l.local_addr().ok()) {
+            core.set_control_addr(addr.to_string());
+        }
         let mut driver = Driver {
             core,
             link: Some(link),
@@ -282,7 +290,9 @@ impl Side for Driver {
             .link
             .as_ref()
             .map_or(0, |l| self.meter.rate(now, l.bytes_received));
-        self.core.control_request(request, now, rate)
+        let answer = self.core.control_request(request, now, rate);
+        self.apply();
+        answer
     }
 
     fn done(&self) -> bool {

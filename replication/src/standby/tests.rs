@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use ftvm_proto::channel::{
-    message::Body, CheckpointEnd, Diverged, HeldOutput, Message, Released, Switchover,
+    message::Body, Abandon, CheckpointEnd, Diverged, HeldOutput, Message, Released, Switchover,
 };
 use ftvm_proto::log::{record::Kind, EpochEnd, Record, RecordBatch};
 
@@ -175,7 +175,7 @@ fn a_divergence_is_reported_and_the_repair_acknowledged_once_installed() {
 }
 
 #[test]
-fn a_checkpoint_end_without_its_held_output_loses_the_primary() {
+fn a_checkpoint_end_without_its_held_output_stops_following_but_never_goes_live() {
     let mut s = standby();
     s.primary(Message {
         body: Some(Body::CheckpointEnd(CheckpointEnd {
@@ -183,43 +183,164 @@ fn a_checkpoint_end_without_its_held_output_loses_the_primary() {
             ..Default::default()
         })),
     });
+    // A primary that breaks the protocol may still run: no go-live without evidence.
     let actions = s.actions();
-    assert!(matches!(
-        actions.as_slice(),
-        [
-            Action::DropLink,
-            Action::ToReplayer(ToReplayer::PrimaryLost(_))
-        ]
-    ));
+    assert!(
+        matches!(actions.as_slice(), [Action::DropLink]),
+        "{actions:?}"
+    );
+    assert!(s
+        .status()
+        .contains("state=waiting: primary primary:1 broke the pair protocol"));
     assert!(s.status().contains("came without its held output"));
 }
 
+fn heartbeats(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .filter(|a| {
+            matches!(
+                a,
+                Action::Send(Message {
+                    body: Some(Body::Heartbeat(_))
+                })
+            )
+        })
+        .count()
+}
+
 #[test]
-fn a_silent_primary_is_lost_after_the_heartbeat_timeout() {
+fn a_silent_primary_makes_the_standby_wait_and_it_follows_again_when_the_primary_speaks() {
     let mut s = standby();
     s.now += Duration::from_millis(60);
     s.core.tick(s.now);
-    assert!(matches!(
-        s.actions().as_slice(),
-        [Action::Send(Message {
-            body: Some(Body::Heartbeat(_))
-        })]
-    ));
+    assert_eq!(heartbeats(&s.actions()), 1);
     s.now += Duration::from_millis(91);
     s.core.tick(s.now);
+    // Silence is no evidence of death: the VM stays as it is, nothing goes to the replayer,
+    // the connection stays open and heartbeats go on, so a paused primary finds us alive.
+    let actions = s.actions();
+    assert!(
+        actions.iter().all(|a| matches!(a, Action::Send(_))),
+        "{actions:?}"
+    );
+    assert!(s
+        .status()
+        .contains("state=waiting: primary primary:1 silent for"));
+    assert!(s.status().contains("not going live without an arbiter"));
+    for _ in 0..20 {
+        s.now += Duration::from_millis(50);
+        s.core.tick(s.now);
+    }
+    assert_eq!(heartbeats(&s.actions()), 20);
+    // The primary speaks again on the same connection: lockstep goes on.
+    s.primary(epoch_end(1, 10));
+    assert!(matches!(
+        s.actions().as_slice(),
+        [Action::ToReplayer(ToReplayer::Batch(_))]
+    ));
+    assert!(s.status().contains("state=lockstep"), "{}", s.status());
+}
+
+#[test]
+fn promote_makes_a_waiting_standby_go_live_and_is_refused_otherwise() {
+    let mut s = standby();
+    s.core.set_control_addr("127.0.0.1:7".into());
+    let refused = s.core.control_request(Request::Promote, s.now, 0);
+    assert!(
+        refused.starts_with("error: this standby follows a live primary"),
+        "{refused}"
+    );
+    assert!(s.actions().is_empty());
+    s.now += Duration::from_millis(200);
+    s.core.tick(s.now);
+    s.actions();
+    assert!(s.status().contains("(ftvm promote 127.0.0.1:7 to go live)"));
+    let answer = s.core.control_request(Request::Promote, s.now, 0);
+    assert!(answer.starts_with("promoted"), "{answer}");
     let actions = s.actions();
     let [Action::DropLink, Action::ToReplayer(ToReplayer::PrimaryLost(why))] = actions.as_slice()
     else {
-        panic!("the primary is lost: {actions:?}");
+        panic!("promote goes live: {actions:?}");
     };
-    assert!(why.contains("silent for"), "{why}");
+    assert!(why.starts_with("promoted by the operator (primary primary:1 silent for"));
     assert!(s
         .status()
-        .contains("state=going live: primary lost: primary:1 silent"));
-    // Nothing more is sent or passed on once lost.
+        .contains("state=going live: promoted by the operator"));
+    let again = s.core.control_request(Request::Promote, s.now, 0);
+    assert!(
+        again.starts_with("error: this standby is live already"),
+        "{again}"
+    );
+}
+
+#[test]
+fn an_abandoned_standby_stops_and_never_goes_live() {
+    let mut s = standby();
     s.primary(epoch_end(1, 10));
+    s.actions();
+    s.primary(Message {
+        body: Some(Body::Abandon(Abandon {
+            reason: "standby lost: standby:1 silent for 151ms".into(),
+        })),
+    });
+    let actions = s.actions();
+    let [Action::DropLink, Action::ToReplayer(ToReplayer::Abandoned(why))] = actions.as_slice()
+    else {
+        panic!("abandoned: {actions:?}");
+    };
+    assert!(why.contains("silent for 151ms"));
+    // The close that follows is not the primary's death.
+    s.core.link_failed(ChannelError::Closed {
+        peer: "primary:1".into(),
+    });
     s.core.tick(s.now + Duration::from_secs(1));
     assert!(s.actions().is_empty());
+    assert!(s.status().contains("state=abandoned: standby lost"));
+    assert!(s
+        .core
+        .control_request(Request::Promote, s.now, 0)
+        .starts_with("error: the primary abandoned this standby"));
+}
+
+#[test]
+fn only_a_close_or_a_reset_is_evidence_that_the_primary_is_gone() {
+    let peer = || "primary:1".to_string();
+    let io = |kind| ChannelError::Io {
+        peer: peer(),
+        source: std::io::Error::from(kind),
+    };
+    for (e, evidence) in [
+        (ChannelError::Closed { peer: peer() }, true),
+        (io(std::io::ErrorKind::ConnectionReset), true),
+        (io(std::io::ErrorKind::TimedOut), false),
+        (io(std::io::ErrorKind::HostUnreachable), false),
+        (
+            ChannelError::Silent {
+                peer: peer(),
+                silent: Duration::from_millis(200),
+                timeout: HB.timeout,
+            },
+            false,
+        ),
+        (
+            ChannelError::Unexpected {
+                peer: peer(),
+                expected: "a record batch",
+                got: "Ack".into(),
+            },
+            false,
+        ),
+    ] {
+        let what = e.to_string();
+        let mut s = standby();
+        s.core.link_failed(e);
+        let lost = s
+            .actions()
+            .iter()
+            .any(|a| matches!(a, Action::ToReplayer(ToReplayer::PrimaryLost(_))));
+        assert_eq!(lost, evidence, "{what}");
+    }
 }
 
 #[test]

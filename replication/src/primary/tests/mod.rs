@@ -2,6 +2,7 @@
 //! no socket, no thread, no clock. Joining standbys and switchovers are in [`sessions`].
 
 mod sessions;
+mod split_brain;
 
 use std::time::{Duration, Instant};
 
@@ -150,7 +151,7 @@ impl Pair {
                     Some(Body::Switchover(_)) => "switchover",
                     _ => "send",
                 },
-                Action::DropLink => "drop",
+                Action::Abandon(_) => "abandon",
                 Action::HandOver { .. } => "hand-over",
                 Action::RefuseHandover(_) => "refuse-handover",
                 Action::Audit(_) => "audit",
@@ -216,7 +217,7 @@ fn an_acknowledgement_of_an_epoch_never_shipped_drops_the_standby_not_the_guest(
     let (bytes, kinds) = p.released();
     // The standby is dropped, and the output it held goes out unprotected; the guest runs
     // on (nothing is asked of the vCPU thread).
-    assert_eq!(kinds, vec!["drop", "release"]);
+    assert_eq!(kinds, vec!["abandon", "release"]);
     assert_eq!(bytes, b"held");
     assert!(!p.core.attached());
     assert!(p
@@ -370,7 +371,7 @@ fn a_silent_standby_is_lost_after_the_heartbeat_timeout_and_output_flows_again()
     assert_eq!(p.released().1, vec!["heartbeat"]);
     let t = p.later(1);
     p.core.tick(t);
-    assert_eq!(p.released(), (b"x".to_vec(), vec!["drop", "release"]));
+    assert_eq!(p.released(), (b"x".to_vec(), vec!["abandon", "release"]));
     assert!(!p.tracking.protected());
     assert!(p.status().contains("silent for"));
     // Unprotected: output leaves at once.

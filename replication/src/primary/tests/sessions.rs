@@ -2,7 +2,7 @@
 
 use ftvm_proto::channel::{message::Body, CheckpointEnd, Message, PageChunk, Ready};
 
-use super::{ack, diverged, epoch_end, primary};
+use super::{ack, diverged, epoch_end, primary, HB};
 use crate::checkpoint::VcpuRequest;
 use crate::primary::core::Action;
 use crate::primary::FromVcpu;
@@ -20,7 +20,8 @@ fn a_primary_started_alone_releases_at_once_and_accepts_a_standby() {
 #[test]
 fn a_joining_standby_is_synced_by_pre_copy_then_a_stop_and_copy() {
     let mut p = primary(false);
-    p.core.attach("standby:2".into(), &Ready::default(), p.now);
+    p.core
+        .attach("standby:2".into(), HB, &Ready::default(), p.now);
     assert!(p.core.attached() && !p.core.protecting());
     assert!(p.tracking.protected());
     assert_eq!(
@@ -69,7 +70,8 @@ fn a_joining_standby_is_synced_by_pre_copy_then_a_stop_and_copy() {
 #[test]
 fn a_sync_cut_by_a_lost_connection_is_kept_for_a_while_then_abandoned() {
     let mut p = primary(false);
-    p.core.attach("standby:2".into(), &Ready::default(), p.now);
+    p.core
+        .attach("standby:2".into(), HB, &Ready::default(), p.now);
     p.core.lose("cut".into(), p.now);
     p.actions();
     // The standby reconnects in time and names the sync: it resumes (no new id).
@@ -77,13 +79,13 @@ fn a_sync_cut_by_a_lost_connection_is_kept_for_a_while_then_abandoned() {
         resume_checkpoint: 1,
         chunks_applied: 0,
     };
-    p.core.attach("standby:2".into(), &resumed, p.now);
+    p.core.attach("standby:2".into(), HB, &resumed, p.now);
     assert!(p.status().contains("state=syncing"));
     p.core.lose("cut again".into(), p.now);
     let t = p.later(31_000);
     p.core.tick(t);
     // Too late: a new sync starts.
-    p.core.attach("standby:2".into(), &resumed, p.now);
+    p.core.attach("standby:2".into(), HB, &resumed, p.now);
     while p.core.precopy_pending() {
         p.core.precopy_step(p.now);
     }
