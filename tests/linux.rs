@@ -245,17 +245,3 @@ fn bad_disks_are_clear_errors() {
     assert_eq!(o.status.code(), Some(2), "clap usage error");
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown disk option"));
 }
-
-#[test]
-fn a_disk_or_initrd_with_a_peer_is_refused() {
-    let (kernel, initrd) = linux_guest_images();
-    let o = ftvm_run(&[
-        "--kernel",
-        &kernel,
-        "--initrd",
-        &initrd,
-        "--peer",
-        "127.0.0.1:9",
-    ]);
-    assert_clear_error(&o, "cannot be used with --peer or --accept-standby yet");
-}

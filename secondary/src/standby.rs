@@ -19,6 +19,7 @@ use ftvm_replication::link::{self, body_name, Handshaken};
 use ftvm_replication::log::{check_version, config_from_header, from_run_end, LogError, LogSource};
 use ftvm_replication::standby::{FromReplayer, StandbyChannel, ToReplayer};
 use ftvm_replication::{ChannelError, ChannelOptions, Link, Position};
+use ftvm_vmm::devices::virtio::block::DiskConfig;
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::{page_hash, state_digest};
 use ftvm_vmm::live::{LiveError, LiveHook};
@@ -39,6 +40,9 @@ pub enum StandbyError {
     /// The primary described an unusable VM.
     #[error("the primary sent an unusable VM: {0}")]
     Config(#[source] LogError),
+    /// This standby's disk copies do not fit the primary's guest (`ftvm standby --disk`).
+    #[error("{0}")]
+    Disks(String),
     /// The VM failed.
     #[error(transparent)]
     Vm(#[from] ftvm_vmm::Error),
@@ -174,6 +178,8 @@ pub struct TakeOver {
     pub header: LogHeader,
     /// The kernel image (for standbys that join later).
     pub kernel: Vec<u8>,
+    /// The initrd, if the guest has one (likewise).
+    pub initrd: Option<Vec<u8>>,
     /// Where the primary handed over: the end of the last epoch, verified by both; every
     /// output byte before `at.output_seq` was released.
     pub at: Position,
@@ -208,6 +214,7 @@ pub struct StandbyUi {
 /// (after go-live, or output the primary never released) goes to `out`.
 pub fn run_standby(
     rendezvous: Rendezvous<'_>,
+    disks: Vec<DiskConfig>,
     options: ChannelOptions,
     ui: StandbyUi,
     input: Option<Receiver<Vec<u8>>>,
@@ -218,22 +225,31 @@ pub fn run_standby(
     check_version(&header, 0).map_err(StandbyError::Config)?;
     let sync = start.sync;
     let kernel = start.kernel.clone();
-    let built = config_from_header(
-        &header,
-        start.kernel,
-        "the kernel the primary sent",
-        None,
-        Vec::new(),
-    )
-    .map_err(StandbyError::Config)
-    .and_then(|config| {
-        let vm = if sync {
-            Vm::new_incoming(&config)?
-        } else {
-            Vm::new(&config)?
-        };
-        Ok((vm, config))
-    });
+    let initrd = (!start.initrd.is_empty()).then_some(start.initrd);
+    let built = crate::disks::check_copies(&header, &disks)
+        .and_then(|()| match sync {
+            true => crate::disks::check_joinable(&header),
+            false => Ok(()),
+        })
+        .map_err(StandbyError::Disks)
+        .and_then(|()| {
+            config_from_header(
+                &header,
+                start.kernel,
+                "the kernel the primary sent",
+                initrd.clone(),
+                disks,
+            )
+            .map_err(StandbyError::Config)
+        })
+        .and_then(|config| {
+            let vm = if sync {
+                Vm::new_incoming(&config)?
+            } else {
+                Vm::new(&config)?
+            };
+            Ok((vm, config))
+        });
     // Tell the primary whether it can start the guest (or the sync).
     let answer = match &built {
         Ok(_) => Body::Ready(Ready::default()),
@@ -307,7 +323,7 @@ pub fn run_standby(
             return Ok(finish_completed(channel, &mut replayer, &mut out, stop));
         }
     }
-    follow_with(vm, header, kernel, channel, replayer, input, out)
+    follow_with(vm, header, (kernel, initrd), channel, replayer, input, out)
 }
 
 fn new_replayer(
@@ -336,6 +352,7 @@ pub fn follow(
     vm: Vm,
     header: LogHeader,
     kernel: Vec<u8>,
+    initrd: Option<Vec<u8>>,
     link: Link,
     options: ChannelOptions,
     at: Position,
@@ -346,7 +363,7 @@ pub fn follow(
     let mut replayer = new_replayer(&channel, &header);
     replayer.restart_after_checkpoint(at);
     replayer.output_mut().base = at.output_seq;
-    follow_with(vm, header, kernel, channel, replayer, input, out)
+    follow_with(vm, header, (kernel, initrd), channel, replayer, input, out)
 }
 
 /// The standby's life: lockstep replay with repairs; go-live if the primary is lost; the
@@ -354,7 +371,7 @@ pub fn follow(
 fn follow_with(
     mut vm: Vm,
     header: LogHeader,
-    kernel: Vec<u8>,
+    images: GuestImages,
     channel: StandbyChannel,
     mut replayer: Replayer<ChannelSource, ReplayedOutput>,
     input: Option<Receiver<Vec<u8>>>,
@@ -397,7 +414,7 @@ fn follow_with(
         };
         let Some((epoch, exit_seq, reason, checkpoint_required)) = stop_reason else {
             if let Some(sw) = replayer.source.switchover.take() {
-                return take_over(vm, header, kernel, channel, sw);
+                return take_over(vm, header, images, channel, sw);
             }
             // The log ended: the primary is gone, and everything received has been replayed.
             break;
@@ -488,11 +505,15 @@ fn follow_with(
     Ok(StandbyEnd::WentLive(stop))
 }
 
+/// The kernel image and the initrd the primary sent (kept for standbys that join later, if
+/// this host becomes the primary).
+type GuestImages = (Vec<u8>, Option<Vec<u8>>);
+
 /// The primary handed over its role at `sw`: this VM must be exactly there.
 fn take_over(
     vm: Vm,
     header: LogHeader,
-    kernel: Vec<u8>,
+    (kernel, initrd): GuestImages,
     channel: StandbyChannel,
     sw: Switchover,
 ) -> Result<StandbyEnd, StandbyError> {
@@ -519,6 +540,7 @@ fn take_over(
         link,
         header,
         kernel,
+        initrd,
         at,
     })))
 }
