@@ -4,8 +4,13 @@
 //! the log header (count, size, mode) before the VM is built, so a wrong copy is refused with
 //! one clear error on both sides and no guest starts.
 
+use std::collections::BTreeSet;
+
+use ftvm_proto::channel::{BlockHash, DiskBlock as ProtoDiskBlock};
 use ftvm_proto::log::LogHeader;
-use ftvm_vmm::devices::virtio::block::{DiskConfig, DiskImage, SECTOR_SIZE};
+use ftvm_vmm::devices::virtio::block::{DiskBlock, DiskConfig, DiskImage, SECTOR_SIZE};
+use ftvm_vmm::digest::block_hash;
+use ftvm_vmm::Vm;
 
 fn size(sectors: u64) -> String {
     let bytes = sectors * SECTOR_SIZE;
@@ -72,6 +77,40 @@ pub fn check_joinable(header: &LogHeader) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// `blocks` of this VM's disks with their hashes: what a repair request lists.
+pub fn block_hashes(vm: &Vm, blocks: &[DiskBlock]) -> Result<Vec<BlockHash>, ftvm_vmm::Error> {
+    let mut scratch = Vec::new();
+    blocks
+        .iter()
+        .map(|&b| {
+            Ok(BlockHash {
+                disk: b.disk,
+                block: b.block,
+                hash: block_hash(vm, b, &mut scratch)?.to_vec(),
+            })
+        })
+        .collect()
+}
+
+/// Writes the disk blocks of a repair into this standby's copies; returns the blocks the
+/// checkpoint covers (those written and `standby_blocks`), sorted.
+pub fn write_blocks(
+    vm: &Vm,
+    blocks: &[ProtoDiskBlock],
+    standby_blocks: &[DiskBlock],
+) -> Result<Vec<DiskBlock>, ftvm_vmm::Error> {
+    let mut covered: BTreeSet<DiskBlock> = standby_blocks.iter().copied().collect();
+    for b in blocks {
+        let block = DiskBlock {
+            disk: b.disk,
+            block: b.block,
+        };
+        vm.write_disk_block(block, &b.data)?;
+        covered.insert(block);
+    }
+    Ok(covered.into_iter().collect())
 }
 
 #[cfg(test)]

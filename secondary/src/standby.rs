@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::Receiver;
+use ftvm_proto::channel::DiskBlock as ProtoDiskBlock;
 use ftvm_proto::channel::{
     message::Body, CheckpointEnd, Diverged, HeldOutput, Message, Page, PageHash, Ready, Role,
     Start, Switchover,
@@ -19,7 +20,7 @@ use ftvm_replication::link::{self, body_name, Handshaken};
 use ftvm_replication::log::{check_version, config_from_header, from_run_end, LogError, LogSource};
 use ftvm_replication::standby::{FromReplayer, StandbyChannel, ToReplayer};
 use ftvm_replication::{ChannelError, ChannelOptions, Link, Position};
-use ftvm_vmm::devices::virtio::block::DiskConfig;
+use ftvm_vmm::devices::virtio::block::{DiskBlock, DiskConfig};
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::{page_hash, state_digest};
 use ftvm_vmm::live::{LiveError, LiveHook};
@@ -432,10 +433,14 @@ fn follow_with(
                 })
             })
             .collect::<Result<Vec<_>, ftvm_vmm::Error>>()?;
+        // And the disk blocks its guest wrote, likewise (DESIGN.md §4 "Disks").
+        let blocks = replayer.dirty_blocks_since_boundary(&mut vm);
+        let dirty_blocks = crate::disks::block_hashes(&vm, &blocks)?;
         tracing::info!(
             epoch,
             exit_seq,
             dirty = dirty.len(),
+            dirty_blocks = blocks.len(),
             checkpoint_required,
             "asking for a repair: {reason}"
         );
@@ -446,8 +451,9 @@ fn follow_with(
             checkpoint_required,
             dirty: hashes,
             checkpoint_failed: false,
+            dirty_blocks,
         }));
-        match await_repair(&mut vm, &mut replayer, &dirty) {
+        match await_repair(&mut vm, &mut replayer, &dirty, &blocks) {
             Repair::Installed(end, held) => {
                 let checkpoint = (end, held);
                 if let Some(stop) = installed(&mut vm, &mut replayer, &channel, &checkpoint, false)
@@ -596,14 +602,20 @@ fn await_repair(
     vm: &mut Vm,
     replayer: &mut Replayer<ChannelSource, ReplayedOutput>,
     standby_dirty: &[u64],
+    standby_blocks: &[DiskBlock],
 ) -> Repair {
     let mut pages: Vec<Page> = Vec::new();
+    let mut blocks = Vec::new();
     loop {
         match replayer.source.rx.recv() {
             Ok(ToReplayer::Batch(_)) => {}
-            Ok(ToReplayer::Pages(chunk)) => pages.extend(chunk.pages),
+            Ok(ToReplayer::Pages(chunk)) => {
+                pages.extend(chunk.pages);
+                blocks.extend(chunk.blocks);
+            }
             Ok(ToReplayer::CheckpointEnd { end, held }) => {
-                return match install(vm, &pages, &end, standby_dirty) {
+                let received = (&pages[..], &blocks[..]);
+                return match install(vm, received, &end, (standby_dirty, standby_blocks)) {
                     Ok(()) => Repair::Installed(end, held),
                     Err(why) => Repair::Failed(why),
                 };
@@ -617,14 +629,15 @@ fn await_repair(
     }
 }
 
-/// Writes `pages`, restores the state of `end` and checks the checkpoint digest over the
-/// pages it covers: `pages` (sent while the primary was stopped) plus `standby_dirty` (for a
-/// sync: the stop-and-copy pages, already written).
+/// Writes `pages` and disk `blocks`, restores the state of `end` and checks the checkpoint
+/// digest over the pages and blocks it covers: those sent (while the primary was stopped)
+/// plus `standby_dirty` pages and blocks (for a sync: the stop-and-copy pages, already
+/// written).
 fn install(
     vm: &mut Vm,
-    pages: &[Page],
+    (pages, blocks): (&[Page], &[ProtoDiskBlock]),
     end: &CheckpointEnd,
-    standby_dirty: &[u64],
+    (standby_dirty, standby_blocks): (&[u64], &[DiskBlock]),
 ) -> Result<(), String> {
     let state: VmState = ftvm_vmm::state::decode(&end.vm_state)
         .map_err(|e| format!("checkpoint {}: {e}", end.checkpoint))?;
@@ -632,6 +645,8 @@ fn install(
         vm.write_page(p.pfn, &p.data)
             .map_err(|e| format!("checkpoint {}: {e}", end.checkpoint))?;
     }
+    let covered_blocks = crate::disks::write_blocks(vm, blocks, standby_blocks)
+        .map_err(|e| format!("checkpoint {}: {e}", end.checkpoint))?;
     vm.restore(&state).map_err(|e| {
         format!(
             "checkpoint {}: cannot restore the state: {e}",
@@ -644,16 +659,18 @@ fn install(
         .chain(pages.iter().map(|p| p.pfn))
         .collect();
     let covered: Vec<u64> = covered.into_iter().collect();
-    let digest = state_digest(vm, &covered).map_err(|e| e.to_string())?;
+    let digest = state_digest(vm, &covered, &covered_blocks).map_err(|e| e.to_string())?;
     if digest.as_slice() != end.digest.as_slice() {
         return Err(format!(
-            "checkpoint {} installed but its digest does not match ({} pages covered)",
+            "checkpoint {} installed but its digest does not match ({} pages, {} disk blocks covered)",
             end.checkpoint,
-            covered.len()
+            covered.len(),
+            covered_blocks.len()
         ));
     }
     // The checkpoint is the new boundary: dirty tracking restarts from it.
     vm.take_dirty_pages().map_err(|e| e.to_string())?;
+    vm.take_dirty_blocks();
     Ok(())
 }
 
@@ -771,7 +788,7 @@ fn receive_sync(
                 // The stopped pages are in memory already: only the state is installed; the
                 // digest covers the stopped pages.
                 let stopped = std::mem::take(&mut progress.stopped);
-                if let Err(why) = install(vm, &[], &end, &stopped) {
+                if let Err(why) = install(vm, (&[], &[]), &end, (&stopped, &[])) {
                     channel.tell(FromReplayer::Diverged(Diverged {
                         epoch: end.epoch,
                         exit_seq: end.exit_seq,
