@@ -662,16 +662,49 @@ fn install(
     let digest = state_digest(vm, &covered, &covered_blocks).map_err(|e| e.to_string())?;
     if digest.as_slice() != end.digest.as_slice() {
         return Err(format!(
-            "checkpoint {} installed but its digest does not match ({} pages, {} disk blocks covered)",
+            "checkpoint {} installed but its digest does not match ({} pages, {} disk blocks covered; {})",
             end.checkpoint,
             covered.len(),
-            covered_blocks.len()
+            covered_blocks.len(),
+            mismatch_detail(vm, &state)
         ));
     }
     // The checkpoint is the new boundary: dirty tracking restarts from it.
     vm.take_dirty_pages().map_err(|e| e.to_string())?;
     vm.take_dirty_blocks();
     Ok(())
+}
+
+/// What differs after a checkpoint whose digest did not match: the state read back from
+/// the VM against the state the checkpoint carried (a restore KVM did not take as given),
+/// or else the pages or disk blocks.
+fn mismatch_detail(vm: &Vm, sent: &VmState) -> String {
+    use ftvm_vmm::state::encode;
+    let mut differ = Vec::new();
+    match vm.registers() {
+        Ok((regs, sregs)) => {
+            if encode(&regs) != encode(&sent.vcpu.regs) {
+                differ.push("registers");
+            }
+            if sregs.interrupt_bitmap != sent.vcpu.sregs.interrupt_bitmap {
+                differ.push("pending interrupt bitmap");
+            } else if encode(&sregs) != encode(&sent.vcpu.sregs) {
+                differ.push("special registers");
+            }
+        }
+        Err(_) => differ.push("registers (unreadable)"),
+    }
+    if vm.machine().save().ok().as_ref() != Some(&sent.devices) {
+        differ.push("device state");
+    }
+    if differ.is_empty() {
+        "the state read back is the checkpoint's: pages or disk blocks differ".into()
+    } else {
+        format!(
+            "read back, the {} differ from the checkpoint's",
+            differ.join(", ")
+        )
+    }
 }
 
 /// A checkpoint is installed: the log goes on after it, the replayed output is the primary's
