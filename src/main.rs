@@ -133,6 +133,12 @@ struct StandbyArgs {
     /// If this standby becomes the primary (switchover): the latency bound, as for `ftvm run`.
     #[arg(long, value_name = "MS", default_value_t = DEFAULT_LATENCY_BOUND_MS, value_parser = clap::value_parser!(u64).range(1..))]
     latency_bound_ms: u64,
+    /// This standby's own copy of each of the primary's disks, in the primary's order
+    /// (PATH, or PATH,ro for a disk the primary attaches read-only): identical to the
+    /// primary's image when the guest starts, the same size and mode. A missing copy, one of
+    /// another size or mode, or another number of disks is refused before the guest starts.
+    #[arg(long, value_name = "PATH[,ro]")]
+    disk: Vec<ftvm_vmm::devices::virtio::block::DiskConfig>,
     #[command(flatten)]
     pair: PairArgs,
 }
@@ -416,15 +422,6 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
                 .into(),
         ));
     }
-    if paired && (!args.disk.is_empty() || args.initrd.is_some()) {
-        // The standby would need its own copy of each image, and the pair protocol carries
-        // neither the initrd nor disk specs, nor resyncs disks, yet (DESIGN.md §4; noted on
-        // issue 6).
-        return Err(CliError::Usage(
-            "--disk and --initrd cannot be used with --peer or --accept-standby yet: a protected guest boots from its kernel alone"
-                .into(),
-        ));
-    }
     if args.pair.control.is_some() && !paired {
         return Err(CliError::Usage(
             "--control needs --peer or --accept-standby".into(),
@@ -457,12 +454,14 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
                     timeout,
                     header.clone(),
                     &config.kernel,
+                    config.initrd.as_deref(),
                     options.heartbeat,
                 ) {
                     Ok(link) => Ok(link),
                     Err(
                         source @ (ftvm_replication::ChannelError::Connect { .. }
-                        | ftvm_replication::ChannelError::HostMismatch { .. }),
+                        | ftvm_replication::ChannelError::HostMismatch { .. }
+                        | ftvm_replication::ChannelError::Refused { .. }),
                     ) => {
                         return Err(CliError::Connect {
                             peer: peer.clone(),
@@ -480,6 +479,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
         let roles = Roles {
             header,
             kernel: config.kernel.clone(),
+            initrd: config.initrd.clone(),
             options,
             input: Some(spawn_reader(std::io::stdin())),
             accept,
@@ -536,6 +536,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
 struct Roles {
     header: ftvm_proto::log::LogHeader,
     kernel: Vec<u8>,
+    initrd: Option<Vec<u8>>,
     options: ChannelOptions,
     input: Option<crossbeam_channel::Receiver<Vec<u8>>>,
     accept: Option<TcpListener>,
@@ -577,7 +578,12 @@ impl Roles {
                         policy,
                         link,
                         options,
-                        pair::start_message(self.header.clone(), &self.kernel, true),
+                        pair::start_message(
+                            self.header.clone(),
+                            &self.kernel,
+                            self.initrd.as_deref(),
+                            true,
+                        ),
                         self.accept.take(),
                         at,
                         self.input.clone(),
@@ -616,6 +622,7 @@ impl Roles {
                         vm,
                         self.header.clone(),
                         self.kernel.clone(),
+                        self.initrd.clone(),
                         link,
                         options,
                         at,
@@ -639,6 +646,7 @@ impl Roles {
                 let t = *t;
                 self.header = t.header;
                 self.kernel = t.kernel;
+                self.initrd = t.initrd;
                 let at = pair::StartAt {
                     after: t.at,
                     clock_ns: t.vm.clock_ns(),
@@ -718,13 +726,20 @@ fn standby(args: StandbyArgs) -> Result<u8, CliError> {
     let mut roles = Roles {
         header: Default::default(),
         kernel: Vec::new(),
+        initrd: None,
         options: options.try_clone().map_err(CliError::Control)?,
         input: input.clone(),
         accept: None,
         latency_bound: Duration::from_millis(args.latency_bound_ms),
     };
-    let end =
-        ftvm_secondary::standby::run_standby(rendezvous, options, ui, input, std::io::stdout())?;
+    let end = ftvm_secondary::standby::run_standby(
+        rendezvous,
+        args.disk,
+        options,
+        ui,
+        input,
+        std::io::stdout(),
+    )?;
     match roles.standby_ended(end) {
         Ok(status) => Ok(status),
         Err(role) => roles.run(*role),

@@ -8,6 +8,7 @@
 //! with an `EpochEnd` carrying the epoch's **digest**. An epoch in which a kick delivered an
 //! input at a non-deterministic point is marked **checkpoint-required**.
 
+mod disk_repair;
 pub mod pair;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -18,6 +19,7 @@ use ftvm_proto::log::{self, record::Kind, Record, RecordBatch};
 use ftvm_replication::checkpoint::{VcpuPort, VcpuRequest, PAGES_PER_CHUNK};
 use ftvm_replication::log::to_run_end;
 use ftvm_replication::primary::FromVcpu;
+use ftvm_vmm::devices::virtio::block::DiskBlock;
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::{epoch_digest, hash, state_digest};
 use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HostView, Kick, Point, RunEnd, RunError};
@@ -117,8 +119,9 @@ pub struct Recorder<H, S> {
     checkpoints: Option<VcpuPort>,
     /// A checkpoint asked for: it is made at the end of the current exit.
     requested: Option<VcpuRequest>,
-    /// Pages dirtied in each closed epoch the standby has not verified yet.
-    unverified_dirty: VecDeque<(u64, Vec<u64>)>,
+    /// Pages dirtied and disk blocks written in each closed epoch the standby has not
+    /// verified yet.
+    unverified_dirty: VecDeque<(u64, Vec<u64>, Vec<DiskBlock>)>,
 }
 
 impl<H: ExitHook, S: LogSink> Recorder<H, S> {
@@ -162,7 +165,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
 
     /// Keeps the dirty set of the epoch just closed for repairs, and passes it to a running
     /// sync.
-    fn note_dirty(&mut self, epoch: u64, dirty: Vec<u64>) {
+    fn note_dirty(&mut self, epoch: u64, dirty: Vec<u64>, blocks: Vec<DiskBlock>) {
         let Some(port) = &self.checkpoints else {
             return;
         };
@@ -175,11 +178,11 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         while self
             .unverified_dirty
             .front()
-            .is_some_and(|(e, _)| *e <= verified)
+            .is_some_and(|(e, ..)| *e <= verified)
         {
             self.unverified_dirty.pop_front();
         }
-        self.unverified_dirty.push_back((epoch, dirty));
+        self.unverified_dirty.push_back((epoch, dirty, blocks));
     }
 
     /// Makes the checkpoint `request` at exit `seq` (the vCPU is stopped there), closing the
@@ -202,6 +205,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         let stopped = Instant::now();
         self.flush(seq)?;
         let dirty_now = vm.take_dirty_pages()?;
+        let blocks_now = vm.take_dirty_blocks();
         let (send, covered): (Vec<u64>, Vec<u64>) = match &request {
             VcpuRequest::Repair {
                 from_epoch,
@@ -210,10 +214,10 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
             } => {
                 let standby: BTreeMap<u64, [u8; 32]> = standby_dirty.iter().copied().collect();
                 let mut mine: BTreeSet<u64> = dirty_now.iter().copied().collect();
-                for (_, pages) in self
+                for (_, pages, _) in self
                     .unverified_dirty
                     .iter()
-                    .filter(|(e, _)| e >= from_epoch)
+                    .filter(|(e, ..)| e >= from_epoch)
                 {
                     mine.extend(pages.iter().copied());
                 }
@@ -261,11 +265,33 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
                     stopped: true,
                     round: 0,
                     remaining_pages: 0,
+                    blocks: Vec::new(),
                 }))
                 .map_err(RecordError::Log)?;
         }
+        // Disk blocks, like pages (a sync's stop-and-copy has none: a standby joins only a
+        // guest whose disks are read-only).
+        let blocks = match &request {
+            VcpuRequest::Repair {
+                from_epoch,
+                standby_blocks,
+                ..
+            } => {
+                let mut mine: BTreeSet<DiskBlock> = blocks_now.into_iter().collect();
+                for (_, _, written) in self
+                    .unverified_dirty
+                    .iter()
+                    .filter(|(e, ..)| e >= from_epoch)
+                {
+                    mine.extend(written.iter().copied());
+                }
+                disk_repair::plan(vm, mine, standby_blocks)?
+            }
+            _ => disk_repair::BlockRepair::default(),
+        };
+        let block_bytes = disk_repair::send(vm, id, &blocks, &port.feed)?;
         let state = vm.save()?;
-        let digest = state_digest(vm, &covered)?;
+        let digest = state_digest(vm, &covered, &blocks.covered)?;
         let sync = matches!(request, VcpuRequest::StopAndCopy { .. });
         let run_end = run_end.map(to_run_end);
         let sent = send.len();
@@ -279,6 +305,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
                 digest: digest.to_vec(),
                 pages: send.len() as u64,
                 page_bytes,
+                blocks: blocks.send.len() as u64,
                 sync,
                 run_end,
             }))
@@ -292,6 +319,9 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
             sent,
             page_bytes,
             covered = covered_pages,
+            blocks = blocks.send.len(),
+            block_bytes,
+            covered_blocks = blocks.covered.len(),
             sync,
             pause_us = stopped.elapsed().as_micros() as u64,
             "checkpoint made"
@@ -378,6 +408,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
     fn close_epoch(&mut self, vm: &mut Vm, seq: ExitSeq) -> Result<(), RecordError> {
         let digest = epoch_digest(vm)?;
         let dirty_pages = digest.dirty_pages.clone();
+        let dirty_blocks = digest.dirty_blocks.clone();
         self.push(
             Point::Exit(seq),
             Kind::EpochEnd(log::EpochEnd {
@@ -396,7 +427,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         );
         self.stats.epochs += 1;
         self.stats.checkpoint_required += u64::from(self.checkpoint_required);
-        self.note_dirty(self.epoch, dirty_pages);
+        self.note_dirty(self.epoch, dirty_pages, dirty_blocks);
         self.epoch += 1;
         self.output_waiting = false;
         self.checkpoint_required = false;

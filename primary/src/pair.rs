@@ -29,26 +29,29 @@ impl LogSink for ChannelSink {
 }
 
 /// Connects to the standby at `peer` (retrying until `timeout`), does the handshake and
-/// sends it the VM: the log header and the kernel image.
+/// sends it the VM: the log header, the kernel image and the initrd. A standby that cannot
+/// build it (a missing disk copy, one of another size) is [`ChannelError::Refused`].
 pub fn connect_standby(
     peer: &str,
     timeout: Duration,
     header: LogHeader,
     kernel: &[u8],
+    initrd: Option<&[u8]>,
     heartbeat: ftvm_replication::Heartbeat,
 ) -> Result<Link, ChannelError> {
     let stream = link::connect(peer, timeout)?;
     let h = link::handshake(stream, peer, Role::Primary, heartbeat)?;
     // The standby answers Ack(0) once its VM is built (or Diverged when it cannot build
     // it): only then does the guest start, so the standby does not begin the run behind.
-    Ok(offer_vm(h, peer, start_message(header, kernel, false))?.0)
+    Ok(offer_vm(h, peer, start_message(header, kernel, initrd, false))?.0)
 }
 
 /// What a standby is sent first: the VM to build, and whether a sync follows.
-pub fn start_message(header: LogHeader, kernel: &[u8], sync: bool) -> Start {
+pub fn start_message(header: LogHeader, kernel: &[u8], initrd: Option<&[u8]>, sync: bool) -> Start {
     Start {
         header: Some(header),
         kernel: kernel.to_vec(),
+        initrd: initrd.map(<[u8]>::to_vec).unwrap_or_default(),
         sync,
     }
 }

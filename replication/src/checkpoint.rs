@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use ftvm_proto::channel::Start;
+use ftvm_vmm::devices::virtio::block::{DiskBlock, DISK_BLOCK_SIZE, SECTOR_SIZE};
 
 use crate::primary::Feed;
 
@@ -34,6 +36,8 @@ pub enum VcpuRequest {
         from_epoch: u64,
         /// The pages the standby dirtied since that boundary, with their hashes.
         standby_dirty: Vec<(u64, PageDigest)>,
+        /// The disk blocks the standby's guest wrote since that boundary, with their hashes.
+        standby_blocks: Vec<(DiskBlock, PageDigest)>,
     },
     /// End a sync: stop, send the pages dirtied since the pre-copy read them, and the state.
     StopAndCopy {
@@ -84,6 +88,23 @@ impl VcpuControl {
             Ok(()) | Err(TrySendError::Full(())) | Err(TrySendError::Disconnected(())) => true,
         }
     }
+}
+
+/// The number of disk blocks of each disk of the guest `start` describes.
+pub fn disk_blocks(start: &Start) -> Vec<u64> {
+    let disks = start
+        .header
+        .as_ref()
+        .and_then(|h| h.config.as_ref())
+        .map_or(&[][..], |c| &c.disks[..]);
+    disks
+        .iter()
+        .map(|d| {
+            d.sectors
+                .saturating_mul(SECTOR_SIZE)
+                .div_ceil(DISK_BLOCK_SIZE)
+        })
+        .collect()
 }
 
 /// Dirty-page bookkeeping shared by the vCPU thread (which reads the dirty logs at every

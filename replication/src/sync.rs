@@ -196,6 +196,7 @@ impl PreCopy {
             stopped: false,
             round: self.round,
             remaining_pages: self.remaining(),
+            blocks: Vec::new(),
         }))
     }
 }

@@ -8,6 +8,7 @@
 //! exit N+1, so a kick the primary took after exit N (a checkpoint-required epoch) stops the
 //! replay exactly at the last deterministic exit before it.
 
+mod disks;
 pub mod standby;
 
 use std::collections::VecDeque;
@@ -16,6 +17,7 @@ use std::io::Write;
 use ftvm_proto::log::{self, record::Kind, LogHeader, Record};
 use ftvm_replication::log::to_run_end;
 use ftvm_replication::Position;
+use ftvm_vmm::devices::virtio::block::DiskBlock;
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::epoch_digest;
 use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HostView, Point, RunEnd, RunError};
@@ -100,6 +102,8 @@ pub struct Replayer<S, W> {
     /// Pages dirtied in an epoch whose digest did not match (the digest took them from the
     /// dirty log): part of what a repair must cover.
     unverified_dirty: Vec<u64>,
+    /// Likewise the disk blocks written in that epoch.
+    unverified_blocks: Vec<DiskBlock>,
 }
 
 impl<S: LogSource, W: Write> Replayer<S, W> {
@@ -116,6 +120,7 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
             output,
             diverged: None,
             unverified_dirty: Vec::new(),
+            unverified_blocks: Vec::new(),
         }
     }
 
@@ -161,6 +166,15 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
         Ok(pages)
     }
 
+    /// Disk blocks this VM wrote since the last verified boundary, sorted; tracking restarts.
+    pub fn dirty_blocks_since_boundary(&mut self, vm: &mut Vm) -> Vec<DiskBlock> {
+        let mut blocks = std::mem::take(&mut self.unverified_blocks);
+        blocks.extend(vm.take_dirty_blocks());
+        blocks.sort_unstable();
+        blocks.dedup();
+        blocks
+    }
+
     /// The VM was put at `at`, the end of an epoch (a checkpoint closing it was installed,
     /// or a switchover made this host the standby there): everything received before it is
     /// superseded; the log goes on with the next epoch. The replayed output is the caller's
@@ -171,6 +185,7 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
         self.epoch = at.epoch + 1;
         self.diverged = None;
         self.unverified_dirty.clear();
+        self.unverified_blocks.clear();
     }
 
     /// Pulls batches until every record up to exit `n` is here (or the log ended).
@@ -552,6 +567,7 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
         }
         report.diverged += 1;
         self.unverified_dirty = digest.dirty_pages.clone();
+        self.unverified_blocks = digest.dirty_blocks.clone();
         report.divergence = Some(Divergence {
             epoch: end.epoch,
             exit_seq: seq,

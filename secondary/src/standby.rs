@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::Receiver;
+use ftvm_proto::channel::DiskBlock as ProtoDiskBlock;
 use ftvm_proto::channel::{
     message::Body, CheckpointEnd, Diverged, HeldOutput, Message, Page, PageHash, Ready, Role,
     Start, Switchover,
@@ -19,6 +20,7 @@ use ftvm_replication::link::{self, body_name, Handshaken};
 use ftvm_replication::log::{check_version, config_from_header, from_run_end, LogError, LogSource};
 use ftvm_replication::standby::{FromReplayer, StandbyChannel, ToReplayer};
 use ftvm_replication::{ChannelError, ChannelOptions, Link, Position};
+use ftvm_vmm::devices::virtio::block::{DiskBlock, DiskConfig};
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::{page_hash, state_digest};
 use ftvm_vmm::live::{LiveError, LiveHook};
@@ -39,6 +41,9 @@ pub enum StandbyError {
     /// The primary described an unusable VM.
     #[error("the primary sent an unusable VM: {0}")]
     Config(#[source] LogError),
+    /// This standby's disk copies do not fit the primary's guest (`ftvm standby --disk`).
+    #[error("{0}")]
+    Disks(String),
     /// The VM failed.
     #[error(transparent)]
     Vm(#[from] ftvm_vmm::Error),
@@ -184,6 +189,8 @@ pub struct TakeOver {
     pub header: LogHeader,
     /// The kernel image (for standbys that join later).
     pub kernel: Vec<u8>,
+    /// The initrd, if the guest has one (likewise).
+    pub initrd: Option<Vec<u8>>,
     /// Where the primary handed over: the end of the last epoch, verified by both; every
     /// output byte before `at.output_seq` was released.
     pub at: Position,
@@ -218,6 +225,7 @@ pub struct StandbyUi {
 /// (after go-live, or output the primary never released) goes to `out`.
 pub fn run_standby(
     rendezvous: Rendezvous<'_>,
+    disks: Vec<DiskConfig>,
     options: ChannelOptions,
     ui: StandbyUi,
     input: Option<Receiver<Vec<u8>>>,
@@ -228,22 +236,31 @@ pub fn run_standby(
     check_version(&header, 0).map_err(StandbyError::Config)?;
     let sync = start.sync;
     let kernel = start.kernel.clone();
-    let built = config_from_header(
-        &header,
-        start.kernel,
-        "the kernel the primary sent",
-        None,
-        Vec::new(),
-    )
-    .map_err(StandbyError::Config)
-    .and_then(|config| {
-        let vm = if sync {
-            Vm::new_incoming(&config)?
-        } else {
-            Vm::new(&config)?
-        };
-        Ok((vm, config))
-    });
+    let initrd = (!start.initrd.is_empty()).then_some(start.initrd);
+    let built = crate::disks::check_copies(&header, &disks)
+        .and_then(|()| match sync {
+            true => crate::disks::check_joinable(&header),
+            false => Ok(()),
+        })
+        .map_err(StandbyError::Disks)
+        .and_then(|()| {
+            config_from_header(
+                &header,
+                start.kernel,
+                "the kernel the primary sent",
+                initrd.clone(),
+                disks,
+            )
+            .map_err(StandbyError::Config)
+        })
+        .and_then(|config| {
+            let vm = if sync {
+                Vm::new_incoming(&config)?
+            } else {
+                Vm::new(&config)?
+            };
+            Ok((vm, config))
+        });
     // Tell the primary whether it can start the guest (or the sync).
     let answer = match &built {
         Ok(_) => Body::Ready(Ready::default()),
@@ -317,7 +334,7 @@ pub fn run_standby(
             return finish_completed(channel, &mut replayer, &mut out, stop);
         }
     }
-    follow_with(vm, header, kernel, channel, replayer, input, out)
+    follow_with(vm, header, (kernel, initrd), channel, replayer, input, out)
 }
 
 fn new_replayer(
@@ -347,6 +364,7 @@ pub fn follow(
     vm: Vm,
     header: LogHeader,
     kernel: Vec<u8>,
+    initrd: Option<Vec<u8>>,
     link: Link,
     options: ChannelOptions,
     at: Position,
@@ -357,7 +375,7 @@ pub fn follow(
     let mut replayer = new_replayer(&channel, &header);
     replayer.restart_after_checkpoint(at);
     replayer.output_mut().base = at.output_seq;
-    follow_with(vm, header, kernel, channel, replayer, input, out)
+    follow_with(vm, header, (kernel, initrd), channel, replayer, input, out)
 }
 
 /// The standby's life: lockstep replay with repairs; go-live if the primary is lost; the
@@ -365,7 +383,7 @@ pub fn follow(
 fn follow_with(
     mut vm: Vm,
     header: LogHeader,
-    kernel: Vec<u8>,
+    images: GuestImages,
     channel: StandbyChannel,
     mut replayer: Replayer<ChannelSource, ReplayedOutput>,
     input: Option<Receiver<Vec<u8>>>,
@@ -412,7 +430,7 @@ fn follow_with(
         };
         let Some((epoch, exit_seq, reason, checkpoint_required)) = stop_reason else {
             if let Some(sw) = replayer.source.switchover.take() {
-                return take_over(vm, header, kernel, channel, sw);
+                return take_over(vm, header, images, channel, sw);
             }
             // The log ended: the primary is gone, and everything received has been replayed.
             break;
@@ -430,10 +448,14 @@ fn follow_with(
                 })
             })
             .collect::<Result<Vec<_>, ftvm_vmm::Error>>()?;
+        // And the disk blocks its guest wrote, likewise (DESIGN.md §4 "Disks").
+        let blocks = replayer.dirty_blocks_since_boundary(&mut vm);
+        let dirty_blocks = crate::disks::block_hashes(&vm, &blocks)?;
         tracing::info!(
             epoch,
             exit_seq,
             dirty = dirty.len(),
+            dirty_blocks = blocks.len(),
             checkpoint_required,
             "asking for a repair: {reason}"
         );
@@ -444,8 +466,9 @@ fn follow_with(
             checkpoint_required,
             dirty: hashes,
             checkpoint_failed: false,
+            dirty_blocks,
         }));
-        match await_repair(&mut vm, &mut replayer, &dirty) {
+        match await_repair(&mut vm, &mut replayer, &dirty, &blocks) {
             Repair::Installed(end, held) => {
                 let checkpoint = (end, held);
                 if let Some(stop) = installed(&mut vm, &mut replayer, &channel, &checkpoint, false)
@@ -507,11 +530,15 @@ fn follow_with(
     Ok(StandbyEnd::WentLive(stop))
 }
 
+/// The kernel image and the initrd the primary sent (kept for standbys that join later, if
+/// this host becomes the primary).
+type GuestImages = (Vec<u8>, Option<Vec<u8>>);
+
 /// The primary handed over its role at `sw`: this VM must be exactly there.
 fn take_over(
     vm: Vm,
     header: LogHeader,
-    kernel: Vec<u8>,
+    (kernel, initrd): GuestImages,
     channel: StandbyChannel,
     sw: Switchover,
 ) -> Result<StandbyEnd, StandbyError> {
@@ -538,6 +565,7 @@ fn take_over(
         link,
         header,
         kernel,
+        initrd,
         at,
     })))
 }
@@ -599,14 +627,20 @@ fn await_repair(
     vm: &mut Vm,
     replayer: &mut Replayer<ChannelSource, ReplayedOutput>,
     standby_dirty: &[u64],
+    standby_blocks: &[DiskBlock],
 ) -> Repair {
     let mut pages: Vec<Page> = Vec::new();
+    let mut blocks = Vec::new();
     loop {
         match replayer.source.rx.recv() {
             Ok(ToReplayer::Batch(_)) => {}
-            Ok(ToReplayer::Pages(chunk)) => pages.extend(chunk.pages),
+            Ok(ToReplayer::Pages(chunk)) => {
+                pages.extend(chunk.pages);
+                blocks.extend(chunk.blocks);
+            }
             Ok(ToReplayer::CheckpointEnd { end, held }) => {
-                return match install(vm, &pages, &end, standby_dirty) {
+                let received = (&pages[..], &blocks[..]);
+                return match install(vm, received, &end, (standby_dirty, standby_blocks)) {
                     Ok(()) => Repair::Installed(end, held),
                     Err(why) => Repair::Failed(why),
                 };
@@ -621,14 +655,15 @@ fn await_repair(
     }
 }
 
-/// Writes `pages`, restores the state of `end` and checks the checkpoint digest over the
-/// pages it covers: `pages` (sent while the primary was stopped) plus `standby_dirty` (for a
-/// sync: the stop-and-copy pages, already written).
+/// Writes `pages` and disk `blocks`, restores the state of `end` and checks the checkpoint
+/// digest over the pages and blocks it covers: those sent (while the primary was stopped)
+/// plus `standby_dirty` pages and blocks (for a sync: the stop-and-copy pages, already
+/// written).
 fn install(
     vm: &mut Vm,
-    pages: &[Page],
+    (pages, blocks): (&[Page], &[ProtoDiskBlock]),
     end: &CheckpointEnd,
-    standby_dirty: &[u64],
+    (standby_dirty, standby_blocks): (&[u64], &[DiskBlock]),
 ) -> Result<(), String> {
     let state: VmState = ftvm_vmm::state::decode(&end.vm_state)
         .map_err(|e| format!("checkpoint {}: {e}", end.checkpoint))?;
@@ -636,6 +671,8 @@ fn install(
         vm.write_page(p.pfn, &p.data)
             .map_err(|e| format!("checkpoint {}: {e}", end.checkpoint))?;
     }
+    let covered_blocks = crate::disks::write_blocks(vm, blocks, standby_blocks)
+        .map_err(|e| format!("checkpoint {}: {e}", end.checkpoint))?;
     vm.restore(&state).map_err(|e| {
         format!(
             "checkpoint {}: cannot restore the state: {e}",
@@ -648,17 +685,52 @@ fn install(
         .chain(pages.iter().map(|p| p.pfn))
         .collect();
     let covered: Vec<u64> = covered.into_iter().collect();
-    let digest = state_digest(vm, &covered).map_err(|e| e.to_string())?;
+    let digest = state_digest(vm, &covered, &covered_blocks).map_err(|e| e.to_string())?;
     if digest.as_slice() != end.digest.as_slice() {
         return Err(format!(
-            "checkpoint {} installed but its digest does not match ({} pages covered)",
+            "checkpoint {} installed but its digest does not match ({} pages, {} disk blocks covered; {})",
             end.checkpoint,
-            covered.len()
+            covered.len(),
+            covered_blocks.len(),
+            mismatch_detail(vm, &state)
         ));
     }
     // The checkpoint is the new boundary: dirty tracking restarts from it.
     vm.take_dirty_pages().map_err(|e| e.to_string())?;
+    vm.take_dirty_blocks();
     Ok(())
+}
+
+/// What differs after a checkpoint whose digest did not match: the state read back from
+/// the VM against the state the checkpoint carried (a restore KVM did not take as given),
+/// or else the pages or disk blocks.
+fn mismatch_detail(vm: &Vm, sent: &VmState) -> String {
+    use ftvm_vmm::state::encode;
+    let mut differ = Vec::new();
+    match vm.registers() {
+        Ok((regs, sregs)) => {
+            if encode(&regs) != encode(&sent.vcpu.regs) {
+                differ.push("registers");
+            }
+            if sregs.interrupt_bitmap != sent.vcpu.sregs.interrupt_bitmap {
+                differ.push("pending interrupt bitmap");
+            } else if encode(&sregs) != encode(&sent.vcpu.sregs) {
+                differ.push("special registers");
+            }
+        }
+        Err(_) => differ.push("registers (unreadable)"),
+    }
+    if vm.machine().save().ok().as_ref() != Some(&sent.devices) {
+        differ.push("device state");
+    }
+    if differ.is_empty() {
+        "the state read back is the checkpoint's: pages or disk blocks differ".into()
+    } else {
+        format!(
+            "read back, the {} differ from the checkpoint's",
+            differ.join(", ")
+        )
+    }
 }
 
 /// A checkpoint is installed: the log goes on after it, the replayed output is the primary's
@@ -775,7 +847,7 @@ fn receive_sync(
                 // The stopped pages are in memory already: only the state is installed; the
                 // digest covers the stopped pages.
                 let stopped = std::mem::take(&mut progress.stopped);
-                if let Err(why) = install(vm, &[], &end, &stopped) {
+                if let Err(why) = install(vm, (&[], &[]), &end, (&stopped, &[])) {
                     channel.tell(FromReplayer::Diverged(Diverged {
                         epoch: end.epoch,
                         exit_seq: end.exit_seq,

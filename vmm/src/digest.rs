@@ -1,9 +1,11 @@
 //! The epoch digest (DESIGN.md §2): BLAKE3 over the vCPU registers and special registers, the
-//! state of every device, and the sorted (page number, page hash) list of pages dirtied in the
-//! epoch. Primary and secondary compute it with this one function at the same exit.
+//! state of every device, the sorted (page number, page hash) list of pages dirtied in the
+//! epoch, and the sorted (disk, block, block hash) list of disk blocks the guest wrote in it.
+//! Primary and secondary compute it with this one function at the same exit.
 
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::devices::virtio::block::DiskBlock;
 use crate::memory::PAGE_SIZE;
 use crate::state::encode;
 use crate::vm::Vm;
@@ -19,22 +21,26 @@ pub struct EpochDigest {
     pub digest: Digest,
     /// Pages dirtied in the epoch (guest and VMM writes), sorted.
     pub dirty_pages: Vec<u64>,
+    /// Disk blocks the guest wrote in the epoch, sorted.
+    pub dirty_blocks: Vec<DiskBlock>,
 }
 
 /// Computes the digest of the epoch that ends now, and starts the next one (the dirty logs are
 /// reset). Call only while [`Vm::run`] has returned.
 pub fn epoch_digest(vm: &mut Vm) -> Result<EpochDigest, Error> {
     let dirty_pages = vm.take_dirty_pages()?;
+    let dirty_blocks = vm.take_dirty_blocks();
     Ok(EpochDigest {
-        digest: state_digest(vm, &dirty_pages)?,
+        digest: state_digest(vm, &dirty_pages, &dirty_blocks)?,
         dirty_pages,
+        dirty_blocks,
     })
 }
 
-/// The same digest over the current state and the given sorted `pages`, without touching the
-/// dirty logs: a checkpoint's digest covers the pages it carried plus the pages the standby
-/// reported dirty.
-pub fn state_digest(vm: &Vm, pages: &[u64]) -> Result<Digest, Error> {
+/// The same digest over the current state and the given sorted `pages` and disk `blocks`,
+/// without touching the dirty logs: a checkpoint's digest covers the pages and blocks it
+/// carried plus those the standby reported dirty.
+pub fn state_digest(vm: &Vm, pages: &[u64], blocks: &[DiskBlock]) -> Result<Digest, Error> {
     let (regs, sregs) = vm.registers()?;
     let devices = vm.machine().save()?;
     let mut h = blake3::Hasher::new();
@@ -49,7 +55,21 @@ pub fn state_digest(vm: &Vm, pages: &[u64]) -> Result<Digest, Error> {
         h.update(&pfn.to_le_bytes());
         h.update(blake3::hash(&page).as_bytes());
     }
+    // Nothing is added for a VM without disk writes: its digest is what it was before disks
+    // were covered.
+    let mut data = Vec::new();
+    for &b in blocks {
+        h.update(&b.disk.to_le_bytes());
+        h.update(&b.block.to_le_bytes());
+        h.update(&block_hash(vm, b, &mut data)?);
+    }
     Ok(*h.finalize().as_bytes())
+}
+
+/// BLAKE3 of disk block `b` (`scratch` holds its bytes afterwards).
+pub fn block_hash(vm: &Vm, b: DiskBlock, scratch: &mut Vec<u8>) -> Result<Digest, Error> {
+    vm.read_disk_block(b, scratch)?;
+    Ok(hash(scratch))
 }
 
 /// BLAKE3 of guest page `pfn`.

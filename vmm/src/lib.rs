@@ -54,6 +54,17 @@ pub enum Error {
     /// A device could not be set up.
     #[error("device setup failed: {0}")]
     Device(String),
+    /// A disk block could not be read or written (digests and repairs, DESIGN.md §4).
+    #[error("disk {disk} block {block}: {source}")]
+    DiskBlock {
+        /// The disk (slot order).
+        disk: u32,
+        /// The block.
+        block: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(String),

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::acpi;
 use crate::boot;
 use crate::cpuid::CpuidTable;
-use crate::devices::virtio::block::{DiskConfig, DiskImage};
+use crate::devices::virtio::block::{DiskBlock, DiskConfig, DiskImage};
 use crate::exit::{self, ExitHook, ExitSeq, LoopState, RunEnd, RunError, VcpuRun};
 use crate::machine::{DeviceStates, Machine};
 use crate::memory::{self, GuestMemory};
@@ -174,6 +174,7 @@ impl Vm {
         };
         // The boot image is the initial state both hosts start from, not an epoch's writes.
         vm.take_dirty_pages()?;
+        vm.take_dirty_blocks();
         Ok(vm)
     }
 
@@ -242,6 +243,21 @@ impl Vm {
     /// Pages written since the last call (guest and VMM writes), sorted page frame numbers.
     pub fn take_dirty_pages(&mut self) -> Result<Vec<u64>, Error> {
         Ok(memory::take_dirty_pages(&self.vm_fd, &self.memory)?)
+    }
+
+    /// Disk blocks the guest wrote since the last call, ascending (DESIGN.md §4 "Disks").
+    pub fn take_dirty_blocks(&mut self) -> Vec<DiskBlock> {
+        self.machine.take_dirty_blocks()
+    }
+
+    /// Reads disk block `b` into `buf` (resized to the block's length).
+    pub fn read_disk_block(&self, b: DiskBlock, buf: &mut Vec<u8>) -> Result<(), Error> {
+        self.machine.read_disk_block(b, buf)
+    }
+
+    /// Writes disk block `b` (a repair being installed); empty `data` zeroes it.
+    pub fn write_disk_block(&self, b: DiskBlock, data: &[u8]) -> Result<(), Error> {
+        self.machine.write_disk_block(b, data)
     }
 
     /// Saves vCPU and device state. Call only when [`Vm::run`] returned (the pending I/O

@@ -69,6 +69,15 @@ pub enum ChannelError {
         /// What came.
         got: String,
     },
+    /// The standby cannot build the VM the primary described (a missing disk copy, one of
+    /// another size or mode, another disk count): it said why and the guest did not start.
+    #[error("{peer} refused the guest: {why}")]
+    Refused {
+        /// The peer.
+        peer: String,
+        /// The standby's reason.
+        why: String,
+    },
     /// The peer closed the connection (its process is gone) at a frame boundary.
     #[error("{peer} closed the connection")]
     Closed {

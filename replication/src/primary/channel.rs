@@ -504,10 +504,9 @@ pub fn offer_vm(
     let ready = match msg.body {
         Some(Body::Ready(ready)) => ready,
         Some(Body::Diverged(d)) => {
-            return Err(ChannelError::Unexpected {
+            return Err(ChannelError::Refused {
                 peer: peer.into(),
-                expected: "a ready standby",
-                got: format!("a standby that cannot build the VM: {}", d.reason),
+                why: d.reason,
             })
         }
         _ => {

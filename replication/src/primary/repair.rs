@@ -8,7 +8,8 @@ use std::time::Instant;
 use ftvm_proto::channel::{message::Body, CheckpointEnd, Diverged, HeldOutput, PageChunk};
 
 use super::core::PrimaryCore;
-use crate::checkpoint::{PageDigest, VcpuRequest};
+use crate::checkpoint::{disk_blocks, PageDigest, VcpuRequest};
+use ftvm_vmm::devices::virtio::block::DiskBlock;
 
 /// A checkpoint asked of the vCPU thread and not yet installed by the standby.
 #[derive(Debug)]
@@ -75,12 +76,14 @@ pub(super) fn describe(d: &Diverged) -> String {
     )
 }
 
-/// The repair request for the standby's report `d`: its dirty pages with their hashes,
-/// each checked (a page that is not guest RAM or a hash of the wrong size is refused).
+/// The repair request for the standby's report `d`: its dirty pages and disk blocks with
+/// their hashes, each checked (a page that is not guest RAM, a block past the end of its
+/// disk (`disk_blocks`: blocks per disk) or a hash of the wrong size is refused).
 pub(super) fn request(
     d: &Diverged,
     id: u64,
     is_ram: impl Fn(u64) -> bool,
+    disk_blocks: &[u64],
 ) -> Result<VcpuRequest, String> {
     let mut standby_dirty = Vec::with_capacity(d.dirty.len());
     for p in &d.dirty {
@@ -95,10 +98,31 @@ pub(super) fn request(
         };
         standby_dirty.push((p.pfn, hash));
     }
+    let mut standby_blocks = Vec::with_capacity(d.dirty_blocks.len());
+    for b in &d.dirty_blocks {
+        if disk_blocks
+            .get(b.disk as usize)
+            .is_none_or(|&n| b.block >= n)
+        {
+            return Err(format!(
+                "the standby reported dirty block {} of disk {}, which the guest does not have",
+                b.block, b.disk
+            ));
+        }
+        let Ok(hash) = PageDigest::try_from(b.hash.as_slice()) else {
+            return Err("the standby sent a block hash that is not 32 bytes long".into());
+        };
+        let block = DiskBlock {
+            disk: b.disk,
+            block: b.block,
+        };
+        standby_blocks.push((block, hash));
+    }
     Ok(VcpuRequest::Repair {
         id,
         from_epoch: d.epoch,
         standby_dirty,
+        standby_blocks,
     })
 }
 
@@ -194,7 +218,8 @@ impl PrimaryCore {
             );
         }
         let id = self.checkpoints.next_id();
-        let request = match request(&d, id, |pfn| self.join.is_ram(pfn)) {
+        let disks = disk_blocks(self.start_message());
+        let request = match request(&d, id, |pfn| self.join.is_ram(pfn), &disks) {
             Ok(r) => r,
             Err(e) => {
                 return self.lose(

@@ -108,6 +108,7 @@ fn diverged(epoch: u64, checkpoint_required: bool) -> Message {
                 hash: vec![7; 32],
             }],
             checkpoint_failed: false,
+            dirty_blocks: Vec::new(),
         })),
     }
 }
@@ -241,6 +242,7 @@ fn output_is_held_across_a_divergence_until_the_repair_is_installed() {
         id,
         from_epoch,
         standby_dirty,
+        ..
     } = request
     else {
         panic!("not a repair: {request:?}");

@@ -9,10 +9,6 @@
 //! `VIRTIO_BLK_S_IOERR` and logged; a malformed request from the guest is completed with an
 //! error status too. The device never panics on what the guest or the image give it.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
@@ -25,171 +21,14 @@ use super::{MmioState, MmioTransport, Processed, VirtioDevice, TYPE_BLOCK};
 use crate::memory::GuestMemory;
 use crate::state::{Persist, StateError};
 
-/// Sector size of the virtio block protocol.
-pub const SECTOR_SIZE: u64 = 512;
+pub use super::disk::{
+    DiskBlock, DiskConfig, DiskError, DiskImage, DiskInfo, DISK_BLOCK_SIZE, SECTOR_SIZE,
+};
 /// Entries in the one request queue.
 const QUEUE_SIZE: u16 = 256;
 
 /// A request header: type, reserved, sector.
 const REQUEST_HEADER: usize = 16;
-
-/// How the image is attached.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskConfig {
-    /// The raw image.
-    pub path: PathBuf,
-    /// The guest sees a read-only disk and the image is opened read-only.
-    pub read_only: bool,
-}
-
-impl std::str::FromStr for DiskConfig {
-    type Err = String;
-
-    /// `PATH` or `PATH,ro` (the form `--disk` takes).
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (path, read_only) = match s.rsplit_once(',') {
-            Some((path, "ro")) => (path, true),
-            Some((path, "rw")) => (path, false),
-            Some((_, opt)) => {
-                return Err(format!(
-                    "unknown disk option {opt:?} (PATH or PATH,ro expected)"
-                ))
-            }
-            None => (s, false),
-        };
-        if path.is_empty() {
-            return Err("empty disk path".into());
-        }
-        Ok(Self {
-            path: PathBuf::from(path),
-            read_only,
-        })
-    }
-}
-
-/// A disk image that could not be attached.
-#[derive(Debug, thiserror::Error)]
-pub enum DiskError {
-    /// Opening or inspecting the image failed.
-    #[error("disk image {path}: {source}")]
-    Open {
-        /// The image.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The path is not a regular file or block device.
-    #[error("disk image {0}: is a directory, not a raw image file")]
-    Directory(PathBuf),
-    /// Read-write attach of an image that cannot be written.
-    #[error("disk image {path} is read-only ({why}); attach it read-only with --disk {path},ro")]
-    ReadOnly {
-        /// The image.
-        path: PathBuf,
-        /// What makes it read-only.
-        why: String,
-    },
-    /// The image's size is not a whole number of sectors.
-    #[error("disk image {path}: size {size} is not a multiple of {SECTOR_SIZE} bytes")]
-    Size {
-        /// The image.
-        path: PathBuf,
-        /// Its size.
-        size: u64,
-    },
-    /// Another VMM holds the image.
-    #[error("disk image {0} is in use by another process (locked)")]
-    Locked(PathBuf),
-}
-
-/// What a VM's configuration says about one attached disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DiskInfo {
-    /// Size in sectors.
-    pub sectors: u64,
-    /// Attached read-only.
-    pub read_only: bool,
-}
-
-/// An opened image.
-#[derive(Debug)]
-pub struct DiskImage {
-    file: File,
-    path: PathBuf,
-    sectors: u64,
-    read_only: bool,
-}
-
-impl DiskImage {
-    /// Opens the image as `config` says; takes an advisory lock on it (shared when
-    /// read-only, exclusive otherwise) so two VMMs never write one image.
-    pub fn open(config: &DiskConfig) -> Result<Self, DiskError> {
-        let path = config.path.clone();
-        let open_err = |source| DiskError::Open {
-            path: path.clone(),
-            source,
-        };
-        let meta = std::fs::metadata(&path).map_err(open_err)?;
-        if meta.is_dir() {
-            return Err(DiskError::Directory(path));
-        }
-        if !config.read_only && meta.permissions().readonly() {
-            // Root could open it for writing anyway; the mode says the owner wants it kept.
-            return Err(DiskError::ReadOnly {
-                path,
-                why: "the file has no write permission".into(),
-            });
-        }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!config.read_only)
-            .open(&path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::EROFS) => DiskError::ReadOnly {
-                    path: path.clone(),
-                    why: "it is on a read-only file system".into(),
-                },
-                Some(libc::EACCES | libc::EPERM) if !config.read_only => DiskError::ReadOnly {
-                    path: path.clone(),
-                    why: "permission denied for writing".into(),
-                },
-                _ => open_err(e),
-            })?;
-        let lock = if config.read_only {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
-        // SAFETY: flock on a file descriptor this function owns; no memory is involved.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), lock | libc::LOCK_NB) } != 0
-        {
-            return Err(DiskError::Locked(path));
-        }
-        let size = file.metadata().map_err(open_err)?.len();
-        if size % SECTOR_SIZE != 0 {
-            return Err(DiskError::Size { path, size });
-        }
-        Ok(Self {
-            file,
-            path,
-            sectors: size / SECTOR_SIZE,
-            read_only: config.read_only,
-        })
-    }
-
-    /// The image's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Its size and mode.
-    pub fn info(&self) -> DiskInfo {
-        DiskInfo {
-            sectors: self.sectors,
-            read_only: self.read_only,
-        }
-    }
-}
 
 /// A block device on its virtio-mmio window: what the machine puts on the MMIO bus.
 pub type VirtioBlk = MmioTransport<Block>;
@@ -207,7 +46,7 @@ impl Block {
     /// A block device over `disk`.
     pub fn new(disk: DiskImage) -> Self {
         let mut serial = disk
-            .path
+            .path()
             .file_name()
             .map(|n| n.to_string_lossy().into_owned().into_bytes())
             .unwrap_or_default();
@@ -218,6 +57,11 @@ impl Block {
     /// The image behind the device.
     pub fn disk(&self) -> &DiskImage {
         &self.disk
+    }
+
+    /// The image, to take its dirty blocks.
+    pub fn disk_mut(&mut self) -> &mut DiskImage {
+        &mut self.disk
     }
 
     /// Serves one request; returns the bytes written into guest memory (data + status).
@@ -282,15 +126,15 @@ impl Block {
         match kind {
             VIRTIO_BLK_T_IN => self.transfer(mem, sector, &data, true),
             VIRTIO_BLK_T_OUT => {
-                if self.disk.read_only {
+                if self.disk.read_only() {
                     return Err(VIRTIO_BLK_S_IOERR);
                 }
                 self.transfer(mem, sector, &data, false).map(|_| 0)
             }
             VIRTIO_BLK_T_FLUSH => {
-                if !self.disk.read_only {
-                    self.disk.file.sync_data().map_err(|e| {
-                        tracing::error!(disk = %self.disk.path.display(), error = %e, "virtio-blk: flush failed");
+                if !self.disk.read_only() {
+                    self.disk.sync_data().map_err(|e| {
+                        tracing::error!(disk = %self.disk.path().display(), error = %e, "virtio-blk: flush failed");
                         VIRTIO_BLK_S_IOERR
                     })?;
                 }
@@ -324,7 +168,7 @@ impl Block {
         let end = sector
             .checked_mul(SECTOR_SIZE)
             .and_then(|start| start.checked_add(total));
-        if end.is_none_or(|end| end > self.disk.sectors * SECTOR_SIZE) {
+        if end.is_none_or(|end| end > self.disk.size()) {
             return Err(VIRTIO_BLK_S_IOERR);
         }
         let mut offset = sector * SECTOR_SIZE;
@@ -335,18 +179,19 @@ impl Block {
             }
             let len = usize::try_from(len).map_err(|_| VIRTIO_BLK_S_IOERR)?;
             buf.resize(len, 0);
+            let path = self.disk.path().display().to_string();
             let io = |e: std::io::Error| {
-                tracing::error!(disk = %self.disk.path.display(), offset, error = %e, "virtio-blk: image I/O failed");
+                tracing::error!(disk = %path, offset, error = %e, "virtio-blk: image I/O failed");
                 VIRTIO_BLK_S_IOERR
             };
             if read {
-                self.disk.file.read_exact_at(&mut buf, offset).map_err(io)?;
+                self.disk.read_at(&mut buf, offset).map_err(io)?;
                 mem.write_slice(&buf, addr)
                     .map_err(|_| VIRTIO_BLK_S_IOERR)?;
             } else {
                 mem.read_slice(&mut buf, addr)
                     .map_err(|_| VIRTIO_BLK_S_IOERR)?;
-                self.disk.file.write_all_at(&buf, offset).map_err(io)?;
+                self.disk.write_at(&buf, offset).map_err(io)?;
             }
             offset += len as u64;
         }
@@ -363,7 +208,7 @@ impl VirtioDevice for Block {
 
     fn features(&self) -> u64 {
         let mut f = 1u64 << VIRTIO_BLK_F_FLUSH | 1u64 << VIRTIO_BLK_F_SEG_MAX;
-        if self.disk.read_only {
+        if self.disk.read_only() {
             f |= 1u64 << VIRTIO_BLK_F_RO;
         }
         f
@@ -380,7 +225,7 @@ impl VirtioDevice for Block {
         // so an O_DIRECT read of 1 MiB took 256 requests (3.8 MiB/s in the nested bench).
         // The configuration space is read-only (no WCE): writes take the default.
         let mut config = [0u8; 16];
-        config[..8].copy_from_slice(&self.disk.sectors.to_le_bytes());
+        config[..8].copy_from_slice(&self.disk.info().sectors.to_le_bytes());
         config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
         for (i, b) in data.iter_mut().enumerate() {
             *b = usize::try_from(offset)
@@ -441,6 +286,7 @@ mod tests {
         REG_INTERRUPT_STATUS,
     };
     use crate::devices::virtio::test_driver::{Driver, IRQ};
+    use std::path::PathBuf;
 
     /// A block device over a 64 KiB image of a known pattern, set up by the test driver.
     struct Rig {

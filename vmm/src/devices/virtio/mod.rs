@@ -17,6 +17,7 @@
 //! Those writes go through the VM's [`GuestMemory`], so the dirty log sees them.
 
 pub mod block;
+pub mod disk;
 pub mod mmio;
 #[cfg(test)]
 mod test_driver;

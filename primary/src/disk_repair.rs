@@ -1,0 +1,92 @@
+//! Disk blocks in repairs (DESIGN.md §4 "Disks"). Each host writes its own copy of every
+//! disk; while the standby's replay has diverged (Linux reads the TSC), a block it wrote may
+//! differ from the primary's. A repair therefore covers disk blocks like pages: every block
+//! either side wrote since the last verified boundary; the primary sends those whose hash
+//! differs from the standby's, or that only it wrote, and the checkpoint digest covers them
+//! all.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ftvm_proto::channel::{DiskBlock as ProtoDiskBlock, PageChunk};
+use ftvm_replication::checkpoint::PageDigest;
+use ftvm_replication::primary::{Feed, FromVcpu};
+use ftvm_vmm::devices::virtio::block::{DiskBlock, DISK_BLOCK_SIZE};
+use ftvm_vmm::digest::block_hash;
+use ftvm_vmm::Vm;
+
+use crate::RecordError;
+
+/// Disk blocks per [`PageChunk`] (1 MiB of block data, like a chunk of pages).
+const BLOCKS_PER_CHUNK: usize = ((1 << 20) / DISK_BLOCK_SIZE) as usize;
+
+/// The disk blocks of one repair.
+#[derive(Debug, Default)]
+pub(crate) struct BlockRepair {
+    /// The blocks to send: those whose hash differs from the standby's, or that only the
+    /// primary wrote.
+    pub send: Vec<DiskBlock>,
+    /// The blocks the checkpoint covers: `mine` and the standby's, sorted.
+    pub covered: Vec<DiskBlock>,
+}
+
+/// Plans the disk part of a repair: `mine`, the blocks the primary's guest wrote since the
+/// boundary, and `standby`, those the standby's guest wrote, with their hashes.
+pub(crate) fn plan(
+    vm: &Vm,
+    mine: BTreeSet<DiskBlock>,
+    standby: &[(DiskBlock, PageDigest)],
+) -> Result<BlockRepair, RecordError> {
+    let theirs: BTreeMap<DiskBlock, PageDigest> = standby.iter().copied().collect();
+    let covered: BTreeSet<DiskBlock> = mine.into_iter().chain(theirs.keys().copied()).collect();
+    let mut scratch = Vec::new();
+    let mut send = Vec::new();
+    for &b in &covered {
+        if let Some(hash) = theirs.get(&b) {
+            if block_hash(vm, b, &mut scratch)? == *hash {
+                continue;
+            }
+        }
+        send.push(b);
+    }
+    Ok(BlockRepair {
+        send,
+        covered: covered.into_iter().collect(),
+    })
+}
+
+/// Sends the blocks `repair` plans for checkpoint `id` through `feed`, before the
+/// checkpoint's end; returns the bytes of block data sent.
+pub(crate) fn send(
+    vm: &Vm,
+    id: u64,
+    repair: &BlockRepair,
+    feed: &Feed,
+) -> Result<u64, RecordError> {
+    let mut bytes = 0;
+    let mut data = Vec::new();
+    for chunk in repair.send.chunks(BLOCKS_PER_CHUNK) {
+        let mut blocks = Vec::with_capacity(chunk.len());
+        for &b in chunk {
+            vm.read_disk_block(b, &mut data)?;
+            let data = if data.iter().all(|&x| x == 0) {
+                Vec::new()
+            } else {
+                data.clone()
+            };
+            bytes += data.len() as u64;
+            blocks.push(ProtoDiskBlock {
+                disk: b.disk,
+                block: b.block,
+                data,
+            });
+        }
+        feed.send(FromVcpu::Pages(PageChunk {
+            checkpoint: id,
+            stopped: true,
+            blocks,
+            ..Default::default()
+        }))
+        .map_err(RecordError::Log)?;
+    }
+    Ok(bytes)
+}
