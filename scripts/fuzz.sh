@@ -5,6 +5,10 @@
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
+if ! command -v cargo-fuzz >/dev/null || ! rustup toolchain list | grep -q '^nightly'; then
+    echo "fuzz: needs the nightly toolchain and cargo-fuzz (scripts/setup.sh installs cargo-fuzz)" >&2
+    exit 1
+fi
 seconds="${1:-60}"
 shift || true
 targets=("$@")

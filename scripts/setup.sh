@@ -29,15 +29,16 @@ fi
 
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >/dev/null 2>&1 || true
 
-# Fuzzing (scripts/fuzz.sh): cargo-fuzz on the nightly toolchain.
-if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
-    echo "setup: the nightly Rust toolchain is required for fuzzing (rustup toolchain install nightly)" >&2
-    exit 1
+# Fuzzing (scripts/fuzz.sh, run by CI): cargo-fuzz on the nightly toolchain. Without nightly
+# ftvm builds and runs; scripts/fuzz.sh then fails and says why.
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+    command -v cargo-fuzz >/dev/null || {
+        echo "setup: installing cargo-fuzz"
+        cargo install cargo-fuzz --locked --quiet
+    }
+else
+    echo "setup: no nightly Rust toolchain: scripts/fuzz.sh cannot run (rustup toolchain install nightly)" >&2
 fi
-command -v cargo-fuzz >/dev/null || {
-    echo "setup: installing cargo-fuzz"
-    cargo install cargo-fuzz --locked --quiet
-}
 
 if [ ! -e /dev/kvm ]; then
     echo "setup: /dev/kvm is missing: ftvm needs KVM (tests will fail)" >&2
