@@ -110,7 +110,10 @@ impl EventLoop {
     pub fn run(&mut self, side: &mut impl Side) {
         let mut inbox = Vec::new();
         loop {
-            let timeout = side.timeout(Instant::now());
+            let timeout = match side.link() {
+                Some(link) if link.unread() => Duration::ZERO,
+                _ => side.timeout(Instant::now()),
+            };
             let woken = match self.wait(timeout) {
                 Ok(w) => w,
                 Err(e) => {

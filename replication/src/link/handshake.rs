@@ -466,4 +466,44 @@ mod tests {
             "{s}"
         );
     }
+
+    /// A peer that sends faster than this side reads cannot keep `receive` from returning:
+    /// it stops at its budget and says more is waiting, so the event loop gets to its timers.
+    #[test]
+    fn receive_returns_at_its_budget_and_says_more_is_waiting() {
+        let h = HostKind::local().clone();
+        let (p, s) = pair(h.clone(), h);
+        let mut primary = super::super::Link::new(p.expect("primary")).expect("link");
+        let mut standby = super::super::Link::new(s.expect("standby")).expect("link");
+        standby.set_receive_budget(64 << 10);
+        let chunk = Message {
+            body: Some(Body::Pages(ftvm_proto::channel::PageChunk {
+                pages: vec![
+                    ftvm_proto::channel::Page {
+                        pfn: 1,
+                        data: vec![7; 4096],
+                    };
+                    256
+                ],
+                ..Default::default()
+            })),
+        };
+        // 12 MiB queued on the primary's side.
+        for _ in 0..12 {
+            primary.send(&chunk).expect("send");
+        }
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut stopped_early = false;
+        while got.len() < 12 && std::time::Instant::now() < deadline {
+            primary.flush().expect("flush");
+            standby.receive(&mut got).expect("receive");
+            stopped_early |= standby.unread();
+        }
+        assert_eq!(got.len(), 12, "every chunk arrives");
+        assert!(
+            stopped_early,
+            "a 12 MiB backlog takes more than one 64 KiB receive"
+        );
+    }
 }

@@ -33,7 +33,15 @@ pub struct Link {
     pub bytes_sent: u64,
     /// Bytes received so far (frames).
     pub bytes_received: u64,
+    /// The last [`Link::receive`] stopped before the socket was empty.
+    unread: bool,
+    /// What one [`Link::receive`] reads at most.
+    receive_budget: usize,
 }
+
+/// What one [`Link::receive`] reads at most, so a peer that sends faster than this side
+/// decodes cannot keep the event loop from its timers (heartbeats, the failure detector).
+const RECEIVE_BUDGET: usize = 4 << 20;
 
 impl Link {
     /// Takes over a handshaken connection.
@@ -51,6 +59,8 @@ impl Link {
             tx_done: 0,
             bytes_sent: 0,
             bytes_received: 0,
+            unread: false,
+            receive_budget: RECEIVE_BUDGET,
         })
     }
 
@@ -84,6 +94,17 @@ impl Link {
         self.bytes_sent += frame.len() as u64;
         self.tx.extend_from_slice(&frame);
         self.flush()
+    }
+
+    /// Reads at most `bytes` per [`Link::receive`] (tests).
+    #[cfg(test)]
+    pub(crate) fn set_receive_budget(&mut self, bytes: usize) {
+        self.receive_budget = bytes;
+    }
+
+    /// The last [`Link::receive`] stopped at its budget: call it again without waiting.
+    pub fn unread(&self) -> bool {
+        self.unread
     }
 
     /// Bytes queued and not yet written.
@@ -122,7 +143,15 @@ impl Link {
     pub fn receive(&mut self, out: &mut Vec<Message>) -> Result<(), ChannelError> {
         let mut buf = [0u8; 64 * 1024];
         let mut end = None;
+        let mut budget = self.receive_budget;
+        self.unread = false;
         loop {
+            if budget == 0 {
+                // More may be waiting; the event loop comes back at once (the socket's
+                // readiness is edge-triggered: no new event would say so).
+                self.unread = true;
+                break;
+            }
             match self.stream.read(&mut buf) {
                 Ok(0) => {
                     end = Some(None);
@@ -131,6 +160,7 @@ impl Link {
                 Ok(n) => {
                     self.rx.extend_from_slice(&buf[..n]);
                     self.bytes_received += n as u64;
+                    budget = budget.saturating_sub(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
