@@ -20,6 +20,7 @@
 //! [`log`] is the one home of the replication log's format (file writer and reader, header,
 //! run-end records) that the recorder, the replayer and the CLI share.
 
+pub mod arbiter;
 pub mod audit;
 pub mod checkpoint;
 pub mod event_loop;
@@ -33,6 +34,7 @@ pub mod primary;
 pub mod standby;
 pub mod status;
 pub mod sync;
+pub mod witness;
 
 pub use link::{ChannelError, Heartbeat, Link};
 pub use position::Position;
@@ -44,6 +46,8 @@ pub struct ChannelOptions {
     pub heartbeat: Heartbeat,
     /// The control socket answering `ftvm status`.
     pub control: Option<std::net::TcpListener>,
+    /// The witness (`--witness`): the arbiter of role changes decided on silence.
+    pub witness: Option<witness::WitnessConfig>,
 }
 
 impl ChannelOptions {
@@ -52,6 +56,7 @@ impl ChannelOptions {
         Ok(Self {
             heartbeat: self.heartbeat,
             control: self.control.as_ref().map(|l| l.try_clone()).transpose()?,
+            witness: self.witness.clone(),
         })
     }
 }

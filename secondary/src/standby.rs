@@ -18,6 +18,7 @@ use ftvm_proto::log::{LogHeader, RecordBatch};
 use ftvm_replication::link::{self, body_name, Handshaken};
 use ftvm_replication::log::{check_version, config_from_header, from_run_end, LogError, LogSource};
 use ftvm_replication::standby::{FromReplayer, StandbyChannel, ToReplayer};
+use ftvm_replication::witness::PairTerm;
 use ftvm_replication::{ChannelError, ChannelOptions, Link, Position};
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::{page_hash, state_digest};
@@ -61,6 +62,9 @@ pub enum StandbyError {
     /// live (DESIGN.md §5).
     #[error("the primary abandoned this standby: {0}")]
     Abandoned(String),
+    /// The primary won the term at the witness: this copy must never go live.
+    #[error("fenced: {0}")]
+    Fenced(String),
     /// A thread could not be started.
     #[error("cannot start the channel thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -80,8 +84,8 @@ pub struct ChannelSource {
     rx: Receiver<ToReplayer>,
     batches: u64,
     lost: Option<String>,
-    /// The primary abandoned this standby: why.
-    abandoned: Option<String>,
+    /// The pair's rules stopped this standby (`Abandon`, or the primary won the term).
+    stop: Option<StandbyError>,
     /// The primary handed over its role here: the log ends.
     switchover: Option<Switchover>,
 }
@@ -98,7 +102,11 @@ impl LogSource for ChannelSource {
                 Ok(None)
             }
             Ok(ToReplayer::Abandoned(why)) => {
-                self.abandoned = Some(why);
+                self.stop = Some(StandbyError::Abandoned(why));
+                Ok(None)
+            }
+            Ok(ToReplayer::Fenced(why)) => {
+                self.stop = Some(StandbyError::Fenced(why));
                 Ok(None)
             }
             Ok(ToReplayer::Switchover(sw)) => {
@@ -224,6 +232,17 @@ pub fn run_standby(
     mut out: impl Write,
 ) -> Result<StandbyEnd, StandbyError> {
     let (mut h, peer, start) = meet(&rendezvous, options.heartbeat)?;
+    if let Some(w) = &options.witness {
+        if start.vm_id.is_empty() {
+            tracing::warn!(
+                "the primary has no witness: this standby never goes live on silence (ftvm promote)"
+            );
+        }
+        w.set_pair_term(PairTerm {
+            vm_id: start.vm_id.clone(),
+            term: start.term,
+        });
+    }
     let header = start.header.unwrap_or_default();
     check_version(&header, 0).map_err(StandbyError::Config)?;
     let sync = start.sync;
@@ -328,7 +347,7 @@ fn new_replayer(
         rx: channel.inbox(),
         batches: 0,
         lost: None,
-        abandoned: None,
+        stop: None,
         switchover: None,
     };
     let output = ReplayedOutput {
@@ -393,9 +412,9 @@ fn follow_with(
                 });
             }
         };
-        if let Some(why) = replayer.source.abandoned.take() {
+        if let Some(e) = replayer.source.stop.take() {
             channel.shutdown();
-            return Err(StandbyError::Abandoned(why));
+            return Err(e);
         }
         if let Some(stop) = report.stop {
             return finish_completed(channel, &mut replayer, &mut out, stop);
@@ -461,9 +480,9 @@ fn follow_with(
                 replayer.source.lost = Some(why);
                 break;
             }
-            Repair::Abandoned(why) => {
+            Repair::Stopped(e) => {
                 channel.shutdown();
-                return Err(StandbyError::Abandoned(why));
+                return Err(e);
             }
             Repair::Failed(why) => {
                 channel.tell(FromReplayer::Diverged(Diverged {
@@ -560,6 +579,10 @@ fn finish_completed<W: Write>(
                 channel.shutdown();
                 return Err(StandbyError::Abandoned(why));
             }
+            Ok(ToReplayer::Fenced(why)) => {
+                channel.shutdown();
+                return Err(StandbyError::Fenced(why));
+            }
             Ok(_) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                 break Some("channel closed".into())
@@ -586,8 +609,8 @@ enum Repair {
     Installed(CheckpointEnd, HeldOutput),
     /// The primary was lost first.
     PrimaryLost(String),
-    /// The primary abandoned this standby.
-    Abandoned(String),
+    /// The pair's rules stopped this standby (abandoned, fenced).
+    Stopped(StandbyError),
     /// The checkpoint could not be installed.
     Failed(String),
 }
@@ -612,7 +635,8 @@ fn await_repair(
                 };
             }
             Ok(ToReplayer::PrimaryLost(why)) => return Repair::PrimaryLost(why),
-            Ok(ToReplayer::Abandoned(why)) => return Repair::Abandoned(why),
+            Ok(ToReplayer::Abandoned(why)) => return Repair::Stopped(StandbyError::Abandoned(why)),
+            Ok(ToReplayer::Fenced(why)) => return Repair::Stopped(StandbyError::Fenced(why)),
             Ok(ToReplayer::Switchover(_)) => {
                 return Repair::Failed("the primary handed over its role during a repair".into())
             }
@@ -801,6 +825,7 @@ fn receive_sync(
             }
             Ok(ToReplayer::PrimaryLost(why)) => return Err(StandbyError::SyncLost(why)),
             Ok(ToReplayer::Abandoned(why)) => return Err(StandbyError::Abandoned(why)),
+            Ok(ToReplayer::Fenced(why)) => return Err(StandbyError::Fenced(why)),
             Err(_) => return Err(StandbyError::SyncLost("the channel closed".into())),
         }
     }

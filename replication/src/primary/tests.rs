@@ -43,6 +43,7 @@ fn primary(standby: bool) -> Pair {
             output_seq: 0,
             requests: tx,
             tracking: tracking.clone(),
+            arbiter: None,
         },
         if standby {
             Ok("standby:1".into())
@@ -153,6 +154,8 @@ impl Pair {
                 Action::HandOver { .. } => "hand-over",
                 Action::RefuseHandover(_) => "refuse-handover",
                 Action::Audit(_) => "audit",
+                Action::Claim { .. } => "claim",
+                Action::Fence(_) => "fence",
             });
         }
         (bytes, kinds)

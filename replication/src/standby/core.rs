@@ -11,9 +11,11 @@ use ftvm_proto::channel::{message::Body, Ack, HeldOutput, Message};
 use ftvm_proto::log::record::Kind;
 
 use super::{FromReplayer, ToReplayer};
+use crate::arbiter::Arbiter;
 use crate::link::{body_name, ChannelError, Heartbeat};
 use crate::liveness::{Beat, Liveness};
 use crate::status::{Request, Status};
+use crate::witness::{ClaimOutcome, Verdict};
 
 /// What the event loop must do for the core, in order.
 #[derive(Debug)]
@@ -28,6 +30,14 @@ pub enum Action {
     Audit(String),
     /// The primary is lost: close the connection.
     DropLink,
+    /// Claim term `expected_term + 1` of `vm_id` at the witness; its outcome goes to
+    /// [`StandbyCore::claim_result`].
+    Claim {
+        /// The protected VM's id at the witness.
+        vm_id: String,
+        /// The term this standby knows.
+        expected_term: u64,
+    },
 }
 
 /// Where the replay stands against the log received.
@@ -48,6 +58,8 @@ struct Condition {
     lost: Option<String>,
     /// The primary abandoned this standby: why.
     abandoned: Option<String>,
+    /// The primary won the term at the witness: why this standby stopped.
+    fenced: Option<String>,
     /// The primary fell silent or broke the stream, and may live on: why. The standby keeps
     /// its VM as it is and waits for the primary to come back or for `promote`.
     waiting: Option<String>,
@@ -80,19 +92,26 @@ pub struct StandbyCore {
     shutdown: bool,
     /// Our control socket's address, for the hint a waiting standby logs.
     control: Option<String>,
+    /// The witness, if the pair has one.
+    arbiter: Option<Arbiter>,
     actions: VecDeque<Action>,
 }
 
 /// Whether the failure of the primary's connection is evidence that its process is gone
-/// while its host lives (DESIGN.md §5): the connection closed or was reset. Silence, a
-/// malformed frame or a message that breaks the protocol are not: the primary may run on.
+/// while its host lives (DESIGN.md §5): the connection closed or was reset (and writes to
+/// it fail). Silence, a malformed frame, a message that breaks the protocol, or a socket
+/// error that says the network failed (a TCP timeout, an unreachable host or network) are
+/// not: the primary may run on.
 pub fn evidence_of_death(e: &ChannelError) -> bool {
     use std::io::ErrorKind;
     match e {
         ChannelError::Closed { .. } | ChannelError::ClosedMidFrame { .. } => true,
-        ChannelError::Io { source, .. } => matches!(
+        ChannelError::Io { source, .. } => !matches!(
             source.kind(),
-            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
+            ErrorKind::TimedOut
+                | ErrorKind::HostUnreachable
+                | ErrorKind::NetworkUnreachable
+                | ErrorKind::NetworkDown
         ),
         _ => false,
     }
@@ -112,8 +131,15 @@ impl StandbyCore {
             handover: false,
             shutdown: false,
             control: None,
+            arbiter: None,
             actions: VecDeque::new(),
         }
+    }
+
+    /// The pair has a witness: the VM's id there and the term now. Silence makes this
+    /// standby claim the next term; it goes live only if it wins.
+    pub fn set_arbiter(&mut self, vm_id: String, term: u64) {
+        self.arbiter = Some(Arbiter::new(vm_id, term));
     }
 
     /// Our control socket is at `addr` (what `ftvm promote` is pointed at).
@@ -143,9 +169,14 @@ impl StandbyCore {
 
     /// How long the event loop may wait from `now`.
     pub fn poll_timeout(&self, now: Instant) -> Duration {
-        self.primary
+        let beat = self
+            .primary
             .as_ref()
-            .map_or(self.heartbeat.interval, |l| l.until_next_heartbeat(now))
+            .map_or(self.heartbeat.interval, |l| l.until_next_heartbeat(now));
+        self.arbiter
+            .as_ref()
+            .and_then(|a| a.until_retry(now))
+            .map_or(beat, |retry| retry.min(beat))
     }
 
     fn send(&mut self, body: Body, now: Instant) {
@@ -171,8 +202,11 @@ impl StandbyCore {
     pub fn heard(&mut self, now: Instant) {
         if let Some(l) = &mut self.primary {
             l.heard(now);
-            if let Some(why) = self.condition.waiting.take() {
-                tracing::warn!("the primary is back ({why}): following it again");
+            if self.condition.waiting.is_some() && self.arbiter.as_mut().is_none_or(|a| a.cancel())
+            {
+                if let Some(why) = self.condition.waiting.take() {
+                    tracing::warn!("the primary is back ({why}): following it again");
+                }
             }
         }
     }
@@ -322,13 +356,74 @@ impl StandbyCore {
             self.primary = None;
             self.actions.push_back(Action::DropLink);
         }
-        if self.condition.waiting.is_none() || !keep_link {
+        let first = self.condition.waiting.is_none() || !keep_link;
+        self.condition.waiting = Some(why.clone());
+        if let Some(a) = &mut self.arbiter {
+            if first {
+                tracing::warn!(
+                    "{why}; claiming term {} at the witness: this standby goes live only if it wins",
+                    a.term + 1
+                );
+            }
+            a.start(why);
+        } else if first {
             tracing::warn!(
                 "{why}; not going live without an arbiter: waiting ({})",
                 self.promote_hint()
             );
         }
-        self.condition.waiting = Some(why);
+    }
+
+    fn claim_due(&mut self, now: Instant) {
+        if let Some((vm_id, expected_term)) = self.arbiter.as_mut().and_then(|a| a.due(now)) {
+            self.actions.push_back(Action::Claim {
+                vm_id,
+                expected_term,
+            });
+        }
+    }
+
+    /// The witness's answer to our claim (or that it could not be reached): go live if this
+    /// standby won the term; stop for good if the primary did.
+    pub fn claim_result(&mut self, outcome: ClaimOutcome, now: Instant) {
+        let Some(a) = &mut self.arbiter else { return };
+        let Some((verdict, why)) = a.outcome(outcome, now) else {
+            // The witness could not be reached. A primary heard from again meanwhile is
+            // followed again rather than claimed against.
+            let back = self
+                .primary
+                .as_ref()
+                .is_some_and(|l| !matches!(l.tick(now), Beat::Silent(_)));
+            if back && a.cancel() {
+                if let Some(why) = self.condition.waiting.take() {
+                    tracing::warn!("the primary is back ({why}): following it again");
+                }
+            }
+            return;
+        };
+        let c = &self.condition;
+        if c.live || c.lost.is_some() || c.abandoned.is_some() || c.fenced.is_some() {
+            return;
+        }
+        self.condition.waiting = None;
+        if self.primary.take().is_some() {
+            self.actions.push_back(Action::DropLink);
+        }
+        match verdict {
+            Verdict::Granted { term } => {
+                let reason = format!("won term {term} at the witness ({why})");
+                tracing::warn!("{reason}");
+                self.condition.lost = Some(reason.clone());
+                self.replayer(ToReplayer::PrimaryLost(reason));
+            }
+            Verdict::Refused { term, holder } => {
+                let reason = format!(
+                    "the witness gave term {term} to {holder}: the primary won, so this standby stops and never goes live ({why})"
+                );
+                self.condition.fenced = Some(reason.clone());
+                self.replayer(ToReplayer::Fenced(reason));
+            }
+        }
     }
 
     fn promote_hint(&self) -> String {
@@ -344,6 +439,12 @@ impl StandbyCore {
         let c = &self.condition;
         if c.live || c.lost.is_some() {
             return Err("this standby is live already".into());
+        }
+        if self.arbiter.is_some() {
+            return Err(
+                "this pair has a witness: a standby goes live only when it wins the term there"
+                    .into(),
+            );
         }
         if let Some(why) = &c.abandoned {
             return Err(format!(
@@ -396,6 +497,11 @@ impl StandbyCore {
     /// silent primary goes on sending heartbeats, so a primary that was only paused finds
     /// it alive when it runs again.
     pub fn tick(&mut self, now: Instant) {
+        self.tick_link(now);
+        self.claim_due(now);
+    }
+
+    fn tick_link(&mut self, now: Instant) {
         let Some(l) = &self.primary else { return };
         let due = l.heartbeat_due(now);
         if let Beat::Silent(silent) = l.tick(now) {
@@ -445,6 +551,8 @@ impl StandbyCore {
                     c.lost.as_deref().unwrap_or("primary lost")
                 ),
             )
+        } else if let Some(why) = &c.fenced {
+            ("standby", false, format!("fenced: {why}"))
         } else if let Some(why) = &c.abandoned {
             ("standby", false, format!("abandoned: {why}"))
         } else if let Some(d) = &c.diverged {
@@ -460,6 +568,10 @@ impl StandbyCore {
             )
         } else if let Some(why) = &c.awaiting {
             ("standby", true, format!("repairing: {why}"))
+        } else if let (Some(why), Some(claim)) =
+            (&c.waiting, self.arbiter.as_ref().and_then(|a| a.describe()))
+        {
+            ("standby", false, format!("waiting: {why}; {claim}"))
         } else if let Some(why) = &c.waiting {
             (
                 "standby",
