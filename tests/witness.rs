@@ -191,3 +191,27 @@ fn an_unreachable_witness_means_waiting() {
     assert!(!s.stderr.contains("going live at exit"), "{}", s.stderr);
     drop(p);
 }
+
+/// A killed primary (its connection closes) still fails over with a witness: the standby
+/// wins the term and goes live; a client sees one execution's output.
+#[test]
+fn a_killed_primary_fails_over_through_the_witness() {
+    let _one = serial();
+    let dir = Scratch::new("witness-kill-primary");
+    let (wa, addr, sc) = (free_addr(), free_addr(), free_addr());
+    let _w = start_witness(&wa, &dir.path_str("state"));
+    let s = standby(&addr, &sc, &["--witness", &wa], &[]);
+    let mut p = primary(&addr, 300, &["--witness", &wa], &["standby ready"]);
+    p.expect("standby ready");
+    std::thread::sleep(Duration::from_millis(300));
+    let p = p.kill();
+    let s = s.wait(LIMIT);
+    assert_eq!(s.status.code(), Some(0), "standby: {}", s.stderr);
+    assert!(
+        s.stderr
+            .contains("won term 1 at the witness (primary lost: "),
+        "{}",
+        s.stderr
+    );
+    assert_failover_output(&p.stdout, &s.stdout, &s.stderr, 300);
+}

@@ -14,7 +14,6 @@ use super::{FromReplayer, ToReplayer};
 use crate::arbiter::Arbiter;
 use crate::link::{body_name, ChannelError, Heartbeat};
 use crate::liveness::{Beat, Liveness};
-use crate::status::{Request, Status};
 use crate::witness::{ClaimOutcome, Verdict};
 
 /// What the event loop must do for the core, in order.
@@ -42,59 +41,59 @@ pub enum Action {
 
 /// Where the replay stands against the log received.
 #[derive(Debug, Default)]
-struct Progress {
+pub(super) struct Progress {
     /// Epochs received and not yet verified, with when their end arrived.
-    unverified: VecDeque<(u64, Instant)>,
-    received_epoch: u64,
-    verified_epoch: u64,
-    exit_seq: u64,
-    released: u64,
+    pub(super) unverified: VecDeque<(u64, Instant)>,
+    pub(super) received_epoch: u64,
+    pub(super) verified_epoch: u64,
+    pub(super) exit_seq: u64,
+    pub(super) released: u64,
 }
 
 /// What the standby is doing, besides following the log.
 #[derive(Debug, Default)]
-struct Condition {
+pub(super) struct Condition {
     /// Why the primary was lost.
-    lost: Option<String>,
+    pub(super) lost: Option<String>,
     /// The primary abandoned this standby: why.
-    abandoned: Option<String>,
+    pub(super) abandoned: Option<String>,
     /// The primary won the term at the witness: why this standby stopped.
-    fenced: Option<String>,
+    pub(super) fenced: Option<String>,
     /// The primary fell silent or broke the stream, and may live on: why. The standby keeps
     /// its VM as it is and waits for the primary to come back or for `promote`.
-    waiting: Option<String>,
+    pub(super) waiting: Option<String>,
     /// The replayer went live.
-    live: bool,
+    pub(super) live: bool,
     /// A checkpoint could not be installed: the replay gave up.
-    diverged: Option<String>,
+    pub(super) diverged: Option<String>,
     /// Waiting for a repair checkpoint: why.
-    awaiting: Option<String>,
+    pub(super) awaiting: Option<String>,
     /// Syncing: (bytes received, pages left).
-    syncing: Option<(u64, u64)>,
-    repairs: u64,
-    syncs: u64,
+    pub(super) syncing: Option<(u64, u64)>,
+    pub(super) repairs: u64,
+    pub(super) syncs: u64,
 }
 
 /// The standby's side of the pair protocol.
 pub struct StandbyCore {
     /// The primary's connection is up.
-    primary: Option<Liveness>,
-    peer: String,
-    heartbeat: Heartbeat,
-    audit: bool,
-    progress: Progress,
-    condition: Condition,
+    pub(super) primary: Option<Liveness>,
+    pub(super) peer: String,
+    pub(super) heartbeat: Heartbeat,
+    pub(super) audit: bool,
+    pub(super) progress: Progress,
+    pub(super) condition: Condition,
     /// The output the primary sent with the checkpoint whose end comes next.
-    held: Option<HeldOutput>,
+    pub(super) held: Option<HeldOutput>,
     /// The primary handed over its role: the connection goes to the new primary's channel.
-    handover: bool,
+    pub(super) handover: bool,
     /// The replayer asked the channel to stop.
-    shutdown: bool,
+    pub(super) shutdown: bool,
     /// Our control socket's address, for the hint a waiting standby logs.
-    control: Option<String>,
+    pub(super) control: Option<String>,
     /// The witness, if the pair has one.
-    arbiter: Option<Arbiter>,
-    actions: VecDeque<Action>,
+    pub(super) arbiter: Option<Arbiter>,
+    pub(super) actions: VecDeque<Action>,
 }
 
 /// Whether the failure of the primary's connection is evidence that its process is gone
@@ -187,7 +186,7 @@ impl StandbyCore {
         }
     }
 
-    fn replayer(&mut self, msg: ToReplayer) {
+    pub(super) fn replayer(&mut self, msg: ToReplayer) {
         self.actions.push_back(Action::ToReplayer(msg));
     }
 
@@ -334,11 +333,15 @@ impl StandbyCore {
     }
 
     /// The connection to the primary failed (closed, reset, silent, a bad frame). Only a
-    /// close or a reset is evidence that the primary is gone: then the standby goes live.
-    /// Otherwise it waits (DESIGN.md §5), on the same connection if it is only silence.
+    /// close or a reset is evidence that the primary is gone: then the standby goes live
+    /// (with a witness, once it won the term: a primary that dropped this standby and could
+    /// not tell it has claimed the term already). Otherwise it waits (DESIGN.md §5), on the
+    /// same connection if it is only silence.
     pub fn link_failed(&mut self, e: ChannelError) {
-        if evidence_of_death(&e) {
+        if evidence_of_death(&e) && self.arbiter.is_none() {
             self.lose(format!("primary lost: {e}"));
+        } else if evidence_of_death(&e) {
+            self.wait(format!("primary lost: {e}"), false);
         } else {
             let keep = matches!(e, ChannelError::Silent { .. });
             self.wait(format!("primary {e}"), keep);
@@ -426,52 +429,6 @@ impl StandbyCore {
         }
     }
 
-    fn promote_hint(&self) -> String {
-        match &self.control {
-            Some(addr) => format!("ftvm promote {addr} to go live"),
-            None => "ftvm promote ADDR to go live; this standby has no --control socket".into(),
-        }
-    }
-
-    /// `ftvm promote`: an operator decided that the primary this standby waits for is gone;
-    /// go live from the last consistent point (the same path as a primary's death).
-    pub fn promote(&mut self) -> Result<(), String> {
-        let c = &self.condition;
-        if c.live || c.lost.is_some() {
-            return Err("this standby is live already".into());
-        }
-        if self.arbiter.is_some() {
-            return Err(
-                "this pair has a witness: a standby goes live only when it wins the term there"
-                    .into(),
-            );
-        }
-        if let Some(why) = &c.abandoned {
-            return Err(format!(
-                "the primary abandoned this standby ({why}): its copy is not the guest's"
-            ));
-        }
-        if let Some(why) = &c.diverged {
-            return Err(format!(
-                "this standby has no usable copy of the guest: {why}"
-            ));
-        }
-        let Some(why) = self.condition.waiting.take() else {
-            return Err(
-                "this standby follows a live primary; only a standby that waits for a silent primary can be promoted (`ftvm switchover` swaps the roles of a healthy pair)"
-                    .into(),
-            );
-        };
-        tracing::warn!("promoted by the operator ({why})");
-        if self.primary.take().is_some() {
-            self.actions.push_back(Action::DropLink);
-        }
-        let reason = format!("promoted by the operator ({why})");
-        self.condition.lost = Some(reason.clone());
-        self.replayer(ToReplayer::PrimaryLost(reason));
-        Ok(())
-    }
-
     fn lose(&mut self, why: String) {
         if self.primary.take().is_none() {
             return;
@@ -515,101 +472,6 @@ impl StandbyCore {
         }
         if due {
             self.send(Body::Heartbeat(Default::default()), now);
-        }
-    }
-
-    /// Answers a control request; `log_bytes_per_s` is the channel's receive rate now.
-    pub fn control_request(
-        &mut self,
-        request: Request,
-        now: Instant,
-        log_bytes_per_s: u64,
-    ) -> String {
-        match request {
-            Request::Status => self.status(now, log_bytes_per_s).to_string(),
-            Request::Promote => match self.promote() {
-                Ok(()) => {
-                    "promoted: this standby goes live from its last consistent point\n".into()
-                }
-                Err(why) => format!("error: {why}\n"),
-            },
-            Request::Switchover => {
-                "error: this is the standby; ask the primary's control socket\n".into()
-            }
-        }
-    }
-
-    /// Where the standby stands, for `ftvm status`.
-    pub fn status(&self, now: Instant, log_bytes_per_s: u64) -> Status {
-        let c = &self.condition;
-        let (role, protected, state) = if c.live {
-            (
-                "primary (live after failover)",
-                false,
-                format!(
-                    "unprotected: {}",
-                    c.lost.as_deref().unwrap_or("primary lost")
-                ),
-            )
-        } else if let Some(why) = &c.fenced {
-            ("standby", false, format!("fenced: {why}"))
-        } else if let Some(why) = &c.abandoned {
-            ("standby", false, format!("abandoned: {why}"))
-        } else if let Some(d) = &c.diverged {
-            ("standby", false, format!("diverged: {d}"))
-        } else if let Some((bytes, left)) = c.syncing {
-            (
-                "standby",
-                false,
-                format!(
-                    "syncing: {} MiB received, {left} pages left in the round",
-                    bytes >> 20
-                ),
-            )
-        } else if let Some(why) = &c.awaiting {
-            ("standby", true, format!("repairing: {why}"))
-        } else if let (Some(why), Some(claim)) =
-            (&c.waiting, self.arbiter.as_ref().and_then(|a| a.describe()))
-        {
-            ("standby", false, format!("waiting: {why}; {claim}"))
-        } else if let Some(why) = &c.waiting {
-            (
-                "standby",
-                false,
-                format!(
-                    "waiting: {why}; not going live without an arbiter ({})",
-                    self.promote_hint()
-                ),
-            )
-        } else if let Some(why) = &c.lost {
-            ("standby", false, format!("going live: {why}"))
-        } else {
-            ("standby", true, "lockstep".to_string())
-        };
-        let p = &self.progress;
-        Status {
-            role: role.into(),
-            protected,
-            state,
-            peer: self.peer.clone(),
-            epoch: p.received_epoch,
-            verified_epoch: p.verified_epoch,
-            exit_seq: p.exit_seq,
-            lag_epochs: p.unverified.len() as u64,
-            lag: p
-                .unverified
-                .front()
-                .map_or(Duration::ZERO, |(_, t)| now.saturating_duration_since(*t)),
-            log_bytes_per_s: if self.primary.is_some() {
-                log_bytes_per_s
-            } else {
-                0
-            },
-            released_output_seq: p.released,
-            held_output_bytes: 0,
-            repairs: c.repairs,
-            syncs: c.syncs,
-            heartbeat: self.heartbeat,
         }
     }
 }

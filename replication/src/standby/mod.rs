@@ -7,6 +7,7 @@
 //! the primary to speak again or for `ftvm promote`; DESIGN.md §5).
 
 mod core;
+mod status;
 #[cfg(test)]
 mod tests;
 

@@ -479,3 +479,23 @@ fn with_an_unreachable_witness_the_standby_waits_and_follows_a_primary_that_come
     s.core.tick(s.now);
     assert!(claimed(&s.actions()).is_empty());
 }
+
+#[test]
+fn with_a_witness_even_a_closed_connection_goes_live_only_through_the_term() {
+    let mut s = with_witness();
+    s.core.link_failed(ChannelError::Closed {
+        peer: "primary:1".into(),
+    });
+    s.core.tick(s.now);
+    let actions = s.actions();
+    // A primary that dropped this standby without a word reaching it (its Abandon stuck
+    // behind a full socket) holds the term already: the claim decides, not the close.
+    assert!(
+        matches!(actions.first(), Some(Action::DropLink)),
+        "{actions:?}"
+    );
+    assert_eq!(claimed(&actions), vec![3]);
+    assert!(!actions
+        .iter()
+        .any(|a| matches!(a, Action::ToReplayer(ToReplayer::PrimaryLost(_)))));
+}
