@@ -57,6 +57,8 @@ pub(super) struct Condition {
     pub(super) lost: Option<String>,
     /// The primary abandoned this standby: why.
     pub(super) abandoned: Option<String>,
+    /// The primary abandoned this standby while its claim was out: the verdict decides.
+    pub(super) abandon_pending: Option<String>,
     /// The primary won the term at the witness: why this standby stopped.
     pub(super) fenced: Option<String>,
     /// The primary fell silent or broke the stream, and may live on: why. The standby keeps
@@ -391,6 +393,11 @@ impl StandbyCore {
     pub fn claim_result(&mut self, outcome: ClaimOutcome, now: Instant) {
         let Some(a) = &mut self.arbiter else { return };
         let Some((verdict, why)) = a.outcome(outcome, now) else {
+            if let Some(reason) = self.condition.abandon_pending.take() {
+                // Not granted as far as we know, and the primary lives on without us.
+                a.cancel();
+                return self.abandon_now(reason);
+            }
             // The witness could not be reached. A primary heard from again meanwhile is
             // followed again rather than claimed against.
             let back = self
@@ -444,9 +451,26 @@ impl StandbyCore {
         if self.primary.take().is_none() {
             return;
         }
-        tracing::debug!("the primary abandoned this standby: {reason}");
-        self.condition.abandoned = Some(reason.clone());
         self.actions.push_back(Action::DropLink);
+        if self
+            .arbiter
+            .as_ref()
+            .and_then(|a| a.claim.as_ref())
+            .is_some_and(|c| c.in_flight)
+        {
+            // Our claim is out and may be granted already: the witness decides (the
+            // primary, which claims too, is refused then and fences itself).
+            tracing::debug!("the primary abandoned this standby while it claims: {reason}");
+            self.condition.abandon_pending = Some(reason);
+            return;
+        }
+        self.abandon_now(reason);
+    }
+
+    fn abandon_now(&mut self, reason: String) {
+        tracing::debug!("the primary abandoned this standby: {reason}");
+        self.condition.waiting = None;
+        self.condition.abandoned = Some(reason.clone());
         self.replayer(ToReplayer::Abandoned(reason));
     }
 

@@ -499,3 +499,37 @@ fn with_a_witness_even_a_closed_connection_goes_live_only_through_the_term() {
         .iter()
         .any(|a| matches!(a, Action::ToReplayer(ToReplayer::PrimaryLost(_)))));
 }
+
+#[test]
+fn with_a_witness_abandon_during_a_claim_waits_for_the_verdict() {
+    let abandon = || Message {
+        body: Some(Body::Abandon(Abandon {
+            reason: "standby lost: silent".into(),
+        })),
+    };
+    // Granted: this standby holds the term, so it goes live (the primary will be refused).
+    let mut s = with_witness();
+    assert_eq!(claimed(&silence(&mut s)), vec![3]);
+    s.primary(abandon());
+    assert!(matches!(s.actions().as_slice(), [Action::DropLink]));
+    s.core
+        .claim_result(ClaimOutcome::Decided(Verdict::Granted { term: 4 }), s.now);
+    assert!(matches!(
+        s.actions().as_slice(),
+        [Action::ToReplayer(ToReplayer::PrimaryLost(_))]
+    ));
+    // Not decided (unreachable): the primary lives on without us: abandoned.
+    let mut s = with_witness();
+    silence(&mut s);
+    s.primary(abandon());
+    s.actions();
+    s.core
+        .claim_result(ClaimOutcome::Unreachable("timed out".into()), s.now);
+    assert!(matches!(
+        s.actions().as_slice(),
+        [Action::ToReplayer(ToReplayer::Abandoned(_))]
+    ));
+    s.now += Duration::from_secs(1);
+    s.core.tick(s.now);
+    assert!(claimed(&s.actions()).is_empty(), "no claim after abandon");
+}
