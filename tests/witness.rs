@@ -215,3 +215,24 @@ fn a_killed_primary_fails_over_through_the_witness() {
     );
     assert_failover_output(&p.stdout, &s.stdout, &s.stderr, 300);
 }
+
+/// A healthy pair with a witness runs to the end without asking it anything.
+#[test]
+fn a_pair_with_a_witness_runs_to_completion_without_a_claim() {
+    let _one = serial();
+    let dir = Scratch::new("witness-healthy");
+    let (wa, addr, sc) = (free_addr(), free_addr(), free_addr());
+    let _w = start_witness(&wa, &dir.path_str("state"));
+    let s = standby(&addr, &sc, &["--witness", &wa], &[]);
+    let p = primary(&addr, 40, &["--witness", &wa], &[]);
+    let p = p.wait(LIMIT);
+    let s = s.wait(LIMIT);
+    assert_eq!(p.status.code(), Some(0), "primary: {}", p.stderr);
+    assert_complete_count(&p.out(), 40);
+    assert_eq!(s.status.code(), Some(0), "standby: {}", s.stderr);
+    assert!(s.stdout.is_empty(), "{:?}", s.out());
+    for text in [&p.stderr, &s.stderr] {
+        assert!(!text.contains("claiming term"), "{text}");
+        assert!(!text.contains("wins term"), "{text}");
+    }
+}

@@ -48,6 +48,8 @@ pub(super) struct Progress {
     pub(super) verified_epoch: u64,
     pub(super) exit_seq: u64,
     pub(super) released: u64,
+    /// The log's end (the guest's run is over on the primary) arrived.
+    pub(super) run_end: bool,
 }
 
 /// What the standby is doing, besides following the log.
@@ -226,6 +228,7 @@ impl StandbyCore {
                         self.progress.received_epoch = e.epoch;
                         self.progress.unverified.push_back((e.epoch, now));
                     }
+                    self.progress.run_end |= matches!(r.kind, Some(Kind::RunEnd(_)));
                 }
                 self.replayer(ToReplayer::Batch(batch));
             }
@@ -257,6 +260,7 @@ impl StandbyCore {
                 };
                 self.progress.exit_seq = end.exit_seq;
                 self.progress.received_epoch = end.epoch;
+                self.progress.run_end |= end.run_end.is_some();
                 self.progress.unverified.push_back((end.epoch, now));
                 self.replayer(ToReplayer::CheckpointEnd { end, held });
             }
@@ -340,7 +344,8 @@ impl StandbyCore {
     /// not tell it has claimed the term already). Otherwise it waits (DESIGN.md §5), on the
     /// same connection if it is only silence.
     pub fn link_failed(&mut self, e: ChannelError) {
-        if evidence_of_death(&e) && self.arbiter.is_none() {
+        // After the run's end there is nothing to go live for: the close ends the pair.
+        if evidence_of_death(&e) && (self.arbiter.is_none() || self.progress.run_end) {
             self.lose(format!("primary lost: {e}"));
         } else if evidence_of_death(&e) {
             self.wait(format!("primary lost: {e}"), false);

@@ -533,3 +533,28 @@ fn with_a_witness_abandon_during_a_claim_waits_for_the_verdict() {
     s.core.tick(s.now);
     assert!(claimed(&s.actions()).is_empty(), "no claim after abandon");
 }
+
+#[test]
+fn with_a_witness_a_close_after_the_run_end_claims_nothing() {
+    let mut s = with_witness();
+    s.primary(Message {
+        body: Some(Body::Batch(RecordBatch {
+            complete_through: 10,
+            records: vec![Record {
+                exit_seq: 10,
+                at_kick: false,
+                kind: Some(Kind::RunEnd(Default::default())),
+            }],
+        })),
+    });
+    s.actions();
+    s.core.link_failed(ChannelError::Closed {
+        peer: "primary:1".into(),
+    });
+    s.core.tick(s.now);
+    let actions = s.actions();
+    assert!(claimed(&actions).is_empty(), "{actions:?}");
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::ToReplayer(ToReplayer::PrimaryLost(_)))));
+}
