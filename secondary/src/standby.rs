@@ -762,6 +762,11 @@ fn receive_sync(
     channel: &StandbyChannel,
     progress: &mut SyncProgress,
 ) -> Result<(CheckpointEnd, HeldOutput), StandbyError> {
+    // Syncing: a primary lost in any way (silence included) is lost; nothing can go live.
+    channel.tell(FromReplayer::Syncing {
+        bytes: progress.received,
+        remaining_pages: 0,
+    });
     let inbox = channel.inbox();
     loop {
         match inbox.recv() {
@@ -824,7 +829,12 @@ fn receive_sync(
                 ))
             }
             Ok(ToReplayer::PrimaryLost(why)) => return Err(StandbyError::SyncLost(why)),
-            Ok(ToReplayer::Abandoned(why)) => return Err(StandbyError::Abandoned(why)),
+            // A standby with no complete copy cannot go live anyway: a joining one reconnects.
+            Ok(ToReplayer::Abandoned(why)) => {
+                return Err(StandbyError::SyncLost(format!(
+                    "the primary abandoned this standby: {why}"
+                )))
+            }
             Ok(ToReplayer::Fenced(why)) => return Err(StandbyError::Fenced(why)),
             Err(_) => return Err(StandbyError::SyncLost("the channel closed".into())),
         }

@@ -344,8 +344,12 @@ impl StandbyCore {
     /// not tell it has claimed the term already). Otherwise it waits (DESIGN.md §5), on the
     /// same connection if it is only silence.
     pub fn link_failed(&mut self, e: ChannelError) {
+        // A syncing standby has no copy to go live with: whatever the failure, the primary
+        // is lost (a joining standby reconnects to resume the sync).
+        if self.condition.syncing.is_some() {
+            self.lose(format!("primary lost: {e}"));
         // After the run's end there is nothing to go live for: the close ends the pair.
-        if evidence_of_death(&e) && (self.arbiter.is_none() || self.progress.run_end) {
+        } else if evidence_of_death(&e) && (self.arbiter.is_none() || self.progress.run_end) {
             self.lose(format!("primary lost: {e}"));
         } else if evidence_of_death(&e) {
             self.wait(format!("primary lost: {e}"), false);

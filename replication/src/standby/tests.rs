@@ -558,3 +558,17 @@ fn with_a_witness_a_close_after_the_run_end_claims_nothing() {
         .iter()
         .any(|a| matches!(a, Action::ToReplayer(ToReplayer::PrimaryLost(_)))));
 }
+
+#[test]
+fn a_syncing_standby_has_nothing_to_go_live_with_so_silence_loses_the_primary() {
+    let mut s = with_witness();
+    s.replayer(FromReplayer::Syncing {
+        bytes: 0,
+        remaining_pages: 0,
+    });
+    let actions = silence(&mut s);
+    assert!(claimed(&actions).is_empty(), "{actions:?}");
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::ToReplayer(ToReplayer::PrimaryLost(_)))));
+}
