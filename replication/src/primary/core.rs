@@ -406,6 +406,9 @@ impl PrimaryCore {
     /// reason, so it never takes our close for our death), say so once, release everything
     /// held, go on alone.
     pub fn lose(&mut self, why: String, now: Instant) {
+        // A standby still syncing has no copy of the guest: it cannot go live, so there is
+        // no term to win.
+        let had_copy = self.protecting();
         if self.standby.take().is_none() {
             return;
         }
@@ -419,7 +422,7 @@ impl PrimaryCore {
         // A checkpoint on its way is abandoned with its standby (its pages and end are
         // dropped when they come: a new standby must never see them).
         self.checkpoints.pending = None;
-        if self.arbitrate(&why, now) {
+        if had_copy && self.arbitrate(&why, now) {
             self.report.lost = Some(why);
             return;
         }

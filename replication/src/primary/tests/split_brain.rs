@@ -141,3 +141,30 @@ fn with_a_witness_a_primary_whose_standby_won_the_term_fences_itself() {
         "{why}"
     );
 }
+
+#[test]
+fn with_a_witness_a_standby_lost_during_its_sync_needs_no_claim() {
+    let mut p = with_witness();
+    p.core.link_failed(
+        ChannelError::Closed {
+            peer: "standby:1".into(),
+        },
+        p.now,
+    );
+    p.actions();
+    // Unprotected now (the term won or not needed); a joining standby syncs.
+    p.core.arbiter = Some(Arbiter::new("vm".into(), 1));
+    p.core
+        .attach("standby:2".into(), HB, &Ready::default(), p.now);
+    assert!(!p.core.protecting());
+    p.core.link_failed(
+        ChannelError::Closed {
+            peer: "standby:2".into(),
+        },
+        p.now,
+    );
+    assert!(claims(&p.actions()).is_empty());
+    assert!(!p.core.arbitrating());
+    p.vcpu(FromVcpu::Output(b"free".to_vec()));
+    assert_eq!(p.released().0, b"free".to_vec());
+}
