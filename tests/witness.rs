@@ -90,6 +90,7 @@ fn stop_and_continue_with_a_witness_the_standby_wins_and_the_primary_fences_itse
         status_field(&live, "state").contains("won term 1"),
         "{live}"
     );
+    assert_eq!(status_field(&live, "term"), "1", "{live}");
     p.signal(libc::SIGCONT);
     let p = p.wait(LIMIT);
     let s = s.wait(LIMIT);

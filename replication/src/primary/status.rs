@@ -69,6 +69,7 @@ impl PrimaryCore {
             repairs: self.report.repairs,
             syncs: self.report.syncs,
             heartbeat: self.heartbeat,
+            term: self.arbiter.as_ref().map(|a| a.term),
         }
     }
 }

@@ -145,6 +145,7 @@ impl StandbyCore {
             repairs: c.repairs,
             syncs: c.syncs,
             heartbeat: self.heartbeat,
+            term: self.arbiter.as_ref().map(|a| a.term),
         }
     }
 }
