@@ -2,7 +2,11 @@
 //! generates the prost types.
 
 fn main() {
-    let protos = ["proto/log.proto", "proto/channel.proto"];
+    let protos = [
+        "proto/log.proto",
+        "proto/channel.proto",
+        "proto/witness.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

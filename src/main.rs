@@ -78,6 +78,9 @@ enum Command {
     /// the other, `ftvm bench --peer ADDR` prints ack latency and log throughput over the
     /// pair channel, each next to raw TCP between the same hosts.
     Bench(BenchArgs),
+    /// The arbiter of protected pairs (`--witness`): keeps each protected VM's term and its
+    /// holder in FILE, fsynced before it answers, and grants each term once.
+    Witness(WitnessArgs),
 }
 
 #[derive(clap::Args)]
@@ -104,6 +107,16 @@ struct BenchArgs {
 }
 
 #[derive(clap::Args)]
+struct WitnessArgs {
+    /// Address to answer on (host:port).
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// The state file (created if missing; kept across restarts).
+    #[arg(long, value_name = "FILE")]
+    state: PathBuf,
+}
+
+#[derive(clap::Args)]
 struct PairArgs {
     /// Heartbeat interval in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
@@ -114,6 +127,11 @@ struct PairArgs {
     /// Answer `ftvm status` on this address (host:port).
     #[arg(long, value_name = "ADDR")]
     control: Option<String>,
+    /// The witness (`ftvm witness`) that arbitrates role changes decided on silence: a
+    /// standby goes live, and a primary that lost its standby releases output, only after
+    /// winning the pair's next term there. Give both sides the same witness.
+    #[arg(long, value_name = "ADDR")]
+    witness: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -303,6 +321,9 @@ impl CliError {
             CliError::Standby(ftvm_secondary::standby::StandbyError::Abandoned(_)) => {
                 STATUS_ABANDONED
             }
+            CliError::Standby(ftvm_secondary::standby::StandbyError::Fenced(_)) => {
+                ftvm_replication::arbiter::STATUS_FENCED
+            }
             _ => STATUS_ERROR,
         }
     }
@@ -396,6 +417,10 @@ fn channel_options(args: &PairArgs) -> Result<ChannelOptions, CliError> {
     Ok(ChannelOptions {
         heartbeat: Heartbeat { interval, timeout },
         control,
+        witness: args
+            .witness
+            .clone()
+            .map(ftvm_replication::witness::WitnessConfig::new),
     })
 }
 
@@ -435,6 +460,13 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
     };
     if paired {
         let options = channel_options(&args.pair)?;
+        if let Some(w) = &options.witness {
+            // A new protected VM: its own id at the witness, term 0.
+            w.set_pair_term(ftvm_replication::witness::PairTerm {
+                vm_id: ftvm_replication::witness::new_vm_id(),
+                term: 0,
+            });
+        }
         let accept = match &args.accept_standby {
             Some(addr) => Some(listen(addr)?),
             None => None,
@@ -455,7 +487,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
                     header.clone(),
                     &config.kernel,
                     config.initrd.as_deref(),
-                    options.heartbeat,
+                    &options,
                 ) {
                     Ok(link) => Ok(link),
                     Err(
@@ -688,6 +720,15 @@ fn switchover(args: StatusArgs) -> Result<u8, CliError> {
     }
 }
 
+fn witness(args: WitnessArgs) -> Result<u8, CliError> {
+    let mut terms = ftvm_replication::witness::server::Terms::load(&args.state)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let listener = listen(&args.listen)?;
+    tracing::info!(addr = args.listen, state = %args.state.display(), "witness ready");
+    ftvm_replication::witness::server::serve(&listener, &mut terms);
+    Ok(0)
+}
+
 fn promote(args: StatusArgs) -> Result<u8, CliError> {
     let answer = ftvm_replication::status::ask(&args.addr, "promote")?;
     if let Some(why) = answer.strip_prefix("error: ") {
@@ -844,11 +885,17 @@ fn main() -> ExitCode {
         Command::Switchover(args) => switchover(args),
         Command::Bench(args) => bench(args),
         Command::Promote(args) => promote(args),
+        Command::Witness(args) => witness(args),
     };
     match result {
         Ok(status) => ExitCode::from(status),
         // Not an error of ftvm's: the pair's rules stopped this standby.
-        Err(e @ CliError::Standby(ftvm_secondary::standby::StandbyError::Abandoned(_))) => {
+        Err(
+            e @ CliError::Standby(
+                ftvm_secondary::standby::StandbyError::Abandoned(_)
+                | ftvm_secondary::standby::StandbyError::Fenced(_),
+            ),
+        ) => {
             eprintln!("ftvm: {e}");
             ExitCode::from(e.status())
         }

@@ -36,6 +36,7 @@ fuzz_target!(|data: &[u8]| {
             after: Position::default(),
             vcpu,
             tracking: DirtyTracking::default(),
+            arbiter: None,
         },
         Ok("fuzz".into()),
         now,

@@ -37,13 +37,19 @@ pub fn connect_standby(
     header: LogHeader,
     kernel: &[u8],
     initrd: Option<&[u8]>,
-    heartbeat: ftvm_replication::Heartbeat,
+    options: &ftvm_replication::ChannelOptions,
 ) -> Result<Link, ChannelError> {
     let stream = link::connect(peer, timeout)?;
-    let h = link::handshake(stream, peer, Role::Primary, heartbeat)?;
+    let h = link::handshake(stream, peer, Role::Primary, options.heartbeat)?;
+    let mut start = start_message(header, kernel, initrd, false);
+    // With a witness, the standby learns the VM's id there and the term.
+    if let Some(t) = options.witness.as_ref().map(|w| w.pair_term()) {
+        start.vm_id = t.vm_id;
+        start.term = t.term;
+    }
     // The standby answers Ack(0) once its VM is built (or Diverged when it cannot build
     // it): only then does the guest start, so the standby does not begin the run behind.
-    Ok(offer_vm(h, peer, start_message(header, kernel, initrd, false))?.0)
+    Ok(offer_vm(h, peer, start)?.0)
 }
 
 /// What a standby is sent first: the VM to build, and whether a sync follows.
@@ -53,6 +59,7 @@ pub fn start_message(header: LogHeader, kernel: &[u8], initrd: Option<&[u8]>, sy
         kernel: kernel.to_vec(),
         initrd: initrd.map(<[u8]>::to_vec).unwrap_or_default(),
         sync,
+        ..Default::default()
     }
 }
 

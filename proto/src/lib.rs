@@ -2,6 +2,7 @@
 //!
 //! - [`log`]: prost types generated from `proto/log.proto` (the replication log);
 //! - [`channel`]: prost types generated from `proto/channel.proto` (the pair connection);
+//! - [`witness`]: prost types generated from `proto/witness.proto` (the arbiter);
 //! - [`frame`]: length-prefixed frames with a CRC32C, shared by log files and sockets.
 
 /// The replication log schema (generated from `proto/log.proto`).
@@ -14,6 +15,12 @@ pub mod log {
 #[allow(missing_docs, clippy::all)]
 pub mod channel {
     include!(concat!(env!("OUT_DIR"), "/ftvm.channel.rs"));
+}
+
+/// The witness's requests, answers and state file (generated from `proto/witness.proto`).
+#[allow(missing_docs, clippy::all)]
+pub mod witness {
+    include!(concat!(env!("OUT_DIR"), "/ftvm.witness.rs"));
 }
 
 pub mod frame;
@@ -31,6 +38,12 @@ pub const LOG_MAGIC: &[u8; 8] = b"FTVMLOG\0";
 /// that close for the primary's death and go live next to a primary that runs on; and
 /// `Hello` carries the sender's heartbeat interval and timeout, which both sides agree on.
 pub const PROTOCOL_VERSION: u32 = 5;
+
+/// The witness protocol this build speaks.
+pub const WITNESS_VERSION: u32 = 1;
+
+/// First bytes a witness client sends.
+pub const WITNESS_MAGIC: &[u8; 8] = b"FTVMWTNS";
 
 /// First bytes each side of a pair connection sends.
 pub const CHANNEL_MAGIC: &[u8; 8] = b"FTVMPAIR";

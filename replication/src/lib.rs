@@ -12,14 +12,18 @@
 //! - [`standby::StandbyChannel`] feeds the batches to the replayer as they arrive and answers
 //!   `Ack { received_epoch, verified_epoch }` or `Diverged`.
 //!
-//! Both send heartbeats (default every 50 ms). The failure detector: EOF or a reset means the
-//! peer process is gone, at once; no bytes for the heartbeat timeout (default 150 ms) means
-//! the peer is lost. A primary that loses its standby releases what it holds and runs on
-//! unprotected; a standby that loses its primary lets the replayer finish the log and go live.
+//! Both send heartbeats (default every 50 ms; both sides use the larger settings of the two
+//! `Hello`s). The failure detector: EOF or a reset means the peer process is gone, at once;
+//! no bytes for the heartbeat timeout (default 150 ms) means the peer is silent. A primary
+//! that drops its standby tells it so (`Abandon`) first, then releases what it holds and runs
+//! on unprotected (with a [`witness`]: once it won the pair's next term). A standby goes live
+//! only on evidence that its primary is gone (a close or reset without `Abandon`; with a
+//! witness, once it won the term); silence makes it wait (DESIGN.md §5).
 //!
 //! [`log`] is the one home of the replication log's format (file writer and reader, header,
 //! run-end records) that the recorder, the replayer and the CLI share.
 
+pub mod arbiter;
 pub mod audit;
 pub mod bench;
 pub mod checkpoint;
@@ -34,6 +38,7 @@ pub mod primary;
 pub mod standby;
 pub mod status;
 pub mod sync;
+pub mod witness;
 
 pub use link::{ChannelError, Heartbeat, Link};
 pub use position::Position;
@@ -45,6 +50,8 @@ pub struct ChannelOptions {
     pub heartbeat: Heartbeat,
     /// The control socket answering `ftvm status`.
     pub control: Option<std::net::TcpListener>,
+    /// The witness (`--witness`): the arbiter of role changes decided on silence.
+    pub witness: Option<witness::WitnessConfig>,
 }
 
 impl ChannelOptions {
@@ -53,6 +60,7 @@ impl ChannelOptions {
         Ok(Self {
             heartbeat: self.heartbeat,
             control: self.control.as_ref().map(|l| l.try_clone()).transpose()?,
+            witness: self.witness.clone(),
         })
     }
 }

@@ -39,6 +39,8 @@ pub struct Status {
     pub syncs: u64,
     /// The heartbeat settings agreed with the peer (ours when there is none).
     pub heartbeat: crate::Heartbeat,
+    /// With a witness: the pair's term as this side knows it.
+    pub term: Option<u64>,
 }
 
 impl std::fmt::Display for Status {
@@ -62,7 +64,11 @@ impl std::fmt::Display for Status {
             f,
             "heartbeat_timeout_ms={}",
             self.heartbeat.timeout.as_millis()
-        )
+        )?;
+        if let Some(term) = self.term {
+            writeln!(f, "term={term}")?;
+        }
+        Ok(())
     }
 }
 

@@ -19,6 +19,7 @@ use ftvm_proto::log::{LogHeader, RecordBatch};
 use ftvm_replication::link::{self, body_name, Handshaken};
 use ftvm_replication::log::{check_version, config_from_header, from_run_end, LogError, LogSource};
 use ftvm_replication::standby::{FromReplayer, StandbyChannel, ToReplayer};
+use ftvm_replication::witness::PairTerm;
 use ftvm_replication::{ChannelError, ChannelOptions, Link, Position};
 use ftvm_vmm::devices::virtio::block::{DiskBlock, DiskConfig};
 use ftvm_vmm::devices::StopRequest;
@@ -66,6 +67,9 @@ pub enum StandbyError {
     /// live (DESIGN.md §5).
     #[error("the primary abandoned this standby: {0}")]
     Abandoned(String),
+    /// The primary won the term at the witness: this copy must never go live.
+    #[error("fenced: {0}")]
+    Fenced(String),
     /// A thread could not be started.
     #[error("cannot start the channel thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -85,8 +89,8 @@ pub struct ChannelSource {
     rx: Receiver<ToReplayer>,
     batches: u64,
     lost: Option<String>,
-    /// The primary abandoned this standby: why.
-    abandoned: Option<String>,
+    /// The pair's rules stopped this standby (`Abandon`, or the primary won the term).
+    stop: Option<StandbyError>,
     /// The primary handed over its role here: the log ends.
     switchover: Option<Switchover>,
 }
@@ -103,7 +107,11 @@ impl LogSource for ChannelSource {
                 Ok(None)
             }
             Ok(ToReplayer::Abandoned(why)) => {
-                self.abandoned = Some(why);
+                self.stop = Some(StandbyError::Abandoned(why));
+                Ok(None)
+            }
+            Ok(ToReplayer::Fenced(why)) => {
+                self.stop = Some(StandbyError::Fenced(why));
                 Ok(None)
             }
             Ok(ToReplayer::Switchover(sw)) => {
@@ -232,6 +240,17 @@ pub fn run_standby(
     mut out: impl Write,
 ) -> Result<StandbyEnd, StandbyError> {
     let (mut h, peer, start) = meet(&rendezvous, options.heartbeat)?;
+    if let Some(w) = &options.witness {
+        if start.vm_id.is_empty() {
+            tracing::warn!(
+                "the primary has no witness: this standby never goes live on silence (ftvm promote)"
+            );
+        }
+        w.set_pair_term(PairTerm {
+            vm_id: start.vm_id.clone(),
+            term: start.term,
+        });
+    }
     let header = start.header.unwrap_or_default();
     check_version(&header, 0).map_err(StandbyError::Config)?;
     let sync = start.sync;
@@ -345,7 +364,7 @@ fn new_replayer(
         rx: channel.inbox(),
         batches: 0,
         lost: None,
-        abandoned: None,
+        stop: None,
         switchover: None,
     };
     let output = ReplayedOutput {
@@ -411,9 +430,9 @@ fn follow_with(
                 });
             }
         };
-        if let Some(why) = replayer.source.abandoned.take() {
+        if let Some(e) = replayer.source.stop.take() {
             channel.shutdown();
-            return Err(StandbyError::Abandoned(why));
+            return Err(e);
         }
         if let Some(stop) = report.stop {
             return finish_completed(channel, &mut replayer, &mut out, stop);
@@ -484,9 +503,9 @@ fn follow_with(
                 replayer.source.lost = Some(why);
                 break;
             }
-            Repair::Abandoned(why) => {
+            Repair::Stopped(e) => {
                 channel.shutdown();
-                return Err(StandbyError::Abandoned(why));
+                return Err(e);
             }
             Repair::Failed(why) => {
                 channel.tell(FromReplayer::Diverged(Diverged {
@@ -588,6 +607,10 @@ fn finish_completed<W: Write>(
                 channel.shutdown();
                 return Err(StandbyError::Abandoned(why));
             }
+            Ok(ToReplayer::Fenced(why)) => {
+                channel.shutdown();
+                return Err(StandbyError::Fenced(why));
+            }
             Ok(_) | Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
                 break Some("channel closed".into())
@@ -614,8 +637,8 @@ enum Repair {
     Installed(CheckpointEnd, HeldOutput),
     /// The primary was lost first.
     PrimaryLost(String),
-    /// The primary abandoned this standby.
-    Abandoned(String),
+    /// The pair's rules stopped this standby (abandoned, fenced).
+    Stopped(StandbyError),
     /// The checkpoint could not be installed.
     Failed(String),
 }
@@ -646,7 +669,8 @@ fn await_repair(
                 };
             }
             Ok(ToReplayer::PrimaryLost(why)) => return Repair::PrimaryLost(why),
-            Ok(ToReplayer::Abandoned(why)) => return Repair::Abandoned(why),
+            Ok(ToReplayer::Abandoned(why)) => return Repair::Stopped(StandbyError::Abandoned(why)),
+            Ok(ToReplayer::Fenced(why)) => return Repair::Stopped(StandbyError::Fenced(why)),
             Ok(ToReplayer::Switchover(_)) => {
                 return Repair::Failed("the primary handed over its role during a repair".into())
             }
@@ -810,6 +834,11 @@ fn receive_sync(
     channel: &StandbyChannel,
     progress: &mut SyncProgress,
 ) -> Result<(CheckpointEnd, HeldOutput), StandbyError> {
+    // Syncing: a primary lost in any way (silence included) is lost; nothing can go live.
+    channel.tell(FromReplayer::Syncing {
+        bytes: progress.received,
+        remaining_pages: 0,
+    });
     let inbox = channel.inbox();
     loop {
         match inbox.recv() {
@@ -872,7 +901,13 @@ fn receive_sync(
                 ))
             }
             Ok(ToReplayer::PrimaryLost(why)) => return Err(StandbyError::SyncLost(why)),
-            Ok(ToReplayer::Abandoned(why)) => return Err(StandbyError::Abandoned(why)),
+            // A standby with no complete copy cannot go live anyway: a joining one reconnects.
+            Ok(ToReplayer::Abandoned(why)) => {
+                return Err(StandbyError::SyncLost(format!(
+                    "the primary abandoned this standby: {why}"
+                )))
+            }
+            Ok(ToReplayer::Fenced(why)) => return Err(StandbyError::Fenced(why)),
             Err(_) => return Err(StandbyError::SyncLost("the channel closed".into())),
         }
     }

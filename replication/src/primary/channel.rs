@@ -15,12 +15,14 @@ use mio::{Registry, Waker};
 
 use super::core::{Action, CoreConfig, PrimaryCore};
 use super::{Feed, FromVcpu, Handover, PrimaryReport, PrimarySetup};
+use crate::arbiter::STATUS_FENCED;
 use crate::audit::Audit;
 use crate::checkpoint::{DirtyTracking, VcpuControl, VcpuPort};
 use crate::event_loop::{EventLoop, Side, Woken, ACCEPT, LINK};
 use crate::link::{self, ChannelError, Link};
 use crate::position::Position;
 use crate::status::{RateMeter, Request};
+use crate::witness::{spawn_claim, ClaimOutcome, WitnessConfig};
 use crate::ChannelOptions;
 
 /// The pre-copy sends while fewer than this many bytes wait in the socket's queue.
@@ -67,16 +69,27 @@ impl PrimaryChannel {
             )?;
         }
         let audit = Audit::from_env();
+        let witness = options.witness.clone();
+        let pair_term = witness
+            .as_ref()
+            .map(|w| w.pair_term())
+            .filter(|t| !t.vm_id.is_empty());
+        let mut start = setup.start;
+        if let Some(t) = &pair_term {
+            start.vm_id = t.vm_id.clone();
+            start.term = t.term;
+        }
         let core = PrimaryCore::new(
             CoreConfig {
                 // The settings agreed with the standby (ours until one joins).
                 heartbeat: link.as_ref().map_or(options.heartbeat, Link::heartbeat),
                 audit: audit.is_some(),
                 memory: setup.memory,
-                start: setup.start,
+                start,
                 after: setup.after,
                 vcpu,
                 tracking: tracking.clone(),
+                arbiter: pair_term.map(|t| crate::arbiter::Arbiter::new(t.vm_id, t.term)),
             },
             link.as_ref()
                 .map(|l| l.peer().to_string())
@@ -97,6 +110,8 @@ impl PrimaryChannel {
             report: None,
             closing: Vec::new(),
             heartbeat: options.heartbeat,
+            witness,
+            claims: crossbeam_channel::unbounded(),
         };
         let thread = std::thread::Builder::new()
             .name("ftvm-channel".into())
@@ -158,6 +173,10 @@ struct Driver {
     closing: Vec<Closing>,
     /// Our own heartbeat settings (`--heartbeat-ms`), offered to joining standbys.
     heartbeat: crate::Heartbeat,
+    /// The witness (`--witness`).
+    witness: Option<WitnessConfig>,
+    /// Outcomes of claims made on helper threads.
+    claims: (Sender<ClaimOutcome>, Receiver<ClaimOutcome>),
 }
 
 /// The connection to an abandoned standby: `Abandon` is queued on it. It closes once that
@@ -178,6 +197,10 @@ impl Closing {
         if self.flushed.is_none() && self.link.pending() == 0 {
             self.link.shutdown_write();
             self.flushed = Some(now);
+            tracing::info!(
+                peer = self.link.peer(),
+                "told the standby it is abandoned (Abandon written)"
+            );
         }
         let mut ignored = Vec::new();
         if self.link.receive(&mut ignored).is_err() {
@@ -238,7 +261,21 @@ impl Driver {
                 Action::RefuseHandover(why) => {
                     let _ = self.handover.send(Err(why));
                 }
+                Action::Claim {
+                    vm_id,
+                    expected_term,
+                } => self.claim(vm_id, expected_term),
+                Action::Fence(why) => fence(&why),
             }
+        }
+    }
+
+    /// Claims the next term at the witness on a helper thread (it may take the request
+    /// timeout); the outcome comes back through `claims` and the waker.
+    fn claim(&mut self, vm_id: String, expected_term: u64) {
+        if let Some(witness) = &self.witness {
+            let (tx, waker) = (self.claims.0.clone(), self.waker.clone());
+            spawn_claim(witness, vm_id, expected_term, tx, waker);
         }
     }
 
@@ -420,6 +457,10 @@ impl Side for Driver {
         if woken.accept {
             self.accept_standbys();
         }
+        while let Ok(outcome) = self.claims.1.try_recv() {
+            self.core.claim_result(outcome, Instant::now());
+            self.apply(registry);
+        }
         self.attach_joined(registry);
         self.drain_vcpu(registry);
     }
@@ -484,6 +525,13 @@ impl Side for Driver {
                 .drain(event_loop.poll_mut(), self.core.heartbeat().timeout);
         }
     }
+}
+
+/// The standby won the term at the witness: this process stops at once, its guest with it,
+/// and nothing it holds leaves (DESIGN.md §5, fencing).
+fn fence(why: &str) -> ! {
+    eprintln!("ftvm: fenced: {why}");
+    std::process::exit(i32::from(STATUS_FENCED));
 }
 
 /// Sends a handshaken standby the VM it must build (`start`) and waits until it is ready

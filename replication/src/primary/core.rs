@@ -14,6 +14,7 @@ use super::protection::Protection;
 use super::repair::Checkpoints;
 use super::switchover::Switchover;
 use super::{FromVcpu, PrimaryReport};
+use crate::arbiter::Arbiter;
 use crate::checkpoint::{DirtyTracking, VcpuControl, VcpuRequest};
 use crate::link::{body_name, ChannelError, Heartbeat};
 use crate::liveness::{Beat, Liveness};
@@ -54,6 +55,17 @@ pub enum Action {
     },
     /// Tell the vCPU thread, stopped for a switchover, to run on as the primary.
     RefuseHandover(String),
+    /// Claim term `expected_term + 1` of `vm_id` at the witness; its outcome goes to
+    /// [`PrimaryCore::claim_result`].
+    Claim {
+        /// The protected VM's id at the witness.
+        vm_id: String,
+        /// The term this primary knows.
+        expected_term: u64,
+    },
+    /// The standby won the term: stop the guest now, release nothing held, exit non-zero
+    /// (fencing, DESIGN.md §5). Why, for stderr.
+    Fence(String),
 }
 
 /// How the core is set up.
@@ -72,6 +84,8 @@ pub struct CoreConfig {
     pub vcpu: VcpuControl,
     /// Dirty pages, shared with the vCPU thread.
     pub tracking: DirtyTracking,
+    /// With a witness: the protected VM's id there and the term now.
+    pub arbiter: Option<Arbiter>,
 }
 
 /// The standby attached now.
@@ -98,6 +112,8 @@ pub struct PrimaryCore {
     pub(super) tracking: DirtyTracking,
     pub(super) lifecycle: Lifecycle,
     pub(super) report: PrimaryReport,
+    /// The witness, if there is one.
+    pub(super) arbiter: Option<Arbiter>,
     pub(super) actions: VecDeque<Action>,
 }
 
@@ -145,6 +161,7 @@ impl PrimaryCore {
                 lost,
                 ..Default::default()
             },
+            arbiter: config.arbiter,
             actions: VecDeque::new(),
         }
     }
@@ -189,6 +206,7 @@ impl PrimaryCore {
     pub fn done(&self) -> bool {
         self.lifecycle.handed_over
             || self.lifecycle.ended
+                && !self.arbitrating()
                 && (self.standby.is_none()
                     || self.protection.settled() && self.checkpoints.pending.is_none())
     }
@@ -207,10 +225,14 @@ impl PrimaryCore {
 
     /// How long the event loop may wait from `now` before it must call [`Self::tick`].
     pub fn poll_timeout(&self, now: Instant) -> Duration {
-        match &self.standby {
+        let beat = match &self.standby {
             Some(s) => s.liveness.until_next_heartbeat(now),
             None => self.heartbeat.interval,
-        }
+        };
+        self.arbiter
+            .as_ref()
+            .and_then(|a| a.until_retry(now))
+            .map_or(beat, |retry| retry.min(beat))
     }
 
     pub(super) fn send(&mut self, body: Body, now: Instant) {
@@ -279,7 +301,8 @@ impl PrimaryCore {
     }
 
     fn output(&mut self, bytes: Vec<u8>, now: Instant) {
-        if self.protecting() {
+        // While a claim is under way nothing leaves: the standby may win the term.
+        if self.protecting() || self.arbitrating() {
             self.protection.buffer.hold(self.epoch, bytes, now);
         } else {
             let seq = self.protection.buffer.produced();
@@ -381,6 +404,9 @@ impl PrimaryCore {
     /// reason, so it never takes our close for our death), say so once, release everything
     /// held, go on alone.
     pub fn lose(&mut self, why: String, now: Instant) {
+        // A standby still syncing has no copy of the guest: it cannot go live, so there is
+        // no term to win.
+        let had_copy = self.protecting();
         if self.standby.take().is_none() {
             return;
         }
@@ -394,6 +420,10 @@ impl PrimaryCore {
         // A checkpoint on its way is abandoned with its standby (its pages and end are
         // dropped when they come: a new standby must never see them).
         self.checkpoints.pending = None;
+        if had_copy && self.arbitrate(&why, now) {
+            self.report.lost = Some(why);
+            return;
+        }
         tracing::error!(
             held_output_bytes = self.protection.buffer.held_bytes(),
             "{why}: running unprotected"
@@ -412,6 +442,7 @@ impl PrimaryCore {
     /// The clock at `now`: the failure detector, heartbeats, paused syncs that expired.
     pub fn tick(&mut self, now: Instant) {
         self.join.expire(now, &self.tracking);
+        self.claim_due(now);
         let Some(s) = &self.standby else { return };
         match s.liveness.tick(now) {
             Beat::Quiet => {}

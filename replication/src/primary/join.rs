@@ -142,6 +142,8 @@ impl PrimaryCore {
             Err("the guest run is over")
         } else if self.standby.is_some() {
             Err("a standby is already attached")
+        } else if self.arbitrating() {
+            Err("this primary waits for the witness")
         } else {
             Ok(())
         }

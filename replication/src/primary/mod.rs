@@ -9,6 +9,7 @@
 //! and [`switchover`]. [`PrimaryChannel`] runs it on a thread: a mio event loop
 //! ([`crate::event_loop`]) that only moves bytes and time in and out.
 
+mod arbitration;
 mod channel;
 mod core;
 mod join;

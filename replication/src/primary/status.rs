@@ -38,6 +38,12 @@ impl PrimaryCore {
             } else {
                 (true, "lockstep".to_string())
             }
+        } else if let Some(claim) = self.arbiter.as_ref().and_then(|a| a.describe()) {
+            let why = self.report.lost.as_deref().unwrap_or("standby lost");
+            (
+                false,
+                format!("arbitrating: {why}; holding all output, {claim}"),
+            )
         } else if let Some(why) = &self.report.lost {
             (false, format!("unprotected: {why}"))
         } else {
@@ -63,6 +69,7 @@ impl PrimaryCore {
             repairs: self.report.repairs,
             syncs: self.report.syncs,
             heartbeat: self.heartbeat,
+            term: self.arbiter.as_ref().map(|a| a.term),
         }
     }
 }

@@ -11,9 +11,10 @@ use ftvm_proto::channel::{message::Body, Ack, HeldOutput, Message};
 use ftvm_proto::log::record::Kind;
 
 use super::{FromReplayer, ToReplayer};
+use crate::arbiter::Arbiter;
 use crate::link::{body_name, ChannelError, Heartbeat};
 use crate::liveness::{Beat, Liveness};
-use crate::status::{Request, Status};
+use crate::witness::{ClaimOutcome, Verdict};
 
 /// What the event loop must do for the core, in order.
 #[derive(Debug)]
@@ -28,71 +29,92 @@ pub enum Action {
     Audit(String),
     /// The primary is lost: close the connection.
     DropLink,
+    /// Claim term `expected_term + 1` of `vm_id` at the witness; its outcome goes to
+    /// [`StandbyCore::claim_result`].
+    Claim {
+        /// The protected VM's id at the witness.
+        vm_id: String,
+        /// The term this standby knows.
+        expected_term: u64,
+    },
 }
 
 /// Where the replay stands against the log received.
 #[derive(Debug, Default)]
-struct Progress {
+pub(super) struct Progress {
     /// Epochs received and not yet verified, with when their end arrived.
-    unverified: VecDeque<(u64, Instant)>,
-    received_epoch: u64,
-    verified_epoch: u64,
-    exit_seq: u64,
-    released: u64,
+    pub(super) unverified: VecDeque<(u64, Instant)>,
+    pub(super) received_epoch: u64,
+    pub(super) verified_epoch: u64,
+    pub(super) exit_seq: u64,
+    pub(super) released: u64,
+    /// The log's end (the guest's run is over on the primary) arrived.
+    pub(super) run_end: bool,
 }
 
 /// What the standby is doing, besides following the log.
 #[derive(Debug, Default)]
-struct Condition {
+pub(super) struct Condition {
     /// Why the primary was lost.
-    lost: Option<String>,
+    pub(super) lost: Option<String>,
     /// The primary abandoned this standby: why.
-    abandoned: Option<String>,
+    pub(super) abandoned: Option<String>,
+    /// The primary abandoned this standby while its claim was out: the verdict decides.
+    pub(super) abandon_pending: Option<String>,
+    /// The primary won the term at the witness: why this standby stopped.
+    pub(super) fenced: Option<String>,
     /// The primary fell silent or broke the stream, and may live on: why. The standby keeps
     /// its VM as it is and waits for the primary to come back or for `promote`.
-    waiting: Option<String>,
+    pub(super) waiting: Option<String>,
     /// The replayer went live.
-    live: bool,
+    pub(super) live: bool,
     /// A checkpoint could not be installed: the replay gave up.
-    diverged: Option<String>,
+    pub(super) diverged: Option<String>,
     /// Waiting for a repair checkpoint: why.
-    awaiting: Option<String>,
+    pub(super) awaiting: Option<String>,
     /// Syncing: (bytes received, pages left).
-    syncing: Option<(u64, u64)>,
-    repairs: u64,
-    syncs: u64,
+    pub(super) syncing: Option<(u64, u64)>,
+    pub(super) repairs: u64,
+    pub(super) syncs: u64,
 }
 
 /// The standby's side of the pair protocol.
 pub struct StandbyCore {
     /// The primary's connection is up.
-    primary: Option<Liveness>,
-    peer: String,
-    heartbeat: Heartbeat,
-    audit: bool,
-    progress: Progress,
-    condition: Condition,
+    pub(super) primary: Option<Liveness>,
+    pub(super) peer: String,
+    pub(super) heartbeat: Heartbeat,
+    pub(super) audit: bool,
+    pub(super) progress: Progress,
+    pub(super) condition: Condition,
     /// The output the primary sent with the checkpoint whose end comes next.
-    held: Option<HeldOutput>,
+    pub(super) held: Option<HeldOutput>,
     /// The primary handed over its role: the connection goes to the new primary's channel.
-    handover: bool,
+    pub(super) handover: bool,
     /// The replayer asked the channel to stop.
-    shutdown: bool,
+    pub(super) shutdown: bool,
     /// Our control socket's address, for the hint a waiting standby logs.
-    control: Option<String>,
-    actions: VecDeque<Action>,
+    pub(super) control: Option<String>,
+    /// The witness, if the pair has one.
+    pub(super) arbiter: Option<Arbiter>,
+    pub(super) actions: VecDeque<Action>,
 }
 
 /// Whether the failure of the primary's connection is evidence that its process is gone
-/// while its host lives (DESIGN.md §5): the connection closed or was reset. Silence, a
-/// malformed frame or a message that breaks the protocol are not: the primary may run on.
+/// while its host lives (DESIGN.md §5): the connection closed or was reset (and writes to
+/// it fail). Silence, a malformed frame, a message that breaks the protocol, or a socket
+/// error that says the network failed (a TCP timeout, an unreachable host or network) are
+/// not: the primary may run on.
 pub fn evidence_of_death(e: &ChannelError) -> bool {
     use std::io::ErrorKind;
     match e {
         ChannelError::Closed { .. } | ChannelError::ClosedMidFrame { .. } => true,
-        ChannelError::Io { source, .. } => matches!(
+        ChannelError::Io { source, .. } => !matches!(
             source.kind(),
-            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
+            ErrorKind::TimedOut
+                | ErrorKind::HostUnreachable
+                | ErrorKind::NetworkUnreachable
+                | ErrorKind::NetworkDown
         ),
         _ => false,
     }
@@ -112,8 +134,15 @@ impl StandbyCore {
             handover: false,
             shutdown: false,
             control: None,
+            arbiter: None,
             actions: VecDeque::new(),
         }
+    }
+
+    /// The pair has a witness: the VM's id there and the term now. Silence makes this
+    /// standby claim the next term; it goes live only if it wins.
+    pub fn set_arbiter(&mut self, vm_id: String, term: u64) {
+        self.arbiter = Some(Arbiter::new(vm_id, term));
     }
 
     /// Our control socket is at `addr` (what `ftvm promote` is pointed at).
@@ -143,9 +172,14 @@ impl StandbyCore {
 
     /// How long the event loop may wait from `now`.
     pub fn poll_timeout(&self, now: Instant) -> Duration {
-        self.primary
+        let beat = self
+            .primary
             .as_ref()
-            .map_or(self.heartbeat.interval, |l| l.until_next_heartbeat(now))
+            .map_or(self.heartbeat.interval, |l| l.until_next_heartbeat(now));
+        self.arbiter
+            .as_ref()
+            .and_then(|a| a.until_retry(now))
+            .map_or(beat, |retry| retry.min(beat))
     }
 
     fn send(&mut self, body: Body, now: Instant) {
@@ -156,7 +190,7 @@ impl StandbyCore {
         }
     }
 
-    fn replayer(&mut self, msg: ToReplayer) {
+    pub(super) fn replayer(&mut self, msg: ToReplayer) {
         self.actions.push_back(Action::ToReplayer(msg));
     }
 
@@ -171,8 +205,11 @@ impl StandbyCore {
     pub fn heard(&mut self, now: Instant) {
         if let Some(l) = &mut self.primary {
             l.heard(now);
-            if let Some(why) = self.condition.waiting.take() {
-                tracing::warn!("the primary is back ({why}): following it again");
+            if self.condition.waiting.is_some() && self.arbiter.as_mut().is_none_or(|a| a.cancel())
+            {
+                if let Some(why) = self.condition.waiting.take() {
+                    tracing::warn!("the primary is back ({why}): following it again");
+                }
             }
         }
     }
@@ -191,6 +228,7 @@ impl StandbyCore {
                         self.progress.received_epoch = e.epoch;
                         self.progress.unverified.push_back((e.epoch, now));
                     }
+                    self.progress.run_end |= matches!(r.kind, Some(Kind::RunEnd(_)));
                 }
                 self.replayer(ToReplayer::Batch(batch));
             }
@@ -222,6 +260,7 @@ impl StandbyCore {
                 };
                 self.progress.exit_seq = end.exit_seq;
                 self.progress.received_epoch = end.epoch;
+                self.progress.run_end |= end.run_end.is_some();
                 self.progress.unverified.push_back((end.epoch, now));
                 self.replayer(ToReplayer::CheckpointEnd { end, held });
             }
@@ -300,11 +339,20 @@ impl StandbyCore {
     }
 
     /// The connection to the primary failed (closed, reset, silent, a bad frame). Only a
-    /// close or a reset is evidence that the primary is gone: then the standby goes live.
-    /// Otherwise it waits (DESIGN.md §5), on the same connection if it is only silence.
+    /// close or a reset is evidence that the primary is gone: then the standby goes live
+    /// (with a witness, once it won the term: a primary that dropped this standby and could
+    /// not tell it has claimed the term already). Otherwise it waits (DESIGN.md §5), on the
+    /// same connection if it is only silence.
     pub fn link_failed(&mut self, e: ChannelError) {
-        if evidence_of_death(&e) {
+        // A syncing standby has no copy to go live with: whatever the failure, the primary
+        // is lost (a joining standby reconnects to resume the sync).
+        if self.condition.syncing.is_some() {
             self.lose(format!("primary lost: {e}"));
+        // After the run's end there is nothing to go live for: the close ends the pair.
+        } else if evidence_of_death(&e) && (self.arbiter.is_none() || self.progress.run_end) {
+            self.lose(format!("primary lost: {e}"));
+        } else if evidence_of_death(&e) {
+            self.wait(format!("primary lost: {e}"), false);
         } else {
             let keep = matches!(e, ChannelError::Silent { .. });
             self.wait(format!("primary {e}"), keep);
@@ -322,53 +370,79 @@ impl StandbyCore {
             self.primary = None;
             self.actions.push_back(Action::DropLink);
         }
-        if self.condition.waiting.is_none() || !keep_link {
+        let first = self.condition.waiting.is_none() || !keep_link;
+        self.condition.waiting = Some(why.clone());
+        if let Some(a) = &mut self.arbiter {
+            if first {
+                tracing::warn!(
+                    "{why}; claiming term {} at the witness: this standby goes live only if it wins",
+                    a.term + 1
+                );
+            }
+            a.start(why);
+        } else if first {
             tracing::warn!(
                 "{why}; not going live without an arbiter: waiting ({})",
                 self.promote_hint()
             );
         }
-        self.condition.waiting = Some(why);
     }
 
-    fn promote_hint(&self) -> String {
-        match &self.control {
-            Some(addr) => format!("ftvm promote {addr} to go live"),
-            None => "ftvm promote ADDR to go live; this standby has no --control socket".into(),
+    fn claim_due(&mut self, now: Instant) {
+        if let Some((vm_id, expected_term)) = self.arbiter.as_mut().and_then(|a| a.due(now)) {
+            self.actions.push_back(Action::Claim {
+                vm_id,
+                expected_term,
+            });
         }
     }
 
-    /// `ftvm promote`: an operator decided that the primary this standby waits for is gone;
-    /// go live from the last consistent point (the same path as a primary's death).
-    pub fn promote(&mut self) -> Result<(), String> {
-        let c = &self.condition;
-        if c.live || c.lost.is_some() {
-            return Err("this standby is live already".into());
-        }
-        if let Some(why) = &c.abandoned {
-            return Err(format!(
-                "the primary abandoned this standby ({why}): its copy is not the guest's"
-            ));
-        }
-        if let Some(why) = &c.diverged {
-            return Err(format!(
-                "this standby has no usable copy of the guest: {why}"
-            ));
-        }
-        let Some(why) = self.condition.waiting.take() else {
-            return Err(
-                "this standby follows a live primary; only a standby that waits for a silent primary can be promoted (`ftvm switchover` swaps the roles of a healthy pair)"
-                    .into(),
-            );
+    /// The witness's answer to our claim (or that it could not be reached): go live if this
+    /// standby won the term; stop for good if the primary did.
+    pub fn claim_result(&mut self, outcome: ClaimOutcome, now: Instant) {
+        let Some(a) = &mut self.arbiter else { return };
+        let Some((verdict, why)) = a.outcome(outcome, now) else {
+            if let Some(reason) = self.condition.abandon_pending.take() {
+                // Not granted as far as we know, and the primary lives on without us.
+                a.cancel();
+                return self.abandon_now(reason);
+            }
+            // The witness could not be reached. A primary heard from again meanwhile is
+            // followed again rather than claimed against.
+            let back = self
+                .primary
+                .as_ref()
+                .is_some_and(|l| !matches!(l.tick(now), Beat::Silent(_)));
+            if back && a.cancel() {
+                if let Some(why) = self.condition.waiting.take() {
+                    tracing::warn!("the primary is back ({why}): following it again");
+                }
+            }
+            return;
         };
-        tracing::warn!("promoted by the operator ({why})");
+        let c = &self.condition;
+        if c.live || c.lost.is_some() || c.abandoned.is_some() || c.fenced.is_some() {
+            return;
+        }
+        self.condition.waiting = None;
         if self.primary.take().is_some() {
             self.actions.push_back(Action::DropLink);
         }
-        let reason = format!("promoted by the operator ({why})");
-        self.condition.lost = Some(reason.clone());
-        self.replayer(ToReplayer::PrimaryLost(reason));
-        Ok(())
+        match verdict {
+            Verdict::Granted { term } => {
+                let reason = format!("won term {term} at the witness ({why})");
+                tracing::warn!("{reason}");
+                self.condition.lost = Some(reason.clone());
+                self.replayer(ToReplayer::PrimaryLost(reason));
+            }
+            Verdict::Refused { term, holder } => {
+                let reason = format!(
+                    "the witness gave term {term} to {holder}: the primary won, so this standby stops and never goes live ({why})"
+                );
+                self.condition.fenced = Some(reason.clone());
+                self.replayer(ToReplayer::Fenced(reason));
+            }
+        }
     }
 
     fn lose(&mut self, why: String) {
@@ -386,9 +460,26 @@ impl StandbyCore {
         if self.primary.take().is_none() {
             return;
         }
-        tracing::debug!("the primary abandoned this standby: {reason}");
-        self.condition.abandoned = Some(reason.clone());
         self.actions.push_back(Action::DropLink);
+        if self
+            .arbiter
+            .as_ref()
+            .and_then(|a| a.claim.as_ref())
+            .is_some_and(|c| c.in_flight)
+        {
+            // Our claim is out and may be granted already: the witness decides (the
+            // primary, which claims too, is refused then and fences itself).
+            tracing::debug!("the primary abandoned this standby while it claims: {reason}");
+            self.condition.abandon_pending = Some(reason);
+            return;
+        }
+        self.abandon_now(reason);
+    }
+
+    fn abandon_now(&mut self, reason: String) {
+        tracing::debug!("the primary abandoned this standby: {reason}");
+        self.condition.waiting = None;
+        self.condition.abandoned = Some(reason.clone());
         self.replayer(ToReplayer::Abandoned(reason));
     }
 
@@ -396,6 +487,11 @@ impl StandbyCore {
     /// silent primary goes on sending heartbeats, so a primary that was only paused finds
     /// it alive when it runs again.
     pub fn tick(&mut self, now: Instant) {
+        self.tick_link(now);
+        self.claim_due(now);
+    }
+
+    fn tick_link(&mut self, now: Instant) {
         let Some(l) = &self.primary else { return };
         let due = l.heartbeat_due(now);
         if let Beat::Silent(silent) = l.tick(now) {
@@ -409,95 +505,6 @@ impl StandbyCore {
         }
         if due {
             self.send(Body::Heartbeat(Default::default()), now);
-        }
-    }
-
-    /// Answers a control request; `log_bytes_per_s` is the channel's receive rate now.
-    pub fn control_request(
-        &mut self,
-        request: Request,
-        now: Instant,
-        log_bytes_per_s: u64,
-    ) -> String {
-        match request {
-            Request::Status => self.status(now, log_bytes_per_s).to_string(),
-            Request::Promote => match self.promote() {
-                Ok(()) => {
-                    "promoted: this standby goes live from its last consistent point\n".into()
-                }
-                Err(why) => format!("error: {why}\n"),
-            },
-            Request::Switchover => {
-                "error: this is the standby; ask the primary's control socket\n".into()
-            }
-        }
-    }
-
-    /// Where the standby stands, for `ftvm status`.
-    pub fn status(&self, now: Instant, log_bytes_per_s: u64) -> Status {
-        let c = &self.condition;
-        let (role, protected, state) = if c.live {
-            (
-                "primary (live after failover)",
-                false,
-                format!(
-                    "unprotected: {}",
-                    c.lost.as_deref().unwrap_or("primary lost")
-                ),
-            )
-        } else if let Some(why) = &c.abandoned {
-            ("standby", false, format!("abandoned: {why}"))
-        } else if let Some(d) = &c.diverged {
-            ("standby", false, format!("diverged: {d}"))
-        } else if let Some((bytes, left)) = c.syncing {
-            (
-                "standby",
-                false,
-                format!(
-                    "syncing: {} MiB received, {left} pages left in the round",
-                    bytes >> 20
-                ),
-            )
-        } else if let Some(why) = &c.awaiting {
-            ("standby", true, format!("repairing: {why}"))
-        } else if let Some(why) = &c.waiting {
-            (
-                "standby",
-                false,
-                format!(
-                    "waiting: {why}; not going live without an arbiter ({})",
-                    self.promote_hint()
-                ),
-            )
-        } else if let Some(why) = &c.lost {
-            ("standby", false, format!("going live: {why}"))
-        } else {
-            ("standby", true, "lockstep".to_string())
-        };
-        let p = &self.progress;
-        Status {
-            role: role.into(),
-            protected,
-            state,
-            peer: self.peer.clone(),
-            epoch: p.received_epoch,
-            verified_epoch: p.verified_epoch,
-            exit_seq: p.exit_seq,
-            lag_epochs: p.unverified.len() as u64,
-            lag: p
-                .unverified
-                .front()
-                .map_or(Duration::ZERO, |(_, t)| now.saturating_duration_since(*t)),
-            log_bytes_per_s: if self.primary.is_some() {
-                log_bytes_per_s
-            } else {
-                0
-            },
-            released_output_seq: p.released,
-            held_output_bytes: 0,
-            repairs: c.repairs,
-            syncs: c.syncs,
-            heartbeat: self.heartbeat,
         }
     }
 }

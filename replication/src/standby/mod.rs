@@ -7,6 +7,7 @@
 //! the primary to speak again or for `ftvm promote`; DESIGN.md §5).
 
 mod core;
+mod status;
 #[cfg(test)]
 mod tests;
 
@@ -26,6 +27,7 @@ use crate::audit::Audit;
 use crate::event_loop::{EventLoop, Side, Woken, LINK};
 use crate::link::{ChannelError, Link};
 use crate::status::{RateMeter, Request};
+use crate::witness::{spawn_claim, ClaimOutcome, WitnessConfig};
 use crate::ChannelOptions;
 
 /// What the channel thread hands the replayer.
@@ -50,6 +52,8 @@ pub enum ToReplayer {
     /// The primary dropped this standby and runs on (`Abandon`): stop, never go live. Its
     /// reason.
     Abandoned(String),
+    /// The primary won the term at the witness: stop, never go live. Why.
+    Fenced(String),
 }
 
 /// What the replayer tells the channel thread.
@@ -116,6 +120,14 @@ impl StandbyChannel {
         if let Some(addr) = options.control.as_ref().and_then(|l| l.local_addr().ok()) {
             core.set_control_addr(addr.to_string());
         }
+        // The witness counts only once the primary named the VM there (its Start).
+        let witness = options
+            .witness
+            .clone()
+            .filter(|w| !w.pair_term().vm_id.is_empty());
+        if let Some(t) = witness.as_ref().map(WitnessConfig::pair_term) {
+            core.set_arbiter(t.vm_id, t.term);
+        }
         let mut driver = Driver {
             core,
             link: Some(link),
@@ -124,6 +136,9 @@ impl StandbyChannel {
             released: released.clone(),
             audit,
             meter: RateMeter::default(),
+            witness,
+            claims: crossbeam_channel::unbounded(),
+            waker: waker.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("ftvm-channel".into())
@@ -190,6 +205,10 @@ struct Driver {
     released: Arc<AtomicU64>,
     audit: Option<Audit>,
     meter: RateMeter,
+    /// The witness (`--witness`) and the outcomes of claims made on helper threads.
+    witness: Option<WitnessConfig>,
+    claims: (Sender<ClaimOutcome>, Receiver<ClaimOutcome>),
+    waker: Arc<Waker>,
 }
 
 impl Driver {
@@ -218,6 +237,15 @@ impl Driver {
                     }
                 }
                 Action::DropLink => self.link = None,
+                Action::Claim {
+                    vm_id,
+                    expected_term,
+                } => {
+                    if let Some(witness) = &self.witness {
+                        let (tx, waker) = (self.claims.0.clone(), self.waker.clone());
+                        spawn_claim(witness, vm_id, expected_term, tx, waker);
+                    }
+                }
             }
         }
     }
@@ -251,7 +279,12 @@ impl Side for Driver {
         self.core.poll_timeout(now)
     }
 
-    fn inputs(&mut self, _woken: Woken, _registry: &Registry, _now: Instant) {}
+    fn inputs(&mut self, _woken: Woken, _registry: &Registry, now: Instant) {
+        while let Ok(outcome) = self.claims.1.try_recv() {
+            self.core.claim_result(outcome, now);
+            self.apply();
+        }
+    }
 
     fn on_message(&mut self, msg: Message, now: Instant) {
         self.core.on_message(msg, now);

@@ -12,6 +12,7 @@ use super::core::{Action, StandbyCore};
 use super::{FromReplayer, ToReplayer};
 use crate::link::{ChannelError, Heartbeat};
 use crate::status::Request;
+use crate::witness::{ClaimOutcome, Verdict};
 
 const HB: Heartbeat = Heartbeat {
     interval: Duration::from_millis(50),
@@ -394,4 +395,180 @@ fn the_replayer_shutting_down_stops_the_channel() {
     assert!(!s.core.shut_down());
     s.replayer(FromReplayer::Shutdown);
     assert!(s.core.shut_down());
+}
+
+fn with_witness() -> Standby {
+    let mut s = standby();
+    s.core.set_arbiter("vm".into(), 3);
+    s
+}
+
+fn claimed(actions: &[Action]) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Claim { expected_term, .. } => Some(*expected_term),
+            _ => None,
+        })
+        .collect()
+}
+
+fn silence(s: &mut Standby) -> Vec<Action> {
+    s.now += Duration::from_millis(151);
+    s.core.tick(s.now);
+    s.actions()
+}
+
+#[test]
+fn with_a_witness_a_silent_primary_is_claimed_against_and_the_winner_goes_live() {
+    let mut s = with_witness();
+    let actions = silence(&mut s);
+    assert_eq!(claimed(&actions), vec![3]);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::ToReplayer(_) | Action::DropLink)),
+        "no go-live before the verdict: {actions:?}"
+    );
+    assert!(s.status().contains("claiming term 4 at the witness"));
+    assert!(s
+        .core
+        .control_request(Request::Promote, s.now, 0)
+        .starts_with("error: this pair has a witness"));
+    s.core
+        .claim_result(ClaimOutcome::Decided(Verdict::Granted { term: 4 }), s.now);
+    let actions = s.actions();
+    let [Action::DropLink, Action::ToReplayer(ToReplayer::PrimaryLost(why))] = actions.as_slice()
+    else {
+        panic!("the winner goes live: {actions:?}");
+    };
+    assert!(why.starts_with("won term 4 at the witness (primary primary:1 silent"));
+}
+
+#[test]
+fn with_a_witness_a_standby_that_lost_the_term_stops_for_good() {
+    let mut s = with_witness();
+    silence(&mut s);
+    s.core.claim_result(
+        ClaimOutcome::Decided(Verdict::Refused {
+            term: 4,
+            holder: "ftvm on a pid 1".into(),
+        }),
+        s.now,
+    );
+    let actions = s.actions();
+    let [Action::DropLink, Action::ToReplayer(ToReplayer::Fenced(why))] = actions.as_slice() else {
+        panic!("fenced: {actions:?}");
+    };
+    assert!(why.starts_with("the witness gave term 4 to ftvm on a pid 1: the primary won"));
+    assert!(s.status().contains("state=fenced: "));
+}
+
+#[test]
+fn with_an_unreachable_witness_the_standby_waits_and_follows_a_primary_that_comes_back() {
+    let mut s = with_witness();
+    assert_eq!(claimed(&silence(&mut s)), vec![3]);
+    // The primary speaks while the claim is out: the claim's outcome decides.
+    s.primary(epoch_end(1, 10));
+    s.core
+        .claim_result(ClaimOutcome::Unreachable("timed out".into()), s.now);
+    // Unreachable, and the primary was heard: follow it again, claim nothing more.
+    assert!(s.status().contains("state=lockstep"), "{}", s.status());
+    s.now += Duration::from_secs(1);
+    s.core.heard(s.now);
+    s.core.tick(s.now);
+    assert!(claimed(&s.actions()).is_empty());
+}
+
+#[test]
+fn with_a_witness_even_a_closed_connection_goes_live_only_through_the_term() {
+    let mut s = with_witness();
+    s.core.link_failed(ChannelError::Closed {
+        peer: "primary:1".into(),
+    });
+    s.core.tick(s.now);
+    let actions = s.actions();
+    // A primary that dropped this standby without a word reaching it (its Abandon stuck
+    // behind a full socket) holds the term already: the claim decides, not the close.
+    assert!(
+        matches!(actions.first(), Some(Action::DropLink)),
+        "{actions:?}"
+    );
+    assert_eq!(claimed(&actions), vec![3]);
+    assert!(!actions
+        .iter()
+        .any(|a| matches!(a, Action::ToReplayer(ToReplayer::PrimaryLost(_)))));
+}
+
+#[test]
+fn with_a_witness_abandon_during_a_claim_waits_for_the_verdict() {
+    let abandon = || Message {
+        body: Some(Body::Abandon(Abandon {
+            reason: "standby lost: silent".into(),
+        })),
+    };
+    // Granted: this standby holds the term, so it goes live (the primary will be refused).
+    let mut s = with_witness();
+    assert_eq!(claimed(&silence(&mut s)), vec![3]);
+    s.primary(abandon());
+    assert!(matches!(s.actions().as_slice(), [Action::DropLink]));
+    s.core
+        .claim_result(ClaimOutcome::Decided(Verdict::Granted { term: 4 }), s.now);
+    assert!(matches!(
+        s.actions().as_slice(),
+        [Action::ToReplayer(ToReplayer::PrimaryLost(_))]
+    ));
+    // Not decided (unreachable): the primary lives on without us: abandoned.
+    let mut s = with_witness();
+    silence(&mut s);
+    s.primary(abandon());
+    s.actions();
+    s.core
+        .claim_result(ClaimOutcome::Unreachable("timed out".into()), s.now);
+    assert!(matches!(
+        s.actions().as_slice(),
+        [Action::ToReplayer(ToReplayer::Abandoned(_))]
+    ));
+    s.now += Duration::from_secs(1);
+    s.core.tick(s.now);
+    assert!(claimed(&s.actions()).is_empty(), "no claim after abandon");
+}
+
+#[test]
+fn with_a_witness_a_close_after_the_run_end_claims_nothing() {
+    let mut s = with_witness();
+    s.primary(Message {
+        body: Some(Body::Batch(RecordBatch {
+            complete_through: 10,
+            records: vec![Record {
+                exit_seq: 10,
+                at_kick: false,
+                kind: Some(Kind::RunEnd(Default::default())),
+            }],
+        })),
+    });
+    s.actions();
+    s.core.link_failed(ChannelError::Closed {
+        peer: "primary:1".into(),
+    });
+    s.core.tick(s.now);
+    let actions = s.actions();
+    assert!(claimed(&actions).is_empty(), "{actions:?}");
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::ToReplayer(ToReplayer::PrimaryLost(_)))));
+}
+
+#[test]
+fn a_syncing_standby_has_nothing_to_go_live_with_so_silence_loses_the_primary() {
+    let mut s = with_witness();
+    s.replayer(FromReplayer::Syncing {
+        bytes: 0,
+        remaining_pages: 0,
+    });
+    let actions = silence(&mut s);
+    assert!(claimed(&actions).is_empty(), "{actions:?}");
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::ToReplayer(ToReplayer::PrimaryLost(_)))));
 }

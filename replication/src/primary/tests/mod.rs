@@ -45,6 +45,7 @@ fn primary(standby: bool) -> Pair {
             after: Position::default(),
             vcpu,
             tracking: tracking.clone(),
+            arbiter: None,
         },
         if standby {
             Ok("standby:1".into())
@@ -156,6 +157,8 @@ impl Pair {
                 Action::HandOver { .. } => "hand-over",
                 Action::RefuseHandover(_) => "refuse-handover",
                 Action::Audit(_) => "audit",
+                Action::Claim { .. } => "claim",
+                Action::Fence(_) => "fence",
             });
         }
         (bytes, kinds)

@@ -2,6 +2,7 @@
 //! told so (`Abandon`) before the connection closes.
 
 use super::*;
+use ftvm_proto::channel::Ready;
 
 #[test]
 fn a_dropped_standby_is_abandoned_first_whatever_the_reason() {
@@ -43,4 +44,128 @@ fn a_dropped_standby_is_abandoned_first_whatever_the_reason() {
         p.now,
     );
     assert!(p.actions().is_empty());
+}
+
+use crate::arbiter::Arbiter;
+use crate::witness::{ClaimOutcome, Verdict};
+
+fn with_witness() -> Pair {
+    let mut p = primary(true);
+    p.core.arbiter = Some(Arbiter::new("vm".into(), 0));
+    p
+}
+
+fn claims(actions: &[Action]) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Claim { expected_term, .. } => Some(*expected_term),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn with_a_witness_a_primary_that_lost_its_standby_holds_output_until_it_wins_the_term() {
+    let mut p = with_witness();
+    p.vcpu(FromVcpu::Output(b"a".to_vec()));
+    p.vcpu(epoch_end(1, 10));
+    p.actions();
+    let t = p.later(151);
+    p.core.tick(t);
+    let actions = p.actions();
+    assert!(
+        matches!(actions.first(), Some(Action::Abandon(_))),
+        "{actions:?}"
+    );
+    assert_eq!(claims(&actions), vec![0]);
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Release { .. })),
+        "nothing leaves while the term is undecided: {actions:?}"
+    );
+    // The guest runs on; its output is held too, and the run cannot end meanwhile.
+    p.vcpu(FromVcpu::Output(b"b".to_vec()));
+    p.vcpu(FromVcpu::End);
+    assert_eq!(p.released(), (Vec::new(), Vec::new()));
+    assert!(!p.core.done());
+    assert!(p
+        .status()
+        .contains("state=arbitrating: standby lost: standby:1 silent for"));
+    // The witness cannot be reached: wait, ask again later, never guess.
+    p.core.claim_result(
+        ClaimOutcome::Unreachable("connection refused".into()),
+        p.now,
+    );
+    assert!(p.actions().is_empty());
+    assert!(p
+        .status()
+        .contains("cannot be reached (connection refused)"));
+    let t = p.later(100);
+    p.core.tick(t);
+    assert!(claims(&p.actions()).is_empty(), "not yet");
+    let t = p.later(450);
+    p.core.tick(t);
+    assert_eq!(claims(&p.actions()), vec![0]);
+    // Won: everything held leaves, and the guest runs on unprotected.
+    p.core
+        .claim_result(ClaimOutcome::Decided(Verdict::Granted { term: 1 }), p.now);
+    assert_eq!(p.released().0, b"ab".to_vec());
+    assert_eq!(p.core.start_message().term, 1);
+    assert!(p.core.done());
+}
+
+#[test]
+fn with_a_witness_a_primary_whose_standby_won_the_term_fences_itself() {
+    let mut p = with_witness();
+    p.vcpu(FromVcpu::Output(b"held".to_vec()));
+    p.core.link_failed(
+        ChannelError::Closed {
+            peer: "standby:1".into(),
+        },
+        p.now,
+    );
+    assert_eq!(claims(&p.actions()), vec![0]);
+    p.core.claim_result(
+        ClaimOutcome::Decided(Verdict::Refused {
+            term: 1,
+            holder: "ftvm on b pid 7".into(),
+        }),
+        p.now,
+    );
+    let actions = p.actions();
+    let [Action::Fence(why)] = actions.as_slice() else {
+        panic!("fence, release nothing: {actions:?}");
+    };
+    assert!(
+        why.contains("the witness gave term 1 to ftvm on b pid 7")
+            && why.contains("releasing none of the 4 output bytes"),
+        "{why}"
+    );
+}
+
+#[test]
+fn with_a_witness_a_standby_lost_during_its_sync_needs_no_claim() {
+    let mut p = with_witness();
+    p.core.link_failed(
+        ChannelError::Closed {
+            peer: "standby:1".into(),
+        },
+        p.now,
+    );
+    p.actions();
+    // Unprotected now (the term won or not needed); a joining standby syncs.
+    p.core.arbiter = Some(Arbiter::new("vm".into(), 1));
+    p.core
+        .attach("standby:2".into(), HB, &Ready::default(), p.now);
+    assert!(!p.core.protecting());
+    p.core.link_failed(
+        ChannelError::Closed {
+            peer: "standby:2".into(),
+        },
+        p.now,
+    );
+    assert!(claims(&p.actions()).is_empty());
+    assert!(!p.core.arbitrating());
+    p.vcpu(FromVcpu::Output(b"free".to_vec()));
+    assert_eq!(p.released().0, b"free".to_vec());
 }

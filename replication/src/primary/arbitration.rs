@@ -1,0 +1,72 @@
+//! A primary with a witness that lost its standby (DESIGN.md §5): it holds all output and
+//! claims the next term; it runs on unprotected once it won, and fences itself (stops its
+//! guest, releases nothing it holds) if the standby won.
+
+use std::time::Instant;
+
+use super::core::{Action, PrimaryCore};
+use crate::witness::{ClaimOutcome, Verdict};
+
+impl PrimaryCore {
+    /// A claim of the next term is under way: output is held.
+    pub fn arbitrating(&self) -> bool {
+        self.arbiter.as_ref().is_some_and(|a| a.claiming())
+    }
+
+    /// The standby is lost (`why`): with a witness, hold everything and claim the next term.
+    /// Returns false without a witness (the caller releases and runs on unprotected).
+    pub(super) fn arbitrate(&mut self, why: &str, now: Instant) -> bool {
+        let Some(a) = &mut self.arbiter else {
+            return false;
+        };
+        a.start(why.to_string());
+        tracing::error!(
+            held_output_bytes = self.protection.buffer.held_bytes(),
+            "{why}: holding all output until this primary wins term {} at the witness",
+            a.term + 1
+        );
+        self.claim_due(now);
+        true
+    }
+
+    /// Asks the driver to make the claim if one is due.
+    pub(super) fn claim_due(&mut self, now: Instant) {
+        if let Some((vm_id, expected_term)) = self.arbiter.as_mut().and_then(|a| a.due(now)) {
+            self.actions.push_back(Action::Claim {
+                vm_id,
+                expected_term,
+            });
+        }
+    }
+
+    /// The witness's answer to our claim (or that it could not be reached).
+    pub fn claim_result(&mut self, outcome: ClaimOutcome, now: Instant) {
+        let Some(a) = &mut self.arbiter else { return };
+        let Some((verdict, why)) = a.outcome(outcome, now) else {
+            return;
+        };
+        match verdict {
+            Verdict::Granted { term } => {
+                self.join.start.term = term;
+                tracing::warn!(
+                    term,
+                    "won term {term} at the witness: releasing held output, running unprotected"
+                );
+                for h in self.protection.unprotect() {
+                    self.actions.push_back(Action::Release {
+                        epoch: h.epoch,
+                        seq: h.seq,
+                        bytes: h.bytes,
+                        why: format!("unprotected term={term}"),
+                    });
+                }
+            }
+            Verdict::Refused { term, holder } => {
+                self.actions.push_back(Action::Fence(format!(
+                    "the witness gave term {term} to {holder}: this primary lost its standby ({why}) and lost the term; stopping the guest, releasing none of the {} output bytes it holds",
+                    self.protection.buffer.held_bytes()
+                )));
+            }
+        }
+    }
+}
