@@ -18,16 +18,19 @@ pub mod channel {
 
 pub mod frame;
 
-/// The log format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The log format this build writes and reads. Version 2: epoch digests also cover the disk
+/// blocks the guest wrote in the epoch.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// First bytes of a log file.
 pub const LOG_MAGIC: &[u8; 8] = b"FTVMLOG\0";
 
 /// The pair protocol this build speaks (exchanged first on every pair connection).
 /// Version 3: `Hello` carries the sender's host kind. Version 4: the output a checkpoint
-/// carries travels as its own `HeldOutput` message.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// carries travels as its own `HeldOutput` message. Version 5: `Start` carries the initrd,
+/// repairs carry disk blocks (`Diverged.dirty_blocks`, `PageChunk.blocks`), and digests
+/// cover them.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// First bytes each side of a pair connection sends.
 pub const CHANNEL_MAGIC: &[u8; 8] = b"FTVMPAIR";
