@@ -148,3 +148,82 @@ fn a_pair_with_matching_copies_runs_the_guest_protected() {
         "{out}"
     );
 }
+
+/// Runs `ftvm run --accept-standby ADDR primary_args…` (the counter guest, long enough for a
+/// standby to join) and, once it runs, `ftvm standby --join ADDR standby_args…`; returns
+/// (primary, standby).
+fn join(standby_args: &[&str], primary_args: &[&str]) -> (Output, Output) {
+    let _one = ONE_PAIR_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let addr = free_addr();
+    let primary = Command::new(FTVM)
+        .args(["run", "--accept-standby", &addr])
+        .args(["--cmdline", "workload=counter ticks=100"])
+        .args(primary_args)
+        .env("FTVM_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the primary");
+    std::thread::sleep(Duration::from_millis(200));
+    let standby = Command::new(FTVM)
+        .args(["standby", "--join", &addr])
+        .args(standby_args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the standby");
+    let primary = primary.wait_with_output().expect("wait for the primary");
+    (primary, standby)
+}
+
+/// Nothing resyncs disks yet: a standby cannot join a running guest with a read-write disk
+/// (the guest may have written it since it started). It says so and exits 1; the primary
+/// turns it away and runs the guest to its end, unprotected.
+#[test]
+fn a_standby_cannot_join_a_guest_with_a_read_write_disk() {
+    let dir = Scratch::new("pair-disk-join-rw");
+    let disk = image(&dir, "disk.img", 1);
+    let copy = image(&dir, "copy.img", 1);
+    let (p, s) = join(&["--disk", &copy], &["--disk", &disk]);
+    let serr = String::from_utf8_lossy(&s.stderr);
+    assert_eq!(s.status.code(), Some(1), "standby: {serr}");
+    assert!(
+        serr.contains("cannot join a running guest with read-write disks"),
+        "{serr}"
+    );
+    let perr = String::from_utf8_lossy(&p.stderr);
+    assert_eq!(p.status.code(), Some(0), "primary: {perr}");
+    assert!(perr.contains("refused the guest"), "{perr}");
+    let out = String::from_utf8_lossy(&p.stdout);
+    assert!(
+        out.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("done sum=")),
+        "{out}"
+    );
+}
+
+/// A read-only disk cannot have changed: a standby with its copy joins and protects the
+/// guest to its end.
+#[test]
+fn a_standby_joins_a_guest_with_a_read_only_disk() {
+    let dir = Scratch::new("pair-disk-join-ro");
+    let disk = image(&dir, "disk.img", 1);
+    let copy = image(&dir, "copy.img", 1);
+    let (p, s) = join(
+        &["--disk", &format!("{copy},ro")],
+        &["--disk", &format!("{disk},ro")],
+    );
+    let perr = String::from_utf8_lossy(&p.stderr);
+    assert_eq!(
+        s.status.code(),
+        Some(0),
+        "standby: {}",
+        String::from_utf8_lossy(&s.stderr)
+    );
+    assert_eq!(p.status.code(), Some(0), "primary: {perr}");
+    assert!(perr.contains("protected_to_end=true"), "{perr}");
+    assert!(s.stdout.is_empty(), "the standby printed output");
+}

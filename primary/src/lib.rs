@@ -8,10 +8,10 @@
 //! with an `EpochEnd` carrying the epoch's **digest**. An epoch in which a kick delivered an
 //! input at a non-deterministic point is marked **checkpoint-required**.
 
-mod disk_repair;
 pub mod pair;
+mod repair;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use ftvm_proto::channel::{CheckpointEnd, Page, PageChunk};
@@ -21,7 +21,7 @@ use ftvm_replication::log::to_run_end;
 use ftvm_replication::primary::FromVcpu;
 use ftvm_vmm::devices::virtio::block::DiskBlock;
 use ftvm_vmm::devices::StopRequest;
-use ftvm_vmm::digest::{epoch_digest, hash, state_digest};
+use ftvm_vmm::digest::{epoch_digest, state_digest};
 use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HostView, Kick, Point, RunEnd, RunError};
 use ftvm_vmm::live::LiveError;
 use ftvm_vmm::memory::{is_zero_page, PAGE_SIZE};
@@ -206,41 +206,40 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         self.flush(seq)?;
         let dirty_now = vm.take_dirty_pages()?;
         let blocks_now = vm.take_dirty_blocks();
-        let (send, covered): (Vec<u64>, Vec<u64>) = match &request {
+        let (send, covered, blocks) = match &request {
             VcpuRequest::Repair {
                 from_epoch,
                 standby_dirty,
+                standby_blocks,
                 ..
             } => {
-                let standby: BTreeMap<u64, [u8; 32]> = standby_dirty.iter().copied().collect();
-                let mut mine: BTreeSet<u64> = dirty_now.iter().copied().collect();
-                for (_, pages, _) in self
+                // What this side dirtied since the boundary: every unverified epoch from the
+                // standby's first unverified one, and the open epoch.
+                let mut pages: BTreeSet<u64> = dirty_now.iter().copied().collect();
+                let mut written: BTreeSet<DiskBlock> = blocks_now.into_iter().collect();
+                for (_, p, b) in self
                     .unverified_dirty
                     .iter()
                     .filter(|(e, ..)| e >= from_epoch)
                 {
-                    mine.extend(pages.iter().copied());
+                    pages.extend(p.iter().copied());
+                    written.extend(b.iter().copied());
                 }
-                let covered: BTreeSet<u64> = mine.iter().chain(standby.keys()).copied().collect();
-                let mut page = vec![0u8; PAGE_SIZE as usize];
-                let mut send = Vec::new();
-                for &pfn in &covered {
-                    if let Some(theirs) = standby.get(&pfn) {
-                        vm.read_page(pfn, &mut page)?;
-                        if hash(&page) == *theirs {
-                            continue;
-                        }
-                    }
-                    send.push(pfn);
-                }
-                (send, covered.into_iter().collect())
+                let (send, covered) = repair::plan_pages(vm, pages, standby_dirty)?;
+                (
+                    send,
+                    covered,
+                    repair::plan_blocks(vm, written, standby_blocks)?,
+                )
             }
             VcpuRequest::Switchover => return Ok(()),
             VcpuRequest::StopAndCopy { .. } => {
+                // A sync's stop-and-copy has no disk blocks: a standby joins only a guest
+                // whose disks are read-only.
                 let mut pages = port.tracking.take_sync();
                 pages.extend(dirty_now.iter().copied());
                 let pages: Vec<u64> = pages.into_iter().collect();
-                (pages.clone(), pages)
+                (pages.clone(), pages, repair::BlockRepair::default())
             }
         };
         let id = request.id();
@@ -269,27 +268,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
                 }))
                 .map_err(RecordError::Log)?;
         }
-        // Disk blocks, like pages (a sync's stop-and-copy has none: a standby joins only a
-        // guest whose disks are read-only).
-        let blocks = match &request {
-            VcpuRequest::Repair {
-                from_epoch,
-                standby_blocks,
-                ..
-            } => {
-                let mut mine: BTreeSet<DiskBlock> = blocks_now.into_iter().collect();
-                for (_, _, written) in self
-                    .unverified_dirty
-                    .iter()
-                    .filter(|(e, ..)| e >= from_epoch)
-                {
-                    mine.extend(written.iter().copied());
-                }
-                disk_repair::plan(vm, mine, standby_blocks)?
-            }
-            _ => disk_repair::BlockRepair::default(),
-        };
-        let block_bytes = disk_repair::send(vm, id, &blocks, &port.feed)?;
+        let block_bytes = repair::send_blocks(vm, id, &blocks, &port.feed)?;
         let state = vm.save()?;
         let digest = state_digest(vm, &covered, &blocks.covered)?;
         let sync = matches!(request, VcpuRequest::StopAndCopy { .. });

@@ -25,8 +25,9 @@ pub mod witness {
 
 pub mod frame;
 
-/// The log format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The log format this build writes and reads. Version 2: epoch digests also cover the disk
+/// blocks the guest wrote in the epoch.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// First bytes of a log file.
 pub const LOG_MAGIC: &[u8; 8] = b"FTVMLOG\0";
@@ -35,8 +36,10 @@ pub const LOG_MAGIC: &[u8; 8] = b"FTVMLOG\0";
 /// Version 3: `Hello` carries the sender's host kind. Version 4: the output a checkpoint
 /// carries travels as its own `HeldOutput` message. Version 5: `Abandon`, which a primary
 /// sends before it closes the connection to a standby it drops; an older standby would take
-/// that close for the primary's death and go live next to a primary that runs on; and
-/// `Hello` carries the sender's heartbeat interval and timeout, which both sides agree on.
+/// that close for the primary's death and go live next to a primary that runs on; `Hello`
+/// carries the sender's heartbeat interval and timeout, which both sides agree on; `Start`
+/// carries the initrd and the witness's VM id and term; repairs carry disk blocks
+/// (`Diverged.dirty_blocks`, `PageChunk.blocks`), and digests cover them.
 pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The witness protocol this build speaks.

@@ -8,8 +8,15 @@
 //! exit N+1, so a kick the primary took after exit N (a checkpoint-required epoch) stops the
 //! replay exactly at the last deterministic exit before it.
 
+mod describe;
 mod disks;
+mod install;
+mod report;
 pub mod standby;
+
+pub use report::{ReplayError, ReplayReport};
+
+use describe::{describe, describe_exit, hex};
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -18,7 +25,6 @@ use ftvm_proto::log::{self, record::Kind, LogHeader, Record};
 use ftvm_replication::log::to_run_end;
 use ftvm_replication::Position;
 use ftvm_vmm::devices::virtio::block::DiskBlock;
-use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::epoch_digest;
 use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HostView, Point, RunEnd, RunError};
 use ftvm_vmm::{Input, Vm};
@@ -52,39 +58,6 @@ pub struct Divergence {
     pub exit_seq: u64,
     /// What differed.
     pub reason: String,
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn describe(r: &Record) -> String {
-    let what = match &r.kind {
-        Some(Kind::PioRead(p)) => format!("PIO read of port {:#x} size {}", p.port, p.size),
-        Some(Kind::MmioRead(m)) => format!("MMIO read of {:#x} size {}", m.addr, m.size),
-        Some(Kind::Interrupt(i)) => format!("interrupt vector {:#x}", i.vector),
-        Some(Kind::InterruptWindow(_)) => "interrupt-window request".into(),
-        Some(Kind::GuestWrite(w)) => format!("guest memory write at {:#x}", w.gpa),
-        Some(Kind::Inputs(_)) => "inputs".into(),
-        Some(Kind::EpochEnd(e)) => format!("end of epoch {}", e.epoch),
-        Some(Kind::RunEnd(_)) => "end of run".into(),
-        None => "empty record".into(),
-    };
-    if r.at_kick {
-        format!("{what} at a kick after exit {}", r.exit_seq)
-    } else {
-        format!("{what} at exit {}", r.exit_seq)
-    }
-}
-
-fn describe_exit(e: &Exit) -> String {
-    match e {
-        Exit::IoIn { port, size, .. } => format!("PIO read of port {port:#x} size {size}"),
-        Exit::IoOut { port, size, .. } => format!("PIO write to port {port:#x} size {size}"),
-        Exit::MmioRead { addr, len } => format!("MMIO read of {addr:#x} size {len}"),
-        Exit::MmioWrite { addr, data } => format!("MMIO write to {addr:#x} size {}", data.len()),
-        other => format!("{other:?}"),
-    }
 }
 
 /// The replayer hook.
@@ -507,43 +480,6 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
         self.output.flush()?;
         Ok(())
     }
-}
-
-/// How a replay went.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ReplayReport {
-    /// Epochs replayed.
-    pub epochs: u64,
-    /// Epochs whose digests matched.
-    pub verified: u64,
-    /// Epochs that diverged (the replay stops at the first).
-    pub diverged: u64,
-    /// Epochs that need a checkpoint (the replay stops at the first).
-    pub checkpoint_required: u64,
-    /// The first divergence.
-    pub divergence: Option<Divergence>,
-    /// The checkpoint-required epoch the replay stopped at: (epoch, last exit before the
-    /// kick).
-    pub checkpoint_at: Option<(u64, u64)>,
-    /// The log ended (no more records, no run end) after this exit: the replay stopped at a
-    /// consistent point from which the guest can go live.
-    pub log_ended: Option<u64>,
-    /// How the replayed guest stopped, if it ran to the end.
-    pub stop: Option<StopRequest>,
-}
-
-/// Replay failed for a reason other than divergence.
-#[derive(Debug, thiserror::Error)]
-pub enum ReplayError {
-    /// The log is unusable.
-    #[error(transparent)]
-    Log(#[from] LogError),
-    /// The replayed guest's output could not be written.
-    #[error(transparent)]
-    Output(std::io::Error),
-    /// The VM failed.
-    #[error(transparent)]
-    Vm(#[from] ftvm_vmm::Error),
 }
 
 impl<S: LogSource, W: Write> Replayer<S, W> {

@@ -1,9 +1,9 @@
-//! Disk blocks in repairs (DESIGN.md §4 "Disks"). Each host writes its own copy of every
-//! disk; while the standby's replay has diverged (Linux reads the TSC), a block it wrote may
-//! differ from the primary's. A repair therefore covers disk blocks like pages: every block
-//! either side wrote since the last verified boundary; the primary sends those whose hash
-//! differs from the standby's, or that only it wrote, and the checkpoint digest covers them
-//! all.
+//! What a repair carries (DESIGN.md §4): every page either side dirtied since the last
+//! verified boundary whose hash differs from the standby's, or that only the primary
+//! dirtied; and likewise the disk blocks ("Disks"): each host writes its own copy of every
+//! disk, and while the standby's replay has diverged (Linux reads the TSC) a block it wrote
+//! may differ from the primary's. The checkpoint digest covers the union of both sides'
+//! pages and blocks.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -12,6 +12,7 @@ use ftvm_replication::checkpoint::PageDigest;
 use ftvm_replication::primary::{Feed, FromVcpu};
 use ftvm_vmm::devices::virtio::block::{DiskBlock, DISK_BLOCK_SIZE};
 use ftvm_vmm::digest::block_hash;
+use ftvm_vmm::memory::PAGE_SIZE;
 use ftvm_vmm::Vm;
 
 use crate::RecordError;
@@ -29,9 +30,33 @@ pub(crate) struct BlockRepair {
     pub covered: Vec<DiskBlock>,
 }
 
+/// Plans the pages of a repair: `mine`, the pages the primary dirtied since the boundary,
+/// and `standby`, those the standby dirtied, with their hashes. Returns (the pages to send,
+/// the pages covered), sorted.
+pub(crate) fn plan_pages(
+    vm: &Vm,
+    mine: BTreeSet<u64>,
+    standby: &[(u64, PageDigest)],
+) -> Result<(Vec<u64>, Vec<u64>), RecordError> {
+    let theirs: BTreeMap<u64, PageDigest> = standby.iter().copied().collect();
+    let covered: BTreeSet<u64> = mine.into_iter().chain(theirs.keys().copied()).collect();
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    let mut send = Vec::new();
+    for &pfn in &covered {
+        if let Some(hash) = theirs.get(&pfn) {
+            vm.read_page(pfn, &mut page)?;
+            if ftvm_vmm::digest::hash(&page) == *hash {
+                continue;
+            }
+        }
+        send.push(pfn);
+    }
+    Ok((send, covered.into_iter().collect()))
+}
+
 /// Plans the disk part of a repair: `mine`, the blocks the primary's guest wrote since the
 /// boundary, and `standby`, those the standby's guest wrote, with their hashes.
-pub(crate) fn plan(
+pub(crate) fn plan_blocks(
     vm: &Vm,
     mine: BTreeSet<DiskBlock>,
     standby: &[(DiskBlock, PageDigest)],
@@ -56,7 +81,7 @@ pub(crate) fn plan(
 
 /// Sends the blocks `repair` plans for checkpoint `id` through `feed`, before the
 /// checkpoint's end; returns the bytes of block data sent.
-pub(crate) fn send(
+pub(crate) fn send_blocks(
     vm: &Vm,
     id: u64,
     repair: &BlockRepair,
