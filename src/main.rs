@@ -702,15 +702,20 @@ fn switchover(args: StatusArgs) -> Result<u8, CliError> {
             why.trim()
         )));
     }
-    // The old primary's control socket answers for its new role once the swap is done.
+    // The old primary's control socket answers for its new role once the swap is done. While
+    // the roles change hands the socket may go unanswered or reset a connection for a moment:
+    // that is asked again, within the same 30 s.
     let start = std::time::Instant::now();
     loop {
-        let status = ftvm_replication::status::query(&args.addr)?;
-        if status.lines().any(|l| l == "role=standby") {
-            println!("switched over: {} is now the standby", args.addr);
-            return Ok(0);
+        let status = ftvm_replication::status::query(&args.addr);
+        if let Ok(s) = &status {
+            if s.lines().any(|l| l == "role=standby") {
+                println!("switched over: {} is now the standby", args.addr);
+                return Ok(0);
+            }
         }
         if start.elapsed() > Duration::from_secs(30) {
+            let status = status?;
             return Err(CliError::Usage(format!(
                 "{}: the switchover did not complete within 30 s:\n{status}",
                 args.addr
