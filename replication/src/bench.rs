@@ -230,10 +230,7 @@ pub fn serve(listener: TcpListener) -> io::Result<()> {
 }
 
 fn respond(stream: TcpStream, peer: &str) -> Result<(), BenchError> {
-    let raw = |source| BenchError::Raw {
-        peer: peer.into(),
-        source,
-    };
+    let raw = raw_error(peer);
     stream
         .set_read_timeout(Some(link::HANDSHAKE_TIMEOUT))
         .map_err(raw)?;
@@ -396,12 +393,17 @@ pub fn run(peer: &str, options: BenchOptions) -> Result<BenchReport, BenchError>
     })
 }
 
-fn raw_connect(peer: &str, mode: u8) -> Result<TcpStream, BenchError> {
-    let mut s = link::connect(peer, Duration::from_secs(2))?;
-    let raw = |source| BenchError::Raw {
+/// Turns an I/O error on a raw baseline connection to `peer` into a [`BenchError`].
+fn raw_error(peer: &str) -> impl Fn(io::Error) -> BenchError + Copy + '_ {
+    move |source| BenchError::Raw {
         peer: peer.into(),
         source,
-    };
+    }
+}
+
+fn raw_connect(peer: &str, mode: u8) -> Result<TcpStream, BenchError> {
+    let mut s = link::connect(peer, Duration::from_secs(2))?;
+    let raw = raw_error(peer);
     s.set_nodelay(true).map_err(raw)?;
     let mut head = RAW_MAGIC.to_vec();
     head.push(mode);
@@ -411,10 +413,7 @@ fn raw_connect(peer: &str, mode: u8) -> Result<TcpStream, BenchError> {
 
 fn raw_round_trips(peer: &str, samples: usize) -> Result<Latency, BenchError> {
     let mut s = raw_connect(peer, b'e')?;
-    let raw = |source| BenchError::Raw {
-        peer: peer.into(),
-        source,
-    };
+    let raw = raw_error(peer);
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(raw)?;
     let msg = [0x5a; RAW_MESSAGE];
@@ -430,11 +429,7 @@ fn raw_round_trips(peer: &str, samples: usize) -> Result<Latency, BenchError> {
 }
 
 fn raw_throughput(peer: &str, duration: Duration) -> Result<f64, BenchError> {
-    let mut s = raw_connect(peer, b's')?;
-    let raw = |source| BenchError::Raw {
-        peer: peer.into(),
-        source,
-    };
+    let raw = raw_error(peer);
     let chunk = vec![0xa5u8; 1 << 20];
     // Measure how much one second-slice takes, then send a fixed amount sized for the
     // duration (the sink needs the length up front).
@@ -450,6 +445,7 @@ fn raw_throughput(peer: &str, duration: Duration) -> Result<f64, BenchError> {
     probe_s.read_exact(&mut done).map_err(raw)?;
     let per_mib = probe.elapsed().as_secs_f64() / 64.0;
     let mib = ((duration.as_secs_f64() / per_mib.max(1e-9)) as u64).clamp(16, 64 << 10);
+    let mut s = raw_connect(peer, b's')?;
     let start = Instant::now();
     s.write_all(&(mib << 20).to_le_bytes()).map_err(raw)?;
     for _ in 0..mib {

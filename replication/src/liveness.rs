@@ -35,11 +35,6 @@ impl Liveness {
         }
     }
 
-    /// The heartbeat settings.
-    pub fn heartbeat(&self) -> Heartbeat {
-        self.heartbeat
-    }
-
     /// Bytes from the peer arrived at `now`.
     pub fn heard(&mut self, now: Instant) {
         self.last_rx = self.last_rx.max(now);

@@ -17,8 +17,6 @@ pub(super) struct Protection {
     unverified: VecDeque<(u64, Instant)>,
     /// The highest epoch shipped to the standby attached now (0: none yet).
     shipped: u64,
-    /// The highest epoch the standby verified.
-    pub verified: u64,
 }
 
 impl Protection {
@@ -28,7 +26,6 @@ impl Protection {
             buffer: OutputBuffer::starting_at(output_seq),
             unverified: VecDeque::new(),
             shipped: 0,
-            verified: 0,
         }
     }
 
@@ -60,7 +57,6 @@ impl Protection {
     /// The standby verified every epoch through `epoch`: the output they produced may
     /// leave. A stale acknowledgement (an epoch verified before) releases nothing new.
     pub fn verify(&mut self, epoch: u64) -> Vec<HeldOutput> {
-        self.verified = self.verified.max(epoch);
         while self.unverified.front().is_some_and(|(e, _)| *e <= epoch) {
             self.unverified.pop_front();
         }
