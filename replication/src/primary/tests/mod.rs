@@ -124,6 +124,22 @@ impl Pair {
         self.core.on_vcpu(msg, self.now);
     }
 
+    /// The vCPU thread makes checkpoint `id`: one chunk of stopped pages, then its end.
+    fn checkpoint(&mut self, id: u64, epoch: u64, exit_seq: u64, sync: bool) {
+        self.vcpu(FromVcpu::Pages(PageChunk {
+            checkpoint: id,
+            stopped: true,
+            ..Default::default()
+        }));
+        self.vcpu(FromVcpu::CheckpointEnd(CheckpointEnd {
+            checkpoint: id,
+            epoch,
+            exit_seq,
+            sync,
+            ..Default::default()
+        }));
+    }
+
     fn standby(&mut self, msg: Message) {
         self.core.heard(self.now);
         self.core.on_message(msg, self.now);
@@ -257,17 +273,7 @@ fn output_is_held_across_a_divergence_until_the_repair_is_installed() {
 
     // The vCPU thread stops at its next exit: more output came meanwhile.
     p.vcpu(FromVcpu::Output(b"during".to_vec()));
-    p.vcpu(FromVcpu::Pages(PageChunk {
-        checkpoint: id,
-        stopped: true,
-        ..Default::default()
-    }));
-    p.vcpu(FromVcpu::CheckpointEnd(CheckpointEnd {
-        checkpoint: id,
-        epoch: 2,
-        exit_seq: 15,
-        ..Default::default()
-    }));
+    p.checkpoint(id, 2, 15, false);
     let actions = p.actions();
     let held = actions.iter().find_map(|a| match a {
         Action::Send(Message {

@@ -1,6 +1,6 @@
 //! Joining standbys (pre-copy, resume) and switchovers.
 
-use ftvm_proto::channel::{message::Body, CheckpointEnd, Message, PageChunk, Ready};
+use ftvm_proto::channel::{message::Body, CheckpointEnd, Message, Ready};
 
 use super::{ack, diverged, epoch_end, primary, HB};
 use crate::checkpoint::VcpuRequest;
@@ -45,18 +45,7 @@ fn a_joining_standby_is_synced_by_pre_copy_then_a_stop_and_copy() {
     let Ok(VcpuRequest::StopAndCopy { id }) = p.requests.try_recv() else {
         panic!("the stop-and-copy is asked of the vCPU thread");
     };
-    p.vcpu(FromVcpu::Pages(PageChunk {
-        checkpoint: id,
-        stopped: true,
-        ..Default::default()
-    }));
-    p.vcpu(FromVcpu::CheckpointEnd(CheckpointEnd {
-        checkpoint: id,
-        epoch: 2,
-        exit_seq: 20,
-        sync: true,
-        ..Default::default()
-    }));
+    p.checkpoint(id, 2, 20, true);
     let (_, kinds) = p.released();
     assert_eq!(kinds, vec!["pages", "held", "checkpoint-end"]);
     assert!(p.core.protecting(), "the standby follows the log from here");
