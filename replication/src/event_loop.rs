@@ -37,8 +37,9 @@ pub struct Woken {
 pub trait Side {
     /// The pair connection, if there is one.
     fn link(&mut self) -> Option<&mut Link>;
-    /// How long the loop may wait from `now`.
-    fn timeout(&self, now: Instant) -> Duration;
+    /// How long the loop may wait from `now`: until the side's next deadline, or without a
+    /// bound (None) when nothing is timed; everything else wakes the loop.
+    fn timeout(&self, now: Instant) -> Option<Duration>;
     /// What arrived from the other threads (and, with `woken.accept`, joining standbys),
     /// before the link is read.
     fn inputs(&mut self, woken: Woken, registry: &Registry, now: Instant);
@@ -92,9 +93,9 @@ impl EventLoop {
         &mut self.poll
     }
 
-    /// Waits at most `timeout` for something to happen.
-    pub fn wait(&mut self, timeout: Duration) -> io::Result<Woken> {
-        match self.poll.poll(&mut self.events, Some(timeout)) {
+    /// Waits at most `timeout` (None: until something happens) for something to happen.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> io::Result<Woken> {
+        match self.poll.poll(&mut self.events, timeout) {
             Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
             _ => {}
         }
@@ -111,7 +112,7 @@ impl EventLoop {
         let mut inbox = Vec::new();
         loop {
             let timeout = match side.link() {
-                Some(link) if link.unread() => Duration::ZERO,
+                Some(link) if link.unread() => Some(Duration::ZERO),
                 _ => side.timeout(Instant::now()),
             };
             let woken = match self.wait(timeout) {

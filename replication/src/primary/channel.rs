@@ -189,6 +189,14 @@ struct Closing {
 }
 
 impl Closing {
+    /// How long from `now` it may linger (until `Abandon` is out: not timed, the socket
+    /// wakes the loop).
+    fn until_closed(&self, now: Instant) -> Duration {
+        self.flushed.map_or(ABANDONED_LINGER, |t| {
+            (t + ABANDONED_LINGER).saturating_duration_since(now)
+        })
+    }
+
     /// Writes what it can, reads and drops what the standby sent; false once it is done.
     fn service(&mut self, now: Instant) -> bool {
         if self.link.flush().is_err() {
@@ -445,12 +453,16 @@ impl Side for Driver {
         self.link.as_mut()
     }
 
-    fn timeout(&self, now: Instant) -> Duration {
+    fn timeout(&self, now: Instant) -> Option<Duration> {
         if self.precopy_can_send() {
-            Duration::ZERO
-        } else {
-            self.core.poll_timeout(now)
+            return Some(Duration::ZERO);
         }
+        let lingering = self.closing.iter().map(|c| c.until_closed(now));
+        self.core
+            .poll_timeout(now)
+            .into_iter()
+            .chain(lingering)
+            .min()
     }
 
     fn inputs(&mut self, woken: Woken, registry: &Registry, _now: Instant) {

@@ -224,15 +224,19 @@ impl PrimaryCore {
     }
 
     /// How long the event loop may wait from `now` before it must call [`Self::tick`].
-    pub fn poll_timeout(&self, now: Instant) -> Duration {
-        let beat = match &self.standby {
-            Some(s) => s.liveness.until_next_heartbeat(now),
-            None => self.heartbeat.interval,
-        };
-        self.arbiter
+    pub fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        let beat = self
+            .standby
             .as_ref()
-            .and_then(|a| a.until_retry(now))
-            .map_or(beat, |retry| retry.min(beat))
+            .map(|s| s.liveness.until_next_heartbeat(now));
+        [
+            beat,
+            self.arbiter.as_ref().and_then(|a| a.until_retry(now)),
+            self.join.until_expiry(now),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     pub(super) fn send(&mut self, body: Body, now: Instant) {

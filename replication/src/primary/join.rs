@@ -3,7 +3,7 @@
 //! stop-and-copy checkpoint. A sync whose connection dropped is kept for a while, so the
 //! standby can reconnect and resume where it stopped.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ftvm_proto::channel::{Ready, Start};
 use ftvm_vmm::memory::GuestMemory;
@@ -102,12 +102,19 @@ impl Join {
         }
     }
 
+    /// How long from `now` until a paused sync expires (None: none is paused).
+    pub fn until_expiry(&self, now: Instant) -> Option<Duration> {
+        self.paused
+            .as_ref()
+            .map(|(_, since)| (*since + PAUSED_SYNC_KEPT).saturating_duration_since(now))
+    }
+
     /// Drops a paused sync whose standby did not come back in time.
     pub fn expire(&mut self, now: Instant, tracking: &DirtyTracking) {
         if self
             .paused
             .as_ref()
-            .is_some_and(|(_, since)| now.saturating_duration_since(*since) > PAUSED_SYNC_KEPT)
+            .is_some_and(|(_, since)| now.saturating_duration_since(*since) >= PAUSED_SYNC_KEPT)
         {
             tracing::warn!("the standby did not reconnect: its sync is abandoned");
             self.paused = None;

@@ -171,15 +171,10 @@ impl StandbyCore {
     }
 
     /// How long the event loop may wait from `now`.
-    pub fn poll_timeout(&self, now: Instant) -> Duration {
-        let beat = self
-            .primary
-            .as_ref()
-            .map_or(self.heartbeat.interval, |l| l.until_next_heartbeat(now));
-        self.arbiter
-            .as_ref()
-            .and_then(|a| a.until_retry(now))
-            .map_or(beat, |retry| retry.min(beat))
+    pub fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        let beat = self.primary.as_ref().map(|l| l.until_next_heartbeat(now));
+        let retry = self.arbiter.as_ref().and_then(|a| a.until_retry(now));
+        beat.into_iter().chain(retry).min()
     }
 
     fn send(&mut self, body: Body, now: Instant) {

@@ -275,7 +275,7 @@ impl Side for Driver {
         self.link.as_mut()
     }
 
-    fn timeout(&self, now: Instant) -> Duration {
+    fn timeout(&self, now: Instant) -> Option<Duration> {
         self.core.poll_timeout(now)
     }
 

@@ -3,6 +3,7 @@
 
 mod sessions;
 mod split_brain;
+mod wakeup;
 
 use std::time::{Duration, Instant};
 
