@@ -50,8 +50,11 @@ use ftvm_proto::log::{
 };
 
 // The helpers the tests use too (tests/common/mod.rs says why they live there).
+#[path = "pair/breakdown.rs"]
+mod breakdown;
 #[path = "../tests/common/mod.rs"]
 mod common;
+use breakdown::{Breakdown, STAGES};
 use common::{check_counter, mib_per_s, ms, try_free_addr, Failure, Scratch, FTVM};
 
 /// Protected runs whose audit files give figures 1 and 4.
@@ -95,8 +98,9 @@ fn run() -> Result<(), Failure> {
     let mut acks = Vec::new();
     let mut held = Vec::new();
     let mut unprotected = 0;
+    let mut stages = Breakdown::default();
     for i in 0..PROTECTED_RUNS {
-        let a = protected_run(&dir.0, i)?;
+        let a = protected_run(&dir.0, i, &mut stages)?;
         acks.extend(a.ack_latencies);
         held.extend(a.held);
         unprotected += a.unprotected;
@@ -140,10 +144,23 @@ fn run() -> Result<(), Failure> {
         acks.len()
     );
     println!(
-        "   ack        p50 {:>9.3} ms   p99 {:>9.3} ms",
+        "   ack        p50 {:>9.3} ms   p99 {:>9.3} ms   (first Ack covering the epoch)",
         ms(percentile(&mut acks, 50)),
         ms(percentile(&mut acks, 99))
     );
+    for (name, samples) in [
+        ("Received", &mut stages.received_ack),
+        ("Verified", &mut stages.verified_ack),
+    ] {
+        if !samples.is_empty() {
+            println!(
+                "   {name}   p50 {:>9.3} ms   p99 {:>9.3} ms   ({} epochs)",
+                ms(percentile(samples, 50)),
+                ms(percentile(samples, 99)),
+                samples.len()
+            );
+        }
+    }
     println!(
         "   baseline raw TCP round trip of {:.0} B (log bytes per epoch: {} B / {} epochs), {PING_PONGS} ping-pongs:",
         per_epoch.bytes_per_epoch, per_epoch.log_bytes, per_epoch.epochs
@@ -208,6 +225,7 @@ fn run() -> Result<(), Failure> {
         ms(percentile(&mut held, 99))
     );
     println!("   baseline raw TCP round trip p50 {:>9.3} ms", ms(rtt_p50));
+    print_breakdown(&mut stages);
     if unprotected > 0 {
         println!("   ({unprotected} releases were unprotected)");
     }
@@ -216,6 +234,32 @@ fn run() -> Result<(), Failure> {
         total.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Figure 4's table: where the output delay goes, stage by stage.
+fn print_breakdown(b: &mut Breakdown) {
+    println!(
+        "   breakdown over {} released epochs (p50 / p99 per stage; see benches/pair/breakdown.rs):",
+        b.total.len()
+    );
+    for (name, samples) in STAGES.iter().zip(b.stages.iter_mut()) {
+        if samples.is_empty() {
+            continue;
+        }
+        println!(
+            "     {name:<22} p50 {:>9.3} ms   p99 {:>9.3} ms",
+            ms(percentile(samples, 50)),
+            ms(percentile(samples, 99))
+        );
+    }
+    if !b.total.is_empty() {
+        println!(
+            "     {:<22} p50 {:>9.3} ms   p99 {:>9.3} ms",
+            "last output -> released",
+            ms(percentile(&mut b.total, 50)),
+            ms(percentile(&mut b.total, 99))
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -368,7 +412,7 @@ struct PrimaryAudit {
 /// One protected run of `workload=counter ticks=100`: both processes must exit
 /// 0, the primary print the expected output and the standby nothing; returns
 /// the primary's audit.
-fn protected_run(dir: &Path, i: usize) -> Result<PrimaryAudit, Failure> {
+fn protected_run(dir: &Path, i: usize, stages: &mut Breakdown) -> Result<PrimaryAudit, Failure> {
     let addr = try_free_addr()?;
     let cmdline = format!("workload=counter ticks={PROTECTED_TICKS}");
     let primary_audit = dir.join(format!("run{i}-primary.audit"));
@@ -423,6 +467,9 @@ fn protected_run(dir: &Path, i: usize) -> Result<PrimaryAudit, Failure> {
         )
     })?;
     let standby_text = read_text(&standby_audit)?;
+    stages
+        .add_run(&text, &standby_text)
+        .map_err(|e| format!("protected run {i}: latency breakdown: {e}"))?;
     let verified = standby_text
         .lines()
         .filter(|l| l.split_whitespace().nth(1) == Some("verified"))

@@ -819,7 +819,7 @@ fn replay(args: ReplayArgs) -> Result<u8, CliError> {
     };
     let mut replayer = Replayer::new(reader, &header, output);
     let report =
-        ftvm_secondary::replay(&mut vm, &mut replayer, &mut |_, _| {}).map_err(|e| match e {
+        ftvm_secondary::replay(&mut vm, &mut replayer, &mut |_| {}).map_err(|e| match e {
             ReplayError::Log(e) => CliError::BadLog(format!("{}: {e}", args.log.display())),
             ReplayError::Vm(e) => CliError::Vm(e),
             e @ ReplayError::Output(_) => CliError::Replay(e),

@@ -108,6 +108,8 @@ pub struct Recorder<H, S> {
     epoch: u64,
     epoch_started: Instant,
     last_flush: Instant,
+    /// When the epoch being closed began to close (its digest is computed after).
+    closing: Option<Instant>,
     output_waiting: bool,
     /// The port block (8 ports) the previous exit accessed, and whether the current exit
     /// accesses the same block: an output burst goes on while it does.
@@ -135,6 +137,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
             epoch: 1,
             epoch_started: Instant::now(),
             last_flush: Instant::now(),
+            closing: None,
             output_waiting: false,
             last_ports: None,
             in_output_burst: false,
@@ -372,7 +375,11 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
             complete_through: complete_through.0,
             records: std::mem::take(&mut self.records),
         };
-        self.sink.write_batch(batch).map_err(RecordError::Log)
+        match self.closing.take() {
+            Some(closing) => self.sink.write_epoch(batch, closing),
+            None => self.sink.write_batch(batch),
+        }
+        .map_err(RecordError::Log)
     }
 
     /// Closes the epoch at exit `seq`: digest, `EpochEnd`, and the batch goes out.
@@ -385,6 +392,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
 
     /// Appends the `EpochEnd` of the epoch ending at exit `seq`.
     fn close_epoch(&mut self, vm: &mut Vm, seq: ExitSeq) -> Result<(), RecordError> {
+        self.closing = Some(Instant::now());
         let digest = epoch_digest(vm)?;
         let dirty_pages = digest.dirty_pages.clone();
         let dirty_blocks = digest.dirty_blocks.clone();

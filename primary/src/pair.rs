@@ -3,7 +3,7 @@
 //! going through the output buffer (DESIGN.md §3).
 
 use std::io::Write;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use ftvm_proto::channel::{Role, Start};
@@ -25,6 +25,10 @@ pub struct ChannelSink(Feed);
 impl LogSink for ChannelSink {
     fn write_batch(&mut self, batch: RecordBatch) -> std::io::Result<()> {
         self.0.send(FromVcpu::Batch(batch))
+    }
+
+    fn write_epoch(&mut self, batch: RecordBatch, closing: Instant) -> std::io::Result<()> {
+        self.0.send(FromVcpu::Epoch { batch, closing })
     }
 }
 

@@ -16,6 +16,17 @@ pub mod standby;
 
 pub use report::{ReplayError, ReplayReport};
 
+/// An epoch whose digest matched: what [`replay`] tells its caller.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifiedEpoch {
+    /// The epoch.
+    pub epoch: u64,
+    /// Its last exit.
+    pub exit_seq: u64,
+    /// When the replay reached that exit (before the digest was computed).
+    pub replayed: std::time::Instant,
+}
+
 use describe::{describe, describe_exit, hex};
 
 use std::collections::VecDeque;
@@ -488,17 +499,22 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
         vm: &mut Vm,
         seq: u64,
         report: &mut ReplayReport,
-        on_verified: &mut dyn FnMut(u64, u64),
+        on_verified: &mut dyn FnMut(VerifiedEpoch),
     ) -> Result<bool, ReplayError> {
         let Some(end) = self.take_epoch_end(seq) else {
             return Ok(true);
         };
+        let replayed = std::time::Instant::now();
         report.epochs += 1;
         let digest = epoch_digest(vm)?;
         if digest.digest.as_slice() == end.digest.as_slice() {
             report.verified += 1;
             self.epoch = end.epoch + 1;
-            on_verified(end.epoch, seq);
+            on_verified(VerifiedEpoch {
+                epoch: end.epoch,
+                exit_seq: seq,
+                replayed,
+            });
             return Ok(true);
         }
         report.diverged += 1;
@@ -520,13 +536,13 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
 
 /// Replays the log into `vm` (built from the log's header) until the run ends, the replay
 /// diverges, a checkpoint-required epoch is reached, or the log ends
-/// ([`ReplayReport::log_ended`]). `on_verified(epoch, exit_seq)` is called as each epoch's
+/// ([`ReplayReport::log_ended`]). `on_verified` is called as each epoch's
 /// digest matches. The replay runs as far as the log goes: it never waits for more of the log
 /// than the next exit needs.
 pub fn replay<S: LogSource, W: Write>(
     vm: &mut Vm,
     replayer: &mut Replayer<S, W>,
-    on_verified: &mut dyn FnMut(u64, u64),
+    on_verified: &mut dyn FnMut(VerifiedEpoch),
 ) -> Result<ReplayReport, ReplayError> {
     let mut report = ReplayReport::default();
     loop {

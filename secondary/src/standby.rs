@@ -408,8 +408,12 @@ fn follow_with(
     mut out: impl Write,
 ) -> Result<StandbyEnd, StandbyError> {
     loop {
-        let result = replay(&mut vm, &mut replayer, &mut |epoch, exit_seq| {
-            channel.tell(FromReplayer::Verified { epoch, exit_seq });
+        let result = replay(&mut vm, &mut replayer, &mut |v| {
+            channel.tell(FromReplayer::Verified {
+                epoch: v.epoch,
+                exit_seq: v.exit_seq,
+                replayed: v.replayed,
+            });
         });
         let report = match result {
             Ok(report) => report,

@@ -29,6 +29,17 @@ use ftvm_proto::log::RecordBatch;
 pub trait LogSink {
     /// Ships one batch of records.
     fn write_batch(&mut self, batch: RecordBatch) -> Result<(), std::io::Error>;
+
+    /// Ships the batch that ends an epoch whose closing (digest first) began at `closing`.
+    /// Only the pair's channel uses the time (the latency breakdown of the audit trail).
+    fn write_epoch(
+        &mut self,
+        batch: RecordBatch,
+        closing: std::time::Instant,
+    ) -> Result<(), std::io::Error> {
+        let _ = closing;
+        self.write_batch(batch)
+    }
 }
 
 /// Where the log comes from: a file, or the pair's channel.

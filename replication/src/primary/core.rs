@@ -91,6 +91,17 @@ pub struct CoreConfig {
 /// The standby attached now.
 pub(super) struct Attached {
     pub(super) liveness: Liveness,
+    /// The highest epoch it said it received (`Received(k)`, the `received_epoch` of an Ack).
+    pub(super) received: u64,
+}
+
+impl Attached {
+    pub(super) fn new(heartbeat: Heartbeat, now: Instant) -> Self {
+        Self {
+            liveness: Liveness::new(heartbeat, now),
+            received: 0,
+        }
+    }
 }
 
 /// The primary's side of the pair protocol.
@@ -133,13 +144,7 @@ impl PrimaryCore {
     /// unprotected from the start.
     pub fn new(config: CoreConfig, standby: Result<String, String>, now: Instant) -> Self {
         let (attached, peer, lost) = match standby {
-            Ok(peer) => (
-                Some(Attached {
-                    liveness: Liveness::new(config.heartbeat, now),
-                }),
-                peer,
-                None,
-            ),
+            Ok(peer) => (Some(Attached::new(config.heartbeat, now)), peer, None),
             Err(why) => (None, String::new(), Some(why)),
         };
         config.tracking.set_protected(attached.is_some());
@@ -258,7 +263,8 @@ impl PrimaryCore {
     /// The vCPU thread handed over `msg` at `now`.
     pub fn on_vcpu(&mut self, msg: FromVcpu, now: Instant) {
         match msg {
-            FromVcpu::Batch(b) => self.ship(b, now),
+            FromVcpu::Batch(b) => self.ship(b, None, now),
+            FromVcpu::Epoch { batch, closing } => self.ship(batch, Some(closing), now),
             FromVcpu::Output(bytes) => self.output(bytes, now),
             FromVcpu::Pages(chunk) => self.pages(chunk, now),
             FromVcpu::CheckpointEnd(end) => self.checkpoint_end(end, now),
@@ -282,7 +288,9 @@ impl PrimaryCore {
         self.lifecycle.ended = true;
     }
 
-    fn ship(&mut self, batch: RecordBatch, now: Instant) {
+    /// Sends `batch` to the standby; `closing`: when the vCPU thread began to close the
+    /// epoch the batch ends (for the audit trail's latency breakdown).
+    fn ship(&mut self, batch: RecordBatch, closing: Option<Instant>, now: Instant) {
         self.exit_seq = batch.complete_through;
         let protecting = self.protecting();
         for r in &batch.records {
@@ -293,7 +301,10 @@ impl PrimaryCore {
                 if protecting {
                     self.protection.shipped(e.epoch, now);
                     let (epoch, exit_seq) = (e.epoch, e.exit_seq);
-                    self.audit(|| format!("shipped epoch={epoch} exit_seq={exit_seq}"));
+                    self.audit(|| {
+                        let closing_ns = closing.map_or(0, |t| crate::audit::ns_before(now, t));
+                        format!("shipped epoch={epoch} exit_seq={exit_seq} closing_ns={closing_ns}")
+                    });
                 }
             }
         }
@@ -370,6 +381,17 @@ impl PrimaryCore {
                 format!("standby lost: it broke the pair protocol: {why}"),
                 now,
             );
+        }
+        if let Some(s) = &mut self.standby {
+            if ack.received_epoch > s.received {
+                s.received = ack.received_epoch;
+                let received = ack.received_epoch;
+                self.audit(|| format!("received epoch={received}"));
+            }
+        }
+        if !self.protection.verifies_more(&ack) {
+            // `Received(k)` alone: the log is on the standby's host, nothing is verified.
+            return;
         }
         let epoch = ack.verified_epoch;
         self.audit(|| format!("acked epoch={epoch}"));

@@ -15,7 +15,6 @@ use super::repair::PendingCheckpoint;
 use super::PAUSED_SYNC_KEPT;
 use crate::checkpoint::{DirtyTracking, VcpuRequest};
 use crate::link::Heartbeat;
-use crate::liveness::Liveness;
 use crate::sync::{PreCopy, Step};
 
 /// Syncs: the one running, or the one paused by a dropped connection.
@@ -161,9 +160,7 @@ impl PrimaryCore {
     pub fn attach(&mut self, peer: String, heartbeat: Heartbeat, ready: &Ready, now: Instant) {
         self.peer = peer;
         self.heartbeat = heartbeat;
-        self.standby = Some(Attached {
-            liveness: Liveness::new(heartbeat, now),
-        });
+        self.standby = Some(Attached::new(heartbeat, now));
         self.tracking.set_protected(true);
         self.protection.attached();
         let checkpoints = &mut self.checkpoints;

@@ -42,8 +42,16 @@ pub const PAUSED_SYNC_KEPT: Duration = Duration::from_secs(30);
 /// What the vCPU thread hands the channel thread, in the order it happened.
 #[derive(Debug)]
 pub enum FromVcpu {
-    /// Records, usually one epoch's worth closed by its `EpochEnd`.
+    /// Records (the log streams: an epoch's records go out in several batches).
     Batch(RecordBatch),
+    /// The batch that closes an epoch (its `EpochEnd` last), whose closing began at
+    /// `closing` (the digest is computed after that).
+    Epoch {
+        /// The records.
+        batch: RecordBatch,
+        /// When the vCPU thread began to close the epoch.
+        closing: std::time::Instant,
+    },
     /// Guest output produced in the epoch now open.
     Output(Vec<u8>),
     /// Pages of the checkpoint being made.

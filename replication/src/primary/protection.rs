@@ -54,6 +54,14 @@ impl Protection {
         Ok(())
     }
 
+    /// The acknowledgement says more than `Received(k)`: it verifies an epoch not verified
+    /// yet, or (a repair's or a sync's acknowledgement) nothing shipped waits for it.
+    pub fn verifies_more(&self, ack: &Ack) -> bool {
+        self.unverified
+            .front()
+            .is_none_or(|(e, _)| ack.verified_epoch >= *e)
+    }
+
     /// The standby verified every epoch through `epoch`: the output they produced may
     /// leave. A stale acknowledgement (an epoch verified before) releases nothing new.
     pub fn verify(&mut self, epoch: u64) -> Vec<HeldOutput> {

@@ -46,6 +46,8 @@ pub(super) struct Progress {
     pub(super) unverified: VecDeque<(u64, Instant)>,
     pub(super) received_epoch: u64,
     pub(super) verified_epoch: u64,
+    /// The last exit of the last verified epoch.
+    pub(super) verified_exit_seq: u64,
     pub(super) exit_seq: u64,
     pub(super) released: u64,
     /// The log's end (the guest's run is over on the primary) arrived.
@@ -218,6 +220,7 @@ impl StandbyCore {
             Some(Body::Heartbeat(_)) => {}
             Some(Body::Batch(batch)) => {
                 self.progress.exit_seq = batch.complete_through;
+                let received_before = self.progress.received_epoch;
                 for r in &batch.records {
                     if let Some(Kind::EpochEnd(e)) = &r.kind {
                         self.progress.received_epoch = e.epoch;
@@ -226,6 +229,12 @@ impl StandbyCore {
                     self.progress.run_end |= matches!(r.kind, Some(Kind::RunEnd(_)));
                 }
                 self.replayer(ToReplayer::Batch(batch));
+                if self.progress.received_epoch != received_before {
+                    // Received(k): the log through epoch k is on this host (DESIGN.md §3).
+                    let epoch = self.progress.received_epoch;
+                    self.audit(|| format!("received epoch={epoch}"));
+                    self.ack(now);
+                }
             }
             Some(Body::Released(r)) => {
                 self.progress.released = self.progress.released.max(r.output_seq);
@@ -273,9 +282,17 @@ impl StandbyCore {
     /// What the replayer said.
     pub fn on_replayer(&mut self, event: FromReplayer, now: Instant) {
         match event {
-            FromReplayer::Verified { epoch, exit_seq } => {
-                self.audit(|| format!("verified epoch={epoch} exit_seq={exit_seq}"));
+            FromReplayer::Verified {
+                epoch,
+                exit_seq,
+                replayed,
+            } => {
+                self.audit(|| {
+                    let replayed_ns = crate::audit::ns_before(now, replayed);
+                    format!("verified epoch={epoch} exit_seq={exit_seq} replayed_ns={replayed_ns}")
+                });
                 self.progress.verified_epoch = epoch;
+                self.progress.verified_exit_seq = exit_seq;
                 while self
                     .progress
                     .unverified
@@ -284,7 +301,7 @@ impl StandbyCore {
                 {
                     self.progress.unverified.pop_front();
                 }
-                self.ack(epoch, exit_seq, now);
+                self.ack(now);
             }
             FromReplayer::Diverged(d) => {
                 let what = format!("epoch {} at exit {}: {}", d.epoch, d.exit_seq, d.reason);
@@ -309,8 +326,9 @@ impl StandbyCore {
                 }
                 self.condition.awaiting = None;
                 self.progress.verified_epoch = epoch;
+                self.progress.verified_exit_seq = exit_seq;
                 self.progress.unverified.retain(|(e, _)| *e > epoch);
-                self.ack(epoch, exit_seq, now);
+                self.ack(now);
             }
             FromReplayer::Syncing {
                 bytes,
@@ -321,16 +339,16 @@ impl StandbyCore {
         }
     }
 
-    fn ack(&mut self, epoch: u64, exit_seq: u64, now: Instant) {
-        let received_epoch = self.progress.received_epoch;
-        self.send(
-            Body::Ack(Ack {
-                received_epoch,
-                verified_epoch: epoch,
-                exit_seq,
-            }),
-            now,
-        );
+    /// Tells the primary how far the log arrived (`Received`) and how far it is verified
+    /// (`Verified`), in one Ack.
+    fn ack(&mut self, now: Instant) {
+        let p = &self.progress;
+        let ack = Ack {
+            received_epoch: p.received_epoch,
+            verified_epoch: p.verified_epoch,
+            exit_seq: p.verified_exit_seq,
+        };
+        self.send(Body::Ack(ack), now);
     }
 
     /// The connection to the primary failed (closed, reset, silent, a bad frame). Only a

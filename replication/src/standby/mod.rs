@@ -65,6 +65,8 @@ pub enum FromReplayer {
         epoch: u64,
         /// Its last exit.
         exit_seq: u64,
+        /// When the replay reached that exit (the digest was computed after).
+        replayed: Instant,
     },
     /// The replay cannot follow past `epoch`: ask for a repair (or, with
     /// `checkpoint_failed`, give up).

@@ -69,34 +69,41 @@ impl Standby {
 }
 
 #[test]
-fn the_log_goes_to_the_replayer_and_each_verified_epoch_is_acknowledged() {
+fn the_log_goes_to_the_replayer_each_received_epoch_and_each_verified_epoch_is_acknowledged() {
     let mut s = standby();
+    let ack_of = |a: &Action| match a {
+        Action::Send(Message {
+            body: Some(Body::Ack(ack)),
+        }) => Some((ack.received_epoch, ack.verified_epoch, ack.exit_seq)),
+        _ => None,
+    };
     s.primary(epoch_end(1, 10));
     s.primary(epoch_end(2, 20));
     let actions = s.actions();
-    assert!(matches!(
-        actions.as_slice(),
-        [
-            Action::ToReplayer(ToReplayer::Batch(_)),
-            Action::ToReplayer(ToReplayer::Batch(_))
-        ]
-    ));
+    // Each epoch's end goes to the replayer, then Received(k) goes back at once.
+    assert!(
+        matches!(
+            actions.as_slice(),
+            [
+                Action::ToReplayer(ToReplayer::Batch(_)),
+                Action::Send(_),
+                Action::ToReplayer(ToReplayer::Batch(_)),
+                Action::Send(_)
+            ]
+        ),
+        "{actions:?}"
+    );
+    let acks: Vec<_> = actions.iter().filter_map(ack_of).collect();
+    assert_eq!(acks, [(1, 0, 0), (2, 0, 0)]);
     assert!(s.status().contains("lag_epochs=2"));
     s.replayer(FromReplayer::Verified {
         epoch: 1,
         exit_seq: 10,
+        replayed: s.now,
     });
     let actions = s.actions();
-    let [Action::Send(Message {
-        body: Some(Body::Ack(ack)),
-    })] = actions.as_slice()
-    else {
-        panic!("one Ack: {actions:?}");
-    };
-    assert_eq!(
-        (ack.received_epoch, ack.verified_epoch, ack.exit_seq),
-        (2, 1, 10)
-    );
+    let acks: Vec<_> = actions.iter().filter_map(ack_of).collect();
+    assert_eq!(acks, [(2, 1, 10)], "{actions:?}");
     assert!(s.status().contains("lag_epochs=1"));
     assert!(s.status().contains("verified_epoch=1"));
 }
@@ -238,7 +245,12 @@ fn a_silent_primary_makes_the_standby_wait_and_it_follows_again_when_the_primary
     s.primary(epoch_end(1, 10));
     assert!(matches!(
         s.actions().as_slice(),
-        [Action::ToReplayer(ToReplayer::Batch(_))]
+        [
+            Action::ToReplayer(ToReplayer::Batch(_)),
+            Action::Send(Message {
+                body: Some(Body::Ack(_))
+            })
+        ]
     ));
     assert!(s.status().contains("state=lockstep"), "{}", s.status());
 }

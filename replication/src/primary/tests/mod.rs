@@ -213,6 +213,32 @@ fn output_is_released_only_through_the_verified_epoch() {
 }
 
 #[test]
+fn received_alone_releases_nothing_and_is_audited() {
+    let mut p = primary(true);
+    p.core.audit = true;
+    p.vcpu(FromVcpu::Output(b"a".to_vec()));
+    p.vcpu(epoch_end(1, 10));
+    p.actions();
+    // Received(1): the log is on the standby's host, not verified.
+    p.standby(Message {
+        body: Some(Body::Ack(Ack {
+            received_epoch: 1,
+            verified_epoch: 0,
+            exit_seq: 0,
+        })),
+    });
+    let actions = p.actions();
+    assert!(
+        matches!(actions.as_slice(), [Action::Audit(line)] if line == "received epoch=1"),
+        "{actions:?}"
+    );
+    assert!(p.status().contains("held_output_bytes=1"));
+    // Verified(1) releases it.
+    p.standby(ack(1));
+    assert_eq!(p.released().0, b"a");
+}
+
+#[test]
 fn a_stale_acknowledgement_releases_nothing_new() {
     let mut p = primary(true);
     p.vcpu(FromVcpu::Output(b"a".to_vec()));
