@@ -1,7 +1,7 @@
 //! End-to-end benchmark of a protected pair: `ftvm run --peer` (the primary) and
 //! `ftvm standby` (its standby) on one host, over loopback TCP.
 //!
-//! Prints (never asserts on) four figures, each next to a baseline measured in
+//! Prints (never asserts on) five figures, each next to a baseline measured in
 //! the same run:
 //!
 //! 1. Log acknowledgement latency, p50/p99: for every epoch the primary shipped,
@@ -24,6 +24,11 @@
 //!    was held waiting for the standby's verification (`held_ns` of the
 //!    primary's `verified` releases in the runs of figure 1). Baseline: the raw
 //!    TCP round trip p50 of figure 1, the least any such protocol must add.
+//!    With it, the latency breakdown of released output, stage by stage, from
+//!    both audit trails (`benches/pair/breakdown.rs`).
+//! 5. Echo round trip, p50/p99: a line written to a protected `workload=echo`
+//!    primary's stdin until its answer comes out (`benches/pair/echo.rs`).
+//!    Baseline: the same with an unprotected `ftvm run`.
 //!
 //! Percentiles are nearest-rank: the p99 of 20 samples is their maximum.
 //!
@@ -54,6 +59,8 @@ use ftvm_proto::log::{
 mod breakdown;
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "pair/echo.rs"]
+mod echo;
 use breakdown::{Breakdown, STAGES};
 use common::{check_counter, mib_per_s, ms, try_free_addr, Failure, Scratch, FTVM};
 
@@ -136,6 +143,9 @@ fn run() -> Result<(), Failure> {
             ended += 1;
         }
     }
+
+    // Figure 5.
+    let (mut echo_alone, mut echo_protected) = echo::measure(&dir.0)?;
 
     let rtt_p50 = percentile(&mut rtt.clone(), 50);
     println!();
@@ -229,6 +239,20 @@ fn run() -> Result<(), Failure> {
     if unprotected > 0 {
         println!("   ({unprotected} releases were unprotected)");
     }
+    println!(
+        "5. echo round trip, a line in to its answer out ({} lines, workload=echo):",
+        echo::LINES
+    );
+    println!(
+        "   protected  p50 {:>9.3} ms   p99 {:>9.3} ms",
+        ms(percentile(&mut echo_protected, 50)),
+        ms(percentile(&mut echo_protected, 99))
+    );
+    println!(
+        "   baseline unprotected ftvm run: p50 {:>9.3} ms   p99 {:>9.3} ms",
+        ms(percentile(&mut echo_alone, 50)),
+        ms(percentile(&mut echo_alone, 99))
+    );
     println!(
         "(total benchmark time {:.1} s)",
         total.elapsed().as_secs_f64()

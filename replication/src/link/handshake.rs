@@ -506,4 +506,62 @@ mod tests {
             "a 12 MiB backlog takes more than one 64 KiB receive"
         );
     }
+
+    /// A write that fails (the peer reset the connection) does not hide what the peer sent
+    /// before: the `Abandon` of a primary that then died is read before the failure is
+    /// reported, so the standby knows it was abandoned (DESIGN.md §5).
+    #[test]
+    fn a_failed_write_is_reported_after_the_messages_that_came_before_it() {
+        use std::os::fd::AsRawFd;
+        let h = HostKind::local().clone();
+        let (p, s) = pair(h.clone(), h);
+        let mut primary = super::super::Link::new(p.expect("primary")).expect("link");
+        let mut standby = super::super::Link::new(s.expect("standby")).expect("link");
+        let abandon = Message {
+            body: Some(Body::Abandon(ftvm_proto::channel::Abandon {
+                reason: "test".into(),
+            })),
+        };
+        primary.send(&abandon).expect("send");
+        // Close with a reset (SO_LINGER 0), as a killed process with unread data does.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt reads `linger`, which lives for the call, on an open socket.
+        let rc = unsafe {
+            libc::setsockopt(
+                primary.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_LINGER");
+        drop(primary);
+        let heartbeat = Message {
+            body: Some(Body::Heartbeat(Default::default())),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !standby.unread() && std::time::Instant::now() < deadline {
+            standby
+                .send(&heartbeat)
+                .expect("a failed write is not reported by send");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(standby.unread(), "writing to a reset connection fails");
+        let mut got = Vec::new();
+        let result = standby.receive(&mut got);
+        assert!(
+            matches!(
+                got.as_slice(),
+                [Message {
+                    body: Some(Body::Abandon(_))
+                }]
+            ),
+            "{got:?}"
+        );
+        assert!(result.is_err(), "then the failure");
+    }
 }

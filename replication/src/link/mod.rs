@@ -37,6 +37,9 @@ pub struct Link {
     unread: bool,
     /// What one [`Link::receive`] reads at most.
     receive_budget: usize,
+    /// A write failed: reported by the next [`Link::receive`], after what the peer sent
+    /// before it (its last words, e.g. `Abandon`, must not be lost to our failed write).
+    broken: Option<Box<ChannelError>>,
 }
 
 /// What one [`Link::receive`] reads at most, so a peer that sends faster than this side
@@ -61,6 +64,7 @@ impl Link {
             bytes_received: 0,
             unread: false,
             receive_budget: RECEIVE_BUDGET,
+            broken: None,
         })
     }
 
@@ -102,9 +106,10 @@ impl Link {
         self.receive_budget = bytes;
     }
 
-    /// The last [`Link::receive`] stopped at its budget: call it again without waiting.
+    /// The last [`Link::receive`] stopped at its budget, or a write failed: call it again
+    /// without waiting.
     pub fn unread(&self) -> bool {
-        self.unread
+        self.unread || self.broken.is_some()
     }
 
     /// Bytes queued and not yet written.
@@ -112,20 +117,27 @@ impl Link {
         self.tx.len() - self.tx_done
     }
 
-    /// Writes queued bytes until the socket would block.
+    /// Writes queued bytes until the socket would block. A write that fails is not
+    /// reported here: the connection is broken, nothing more is written, and the next
+    /// [`Link::receive`] returns the failure after the messages the peer sent before it.
     pub fn flush(&mut self) -> Result<(), ChannelError> {
-        while self.tx_done < self.tx.len() {
+        while self.tx_done < self.tx.len() && self.broken.is_none() {
             match self.stream.write(&self.tx[self.tx_done..]) {
                 Ok(0) => {
-                    return Err(ChannelError::Closed {
+                    self.broken = Some(Box::new(ChannelError::Closed {
                         peer: self.peer.clone(),
-                    })
+                    }))
                 }
                 Ok(n) => self.tx_done += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(ChannelError::io(&self.peer, e)),
+                Err(e) => self.broken = Some(Box::new(ChannelError::io(&self.peer, e))),
             }
+        }
+        if self.broken.is_some() {
+            self.tx.clear();
+            self.tx_done = 0;
+            return Ok(());
         }
         if self.tx_done == self.tx.len() {
             self.tx.clear();
@@ -183,7 +195,10 @@ impl Link {
         }
         self.rx.drain(..used);
         match end {
-            None => Ok(()),
+            None => match self.broken.take() {
+                None => Ok(()),
+                Some(e) => Err(*e),
+            },
             Some(Some(e)) => Err(ChannelError::io(&self.peer, e)),
             Some(None) if self.rx.is_empty() => Err(ChannelError::Closed {
                 peer: self.peer.clone(),
