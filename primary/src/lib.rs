@@ -34,6 +34,8 @@ pub use ftvm_replication::log::LogSink;
 pub const DEFAULT_MAX_EPOCH: Duration = Duration::from_millis(10);
 /// Default interval at which the log is shipped within an epoch.
 pub const DEFAULT_STREAM_INTERVAL: Duration = Duration::from_millis(1);
+/// Default [`EpochPolicy::stream_records`].
+pub const DEFAULT_STREAM_RECORDS: usize = 256;
 /// Default latency bound: how long a due interrupt waits for a natural exit before the vCPU
 /// is kicked.
 pub const DEFAULT_LATENCY_BOUND: Duration = Duration::from_millis(4);
@@ -70,6 +72,9 @@ pub struct EpochPolicy {
     /// Within an epoch, ship what was recorded at the first exit after this long, so the
     /// standby replays right behind the primary instead of one epoch at a time.
     pub stream_interval: Duration,
+    /// ... or as soon as this many records are waiting, whichever comes first (a busy guest
+    /// streams in small batches, not one large one per interval).
+    pub stream_records: usize,
     /// How long a due interrupt may wait for an exit before the vCPU is kicked.
     pub latency_bound: Duration,
     /// Deliver pending interrupts through interrupt-window exits (exact on VMX/SVM, not on
@@ -82,6 +87,7 @@ impl Default for EpochPolicy {
         Self {
             max_epoch: DEFAULT_MAX_EPOCH,
             stream_interval: DEFAULT_STREAM_INTERVAL,
+            stream_records: DEFAULT_STREAM_RECORDS,
             latency_bound: DEFAULT_LATENCY_BOUND,
             interrupt_windows: false,
         }
@@ -516,7 +522,9 @@ where
         if output_ready || full {
             return Ok(Control::Pause);
         }
-        if !self.records.is_empty() && self.last_flush.elapsed() >= self.policy.stream_interval {
+        let due = self.records.len() >= self.policy.stream_records
+            || self.last_flush.elapsed() >= self.policy.stream_interval;
+        if !self.records.is_empty() && due {
             // Every record for this exit is in: ship them now.
             self.flush(seq)?;
         }
