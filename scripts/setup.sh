@@ -17,6 +17,11 @@ command -v mkfs.ext4 >/dev/null || [ -x /sbin/mkfs.ext4 ] || need+=(e2fsprogs)
 command -v objcopy >/dev/null || need+=(binutils)
 # tests/linux.rs unpacks the bzImage's XZ payload into an ELF vmlinux.
 command -v xz >/dev/null || need+=(xz-utils)
+# etcd as the pair's arbiter (tests/etcd.rs, tests/partition.rs, scripts/split-brain-drill.sh).
+command -v etcd >/dev/null || need+=(etcd-server)
+# Partition drills: network namespaces, veth pairs, netem (tests/partition.rs).
+command -v ip >/dev/null || need+=(iproute2)
+command -v tc >/dev/null || need+=(iproute2)
 command -v cargo >/dev/null || { echo "setup: cargo (Rust stable) is required" >&2; exit 1; }
 
 if [ ${#need[@]} -gt 0 ]; then

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod arbiter_args;
+
 use clap::{Parser, Subcommand};
 use ftvm_primary::{pair, EpochPolicy, Recorder};
 use ftvm_replication::log::{LogFileReader, LogFileWriter};
@@ -127,11 +129,8 @@ struct PairArgs {
     /// Answer `ftvm status` on this address (host:port).
     #[arg(long, value_name = "ADDR")]
     control: Option<String>,
-    /// The witness (`ftvm witness`) that arbitrates role changes decided on silence: a
-    /// standby goes live, and a primary that lost its standby releases output, only after
-    /// winning the pair's next term there. Give both sides the same witness.
-    #[arg(long, value_name = "ADDR")]
-    witness: Option<String>,
+    #[command(flatten)]
+    arbiter: arbiter_args::ArbiterArgs,
 }
 
 #[derive(clap::Args)]
@@ -417,10 +416,7 @@ fn channel_options(args: &PairArgs) -> Result<ChannelOptions, CliError> {
     Ok(ChannelOptions {
         heartbeat: Heartbeat { interval, timeout },
         control,
-        witness: args
-            .witness
-            .clone()
-            .map(ftvm_replication::witness::WitnessConfig::new),
+        witness: args.arbiter.config().map_err(CliError::Usage)?,
     })
 }
 

@@ -66,6 +66,10 @@ pub enum StandbyError {
     /// live (DESIGN.md §5).
     #[error("the primary abandoned this standby: {0}")]
     Abandoned(String),
+    /// The primary arbitrates at another kind of arbiter than this standby (`--witness`
+    /// on one side, `--etcd` on the other).
+    #[error("{0}")]
+    Arbiter(String),
     /// The primary won the term at the witness: this copy must never go live.
     #[error("fenced: {0}")]
     Fenced(String),
@@ -250,17 +254,21 @@ pub fn run_standby(
             term: start.term,
         });
     }
+    let arbiters = crate::arbiter::same_arbiter(&start, &options);
     let header = start.header.unwrap_or_default();
     check_version(&header, 0).map_err(StandbyError::Config)?;
     let sync = start.sync;
     let kernel = start.kernel.clone();
     let initrd = (!start.initrd.is_empty()).then_some(start.initrd);
-    let built = crate::disks::check_copies(&header, &disks)
-        .and_then(|()| match sync {
-            true => crate::disks::check_joinable(&header),
-            false => Ok(()),
+    let built = arbiters
+        .and_then(|()| {
+            crate::disks::check_copies(&header, &disks)
+                .and_then(|()| match sync {
+                    true => crate::disks::check_joinable(&header),
+                    false => Ok(()),
+                })
+                .map_err(StandbyError::Disks)
         })
-        .map_err(StandbyError::Disks)
         .and_then(|()| {
             config_from_header(
                 &header,

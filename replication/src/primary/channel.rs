@@ -75,9 +75,10 @@ impl PrimaryChannel {
             .map(|w| w.pair_term())
             .filter(|t| !t.vm_id.is_empty());
         let mut start = setup.start;
-        if let Some(t) = &pair_term {
+        if let Some((t, w)) = pair_term.as_ref().zip(witness.as_ref()) {
             start.vm_id = t.vm_id.clone();
             start.term = t.term;
+            start.set_arbiter(w.backend.kind());
         }
         let core = PrimaryCore::new(
             CoreConfig {
@@ -89,7 +90,9 @@ impl PrimaryChannel {
                 after: setup.after,
                 vcpu,
                 tracking: tracking.clone(),
-                arbiter: pair_term.map(|t| crate::arbiter::Arbiter::new(t.vm_id, t.term)),
+                arbiter: pair_term.zip(witness.as_ref()).map(|(t, w)| {
+                    crate::arbiter::Arbiter::named(t.vm_id, t.term, w.backend.name())
+                }),
             },
             link.as_ref()
                 .map(|l| l.peer().to_string())
