@@ -7,6 +7,8 @@
 mod common;
 #[path = "split_brain/etcd.rs"]
 mod etcd_cluster;
+#[path = "split_brain/netns.rs"]
+mod netns;
 #[path = "split_brain/procs.rs"]
 mod procs;
 

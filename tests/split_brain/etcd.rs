@@ -13,11 +13,21 @@ use ftvm_replication::etcd::{self, EtcdConfig};
 /// How long a cluster may take to elect a leader and answer.
 const START_LIMIT: Duration = Duration::from_secs(60);
 
-/// One member: its client address (`host:port`) and peer address.
+/// One member: its client addresses (`host:port`, comma-separated: the first is the one
+/// it advertises) and its peer address.
 #[derive(Clone)]
 pub struct Member {
     pub client: String,
     pub peer: String,
+}
+
+fn urls(list: &str) -> String {
+    let v: Vec<String> = list.split(',').map(|a| format!("http://{a}")).collect();
+    v.join(",")
+}
+
+fn first(list: &str) -> &str {
+    list.split(',').next().unwrap_or(list)
 }
 
 /// A running etcd cluster; its members are killed when it is dropped.
@@ -41,10 +51,13 @@ fn etcd_binary() -> &'static str {
 }
 
 impl Cluster {
-    /// Starts `members` as one new cluster, each member's process prefixed by `prefix` (for
-    /// example `ip netns exec NS`), its data and log under `dir`; returns once a claim-free
-    /// query answers on every member.
-    pub fn start(dir: &str, members: &[Member], prefix: &[&str]) -> Self {
+    /// Starts `members` as one new cluster, in the network namespace `netns` if there is
+    /// one, their data and logs under `dir`; returns once a query answers on every member.
+    pub fn start(dir: &str, members: &[Member], netns: Option<&str>) -> Self {
+        let prefix: Vec<&str> = match netns {
+            Some(ns) => vec!["ip", "netns", "exec", ns],
+            None => Vec::new(),
+        };
         let binary = etcd_binary();
         let initial: Vec<String> = members
             .iter()
@@ -68,8 +81,8 @@ impl Cluster {
             }
             let child = cmd
                 .args(["--name", &format!("m{i}"), "--data-dir", &data])
-                .args(["--listen-client-urls", &format!("http://{}", m.client)])
-                .args(["--advertise-client-urls", &format!("http://{}", m.client)])
+                .args(["--listen-client-urls", &urls(&m.client)])
+                .args(["--advertise-client-urls", &urls(first(&m.client))])
                 .args(["--listen-peer-urls", &format!("http://{}", m.peer)])
                 .args([
                     "--initial-advertise-peer-urls",
@@ -90,7 +103,12 @@ impl Cluster {
             children,
         };
         for m in members {
-            cluster.wait_ready(&m.client, dir);
+            let (client, dir) = (first(&m.client).to_string(), dir.to_string());
+            let ready = |c: &Cluster| c.wait_ready(&client, &dir);
+            match netns {
+                None => ready(&cluster),
+                Some(ns) => crate::netns::run_in(ns, || ready(&cluster)),
+            }
         }
         cluster
     }
@@ -103,7 +121,7 @@ impl Cluster {
                 peer: crate::common::free_addr(),
             })
             .collect();
-        Self::start(dir, &members, &[])
+        Self::start(dir, &members, None)
     }
 
     fn wait_ready(&self, client: &str, dir: &str) {
