@@ -115,6 +115,7 @@ impl PrimaryChannel {
             heartbeat: options.heartbeat,
             witness,
             claims: crossbeam_channel::unbounded(),
+            written: Default::default(),
         };
         let thread = std::thread::Builder::new()
             .name("ftvm-channel".into())
@@ -180,6 +181,8 @@ struct Driver {
     witness: Option<WitnessConfig>,
     /// Outcomes of claims made on helper threads.
     claims: (Sender<ClaimOutcome>, Receiver<ClaimOutcome>),
+    /// What reached `out`: `Released` never names more.
+    written: super::written::Written,
 }
 
 /// The connection to an abandoned standby: `Abandon` is queued on it. It closes once that
@@ -220,7 +223,8 @@ impl Driver {
     fn apply(&mut self, registry: &Registry) {
         while let Some(action) = self.core.poll_action() {
             match action {
-                Action::Send(msg) => {
+                Action::Send(mut msg) => {
+                    self.written.fit(&mut msg);
                     if let Some(link) = &mut self.link {
                         if let Err(e) = link.send(&msg) {
                             self.core.link_failed(e, Instant::now());
@@ -239,9 +243,7 @@ impl Driver {
                             seq + bytes.len() as u64
                         ));
                     }
-                    if let Err(e) = self.out.write_all(&bytes).and_then(|()| self.out.flush()) {
-                        tracing::warn!("cannot write guest output: {e}");
-                    }
+                    self.written.release(&mut self.out, seq, &bytes);
                 }
                 Action::Audit(line) => {
                     if let Some(a) = &mut self.audit {
