@@ -10,9 +10,10 @@
 # - PARTITION_M partition drills per arbiter (tests/partition.rs): primary, standby and
 #   arbiter in three network namespaces joined by veth pairs; the pair's link and one
 #   side's link to the arbiter set down, then up again. Odd drills cut the primary off (the
-#   standby wins the term and goes live, the primary fences itself once healed); even
-#   drills cut the standby off (the primary wins and runs on, the standby stops once healed,
-#   and a new standby re-protects the guest with --join). Needs root.
+#   standby wins the term and goes live, the primary fences itself once healed, and a new
+#   standby on the old primary's host joins the live side: `ftvm standby --accept-standby`);
+#   even drills cut the standby off (the primary wins and runs on, the standby stops once
+#   healed, and a new standby re-protects the guest with --join). Needs root.
 #
 # Each drill must end with exactly one live side, the loser stopped with its message, and
 # the output a client saw (the old primary's joined with the new live side's) holding every

@@ -156,6 +156,11 @@ struct StandbyArgs {
     /// another size or mode, or another number of disks is refused before the guest starts.
     #[arg(long, value_name = "PATH[,ro]")]
     disk: Vec<ftvm_vmm::devices::virtio::block::DiskConfig>,
+    /// Once this standby is the primary (it went live, or took over in a switchover),
+    /// accept a new standby here (`ftvm standby --join ADDR`), as `ftvm run
+    /// --accept-standby` does: the guest is re-protected.
+    #[arg(long, value_name = "ADDR")]
+    accept_standby: Option<String>,
     #[command(flatten)]
     pair: PairArgs,
 }
@@ -417,6 +422,7 @@ fn channel_options(args: &PairArgs) -> Result<ChannelOptions, CliError> {
         heartbeat: Heartbeat { interval, timeout },
         control,
         witness: args.arbiter.config().map_err(CliError::Usage)?,
+        primary_after_go_live: false,
     })
 }
 
@@ -681,7 +687,7 @@ impl Roles {
                 };
                 Err(Box::new(Role::Primary {
                     vm: t.vm,
-                    link: Ok(t.link),
+                    link: t.link,
                     at,
                 }))
             }
@@ -744,7 +750,9 @@ fn promote(args: StatusArgs) -> Result<u8, CliError> {
 }
 
 fn standby(args: StandbyArgs) -> Result<u8, CliError> {
-    let options = channel_options(&args.pair)?;
+    let mut options = channel_options(&args.pair)?;
+    let accept = args.accept_standby.as_deref().map(listen).transpose()?;
+    options.primary_after_go_live = accept.is_some();
     let listener = match &args.listen {
         Some(addr) => {
             let l = listen(addr)?;
@@ -771,7 +779,7 @@ fn standby(args: StandbyArgs) -> Result<u8, CliError> {
         initrd: None,
         options: options.try_clone().map_err(CliError::Control)?,
         input: input.clone(),
-        accept: None,
+        accept,
         latency_bound: Duration::from_millis(args.latency_bound_ms),
     };
     let end = ftvm_secondary::standby::run_standby(

@@ -5,7 +5,8 @@
 //!
 //! - the primary cut off: the standby wins the term and goes live; the primary holds its
 //!   output (it cannot reach the arbiter: `ftvm status` says so) and, once the links heal,
-//!   hears that it lost and fences itself;
+//!   hears that it lost and fences itself; a new standby on its host then re-protects the
+//!   guest with `--join` (the old standby, live, was started with `--accept-standby`);
 //! - the standby cut off: the primary wins the term and runs on unprotected; the standby
 //!   waits (it cannot reach the arbiter) and, once the links heal, stops without going
 //!   live; a new standby then re-protects the guest with `--join` and the pair runs on.
@@ -33,8 +34,6 @@ use drills::{Arbiter, Kind, Survivor, NS_ARBITER_PORT};
 use netns::{Host, Net, Wire};
 use procs::*;
 
-const TICKS: u64 = 600;
-
 /// Both sides' heartbeat timeout: a partition is detected after it; a machine whose two
 /// cores are busy with other work may delay a process by more than the default 150 ms,
 /// which would lose the standby before the drill's own partition.
@@ -47,6 +46,7 @@ struct Ports {
     pc: String,
     sc: String,
     joined_sc: String,
+    standby_accept: String,
 }
 
 fn ports(i: u64) -> Ports {
@@ -57,6 +57,7 @@ fn ports(i: u64) -> Ports {
         pc: format!("127.0.0.1:{}", base + 2),
         sc: format!("127.0.0.1:{}", base + 3),
         joined_sc: format!("127.0.0.1:{}", base + 4),
+        standby_accept: format!("{}:{}", netns::STANDBY_PAIR, base + 5),
     }
 }
 
@@ -69,17 +70,22 @@ fn arbiter_for(host: Host) -> String {
     format!("{ip}:{NS_ARBITER_PORT}")
 }
 
-/// The primary cut off from the standby and the arbiter.
+/// The primary cut off from the standby and the arbiter; healed, the old primary fences
+/// itself, and a new standby on its host re-protects the guest, now run by the old standby
+/// (`--accept-standby`).
 fn primary_cut_off(net: &Net, kind: Kind, i: u64) -> Survivor {
     let (pns, sns) = (net.ns(Host::Primary), net.ns(Host::Standby));
     let ports = ports(i);
     let (ap, as_) = (arbiter_for(Host::Primary), arbiter_for(Host::Standby));
-    let mut s = spawn_in(
+    // The echo guest waits for lines: the drill, not a clock, decides when it ends.
+    let mut s = spawn_cmd_in(
         &sns,
         &[
             "standby",
             "--listen",
             &ports.pair,
+            "--accept-standby",
+            &ports.standby_accept,
             "--control",
             &ports.sc,
             kind.flag(),
@@ -88,9 +94,10 @@ fn primary_cut_off(net: &Net, kind: Kind, i: u64) -> Survivor {
             HEARTBEAT_TIMEOUT_MS,
         ],
         &[],
+        Stdio::piped(),
     );
-    let cmdline = format!("workload=counter ticks={TICKS}");
-    let mut p = spawn_in(
+    let mut s_in = s.child.stdin.take().expect("stdin");
+    let mut p = spawn_cmd_in(
         &pns,
         &[
             "run",
@@ -103,17 +110,21 @@ fn primary_cut_off(net: &Net, kind: Kind, i: u64) -> Survivor {
             "--heartbeat-timeout-ms",
             HEARTBEAT_TIMEOUT_MS,
             "--cmdline",
-            &cmdline,
+            "workload=echo",
         ],
         &["standby ready"],
+        Stdio::piped(),
     );
+    let mut p_in = p.child.stdin.take().expect("stdin");
     p.expect("standby ready");
+    p_in.write_all(b"one\n").expect("write");
+    // "echo eno\n" verified and released by the primary.
     wait_status_while(
         &mut [&mut p, &mut s],
-        Some(&sns),
-        &ports.sc,
-        "lockstep",
-        |t| status_field(t, "state") == "lockstep",
+        Some(&pns),
+        &ports.pc,
+        "released",
+        |t| status_field(t, "released_output_seq") == "9",
     );
     net.cut(Wire::Pair);
     net.cut(Wire::PrimaryArbiter);
@@ -124,6 +135,7 @@ fn primary_cut_off(net: &Net, kind: Kind, i: u64) -> Survivor {
         status_field(&live, "state").contains(&format!("won term 1 at {}", kind.name())),
         "{live}"
     );
+    s_in.write_all(b"two\n").expect("write");
     let held = wait_status_while(
         &mut [&mut p, &mut s],
         Some(&pns),
@@ -135,13 +147,64 @@ fn primary_cut_off(net: &Net, kind: Kind, i: u64) -> Survivor {
         status_field(&held, "state").starts_with("arbitrating: "),
         "{held}"
     );
+    // Written to the old primary while it cannot reach the arbiter: its answer never leaves.
+    p_in.write_all(b"lost\n").expect("write");
     net.heal(Wire::Pair);
     net.heal(Wire::PrimaryArbiter);
     let p = p.wait(LIMIT);
+    assert_eq!(
+        p.status.code(),
+        Some(drills::STATUS_FENCED),
+        "primary: {}",
+        p.stderr
+    );
+    let fenced = format!("ftvm: fenced: {} gave term 1 to ", kind.name());
+    assert!(p.stderr.contains(&fenced), "{}", p.stderr);
+    assert_eq!(p.out(), "echo eno\n", "{}", p.stderr);
+    // Re-protection: a new standby on the old primary's host joins the live side.
+    let mut joined = spawn_in(
+        &pns,
+        &[
+            "standby",
+            "--join",
+            &ports.standby_accept,
+            "--control",
+            &ports.joined_sc,
+            kind.flag(),
+            &ap,
+            "--heartbeat-timeout-ms",
+            HEARTBEAT_TIMEOUT_MS,
+        ],
+        &[],
+    );
+    let protected = wait_status_while(
+        &mut [&mut s, &mut joined],
+        Some(&sns),
+        &ports.sc,
+        "protected again",
+        |t| status_field(t, "state") == "lockstep",
+    );
+    assert_eq!(status_field(&protected, "term"), "1", "{protected}");
+    s_in.write_all(b"three\nquit\n").expect("write");
+    drop(s_in);
     let s = s.wait(LIMIT);
-    let survivor = drills::one_live_side(kind, &p, &s, TICKS);
-    assert_eq!(survivor, Survivor::Standby);
-    survivor
+    let joined = joined.wait(LIMIT);
+    assert_eq!(s.status.code(), Some(0), "live side: {}", s.stderr);
+    assert_eq!(joined.status.code(), Some(0), "joined: {}", joined.stderr);
+    assert!(joined.stdout.is_empty(), "{:?}", joined.out());
+    // What a client saw: the old primary's output up to where the live side re-emits from,
+    // then the live side's: one execution, each line once.
+    let from = number_after(&s.stderr, "re-emitting output from sequence ")
+        .unwrap_or_else(|| panic!("no go-live line:\n{}", s.stderr)) as usize;
+    let mut seen = p.stdout[..from.min(p.stdout.len())].to_vec();
+    seen.extend_from_slice(&s.stdout);
+    assert_eq!(
+        String::from_utf8_lossy(&seen),
+        "echo eno\necho owt\necho eerht\n",
+        "{}",
+        s.stderr
+    );
+    Survivor::Standby
 }
 
 /// The standby cut off from the primary and the arbiter; healed, a new standby joins.
