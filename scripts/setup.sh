@@ -30,6 +30,12 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+    # The tests start their own etcd members on free ports; the package's system service
+    # (on a machine with systemd) is not needed: stop what this script just installed.
+    if [[ " ${need[*]} " == *" etcd-server "* ]] && command -v systemctl >/dev/null \
+        && [ -d /run/systemd/system ]; then
+        $sudo systemctl disable --now etcd >/dev/null 2>&1 || true
+    fi
 fi
 
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >/dev/null 2>&1 || true
