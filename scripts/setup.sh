@@ -17,6 +17,11 @@ command -v mkfs.ext4 >/dev/null || [ -x /sbin/mkfs.ext4 ] || need+=(e2fsprogs)
 command -v objcopy >/dev/null || need+=(binutils)
 # tests/linux.rs unpacks the bzImage's XZ payload into an ELF vmlinux.
 command -v xz >/dev/null || need+=(xz-utils)
+# etcd as the pair's arbiter (tests/etcd.rs, tests/partition.rs, scripts/split-brain-drill.sh).
+command -v etcd >/dev/null || need+=(etcd-server)
+# Partition drills: network namespaces, veth pairs, netem (tests/partition.rs).
+command -v ip >/dev/null || need+=(iproute2)
+command -v tc >/dev/null || need+=(iproute2)
 command -v cargo >/dev/null || { echo "setup: cargo (Rust stable) is required" >&2; exit 1; }
 
 if [ ${#need[@]} -gt 0 ]; then
@@ -25,6 +30,12 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing ${need[*]}"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+    # The tests start their own etcd members on free ports; the package's system service
+    # (on a machine with systemd) is not needed: stop what this script just installed.
+    if [[ " ${need[*]} " == *" etcd-server "* ]] && command -v systemctl >/dev/null \
+        && [ -d /run/systemd/system ]; then
+        $sudo systemctl disable --now etcd >/dev/null 2>&1 || true
+    fi
 fi
 
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >/dev/null 2>&1 || true

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod arbiter_args;
+
 use clap::{Parser, Subcommand};
 use ftvm_primary::{pair, EpochPolicy, Recorder};
 use ftvm_replication::log::{LogFileReader, LogFileWriter};
@@ -127,11 +129,8 @@ struct PairArgs {
     /// Answer `ftvm status` on this address (host:port).
     #[arg(long, value_name = "ADDR")]
     control: Option<String>,
-    /// The witness (`ftvm witness`) that arbitrates role changes decided on silence: a
-    /// standby goes live, and a primary that lost its standby releases output, only after
-    /// winning the pair's next term there. Give both sides the same witness.
-    #[arg(long, value_name = "ADDR")]
-    witness: Option<String>,
+    #[command(flatten)]
+    arbiter: arbiter_args::ArbiterArgs,
 }
 
 #[derive(clap::Args)]
@@ -157,6 +156,11 @@ struct StandbyArgs {
     /// another size or mode, or another number of disks is refused before the guest starts.
     #[arg(long, value_name = "PATH[,ro]")]
     disk: Vec<ftvm_vmm::devices::virtio::block::DiskConfig>,
+    /// Once this standby is the primary (it went live, or took over in a switchover),
+    /// accept a new standby here (`ftvm standby --join ADDR`), as `ftvm run
+    /// --accept-standby` does: the guest is re-protected.
+    #[arg(long, value_name = "ADDR")]
+    accept_standby: Option<String>,
     #[command(flatten)]
     pair: PairArgs,
 }
@@ -417,10 +421,8 @@ fn channel_options(args: &PairArgs) -> Result<ChannelOptions, CliError> {
     Ok(ChannelOptions {
         heartbeat: Heartbeat { interval, timeout },
         control,
-        witness: args
-            .witness
-            .clone()
-            .map(ftvm_replication::witness::WitnessConfig::new),
+        witness: args.arbiter.config().map_err(CliError::Usage)?,
+        primary_after_go_live: false,
     })
 }
 
@@ -685,7 +687,7 @@ impl Roles {
                 };
                 Err(Box::new(Role::Primary {
                     vm: t.vm,
-                    link: Ok(t.link),
+                    link: t.link,
                     at,
                 }))
             }
@@ -748,7 +750,9 @@ fn promote(args: StatusArgs) -> Result<u8, CliError> {
 }
 
 fn standby(args: StandbyArgs) -> Result<u8, CliError> {
-    let options = channel_options(&args.pair)?;
+    let mut options = channel_options(&args.pair)?;
+    let accept = args.accept_standby.as_deref().map(listen).transpose()?;
+    options.primary_after_go_live = accept.is_some();
     let listener = match &args.listen {
         Some(addr) => {
             let l = listen(addr)?;
@@ -775,7 +779,7 @@ fn standby(args: StandbyArgs) -> Result<u8, CliError> {
         initrd: None,
         options: options.try_clone().map_err(CliError::Control)?,
         input: input.clone(),
-        accept: None,
+        accept,
         latency_bound: Duration::from_millis(args.latency_bound_ms),
     };
     let end = ftvm_secondary::standby::run_standby(

@@ -47,9 +47,11 @@ pub fn connect_standby(
     let h = link::handshake(stream, peer, Role::Primary, options.heartbeat)?;
     let mut start = start_message(header, kernel, initrd, false);
     // With a witness, the standby learns the VM's id there and the term.
-    if let Some(t) = options.witness.as_ref().map(|w| w.pair_term()) {
+    if let Some(w) = &options.witness {
+        let t = w.pair_term();
         start.vm_id = t.vm_id;
         start.term = t.term;
+        start.set_arbiter(w.backend.kind());
     }
     // The standby answers Ack(0) once its VM is built (or Diverged when it cannot build
     // it): only then does the guest start, so the standby does not begin the run behind.

@@ -17,6 +17,8 @@ pub struct Arbiter {
     pub vm_id: String,
     /// The term this side knows (the last one granted, to anyone, that it heard of).
     pub term: u64,
+    /// The arbiter as messages name it ("the witness", "etcd").
+    pub name: &'static str,
     /// A claim under way.
     pub claim: Option<Claim>,
 }
@@ -35,11 +37,17 @@ pub struct Claim {
 }
 
 impl Arbiter {
-    /// The arbiter of `vm_id`, at `term`.
+    /// The arbiter of `vm_id`, at `term`, a witness.
     pub fn new(vm_id: String, term: u64) -> Self {
+        Self::named(vm_id, term, "the witness")
+    }
+
+    /// The arbiter of `vm_id`, at `term`, as messages name it (`Backend::name`).
+    pub fn named(vm_id: String, term: u64, name: &'static str) -> Self {
         Self {
             vm_id,
             term,
+            name,
             claim: None,
         }
     }
@@ -98,7 +106,7 @@ impl Arbiter {
         match outcome {
             ClaimOutcome::Unreachable(why) => {
                 if c.unreachable.is_none() {
-                    tracing::warn!("cannot reach the witness ({why}): waiting, asking again");
+                    tracing::warn!("cannot reach {} ({why}): waiting, asking again", self.name);
                 }
                 c.unreachable = Some(why);
                 c.retry_at = Some(now + RETRY_AFTER);
@@ -121,10 +129,11 @@ impl Arbiter {
         let c = self.claim.as_ref()?;
         Some(match &c.unreachable {
             Some(e) => format!(
-                "claiming term {} at the witness, which cannot be reached ({e})",
-                self.term + 1
+                "claiming term {} at {}, which cannot be reached ({e})",
+                self.term + 1,
+                self.name
             ),
-            None => format!("claiming term {} at the witness", self.term + 1),
+            None => format!("claiming term {} at {}", self.term + 1, self.name),
         })
     }
 }

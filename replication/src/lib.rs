@@ -27,6 +27,7 @@ pub mod arbiter;
 pub mod audit;
 pub mod bench;
 pub mod checkpoint;
+pub mod etcd;
 pub mod event_loop;
 pub mod host;
 pub mod link;
@@ -50,8 +51,11 @@ pub struct ChannelOptions {
     pub heartbeat: Heartbeat,
     /// The control socket answering `ftvm status`.
     pub control: Option<std::net::TcpListener>,
-    /// The witness (`--witness`): the arbiter of role changes decided on silence.
+    /// The arbiter (`--witness` or `--etcd`) of role changes decided on silence.
     pub witness: Option<witness::WitnessConfig>,
+    /// A standby that goes live becomes a primary that accepts a new standby (`ftvm standby
+    /// --accept-standby`), instead of running its guest unprotected to the end.
+    pub primary_after_go_live: bool,
 }
 
 impl ChannelOptions {
@@ -61,6 +65,7 @@ impl ChannelOptions {
             heartbeat: self.heartbeat,
             control: self.control.as_ref().map(|l| l.try_clone()).transpose()?,
             witness: self.witness.clone(),
+            primary_after_go_live: self.primary_after_go_live,
         })
     }
 }

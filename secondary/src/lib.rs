@@ -8,6 +8,7 @@
 //! exit N+1, so a kick the primary took after exit N (a checkpoint-required epoch) stops the
 //! replay exactly at the last deterministic exit before it.
 
+mod arbiter;
 mod describe;
 mod disks;
 mod install;

@@ -66,6 +66,10 @@ pub enum StandbyError {
     /// live (DESIGN.md §5).
     #[error("the primary abandoned this standby: {0}")]
     Abandoned(String),
+    /// The primary arbitrates at another kind of arbiter than this standby (`--witness`
+    /// on one side, `--etcd` on the other).
+    #[error("{0}")]
+    Arbiter(String),
     /// The primary won the term at the witness: this copy must never go live.
     #[error("fenced: {0}")]
     Fenced(String),
@@ -183,6 +187,8 @@ pub enum StandbyEnd {
     /// The primary was lost; the standby went live and ran the guest to its end.
     WentLive(StopRequest),
     /// `ftvm switchover`: the primary handed over its role; this host records from here.
+    /// Also a standby that went live with `--accept-standby`: it records from where it went
+    /// live, unprotected until a new standby joins.
     TookOver(Box<TakeOver>),
 }
 
@@ -190,8 +196,9 @@ pub enum StandbyEnd {
 pub struct TakeOver {
     /// The VM, paused at the end of the last verified epoch.
     pub vm: Vm,
-    /// The connection to the old primary, the new standby.
-    pub link: Link,
+    /// The connection to the old primary, the new standby (a switchover); Err: none, the
+    /// standby went live and runs unprotected until a standby joins (why).
+    pub link: Result<Link, String>,
     /// The log header (the VM configuration).
     pub header: LogHeader,
     /// The kernel image (for standbys that join later).
@@ -250,17 +257,21 @@ pub fn run_standby(
             term: start.term,
         });
     }
+    let arbiters = crate::arbiter::same_arbiter(&start, &options);
     let header = start.header.unwrap_or_default();
     check_version(&header, 0).map_err(StandbyError::Config)?;
     let sync = start.sync;
     let kernel = start.kernel.clone();
     let initrd = (!start.initrd.is_empty()).then_some(start.initrd);
-    let built = crate::disks::check_copies(&header, &disks)
-        .and_then(|()| match sync {
-            true => crate::disks::check_joinable(&header),
-            false => Ok(()),
+    let built = arbiters
+        .and_then(|()| {
+            crate::disks::check_copies(&header, &disks)
+                .and_then(|()| match sync {
+                    true => crate::disks::check_joinable(&header),
+                    false => Ok(()),
+                })
+                .map_err(StandbyError::Disks)
         })
-        .map_err(StandbyError::Disks)
         .and_then(|()| {
             config_from_header(
                 &header,
@@ -352,7 +363,16 @@ pub fn run_standby(
             return finish_completed(channel, &mut replayer, &mut out, stop);
         }
     }
-    follow_with(vm, header, (kernel, initrd), channel, replayer, input, out)
+    let as_primary = options.primary_after_go_live;
+    follow_with(
+        vm,
+        header,
+        (kernel, initrd),
+        channel,
+        replayer,
+        (input, as_primary),
+        out,
+    )
 }
 
 fn new_replayer(
@@ -389,11 +409,20 @@ pub fn follow(
     input: Option<Receiver<Vec<u8>>>,
     out: impl Write,
 ) -> Result<StandbyEnd, StandbyError> {
+    let as_primary = options.primary_after_go_live;
     let channel = StandbyChannel::spawn(link, options).map_err(StandbyError::Thread)?;
     let mut replayer = new_replayer(&channel, &header);
     replayer.restart_after_checkpoint(at);
     replayer.output_mut().base = at.output_seq;
-    follow_with(vm, header, (kernel, initrd), channel, replayer, input, out)
+    follow_with(
+        vm,
+        header,
+        (kernel, initrd),
+        channel,
+        replayer,
+        (input, as_primary),
+        out,
+    )
 }
 
 /// The standby's life: lockstep replay with repairs; go-live if the primary is lost; the
@@ -404,7 +433,7 @@ fn follow_with(
     images: GuestImages,
     channel: StandbyChannel,
     mut replayer: Replayer<ChannelSource, ReplayedOutput>,
-    input: Option<Receiver<Vec<u8>>>,
+    (input, as_primary): (Option<Receiver<Vec<u8>>>, bool),
     mut out: impl Write,
 ) -> Result<StandbyEnd, StandbyError> {
     loop {
@@ -541,6 +570,24 @@ fn follow_with(
     );
     channel.tell(FromReplayer::Live);
     write_out(&mut out, &bytes);
+    if as_primary {
+        // `--accept-standby`: record from here as a primary that a new standby may join.
+        channel.shutdown();
+        let at = Position {
+            epoch: replayer.epoch(),
+            exit_seq: seq,
+            output_seq: replayer.output_mut().produced(),
+        };
+        let (kernel, initrd) = images;
+        return Ok(StandbyEnd::TookOver(Box::new(TakeOver {
+            vm,
+            link: Err(format!("{why}: live after failover")),
+            header,
+            kernel,
+            initrd,
+            at,
+        })));
+    }
     let mut live = LiveHook::resume(input, out, vm.clock_ns());
     let stop = loop {
         match vm.run(&mut live)? {
@@ -584,7 +631,7 @@ fn take_over(
     );
     Ok(StandbyEnd::TookOver(Box::new(TakeOver {
         vm,
-        link,
+        link: Ok(link),
         header,
         kernel,
         initrd,

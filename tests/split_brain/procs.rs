@@ -53,7 +53,34 @@ pub fn spawn(args: &[&str], watch: &[&'static str]) -> Proc {
 }
 
 pub fn spawn_with(args: &[&str], watch: &[&'static str], stdin: Stdio) -> Proc {
-    let mut child = Command::new(FTVM)
+    spawn_cmd(ftvm(None), args, watch, stdin)
+}
+
+/// `ftvm`, run in the network namespace `ns` if there is one (`ip netns exec NS ftvm`:
+/// `ip` execs ftvm, so the child's pid is ftvm's).
+pub fn ftvm(ns: Option<&str>) -> Command {
+    match ns {
+        None => Command::new(FTVM),
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, FTVM]);
+            c
+        }
+    }
+}
+
+/// [`spawn`] in the network namespace `ns`.
+pub fn spawn_in(ns: &str, args: &[&str], watch: &[&'static str]) -> Proc {
+    spawn_cmd(ftvm(Some(ns)), args, watch, Stdio::null())
+}
+
+/// [`spawn_with`] in the network namespace `ns`.
+pub fn spawn_cmd_in(ns: &str, args: &[&str], watch: &[&'static str], stdin: Stdio) -> Proc {
+    spawn_cmd(ftvm(Some(ns)), args, watch, stdin)
+}
+
+fn spawn_cmd(mut cmd: Command, args: &[&str], watch: &[&'static str], stdin: Stdio) -> Proc {
+    let mut child = cmd
         .args(args)
         .env("FTVM_LOG", "info")
         .stdin(stdin)
@@ -146,6 +173,11 @@ impl Proc {
         }
     }
 
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_some()
+    }
+
     /// SIGKILL, then what it printed.
     pub fn kill(mut self) -> Done {
         let _ = self.child.kill();
@@ -183,7 +215,17 @@ pub fn status_field(text: &str, key: &str) -> String {
 
 /// `ftvm status addr`, or what it said on stderr.
 pub fn try_status(addr: &str) -> Result<String, String> {
-    let o = Command::new(FTVM)
+    try_status_in(None, addr)
+}
+
+/// `ftvm status addr` from the network namespace `ns`.
+pub fn status_of_in(ns: &str, addr: &str) -> String {
+    try_status_in(Some(ns), addr).unwrap_or_else(|e| panic!("ftvm status {addr}: {e}"))
+}
+
+/// [`try_status`] from the network namespace `ns`.
+pub fn try_status_in(ns: Option<&str>, addr: &str) -> Result<String, String> {
+    let o = ftvm(ns)
         .args(["status", addr])
         .output()
         .expect("ftvm status");
@@ -196,9 +238,19 @@ pub fn try_status(addr: &str) -> Result<String, String> {
 
 /// Polls `ftvm status` on `control` (which may not answer yet) until `pred` holds.
 pub fn wait_status(control: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    wait_status_in(None, control, what, pred)
+}
+
+/// [`wait_status`] from the network namespace `ns`.
+pub fn wait_status_in(
+    ns: Option<&str>,
+    control: &str,
+    what: &str,
+    pred: impl Fn(&str) -> bool,
+) -> String {
     let start = Instant::now();
     loop {
-        let text = try_status(control).unwrap_or_else(|e| e);
+        let text = try_status_in(ns, control).unwrap_or_else(|e| e);
         if text.starts_with("role=") && pred(&text) {
             return text;
         }
@@ -264,4 +316,33 @@ pub fn assert_failover_output(old: &[u8], new: &[u8], new_stderr: &str, ticks: u
     let mut merged = old[..from].to_vec();
     merged.extend_from_slice(new);
     assert_complete_count(&String::from_utf8_lossy(&merged), ticks);
+}
+
+/// [`wait_status_in`] while `procs` run: a process that exits meanwhile ends the wait with
+/// a panic that shows what every one of them printed.
+pub fn wait_status_while(
+    procs: &mut [&mut Proc],
+    ns: Option<&str>,
+    control: &str,
+    what: &str,
+    pred: impl Fn(&str) -> bool,
+) -> String {
+    let start = Instant::now();
+    loop {
+        let text = try_status_in(ns, control).unwrap_or_else(|e| e);
+        if text.starts_with("role=") && pred(&text) {
+            return text;
+        }
+        if procs.iter_mut().any(|p| p.exited()) || start.elapsed() > LIMIT {
+            let mut all = String::new();
+            for p in procs.iter_mut() {
+                let _ = p.child.kill();
+                let _ = p.child.wait();
+                all.push_str(&String::from_utf8_lossy(&joined(p.stderr.take())));
+                all.push_str("\n----\n");
+            }
+            panic!("never {what}:\n{text}\nprocesses:\n{all}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

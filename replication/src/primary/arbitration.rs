@@ -22,8 +22,9 @@ impl PrimaryCore {
         a.start(why.to_string());
         tracing::error!(
             held_output_bytes = self.protection.buffer.held_bytes(),
-            "{why}: holding all output until this primary wins term {} at the witness",
-            a.term + 1
+            "{why}: holding all output until this primary wins term {} at {}",
+            a.term + 1,
+            a.name
         );
         self.claim_due(now);
         true
@@ -45,12 +46,13 @@ impl PrimaryCore {
         let Some((verdict, why)) = a.outcome(outcome, now) else {
             return;
         };
+        let at = a.name;
         match verdict {
             Verdict::Granted { term } => {
                 self.join.start.term = term;
                 tracing::warn!(
                     term,
-                    "won term {term} at the witness: releasing held output, running unprotected"
+                    "won term {term} at {at}: releasing held output, running unprotected"
                 );
                 for h in self.protection.unprotect() {
                     self.actions.push_back(Action::Release {
@@ -63,7 +65,7 @@ impl PrimaryCore {
             }
             Verdict::Refused { term, holder } => {
                 self.actions.push_back(Action::Fence(format!(
-                    "the witness gave term {term} to {holder}: this primary lost its standby ({why}) and lost the term; stopping the guest, releasing none of the {} output bytes it holds",
+                    "{at} gave term {term} to {holder}: this primary lost its standby ({why}) and lost the term; stopping the guest, releasing none of the {} output bytes it holds",
                     self.protection.buffer.held_bytes()
                 )));
             }

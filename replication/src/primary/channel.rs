@@ -75,9 +75,10 @@ impl PrimaryChannel {
             .map(|w| w.pair_term())
             .filter(|t| !t.vm_id.is_empty());
         let mut start = setup.start;
-        if let Some(t) = &pair_term {
+        if let Some((t, w)) = pair_term.as_ref().zip(witness.as_ref()) {
             start.vm_id = t.vm_id.clone();
             start.term = t.term;
+            start.set_arbiter(w.backend.kind());
         }
         let core = PrimaryCore::new(
             CoreConfig {
@@ -89,7 +90,9 @@ impl PrimaryChannel {
                 after: setup.after,
                 vcpu,
                 tracking: tracking.clone(),
-                arbiter: pair_term.map(|t| crate::arbiter::Arbiter::new(t.vm_id, t.term)),
+                arbiter: pair_term.zip(witness.as_ref()).map(|(t, w)| {
+                    crate::arbiter::Arbiter::named(t.vm_id, t.term, w.backend.name())
+                }),
             },
             link.as_ref()
                 .map(|l| l.peer().to_string())
@@ -112,6 +115,7 @@ impl PrimaryChannel {
             heartbeat: options.heartbeat,
             witness,
             claims: crossbeam_channel::unbounded(),
+            written: Default::default(),
         };
         let thread = std::thread::Builder::new()
             .name("ftvm-channel".into())
@@ -177,6 +181,8 @@ struct Driver {
     witness: Option<WitnessConfig>,
     /// Outcomes of claims made on helper threads.
     claims: (Sender<ClaimOutcome>, Receiver<ClaimOutcome>),
+    /// What reached `out`: `Released` never names more.
+    written: super::written::Written,
 }
 
 /// The connection to an abandoned standby: `Abandon` is queued on it. It closes once that
@@ -225,7 +231,8 @@ impl Driver {
     fn apply(&mut self, registry: &Registry) {
         while let Some(action) = self.core.poll_action() {
             match action {
-                Action::Send(msg) => {
+                Action::Send(mut msg) => {
+                    self.written.fit(&mut msg);
                     if let Some(link) = &mut self.link {
                         if let Err(e) = link.send(&msg) {
                             self.core.link_failed(e, Instant::now());
@@ -244,9 +251,7 @@ impl Driver {
                             seq + bytes.len() as u64
                         ));
                     }
-                    if let Err(e) = self.out.write_all(&bytes).and_then(|()| self.out.flush()) {
-                        tracing::warn!("cannot write guest output: {e}");
-                    }
+                    self.written.release(&mut self.out, seq, &bytes);
                 }
                 Action::Audit(line) => {
                     if let Some(a) = &mut self.audit {

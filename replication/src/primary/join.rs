@@ -149,7 +149,7 @@ impl PrimaryCore {
         } else if self.standby.is_some() {
             Err("a standby is already attached")
         } else if self.arbitrating() {
-            Err("this primary waits for the witness")
+            Err("this primary waits for the arbiter")
         } else {
             Ok(())
         }

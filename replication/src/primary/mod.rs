@@ -19,6 +19,7 @@ mod status;
 mod switchover;
 #[cfg(test)]
 mod tests;
+mod written;
 
 use std::io::Write;
 use std::sync::Arc;

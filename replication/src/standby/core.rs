@@ -147,6 +147,11 @@ impl StandbyCore {
         self.arbiter = Some(Arbiter::new(vm_id, term));
     }
 
+    /// [`StandbyCore::set_arbiter`] for an arbiter messages call `name` ("etcd").
+    pub fn set_named_arbiter(&mut self, vm_id: String, term: u64, name: &'static str) {
+        self.arbiter = Some(Arbiter::named(vm_id, term, name));
+    }
+
     /// Our control socket is at `addr` (what `ftvm promote` is pointed at).
     pub fn set_control_addr(&mut self, addr: String) {
         self.control = Some(addr);
@@ -388,8 +393,9 @@ impl StandbyCore {
         if let Some(a) = &mut self.arbiter {
             if first {
                 tracing::warn!(
-                    "{why}; claiming term {} at the witness: this standby goes live only if it wins",
-                    a.term + 1
+                    "{why}; claiming term {} at {}: this standby goes live only if it wins",
+                    a.term + 1,
+                    a.name
                 );
             }
             a.start(why);
@@ -441,16 +447,17 @@ impl StandbyCore {
         if self.primary.take().is_some() {
             self.actions.push_back(Action::DropLink);
         }
+        let at = a.name;
         match verdict {
             Verdict::Granted { term } => {
-                let reason = format!("won term {term} at the witness ({why})");
+                let reason = format!("won term {term} at {at} ({why})");
                 tracing::warn!("{reason}");
                 self.condition.lost = Some(reason.clone());
                 self.replayer(ToReplayer::PrimaryLost(reason));
             }
             Verdict::Refused { term, holder } => {
                 let reason = format!(
-                    "the witness gave term {term} to {holder}: the primary won, so this standby stops and never goes live ({why})"
+                    "{at} gave term {term} to {holder}: the primary won, so this standby stops and never goes live ({why})"
                 );
                 self.condition.fenced = Some(reason.clone());
                 self.replayer(ToReplayer::Fenced(reason));

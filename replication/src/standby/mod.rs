@@ -127,8 +127,9 @@ impl StandbyChannel {
             .witness
             .clone()
             .filter(|w| !w.pair_term().vm_id.is_empty());
-        if let Some(t) = witness.as_ref().map(WitnessConfig::pair_term) {
-            core.set_arbiter(t.vm_id, t.term);
+        if let Some(w) = &witness {
+            let t = w.pair_term();
+            core.set_named_arbiter(t.vm_id, t.term, w.backend.name());
         }
         let mut driver = Driver {
             core,

@@ -21,11 +21,11 @@ impl StandbyCore {
         if c.live || c.lost.is_some() {
             return Err("this standby is live already".into());
         }
-        if self.arbiter.is_some() {
-            return Err(
-                "this pair has a witness: a standby goes live only when it wins the term there"
-                    .into(),
-            );
+        if let Some(a) = &self.arbiter {
+            return Err(format!(
+                "this pair has an arbiter ({}): a standby goes live only when it wins the term there",
+                a.name
+            ));
         }
         if let Some(why) = &c.abandoned {
             return Err(format!(

@@ -446,7 +446,7 @@ fn with_a_witness_a_silent_primary_is_claimed_against_and_the_winner_goes_live()
     assert!(s
         .core
         .control_request(Request::Promote, s.now, 0)
-        .starts_with("error: this pair has a witness"));
+        .starts_with("error: this pair has an arbiter (the witness)"));
     s.core
         .claim_result(ClaimOutcome::Decided(Verdict::Granted { term: 4 }), s.now);
     let actions = s.actions();

@@ -19,6 +19,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ftvm_proto::channel::ArbiterKind;
 use ftvm_proto::frame::{self, FrameReader};
 use ftvm_proto::witness::{witness_request, Claim, Query, WitnessReply, WitnessRequest};
 use ftvm_proto::{WITNESS_MAGIC, WITNESS_VERSION};
@@ -66,11 +67,40 @@ pub struct PairTerm {
     pub term: u64,
 }
 
-/// `--witness ADDR`: where the witness is and who this process is to it.
+/// Which arbiter keeps the pair's term.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// `--witness ADDR`: an embedded `ftvm witness`.
+    Witness(String),
+    /// `--etcd ENDPOINTS`: a transaction in an etcd cluster ([`crate::etcd`]).
+    Etcd(crate::etcd::EtcdConfig),
+}
+
+impl Backend {
+    /// The arbiter as messages name it ("the witness", "etcd").
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Witness(_) => "the witness",
+            Backend::Etcd(_) => "etcd",
+        }
+    }
+
+    /// The kind, as `Start.arbiter` carries it: both sides of a pair must arbitrate at the
+    /// same kind of arbiter.
+    pub fn kind(&self) -> ArbiterKind {
+        match self {
+            Backend::Witness(_) => ArbiterKind::Witness,
+            Backend::Etcd(_) => ArbiterKind::Etcd,
+        }
+    }
+}
+
+/// The arbiter (`--witness ADDR` or `--etcd ENDPOINTS`): where it is and who this process
+/// is to it. The protocol cores never see which one it is; only [`claim_outcome`] does.
 #[derive(Debug, Clone)]
 pub struct WitnessConfig {
-    /// The witness's address.
-    pub addr: String,
+    /// The arbiter.
+    pub backend: Backend,
     /// This process, as the witness shows it to a loser ("standby on host pid 123").
     pub claimant: String,
     /// The pair's id and term, shared across role changes.
@@ -80,11 +110,21 @@ pub struct WitnessConfig {
 impl WitnessConfig {
     /// A witness at `addr`.
     pub fn new(addr: String) -> Self {
+        Self::with_backend(Backend::Witness(addr))
+    }
+
+    /// An etcd cluster as the arbiter.
+    pub fn etcd(config: crate::etcd::EtcdConfig) -> Self {
+        Self::with_backend(Backend::Etcd(config))
+    }
+
+    /// The arbiter `backend`.
+    pub fn with_backend(backend: Backend) -> Self {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_default();
         Self {
-            addr,
+            backend,
             claimant: format!("ftvm on {host} pid {}", std::process::id()),
             term: Arc::default(),
         }
@@ -116,17 +156,17 @@ pub fn new_vm_id() -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum WitnessError {
     /// No connection, no answer in time, or a broken answer.
-    #[error("witness {addr}: {why}")]
+    #[error("{addr}: {why}")]
     Unreachable {
-        /// The witness's address.
+        /// The arbiter ("witness ADDR", "etcd ENDPOINTS").
         addr: String,
         /// What went wrong.
         why: String,
     },
-    /// The witness answered with an error.
-    #[error("witness {addr} refused to answer: {why}")]
+    /// The arbiter answered with an error.
+    #[error("{addr} refused to answer: {why}")]
     Failed {
-        /// The witness's address.
+        /// The arbiter ("witness ADDR", "etcd ENDPOINTS").
         addr: String,
         /// Its reason.
         why: String,
@@ -139,7 +179,7 @@ fn ask(
     timeout: Duration,
 ) -> Result<WitnessReply, WitnessError> {
     let unreachable = |why: String| WitnessError::Unreachable {
-        addr: addr.into(),
+        addr: format!("witness {addr}"),
         why,
     };
     let sockaddr = addr
@@ -166,7 +206,7 @@ fn ask(
         .1;
     if !reply.error.is_empty() {
         return Err(WitnessError::Failed {
-            addr: addr.into(),
+            addr: format!("witness {addr}"),
             why: reply.error,
         });
     }
@@ -236,21 +276,32 @@ pub fn spawn_claim(
         });
     if let Err(e) = spawned {
         let _ = failed.send(ClaimOutcome::Unreachable(format!(
-            "cannot start a thread to ask the witness: {e}"
+            "cannot start a thread to ask the arbiter: {e}"
         )));
     }
 }
 
-/// [`claim`] as a [`ClaimOutcome`] (a witness that answers with an error counts as
+/// A claim at the configured arbiter ([`claim`] at a witness, [`crate::etcd::claim`] in
+/// etcd) as a [`ClaimOutcome`] (an arbiter that answers with an error counts as
 /// unreachable: the claimant waits and asks again).
 pub fn claim_outcome(config: &WitnessConfig, vm_id: &str, expected_term: u64) -> ClaimOutcome {
-    match claim(
-        &config.addr,
-        vm_id,
-        expected_term,
-        &config.claimant,
-        REQUEST_TIMEOUT,
-    ) {
+    let verdict = match &config.backend {
+        Backend::Witness(addr) => claim(
+            addr,
+            vm_id,
+            expected_term,
+            &config.claimant,
+            REQUEST_TIMEOUT,
+        ),
+        Backend::Etcd(etcd) => crate::etcd::claim(
+            etcd,
+            vm_id,
+            expected_term,
+            &config.claimant,
+            REQUEST_TIMEOUT,
+        ),
+    };
+    match verdict {
         Ok(v) => ClaimOutcome::Decided(v),
         Err(e) => ClaimOutcome::Unreachable(e.to_string()),
     }
