@@ -45,6 +45,7 @@ fn unprotected_primary() -> (PrimaryChannel, Receiver<Vec<u8>>) {
             heartbeat: crate::Heartbeat::default(),
             control: None,
             witness: None,
+            primary_after_go_live: false,
         },
         PrimarySetup {
             memory: ftvm_vmm::memory::create(16).expect("guest memory"),
