@@ -11,8 +11,9 @@ use ftvm_proto::channel::Message;
 use mio::net::TcpListener;
 use mio::{Events, Poll, Registry, Token, Waker};
 
+use crate::control::ControlServer;
 use crate::link::{self, ChannelError, Link};
-use crate::status::{self, Request};
+use crate::status::Request;
 use crate::ChannelOptions;
 
 /// The waker: another thread has something for this one.
@@ -63,7 +64,7 @@ pub trait Side {
 pub struct EventLoop {
     poll: Poll,
     events: Events,
-    control: Option<TcpListener>,
+    control: Option<ControlServer>,
 }
 
 impl EventLoop {
@@ -71,7 +72,8 @@ impl EventLoop {
     pub fn new(options: &ChannelOptions) -> io::Result<(Self, Arc<Waker>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let control = link::register_control(options.control.as_ref(), &poll, CONTROL)?;
+        let control = link::register_control(options.control.as_ref(), &poll, CONTROL)?
+            .map(|l: TcpListener| ControlServer::new(l, options.security.clone(), waker.clone()));
         Ok((
             Self {
                 poll,
@@ -147,13 +149,14 @@ impl EventLoop {
             if side.after(self.poll.registry(), Instant::now()) {
                 return;
             }
-            if woken.control {
-                let control = self.control.take();
-                let registry = self.poll.registry();
-                status::serve(control.as_ref(), |r| {
-                    side.control(r, registry, Instant::now())
-                });
-                self.control = control;
+            if let Some(control) = &self.control {
+                if woken.control {
+                    control.accept();
+                }
+                for call in control.calls() {
+                    let answer = side.control(call.request, self.poll.registry(), Instant::now());
+                    call.answer(answer);
+                }
             }
             if side.done() {
                 side.finish(self);

@@ -27,6 +27,7 @@ pub mod arbiter;
 pub mod audit;
 pub mod bench;
 pub mod checkpoint;
+pub mod control;
 pub mod event_loop;
 pub mod host;
 pub mod link;
@@ -52,6 +53,9 @@ pub struct ChannelOptions {
     pub control: Option<std::net::TcpListener>,
     /// The witness (`--witness`): the arbiter of role changes decided on silence.
     pub witness: Option<witness::WitnessConfig>,
+    /// The pair key every connection (channel, join port, control socket) is authenticated
+    /// and encrypted with, or `--insecure`.
+    pub security: link::Security,
 }
 
 impl ChannelOptions {
@@ -61,6 +65,7 @@ impl ChannelOptions {
             heartbeat: self.heartbeat,
             control: self.control.as_ref().map(|l| l.try_clone()).transpose()?,
             witness: self.witness.clone(),
+            security: self.security.clone(),
         })
     }
 }

@@ -110,6 +110,8 @@ impl PrimaryChannel {
             report: None,
             closing: Vec::new(),
             heartbeat: options.heartbeat,
+            security: options.security.clone(),
+            join_slots: link::HandshakeSlots::default(),
             witness,
             claims: crossbeam_channel::unbounded(),
         };
@@ -173,6 +175,10 @@ struct Driver {
     closing: Vec<Closing>,
     /// Our own heartbeat settings (`--heartbeat-ms`), offered to joining standbys.
     heartbeat: crate::Heartbeat,
+    /// The pair key (or `--insecure`) a joining standby must prove it holds.
+    security: link::Security,
+    /// Handshakes with joining standbys running now (capped).
+    join_slots: link::HandshakeSlots,
     /// The witness (`--witness`).
     witness: Option<WitnessConfig>,
     /// Outcomes of claims made on helper threads.
@@ -374,6 +380,15 @@ impl Driver {
                 tracing::warn!(peer, "refusing a joining standby: {why}");
                 continue;
             }
+            let Some(slot) = self.join_slots.take() else {
+                tracing::warn!(
+                    peer,
+                    "refusing a joining standby: {} handshakes already running",
+                    link::MAX_CONCURRENT_HANDSHAKES
+                );
+                continue;
+            };
+            let security = self.security.clone();
             let tx = self.joining.0.clone();
             let waker = self.waker.clone();
             let start = self.core.start_message().clone();
@@ -381,9 +396,15 @@ impl Driver {
             let spawned = std::thread::Builder::new()
                 .name("ftvm-join".into())
                 .spawn(move || {
-                    let result = link::handshake(stream, &peer, Role::Primary, heartbeat)
+                    let me = link::Me {
+                        role: Role::Primary,
+                        initiator: false,
+                        security: &security,
+                    };
+                    let result = link::handshake(stream, &peer, me, heartbeat)
                         .and_then(|h| offer_vm(h, &peer, start))
                         .map_err(|e| format!("joining standby {peer}: {e}"));
+                    drop(slot);
                     let _ = tx.send(result);
                     let _ = waker.wake();
                 });
