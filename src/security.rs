@@ -27,10 +27,7 @@ impl SecurityArgs {
             (Some(path), _) => PairKey::load(path)
                 .map(Security::key)
                 .map_err(|e| e.to_string()),
-            (None, true) => {
-                tracing::warn!("--insecure: connections are neither authenticated nor encrypted");
-                Ok(Security::Insecure)
-            }
+            (None, true) => Ok(Security::Insecure),
             (None, false) => Err(
                 "no pair key: give --key FILE (make one with `ftvm keygen --out FILE` and copy it to both hosts) \
                  or --insecure on a trusted link"

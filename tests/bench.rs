@@ -21,6 +21,7 @@ impl Drop for Responder {
 fn responder(addr: &str) -> Responder {
     let child = Command::new(FTVM)
         .args(["bench", "--listen", addr])
+        .args(common::key_args(&[]))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -51,6 +52,7 @@ fn bench_against_a_real_responder_prints_every_figure_next_to_raw_tcp() {
             "--seconds",
             "0.2",
         ])
+        .args(common::key_args(&[]))
         .output()
         .expect("ftvm bench");
     let out = String::from_utf8_lossy(&o.stdout);
@@ -80,6 +82,7 @@ fn bench_against_a_real_responder_prints_every_figure_next_to_raw_tcp() {
             "0.2",
             "--json",
         ])
+        .args(common::key_args(&[]))
         .output()
         .expect("ftvm bench --json");
     assert_eq!(o.status.code(), Some(0));
@@ -103,6 +106,7 @@ fn a_bench_target_that_is_not_listening_is_a_clear_error() {
     let addr = free_addr();
     let o = Command::new(FTVM)
         .args(["bench", "--peer", &addr, "--samples", "10"])
+        .args(common::key_args(&[]))
         .output()
         .expect("ftvm bench");
     assert_eq!(o.status.code(), Some(1));
@@ -126,6 +130,7 @@ fn a_bench_responder_is_not_a_pair_standby() {
     });
     let o = Command::new(FTVM)
         .args(["bench", "--peer", &addr, "--samples", "10"])
+        .args(common::key_args(&[]))
         .output()
         .expect("ftvm bench");
     assert_eq!(o.status.code(), Some(1));

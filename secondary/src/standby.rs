@@ -849,7 +849,9 @@ fn meet_again(
     loop {
         match meet(rendezvous, heartbeat, security) {
             Err(StandbyError::Channel(
-                e @ (ChannelError::Closed { .. } | ChannelError::ClosedMidFrame { .. }),
+                e @ (ChannelError::Closed { .. }
+                | ChannelError::ClosedMidFrame { .. }
+                | ChannelError::Auth { .. }),
             )) if std::time::Instant::now() + backoff < deadline => {
                 tracing::info!("{e}; trying again in {backoff:?}");
                 std::thread::sleep(backoff);

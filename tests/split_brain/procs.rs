@@ -53,8 +53,14 @@ pub fn spawn(args: &[&str], watch: &[&'static str]) -> Proc {
 }
 
 pub fn spawn_with(args: &[&str], watch: &[&'static str], stdin: Stdio) -> Proc {
+    let pair_process = matches!(args.first(), Some(&("run" | "standby")));
     let mut child = Command::new(FTVM)
         .args(args)
+        .args(if pair_process {
+            crate::common::key_args(args)
+        } else {
+            Vec::new()
+        })
         .env("FTVM_LOG", "info")
         .stdin(stdin)
         .stdout(Stdio::piped())
@@ -164,6 +170,7 @@ impl Drop for Proc {
 pub fn status_of(addr: &str) -> String {
     let o = Command::new(FTVM)
         .args(["status", addr])
+        .args(crate::common::key_args(&[]))
         .output()
         .expect("ftvm status");
     assert!(
@@ -185,6 +192,7 @@ pub fn status_field(text: &str, key: &str) -> String {
 pub fn try_status(addr: &str) -> Result<String, String> {
     let o = Command::new(FTVM)
         .args(["status", addr])
+        .args(crate::common::key_args(&[]))
         .output()
         .expect("ftvm status");
     if o.status.success() {

@@ -320,8 +320,17 @@ pub fn exchange_hellos(
                 })
             }
             Err(e) if timed_out(&e) => break,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset && got == 0 => break,
             Err(e) => return Err(io_err(e)),
         }
+    }
+    if got == 0 && !stream.encrypted() {
+        // An encrypted peer refuses an unencrypted one this way: before a word.
+        return Err(ChannelError::Auth {
+            peer: peer.into(),
+            why: "it closed the connection before its Hello (does it require the pair key, --key?)"
+                .into(),
+        });
     }
     if got == 0 {
         return Err(ChannelError::Closed { peer: peer.into() });

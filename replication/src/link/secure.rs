@@ -198,6 +198,8 @@ impl Purpose {
 /// The keys of an established connection: seals what this side sends, opens what arrives.
 pub struct Cipher {
     state: Box<snow::TransportState>,
+    /// Where one record is opened.
+    scratch: Vec<u8>,
 }
 
 /// A record that does not authenticate.
@@ -225,12 +227,15 @@ impl Cipher {
         r.read_message(&m[..n], &mut scratch).ok()?;
         let n = r.write_message(&[], &mut m).ok()?;
         i.read_message(&m[..n], &mut scratch).ok()?;
-        let cipher = |h: snow::HandshakeState| {
-            h.into_transport_mode().ok().map(|state| Cipher {
-                state: Box::new(state),
-            })
-        };
+        let cipher = |h: snow::HandshakeState| h.into_transport_mode().ok().map(Cipher::new);
         Some((cipher(i)?, cipher(r)?))
+    }
+
+    fn new(state: snow::TransportState) -> Self {
+        Self {
+            state: Box::new(state),
+            scratch: vec![0; MAX_RECORD],
+        }
     }
 
     /// Appends `plain` to `out` as records.
@@ -252,7 +257,6 @@ impl Cipher {
     /// returns the bytes of `input` used.
     pub fn open(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<usize, BadRecord> {
         let mut used = 0;
-        let mut plain = vec![0u8; MAX_RECORD];
         while input.len() - used >= 2 {
             let len = usize::from(u16::from_be_bytes([input[used], input[used + 1]]));
             if len < TAG_LEN {
@@ -263,9 +267,9 @@ impl Cipher {
             }
             let n = self
                 .state
-                .read_message(&input[used + 2..used + 2 + len], &mut plain)
+                .read_message(&input[used + 2..used + 2 + len], &mut self.scratch)
                 .map_err(|_| BadRecord)?;
-            out.extend_from_slice(&plain[..n]);
+            out.extend_from_slice(&self.scratch[..n]);
             used += 2 + len;
         }
         Ok(used)
@@ -402,9 +406,7 @@ pub fn establish_with(
         .into_transport_mode()
         .map_err(|e| auth(format!("handshake incomplete: {e}")))?;
     tracing::debug!(peer, "authenticated with the pair key");
-    Ok(Some(Cipher {
-        state: Box::new(state),
-    }))
+    Ok(Some(Cipher::new(state)))
 }
 
 /// A blocking connection that seals what is written and opens what is read (plain when it
