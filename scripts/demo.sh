@@ -12,12 +12,17 @@ cmdline="${1:-workload=counter ticks=200}"
 cargo build --release --quiet
 ftvm=target/release/ftvm
 port=$(( 20000 + RANDOM % 20000 ))
-$ftvm standby --listen "127.0.0.1:$port" --control "127.0.0.1:$((port + 1))" > /tmp/ftvm-demo-standby.out &
+# The pair's key: every connection between the two (and `ftvm status`) is authenticated
+# and encrypted with it.
+keydir=$(mktemp -d)
+key="$keydir/pair.key"
+$ftvm keygen --out "$key" >&2
+$ftvm standby --listen "127.0.0.1:$port" --control "127.0.0.1:$((port + 1))" --key "$key" > /tmp/ftvm-demo-standby.out &
 standby=$!
-trap 'kill $standby 2>/dev/null || true' EXIT
+trap 'kill $standby 2>/dev/null || true; rm -rf "$keydir"' EXIT
 echo "demo: standby listening on 127.0.0.1:$port (pid $standby); starting the primary" >&2
 status=0
-$ftvm run --peer "127.0.0.1:$port" --cmdline "$cmdline" || status=$?
+$ftvm run --peer "127.0.0.1:$port" --cmdline "$cmdline" --key "$key" || status=$?
 wait $standby && sstatus=0 || sstatus=$?
 echo "demo: primary exited $status, standby exited $sstatus (the standby printed $(wc -c < /tmp/ftvm-demo-standby.out) bytes: it only prints after a failover)" >&2
 exit $status
