@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+mod bounds;
 mod security;
 use ftvm_primary::{pair, EpochPolicy, Recorder};
 use ftvm_replication::log::{LogFileReader, LogFileWriter};
@@ -140,6 +141,8 @@ struct PairArgs {
     witness: Option<String>,
     #[command(flatten)]
     security: security::SecurityArgs,
+    #[command(flatten)]
+    bounds: bounds::BoundsArgs,
 }
 
 #[derive(clap::Args)]
@@ -432,6 +435,7 @@ fn channel_options(args: &PairArgs) -> Result<ChannelOptions, CliError> {
     let security = args.security.security().map_err(CliError::Usage)?;
     Ok(ChannelOptions {
         security,
+        bounds: args.bounds.bounds(),
         heartbeat: Heartbeat { interval, timeout },
         control,
         witness: args

@@ -11,7 +11,7 @@ use ftvm_replication::link::{PairKey, Security};
 pub struct SecurityArgs {
     /// The pair key (`ftvm keygen --out FILE`, copied to both hosts, mode 0600): every
     /// connection (pair channel, join port, control socket) is authenticated with it and
-    /// encrypted (Noise NNpsk0, ChaCha20-Poly1305); a peer without it gets nothing.
+    /// encrypted (Noise NNpsk0, AES-256-GCM); a peer without it gets nothing.
     #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
     pub key: Option<PathBuf>,
     /// Plain TCP, no authentication or encryption: only on a link where every host that can

@@ -34,8 +34,8 @@ pub const SEALED_MAGIC: &[u8; 8] = b"FTVMSEC\0";
 
 /// The ciphers measured: the byte that names each, its Noise protocol, its name.
 const CIPHERS: [(u8, &str, &str); 2] = [
-    (b'c', secure::NOISE_PARAMS, "ChaChaPoly"),
-    (b'a', secure::NOISE_PARAMS_AES, "AES-GCM"),
+    (b'a', secure::NOISE_PARAMS, "AES-GCM"),
+    (b'c', secure::NOISE_PARAMS_CHACHA, "ChaChaPoly"),
 ];
 
 /// Connections the responder serves at once; more are closed at once.

@@ -56,6 +56,8 @@ pub struct ChannelOptions {
     /// The pair key every connection (channel, join port, control socket) is authenticated
     /// and encrypted with, or `--insecure`.
     pub security: link::Security,
+    /// Bounds on what a slow standby makes the primary hold (back-pressure).
+    pub bounds: primary::backpressure::Bounds,
 }
 
 impl ChannelOptions {
@@ -66,6 +68,7 @@ impl ChannelOptions {
             control: self.control.as_ref().map(|l| l.try_clone()).transpose()?,
             witness: self.witness.clone(),
             security: self.security.clone(),
+            bounds: self.bounds,
         })
     }
 }

@@ -13,6 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use ftvm_proto::channel::{message::Body, Abandon, Message, Ready, Role, Start};
 use mio::{Registry, Waker};
 
+use super::backpressure::{self, Verdict};
 use super::core::{Action, CoreConfig, PrimaryCore};
 use super::{Feed, FromVcpu, Handover, PrimaryReport, PrimarySetup};
 use crate::arbiter::STATUS_FENCED;
@@ -52,7 +53,7 @@ impl PrimaryChannel {
         setup: PrimarySetup,
     ) -> std::io::Result<Self> {
         let (mut event_loop, waker) = EventLoop::new(&options)?;
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = crossbeam_channel::bounded(backpressure::FEED_QUEUE);
         let (vcpu, requests, doorbell) = VcpuControl::new();
         let (handover_tx, handover_rx) = crossbeam_channel::unbounded();
         let tracking = DirtyTracking::default();
@@ -112,6 +113,7 @@ impl PrimaryChannel {
             heartbeat: options.heartbeat,
             security: options.security.clone(),
             join_slots: link::HandshakeSlots::default(),
+            throttle: backpressure::Throttle::new(options.bounds),
             witness,
             claims: crossbeam_channel::unbounded(),
         };
@@ -179,6 +181,8 @@ struct Driver {
     security: link::Security,
     /// Handshakes with joining standbys running now (capped).
     join_slots: link::HandshakeSlots,
+    /// The back-pressure bounds on what a slow standby makes us hold.
+    throttle: backpressure::Throttle,
     /// The witness (`--witness`).
     witness: Option<WitnessConfig>,
     /// Outcomes of claims made on helper threads.
@@ -334,6 +338,10 @@ impl Driver {
 
     fn drain_vcpu(&mut self, registry: &Registry) {
         loop {
+            if self.throttle.slowed() && self.link.is_some() {
+                // The guest waits for the standby (its next send blocks on the full queue).
+                break;
+            }
             match self.rx.try_recv() {
                 Ok(msg) => self.core.on_vcpu(msg, Instant::now()),
                 Err(TryRecvError::Empty) => break,
@@ -439,6 +447,26 @@ impl Driver {
         self.apply(registry);
     }
 
+    /// Keeps what a slow standby makes us hold within the bounds: past the first the guest
+    /// is slowed (the vCPU thread's queue is left alone), past the second the standby is
+    /// dropped.
+    fn bound_the_backlog(&mut self, registry: &Registry, now: Instant) {
+        let Some(link) = &self.link else {
+            return self.throttle.clear();
+        };
+        let (held, lag) = self.core.backlog();
+        let was_slowed = self.throttle.slowed();
+        match self.throttle.check(link.pending() as u64 + held, lag, now) {
+            // The vCPU thread may be waiting on its full queue: take from it now.
+            Verdict::Run if was_slowed => self.drain_vcpu(registry),
+            Verdict::Run | Verdict::Slow => {}
+            Verdict::Drop(why) => {
+                self.core.lose(why, now);
+                self.apply(registry);
+            }
+        }
+    }
+
     /// Sends pre-copy chunks while the socket takes them.
     fn pump_precopy(&mut self, registry: &Registry) {
         // At most 16 chunks and 5 ms a turn: heartbeats and acks must not wait for the copy.
@@ -510,6 +538,7 @@ impl Side for Driver {
 
     fn after(&mut self, registry: &Registry, now: Instant) -> bool {
         self.apply(registry);
+        self.bound_the_backlog(registry, now);
         self.closing.retain_mut(|c| c.service(now));
         self.pump_precopy(registry);
         if let Some(link) = &self.link {
@@ -527,8 +556,17 @@ impl Side for Driver {
             .link
             .as_ref()
             .map_or(0, |l| self.meter.rate(now, l.bytes_sent));
-        let answer = self.core.control_request(request, now, rate);
+        let mut answer = self.core.control_request(request, now, rate);
         self.apply(registry);
+        if request == Request::Status {
+            // Whether the guest waits for a standby that is behind (DESIGN.md §6, bounds).
+            let slowed = self.throttle.slowed() && self.link.is_some();
+            answer.push_str(if slowed {
+                "slowed=yes\n"
+            } else {
+                "slowed=no\n"
+            });
+        }
         answer
     }
 
