@@ -425,3 +425,114 @@ fn an_insecure_pair_says_so_in_its_status() {
     let (o, _, err) = s.wait();
     assert_eq!(o.status.code(), Some(0), "{err}");
 }
+
+/// A standby that holds the key but sends fields that cannot be right: an acknowledgement
+/// of an epoch never shipped (which would release unverified output), a repair request
+/// naming a page outside guest RAM, a disk the guest does not have, hashes of the wrong
+/// length. Each drops that standby, never the guest: it runs to its end, unprotected.
+#[test]
+fn a_standby_sending_malformed_fields_is_dropped_and_the_guest_runs_on() {
+    use ftvm_proto::channel::{
+        message::Body, Ack, BlockHash, Diverged, Message, PageHash, Ready, Role,
+    };
+    use ftvm_replication::link::{self, PairKey, Security};
+    let _one = serial();
+    let key_text = std::fs::read_to_string(pair_key()).expect("key");
+    let key = Security::key(PairKey::from_hex(&key_text).expect("a key"));
+    let page = |pfn, len| PageHash {
+        pfn,
+        hash: vec![7; len],
+    };
+    let diverged = |d: Diverged| {
+        Body::Diverged(Diverged {
+            epoch: 1,
+            reason: "fake".into(),
+            ..d
+        })
+    };
+    let cases: Vec<(Body, &str)> = vec![
+        (
+            Body::Ack(Ack {
+                received_epoch: u64::MAX,
+                verified_epoch: u64::MAX,
+                exit_seq: 0,
+            }),
+            "it acknowledged epoch 18446744073709551615",
+        ),
+        (
+            diverged(Diverged {
+                dirty: vec![page(1 << 40, 32)],
+                ..Default::default()
+            }),
+            "which is not guest RAM",
+        ),
+        (
+            diverged(Diverged {
+                dirty: vec![page(1, 5)],
+                ..Default::default()
+            }),
+            "a page hash that is not 32 bytes long",
+        ),
+        (
+            diverged(Diverged {
+                dirty_blocks: vec![BlockHash {
+                    disk: 99,
+                    block: 0,
+                    hash: vec![0; 32],
+                }],
+                ..Default::default()
+            }),
+            "of disk 99, which the guest does not have",
+        ),
+    ];
+    for (bad, expected) in cases {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = format!("127.0.0.1:{}", l.local_addr().expect("addr").port());
+        let key = key.clone();
+        let fake = std::thread::spawn(move || {
+            let (stream, peer) = l.accept().expect("the primary connects");
+            let peer = peer.to_string();
+            let me = link::Me {
+                role: Role::Standby,
+                initiator: false,
+                security: &key,
+            };
+            let mut h = link::handshake(stream, &peer, me, link::Heartbeat::default())
+                .expect("the fake standby's handshake");
+            let start = link::recv_blocking(&mut h.stream, &peer, &mut h.rx_offset).expect("Start");
+            assert!(matches!(start.body, Some(Body::Start(_))));
+            let ready = Message {
+                body: Some(Body::Ready(Ready::default())),
+            };
+            link::send_blocking(&mut h.stream, &peer, &ready).expect("Ready");
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = link::send_blocking(&mut h.stream, &peer, &Message { body: Some(bad) });
+            // Read what the primary sends until it closes (after its Abandon).
+            let _ = h
+                .stream
+                .tcp()
+                .set_read_timeout(Some(Duration::from_secs(10)));
+            let mut sink = [0u8; 65536];
+            while matches!(h.stream.read(&mut sink), Ok(n) if n > 0) {}
+        });
+        let (o, out, err) = Proc::spawn(&[
+            "run",
+            "--peer",
+            &addr,
+            "--cmdline",
+            "workload=counter ticks=60",
+            "--key",
+            pair_key(),
+        ])
+        .wait();
+        let _ = fake.join();
+        assert_eq!(o.status.code(), Some(0), "{expected}: {err}");
+        assert_counter(&out, 60);
+        assert!(
+            err.contains("standby lost: it broke the pair protocol")
+                && err.contains(expected)
+                && err.contains("running unprotected"),
+            "expected {expected:?} in:\n{err}"
+        );
+    }
+}

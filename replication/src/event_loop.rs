@@ -47,6 +47,12 @@ pub trait Side {
     fn on_message(&mut self, msg: Message, now: Instant);
     /// Bytes arrived from the peer at `now`.
     fn heard(&mut self, now: Instant);
+    /// The side cannot take more from the peer now (its consumer is behind): the loop
+    /// leaves the socket unread, so TCP flow control slows the peer down. While it holds,
+    /// the peer counts as heard: silence that this side causes is not the peer's.
+    fn hold_reads(&self) -> bool {
+        false
+    }
     /// The connection failed (after the messages that came before the failure).
     fn link_failed(&mut self, e: ChannelError, registry: &Registry, now: Instant);
     /// The rest of the turn: timers, work that waits for room in the socket. Returns true
@@ -112,8 +118,9 @@ impl EventLoop {
     pub fn run(&mut self, side: &mut impl Side) {
         let mut inbox = Vec::new();
         loop {
+            let holding = side.hold_reads();
             let timeout = match side.link() {
-                Some(link) if link.unread() => Duration::ZERO,
+                Some(link) if link.unread() && !holding => Duration::ZERO,
                 _ => side.timeout(Instant::now()),
             };
             let woken = match self.wait(timeout) {
@@ -131,10 +138,14 @@ impl EventLoop {
                 }
             };
             side.inputs(woken, self.poll.registry(), Instant::now());
+            let hold = side.hold_reads();
             if let Some(link) = side.link() {
                 let before = link.bytes_received;
-                let result = link.flush().and_then(|()| link.receive(&mut inbox));
-                let heard = link.bytes_received != before;
+                let result = match hold {
+                    true => link.flush(),
+                    false => link.flush().and_then(|()| link.receive(&mut inbox)),
+                };
+                let heard = hold || link.bytes_received != before;
                 let now = Instant::now();
                 if heard {
                     side.heard(now);
