@@ -67,6 +67,11 @@ fn bench_against_a_real_responder_prints_every_figure_next_to_raw_tcp() {
         "channel ack, 1-record batch",
         "channel ack, 1000-record batch",
         "log throughput",
+        // With the key, the same run measures the encrypted channel, each cipher.
+        "AES-GCM: ack, 1-record batch",
+        "ChaChaPoly: ack, 1-record batch",
+        "log throughput, AES-GCM",
+        "log throughput, ChaChaPoly",
     ] {
         assert!(out.contains(line), "no {line:?} in:\n{out}");
     }
@@ -95,6 +100,15 @@ fn bench_against_a_real_responder_prints_every_figure_next_to_raw_tcp() {
             "{series}: {s}"
         );
         assert_eq!(s["samples"].as_u64().map(|n| n > 0), Some(true), "{s}");
+    }
+    let sealed = v["encrypted"].as_array().expect("encrypted figures");
+    assert_eq!(sealed.len(), 2, "{v}");
+    for e in sealed {
+        assert!(e["log_mib_per_s"].as_f64().is_some_and(|r| r > 0.0), "{e}");
+        assert!(
+            e["ack_small"]["p50_us"].as_f64().is_some_and(|r| r > 0.0),
+            "{e}"
+        );
     }
     for rate in ["raw_mib_per_s", "log_mib_per_s"] {
         assert!(v[rate].as_f64().is_some_and(|r| r > 0.0), "{rate}: {v}");
