@@ -6,6 +6,7 @@
 
 mod error;
 mod handshake;
+mod key;
 pub mod listen;
 pub mod secure;
 
