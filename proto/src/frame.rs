@@ -371,6 +371,29 @@ mod tests {
         assert!(matches!(err, FrameError::TooLarge { offset: 0, .. }));
     }
 
+    /// Before its peer is authenticated a reader is capped at a few KiB: a 5 KiB length
+    /// is refused from the header alone.
+    #[test]
+    fn a_capped_reader_refuses_a_frame_over_its_limit_from_the_header() {
+        let mut frame = (5u32 << 10).to_le_bytes().to_vec();
+        frame.extend_from_slice(&[0; 4]);
+        let err = FrameReader::new(frame.as_slice(), 8)
+            .with_limit(4 << 10)
+            .read_frame::<LogFrame>()
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FrameError::TooLarge {
+                    offset: 8,
+                    len: 5120,
+                    limit: 4096
+                }
+            ),
+            "{err}"
+        );
+    }
+
     #[test]
     fn decode_from_waits_for_the_whole_frame_then_consumes_exactly_it() {
         let a = encode(&LogFrame {

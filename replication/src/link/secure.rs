@@ -224,10 +224,11 @@ pub fn establish_with(
         peer: peer.into(),
         why,
     };
+    let budget = deadline.saturating_duration_since(Instant::now());
     let io_err = |e: io::Error| match e.kind() {
         io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => ChannelError::HandshakeTimeout {
             peer: peer.into(),
-            timeout: super::HANDSHAKE_TIMEOUT,
+            timeout: budget,
         },
         io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => auth(
             "it closed the connection during the key exchange: it refused this side's key \
@@ -464,6 +465,35 @@ mod tests {
         let s = s.err().expect("the server must refuse").to_string();
         assert!(c.contains("server") && c.contains("authenticat"), "{c}");
         assert!(s.contains("client") && s.contains("pair's key"), "{s}");
+    }
+
+    /// A peer that sends a byte every 20 ms never lets a per-read timeout fire; the one
+    /// deadline for the whole handshake ends it.
+    #[test]
+    fn a_slow_sender_meets_one_deadline_for_the_whole_handshake() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let slow = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr).expect("connect");
+            let mut first = vec![0u8, 48];
+            first.extend_from_slice(&[1; 48]);
+            for b in first {
+                if c.write_all(&[b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let (mut s, _) = l.accept().expect("accept");
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let result = establish(&mut s, "slow", &key(), Purpose::Pair, false, deadline);
+        assert!(
+            matches!(result, Err(ChannelError::HandshakeTimeout { .. })),
+            "{:?}",
+            result.err()
+        );
+        drop(s);
+        let _ = slow.join();
     }
 
     #[test]
