@@ -536,3 +536,41 @@ fn a_standby_sending_malformed_fields_is_dropped_and_the_guest_runs_on() {
         );
     }
 }
+
+/// The join port: a standby with another key is turned away (the primary says so and runs
+/// on), and the standby exits with an error naming the primary; the guest is not disturbed.
+#[test]
+fn a_joining_standby_with_the_wrong_key_is_refused_on_both_sides() {
+    let _one = serial();
+    let (join, pc) = (free_addr(), free_addr());
+    let key = pair_key();
+    let p = Proc::spawn(&[
+        "run",
+        "--accept-standby",
+        &join,
+        "--control",
+        &pc,
+        "--cmdline",
+        "workload=counter ticks=150",
+        "--key",
+        key,
+    ]);
+    let _ = connect_when_up(&join);
+    let wrong = other_key();
+    let (o, out, err) = Proc::spawn(&["standby", "--join", &join, "--key", &wrong]).wait();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.contains(&format!("{join} failed authentication")),
+        "the standby names the primary: {err}"
+    );
+    let st = status(&pc, key).expect("the primary answers its own key");
+    assert!(st.contains("protected=no"), "{st}");
+    let (o, out, err) = p.wait();
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_counter(&out, 150);
+    assert!(
+        err.contains("joining standby 127.0.0.1:") && err.contains("failed authentication"),
+        "the primary names the refused standby: {err}"
+    );
+}
