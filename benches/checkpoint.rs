@@ -234,6 +234,7 @@ struct Running {
 fn spawn(args: &[&str], log: &str) -> Result<Running, Failure> {
     let mut child = Command::new(FTVM)
         .args(args)
+        .args(common::key_args(args))
         .env("FTVM_LOG", log)
         .env_remove("FTVM_AUDIT")
         .stdin(Stdio::null())

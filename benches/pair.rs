@@ -444,7 +444,8 @@ fn protected_run(dir: &Path, i: usize, stages: &mut Breakdown) -> Result<Primary
 
     let mut cmd = ftvm();
     cmd.env("FTVM_AUDIT", &standby_audit)
-        .args(["standby", "--listen", &addr]);
+        .args(["standby", "--listen", &addr])
+        .args(common::key_args(&[]));
     let mut standby = Proc::spawn(
         cmd,
         format!("protected run {i}: ftvm standby --listen {addr}"),
@@ -454,7 +455,8 @@ fn protected_run(dir: &Path, i: usize, stages: &mut Breakdown) -> Result<Primary
 
     let mut cmd = ftvm();
     cmd.env("FTVM_AUDIT", &primary_audit)
-        .args(["run", "--peer", &addr, "--cmdline", &cmdline]);
+        .args(["run", "--peer", &addr, "--cmdline", &cmdline])
+        .args(common::key_args(&[]));
     let mut primary = Proc::spawn(
         cmd,
         format!("protected run {i}: ftvm run --peer {addr} --cmdline {cmdline:?}"),
@@ -821,7 +823,8 @@ fn drill(dir: &Path, i: usize) -> Result<Drill, Failure> {
     let standby_stderr = dir.join(format!("drill{i}-standby.stderr"));
 
     let mut cmd = ftvm();
-    cmd.args(["standby", "--listen", &addr]);
+    cmd.args(["standby", "--listen", &addr])
+        .args(common::key_args(&[]));
     let mut standby = Proc::spawn(
         cmd,
         format!("drill {i}: ftvm standby --listen {addr}"),
@@ -830,7 +833,8 @@ fn drill(dir: &Path, i: usize) -> Result<Drill, Failure> {
     let standby_out = capture(standby.take_stdout()?, None);
 
     let mut cmd = ftvm();
-    cmd.args(["run", "--peer", &addr, "--cmdline", &cmdline]);
+    cmd.args(["run", "--peer", &addr, "--cmdline", &cmdline])
+        .args(common::key_args(&[]));
     let mut primary = Proc::spawn(
         cmd,
         format!("drill {i}: ftvm run --peer {addr} --cmdline {cmdline:?}"),

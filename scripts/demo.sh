@@ -17,18 +17,22 @@ cmdline="${1:-workload=counter ticks=200}"
 cargo build --release --quiet
 ftvm=target/release/ftvm
 port=$(( 20000 + RANDOM % 20000 ))
+# The pair's key: every connection between the two (and `ftvm status`) is authenticated
+# and encrypted with it.
+state=$(mktemp -d /tmp/ftvm-demo.XXXXXX)
+key="$state/pair.key"
+$ftvm keygen --out "$key" >&2
 witness_addr="127.0.0.1:$((port + 2))"
-state=$(mktemp -d /tmp/ftvm-demo-witness.XXXXXX)
 $ftvm witness --listen "$witness_addr" --state "$state/state" 2> "$state/witness.log" &
 witness=$!
 standby=""
 trap 'kill $witness $standby 2>/dev/null || true; rm -rf "$state"' EXIT
 $ftvm standby --listen "127.0.0.1:$port" --control "127.0.0.1:$((port + 1))" \
-    --witness "$witness_addr" > /tmp/ftvm-demo-standby.out &
+    --witness "$witness_addr" --key "$key" > /tmp/ftvm-demo-standby.out &
 standby=$!
 echo "demo: witness on $witness_addr (pid $witness), standby listening on 127.0.0.1:$port (pid $standby); starting the primary" >&2
 status=0
-$ftvm run --peer "127.0.0.1:$port" --witness "$witness_addr" --cmdline "$cmdline" || status=$?
+$ftvm run --peer "127.0.0.1:$port" --witness "$witness_addr" --key "$key" --cmdline "$cmdline" || status=$?
 wait $standby && sstatus=0 || sstatus=$?
 echo "demo: primary exited $status, standby exited $sstatus (the standby printed $(wc -c < /tmp/ftvm-demo-standby.out) bytes: it only prints after a failover)" >&2
 exit $status

@@ -9,6 +9,9 @@ use std::time::Duration;
 mod arbiter_args;
 
 use clap::{Parser, Subcommand};
+
+mod bounds;
+mod security;
 use ftvm_primary::{pair, EpochPolicy, Recorder};
 use ftvm_replication::log::{LogFileReader, LogFileWriter};
 use ftvm_replication::{ChannelOptions, Heartbeat, Position};
@@ -83,6 +86,8 @@ enum Command {
     /// The arbiter of protected pairs (`--witness`): keeps each protected VM's term and its
     /// holder in FILE, fsynced before it answers, and grants each term once.
     Witness(WitnessArgs),
+    /// Make a pair key: both hosts of a pair (and `ftvm status`) are given it with `--key`.
+    Keygen(security::KeygenArgs),
 }
 
 #[derive(clap::Args)]
@@ -106,6 +111,8 @@ struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    security: security::SecurityArgs,
 }
 
 #[derive(clap::Args)]
@@ -131,6 +138,10 @@ struct PairArgs {
     control: Option<String>,
     #[command(flatten)]
     arbiter: arbiter_args::ArbiterArgs,
+    #[command(flatten)]
+    security: security::SecurityArgs,
+    #[command(flatten)]
+    bounds: bounds::BoundsArgs,
 }
 
 #[derive(clap::Args)]
@@ -169,6 +180,8 @@ struct StandbyArgs {
 struct StatusArgs {
     /// The control address of a primary or standby (its `--control`).
     addr: String,
+    #[command(flatten)]
+    security: security::SecurityArgs,
 }
 
 #[derive(clap::Args)]
@@ -235,6 +248,11 @@ struct RunArgs {
     /// How long to keep trying to reach the standby, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 10_000, requires = "peer")]
     connect_timeout_ms: u64,
+    /// With --peer: when the standby cannot be reached or authenticated, run the guest
+    /// unprotected (it can take a standby later with --accept-standby) instead of exiting
+    /// with an error.
+    #[arg(long, requires = "peer")]
+    allow_unprotected: bool,
     /// Accept a standby joining the running guest (`ftvm standby --join ADDR`) whenever the
     /// guest is unprotected: started without --peer, or after its standby was lost. The
     /// standby is synced while the guest runs, then protects it.
@@ -418,7 +436,10 @@ fn channel_options(args: &PairArgs) -> Result<ChannelOptions, CliError> {
         Some(addr) => Some(listen(addr)?),
         None => None,
     };
+    let security = args.security.security().map_err(CliError::Usage)?;
     Ok(ChannelOptions {
+        security,
+        bounds: args.bounds.bounds(),
         heartbeat: Heartbeat { interval, timeout },
         control,
         witness: args.arbiter.config().map_err(CliError::Usage)?,
@@ -492,19 +513,15 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
                     &options,
                 ) {
                     Ok(link) => Ok(link),
-                    Err(
-                        source @ (ftvm_replication::ChannelError::Connect { .. }
-                        | ftvm_replication::ChannelError::HostMismatch { .. }
-                        | ftvm_replication::ChannelError::Refused { .. }),
-                    ) => {
+                    Err(source) if !args.allow_unprotected => {
                         return Err(CliError::Connect {
                             peer: peer.clone(),
                             source,
                         })
                     }
                     Err(e) => {
-                        let why = format!("standby handshake failed: {e}");
-                        tracing::error!("{why}: running unprotected");
+                        let why = format!("no standby: {e}");
+                        tracing::error!("{why}: running unprotected (--allow-unprotected)");
                         Err(why)
                     }
                 }
@@ -696,7 +713,8 @@ impl Roles {
 }
 
 fn switchover(args: StatusArgs) -> Result<u8, CliError> {
-    let answer = ftvm_replication::status::ask(&args.addr, "switchover")?;
+    let key = args.security.security().map_err(CliError::Usage)?;
+    let answer = ftvm_replication::status::ask(&args.addr, "switchover", &key)?;
     if let Some(why) = answer.strip_prefix("error: ") {
         return Err(CliError::Usage(format!(
             "{}: switchover refused: {}",
@@ -709,7 +727,7 @@ fn switchover(args: StatusArgs) -> Result<u8, CliError> {
     // that is asked again, within the same 30 s.
     let start = std::time::Instant::now();
     loop {
-        let status = ftvm_replication::status::query(&args.addr);
+        let status = ftvm_replication::status::query(&args.addr, &key);
         if let Ok(s) = &status {
             if s.lines().any(|l| l == "role=standby") {
                 println!("switched over: {} is now the standby", args.addr);
@@ -737,7 +755,8 @@ fn witness(args: WitnessArgs) -> Result<u8, CliError> {
 }
 
 fn promote(args: StatusArgs) -> Result<u8, CliError> {
-    let answer = ftvm_replication::status::ask(&args.addr, "promote")?;
+    let key = args.security.security().map_err(CliError::Usage)?;
+    let answer = ftvm_replication::status::ask(&args.addr, "promote", &key)?;
     if let Some(why) = answer.strip_prefix("error: ") {
         return Err(CliError::Usage(format!(
             "{}: promote refused: {}",
@@ -797,7 +816,8 @@ fn standby(args: StandbyArgs) -> Result<u8, CliError> {
 }
 
 fn status(args: StatusArgs) -> Result<u8, CliError> {
-    print!("{}", ftvm_replication::status::query(&args.addr)?);
+    let key = args.security.security().map_err(CliError::Usage)?;
+    print!("{}", ftvm_replication::status::query(&args.addr, &key)?);
     Ok(0)
 }
 
@@ -846,13 +866,14 @@ fn replay(args: ReplayArgs) -> Result<u8, CliError> {
 
 /// `ftvm bench`.
 fn bench(args: BenchArgs) -> Result<u8, CliError> {
+    let key = args.security.security().map_err(CliError::Usage)?;
     if let Some(addr) = args.listen {
         let listener = std::net::TcpListener::bind(&addr).map_err(|source| CliError::Listen {
             addr: addr.clone(),
             source,
         })?;
         eprintln!("ftvm bench: answering on {addr}");
-        ftvm_replication::bench::serve(listener)
+        ftvm_replication::bench::serve(listener, key)
             .map_err(|source| CliError::Listen { addr, source })?;
         return Ok(0);
     }
@@ -867,7 +888,7 @@ fn bench(args: BenchArgs) -> Result<u8, CliError> {
         large_records: args.records as usize,
         duration: std::time::Duration::from_secs_f64(args.seconds),
     };
-    let report = ftvm_replication::bench::run(&peer, options)?;
+    let report = ftvm_replication::bench::run(&peer, options, &key)?;
     if args.json {
         println!("{}", report.to_json());
     } else {
@@ -895,6 +916,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench(args),
         Command::Promote(args) => promote(args),
         Command::Witness(args) => witness(args),
+        Command::Keygen(args) => security::keygen(&args).map_err(CliError::Usage),
     };
     match result {
         Ok(status) => ExitCode::from(status),

@@ -21,6 +21,7 @@ impl Drop for Responder {
 fn responder(addr: &str) -> Responder {
     let child = Command::new(FTVM)
         .args(["bench", "--listen", addr])
+        .args(common::key_args(&[]))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -51,6 +52,7 @@ fn bench_against_a_real_responder_prints_every_figure_next_to_raw_tcp() {
             "--seconds",
             "0.2",
         ])
+        .args(common::key_args(&[]))
         .output()
         .expect("ftvm bench");
     let out = String::from_utf8_lossy(&o.stdout);
@@ -65,6 +67,11 @@ fn bench_against_a_real_responder_prints_every_figure_next_to_raw_tcp() {
         "channel ack, 1-record batch",
         "channel ack, 1000-record batch",
         "log throughput",
+        // With the key, the same run measures the encrypted channel, each cipher.
+        "AES-GCM: ack, 1-record batch",
+        "ChaChaPoly: ack, 1-record batch",
+        "log throughput, AES-GCM",
+        "log throughput, ChaChaPoly",
     ] {
         assert!(out.contains(line), "no {line:?} in:\n{out}");
     }
@@ -80,6 +87,7 @@ fn bench_against_a_real_responder_prints_every_figure_next_to_raw_tcp() {
             "0.2",
             "--json",
         ])
+        .args(common::key_args(&[]))
         .output()
         .expect("ftvm bench --json");
     assert_eq!(o.status.code(), Some(0));
@@ -93,6 +101,15 @@ fn bench_against_a_real_responder_prints_every_figure_next_to_raw_tcp() {
         );
         assert_eq!(s["samples"].as_u64().map(|n| n > 0), Some(true), "{s}");
     }
+    let sealed = v["encrypted"].as_array().expect("encrypted figures");
+    assert_eq!(sealed.len(), 2, "{v}");
+    for e in sealed {
+        assert!(e["log_mib_per_s"].as_f64().is_some_and(|r| r > 0.0), "{e}");
+        assert!(
+            e["ack_small"]["p50_us"].as_f64().is_some_and(|r| r > 0.0),
+            "{e}"
+        );
+    }
     for rate in ["raw_mib_per_s", "log_mib_per_s"] {
         assert!(v[rate].as_f64().is_some_and(|r| r > 0.0), "{rate}: {v}");
     }
@@ -103,6 +120,7 @@ fn a_bench_target_that_is_not_listening_is_a_clear_error() {
     let addr = free_addr();
     let o = Command::new(FTVM)
         .args(["bench", "--peer", &addr, "--samples", "10"])
+        .args(common::key_args(&[]))
         .output()
         .expect("ftvm bench");
     assert_eq!(o.status.code(), Some(1));
@@ -126,6 +144,7 @@ fn a_bench_responder_is_not_a_pair_standby() {
     });
     let o = Command::new(FTVM)
         .args(["bench", "--peer", &addr, "--samples", "10"])
+        .args(common::key_args(&[]))
         .output()
         .expect("ftvm bench");
     assert_eq!(o.status.code(), Some(1));

@@ -265,7 +265,8 @@ fn protected_script(dir: &str, disk: &str, copy: &str, kill: bool) -> String {
     let primary = format!(
         "FTVM_LOG=ftvm=info {FTVM} run --peer 127.0.0.1:7000 \
            --connect-timeout-ms 30000 --kernel {kernel} --initrd {initrd} --disk {disk} \
-           --mem-mib 256 --latency-bound-ms 50 {PAIR_OPTIONS} >{dir}/p.out 2>{dir}/p.err"
+           --mem-mib 256 --latency-bound-ms 50 {PAIR_OPTIONS} --key {dir}/pair.key \
+           >{dir}/p.out 2>{dir}/p.err"
     );
     let run_primary = if kill {
         format!("{primary} & pp=$!\n{KILL_DURING_WRITES}\nwait $pp")
@@ -275,9 +276,11 @@ fn protected_script(dir: &str, disk: &str, copy: &str, kill: bool) -> String {
     format!(
         "busybox ip link set lo up || exit 98\n\
          cp {disk} {copy} || exit 98\n\
+         {FTVM} keygen --out {dir}/pair.key >/dev/null || exit 98\n\
          start=$(date +%s)\n\
          FTVM_LOG=ftvm_secondary::standby=info {FTVM} standby \
-           --listen 127.0.0.1:7000 --disk {copy} {PAIR_OPTIONS} >{dir}/s.out 2>{dir}/s.err &\n\
+           --listen 127.0.0.1:7000 --disk {copy} {PAIR_OPTIONS} --key {dir}/pair.key \
+           >{dir}/s.out 2>{dir}/s.err &\n\
          sp=$!\n\
          {run_primary}\n\
          echo \"primary-status=$?\"\n\

@@ -30,6 +30,7 @@ fn pair(standby_args: &[&str], primary_args: &[&str]) -> (Output, Output) {
     let addr = free_addr();
     let standby = Command::new(FTVM)
         .args(["standby", "--listen", &addr])
+        .args(common::key_args(&[]))
         .args(standby_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -44,6 +45,7 @@ fn pair(standby_args: &[&str], primary_args: &[&str]) -> (Output, Output) {
             "--cmdline",
             "workload=counter ticks=5",
         ])
+        .args(common::key_args(&[]))
         .args(primary_args)
         .stdin(Stdio::null())
         .output()
@@ -159,6 +161,7 @@ fn join(standby_args: &[&str], primary_args: &[&str]) -> (Output, Output) {
     let addr = free_addr();
     let primary = Command::new(FTVM)
         .args(["run", "--accept-standby", &addr])
+        .args(common::key_args(&[]))
         .args(["--cmdline", "workload=counter ticks=100"])
         .args(primary_args)
         .env("FTVM_LOG", "info")
@@ -170,6 +173,7 @@ fn join(standby_args: &[&str], primary_args: &[&str]) -> (Output, Output) {
     std::thread::sleep(Duration::from_millis(200));
     let standby = Command::new(FTVM)
         .args(["standby", "--join", &addr])
+        .args(common::key_args(&[]))
         .args(standby_args)
         .stdin(Stdio::null())
         .output()

@@ -127,6 +127,7 @@ fn promote_makes_a_waiting_standby_live() {
     // Refused while the standby follows a live primary.
     let o = Command::new(FTVM)
         .args(["promote", &sc])
+        .args(common::key_args(&[]))
         .output()
         .expect("ftvm promote");
     assert_eq!(o.status.code(), Some(1));
@@ -141,6 +142,7 @@ fn promote_makes_a_waiting_standby_live() {
     });
     let o = Command::new(FTVM)
         .args(["promote", &sc])
+        .args(common::key_args(&[]))
         .output()
         .expect("ftvm promote");
     assert_eq!(

@@ -44,7 +44,12 @@ pub fn connect_standby(
     options: &ftvm_replication::ChannelOptions,
 ) -> Result<Link, ChannelError> {
     let stream = link::connect(peer, timeout)?;
-    let h = link::handshake(stream, peer, Role::Primary, options.heartbeat)?;
+    let me = link::Me {
+        role: Role::Primary,
+        initiator: true,
+        security: &options.security,
+    };
+    let h = link::handshake(stream, peer, me, options.heartbeat)?;
     let mut start = start_message(header, kernel, initrd, false);
     // With a witness, the standby learns the VM's id there and the term.
     if let Some(w) = &options.witness {
@@ -94,7 +99,7 @@ pub enum PrimaryEnd {
     Stopped(StopRequest, PrimaryReport),
     /// `ftvm switchover`: the standby is the primary now; this VM is paused at the handover
     /// point and follows it from there.
-    HandedOver(Handover, PrimaryReport),
+    HandedOver(Box<Handover>, PrimaryReport),
 }
 
 /// Runs `vm` as the primary from `at`: recording under `policy` into the channel over `link`
@@ -147,7 +152,7 @@ pub fn run_primary(
                     Ok(Ok(handover)) => {
                         drop(recorder);
                         let report = channel.join();
-                        return Ok(PrimaryEnd::HandedOver(handover, report));
+                        return Ok(PrimaryEnd::HandedOver(Box::new(handover), report));
                     }
                     // Abandoned: record on from here.
                     Ok(Err(_)) => continue,

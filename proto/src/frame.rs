@@ -25,12 +25,14 @@ pub enum FrameError {
         got: u64,
     },
     /// The length field is impossible.
-    #[error("frame at offset {offset} claims {len} bytes (limit {MAX_FRAME_LEN}): corrupt length")]
+    #[error("frame at offset {offset} claims {len} bytes (limit {limit}): corrupt length")]
     TooLarge {
         /// Offset of the frame.
         offset: u64,
         /// The claimed length.
         len: u32,
+        /// The limit where it was read.
+        limit: u32,
     },
     /// The checksum does not match the payload.
     #[error("CRC mismatch in frame at offset {offset}: header says {expected:#010x}, payload has {actual:#010x}")]
@@ -100,6 +102,7 @@ pub struct FrameReader<R> {
     inner: R,
     offset: u64,
     buf: Vec<u8>,
+    limit: u32,
 }
 
 impl<R: Read> FrameReader<R> {
@@ -109,7 +112,15 @@ impl<R: Read> FrameReader<R> {
             inner,
             offset,
             buf: Vec::new(),
+            limit: MAX_FRAME_LEN,
         }
+    }
+
+    /// Accepts payloads of at most `limit` bytes (a frame read before its peer is
+    /// authenticated is capped at a few KiB), never above [`MAX_FRAME_LEN`].
+    pub fn with_limit(mut self, limit: u32) -> Self {
+        self.limit = limit.min(MAX_FRAME_LEN);
+        self
     }
 
     /// Offset of the next frame.
@@ -152,7 +163,7 @@ impl<R: Read> FrameReader<R> {
                 got: got as u64,
             });
         }
-        let (len, expected) = parse_header(&self.buf, offset)?;
+        let (len, expected) = parse_header(&self.buf, offset, self.limit)?;
         let got = self.fill(len)?;
         if got < len {
             return Err(FrameError::Truncated {
@@ -169,11 +180,11 @@ impl<R: Read> FrameReader<R> {
 
 /// The payload length and CRC of the frame header at the start of `buf` (at least
 /// [`HEADER_LEN`] bytes), for the frame at stream offset `offset`.
-fn parse_header(buf: &[u8], offset: u64) -> Result<(usize, u32), FrameError> {
+fn parse_header(buf: &[u8], offset: u64, limit: u32) -> Result<(usize, u32), FrameError> {
     let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
     let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-    if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge { offset, len });
+    if len > limit {
+        return Err(FrameError::TooLarge { offset, len, limit });
     }
     Ok((len as usize, crc))
 }
@@ -206,7 +217,7 @@ pub fn decode_from<M: Message + Default>(
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }
-    let (len, expected) = parse_header(buf, offset)?;
+    let (len, expected) = parse_header(buf, offset, MAX_FRAME_LEN)?;
     let Some(payload) = buf.get(HEADER_LEN..HEADER_LEN + len) else {
         return Ok(None);
     };
@@ -218,7 +229,7 @@ pub fn decode_from<M: Message + Default>(
 /// mid-frame. `buf` holds the bytes of the frame received so far.
 pub fn truncated(buf: &[u8], offset: u64) -> FrameError {
     let needed = if buf.len() >= HEADER_LEN {
-        parse_header(buf, offset).map_or(HEADER_LEN, |(len, _)| HEADER_LEN + len)
+        parse_header(buf, offset, MAX_FRAME_LEN).map_or(HEADER_LEN, |(len, _)| HEADER_LEN + len)
     } else {
         HEADER_LEN
     };
@@ -358,6 +369,29 @@ mod tests {
             .read_frame::<LogFrame>()
             .unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { offset: 0, .. }));
+    }
+
+    /// Before its peer is authenticated a reader is capped at a few KiB: a 5 KiB length
+    /// is refused from the header alone.
+    #[test]
+    fn a_capped_reader_refuses_a_frame_over_its_limit_from_the_header() {
+        let mut frame = (5u32 << 10).to_le_bytes().to_vec();
+        frame.extend_from_slice(&[0; 4]);
+        let err = FrameReader::new(frame.as_slice(), 8)
+            .with_limit(4 << 10)
+            .read_frame::<LogFrame>()
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                FrameError::TooLarge {
+                    offset: 8,
+                    len: 5120,
+                    limit: 4096
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]

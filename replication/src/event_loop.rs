@@ -11,8 +11,9 @@ use ftvm_proto::channel::Message;
 use mio::net::TcpListener;
 use mio::{Events, Poll, Registry, Token, Waker};
 
+use crate::control::ControlServer;
 use crate::link::{self, ChannelError, Link};
-use crate::status::{self, Request};
+use crate::status::Request;
 use crate::ChannelOptions;
 
 /// The waker: another thread has something for this one.
@@ -47,6 +48,12 @@ pub trait Side {
     fn on_message(&mut self, msg: Message, now: Instant);
     /// Bytes arrived from the peer at `now`.
     fn heard(&mut self, now: Instant);
+    /// The side cannot take more from the peer now (its consumer is behind): the loop
+    /// leaves the socket unread, so TCP flow control slows the peer down. While it holds,
+    /// the peer counts as heard: silence that this side causes is not the peer's.
+    fn hold_reads(&self) -> bool {
+        false
+    }
     /// The connection failed (after the messages that came before the failure).
     fn link_failed(&mut self, e: ChannelError, registry: &Registry, now: Instant);
     /// The rest of the turn: timers, work that waits for room in the socket. Returns true
@@ -64,7 +71,7 @@ pub trait Side {
 pub struct EventLoop {
     poll: Poll,
     events: Events,
-    control: Option<TcpListener>,
+    control: Option<ControlServer>,
 }
 
 impl EventLoop {
@@ -72,7 +79,8 @@ impl EventLoop {
     pub fn new(options: &ChannelOptions) -> io::Result<(Self, Arc<Waker>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let control = link::register_control(options.control.as_ref(), &poll, CONTROL)?;
+        let control = link::register_control(options.control.as_ref(), &poll, CONTROL)?
+            .map(|l: TcpListener| ControlServer::new(l, options.security.clone(), waker.clone()));
         Ok((
             Self {
                 poll,
@@ -111,8 +119,9 @@ impl EventLoop {
     pub fn run(&mut self, side: &mut impl Side) {
         let mut inbox = Vec::new();
         loop {
+            let holding = side.hold_reads();
             let timeout = match side.link() {
-                Some(link) if link.unread() => Some(Duration::ZERO),
+                Some(link) if link.unread() && !holding => Some(Duration::ZERO),
                 _ => side.timeout(Instant::now()),
             };
             let woken = match self.wait(timeout) {
@@ -130,10 +139,14 @@ impl EventLoop {
                 }
             };
             side.inputs(woken, self.poll.registry(), Instant::now());
+            let hold = side.hold_reads();
             if let Some(link) = side.link() {
                 let before = link.bytes_received;
-                let result = link.flush().and_then(|()| link.receive(&mut inbox));
-                let heard = link.bytes_received != before;
+                let result = match hold {
+                    true => link.flush(),
+                    false => link.flush().and_then(|()| link.receive(&mut inbox)),
+                };
+                let heard = hold || link.bytes_received != before;
                 let now = Instant::now();
                 if heard {
                     side.heard(now);
@@ -148,13 +161,14 @@ impl EventLoop {
             if side.after(self.poll.registry(), Instant::now()) {
                 return;
             }
-            if woken.control {
-                let control = self.control.take();
-                let registry = self.poll.registry();
-                status::serve(control.as_ref(), |r| {
-                    side.control(r, registry, Instant::now())
-                });
-                self.control = control;
+            if let Some(control) = &self.control {
+                if woken.control {
+                    control.accept();
+                }
+                for call in control.calls() {
+                    let answer = side.control(call.request, self.poll.registry(), Instant::now());
+                    call.answer(answer);
+                }
             }
             if side.done() {
                 side.finish(self);

@@ -27,6 +27,7 @@ pub mod arbiter;
 pub mod audit;
 pub mod bench;
 pub mod checkpoint;
+pub mod control;
 pub mod etcd;
 pub mod event_loop;
 pub mod host;
@@ -56,6 +57,11 @@ pub struct ChannelOptions {
     /// A standby that goes live becomes a primary that accepts a new standby (`ftvm standby
     /// --accept-standby`), instead of running its guest unprotected to the end.
     pub primary_after_go_live: bool,
+    /// The pair key every connection (channel, join port, control socket) is authenticated
+    /// and encrypted with, or `--insecure`.
+    pub security: link::Security,
+    /// Bounds on what a slow standby makes the primary hold (back-pressure).
+    pub bounds: primary::backpressure::Bounds,
 }
 
 impl ChannelOptions {
@@ -66,6 +72,8 @@ impl ChannelOptions {
             control: self.control.as_ref().map(|l| l.try_clone()).transpose()?,
             witness: self.witness.clone(),
             primary_after_go_live: self.primary_after_go_live,
+            security: self.security.clone(),
+            bounds: self.bounds,
         })
     }
 }

@@ -6,6 +6,8 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
+use crate::link::secure::{self, Purpose, SecureStream, Security};
+
 /// What a pair process reports.
 #[derive(Debug, Clone, Default)]
 pub struct Status {
@@ -115,41 +117,6 @@ pub enum Request {
     Promote,
 }
 
-/// How long the control socket waits for a client's request line; a client that sends
-/// nothing gets the status.
-const REQUEST_WAIT: Duration = Duration::from_millis(5);
-
-/// Answers every pending control connection on `listener` with what `answer` says to its
-/// request (best effort: a client that does not read only loses its own answer).
-pub fn serve(listener: Option<&mio::net::TcpListener>, mut answer: impl FnMut(Request) -> String) {
-    let Some(listener) = listener else { return };
-    while let Ok((stream, _)) = listener.accept() {
-        let Ok(mut stream) = into_blocking(stream) else {
-            continue;
-        };
-        let mut line = [0u8; 64];
-        let n = stream.read(&mut line).unwrap_or(0);
-        let request = match std::str::from_utf8(&line[..n]).map(str::trim) {
-            Ok("switchover") => Request::Switchover,
-            Ok("promote") => Request::Promote,
-            _ => Request::Status,
-        };
-        if let Err(e) = stream.write_all(answer(request).as_bytes()) {
-            tracing::debug!("control socket: {e}");
-        }
-    }
-}
-
-fn into_blocking(stream: mio::net::TcpStream) -> std::io::Result<TcpStream> {
-    use std::os::fd::{FromRawFd, IntoRawFd};
-    // SAFETY: the descriptor comes from a mio stream we own and give up here.
-    let stream = unsafe { TcpStream::from_raw_fd(stream.into_raw_fd()) };
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(REQUEST_WAIT))?;
-    stream.set_write_timeout(Some(Duration::from_millis(100)))?;
-    Ok(stream)
-}
-
 /// Errors of `ftvm status`.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot read the status of {addr}: {source}")]
@@ -160,8 +127,8 @@ pub struct QueryError {
 }
 
 /// Asks the pair process whose control socket is `addr` for its status.
-pub fn query(addr: &str) -> Result<String, QueryError> {
-    let text = ask(addr, "status")?;
+pub fn query(addr: &str, security: &Security) -> Result<String, QueryError> {
+    let text = ask(addr, "status", security)?;
     if !text.starts_with("role=") {
         return Err(QueryError {
             addr: addr.into(),
@@ -171,8 +138,9 @@ pub fn query(addr: &str) -> Result<String, QueryError> {
     Ok(text)
 }
 
-/// Sends `request` to the control socket `addr` and returns the answer.
-pub fn ask(addr: &str, request: &str) -> Result<String, QueryError> {
+/// Sends `request` to the control socket `addr` (authenticated with the key of `security`)
+/// and returns the answer.
+pub fn ask(addr: &str, request: &str, security: &Security) -> Result<String, QueryError> {
     let err = |source| QueryError {
         addr: addr.into(),
         source,
@@ -185,6 +153,10 @@ pub fn ask(addr: &str, request: &str) -> Result<String, QueryError> {
     let mut s = TcpStream::connect_timeout(&sockaddr, Duration::from_secs(2)).map_err(err)?;
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(err)?;
+    let deadline = std::time::Instant::now() + crate::control::CONTROL_DEADLINE;
+    let cipher = secure::establish(&mut s, addr, security, Purpose::Control, true, deadline)
+        .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+    let mut s = SecureStream::new(s, cipher);
     s.write_all(format!("{request}\n").as_bytes())
         .map_err(err)?;
     let mut text = String::new();

@@ -14,7 +14,7 @@ use ftvm_proto::channel::{
     Start, Switchover,
 };
 use ftvm_proto::log::{LogHeader, RecordBatch};
-use ftvm_replication::link::{self, body_name, Handshaken};
+use ftvm_replication::link::{self, body_name, Handshaken, Me, Security};
 use ftvm_replication::log::{check_version, config_from_header, from_run_end, LogError, LogSource};
 use ftvm_replication::standby::{FromReplayer, StandbyChannel, ToReplayer};
 use ftvm_replication::witness::PairTerm;
@@ -245,7 +245,7 @@ pub fn run_standby(
     input: Option<Receiver<Vec<u8>>>,
     mut out: impl Write,
 ) -> Result<StandbyEnd, StandbyError> {
-    let (mut h, peer, start) = meet(&rendezvous, options.heartbeat)?;
+    let (mut h, peer, start) = meet(&rendezvous, options.heartbeat, &options.security)?;
     if let Some(w) = &options.witness {
         if start.vm_id.is_empty() {
             tracing::warn!(
@@ -329,7 +329,8 @@ pub fn run_standby(
                     // applied.
                     channel.shutdown();
                     tracing::warn!("{why}: reconnecting to resume the sync");
-                    let (mut h, peer, start) = meet_again(&rendezvous, options.heartbeat)?;
+                    let (mut h, peer, start) =
+                        meet_again(&rendezvous, options.heartbeat, &options.security)?;
                     if !start.sync || start.header.as_ref() != Some(&header) {
                         return Err(StandbyError::SyncLost(format!(
                             "{why}; {peer} now runs another guest"
@@ -892,13 +893,16 @@ fn receive_sync(
 fn meet_again(
     rendezvous: &Rendezvous<'_>,
     heartbeat: ftvm_replication::Heartbeat,
+    security: &Security,
 ) -> Result<(Handshaken, String, Start), StandbyError> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut backoff = Duration::from_millis(20);
     loop {
-        match meet(rendezvous, heartbeat) {
+        match meet(rendezvous, heartbeat, security) {
             Err(StandbyError::Channel(
-                e @ (ChannelError::Closed { .. } | ChannelError::ClosedMidFrame { .. }),
+                e @ (ChannelError::Closed { .. }
+                | ChannelError::ClosedMidFrame { .. }
+                | ChannelError::Auth { .. }),
             )) if std::time::Instant::now() + backoff < deadline => {
                 tracing::info!("{e}; trying again in {backoff:?}");
                 std::thread::sleep(backoff);
@@ -912,23 +916,56 @@ fn meet_again(
 fn meet(
     rendezvous: &Rendezvous<'_>,
     heartbeat: ftvm_replication::Heartbeat,
+    security: &Security,
 ) -> Result<(Handshaken, String, Start), StandbyError> {
-    let (stream, peer) = match rendezvous {
+    match rendezvous {
         Rendezvous::Listen(listener) => {
-            let (stream, addr) = listener.accept().map_err(StandbyError::Accept)?;
-            (stream, addr.to_string())
+            // Anyone may connect: each connection proves it holds the key (or is dropped)
+            // on its own thread while the standby keeps listening.
+            let security = security.clone();
+            Ok(link::listen::accept_first(
+                listener,
+                move |stream, peer| {
+                    let me = Me {
+                        role: Role::Standby,
+                        initiator: false,
+                        security: &security,
+                    };
+                    greet(stream, peer, me, heartbeat)
+                },
+            )?)
         }
-        Rendezvous::Join { addr, timeout } => (link::connect(addr, *timeout)?, addr.clone()),
-    };
-    let mut h = link::handshake(stream, &peer, Role::Standby, heartbeat)?;
+        Rendezvous::Join { addr, timeout } => {
+            let me = Me {
+                role: Role::Standby,
+                initiator: true,
+                security,
+            };
+            Ok(greet(
+                link::connect(addr, *timeout)?,
+                addr.clone(),
+                me,
+                heartbeat,
+            )?)
+        }
+    }
+}
+
+/// The handshake with the primary on `stream`, then its `Start`.
+fn greet(
+    stream: std::net::TcpStream,
+    peer: String,
+    me: Me<'_>,
+    heartbeat: ftvm_replication::Heartbeat,
+) -> Result<(Handshaken, String, Start), ChannelError> {
+    let mut h = link::handshake(stream, &peer, me, heartbeat)?;
     let msg = link::recv_blocking(&mut h.stream, &peer, &mut h.rx_offset)?;
     let Some(Body::Start(start)) = msg.body else {
         return Err(ChannelError::Unexpected {
             peer,
             expected: "Start",
             got: body_name(&msg).into(),
-        }
-        .into());
+        });
     };
     Ok((h, peer, start))
 }

@@ -22,6 +22,35 @@ use std::time::Duration;
 /// The `ftvm` binary cargo built for this test or benchmark.
 pub const FTVM: &str = env!("CARGO_BIN_EXE_ftvm");
 
+/// A pair key made once per test binary with `ftvm keygen` (in a scratch directory left
+/// for the process's lifetime): every pair process of the tests runs with it, so the
+/// default, encrypted path is what the tests exercise.
+pub fn pair_key() -> &'static str {
+    static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("ftvm-test-key-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("key directory");
+        let path = dir.join("pair.key");
+        let o = Command::new(FTVM)
+            .args(["keygen", "--out"])
+            .arg(&path)
+            .output()
+            .expect("run ftvm keygen");
+        assert!(o.status.success(), "ftvm keygen: {o:?}");
+        path.to_string_lossy().into_owned()
+    })
+}
+
+/// `["--key", pair_key()]`, unless `args` already say how to protect the connections.
+pub fn key_args(args: &[&str]) -> Vec<&'static str> {
+    if args.iter().any(|a| *a == "--key" || *a == "--insecure") {
+        Vec::new()
+    } else {
+        vec!["--key", pair_key()]
+    }
+}
+
 /// The repository's root.
 pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

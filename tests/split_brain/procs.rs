@@ -80,8 +80,14 @@ pub fn spawn_cmd_in(ns: &str, args: &[&str], watch: &[&'static str], stdin: Stdi
 }
 
 fn spawn_cmd(mut cmd: Command, args: &[&str], watch: &[&'static str], stdin: Stdio) -> Proc {
+    let pair_process = matches!(args.first(), Some(&("run" | "standby")));
     let mut child = cmd
         .args(args)
+        .args(if pair_process {
+            crate::common::key_args(args)
+        } else {
+            Vec::new()
+        })
         .env("FTVM_LOG", "info")
         .stdin(stdin)
         .stdout(Stdio::piped())
@@ -196,6 +202,7 @@ impl Drop for Proc {
 pub fn status_of(addr: &str) -> String {
     let o = Command::new(FTVM)
         .args(["status", addr])
+        .args(crate::common::key_args(&[]))
         .output()
         .expect("ftvm status");
     assert!(
@@ -227,6 +234,7 @@ pub fn status_of_in(ns: &str, addr: &str) -> String {
 pub fn try_status_in(ns: Option<&str>, addr: &str) -> Result<String, String> {
     let o = ftvm(ns)
         .args(["status", addr])
+        .args(crate::common::key_args(&[]))
         .output()
         .expect("ftvm status");
     if o.status.success() {

@@ -121,8 +121,26 @@ pub enum ChannelError {
         /// The timeout.
         timeout: Duration,
     },
+    /// The peer could not prove it holds the pair's key, or wants another kind of channel
+    /// (encrypted against `--insecure`): nothing was exchanged.
+    #[error("{peer} failed authentication: {why}")]
+    Auth {
+        /// The peer.
+        peer: String,
+        /// Why.
+        why: String,
+    },
+    /// A record on an established encrypted connection does not authenticate.
+    #[error("{peer} sent {source}")]
+    Sealed {
+        /// The peer.
+        peer: String,
+        /// What is wrong with it.
+        #[source]
+        source: super::secure::BadRecord,
+    },
     /// The peer did not finish the handshake in time.
-    #[error("{peer} did not complete the pair handshake within {timeout:.1?}")]
+    #[error("{peer} did not complete the handshake within {timeout:.1?}")]
     HandshakeTimeout {
         /// The peer.
         peer: String,

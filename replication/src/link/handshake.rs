@@ -9,8 +9,12 @@ use ftvm_proto::channel::{message::Body, Hello, Message, Role};
 use ftvm_proto::frame::{self, FrameError, FrameReader};
 use ftvm_proto::{CHANNEL_MAGIC, PROTOCOL_VERSION};
 
+use super::secure::{self, Purpose, SecureStream, Security};
 use super::ChannelError;
 use crate::host::HostKind;
+
+/// The largest `Hello` frame accepted: it arrives before the pair protocol is agreed on.
+pub const MAX_HELLO: u32 = 4 << 10;
 
 /// Heartbeats and the failure detector.
 #[derive(Debug, Clone, Copy)]
@@ -63,7 +67,8 @@ impl Default for Heartbeat {
     }
 }
 
-/// How long each handshake read may wait.
+/// How long the whole handshake (key, magic, `Hello`) may take; after it, each read of the
+/// `Start`/`Ready` exchange may wait this long.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connects to `peer`, retrying with exponential backoff (50 ms doubling to 1 s) until
@@ -104,8 +109,8 @@ pub fn connect(peer: &str, timeout: Duration) -> Result<TcpStream, ChannelError>
 
 /// A connection whose handshake is done: what [`Link::new`] takes over.
 pub struct Handshaken {
-    /// The socket (still blocking).
-    pub stream: TcpStream,
+    /// The connection (still blocking; encrypted unless `--insecure`).
+    pub stream: SecureStream,
     /// The peer, for messages.
     pub peer: String,
     /// The peer's hello.
@@ -146,7 +151,7 @@ pub fn body_name(m: &Message) -> &'static str {
 
 /// Sends `msg` as one frame on a blocking socket.
 pub fn send_blocking(
-    stream: &mut TcpStream,
+    stream: &mut SecureStream,
     peer: &str,
     msg: &Message,
 ) -> Result<(), ChannelError> {
@@ -165,16 +170,32 @@ fn timed_out(e: &io::Error) -> bool {
 /// Reads one message from a blocking socket whose read timeout is set; `offset` is the
 /// stream offset of the frame and advances past it.
 pub fn recv_blocking(
-    stream: &mut TcpStream,
+    stream: &mut SecureStream,
     peer: &str,
     offset: &mut u64,
 ) -> Result<Message, ChannelError> {
-    let mut frames = FrameReader::new(&mut *stream, *offset);
+    recv_limited(stream, peer, offset, frame::MAX_FRAME_LEN)
+}
+
+/// [`recv_blocking`] of a frame of at most `limit` bytes.
+fn recv_limited(
+    stream: &mut SecureStream,
+    peer: &str,
+    offset: &mut u64,
+    limit: u32,
+) -> Result<Message, ChannelError> {
+    let mut frames = FrameReader::new(&mut *stream, *offset).with_limit(limit);
     let result = frames.read_frame::<Message>();
     *offset = frames.offset();
     match result {
         Ok(Some((_, m))) => Ok(m),
         Ok(None) => Err(ChannelError::Closed { peer: peer.into() }),
+        Err(FrameError::Io { source, .. }) if source.kind() == io::ErrorKind::InvalidData => {
+            Err(ChannelError::Auth {
+                peer: peer.into(),
+                why: source.to_string(),
+            })
+        }
         Err(FrameError::Io { source, .. }) if timed_out(&source) => {
             Err(ChannelError::HandshakeTimeout {
                 peer: peer.into(),
@@ -198,28 +219,73 @@ pub fn recv_blocking(
 /// must be ours). Both sides send before reading, so each learns the other's version and
 /// host even when they differ, and both refuse a mismatch. Both agree on the heartbeat
 /// ([`Heartbeat::agree`]).
+///
+/// Before all that, with a key, the Noise handshake ([`secure::establish`]) proves that the
+/// peer holds the pair's key; the side that connected (`initiator`) starts it. The whole
+/// handshake must finish within [`HANDSHAKE_TIMEOUT`], and the `Hello` frame is capped at
+/// [`MAX_HELLO`] bytes.
 pub fn handshake(
     stream: TcpStream,
     peer: &str,
-    role: Role,
+    me: Me<'_>,
     heartbeat: Heartbeat,
 ) -> Result<Handshaken, ChannelError> {
-    handshake_on(stream, peer, role, HostKind::local(), heartbeat)
+    handshake_on(stream, peer, me, HostKind::local(), heartbeat)
+}
+
+/// Who this side of a handshake is.
+#[derive(Clone, Copy)]
+pub struct Me<'a> {
+    /// Its role in the pair.
+    pub role: Role,
+    /// Whether it connected (it starts the key exchange).
+    pub initiator: bool,
+    /// Its key, or `--insecure`.
+    pub security: &'a Security,
 }
 
 /// [`handshake`] as a host of kind `host`.
 pub fn handshake_on(
-    mut stream: TcpStream,
+    mut tcp: TcpStream,
+    peer: &str,
+    me: Me<'_>,
+    host: &HostKind,
+    heartbeat: Heartbeat,
+) -> Result<Handshaken, ChannelError> {
+    let role = me.role;
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let io_err = |e| ChannelError::io(peer, e);
+    tcp.set_nodelay(true).map_err(io_err)?;
+    let cipher = secure::establish(
+        &mut tcp,
+        peer,
+        me.security,
+        Purpose::Pair,
+        me.initiator,
+        deadline,
+    )?;
+    exchange_hellos(
+        SecureStream::new(tcp, cipher),
+        peer,
+        role,
+        host,
+        heartbeat,
+        deadline,
+    )
+}
+
+/// The pair handshake's `Hello` exchange on a connection whose keys are settled (or that
+/// runs `--insecure`), finishing by `deadline`.
+pub fn exchange_hellos(
+    mut stream: SecureStream,
     peer: &str,
     role: Role,
     host: &HostKind,
     heartbeat: Heartbeat,
+    deadline: Instant,
 ) -> Result<Handshaken, ChannelError> {
     let io_err = |e| ChannelError::io(peer, e);
-    stream.set_nodelay(true).map_err(io_err)?;
-    stream
-        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-        .map_err(io_err)?;
+    stream.set_deadline(Some(deadline));
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         role: role as i32,
@@ -241,6 +307,12 @@ pub fn handshake_on(
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                return Err(ChannelError::Auth {
+                    peer: peer.into(),
+                    why: e.to_string(),
+                })
+            }
             Err(e) if timed_out(&e) && got == 0 => {
                 return Err(ChannelError::HandshakeTimeout {
                     peer: peer.into(),
@@ -248,11 +320,26 @@ pub fn handshake_on(
                 })
             }
             Err(e) if timed_out(&e) => break,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset && got == 0 => break,
             Err(e) => return Err(io_err(e)),
         }
     }
+    if got == 0 && !stream.encrypted() {
+        // An encrypted peer refuses an unencrypted one this way: before a word.
+        return Err(ChannelError::Auth {
+            peer: peer.into(),
+            why: "it closed the connection before its Hello (does it require the pair key, --key?)"
+                .into(),
+        });
+    }
     if got == 0 {
         return Err(ChannelError::Closed { peer: peer.into() });
+    }
+    if !stream.encrypted() && magic[..got].starts_with(&[0, 48]) {
+        return Err(ChannelError::Auth {
+            peer: peer.into(),
+            why: "it wants an encrypted channel; give both sides the same --key".into(),
+        });
     }
     if &magic[..got] != CHANNEL_MAGIC {
         return Err(ChannelError::BadMagic {
@@ -261,7 +348,7 @@ pub fn handshake_on(
         });
     }
     let mut offset = magic.len() as u64;
-    let msg = recv_blocking(&mut stream, peer, &mut offset)?;
+    let msg = recv_limited(&mut stream, peer, &mut offset, MAX_HELLO)?;
     let Some(Body::Hello(theirs)) = msg.body else {
         return Err(ChannelError::Unexpected {
             peer: peer.into(),
@@ -312,6 +399,11 @@ pub fn handshake_on(
             ),
         });
     }
+    stream.set_deadline(None);
+    stream
+        .tcp()
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(io_err)?;
     tracing::debug!(peer, host = %their_host, "pair handshake done");
     tracing::info!(
         peer,
@@ -365,18 +457,24 @@ mod tests {
     ) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
+        let key = Security::key(secure::PairKey::generate().expect("random"));
+        let standby_key = key.clone();
         let standby = std::thread::spawn(move || {
             let (stream, peer) = listener.accept().expect("accept");
-            handshake_on(
-                stream,
-                &peer.to_string(),
-                Role::Standby,
-                &standby_host,
-                standby_hb,
-            )
+            let me = Me {
+                role: Role::Standby,
+                initiator: false,
+                security: &standby_key,
+            };
+            handshake_on(stream, &peer.to_string(), me, &standby_host, standby_hb)
         });
         let stream = TcpStream::connect(&addr).expect("connect");
-        let primary = handshake_on(stream, &addr, Role::Primary, &primary_host, primary_hb);
+        let me = Me {
+            role: Role::Primary,
+            initiator: true,
+            security: &key,
+        };
+        let primary = handshake_on(stream, &addr, me, &primary_host, primary_hb);
         (primary, standby.join().expect("standby thread"))
     }
 

@@ -6,6 +6,9 @@
 
 mod error;
 mod handshake;
+mod key;
+pub mod listen;
+pub mod secure;
 
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
@@ -15,14 +18,19 @@ use ftvm_proto::frame;
 
 pub use self::error::ChannelError;
 pub use self::handshake::{
-    body_name, connect, handshake, handshake_on, recv_blocking, send_blocking, Handshaken,
-    Heartbeat, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT, HANDSHAKE_TIMEOUT,
-    MAX_HEARTBEAT,
+    body_name, connect, exchange_hellos, handshake, handshake_on, recv_blocking, send_blocking,
+    Handshaken, Heartbeat, Me, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT,
+    HANDSHAKE_TIMEOUT, MAX_HEARTBEAT, MAX_HELLO,
 };
+pub use self::secure::{Cipher, PairKey, Purpose, SecureStream, Security};
 
 /// A connection after its handshake, non-blocking, on a mio event loop.
 pub struct Link {
     stream: mio::net::TcpStream,
+    /// Seals what is sent and opens what arrives (None: `--insecure`).
+    cipher: Option<Cipher>,
+    /// Ciphertext received and not yet opened.
+    sealed: Vec<u8>,
     peer: String,
     heartbeat: Heartbeat,
     rx: Vec<u8>,
@@ -49,14 +57,16 @@ const RECEIVE_BUDGET: usize = 4 << 20;
 impl Link {
     /// Takes over a handshaken connection.
     pub fn new(h: Handshaken) -> Result<Self, ChannelError> {
-        h.stream
-            .set_nonblocking(true)
+        let (tcp, cipher, plain, sealed) = h.stream.into_parts();
+        tcp.set_nonblocking(true)
             .map_err(|e| ChannelError::io(&h.peer, e))?;
         Ok(Self {
-            stream: mio::net::TcpStream::from_std(h.stream),
+            stream: mio::net::TcpStream::from_std(tcp),
+            cipher,
+            sealed,
             peer: h.peer,
             heartbeat: h.heartbeat,
-            rx: Vec::new(),
+            rx: plain,
             rx_offset: h.rx_offset,
             tx: Vec::new(),
             tx_done: 0,
@@ -96,7 +106,17 @@ impl Link {
     pub fn send(&mut self, msg: &Message) -> Result<(), ChannelError> {
         let frame = frame::encode(msg);
         self.bytes_sent += frame.len() as u64;
-        self.tx.extend_from_slice(&frame);
+        match &mut self.cipher {
+            Some(cipher) => {
+                cipher
+                    .seal(&frame, &mut self.tx)
+                    .map_err(|source| ChannelError::Sealed {
+                        peer: self.peer.clone(),
+                        source,
+                    })?
+            }
+            None => self.tx.extend_from_slice(&frame),
+        }
         self.flush()
     }
 
@@ -170,7 +190,10 @@ impl Link {
                     break;
                 }
                 Ok(n) => {
-                    self.rx.extend_from_slice(&buf[..n]);
+                    match self.cipher {
+                        Some(_) => self.sealed.extend_from_slice(&buf[..n]),
+                        None => self.rx.extend_from_slice(&buf[..n]),
+                    }
                     self.bytes_received += n as u64;
                     budget = budget.saturating_sub(n);
                 }
@@ -181,6 +204,16 @@ impl Link {
                     break;
                 }
             }
+        }
+        if let Some(cipher) = &mut self.cipher {
+            let opened =
+                cipher
+                    .open(&self.sealed, &mut self.rx)
+                    .map_err(|source| ChannelError::Sealed {
+                        peer: self.peer.clone(),
+                        source,
+                    })?;
+            self.sealed.drain(..opened);
         }
         let mut used = 0;
         while let Some((msg, len)) = frame::decode_from::<Message>(&self.rx[used..], self.rx_offset)
@@ -200,9 +233,11 @@ impl Link {
                 Some(e) => Err(*e),
             },
             Some(Some(e)) => Err(ChannelError::io(&self.peer, e)),
-            Some(None) if self.rx.is_empty() => Err(ChannelError::Closed {
-                peer: self.peer.clone(),
-            }),
+            Some(None) if self.rx.is_empty() && self.sealed.is_empty() => {
+                Err(ChannelError::Closed {
+                    peer: self.peer.clone(),
+                })
+            }
             Some(None) => Err(ChannelError::ClosedMidFrame {
                 peer: self.peer.clone(),
                 source: frame::truncated(&self.rx, self.rx_offset),
@@ -229,6 +264,37 @@ impl Link {
             }
             let _ = poll.poll(&mut events, Some(Duration::from_millis(10)));
         }
+    }
+}
+
+/// How many handshakes with unknown peers run at once on one listening socket; a connection
+/// beyond that is closed at once, so a flood of connections costs no more than this many
+/// threads, each for at most [`HANDSHAKE_TIMEOUT`].
+pub const MAX_CONCURRENT_HANDSHAKES: usize = 8;
+
+/// Counts the handshakes running on one listening socket.
+#[derive(Clone, Default)]
+pub struct HandshakeSlots(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+/// One handshake's place, given back when dropped.
+pub struct HandshakeSlot(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl HandshakeSlots {
+    /// A place for one more handshake, or None when [`MAX_CONCURRENT_HANDSHAKES`] run.
+    pub fn take(&self) -> Option<HandshakeSlot> {
+        use std::sync::atomic::Ordering;
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_CONCURRENT_HANDSHAKES).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| HandshakeSlot(self.0.clone()))
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

@@ -13,6 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use ftvm_proto::channel::{message::Body, Abandon, Message, Ready, Role, Start};
 use mio::{Registry, Waker};
 
+use super::backpressure::{self, Verdict};
 use super::core::{Action, CoreConfig, PrimaryCore};
 use super::{Feed, FromVcpu, Handover, PrimaryReport, PrimarySetup};
 use crate::arbiter::STATUS_FENCED;
@@ -52,7 +53,7 @@ impl PrimaryChannel {
         setup: PrimarySetup,
     ) -> std::io::Result<Self> {
         let (mut event_loop, waker) = EventLoop::new(&options)?;
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = crossbeam_channel::bounded(backpressure::FEED_QUEUE);
         let (vcpu, requests, doorbell) = VcpuControl::new();
         let (handover_tx, handover_rx) = crossbeam_channel::unbounded();
         let tracking = DirtyTracking::default();
@@ -113,6 +114,9 @@ impl PrimaryChannel {
             report: None,
             closing: Vec::new(),
             heartbeat: options.heartbeat,
+            security: options.security.clone(),
+            join_slots: link::HandshakeSlots::default(),
+            throttle: backpressure::Throttle::new(options.bounds),
             witness,
             claims: crossbeam_channel::unbounded(),
             written: Default::default(),
@@ -177,6 +181,12 @@ struct Driver {
     closing: Vec<Closing>,
     /// Our own heartbeat settings (`--heartbeat-ms`), offered to joining standbys.
     heartbeat: crate::Heartbeat,
+    /// The pair key (or `--insecure`) a joining standby must prove it holds.
+    security: link::Security,
+    /// Handshakes with joining standbys running now (capped).
+    join_slots: link::HandshakeSlots,
+    /// The back-pressure bounds on what a slow standby makes us hold.
+    throttle: backpressure::Throttle,
     /// The witness (`--witness`).
     witness: Option<WitnessConfig>,
     /// Outcomes of claims made on helper threads.
@@ -341,6 +351,10 @@ impl Driver {
 
     fn drain_vcpu(&mut self, registry: &Registry) {
         loop {
+            if self.throttle.slowed() && self.link.is_some() {
+                // The guest waits for the standby (its next send blocks on the full queue).
+                break;
+            }
             match self.rx.try_recv() {
                 Ok(msg) => self.core.on_vcpu(msg, Instant::now()),
                 Err(TryRecvError::Empty) => break,
@@ -387,6 +401,15 @@ impl Driver {
                 tracing::warn!(peer, "refusing a joining standby: {why}");
                 continue;
             }
+            let Some(slot) = self.join_slots.take() else {
+                tracing::warn!(
+                    peer,
+                    "refusing a joining standby: {} handshakes already running",
+                    link::MAX_CONCURRENT_HANDSHAKES
+                );
+                continue;
+            };
+            let security = self.security.clone();
             let tx = self.joining.0.clone();
             let waker = self.waker.clone();
             let start = self.core.start_message().clone();
@@ -394,9 +417,15 @@ impl Driver {
             let spawned = std::thread::Builder::new()
                 .name("ftvm-join".into())
                 .spawn(move || {
-                    let result = link::handshake(stream, &peer, Role::Primary, heartbeat)
+                    let me = link::Me {
+                        role: Role::Primary,
+                        initiator: false,
+                        security: &security,
+                    };
+                    let result = link::handshake(stream, &peer, me, heartbeat)
                         .and_then(|h| offer_vm(h, &peer, start))
                         .map_err(|e| format!("joining standby {peer}: {e}"));
+                    drop(slot);
                     let _ = tx.send(result);
                     let _ = waker.wake();
                 });
@@ -429,6 +458,26 @@ impl Driver {
         );
         self.link = Some(link);
         self.apply(registry);
+    }
+
+    /// Keeps what a slow standby makes us hold within the bounds: past the first the guest
+    /// is slowed (the vCPU thread's queue is left alone), past the second the standby is
+    /// dropped.
+    fn bound_the_backlog(&mut self, registry: &Registry, now: Instant) {
+        let Some(link) = &self.link else {
+            return self.throttle.clear();
+        };
+        let (held, lag) = self.core.backlog();
+        let was_slowed = self.throttle.slowed();
+        match self.throttle.check(link.pending() as u64 + held, lag, now) {
+            // The vCPU thread may be waiting on its full queue: take from it now.
+            Verdict::Run if was_slowed => self.drain_vcpu(registry),
+            Verdict::Run | Verdict::Slow => {}
+            Verdict::Drop(why) => {
+                self.core.lose(why, now);
+                self.apply(registry);
+            }
+        }
     }
 
     /// Sends pre-copy chunks while the socket takes them.
@@ -506,6 +555,7 @@ impl Side for Driver {
 
     fn after(&mut self, registry: &Registry, now: Instant) -> bool {
         self.apply(registry);
+        self.bound_the_backlog(registry, now);
         self.closing.retain_mut(|c| c.service(now));
         self.pump_precopy(registry);
         if let Some(link) = &self.link {
@@ -523,8 +573,17 @@ impl Side for Driver {
             .link
             .as_ref()
             .map_or(0, |l| self.meter.rate(now, l.bytes_sent));
-        let answer = self.core.control_request(request, now, rate);
+        let mut answer = self.core.control_request(request, now, rate);
         self.apply(registry);
+        if request == Request::Status {
+            // Whether the guest waits for a standby that is behind (DESIGN.md §6, bounds).
+            let slowed = self.throttle.slowed() && self.link.is_some();
+            answer.push_str(if slowed {
+                "slowed=yes\n"
+            } else {
+                "slowed=no\n"
+            });
+        }
         answer
     }
 

@@ -426,6 +426,15 @@ impl PrimaryCore {
         }
     }
 
+    /// Guest output held for the standby's acks (bytes) and epochs shipped but not yet
+    /// verified: what the back-pressure bounds look at.
+    pub fn backlog(&self) -> (u64, u64) {
+        (
+            self.protection.buffer.held_bytes(),
+            self.protection.lag_epochs(),
+        )
+    }
+
     /// The pair is no longer protected: tell the standby it is abandoned (whatever the
     /// reason, so it never takes our close for our death), say so once, release everything
     /// held, go on alone.

@@ -10,6 +10,7 @@
 //! ([`crate::event_loop`]) that only moves bytes and time in and out.
 
 mod arbitration;
+pub mod backpressure;
 mod channel;
 mod core;
 mod join;

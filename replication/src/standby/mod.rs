@@ -199,6 +199,11 @@ impl StandbyChannel {
     }
 }
 
+/// Messages queued for the replayer past which the channel thread stops reading the
+/// primary's socket until the replayer catches up: TCP flow control then reaches the primary,
+/// whose own bounds slow its guest (DESIGN.md §6, bounds).
+pub const REPLAYER_QUEUE: usize = 256;
+
 /// The channel thread's state outside the core.
 struct Driver {
     core: StandbyCore,
@@ -296,6 +301,10 @@ impl Side for Driver {
 
     fn heard(&mut self, now: Instant) {
         self.core.heard(now);
+    }
+
+    fn hold_reads(&self) -> bool {
+        self.to_replayer.len() >= REPLAYER_QUEUE
     }
 
     fn link_failed(&mut self, e: ChannelError, _registry: &Registry, _now: Instant) {

@@ -46,6 +46,8 @@ fn unprotected_primary() -> (PrimaryChannel, Receiver<Vec<u8>>) {
             control: None,
             witness: None,
             primary_after_go_live: false,
+            security: crate::link::Security::Insecure,
+            bounds: Default::default(),
         },
         PrimarySetup {
             memory: ftvm_vmm::memory::create(16).expect("guest memory"),

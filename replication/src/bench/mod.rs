@@ -8,7 +8,10 @@
 //! the pair magic (`FTVMPAIR`: a pair handshake as a standby follows, then every record batch
 //! that closes an epoch is acknowledged at once, as a standby's channel would acknowledge it
 //! received) or [`RAW_MAGIC`] followed by a mode byte (`e`: echo 64-byte messages; `s`: sink
-//! a length-prefixed stream and answer with its length).
+//! a length-prefixed stream and answer with its length) or [`SEALED_MAGIC`] followed by
+//! a cipher byte (`c`: ChaChaPoly, `a`: AES-GCM), the Noise handshake with the pair key
+//! ([`link::secure`]) and then the same as after `FTVMPAIR`, encrypted: so one run prints the
+//! channel's figures with and without encryption, next to raw TCP.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -20,10 +23,22 @@ use ftvm_proto::channel::{message::Body, Ack, Message, Role};
 use ftvm_proto::log::{record::Kind, EpochEnd, PioRead, Record, RecordBatch};
 use mio::{Events, Poll, Token};
 
+use crate::host::HostKind;
+use crate::link::secure::{self, Purpose, SecureStream, Security};
 use crate::link::{self, ChannelError, Link};
+
+mod report;
 
 /// First bytes of a raw-TCP baseline connection.
 pub const RAW_MAGIC: &[u8; 8] = b"FTVMRAW\0";
+/// First bytes of an encrypted channel connection.
+pub const SEALED_MAGIC: &[u8; 8] = b"FTVMSEC\0";
+
+/// The ciphers measured: the byte that names each, its Noise protocol, its name.
+const CIPHERS: [(u8, &str, &str); 2] = [
+    (b'a', secure::NOISE_PARAMS, "AES-GCM"),
+    (b'c', secure::NOISE_PARAMS_CHACHA, "ChaChaPoly"),
+];
 
 /// Connections the responder serves at once; more are closed at once.
 const MAX_CONNECTIONS: usize = 8;
@@ -77,134 +92,11 @@ impl Default for BenchOptions {
     }
 }
 
-/// Latency percentiles of one series, in microseconds.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct Latency {
-    /// Samples taken.
-    pub samples: usize,
-    /// Median.
-    pub p50_us: f64,
-    /// 99th percentile.
-    pub p99_us: f64,
-    /// 99.9th percentile.
-    pub p999_us: f64,
-    /// Counts per power-of-two bucket of microseconds (`[lo, 2 lo)`), for the histogram.
-    #[serde(skip)]
-    pub histogram: Vec<(f64, usize)>,
-}
+pub use self::report::{BenchReport, Latency, Sealed};
 
-impl Latency {
-    fn of(mut samples: Vec<Duration>) -> Self {
-        samples.sort_unstable();
-        let n = samples.len();
-        let at = |q: f64| -> f64 {
-            if n == 0 {
-                return 0.0;
-            }
-            let i = ((q * n as f64).ceil() as usize).clamp(1, n) - 1;
-            samples[i].as_secs_f64() * 1e6
-        };
-        let mut histogram: Vec<(f64, usize)> = Vec::new();
-        for s in &samples {
-            let us = s.as_secs_f64() * 1e6;
-            let lo = if us < 1.0 {
-                0.0
-            } else {
-                2f64.powi(us.log2().floor() as i32)
-            };
-            match histogram.last_mut() {
-                Some((l, c)) if *l == lo => *c += 1,
-                _ => histogram.push((lo, 1)),
-            }
-        }
-        Self {
-            samples: n,
-            p50_us: at(0.5),
-            p99_us: at(0.99),
-            p999_us: at(0.999),
-            histogram,
-        }
-    }
-}
-
-/// Everything `ftvm bench` measured.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct BenchReport {
-    /// The responder.
-    pub peer: String,
-    /// Raw TCP round trip of a 64-byte message.
-    pub raw_rtt: Latency,
-    /// Raw TCP throughput, MiB/s.
-    pub raw_mib_per_s: f64,
-    /// A one-record batch (an epoch end) to its ack.
-    pub ack_small: Latency,
-    /// A batch of `large_records` records to its ack.
-    pub ack_large: Latency,
-    /// Records in the large batch.
-    pub large_records: usize,
-    /// Log throughput over the channel (large batches, each acked), MiB/s of frames.
-    pub log_mib_per_s: f64,
-}
-
-impl BenchReport {
-    /// The report as one JSON object.
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
-    }
-}
-
-impl std::fmt::Display for BenchReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let base = self.raw_rtt.p50_us.max(1e-9);
-        writeln!(f, "ftvm bench: logging channel to {}", self.peer)?;
-        writeln!(
-            f,
-            "{:<34} {:>10} {:>10} {:>10} {:>9}",
-            "", "p50 µs", "p99 µs", "p99.9 µs", "p50 / raw"
-        )?;
-        for (name, l) in [
-            ("raw TCP round trip (64 B)", &self.raw_rtt),
-            ("channel ack, 1-record batch", &self.ack_small),
-            (
-                &*format!("channel ack, {}-record batch", self.large_records),
-                &self.ack_large,
-            ),
-        ] {
-            writeln!(
-                f,
-                "{name:<34} {:>10.1} {:>10.1} {:>10.1} {:>8.2}x",
-                l.p50_us,
-                l.p99_us,
-                l.p999_us,
-                l.p50_us / base
-            )?;
-        }
-        writeln!(
-            f,
-            "{:<34} {:>10.0} MiB/s   (raw TCP {:.0} MiB/s, {:.2}x)",
-            "log throughput",
-            self.log_mib_per_s,
-            self.raw_mib_per_s,
-            self.log_mib_per_s / self.raw_mib_per_s.max(1e-9)
-        )?;
-        writeln!(f, "channel ack latency, 1-record batch (µs):")?;
-        let most = self
-            .ack_small
-            .histogram
-            .iter()
-            .map(|(_, c)| *c)
-            .max()
-            .unwrap_or(1);
-        for (lo, count) in &self.ack_small.histogram {
-            let bar = "#".repeat((count * 50).div_ceil(most.max(1)));
-            writeln!(f, "  {:>8.0} .. {:<8.0} {:>7} {bar}", lo, lo * 2.0, count)?;
-        }
-        Ok(())
-    }
-}
-
-/// Serves benchmark connections on `listener` until it fails.
-pub fn serve(listener: TcpListener) -> io::Result<()> {
+/// Serves benchmark connections on `listener` until it fails; encrypted ones with the key
+/// of `security`.
+pub fn serve(listener: TcpListener, security: Security) -> io::Result<()> {
     let active = Arc::new(AtomicUsize::new(0));
     loop {
         let (stream, addr) = listener.accept()?;
@@ -215,10 +107,11 @@ pub fn serve(listener: TcpListener) -> io::Result<()> {
         }
         active.fetch_add(1, Ordering::SeqCst);
         let active = active.clone();
+        let security = security.clone();
         let spawned = std::thread::Builder::new()
             .name("ftvm-bench".into())
             .spawn(move || {
-                if let Err(e) = respond(stream, &peer) {
+                if let Err(e) = respond(stream, &peer, &security) {
                     tracing::info!(peer, "bench connection ended: {e}");
                 }
                 active.fetch_sub(1, Ordering::SeqCst);
@@ -229,7 +122,7 @@ pub fn serve(listener: TcpListener) -> io::Result<()> {
     }
 }
 
-fn respond(stream: TcpStream, peer: &str) -> Result<(), BenchError> {
+fn respond(stream: TcpStream, peer: &str, security: &Security) -> Result<(), BenchError> {
     let raw = raw_error(peer);
     stream
         .set_read_timeout(Some(link::HANDSHAKE_TIMEOUT))
@@ -244,7 +137,30 @@ fn respond(stream: TcpStream, peer: &str) -> Result<(), BenchError> {
         }
     }
     if &magic == ftvm_proto::CHANNEL_MAGIC {
-        return respond_channel(stream, peer);
+        let h = link::handshake(
+            stream,
+            peer,
+            link::Me {
+                role: Role::Standby,
+                initiator: false,
+                security: &Security::Insecure,
+            },
+            link::Heartbeat::default(),
+        )?;
+        return respond_channel(h, peer);
+    }
+    if &magic == SEALED_MAGIC {
+        let mut stream = stream;
+        let mut head = [0u8; 9];
+        stream.read_exact(&mut head).map_err(raw)?;
+        let Some((_, params, _)) = CIPHERS.iter().find(|(b, _, _)| *b == head[8]) else {
+            return Err(BenchError::Protocol {
+                peer: peer.into(),
+                what: format!("unknown cipher {:#x}", head[8]),
+            });
+        };
+        let h = sealed_handshake(stream, peer, security, params, false)?;
+        return respond_channel(h, peer);
     }
     if &magic != RAW_MAGIC {
         return Err(BenchError::Protocol {
@@ -284,8 +200,7 @@ fn respond(stream: TcpStream, peer: &str) -> Result<(), BenchError> {
 
 /// The channel side of the responder: a standby's handshake, then an `Ack` for every batch
 /// that closes an epoch, the moment it has arrived.
-fn respond_channel(stream: TcpStream, peer: &str) -> Result<(), BenchError> {
-    let h = link::handshake(stream, peer, Role::Standby, link::Heartbeat::default())?;
+fn respond_channel(h: link::Handshaken, peer: &str) -> Result<(), BenchError> {
     let mut link = Link::new(h)?;
     let mut poll = Poll::new().map_err(|source| ChannelError::Io {
         peer: peer.into(),
@@ -365,11 +280,84 @@ fn batch(epoch: u64, records: usize) -> Message {
     }
 }
 
-/// Measures the channel to the responder at `peer`.
-pub fn run(peer: &str, options: BenchOptions) -> Result<BenchReport, BenchError> {
+/// The Noise handshake with `params` (pair key of `security`), then the pair's `Hello`s.
+fn sealed_handshake(
+    mut tcp: TcpStream,
+    peer: &str,
+    security: &Security,
+    params: &str,
+    initiator: bool,
+) -> Result<link::Handshaken, BenchError> {
+    if matches!(security, Security::Insecure) {
+        return Err(BenchError::Protocol {
+            peer: peer.into(),
+            what: "an encrypted channel needs --key on both sides".into(),
+        });
+    }
+    let deadline = Instant::now() + link::HANDSHAKE_TIMEOUT;
+    let cipher = secure::establish_with(
+        &mut tcp,
+        peer,
+        security,
+        Purpose::Bench,
+        initiator,
+        deadline,
+        params,
+    )?;
+    let role = if initiator {
+        Role::Primary
+    } else {
+        Role::Standby
+    };
+    Ok(link::exchange_hellos(
+        SecureStream::new(tcp, cipher),
+        peer,
+        role,
+        HostKind::local(),
+        link::Heartbeat::default(),
+        deadline,
+    )?)
+}
+
+/// Measures the channel to the responder at `peer`: with `security`'s key, encrypted too.
+pub fn run(
+    peer: &str,
+    options: BenchOptions,
+    security: &Security,
+) -> Result<BenchReport, BenchError> {
     let raw_rtt = raw_round_trips(peer, options.samples)?;
     let raw_mib_per_s = raw_throughput(peer, options.duration)?;
-    let mut channel = Channel::open(peer)?;
+    let plain = measure(Channel::open(peer, None)?, options)?;
+    let mut encrypted = Vec::new();
+    if let Security::Key(_) = security {
+        for (byte, params, name) in CIPHERS {
+            let channel = Channel::open(peer, Some((security, byte, params)))?;
+            let m = measure(channel, options)?;
+            encrypted.push(Sealed {
+                cipher: name.into(),
+                ack_small: m.0,
+                ack_large: m.1,
+                log_mib_per_s: m.2,
+            });
+        }
+    }
+    Ok(BenchReport {
+        peer: peer.into(),
+        raw_rtt,
+        raw_mib_per_s,
+        ack_small: plain.0,
+        ack_large: plain.1,
+        large_records: options.large_records,
+        log_mib_per_s: plain.2,
+        encrypted,
+    })
+}
+
+/// Ack latency (1-record and large batches) and log throughput over `channel`.
+fn measure(
+    mut channel: Channel,
+    options: BenchOptions,
+) -> Result<(Latency, Latency, f64), BenchError> {
     let ack_small = channel.round_trips(1, options.samples, 0)?;
     let large_samples = (options.samples / 4).max(1);
     let ack_large = channel.round_trips(
@@ -382,15 +370,7 @@ pub fn run(peer: &str, options: BenchOptions) -> Result<BenchReport, BenchError>
         options.large_records,
         options.duration,
     )?;
-    Ok(BenchReport {
-        peer: peer.into(),
-        raw_rtt,
-        raw_mib_per_s,
-        ack_small,
-        ack_large,
-        large_records: options.large_records,
-        log_mib_per_s,
-    })
+    Ok((ack_small, ack_large, log_mib_per_s))
 }
 
 /// Turns an I/O error on a raw baseline connection to `peer` into a [`BenchError`].
@@ -471,9 +451,27 @@ struct Channel {
 }
 
 impl Channel {
-    fn open(peer: &str) -> Result<Self, BenchError> {
-        let stream = link::connect(peer, Duration::from_secs(2))?;
-        let h = link::handshake(stream, peer, Role::Primary, link::Heartbeat::default())?;
+    /// A plain channel, or one encrypted with (key, cipher byte, Noise protocol).
+    fn open(peer: &str, sealed: Option<(&Security, u8, &str)>) -> Result<Self, BenchError> {
+        let mut stream = link::connect(peer, Duration::from_secs(2))?;
+        let h = match sealed {
+            None => link::handshake(
+                stream,
+                peer,
+                link::Me {
+                    role: Role::Primary,
+                    initiator: true,
+                    security: &Security::Insecure,
+                },
+                link::Heartbeat::default(),
+            )?,
+            Some((security, byte, params)) => {
+                let mut head = SEALED_MAGIC.to_vec();
+                head.push(byte);
+                stream.write_all(&head).map_err(raw_error(peer))?;
+                sealed_handshake(stream, peer, security, params, true)?
+            }
+        };
         let mut link = Link::new(h)?;
         let io = |source| ChannelError::Io {
             peer: peer.into(),
