@@ -126,7 +126,8 @@ fn a_kick_at_the_end_of_a_lost_primarys_log_goes_live() {
     let log = dir.path_str("spin.log");
     let recorded = record(&log, "workload=spin ms=300");
     let (addr, sc) = (free_addr(), free_addr());
-    let s = standby(&addr, &sc, &[], &[]);
+    // The fake primary speaks the plain protocol: this standby takes it (--insecure).
+    let s = standby(&addr, &sc, &["--insecure"], &[]);
     let reason = fake_primary(&addr, &log, "");
     assert!(reason.contains("kicked the vCPU"), "{reason}");
     let s = s.wait(LIMIT);
@@ -162,7 +163,7 @@ fn a_divergence_before_a_lost_primarys_repair_goes_live_through_the_witness() {
         &[],
     );
     let (addr, sc) = (free_addr(), free_addr());
-    let s = standby(&addr, &sc, &["--witness", &wa], &[]);
+    let s = standby(&addr, &sc, &["--witness", &wa, "--insecure"], &[]);
     let reason = fake_primary(&addr, &log, "fake-vm");
     assert!(!reason.contains("kicked"), "{reason}");
     let s = s.wait(LIMIT);
