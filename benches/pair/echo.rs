@@ -98,12 +98,19 @@ pub fn measure(dir: &Path) -> Result<(Vec<Duration>, Vec<Duration>), Failure> {
     let unprotected = round_trips(&["run"], &dir.join("echo-unprotected.stderr"))?;
     let addr = try_free_addr()?;
     let standby = Killed(
-        ftvm(&["standby", "--listen", &addr])
-            .spawn()
-            .map_err(|e| format!("spawn ftvm standby: {e}"))?,
+        ftvm(&[
+            "standby",
+            "--listen",
+            &addr,
+            "--key",
+            super::common::pair_key(),
+        ])
+        .spawn()
+        .map_err(|e| format!("spawn ftvm standby: {e}"))?,
     );
     let primary_log = dir.join("echo-primary.stderr");
-    let protected = round_trips(&["run", "--peer", &addr], &primary_log);
+    let key = super::common::pair_key();
+    let protected = round_trips(&["run", "--peer", &addr, "--key", key], &primary_log);
     let mut standby = standby;
     let status = standby.0.wait();
     let protected = protected?;
