@@ -16,6 +16,8 @@ use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::live::{spawn_reader, LiveError, LiveHook};
 use ftvm_vmm::{RunEnd, RunError, Vm, VmConfig};
 
+mod ops;
+
 /// The command line the built-in guest runs when none is given.
 const DEFAULT_CMDLINE: &str = "workload=counter ticks=20";
 
@@ -65,7 +67,7 @@ enum Command {
     /// the primary is lost. Exits with the guest's status.
     Standby(StandbyArgs),
     /// Print the status of a pair process through its control socket (`--control`).
-    Status(StatusArgs),
+    Status(ops::StatusArgs),
     /// Planned role swap, no output lost: the standby becomes the primary and the primary
     /// its standby. ADDR is the primary's control socket (`--control`); returns once the
     /// swap is done.
@@ -114,6 +116,9 @@ struct WitnessArgs {
     /// The state file (created if missing; kept across restarts).
     #[arg(long, value_name = "FILE")]
     state: PathBuf,
+    /// Serve Prometheus metrics at http://ADDR/metrics (requests by outcome, VMs, terms).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -132,6 +137,8 @@ struct PairArgs {
     /// winning the pair's next term there. Give both sides the same witness.
     #[arg(long, value_name = "ADDR")]
     witness: Option<String>,
+    #[command(flatten)]
+    telemetry: ops::TelemetryArgs,
 }
 
 #[derive(clap::Args)]
@@ -303,6 +310,8 @@ enum CliError {
     Usage(String),
     #[error("bench: {0}")]
     Bench(#[from] ftvm_replication::bench::BenchError),
+    #[error(transparent)]
+    Telemetry(#[from] ops::TelemetryError),
 }
 
 impl From<RunError<LiveError>> for CliError {
@@ -421,6 +430,7 @@ fn channel_options(args: &PairArgs) -> Result<ChannelOptions, CliError> {
             .witness
             .clone()
             .map(ftvm_replication::witness::WitnessConfig::new),
+        telemetry: ops::start(&args.telemetry)?,
     })
 }
 
@@ -450,6 +460,12 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
     if args.pair.control.is_some() && !paired {
         return Err(CliError::Usage(
             "--control needs --peer or --accept-standby".into(),
+        ));
+    }
+    let t = &args.pair.telemetry;
+    if (t.metrics.is_some() || t.events.is_some()) && !paired {
+        return Err(CliError::Usage(
+            "--metrics and --events need --peer or --accept-standby".into(),
         ));
     }
     let (config, mut vm) = boot(&args)?;
@@ -729,8 +745,9 @@ fn witness(args: WitnessArgs) -> Result<u8, CliError> {
     let mut terms = ftvm_replication::witness::server::Terms::load(&args.state)
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let listener = listen(&args.listen)?;
+    let metrics = ops::start_witness(args.metrics.as_deref())?;
     tracing::info!(addr = args.listen, state = %args.state.display(), "witness ready");
-    ftvm_replication::witness::server::serve(&listener, &mut terms);
+    ftvm_replication::witness::server::serve(&listener, &mut terms, metrics.as_deref());
     Ok(0)
 }
 
@@ -792,8 +809,8 @@ fn standby(args: StandbyArgs) -> Result<u8, CliError> {
     }
 }
 
-fn status(args: StatusArgs) -> Result<u8, CliError> {
-    print!("{}", ftvm_replication::status::query(&args.addr)?);
+fn status(args: ops::StatusArgs) -> Result<u8, CliError> {
+    print!("{}", ops::status(&args)?);
     Ok(0)
 }
 
@@ -875,8 +892,10 @@ fn bench(args: BenchArgs) -> Result<u8, CliError> {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
+            // FTVM_LOG, else RUST_LOG, else INFO: lifecycle events show by default.
             tracing_subscriber::EnvFilter::try_from_env("FTVM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

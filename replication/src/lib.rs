@@ -38,6 +38,7 @@ pub mod primary;
 pub mod standby;
 pub mod status;
 pub mod sync;
+pub mod telemetry;
 pub mod witness;
 
 pub use link::{ChannelError, Heartbeat, Link};
@@ -52,6 +53,8 @@ pub struct ChannelOptions {
     pub control: Option<std::net::TcpListener>,
     /// The witness (`--witness`): the arbiter of role changes decided on silence.
     pub witness: Option<witness::WitnessConfig>,
+    /// Metrics and the event log (`--metrics`, `--events`), shared by every role.
+    pub telemetry: Option<std::sync::Arc<telemetry::Telemetry>>,
 }
 
 impl ChannelOptions {
@@ -61,6 +64,7 @@ impl ChannelOptions {
             heartbeat: self.heartbeat,
             control: self.control.as_ref().map(|l| l.try_clone()).transpose()?,
             witness: self.witness.clone(),
+            telemetry: self.telemetry.clone(),
         })
     }
 }

@@ -112,6 +112,7 @@ impl PrimaryChannel {
             heartbeat: options.heartbeat,
             witness,
             claims: crossbeam_channel::unbounded(),
+            telemetry: options.telemetry.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("ftvm-channel".into())
@@ -177,6 +178,8 @@ struct Driver {
     witness: Option<WitnessConfig>,
     /// Outcomes of claims made on helper threads.
     claims: (Sender<ClaimOutcome>, Receiver<ClaimOutcome>),
+    /// Metrics and events (`--metrics`, `--events`).
+    telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 }
 
 /// The connection to an abandoned standby: `Abandon` is queued on it. It closes once that
@@ -265,7 +268,12 @@ impl Driver {
                     vm_id,
                     expected_term,
                 } => self.claim(vm_id, expected_term),
-                Action::Fence(why) => fence(&why),
+                Action::Fence(why) => {
+                    if let Some(t) = &self.telemetry {
+                        t.fenced(&why);
+                    }
+                    fence(&why)
+                }
             }
         }
     }
@@ -509,6 +517,14 @@ impl Side for Driver {
         let answer = self.core.control_request(request, now, rate);
         self.apply(registry);
         answer
+    }
+
+    fn snapshot(&mut self, now: Instant) -> (crate::status::Status, crate::telemetry::Timings) {
+        let rate = self
+            .link
+            .as_ref()
+            .map_or(0, |l| self.meter.rate(now, l.bytes_sent));
+        (self.core.status(now, rate), self.core.take_timings())
     }
 
     fn done(&self) -> bool {

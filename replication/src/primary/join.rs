@@ -121,6 +121,11 @@ impl Join {
         tracking.stop_sync();
     }
 
+    /// The sync's progress: (page bytes sent, pages left in the round).
+    pub fn progress(&self) -> Option<(u64, u64)> {
+        self.sync.as_ref().map(|s| (s.bytes_sent, s.remaining()))
+    }
+
     /// The sync, for `ftvm status`.
     pub fn describe(&self) -> Option<String> {
         self.sync.as_ref().map(|s| {

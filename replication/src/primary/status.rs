@@ -59,6 +59,7 @@ impl PrimaryCore {
             exit_seq: self.exit_seq,
             lag_epochs: self.protection.lag_epochs(),
             lag: self.protection.lag(now),
+            lag_bytes: self.protection.lag_bytes(),
             log_bytes_per_s: if self.standby.is_some() {
                 log_bytes_per_s
             } else {
@@ -68,8 +69,17 @@ impl PrimaryCore {
             held_output_bytes: self.protection.buffer.held_bytes(),
             repairs: self.report.repairs,
             syncs: self.report.syncs,
+            divergences: self.report.divergences,
+            checkpoint_required: self.report.checkpoint_required,
+            repair_bytes: self.report.repair_bytes,
+            sync_bytes: self.join.progress().map_or(0, |(bytes, _)| bytes),
+            sync_pages_left: self.join.progress().map_or(0, |(_, left)| left),
             heartbeat: self.heartbeat,
             term: self.arbiter.as_ref().map(|a| a.term),
+            arbiter_reachable: self
+                .arbiter
+                .as_ref()
+                .map(crate::arbiter::Arbiter::reachable),
         }
     }
 }

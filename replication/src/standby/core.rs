@@ -44,6 +44,8 @@ pub enum Action {
 pub(super) struct Progress {
     /// Epochs received and not yet verified, with when their end arrived.
     pub(super) unverified: VecDeque<(u64, Instant)>,
+    /// Log bytes received since the replay last caught up with everything received.
+    pub(super) unverified_bytes: u64,
     pub(super) received_epoch: u64,
     pub(super) verified_epoch: u64,
     pub(super) exit_seq: u64,
@@ -76,6 +78,11 @@ pub(super) struct Condition {
     pub(super) syncing: Option<(u64, u64)>,
     pub(super) repairs: u64,
     pub(super) syncs: u64,
+    /// Divergences reported to the primary, and how many of them were checkpoint-required.
+    pub(super) divergences: u64,
+    pub(super) checkpoint_required: u64,
+    /// Page bytes of the repair checkpoints received.
+    pub(super) repair_bytes: u64,
 }
 
 /// The standby's side of the pair protocol.
@@ -223,6 +230,7 @@ impl StandbyCore {
             Some(Body::Heartbeat(_)) => {}
             Some(Body::Batch(batch)) => {
                 self.progress.exit_seq = batch.complete_through;
+                self.progress.unverified_bytes += prost::Message::encoded_len(&batch) as u64;
                 for r in &batch.records {
                     if let Some(Kind::EpochEnd(e)) = &r.kind {
                         self.progress.received_epoch = e.epoch;
@@ -262,6 +270,9 @@ impl StandbyCore {
                 self.progress.received_epoch = end.epoch;
                 self.progress.run_end |= end.run_end.is_some();
                 self.progress.unverified.push_back((end.epoch, now));
+                if !end.sync {
+                    self.condition.repair_bytes += end.page_bytes;
+                }
                 self.replayer(ToReplayer::CheckpointEnd { end, held });
             }
             body => {
@@ -289,10 +300,15 @@ impl StandbyCore {
                 {
                     self.progress.unverified.pop_front();
                 }
+                if self.progress.unverified.is_empty() {
+                    self.progress.unverified_bytes = 0;
+                }
                 self.ack(epoch, exit_seq, now);
             }
             FromReplayer::Diverged(d) => {
                 let what = format!("epoch {} at exit {}: {}", d.epoch, d.exit_seq, d.reason);
+                self.condition.divergences += 1;
+                self.condition.checkpoint_required += u64::from(d.checkpoint_required);
                 if d.checkpoint_failed {
                     self.condition.diverged = Some(what);
                 } else {
@@ -315,6 +331,9 @@ impl StandbyCore {
                 self.condition.awaiting = None;
                 self.progress.verified_epoch = epoch;
                 self.progress.unverified.retain(|(e, _)| *e > epoch);
+                if self.progress.unverified.is_empty() {
+                    self.progress.unverified_bytes = 0;
+                }
                 self.ack(epoch, exit_seq, now);
             }
             FromReplayer::Syncing {

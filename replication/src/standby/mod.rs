@@ -328,6 +328,14 @@ impl Side for Driver {
         answer
     }
 
+    fn snapshot(&mut self, now: Instant) -> (crate::status::Status, crate::telemetry::Timings) {
+        let rate = self
+            .link
+            .as_ref()
+            .map_or(0, |l| self.meter.rate(now, l.bytes_received));
+        (self.core.status(now, rate), Default::default())
+    }
+
     fn done(&self) -> bool {
         self.core.shut_down()
     }

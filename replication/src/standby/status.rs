@@ -131,6 +131,7 @@ impl StandbyCore {
             verified_epoch: p.verified_epoch,
             exit_seq: p.exit_seq,
             lag_epochs: p.unverified.len() as u64,
+            lag_bytes: p.unverified_bytes,
             lag: p
                 .unverified
                 .front()
@@ -144,8 +145,17 @@ impl StandbyCore {
             held_output_bytes: 0,
             repairs: c.repairs,
             syncs: c.syncs,
+            divergences: c.divergences,
+            checkpoint_required: c.checkpoint_required,
+            repair_bytes: c.repair_bytes,
+            sync_bytes: c.syncing.map_or(0, |(bytes, _)| bytes),
+            sync_pages_left: c.syncing.map_or(0, |(_, left)| left),
             heartbeat: self.heartbeat,
             term: self.arbiter.as_ref().map(|a| a.term),
+            arbiter_reachable: self
+                .arbiter
+                .as_ref()
+                .map(crate::arbiter::Arbiter::reachable),
         }
     }
 }
