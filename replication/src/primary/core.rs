@@ -439,7 +439,7 @@ impl PrimaryCore {
             self.report.lost = Some(why);
             return;
         }
-        tracing::error!(
+        tracing::warn!(
             held_output_bytes = self.protection.buffer.held_bytes(),
             "{why}: running unprotected"
         );

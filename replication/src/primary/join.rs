@@ -58,7 +58,7 @@ impl Join {
             None => {}
         }
         let sync = PreCopy::start(new_id(), self.memory.clone(), tracking);
-        tracing::warn!(
+        tracing::info!(
             memory_mib = sync.memory_bytes() >> 20,
             "standby joined: syncing guest memory while the guest runs"
         );

@@ -263,7 +263,7 @@ impl PrimaryCore {
             self.join.finished(&self.tracking);
             self.report.syncs += 1;
             self.report.lost = None;
-            tracing::warn!(
+            tracing::info!(
                 peer = self.peer,
                 ?took,
                 "standby synced: the guest is protected again"

@@ -215,7 +215,7 @@ impl StandbyCore {
             if self.condition.waiting.is_some() && self.arbiter.as_mut().is_none_or(|a| a.cancel())
             {
                 if let Some(why) = self.condition.waiting.take() {
-                    tracing::warn!("the primary is back ({why}): following it again");
+                    tracing::info!("the primary is back ({why}): following it again");
                 }
             }
         }
@@ -245,7 +245,7 @@ impl StandbyCore {
                 self.actions.push_back(Action::Released(r.output_seq));
             }
             Some(Body::Switchover(sw)) => {
-                tracing::warn!(
+                tracing::info!(
                     epoch = sw.epoch,
                     exit_seq = sw.exit_seq,
                     "the primary hands over its role"
@@ -434,7 +434,7 @@ impl StandbyCore {
                 .is_some_and(|l| !matches!(l.tick(now), Beat::Silent(_)));
             if back && a.cancel() {
                 if let Some(why) = self.condition.waiting.take() {
-                    tracing::warn!("the primary is back ({why}): following it again");
+                    tracing::info!("the primary is back ({why}): following it again");
                 }
             }
             return;

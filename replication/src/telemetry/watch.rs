@@ -51,7 +51,7 @@ impl Watch {
             );
             if s.role.contains("live after failover") {
                 m.failovers.inc();
-                tracing::warn!(
+                tracing::info!(
                     epoch = s.verified_epoch,
                     "failover: this standby is live ({})",
                     s.state

@@ -85,7 +85,7 @@ impl Terms {
                     ..Default::default()
                 };
             }
-            tracing::warn!(vm = c.vm_id, term = new.0, holder = new.1, "term granted");
+            tracing::info!(vm = c.vm_id, term = new.0, holder = new.1, "term granted");
             return WitnessReply {
                 granted: true,
                 term: new.0,
