@@ -29,7 +29,9 @@ impl PrimaryCore {
     /// Where the pair stands, for `ftvm status`.
     pub fn status(&self, now: Instant, log_bytes_per_s: u64) -> Status {
         let (protected, state) = if self.standby.is_some() {
-            if let Some(s) = self.join.describe() {
+            if self.lifecycle.run_end_shipped && self.protection.settled() {
+                (true, "ended: the guest's run is over".to_string())
+            } else if let Some(s) = self.join.describe() {
                 (false, s)
             } else if self.switchover.phase.is_some() {
                 (true, "switching over".to_string())

@@ -157,6 +157,11 @@ impl StandbyCore {
         self.control = Some(addr);
     }
 
+    /// This standby joins a running guest: it syncs (unprotected) before it follows.
+    pub fn set_syncing(&mut self) {
+        self.condition.syncing.get_or_insert((0, 0));
+    }
+
     /// The next thing the event loop must do.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()

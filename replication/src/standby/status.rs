@@ -116,6 +116,13 @@ impl StandbyCore {
                     self.promote_hint()
                 ),
             )
+        } else if self.progress.run_end && self.progress.unverified.is_empty() {
+            // Every epoch to the run's end verified: nothing is left to protect.
+            (
+                "standby",
+                true,
+                "ended: the guest's run is over".to_string(),
+            )
         } else if let Some(why) = &c.lost {
             ("standby", false, format!("going live: {why}"))
         } else {

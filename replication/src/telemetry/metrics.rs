@@ -22,7 +22,7 @@ pub const ROLES: [&str; 2] = ["primary", "standby"];
 
 /// The classes of `state` (`ftvm_state{state=…}`): the words before the first `:` of the
 /// status's `state`, spaces as `_`.
-pub const STATES: [&str; 12] = [
+pub const STATES: [&str; 13] = [
     "starting",
     "lockstep",
     "repairing",
@@ -35,6 +35,7 @@ pub const STATES: [&str; 12] = [
     "fenced",
     "abandoned",
     "diverged",
+    "ended",
 ];
 
 /// The label of `ftvm_role`.

@@ -1,6 +1,6 @@
 //! Events and counters from successive status snapshots: what changed since the last one.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
@@ -8,8 +8,12 @@ use super::metrics::{role_class, state_class, Metrics};
 use crate::fields;
 use crate::status::Status;
 
-/// Lag past this is `lagging` (WARN, and an event); below it again, `caught_up`.
+/// Lag past this is `lagging` (WARN, and an event).
 pub const LAGGING: Duration = Duration::from_secs(1);
+
+/// Lag back under [`LAGGING`] for this long is `caught_up` (lag is a saw-tooth: the oldest
+/// unverified epoch ages until an ack takes it, so one snapshot under the bound says little).
+pub const CAUGHT_UP_AFTER: Duration = Duration::from_secs(5);
 
 /// A `sync_progress` event each time this many more bytes were synced.
 pub const SYNC_STEP: u64 = 16 << 20;
@@ -19,6 +23,8 @@ pub const SYNC_STEP: u64 = 16 << 20;
 pub(super) struct Watch {
     last: Option<Status>,
     lagging: bool,
+    /// While lagging: since when the lag is back under the bound.
+    under_since: Option<Instant>,
     /// Sync bytes at the last `sync_progress` event.
     sync_reported: u64,
 }
@@ -86,6 +92,10 @@ impl Watch {
                     emit("fenced", fields!("why" => s.state.as_str()));
                 }
                 "waiting" => emit("waiting", fields!("why" => s.state.as_str())),
+                "ended" => emit(
+                    "run_ended",
+                    fields!("epoch" => s.epoch, "verified_epoch" => s.verified_epoch),
+                ),
                 _ => {}
             }
         }
@@ -95,22 +105,6 @@ impl Watch {
                 "sync_progress",
                 fields!("bytes" => s.sync_bytes, "pages_left" => s.sync_pages_left),
             );
-        }
-        if p.map(|p| p.protected) != Some(s.protected) {
-            if s.protected {
-                emit(
-                    "protected",
-                    fields!("state" => s.state.as_str(), "peer" => s.peer.as_str()),
-                );
-            } else {
-                if p.is_some() {
-                    m.protection_lost.inc();
-                }
-                emit(
-                    "unprotected",
-                    fields!("why" => s.state.as_str(), "peer" => s.peer.as_str()),
-                );
-            }
         }
         let d = grew(p.map(|p| p.divergences), s.divergences);
         if d > 0 {
@@ -140,6 +134,24 @@ impl Watch {
                 fields!("total" => s.syncs, "peer" => s.peer.as_str()),
             );
         }
+        // After the counts: a sync or a repair that finished comes before the protection it
+        // brought back.
+        if p.map(|p| p.protected) != Some(s.protected) {
+            if s.protected {
+                emit(
+                    "protected",
+                    fields!("state" => s.state.as_str(), "peer" => s.peer.as_str()),
+                );
+            } else {
+                if p.is_some() {
+                    m.protection_lost.inc();
+                }
+                emit(
+                    "unprotected",
+                    fields!("why" => s.state.as_str(), "peer" => s.peer.as_str()),
+                );
+            }
+        }
         let reachable = p.and_then(|p| p.arbiter_reachable);
         match (reachable, s.arbiter_reachable) {
             (Some(true) | None, Some(false)) => {
@@ -148,11 +160,18 @@ impl Watch {
             (Some(false), Some(true)) => emit("arbiter_reachable", Map::new()),
             _ => {}
         }
-        let lagging = s.lag > LAGGING;
-        if lagging != self.lagging {
-            self.lagging = lagging;
-            let lag_ms = s.lag.as_millis() as u64;
-            if lagging {
+        self.lag(s, emit);
+        self.last = Some(s.clone());
+    }
+
+    /// `lagging` as soon as the lag passes [`LAGGING`]; `caught_up` once it stayed under it
+    /// for [`CAUGHT_UP_AFTER`].
+    fn lag(&mut self, s: &Status, emit: &mut dyn FnMut(&str, Map<String, Value>)) {
+        let lag_ms = u64::try_from(s.lag.as_millis()).unwrap_or(u64::MAX);
+        if s.lag > LAGGING {
+            self.under_since = None;
+            if !self.lagging {
+                self.lagging = true;
                 tracing::warn!(
                     lag_ms,
                     lag_epochs = s.lag_epochs,
@@ -162,12 +181,24 @@ impl Watch {
                     "lagging",
                     fields!("lag_ms" => lag_ms, "lag_epochs" => s.lag_epochs),
                 );
-            } else {
-                tracing::info!("caught up: lag back under {} ms", LAGGING.as_millis());
-                emit("caught_up", fields!("lag_ms" => lag_ms));
             }
+            return;
         }
-        self.last = Some(s.clone());
+        if !self.lagging {
+            return;
+        }
+        let now = Instant::now();
+        let since = *self.under_since.get_or_insert(now);
+        if now.saturating_duration_since(since) >= CAUGHT_UP_AFTER {
+            self.lagging = false;
+            self.under_since = None;
+            tracing::info!(
+                "caught up: lag under {} ms for {} s",
+                LAGGING.as_millis(),
+                CAUGHT_UP_AFTER.as_secs()
+            );
+            emit("caught_up", fields!("lag_ms" => lag_ms));
+        }
     }
 }
 
