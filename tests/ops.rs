@@ -386,6 +386,105 @@ fn a_lost_standby_and_a_join_are_told_by_metrics_and_events() {
     assert!(first_protected > finished, "{names:?}");
 }
 
+/// A planned switchover: both sides count it and log it, each in its new role, and the run
+/// finishes protected.
+#[test]
+fn a_switchover_is_counted_and_logged_on_both_sides() {
+    let _one = serial();
+    let dir = Scratch::new("ops-switchover");
+    let [addr, pc, pm, sc, sm] = [(); 5].map(|()| free_addr());
+    let (pe, se) = (dir.path_str("p.jsonl"), dir.path_str("s.jsonl"));
+    let s = standby(&addr, &sc, &["--metrics", &sm, "--events", &se], &[]);
+    let mut p = primary(
+        &addr,
+        400,
+        &["--control", &pc, "--metrics", &pm, "--events", &pe],
+        &["standby ready"],
+    );
+    p.expect("standby ready");
+    wait_scrape(&pm, "protected", |m| {
+        m.get("ftvm_protected") == 1.0 && m.get("ftvm_verified_epoch") > 0.0
+    });
+    let o = Command::new(FTVM)
+        .args(["switchover", &pc])
+        .output()
+        .expect("ftvm switchover");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let old = wait_scrape(&pm, "the old primary a standby", |m| {
+        m.get("ftvm_switchovers_total") == 1.0 && m.get("ftvm_role{role=\"standby\"}") == 1.0
+    });
+    assert_eq!(old.get("ftvm_failovers_total"), 0.0, "{}", old.1);
+    let new = wait_scrape(&sm, "the old standby the primary", |m| {
+        m.get("ftvm_switchovers_total") == 1.0 && m.get("ftvm_role{role=\"primary\"}") == 1.0
+    });
+    assert_eq!(new.get("ftvm_failovers_total"), 0.0, "{}", new.1);
+    let (p, s) = (p.wait(LIMIT), s.wait(LIMIT));
+    assert_eq!(p.status.code(), Some(0), "old primary: {}", p.stderr);
+    assert_eq!(s.status.code(), Some(0), "new primary: {}", s.stderr);
+    let p_log = events(&pe);
+    assert_story(&p_log, &["role_changed", "protected", "switchover"]);
+    let switched = p_log.iter().find(|v| v["event"] == "switchover");
+    assert_eq!(switched.map(|v| &v["to"]), Some(&"standby".into()));
+    let s_log = events(&se);
+    assert_story(&s_log, &["role_changed", "protected", "switchover"]);
+    let switched = s_log.iter().find(|v| v["event"] == "switchover");
+    assert_eq!(switched.map(|v| &v["to"]), Some(&"primary".into()));
+}
+
+/// A frozen primary loses the term to its standby; let run again, it fences itself, and
+/// its event log says so before it exits.
+#[test]
+fn a_fenced_primary_logs_it_before_it_exits() {
+    let _one = serial();
+    let dir = Scratch::new("ops-fenced");
+    let [wa, addr, sc, sm] = [(); 4].map(|()| free_addr());
+    let pe = dir.path_str("p.jsonl");
+    let mut w = spawn(
+        &[
+            "witness",
+            "--listen",
+            &wa,
+            "--state",
+            &dir.path_str("state"),
+        ],
+        &["witness ready"],
+    );
+    w.expect("witness ready");
+    let s = standby(&addr, &sc, &["--witness", &wa, "--metrics", &sm], &[]);
+    let mut p = primary(
+        &addr,
+        300,
+        &["--witness", &wa, "--events", &pe],
+        &["standby ready"],
+    );
+    p.expect("standby ready");
+    wait_scrape(&sm, "following", |m| m.get("ftvm_verified_epoch") > 0.0);
+    p.signal(libc::SIGSTOP);
+    let live = wait_scrape(&sm, "live with term 1", |m| {
+        m.get("ftvm_failovers_total") == 1.0 && m.get("ftvm_term") == 1.0
+    });
+    assert_eq!(live.get("ftvm_protected"), 0.0, "{}", live.1);
+    p.signal(libc::SIGCONT);
+    let p = p.wait(LIMIT);
+    assert_eq!(p.status.code(), Some(11), "primary: {}", p.stderr);
+    let s = s.wait(LIMIT);
+    assert_eq!(s.status.code(), Some(0), "standby: {}", s.stderr);
+    drop(w);
+    let log = events(&pe);
+    assert_story(
+        &log,
+        &["role_changed", "protected", "unprotected", "fenced"],
+    );
+    let last = log.last().expect("events");
+    assert_eq!(last["event"], "fenced", "{last}");
+    assert!(
+        last["why"]
+            .as_str()
+            .is_some_and(|w| w.contains("the witness gave term 1")),
+        "{last}"
+    );
+}
+
 /// The alert rules are valid and their unit tests pass (promtool, installed by
 /// scripts/setup.sh; missing, this fails: it is never skipped).
 #[test]
