@@ -13,13 +13,14 @@ use crate::output::{HeldOutput, OutputBuffer};
 pub(super) struct Protection {
     /// Output held until its epoch is verified.
     pub buffer: OutputBuffer,
-    /// Epochs shipped to the standby and not yet verified, with when they were shipped and
-    /// the log bytes they took.
-    unverified: VecDeque<(u64, Instant, u64)>,
-    /// Log bytes shipped for the epoch now open.
-    open_bytes: u64,
+    /// Epochs shipped to the standby and not yet verified, with when they were shipped.
+    unverified: VecDeque<(u64, Instant)>,
     /// The highest epoch shipped to the standby attached now (0: none yet).
     shipped: u64,
+    /// Log bytes (records, checkpoint pages) shipped for each epoch in `unverified`.
+    epoch_bytes: VecDeque<(u64, u64)>,
+    /// Log bytes shipped for the epoch now open.
+    open_bytes: u64,
 }
 
 impl Protection {
@@ -28,28 +29,25 @@ impl Protection {
         Self {
             buffer: OutputBuffer::starting_at(output_seq),
             unverified: VecDeque::new(),
-            open_bytes: 0,
             shipped: 0,
+            epoch_bytes: VecDeque::new(),
+            open_bytes: 0,
         }
     }
 
     /// A new standby attached: nothing is shipped to it yet.
     pub fn attached(&mut self) {
         self.unverified.clear();
-        self.open_bytes = 0;
         self.shipped = 0;
-    }
-
-    /// `bytes` of log (records, checkpoint pages) went to the standby for the open epoch.
-    pub fn log_bytes(&mut self, bytes: usize) {
-        self.open_bytes += bytes as u64;
+        self.forget_bytes();
     }
 
     /// The end of `epoch` went to the standby at `now`.
     pub fn shipped(&mut self, epoch: u64, now: Instant) {
-        let bytes = std::mem::take(&mut self.open_bytes);
-        self.unverified.push_back((epoch, now, bytes));
+        self.unverified.push_back((epoch, now));
         self.shipped = self.shipped.max(epoch);
+        let bytes = std::mem::take(&mut self.open_bytes);
+        self.epoch_bytes.push_back((epoch, bytes));
     }
 
     /// Checks an acknowledgement against what was shipped: the standby cannot have received
@@ -65,20 +63,14 @@ impl Protection {
         Ok(())
     }
 
-    /// How long each epoch through `epoch` not verified yet waited since it was shipped.
-    pub fn ack_latencies(&self, epoch: u64, now: Instant) -> Vec<Duration> {
-        self.unverified
-            .iter()
-            .take_while(|(e, _, _)| *e <= epoch)
-            .map(|(_, t, _)| now.saturating_duration_since(*t))
-            .collect()
-    }
-
     /// The standby verified every epoch through `epoch`: the output they produced may
     /// leave. A stale acknowledgement (an epoch verified before) releases nothing new.
     pub fn verify(&mut self, epoch: u64) -> Vec<HeldOutput> {
-        while self.unverified.front().is_some_and(|(e, _, _)| *e <= epoch) {
+        while self.unverified.front().is_some_and(|(e, _)| *e <= epoch) {
             self.unverified.pop_front();
+        }
+        while self.epoch_bytes.front().is_some_and(|(e, _)| *e <= epoch) {
+            self.epoch_bytes.pop_front();
         }
         self.buffer.release_through(epoch)
     }
@@ -86,7 +78,7 @@ impl Protection {
     /// The standby is gone: nothing waits for it any more, everything held may leave.
     pub fn unprotect(&mut self) -> Vec<HeldOutput> {
         self.unverified.clear();
-        self.open_bytes = 0;
+        self.forget_bytes();
         self.buffer.release_all()
     }
 
@@ -102,13 +94,32 @@ impl Protection {
 
     /// Age of the oldest epoch not verified.
     pub fn lag(&self, now: Instant) -> Duration {
-        self.unverified.front().map_or(Duration::ZERO, |(_, t, _)| {
-            now.saturating_duration_since(*t)
-        })
+        self.unverified
+            .front()
+            .map_or(Duration::ZERO, |(_, t)| now.saturating_duration_since(*t))
+    }
+
+    /// How long each epoch through `epoch` not verified yet waited since it was shipped.
+    pub fn ack_latencies(&self, epoch: u64, now: Instant) -> Vec<Duration> {
+        self.unverified
+            .iter()
+            .take_while(|(e, _)| *e <= epoch)
+            .map(|(_, t)| now.saturating_duration_since(*t))
+            .collect()
+    }
+
+    /// `bytes` of log (records, checkpoint pages) went to the standby for the open epoch.
+    pub fn log_bytes(&mut self, bytes: usize) {
+        self.open_bytes += bytes as u64;
     }
 
     /// Log bytes shipped and not verified (the open epoch's included).
     pub fn lag_bytes(&self) -> u64 {
-        self.open_bytes + self.unverified.iter().map(|(_, _, b)| b).sum::<u64>()
+        self.open_bytes + self.epoch_bytes.iter().map(|(_, b)| b).sum::<u64>()
+    }
+
+    fn forget_bytes(&mut self) {
+        self.epoch_bytes.clear();
+        self.open_bytes = 0;
     }
 }

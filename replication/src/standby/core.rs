@@ -44,7 +44,8 @@ pub enum Action {
 pub(super) struct Progress {
     /// Epochs received and not yet verified, with when their end arrived.
     pub(super) unverified: VecDeque<(u64, Instant)>,
-    /// Log bytes received since the replay last caught up with everything received.
+    /// Log bytes received since the replay last caught up with everything received (see
+    /// [`StandbyCore::count_log_bytes`]).
     pub(super) unverified_bytes: u64,
     pub(super) received_epoch: u64,
     pub(super) verified_epoch: u64,
@@ -157,6 +158,16 @@ impl StandbyCore {
         self.control = Some(addr);
     }
 
+    /// Counts a batch's bytes towards `lag_bytes`: from 0 again whenever the replay had
+    /// verified everything received before it.
+    fn count_log_bytes(&mut self, batch: &ftvm_proto::log::RecordBatch) {
+        let p = &mut self.progress;
+        if p.unverified.is_empty() {
+            p.unverified_bytes = 0;
+        }
+        p.unverified_bytes += prost::Message::encoded_len(batch) as u64;
+    }
+
     /// This standby joins a running guest: it syncs (unprotected) before it follows.
     pub fn set_syncing(&mut self) {
         self.condition.syncing.get_or_insert((0, 0));
@@ -231,11 +242,13 @@ impl StandbyCore {
         if self.primary.is_none() {
             return;
         }
+        if let Some(Body::Batch(batch)) = &msg.body {
+            self.count_log_bytes(batch);
+        }
         match msg.body {
             Some(Body::Heartbeat(_)) => {}
             Some(Body::Batch(batch)) => {
                 self.progress.exit_seq = batch.complete_through;
-                self.progress.unverified_bytes += prost::Message::encoded_len(&batch) as u64;
                 for r in &batch.records {
                     if let Some(Kind::EpochEnd(e)) = &r.kind {
                         self.progress.received_epoch = e.epoch;
@@ -305,9 +318,6 @@ impl StandbyCore {
                 {
                     self.progress.unverified.pop_front();
                 }
-                if self.progress.unverified.is_empty() {
-                    self.progress.unverified_bytes = 0;
-                }
                 self.ack(epoch, exit_seq, now);
             }
             FromReplayer::Diverged(d) => {
@@ -336,9 +346,6 @@ impl StandbyCore {
                 self.condition.awaiting = None;
                 self.progress.verified_epoch = epoch;
                 self.progress.unverified.retain(|(e, _)| *e > epoch);
-                if self.progress.unverified.is_empty() {
-                    self.progress.unverified_bytes = 0;
-                }
                 self.ack(epoch, exit_seq, now);
             }
             FromReplayer::Syncing {

@@ -138,7 +138,11 @@ impl StandbyCore {
             verified_epoch: p.verified_epoch,
             exit_seq: p.exit_seq,
             lag_epochs: p.unverified.len() as u64,
-            lag_bytes: p.unverified_bytes,
+            lag_bytes: if p.unverified.is_empty() {
+                0
+            } else {
+                p.unverified_bytes
+            },
             lag: p
                 .unverified
                 .front()
