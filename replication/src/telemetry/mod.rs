@@ -91,8 +91,8 @@ impl Telemetry {
 
     /// This process lost the term and stops its guest now (it exits right after).
     pub fn fenced(&self, why: &str) {
-        self.metrics.fenced.inc();
         self.event("fenced", crate::fields!("why" => why));
+        self.metrics.fenced.inc();
     }
 
     /// A role's status after a turn of its loop, and what its core measured.
@@ -103,7 +103,6 @@ impl Telemetry {
         for d in timings.output_delay {
             self.metrics.output_delay(d);
         }
-        self.metrics.set(status);
         let mut watch = match self.watch.lock() {
             Ok(w) => w,
             Err(poisoned) => poisoned.into_inner(),
@@ -111,5 +110,7 @@ impl Telemetry {
         watch.step(status, &self.metrics, &mut |name, fields| {
             self.event(name, fields)
         });
+        // The gauges last too: a scrape that sees a new state finds its events written.
+        self.metrics.set(status);
     }
 }

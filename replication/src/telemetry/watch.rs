@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use serde_json::{Map, Value};
 
 use super::metrics::{role_class, state_class, Metrics};
@@ -46,6 +47,9 @@ impl Watch {
         m: &Metrics,
         emit: &mut dyn FnMut(&str, Map<String, Value>),
     ) {
+        // Counters move after the events that explain them are written: whoever sees a
+        // count in a scrape finds its event in the log.
+        let mut bumps: Vec<(&Counter, u64)> = Vec::new();
         let prev = self.last.take();
         let p = prev.as_ref();
         let class = state_class(&s.state);
@@ -56,7 +60,7 @@ impl Watch {
                 fields!("from" => from.clone(), "to" => s.role.as_str(), "state" => s.state.as_str(), "peer" => s.peer.as_str()),
             );
             if s.role.contains("live after failover") {
-                m.failovers.inc();
+                bumps.push((&m.failovers, 1));
                 tracing::info!(
                     epoch = s.verified_epoch,
                     "failover: this standby is live ({})",
@@ -67,7 +71,7 @@ impl Watch {
                     fields!("why" => s.state.as_str(), "verified_epoch" => s.verified_epoch, "exit_seq" => s.exit_seq),
                 );
             } else if p.is_some_and(|p| role_class(&p.role) != role_class(&s.role)) {
-                m.switchovers.inc();
+                bumps.push((&m.switchovers, 1));
                 emit(
                     "switchover",
                     fields!("from" => from, "to" => s.role.as_str(), "epoch" => s.epoch),
@@ -82,13 +86,13 @@ impl Watch {
             );
             match class {
                 "syncing" => {
-                    m.syncs_started.inc();
+                    bumps.push((&m.syncs_started, 1));
                     self.sync_reported = 0;
                     emit("sync_started", fields!("peer" => s.peer.as_str()));
                 }
                 "abandoned" => emit("abandoned", fields!("why" => s.state.as_str())),
                 "fenced" => {
-                    m.fenced.inc();
+                    bumps.push((&m.fenced, 1));
                     emit("fenced", fields!("why" => s.state.as_str()));
                 }
                 "waiting" => emit("waiting", fields!("why" => s.state.as_str())),
@@ -108,19 +112,21 @@ impl Watch {
         }
         let d = grew(p.map(|p| p.divergences), s.divergences);
         if d > 0 {
-            m.divergences.inc_by(d);
+            bumps.push((&m.divergences, d));
             let cr = grew(p.map(|p| p.checkpoint_required), s.checkpoint_required);
-            m.checkpoint_required.inc_by(cr);
+            bumps.push((&m.checkpoint_required, cr));
             emit(
                 "divergence",
                 fields!("new" => d, "checkpoint_required" => cr, "total" => s.divergences, "state" => s.state.as_str()),
             );
         }
-        m.repair_bytes
-            .inc_by(grew(p.map(|p| p.repair_bytes), s.repair_bytes));
+        bumps.push((
+            &m.repair_bytes,
+            grew(p.map(|p| p.repair_bytes), s.repair_bytes),
+        ));
         let r = grew(p.map(|p| p.repairs), s.repairs);
         if r > 0 {
-            m.repairs.inc_by(r);
+            bumps.push((&m.repairs, r));
             emit(
                 "repair",
                 fields!("new" => r, "total" => s.repairs, "repair_bytes" => s.repair_bytes, "verified_epoch" => s.verified_epoch),
@@ -128,7 +134,7 @@ impl Watch {
         }
         let synced = grew(p.map(|p| p.syncs), s.syncs);
         if synced > 0 {
-            m.syncs.inc_by(synced);
+            bumps.push((&m.syncs, synced));
             emit(
                 "sync_finished",
                 fields!("total" => s.syncs, "peer" => s.peer.as_str()),
@@ -144,7 +150,7 @@ impl Watch {
                 );
             } else {
                 if p.is_some() {
-                    m.protection_lost.inc();
+                    bumps.push((&m.protection_lost, 1));
                 }
                 emit(
                     "unprotected",
@@ -161,6 +167,9 @@ impl Watch {
             _ => {}
         }
         self.lag(s, emit);
+        for (counter, n) in bumps {
+            counter.inc_by(n);
+        }
         self.last = Some(s.clone());
     }
 
