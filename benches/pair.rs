@@ -1106,11 +1106,11 @@ fn output(cmd: Command, what: &str, stderr_path: &Path) -> Result<std::process::
     })
 }
 
-/// `ftvm` with stdin closed (the guests read no input) and the default log
-/// filter (so that logging cannot skew timings).
+/// `ftvm` with stdin closed (the guests read no input) and only warnings
+/// logged (so that logging cannot skew timings).
 fn ftvm() -> Command {
     let mut cmd = Command::new(FTVM);
-    cmd.env_remove("FTVM_LOG")
+    cmd.env("FTVM_LOG", "warn")
         .env_remove("FTVM_AUDIT")
         .stdin(Stdio::null());
     cmd

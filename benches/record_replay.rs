@@ -288,10 +288,10 @@ fn check_pio(stdout: &str) -> Result<(), String> {
 }
 
 /// `ftvm` with stdin closed (the guests read no input), stdout and stderr
-/// captured, and the default log filter (so that logging cannot skew timings).
+/// captured, and only warnings logged (so that logging cannot skew timings).
 fn ftvm() -> Command {
     let mut cmd = Command::new(FTVM);
-    cmd.env_remove("FTVM_LOG")
+    cmd.env("FTVM_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

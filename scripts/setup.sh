@@ -38,6 +38,25 @@ if [ ${#need[@]} -gt 0 ]; then
     fi
 fi
 
+# promtool checks and unit-tests the alert rules (deploy/prometheus/, tests/ops.rs). It comes
+# from Debian's prometheus package, unpacked rather than installed: installing would also
+# set up and start a Prometheus server on this machine.
+if ! command -v promtool >/dev/null; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "setup: installing promtool (from Debian's prometheus package)"
+    [ ${#need[@]} -gt 0 ] || $sudo apt-get update -qq
+    tmp=$(mktemp -d)
+    chmod 755 "$tmp"
+    (cd "$tmp" && apt-get download -qq prometheus 2>/dev/null) || {
+        echo "setup: cannot download Debian's prometheus package (for promtool)" >&2
+        exit 1
+    }
+    dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/root"
+    $sudo install -m 755 "$tmp/root/usr/bin/promtool" /usr/local/bin/promtool
+    rm -rf "$tmp"
+fi
+
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >/dev/null 2>&1 || true
 
 # Fuzzing (scripts/fuzz.sh, run by CI): cargo-fuzz on the nightly toolchain. Without nightly

@@ -21,6 +21,8 @@ use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::live::{spawn_reader, LiveError, LiveHook};
 use ftvm_vmm::{RunEnd, RunError, Vm, VmConfig};
 
+mod ops;
+
 /// The command line the built-in guest runs when none is given.
 const DEFAULT_CMDLINE: &str = "workload=counter ticks=20";
 
@@ -70,15 +72,15 @@ enum Command {
     /// the primary is lost. Exits with the guest's status.
     Standby(StandbyArgs),
     /// Print the status of a pair process through its control socket (`--control`).
-    Status(StatusArgs),
+    Status(ops::StatusArgs),
     /// Planned role swap, no output lost: the standby becomes the primary and the primary
     /// its standby. ADDR is the primary's control socket (`--control`); returns once the
     /// swap is done.
-    Switchover(StatusArgs),
+    Switchover(ControlArgs),
     /// Make a standby that waits for a silent primary go live now, from its last consistent
     /// point: an operator's decision that the primary is gone (without an arbiter, silence
     /// never makes a standby live on its own). ADDR is the standby's control socket.
-    Promote(StatusArgs),
+    Promote(ControlArgs),
     /// Measure the logging channel between two hosts: on one, `ftvm bench --listen ADDR`; on
     /// the other, `ftvm bench --peer ADDR` prints ack latency and log throughput over the
     /// pair channel, each next to raw TCP between the same hosts.
@@ -123,6 +125,9 @@ struct WitnessArgs {
     /// The state file (created if missing; kept across restarts).
     #[arg(long, value_name = "FILE")]
     state: PathBuf,
+    /// Serve Prometheus metrics at http://ADDR/metrics (requests by outcome, VMs, terms).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -142,6 +147,8 @@ struct PairArgs {
     security: security::SecurityArgs,
     #[command(flatten)]
     bounds: bounds::BoundsArgs,
+    #[command(flatten)]
+    telemetry: ops::TelemetryArgs,
 }
 
 #[derive(clap::Args)]
@@ -176,8 +183,9 @@ struct StandbyArgs {
     pair: PairArgs,
 }
 
+/// A pair process's control socket, for `switchover` and `promote`.
 #[derive(clap::Args)]
-struct StatusArgs {
+struct ControlArgs {
     /// The control address of a primary or standby (its `--control`).
     addr: String,
     #[command(flatten)]
@@ -325,6 +333,8 @@ enum CliError {
     Usage(String),
     #[error("bench: {0}")]
     Bench(#[from] ftvm_replication::bench::BenchError),
+    #[error(transparent)]
+    Telemetry(#[from] ops::TelemetryError),
 }
 
 impl From<RunError<LiveError>> for CliError {
@@ -444,6 +454,7 @@ fn channel_options(args: &PairArgs) -> Result<ChannelOptions, CliError> {
         control,
         witness: args.arbiter.config().map_err(CliError::Usage)?,
         primary_after_go_live: false,
+        telemetry: ops::start(&args.telemetry)?,
     })
 }
 
@@ -473,6 +484,12 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
     if args.pair.control.is_some() && !paired {
         return Err(CliError::Usage(
             "--control needs --peer or --accept-standby".into(),
+        ));
+    }
+    let t = &args.pair.telemetry;
+    if (t.metrics.is_some() || t.events.is_some()) && !paired {
+        return Err(CliError::Usage(
+            "--metrics and --events need --peer or --accept-standby".into(),
         ));
     }
     let (config, mut vm) = boot(&args)?;
@@ -712,7 +729,7 @@ impl Roles {
     }
 }
 
-fn switchover(args: StatusArgs) -> Result<u8, CliError> {
+fn switchover(args: ControlArgs) -> Result<u8, CliError> {
     let key = args.security.security().map_err(CliError::Usage)?;
     let answer = ftvm_replication::status::ask(&args.addr, "switchover", &key)?;
     if let Some(why) = answer.strip_prefix("error: ") {
@@ -749,12 +766,13 @@ fn witness(args: WitnessArgs) -> Result<u8, CliError> {
     let mut terms = ftvm_replication::witness::server::Terms::load(&args.state)
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let listener = listen(&args.listen)?;
+    let metrics = ops::start_witness(args.metrics.as_deref())?;
     tracing::info!(addr = args.listen, state = %args.state.display(), "witness ready");
-    ftvm_replication::witness::server::serve(&listener, &mut terms);
+    ftvm_replication::witness::server::serve(&listener, &mut terms, metrics.as_deref());
     Ok(0)
 }
 
-fn promote(args: StatusArgs) -> Result<u8, CliError> {
+fn promote(args: ControlArgs) -> Result<u8, CliError> {
     let key = args.security.security().map_err(CliError::Usage)?;
     let answer = ftvm_replication::status::ask(&args.addr, "promote", &key)?;
     if let Some(why) = answer.strip_prefix("error: ") {
@@ -815,9 +833,9 @@ fn standby(args: StandbyArgs) -> Result<u8, CliError> {
     }
 }
 
-fn status(args: StatusArgs) -> Result<u8, CliError> {
+fn status(args: ops::StatusArgs) -> Result<u8, CliError> {
     let key = args.security.security().map_err(CliError::Usage)?;
-    print!("{}", ftvm_replication::status::query(&args.addr, &key)?);
+    print!("{}", ops::status(&args, &key)?);
     Ok(0)
 }
 
@@ -900,8 +918,10 @@ fn bench(args: BenchArgs) -> Result<u8, CliError> {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
+            // FTVM_LOG, else RUST_LOG, else INFO: lifecycle events show by default.
             tracing_subscriber::EnvFilter::try_from_env("FTVM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

@@ -181,8 +181,10 @@ fn assert_clear_error(o: &std::process::Output, what: &str) {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-    let lines: Vec<&str> = err.lines().collect();
+    // Lifecycle lines logged at INFO may come before the one error line, which is the last.
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("ftvm: ")).collect();
     assert_eq!(lines.len(), 1, "{err}");
+    assert_eq!(err.lines().last(), Some(lines[0]), "{err}");
     assert!(
         lines[0].starts_with("ftvm: error: ") && lines[0].contains(what),
         "expected an error about {what:?}, got {err}"

@@ -255,6 +255,15 @@ fn assert_complete_count(text: &str, n: u64) {
     assert!(lines[n as usize].starts_with("done sum="), "{text}");
 }
 
+/// The one `ftvm: ` line of a failed process's stderr, which must be its last (lifecycle
+/// lines logged at INFO may come before it).
+fn error_line(stderr: &str) -> &str {
+    let ours: Vec<&str> = stderr.lines().filter(|l| l.starts_with("ftvm: ")).collect();
+    assert_eq!(ours.len(), 1, "expected one ftvm: line in:\n{stderr}");
+    assert_eq!(stderr.lines().last(), Some(ours[0]), "{stderr}");
+    ours[0]
+}
+
 fn no_panic(d: &Done) {
     assert!(!d.stderr.contains("panicked"), "{}", d.stderr);
 }
@@ -917,7 +926,7 @@ fn a_standby_refuses_a_primary_on_another_kind_of_host() {
     assert_eq!(s.status.code(), Some(1), "{}", s.stderr);
     assert!(s.stdout.is_empty(), "{}", s.out());
     let expected = refusal("primary", &theirs, "standby");
-    let line = s.stderr.trim_end();
+    let line = error_line(&s.stderr);
     assert!(
         line.starts_with("ftvm: error: refusing the pair with 127.0.0.1:")
             && line.ends_with(&expected),
@@ -961,7 +970,7 @@ fn a_primary_refuses_a_standby_on_another_kind_of_host() {
     assert!(p.stdout.is_empty(), "the guest ran: {}", p.out());
     assert!(!p.stderr.contains("unprotected"), "{}", p.stderr);
     let expected = refusal("standby", &theirs, "primary");
-    let line = p.stderr.trim_end();
+    let line = error_line(&p.stderr);
     assert!(
         line.starts_with(&format!(
             "ftvm: error: standby {addr}: refusing the pair with {addr}"
@@ -995,11 +1004,10 @@ fn a_joining_standby_refuses_a_primary_on_another_kind_of_host() {
     );
     assert_eq!(s.status.code(), Some(1), "{}", s.stderr);
     let expected = refusal("primary", &theirs, "standby");
+    let line = error_line(&s.stderr);
     assert!(
-        s.stderr
-            .trim_end()
-            .starts_with(&format!("ftvm: error: refusing the pair with {accept}"))
-            && s.stderr.trim_end().ends_with(&expected),
+        line.starts_with(&format!("ftvm: error: refusing the pair with {accept}"))
+            && line.ends_with(&expected),
         "expected {expected:?} in:\n{}",
         s.stderr
     );
@@ -1063,12 +1071,11 @@ fn no_standby_is_a_clear_error_after_the_connect_timeout() {
     .wait(LIMIT);
     assert_eq!(p.status.code(), Some(1), "{}", p.stderr);
     assert!(p.stdout.is_empty());
-    let line = p.stderr.trim_end();
+    let line = error_line(&p.stderr);
     assert!(
-        !line.contains('\n')
-            && line.starts_with(&format!(
-                "ftvm: error: standby {addr}: cannot connect to {addr}: Connection refused"
-            )),
+        line.starts_with(&format!(
+            "ftvm: error: standby {addr}: cannot connect to {addr}: Connection refused"
+        )),
         "{line}"
     );
 }

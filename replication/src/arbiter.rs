@@ -124,6 +124,11 @@ impl Arbiter {
         }
     }
 
+    /// Whether the witness answered the last request (true while none failed).
+    pub fn reachable(&self) -> bool {
+        self.claim.as_ref().is_none_or(|c| c.unreachable.is_none())
+    }
+
     /// For `ftvm status`: the claim under way.
     pub fn describe(&self) -> Option<String> {
         let c = self.claim.as_ref()?;

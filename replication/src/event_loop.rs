@@ -13,7 +13,8 @@ use mio::{Events, Poll, Registry, Token, Waker};
 
 use crate::control::ControlServer;
 use crate::link::{self, ChannelError, Link};
-use crate::status::Request;
+use crate::status::{Request, Status};
+use crate::telemetry::{Telemetry, Timings};
 use crate::ChannelOptions;
 
 /// The waker: another thread has something for this one.
@@ -61,6 +62,9 @@ pub trait Side {
     fn after(&mut self, registry: &Registry, now: Instant) -> bool;
     /// Answers a control request.
     fn control(&mut self, request: Request, registry: &Registry, now: Instant) -> String;
+    /// The role's status now and the durations its core measured since the last call (for
+    /// the metrics and the event log).
+    fn snapshot(&mut self, now: Instant) -> (Status, Timings);
     /// The loop is done: [`Side::finish`] and stop.
     fn done(&self) -> bool;
     /// The last thing the loop does when [`Side::done`].
@@ -72,6 +76,7 @@ pub struct EventLoop {
     poll: Poll,
     events: Events,
     control: Option<ControlServer>,
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 impl EventLoop {
@@ -86,6 +91,7 @@ impl EventLoop {
                 poll,
                 events: Events::with_capacity(64),
                 control,
+                telemetry: options.telemetry.clone(),
             },
             waker,
         ))
@@ -159,6 +165,7 @@ impl EventLoop {
                 }
             }
             if side.after(self.poll.registry(), Instant::now()) {
+                self.observe(side);
                 return;
             }
             if let Some(control) = &self.control {
@@ -170,10 +177,20 @@ impl EventLoop {
                     call.answer(answer);
                 }
             }
+            self.observe(side);
             if side.done() {
                 side.finish(self);
+                self.observe(side);
                 return;
             }
+        }
+    }
+
+    /// Hands the role's status to the metrics and the event log, if there are any.
+    fn observe(&self, side: &mut impl Side) {
+        if let Some(t) = &self.telemetry {
+            let (status, timings) = side.snapshot(Instant::now());
+            t.observe(&status, timings);
         }
     }
 }

@@ -40,6 +40,7 @@ pub mod primary;
 pub mod standby;
 pub mod status;
 pub mod sync;
+pub mod telemetry;
 pub mod witness;
 
 pub use link::{ChannelError, Heartbeat, Link};
@@ -62,6 +63,8 @@ pub struct ChannelOptions {
     pub security: link::Security,
     /// Bounds on what a slow standby makes the primary hold (back-pressure).
     pub bounds: primary::backpressure::Bounds,
+    /// Metrics and the event log (`--metrics`, `--events`), shared by every role.
+    pub telemetry: Option<std::sync::Arc<telemetry::Telemetry>>,
 }
 
 impl ChannelOptions {
@@ -74,6 +77,7 @@ impl ChannelOptions {
             primary_after_go_live: self.primary_after_go_live,
             security: self.security.clone(),
             bounds: self.bounds,
+            telemetry: self.telemetry.clone(),
         })
     }
 }

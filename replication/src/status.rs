@@ -29,6 +29,9 @@ pub struct Status {
     pub lag_epochs: u64,
     /// Age of the oldest epoch not yet verified.
     pub lag: Duration,
+    /// Log bytes shipped (primary) or received (standby) in epochs not yet verified; the
+    /// standby counts the log bytes it received since its last verified epoch.
+    pub lag_bytes: u64,
     /// Log bytes per second on the channel over the last second.
     pub log_bytes_per_s: u64,
     /// Every output byte before this sequence number has been released.
@@ -39,10 +42,24 @@ pub struct Status {
     pub repairs: u64,
     /// Syncs completed (standbys that joined a running guest).
     pub syncs: u64,
+    /// Divergences the standby reported (each asks for a repair).
+    pub divergences: u64,
+    /// Of those, epochs the primary had to interrupt (checkpoint-required).
+    pub checkpoint_required: u64,
+    /// Page bytes carried by repair checkpoints (not syncs).
+    pub repair_bytes: u64,
+    /// While a standby syncs: page bytes it received so far, and pages left in the round
+    /// (standby side; 0 otherwise).
+    pub sync_bytes: u64,
+    /// See `sync_bytes`.
+    pub sync_pages_left: u64,
     /// The heartbeat settings agreed with the peer (ours when there is none).
     pub heartbeat: crate::Heartbeat,
     /// With a witness: the pair's term as this side knows it.
     pub term: Option<u64>,
+    /// With a witness: false while a claim could not reach it (the pair asks the witness
+    /// only when it claims a term, so this is what it last heard).
+    pub arbiter_reachable: Option<bool>,
 }
 
 impl std::fmt::Display for Status {
@@ -56,11 +73,17 @@ impl std::fmt::Display for Status {
         writeln!(f, "exit_seq={}", self.exit_seq)?;
         writeln!(f, "lag_epochs={}", self.lag_epochs)?;
         writeln!(f, "lag_ms={:.3}", self.lag.as_secs_f64() * 1e3)?;
+        writeln!(f, "lag_bytes={}", self.lag_bytes)?;
         writeln!(f, "log_bytes_per_s={}", self.log_bytes_per_s)?;
         writeln!(f, "released_output_seq={}", self.released_output_seq)?;
         writeln!(f, "held_output_bytes={}", self.held_output_bytes)?;
         writeln!(f, "repairs={}", self.repairs)?;
         writeln!(f, "syncs={}", self.syncs)?;
+        writeln!(f, "divergences={}", self.divergences)?;
+        writeln!(f, "checkpoint_required={}", self.checkpoint_required)?;
+        writeln!(f, "repair_bytes={}", self.repair_bytes)?;
+        writeln!(f, "sync_bytes={}", self.sync_bytes)?;
+        writeln!(f, "sync_pages_left={}", self.sync_pages_left)?;
         writeln!(f, "heartbeat_ms={}", self.heartbeat.interval.as_millis())?;
         writeln!(
             f,
@@ -69,6 +92,10 @@ impl std::fmt::Display for Status {
         )?;
         if let Some(term) = self.term {
             writeln!(f, "term={term}")?;
+        }
+        if let Some(reachable) = self.arbiter_reachable {
+            let yes = if reachable { "yes" } else { "no" };
+            writeln!(f, "arbiter_reachable={yes}")?;
         }
         Ok(())
     }
@@ -162,4 +189,69 @@ pub fn ask(addr: &str, request: &str, security: &Security) -> Result<String, Que
     let mut text = String::new();
     s.read_to_string(&mut text).map_err(err)?;
     Ok(text)
+}
+
+/// The keys of a status report whose values are text; `protected` and `arbiter_reachable`
+/// are yes/no; every other value is a number.
+const TEXT_KEYS: [&str; 3] = ["role", "state", "peer"];
+
+/// A status report (`key=value` lines) as one JSON object with the same keys
+/// (`ftvm status --json`): `role`, `state` and `peer` as strings, `protected` and
+/// `arbiter_reachable` as booleans, the rest as numbers (`lag_ms` with a fraction).
+pub fn to_json(text: &str) -> serde_json::Value {
+    use serde_json::Value;
+    let mut object = serde_json::Map::new();
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let json = if TEXT_KEYS.contains(&key) {
+            Value::from(value)
+        } else if let Some(yes) = match value {
+            "yes" => Some(true),
+            "no" => Some(false),
+            _ => None,
+        } {
+            Value::from(yes)
+        } else if let Ok(n) = value.parse::<u64>() {
+            Value::from(n)
+        } else if let Ok(x) = value.parse::<f64>() {
+            Value::from(x)
+        } else {
+            Value::from(value)
+        };
+        object.insert(key.to_string(), json);
+    }
+    Value::Object(object)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_json_form_has_the_text_form_s_fields() {
+        let status = Status {
+            role: "standby".into(),
+            protected: true,
+            state: "lockstep".into(),
+            peer: "127.0.0.1:7000".into(),
+            epoch: 12,
+            lag: Duration::from_micros(1500),
+            term: Some(2),
+            arbiter_reachable: Some(true),
+            ..Default::default()
+        };
+        let text = status.to_string();
+        let json = to_json(&text);
+        let object = json.as_object().unwrap();
+        assert_eq!(object.len(), text.lines().count());
+        assert_eq!(json["role"], "standby");
+        assert_eq!(json["protected"], true);
+        assert_eq!(json["peer"], "127.0.0.1:7000");
+        assert_eq!(json["epoch"], 12);
+        assert_eq!(json["lag_ms"], 1.5);
+        assert_eq!(json["term"], 2);
+        assert_eq!(json["arbiter_reachable"], true);
+    }
 }

@@ -308,9 +308,10 @@ pub fn run_standby(
         "primary connected"
     );
 
-    let mut channel = StandbyChannel::spawn(
+    let mut channel = StandbyChannel::spawn_with(
         Link::new(h)?,
         options.try_clone().map_err(StandbyError::Thread)?,
+        sync,
     )
     .map_err(StandbyError::Thread)?;
     let mut synced = None;
@@ -348,9 +349,10 @@ pub fn run_standby(
                         },
                     )?;
                     progress.stopped.clear();
-                    channel = StandbyChannel::spawn(
+                    channel = StandbyChannel::spawn_with(
                         Link::new(h)?,
                         options.try_clone().map_err(StandbyError::Thread)?,
+                        true,
                     )
                     .map_err(StandbyError::Thread)?;
                 }

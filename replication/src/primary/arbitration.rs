@@ -20,7 +20,7 @@ impl PrimaryCore {
             return false;
         };
         a.start(why.to_string());
-        tracing::error!(
+        tracing::warn!(
             held_output_bytes = self.protection.buffer.held_bytes(),
             "{why}: holding all output until this primary wins term {} at {}",
             a.term + 1,

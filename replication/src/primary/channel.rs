@@ -120,6 +120,7 @@ impl PrimaryChannel {
             witness,
             claims: crossbeam_channel::unbounded(),
             written: Default::default(),
+            telemetry: options.telemetry.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("ftvm-channel".into())
@@ -193,6 +194,8 @@ struct Driver {
     claims: (Sender<ClaimOutcome>, Receiver<ClaimOutcome>),
     /// What reached `out`: `Released` never names more.
     written: super::written::Written,
+    /// Metrics and events (`--metrics`, `--events`).
+    telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 }
 
 /// The connection to an abandoned standby: `Abandon` is queued on it. It closes once that
@@ -288,7 +291,12 @@ impl Driver {
                     vm_id,
                     expected_term,
                 } => self.claim(vm_id, expected_term),
-                Action::Fence(why) => fence(&why),
+                Action::Fence(why) => {
+                    if let Some(t) = &self.telemetry {
+                        t.fenced(&why);
+                    }
+                    fence(&why)
+                }
             }
         }
     }
@@ -585,6 +593,14 @@ impl Side for Driver {
             });
         }
         answer
+    }
+
+    fn snapshot(&mut self, now: Instant) -> (crate::status::Status, crate::telemetry::Timings) {
+        let rate = self
+            .link
+            .as_ref()
+            .map_or(0, |l| self.meter.rate(now, l.bytes_sent));
+        (self.core.status(now, rate), self.core.take_timings())
     }
 
     fn done(&self) -> bool {

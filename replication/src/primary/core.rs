@@ -19,6 +19,7 @@ use crate::checkpoint::{DirtyTracking, VcpuControl, VcpuRequest};
 use crate::link::{body_name, ChannelError, Heartbeat};
 use crate::liveness::{Beat, Liveness};
 use crate::position::Position;
+use crate::telemetry::Timings;
 
 /// What the event loop must do for the core, in order.
 #[derive(Debug)]
@@ -126,6 +127,8 @@ pub struct PrimaryCore {
     /// The witness, if there is one.
     pub(super) arbiter: Option<Arbiter>,
     pub(super) actions: VecDeque<Action>,
+    /// Ack latencies and output delays measured, until the driver takes them.
+    pub(super) timings: Timings,
 }
 
 /// How far the run is.
@@ -168,12 +171,18 @@ impl PrimaryCore {
             },
             arbiter: config.arbiter,
             actions: VecDeque::new(),
+            timings: Timings::default(),
         }
     }
 
     /// The next thing the event loop must do.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
+    }
+
+    /// The ack latencies and output delays measured since the last call (for the metrics).
+    pub fn take_timings(&mut self) -> Timings {
+        std::mem::take(&mut self.timings)
     }
 
     /// A standby is attached (syncing or in lockstep).
@@ -311,6 +320,8 @@ impl PrimaryCore {
         // A syncing standby has no copy of the guest to apply the log to: it starts from
         // the stop-and-copy checkpoint.
         if protecting {
+            self.protection
+                .log_bytes(prost::Message::encoded_len(&batch));
             self.send(Body::Batch(batch), now);
         }
     }
@@ -400,12 +411,16 @@ impl PrimaryCore {
         if let Some(c) = self.checkpoints.installed(epoch) {
             self.checkpoint_installed(c, now);
         }
+        for latency in self.protection.ack_latencies(epoch, now) {
+            self.timings.ack_latency(latency);
+        }
         let released = self.protection.verify(epoch);
         if released.is_empty() {
             return;
         }
         for h in released {
             let held = now.saturating_duration_since(h.produced);
+            self.timings.output_delay(held);
             self.actions.push_back(Action::Release {
                 epoch: h.epoch,
                 seq: h.seq,
@@ -459,7 +474,7 @@ impl PrimaryCore {
             self.report.lost = Some(why);
             return;
         }
-        tracing::error!(
+        tracing::warn!(
             held_output_bytes = self.protection.buffer.held_bytes(),
             "{why}: running unprotected"
         );

@@ -57,7 +57,7 @@ impl Join {
             None => {}
         }
         let sync = PreCopy::start(new_id(), self.memory.clone(), tracking);
-        tracing::warn!(
+        tracing::info!(
             memory_mib = sync.memory_bytes() >> 20,
             "standby joined: syncing guest memory while the guest runs"
         );
@@ -125,6 +125,11 @@ impl Join {
     pub fn finished(&mut self, tracking: &DirtyTracking) {
         self.sync = None;
         tracking.stop_sync();
+    }
+
+    /// The sync's progress: (page bytes sent, pages left in the round).
+    pub fn progress(&self) -> Option<(u64, u64)> {
+        self.sync.as_ref().map(|s| (s.bytes_sent, s.remaining()))
     }
 
     /// The sync, for `ftvm status`.

@@ -115,6 +115,12 @@ pub struct PrimaryReport {
     pub repairs: u64,
     /// Syncs completed (standbys that joined the running guest).
     pub syncs: u64,
+    /// Divergences the standbys reported (repair requests).
+    pub divergences: u64,
+    /// Of those, checkpoint-required epochs.
+    pub checkpoint_required: u64,
+    /// Page bytes sent in repair checkpoints.
+    pub repair_bytes: u64,
 }
 
 /// The connection a switchover hands to the vCPU thread, and where the pair stands: the old

@@ -17,6 +17,10 @@ pub(super) struct Protection {
     unverified: VecDeque<(u64, Instant)>,
     /// The highest epoch shipped to the standby attached now (0: none yet).
     shipped: u64,
+    /// Log bytes (records, checkpoint pages) shipped for each epoch in `unverified`.
+    epoch_bytes: VecDeque<(u64, u64)>,
+    /// Log bytes shipped for the epoch now open.
+    open_bytes: u64,
 }
 
 impl Protection {
@@ -26,6 +30,8 @@ impl Protection {
             buffer: OutputBuffer::starting_at(output_seq),
             unverified: VecDeque::new(),
             shipped: 0,
+            epoch_bytes: VecDeque::new(),
+            open_bytes: 0,
         }
     }
 
@@ -33,12 +39,15 @@ impl Protection {
     pub fn attached(&mut self) {
         self.unverified.clear();
         self.shipped = 0;
+        self.forget_bytes();
     }
 
     /// The end of `epoch` went to the standby at `now`.
     pub fn shipped(&mut self, epoch: u64, now: Instant) {
         self.unverified.push_back((epoch, now));
         self.shipped = self.shipped.max(epoch);
+        let bytes = std::mem::take(&mut self.open_bytes);
+        self.epoch_bytes.push_back((epoch, bytes));
     }
 
     /// Checks an acknowledgement against what was shipped: the standby cannot have received
@@ -68,12 +77,16 @@ impl Protection {
         while self.unverified.front().is_some_and(|(e, _)| *e <= epoch) {
             self.unverified.pop_front();
         }
+        while self.epoch_bytes.front().is_some_and(|(e, _)| *e <= epoch) {
+            self.epoch_bytes.pop_front();
+        }
         self.buffer.release_through(epoch)
     }
 
     /// The standby is gone: nothing waits for it any more, everything held may leave.
     pub fn unprotect(&mut self) -> Vec<HeldOutput> {
         self.unverified.clear();
+        self.forget_bytes();
         self.buffer.release_all()
     }
 
@@ -92,5 +105,29 @@ impl Protection {
         self.unverified
             .front()
             .map_or(Duration::ZERO, |(_, t)| now.saturating_duration_since(*t))
+    }
+
+    /// How long each epoch through `epoch` not verified yet waited since it was shipped.
+    pub fn ack_latencies(&self, epoch: u64, now: Instant) -> Vec<Duration> {
+        self.unverified
+            .iter()
+            .take_while(|(e, _)| *e <= epoch)
+            .map(|(_, t)| now.saturating_duration_since(*t))
+            .collect()
+    }
+
+    /// `bytes` of log (records, checkpoint pages) went to the standby for the open epoch.
+    pub fn log_bytes(&mut self, bytes: usize) {
+        self.open_bytes += bytes as u64;
+    }
+
+    /// Log bytes shipped and not verified (the open epoch's included).
+    pub fn lag_bytes(&self) -> u64 {
+        self.open_bytes + self.epoch_bytes.iter().map(|(_, b)| b).sum::<u64>()
+    }
+
+    fn forget_bytes(&mut self) {
+        self.epoch_bytes.clear();
+        self.open_bytes = 0;
     }
 }

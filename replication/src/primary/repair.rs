@@ -143,6 +143,10 @@ impl PrimaryCore {
         if let Some(s) = self.join.sync.as_mut().filter(|s| s.id == chunk.checkpoint) {
             s.note_chunk(&chunk.pages);
         }
+        if self.standby.is_some() {
+            self.protection
+                .log_bytes(prost::Message::encoded_len(&chunk));
+        }
         self.send(Body::Pages(chunk), now);
     }
 
@@ -162,6 +166,9 @@ impl PrimaryCore {
             return;
         };
         pending.epoch = Some(end.epoch);
+        if !pending.sync {
+            self.report.repair_bytes += end.page_bytes;
+        }
         if pending.sync {
             if let Some(s) = &mut self.join.sync {
                 // From here on the standby follows the log.
@@ -198,6 +205,8 @@ impl PrimaryCore {
     /// The standby cannot follow: ask the vCPU thread for a repair checkpoint.
     pub(super) fn repair(&mut self, d: Diverged, now: Instant) {
         let why = describe(&d);
+        self.report.divergences += 1;
+        self.report.checkpoint_required += u64::from(d.checkpoint_required);
         if d.checkpoint_failed {
             return self.lose(
                 format!("the standby could not install a checkpoint: {why}"),
@@ -254,7 +263,7 @@ impl PrimaryCore {
             self.join.finished(&self.tracking);
             self.report.syncs += 1;
             self.report.lost = None;
-            tracing::warn!(
+            tracing::info!(
                 peer = self.peer,
                 ?took,
                 "standby synced: the guest is protected again"

@@ -29,7 +29,9 @@ impl PrimaryCore {
     /// Where the pair stands, for `ftvm status`.
     pub fn status(&self, now: Instant, log_bytes_per_s: u64) -> Status {
         let (protected, state) = if self.standby.is_some() {
-            if let Some(s) = self.join.describe() {
+            if self.lifecycle.run_end_shipped && self.protection.settled() {
+                (true, "ended: the guest's run is over".to_string())
+            } else if let Some(s) = self.join.describe() {
                 (false, s)
             } else if self.switchover.phase.is_some() {
                 (true, "switching over".to_string())
@@ -59,6 +61,7 @@ impl PrimaryCore {
             exit_seq: self.exit_seq,
             lag_epochs: self.protection.lag_epochs(),
             lag: self.protection.lag(now),
+            lag_bytes: self.protection.lag_bytes(),
             log_bytes_per_s: if self.standby.is_some() {
                 log_bytes_per_s
             } else {
@@ -68,8 +71,17 @@ impl PrimaryCore {
             held_output_bytes: self.protection.buffer.held_bytes(),
             repairs: self.report.repairs,
             syncs: self.report.syncs,
+            divergences: self.report.divergences,
+            checkpoint_required: self.report.checkpoint_required,
+            repair_bytes: self.report.repair_bytes,
+            sync_bytes: self.join.progress().map_or(0, |(bytes, _)| bytes),
+            sync_pages_left: self.join.progress().map_or(0, |(_, left)| left),
             heartbeat: self.heartbeat,
             term: self.arbiter.as_ref().map(|a| a.term),
+            arbiter_reachable: self
+                .arbiter
+                .as_ref()
+                .map(crate::arbiter::Arbiter::reachable),
         }
     }
 }

@@ -80,7 +80,7 @@ impl PrimaryCore {
         if !self.ask_vcpu(VcpuRequest::Switchover, now) {
             return Err("the vCPU thread is gone".into());
         }
-        tracing::warn!(peer = self.peer, "switchover requested");
+        tracing::info!(peer = self.peer, "switchover requested");
         self.switchover.asked();
         Ok(())
     }

@@ -44,6 +44,9 @@ pub enum Action {
 pub(super) struct Progress {
     /// Epochs received and not yet verified, with when their end arrived.
     pub(super) unverified: VecDeque<(u64, Instant)>,
+    /// Log bytes received since the replay last caught up with everything received (see
+    /// [`StandbyCore::count_log_bytes`]).
+    pub(super) unverified_bytes: u64,
     pub(super) received_epoch: u64,
     pub(super) verified_epoch: u64,
     /// The last exit of the last verified epoch.
@@ -78,6 +81,11 @@ pub(super) struct Condition {
     pub(super) syncing: Option<(u64, u64)>,
     pub(super) repairs: u64,
     pub(super) syncs: u64,
+    /// Divergences reported to the primary, and how many of them were checkpoint-required.
+    pub(super) divergences: u64,
+    pub(super) checkpoint_required: u64,
+    /// Page bytes of the repair checkpoints received.
+    pub(super) repair_bytes: u64,
 }
 
 /// The standby's side of the pair protocol.
@@ -157,6 +165,21 @@ impl StandbyCore {
         self.control = Some(addr);
     }
 
+    /// Counts a batch's bytes towards `lag_bytes`: from 0 again whenever the replay had
+    /// verified everything received before it.
+    fn count_log_bytes(&mut self, batch: &ftvm_proto::log::RecordBatch) {
+        let p = &mut self.progress;
+        if p.unverified.is_empty() {
+            p.unverified_bytes = 0;
+        }
+        p.unverified_bytes += prost::Message::encoded_len(batch) as u64;
+    }
+
+    /// This standby joins a running guest: it syncs (unprotected) before it follows.
+    pub fn set_syncing(&mut self) {
+        self.condition.syncing.get_or_insert((0, 0));
+    }
+
     /// The next thing the event loop must do.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
@@ -210,7 +233,7 @@ impl StandbyCore {
             if self.condition.waiting.is_some() && self.arbiter.as_mut().is_none_or(|a| a.cancel())
             {
                 if let Some(why) = self.condition.waiting.take() {
-                    tracing::warn!("the primary is back ({why}): following it again");
+                    tracing::info!("the primary is back ({why}): following it again");
                 }
             }
         }
@@ -220,6 +243,9 @@ impl StandbyCore {
     pub fn on_message(&mut self, msg: Message, now: Instant) {
         if self.primary.is_none() {
             return;
+        }
+        if let Some(Body::Batch(batch)) = &msg.body {
+            self.count_log_bytes(batch);
         }
         match msg.body {
             Some(Body::Heartbeat(_)) => {}
@@ -246,7 +272,7 @@ impl StandbyCore {
                 self.actions.push_back(Action::Released(r.output_seq));
             }
             Some(Body::Switchover(sw)) => {
-                tracing::warn!(
+                tracing::info!(
                     epoch = sw.epoch,
                     exit_seq = sw.exit_seq,
                     "the primary hands over its role"
@@ -271,6 +297,9 @@ impl StandbyCore {
                 self.progress.received_epoch = end.epoch;
                 self.progress.run_end |= end.run_end.is_some();
                 self.progress.unverified.push_back((end.epoch, now));
+                if !end.sync {
+                    self.condition.repair_bytes += end.page_bytes;
+                }
                 self.replayer(ToReplayer::CheckpointEnd { end, held });
             }
             body => {
@@ -310,6 +339,8 @@ impl StandbyCore {
             }
             FromReplayer::Diverged(d) => {
                 let what = format!("epoch {} at exit {}: {}", d.epoch, d.exit_seq, d.reason);
+                self.condition.divergences += 1;
+                self.condition.checkpoint_required += u64::from(d.checkpoint_required);
                 if d.checkpoint_failed {
                     self.condition.diverged = Some(what);
                 } else {
@@ -434,7 +465,7 @@ impl StandbyCore {
                 .is_some_and(|l| !matches!(l.tick(now), Beat::Silent(_)));
             if back && a.cancel() {
                 if let Some(why) = self.condition.waiting.take() {
-                    tracing::warn!("the primary is back ({why}): following it again");
+                    tracing::info!("the primary is back ({why}): following it again");
                 }
             }
             return;

@@ -105,7 +105,17 @@ pub struct StandbyChannel {
 
 impl StandbyChannel {
     /// Starts the channel thread over `link`.
-    pub fn spawn(mut link: Link, options: ChannelOptions) -> std::io::Result<Self> {
+    pub fn spawn(link: Link, options: ChannelOptions) -> std::io::Result<Self> {
+        Self::spawn_with(link, options, false)
+    }
+
+    /// Like [`StandbyChannel::spawn`], for a standby that `syncing` joins a running guest
+    /// (unprotected from the first status on, not only from the replayer's first report).
+    pub fn spawn_with(
+        mut link: Link,
+        options: ChannelOptions,
+        syncing: bool,
+    ) -> std::io::Result<Self> {
         let (mut event_loop, waker) = EventLoop::new(&options)?;
         link.register(event_loop.registry(), LINK)?;
         let (to_replayer, rx) = crossbeam_channel::unbounded();
@@ -121,6 +131,9 @@ impl StandbyChannel {
         );
         if let Some(addr) = options.control.as_ref().and_then(|l| l.local_addr().ok()) {
             core.set_control_addr(addr.to_string());
+        }
+        if syncing {
+            core.set_syncing();
         }
         // The witness counts only once the primary named the VM there (its Start).
         let witness = options
@@ -338,6 +351,14 @@ impl Side for Driver {
         let answer = self.core.control_request(request, now, rate);
         self.apply();
         answer
+    }
+
+    fn snapshot(&mut self, now: Instant) -> (crate::status::Status, crate::telemetry::Timings) {
+        let rate = self
+            .link
+            .as_ref()
+            .map_or(0, |l| self.meter.rate(now, l.bytes_received));
+        (self.core.status(now, rate), Default::default())
     }
 
     fn done(&self) -> bool {

@@ -116,6 +116,13 @@ impl StandbyCore {
                     self.promote_hint()
                 ),
             )
+        } else if self.progress.run_end && self.progress.unverified.is_empty() {
+            // Every epoch to the run's end verified: nothing is left to protect.
+            (
+                "standby",
+                true,
+                "ended: the guest's run is over".to_string(),
+            )
         } else if let Some(why) = &c.lost {
             ("standby", false, format!("going live: {why}"))
         } else {
@@ -131,6 +138,11 @@ impl StandbyCore {
             verified_epoch: p.verified_epoch,
             exit_seq: p.exit_seq,
             lag_epochs: p.unverified.len() as u64,
+            lag_bytes: if p.unverified.is_empty() {
+                0
+            } else {
+                p.unverified_bytes
+            },
             lag: p
                 .unverified
                 .front()
@@ -144,8 +156,17 @@ impl StandbyCore {
             held_output_bytes: 0,
             repairs: c.repairs,
             syncs: c.syncs,
+            divergences: c.divergences,
+            checkpoint_required: c.checkpoint_required,
+            repair_bytes: c.repair_bytes,
+            sync_bytes: c.syncing.map_or(0, |(bytes, _)| bytes),
+            sync_pages_left: c.syncing.map_or(0, |(_, left)| left),
             heartbeat: self.heartbeat,
             term: self.arbiter.as_ref().map(|a| a.term),
+            arbiter_reachable: self
+                .arbiter
+                .as_ref()
+                .map(crate::arbiter::Arbiter::reachable),
         }
     }
 }

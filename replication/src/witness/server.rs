@@ -85,7 +85,7 @@ impl Terms {
                     ..Default::default()
                 };
             }
-            tracing::warn!(vm = c.vm_id, term = new.0, holder = new.1, "term granted");
+            tracing::info!(vm = c.vm_id, term = new.0, holder = new.1, "term granted");
             return WitnessReply {
                 granted: true,
                 term: new.0,
@@ -193,7 +193,11 @@ fn read_request(s: &mut TcpStream) -> Result<WitnessRequest, String> {
 
 /// Serves requests on `listener` forever, one at a time (each is tiny; a slow client costs
 /// at most the client timeout).
-pub fn serve(listener: &TcpListener, terms: &mut Terms) {
+pub fn serve(
+    listener: &TcpListener,
+    terms: &mut Terms,
+    metrics: Option<&crate::telemetry::witness::WitnessMetrics>,
+) {
     for conn in listener.incoming() {
         let mut s = match conn {
             Ok(s) => s,
@@ -203,8 +207,12 @@ pub fn serve(listener: &TcpListener, terms: &mut Terms) {
             }
         };
         let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let mut claim = false;
         let reply = match read_request(&mut s) {
-            Ok(request) => terms.answer(request),
+            Ok(request) => {
+                claim = matches!(request.body, Some(witness_request::Body::Claim(_)));
+                terms.answer(request)
+            }
             Err(why) => {
                 tracing::warn!(peer, "witness: bad request: {why}");
                 WitnessReply {
@@ -213,6 +221,16 @@ pub fn serve(listener: &TcpListener, terms: &mut Terms) {
                 }
             }
         };
+        if let Some(m) = metrics {
+            let outcome = match (&reply, claim) {
+                (r, _) if !r.error.is_empty() => "error",
+                (r, true) if r.granted => "granted",
+                (_, true) => "refused",
+                _ => "query",
+            };
+            let highest = terms.vms.values().map(|(t, _)| *t).max().unwrap_or(0);
+            m.answered(outcome, terms.vms.len(), highest);
+        }
         if let Err(e) = s.write_all(&frame::encode(&reply)) {
             tracing::warn!(peer, "witness: cannot answer: {e}");
         }

@@ -48,6 +48,7 @@ fn unprotected_primary() -> (PrimaryChannel, Receiver<Vec<u8>>) {
             primary_after_go_live: false,
             security: crate::link::Security::Insecure,
             bounds: Default::default(),
+            telemetry: None,
         },
         PrimarySetup {
             memory: ftvm_vmm::memory::create(16).expect("guest memory"),
