@@ -114,6 +114,7 @@ fn assert_json_matches_text(control: &str) {
     let text = status_of(control);
     let o = Command::new(FTVM)
         .args(["status", "--json", control])
+        .args(common::key_args(&[]))
         .output()
         .expect("ftvm status --json");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -412,6 +413,7 @@ fn a_switchover_is_counted_and_logged_on_both_sides() {
     });
     let o = Command::new(FTVM)
         .args(["switchover", &pc])
+        .args(common::key_args(&[]))
         .output()
         .expect("ftvm switchover");
     if !o.status.success() {
