@@ -487,6 +487,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
                     header.clone(),
                     &config.kernel,
                     config.initrd.as_deref(),
+                    &config.disks,
                     &options,
                 ) {
                     Ok(link) => Ok(link),

@@ -27,6 +27,7 @@ pub mod arbiter;
 pub mod audit;
 pub mod bench;
 pub mod checkpoint;
+pub mod disk_resync;
 pub mod event_loop;
 pub mod host;
 pub mod link;

@@ -27,6 +27,7 @@ use ftvm_vmm::memory::PAGE_SIZE;
 use ftvm_vmm::{RunEnd, RunError, Vm};
 
 use crate::install::install;
+use crate::resync::{resync_reconnecting, Reconnect, ResyncRecord};
 use crate::{replay, ReplayError, Replayer};
 
 /// The standby could not protect the guest.
@@ -238,7 +239,7 @@ pub fn run_standby(
     input: Option<Receiver<Vec<u8>>>,
     mut out: impl Write,
 ) -> Result<StandbyEnd, StandbyError> {
-    let (mut h, peer, start) = meet(&rendezvous, options.heartbeat)?;
+    let (mut h, mut peer, start) = meet(&rendezvous, options.heartbeat)?;
     if let Some(w) = &options.witness {
         if start.vm_id.is_empty() {
             tracing::warn!(
@@ -256,10 +257,6 @@ pub fn run_standby(
     let kernel = start.kernel.clone();
     let initrd = (!start.initrd.is_empty()).then_some(start.initrd);
     let built = crate::disks::check_copies(&header, &disks)
-        .and_then(|()| match sync {
-            true => crate::disks::check_joinable(&header),
-            false => Ok(()),
-        })
         .map_err(StandbyError::Disks)
         .and_then(|()| {
             config_from_header(
@@ -279,6 +276,31 @@ pub fn run_standby(
             };
             Ok((vm, config))
         });
+    // Copies of the right size and mode: make their contents the primary's disks'.
+    let mut record = ResyncRecord::default();
+    let built = match built {
+        Ok((vm, config)) => {
+            let mut again = || meet_again(&rendezvous, options.heartbeat);
+            let reconnect: Option<Reconnect<'_>> =
+                matches!(rendezvous, Rendezvous::Join { .. }).then_some(&mut again);
+            let (max, header) = (MAX_SYNC_RECONNECTS, &header);
+            match resync_reconnecting(
+                &mut h,
+                &mut peer,
+                &vm,
+                header,
+                &mut record,
+                ui,
+                reconnect,
+                max,
+            ) {
+                Ok(()) => Ok((vm, config)),
+                Err(e @ StandbyError::Disks(_)) => Err(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    };
     // Tell the primary whether it can start the guest (or the sync).
     let answer = match &built {
         Ok(_) => Body::Ready(Ready::default()),
@@ -318,12 +340,26 @@ pub fn run_standby(
                     // applied.
                     channel.shutdown();
                     tracing::warn!("{why}: reconnecting to resume the sync");
-                    let (mut h, peer, start) = meet_again(&rendezvous, options.heartbeat)?;
+                    let (mut h, mut peer, start) = meet_again(&rendezvous, options.heartbeat)?;
                     if !start.sync || start.header.as_ref() != Some(&header) {
                         return Err(StandbyError::SyncLost(format!(
                             "{why}; {peer} now runs another guest"
                         )));
                     }
+                    // The disks again (the primary may not have kept what its guest wrote
+                    // meanwhile): only what differs now is sent.
+                    record.refresh(&vm, &progress.stopped_blocks)?;
+                    let mut again = || meet_again(&rendezvous, options.heartbeat);
+                    resync_reconnecting(
+                        &mut h,
+                        &mut peer,
+                        &vm,
+                        &header,
+                        &mut record,
+                        ui,
+                        Some(&mut again),
+                        MAX_SYNC_RECONNECTS - reconnects,
+                    )?;
                     let ready = Ready {
                         resume_checkpoint: progress.id,
                         chunks_applied: progress.chunks,
@@ -336,6 +372,7 @@ pub fn run_standby(
                         },
                     )?;
                     progress.stopped.clear();
+                    progress.stopped_blocks.clear();
                     channel = StandbyChannel::spawn(
                         Link::new(h)?,
                         options.try_clone().map_err(StandbyError::Thread)?,
@@ -721,6 +758,9 @@ struct SyncProgress {
     received: u64,
     /// Pages of the stop-and-copy received on this connection: the digest covers them.
     stopped: Vec<u64>,
+    /// Disk blocks of the stop-and-copy received on this connection (written already),
+    /// which the digest covers too.
+    stopped_blocks: Vec<DiskBlock>,
     last_status: std::time::Instant,
 }
 
@@ -743,6 +783,7 @@ impl SyncProgress {
             chunks: 0,
             received: 0,
             stopped: Vec::new(),
+            stopped_blocks: Vec::new(),
             last_status: std::time::Instant::now(),
         }
     }
@@ -772,6 +813,14 @@ fn receive_sync(
                     vm.write_page(p.pfn, &p.data).map_err(StandbyError::Vm)?;
                     progress.received += PAGE_SIZE;
                 }
+                for b in &chunk.blocks {
+                    let block = DiskBlock {
+                        disk: b.disk,
+                        block: b.block,
+                    };
+                    vm.write_disk_block(block, &b.data)?;
+                    progress.stopped_blocks.push(block);
+                }
                 progress.chunks += 1;
                 if chunk.stopped {
                     progress.stopped.extend(chunk.pages.iter().map(|p| p.pfn));
@@ -779,6 +828,7 @@ fn receive_sync(
                     // Pre-copy goes on: stopped pages seen so far belonged to a
                     // stop-and-copy that was abandoned.
                     progress.stopped.clear();
+                    progress.stopped_blocks.clear();
                     progress.bar.set_message(format!("round {}", chunk.round));
                 }
                 let bar = &progress.bar;
@@ -797,7 +847,8 @@ fn receive_sync(
                 // The stopped pages are in memory already: only the state is installed; the
                 // digest covers the stopped pages.
                 let stopped = std::mem::take(&mut progress.stopped);
-                if let Err(why) = install(vm, (&[], &[]), &end, (&stopped, &[])) {
+                let blocks = std::mem::take(&mut progress.stopped_blocks);
+                if let Err(why) = install(vm, (&[], &[]), &end, (&stopped, &blocks)) {
                     channel.tell(FromReplayer::Diverged(Diverged {
                         epoch: end.epoch,
                         exit_seq: end.exit_seq,

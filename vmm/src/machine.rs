@@ -180,6 +180,14 @@ impl Machine {
             .collect()
     }
 
+    /// The attached disks' image paths, in slot order.
+    pub fn disk_paths(&self) -> Vec<std::path::PathBuf> {
+        self.virtio_blk
+            .iter()
+            .map(|d| lock(d).device().disk().path().to_path_buf())
+            .collect()
+    }
+
     /// The disk blocks the guest wrote since the last call, every disk, ascending
     /// (DESIGN.md §4 "Disks").
     pub fn take_dirty_blocks(&self) -> Vec<DiskBlock> {

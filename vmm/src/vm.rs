@@ -245,6 +245,11 @@ impl Vm {
         Ok(memory::take_dirty_pages(&self.vm_fd, &self.memory)?)
     }
 
+    /// The attached disks' image paths, in the guest's disk order.
+    pub fn disk_paths(&self) -> Vec<std::path::PathBuf> {
+        self.machine.disk_paths()
+    }
+
     /// Disk blocks the guest wrote since the last call, ascending (DESIGN.md §4 "Disks").
     pub fn take_dirty_blocks(&mut self) -> Vec<DiskBlock> {
         self.machine.take_dirty_blocks()

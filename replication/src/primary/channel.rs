@@ -18,6 +18,7 @@ use super::{Feed, FromVcpu, Handover, PrimaryReport, PrimarySetup};
 use crate::arbiter::STATUS_FENCED;
 use crate::audit::Audit;
 use crate::checkpoint::{DirtyTracking, VcpuControl, VcpuPort};
+use crate::disk_resync::PrimaryDisks;
 use crate::event_loop::{EventLoop, Side, Woken, ACCEPT, LINK};
 use crate::link::{self, ChannelError, Link};
 use crate::position::Position;
@@ -112,6 +113,7 @@ impl PrimaryChannel {
             heartbeat: options.heartbeat,
             witness,
             claims: crossbeam_channel::unbounded(),
+            disks: setup.disks.with_tracking(tracking.clone()),
         };
         let thread = std::thread::Builder::new()
             .name("ftvm-channel".into())
@@ -177,6 +179,8 @@ struct Driver {
     witness: Option<WitnessConfig>,
     /// Outcomes of claims made on helper threads.
     claims: (Sender<ClaimOutcome>, Receiver<ClaimOutcome>),
+    /// The guest's disks, for joining standbys' resyncs.
+    disks: PrimaryDisks,
 }
 
 /// The connection to an abandoned standby: `Abandon` is queued on it. It closes once that
@@ -377,12 +381,13 @@ impl Driver {
             let tx = self.joining.0.clone();
             let waker = self.waker.clone();
             let start = self.core.start_message().clone();
+            let disks = self.disks.clone();
             let heartbeat = self.heartbeat;
             let spawned = std::thread::Builder::new()
                 .name("ftvm-join".into())
                 .spawn(move || {
                     let result = link::handshake(stream, &peer, Role::Primary, heartbeat)
-                        .and_then(|h| offer_vm(h, &peer, start))
+                        .and_then(|h| offer_vm(h, &peer, start, &disks))
                         .map_err(|e| format!("joining standby {peer}: {e}"));
                     let _ = tx.send(result);
                     let _ = waker.wake();
@@ -540,6 +545,7 @@ pub fn offer_vm(
     mut h: link::Handshaken,
     peer: &str,
     start: Start,
+    disks: &PrimaryDisks,
 ) -> Result<(Link, Ready), ChannelError> {
     link::send_blocking(
         &mut h.stream,
@@ -548,7 +554,10 @@ pub fn offer_vm(
             body: Some(Body::Start(start)),
         },
     )?;
-    let msg = link::recv_blocking(&mut h.stream, peer, &mut h.rx_offset)?;
+    let mut msg = link::recv_blocking(&mut h.stream, peer, &mut h.rx_offset)?;
+    if let Some(Body::DiskHashes(first)) = msg.body {
+        msg = crate::disk_resync::serve(&mut h, peer, disks, first)?;
+    }
     let ready = match msg.body {
         Some(Body::Ready(ready)) => ready,
         Some(Body::Diverged(d)) => {
