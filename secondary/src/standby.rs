@@ -45,6 +45,9 @@ pub enum StandbyError {
     /// This standby's disk copies do not fit the primary's guest (`ftvm standby --disk`).
     #[error("{0}")]
     Disks(String),
+    /// This host cannot run the guest's TSC at the primary's rate.
+    #[error("{0}")]
+    Tsc(String),
     /// The VM failed.
     #[error(transparent)]
     Vm(#[from] ftvm_vmm::Error),
@@ -274,6 +277,9 @@ pub fn run_standby(
             } else {
                 Vm::new(&config)?
             };
+            // The guest's TSC counts at the primary's rate, or this host refuses it.
+            let khz = header.config.as_ref().map_or(0, |c| c.tsc_khz);
+            vm.match_tsc_khz(khz).map_err(StandbyError::Tsc)?;
             Ok((vm, config))
         });
     // Copies of the right size and mode: make their contents the primary's disks'.
