@@ -286,3 +286,49 @@ fn a_standby_joins_a_guest_with_a_read_write_disk_and_takes_over() {
     );
     assert_same_image(&copy, &disk);
 }
+
+/// A read-only copy is never written, so one that differs from the primary's disk cannot be
+/// resynced: both sides refuse the guest with one error naming the differing blocks, exit 1,
+/// and no guest starts.
+#[test]
+fn a_read_only_copy_that_differs_is_refused_on_both_sides() {
+    let _one = one_at_a_time();
+    let dir = Scratch::new("resync-ro");
+    let data = pattern(16);
+    let mut copy_data = data.clone();
+    copy_data[3 * BLOCK] ^= 1;
+    let (disk, copy) = (dir.path_str("disk.img"), dir.path_str("copy.img"));
+    std::fs::write(&disk, &data).expect("write disk");
+    std::fs::write(&copy, &copy_data).expect("write copy");
+    let addr = free_addr();
+    let standby = Command::new(FTVM)
+        .args([
+            "standby",
+            "--listen",
+            &addr,
+            "--disk",
+            &format!("{copy},ro"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the standby");
+    let primary = Command::new(FTVM)
+        .args(["run", "--peer", &addr, "--disk", &format!("{disk},ro")])
+        .args(["--cmdline", "workload=counter ticks=5"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the primary");
+    let standby = standby.wait_with_output().expect("wait for the standby");
+    for (who, o) in [("primary", &primary), ("standby", &standby)] {
+        let err = stderr(o);
+        assert_eq!(o.status.code(), Some(1), "{who}: {err}");
+        assert!(
+            err.contains("read-only copies differ") && err.contains("disk 0: 1 block(s)"),
+            "{who}: {err}"
+        );
+        assert!(o.stdout.is_empty(), "{who} printed guest output");
+    }
+    assert_eq!(copy_data, std::fs::read(&copy).expect("read copy"));
+}

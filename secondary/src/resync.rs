@@ -20,7 +20,7 @@ use crate::standby::{StandbyError, StandbyUi};
 /// The hashes of this standby's copies as they are now, kept across reconnects.
 #[derive(Debug, Default)]
 pub struct ResyncRecord {
-    /// Per disk, the hash of each block; empty until the copy was read.
+    /// Per disk, the hash of each block read so far (from block 0 on).
     hashes: Vec<Vec<[u8; HASH_LEN]>>,
     /// Blocks received over all attempts, and their bytes.
     received: u64,
@@ -97,21 +97,9 @@ pub fn resync(
     let bar = progress_bar(ui, total);
     let mut scratch = Vec::new();
     if record.hashes.len() != disks.len() {
-        bar.set_message("reading this standby's copies");
-        record.hashes = Vec::with_capacity(disks.len());
-        for (disk, &(blocks, _)) in disks.iter().enumerate() {
-            let mut hashes = Vec::with_capacity(blocks as usize);
-            for block in 0..blocks {
-                let b = DiskBlock {
-                    disk: disk as u32,
-                    block,
-                };
-                hashes.push(block_hash(vm, b, &mut scratch)?);
-                bar.inc(DISK_BLOCK_SIZE);
-            }
-            record.hashes.push(hashes);
-        }
-        bar.set_position(0);
+        // Hashed a run at a time, just before the run is sent, so the primary never waits
+        // long for the next message (its read timeout holds).
+        record.hashes = vec![Vec::new(); disks.len()];
     }
     let mut differing_read_only = Vec::new();
     let (mut differed, mut bytes) = (0u64, 0u64);
@@ -120,8 +108,15 @@ pub fn resync(
         let mut differ_here = 0;
         while first < blocks {
             let count = (blocks - first).min(HASHES_PER_REQUEST);
-            let hashes: Vec<u8> =
-                record.hashes[disk][first as usize..(first + count) as usize].concat();
+            let known = &mut record.hashes[disk];
+            for block in known.len() as u64..first + count {
+                let b = DiskBlock {
+                    disk: disk as u32,
+                    block,
+                };
+                known.push(block_hash(vm, b, &mut scratch)?);
+            }
+            let hashes: Vec<u8> = known[first as usize..(first + count) as usize].concat();
             link::send_blocking(
                 &mut h.stream,
                 peer,
