@@ -202,3 +202,109 @@ fn send(
         },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ftvm_proto::channel::{Hello, Ready};
+    use std::net::{TcpListener, TcpStream};
+
+    /// A connected pair of sockets: (the primary's end as a `Handshaken`, the standby's).
+    fn connected() -> (Handshaken, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let theirs = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        ours.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        theirs
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let h = Handshaken {
+            stream: ours,
+            peer: "standby".into(),
+            hello: Hello::default(),
+            rx_offset: 0,
+            heartbeat: crate::Heartbeat::default(),
+        };
+        (h, theirs)
+    }
+
+    fn hashes(disk: u32, first_block: u64, blocks: &[&[u8]]) -> DiskHashes {
+        DiskHashes {
+            disk,
+            first_block,
+            hashes: blocks
+                .iter()
+                .flat_map(|b| ftvm_vmm::digest::hash(b))
+                .collect(),
+        }
+    }
+
+    /// Only the blocks whose hash differs come back (a zero block as empty data), then the
+    /// standby's `Ready` ends the resync; hashes for blocks or disks the guest does not have,
+    /// or hashes of the wrong length, are errors, never panics.
+    #[test]
+    fn sends_only_differing_blocks_and_refuses_bad_requests() {
+        let dir = std::env::temp_dir().join(format!("ftvm-resync-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("d.img");
+        let block = DISK_BLOCK_SIZE as usize;
+        let mut data = vec![7u8; 3 * block];
+        data[2 * block..].fill(0);
+        std::fs::write(&img, &data).unwrap();
+        let disks = PrimaryDisks::new(vec![img]);
+
+        let (mut h, mut standby) = connected();
+        let waiter = std::thread::spawn(move || {
+            let mut offset = 0;
+            let mut got = Vec::new();
+            loop {
+                let m = link::recv_blocking(&mut standby, "primary", &mut offset).unwrap();
+                let Some(Body::DiskBlocks(b)) = m.body else {
+                    panic!("{m:?}")
+                };
+                got.extend(b.blocks);
+                if b.last {
+                    break;
+                }
+            }
+            let ready = Message {
+                body: Some(Body::Ready(Ready::default())),
+            };
+            link::send_blocking(&mut standby, "primary", &ready).unwrap();
+            got
+        });
+        let differs = vec![1u8; block];
+        let request = hashes(0, 0, &[&data[..block], &differs, &differs]);
+        let answer = serve(&mut h, "standby", &disks, request).unwrap();
+        assert!(matches!(answer.body, Some(Body::Ready(_))));
+        let got = waiter.join().unwrap();
+        let sent: Vec<(u64, usize)> = got.iter().map(|b| (b.block, b.data.len())).collect();
+        assert_eq!(
+            sent,
+            vec![(1, block), (2, 0)],
+            "block 0 matched; block 2 is zeroes"
+        );
+
+        for bad in [
+            hashes(1, 0, &[&data[..block]]),
+            hashes(0, 3, &[&data[..block]]),
+            hashes(0, u64::MAX, &[&data[..block]]),
+            DiskHashes {
+                disk: 0,
+                first_block: 0,
+                hashes: vec![0; 31],
+            },
+            DiskHashes {
+                disk: 0,
+                first_block: 0,
+                hashes: vec![0; (HASHES_PER_REQUEST as usize + 1) * HASH_LEN],
+            },
+        ] {
+            let (mut h, _standby) = connected();
+            let e = serve(&mut h, "standby", &disks, bad).unwrap_err();
+            assert!(matches!(e, ChannelError::DiskResync { .. }), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
