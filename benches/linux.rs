@@ -9,6 +9,13 @@
 //!   virtio-mmio disk and to `dd` on the raw image file in the harness's own Linux (the
 //!   guest's host) and on this machine.
 //!
+//! - protected runs (`benches/linux/repairs.rs`): the share of epochs verified without a
+//!   repair and the repair bytes per epoch for boot, idle and files, with the default TSC
+//!   measures, each turned off, and all off (the baseline).
+//!
+//! `cargo bench --bench linux -- repairs [WORKLOAD...]` runs only the protected runs (of
+//! the workloads named; default boot, idle, files); `-- throughput` only the rest.
+//!
 //! The harness runs the VMMs themselves under QEMU TCG (an exit costs tens of µs there), so
 //! the absolute numbers are far below hardware; the comparisons are what the bench is for.
 //!
@@ -20,6 +27,9 @@ use std::process::Command;
 #[path = "../tests/common/mod.rs"]
 mod common;
 use common::{field, linux_guest, linux_guest_images, median_f64, nested, FTVM};
+
+#[path = "linux/repairs.rs"]
+mod repairs;
 
 const RUNS: usize = 3;
 
@@ -117,24 +127,49 @@ fn host_raw_dd() -> (f64, f64) {
     (32.0 / write, 32.0 / read)
 }
 
-fn main() {
-    let (kernel, initrd) = linux_guest_images();
-    let disk = std::env::temp_dir().join(format!("ftvm-bench-disk-{}.img", std::process::id()));
-    let disk = disk.to_string_lossy().into_owned();
-    linux_guest(&["disk", &disk, "40"]);
-
-    // The script goes through a file: the harness's /tmp is an overlay over this one.
+/// Runs `script` in the harness (through a file: the harness's /tmp is an overlay over
+/// this one); its output, or a panic with what it printed.
+fn run_script(name: &str, script: &str, timeout_s: u32) -> String {
     let script_file =
-        std::env::temp_dir().join(format!("ftvm-bench-linux-{}.sh", std::process::id()));
-    std::fs::write(&script_file, script(FTVM, &kernel, &initrd, &disk)).expect("write script");
-    let (status, stdout, stderr) = nested(&["bash", &script_file.to_string_lossy()], 1200);
-    let _ = std::fs::remove_file(&disk);
+        std::env::temp_dir().join(format!("ftvm-bench-{name}-{}.sh", std::process::id()));
+    std::fs::write(&script_file, script).expect("write script");
+    let (status, stdout, stderr) = nested(&["bash", &script_file.to_string_lossy()], timeout_s);
     let _ = std::fs::remove_file(&script_file);
     let out = stdout.replace('\r', "");
     if status != Some(0) {
         eprintln!("{out}\n{stderr}");
         panic!("the harness failed: {status:?}");
     }
+    out
+}
+
+fn main() {
+    // `cargo bench` passes --bench; the words after `--` choose the parts.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let part = args.first().map(String::as_str);
+    let (kernel, initrd) = linux_guest_images();
+    let disk = std::env::temp_dir().join(format!("ftvm-bench-disk-{}.img", std::process::id()));
+    let disk = disk.to_string_lossy().into_owned();
+    linux_guest(&["disk", &disk, "40"]);
+    if part != Some("throughput") {
+        let workloads: Vec<&str> = match part {
+            Some("repairs") if args.len() > 1 => args[1..].iter().map(String::as_str).collect(),
+            _ => repairs::WORKLOADS.to_vec(),
+        };
+        let script = repairs::script(FTVM, &kernel, &initrd, &disk, &workloads);
+        let out = run_script("repairs", &script, 3000);
+        repairs::report(&out, &workloads);
+        if part == Some("repairs") {
+            let _ = std::fs::remove_file(&disk);
+            return;
+        }
+    }
+
+    let out = run_script("linux", &script(FTVM, &kernel, &initrd, &disk), 1200);
+    let _ = std::fs::remove_file(&disk);
 
     println!("Linux guest on standard KVM (nested harness: the VMMs run under QEMU TCG)");
     println!("kernel {kernel}\n");

@@ -34,8 +34,9 @@ const DEFAULT_CMDLINE: &str = "workload=counter ticks=20";
 /// `nokaslr`: KASLR seeds from RDTSC, so the kernel would land elsewhere on each host;
 /// `pci=off`: there is no PCI bus (the disks are virtio-mmio, announced through ACPI);
 /// `i8042.*`: the keyboard controller exists only for its reset line. ftvm appends
-/// `tsc_early_khz=<this host's TSC kHz> tsc=reliable`: Linux then needs no PIT calibration
-/// (a thousand exits in 10 ms, too many where exits are slow) and keeps the TSC as its clock.
+/// `ftvm_vmm::tsc::TscMeasures::linux_words`: `tsc_early_khz=<this host's TSC kHz>
+/// tsc=reliable` (no PIT calibration where the TSC is visible) and the words that keep
+/// Linux off the TSC (`clocksource=acpi_pm randomize_kstack_offset=off lpj=`).
 const LINUX_CMDLINE: &str = "console=ttyS0 noapic nolapic reboot=k panic=-1 nokaslr pci=off \
                              i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
@@ -227,7 +228,8 @@ struct RunArgs {
     /// Kernel command line. Default: "workload=counter ticks=20" for the built-in guest;
     /// for --kernel: "console=ttyS0 noapic nolapic reboot=k panic=-1 nokaslr pci=off
     /// i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd tsc_early_khz=<host TSC kHz>
-    /// tsc=reliable" (docs/ARCHITECTURE.md says why).
+    /// tsc=reliable clocksource=acpi_pm randomize_kstack_offset=off lpj=<host TSC kHz × 4>"
+    /// (docs/ARCHITECTURE.md says why).
     #[arg(long)]
     cmdline: Option<String>,
     /// Words appended to the kernel command line (the default one or --cmdline), e.g.
@@ -399,13 +401,14 @@ fn stop_status(stop: StopRequest) -> u8 {
 }
 
 fn boot(args: &RunArgs) -> Result<(VmConfig, Vm), CliError> {
+    let tsc = ftvm_vmm::tsc::TscMeasures::from_env()?;
     let (kernel, kernel_name) = read_kernel(&args.kernel)?;
     let cmdline = match (&args.cmdline, &args.kernel) {
         (Some(c), _) => c.clone(),
         (None, None) => DEFAULT_CMDLINE.to_string(),
         (None, Some(_)) => format!(
-            "{LINUX_CMDLINE} tsc_early_khz={} tsc=reliable",
-            ftvm_vmm::vm::host_tsc_khz()?
+            "{LINUX_CMDLINE} {}",
+            tsc.linux_words(ftvm_vmm::vm::host_tsc_khz()?)
         ),
     };
     let cmdline = match &args.append {
@@ -418,7 +421,7 @@ fn boot(args: &RunArgs) -> Result<(VmConfig, Vm), CliError> {
         initrd: read_initrd(&args.initrd)?,
         disks: args.disk.clone(),
         cmdline,
-        cpuid: None,
+        cpuid: tsc.cpuid_table()?,
     };
     let vm = Vm::new(&config).map_err(|e| match e {
         ftvm_vmm::Error::Boot(_) => CliError::KernelImage {
@@ -527,6 +530,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
                     header.clone(),
                     &config.kernel,
                     config.initrd.as_deref(),
+                    &config.disks,
                     &options,
                 ) {
                     Ok(link) => Ok(link),

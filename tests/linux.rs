@@ -447,3 +447,59 @@ fn a_failover_during_the_disk_writes_finishes_the_workload_on_the_standbys_copy(
         number(&out, "took-s=").unwrap_or(0)
     );
 }
+
+/// Issue 13: a standby joins a running Linux guest with a read-write disk (`--join`), its
+/// copy made before the guest started (so the guest's writes since then differ): the disk
+/// resync sends the blocks that differ, the sync's stop-and-copy the blocks written during
+/// it; then `kill -9` of the primary, and the standby finishes the workload on its copy:
+/// exit 0, `workload ok`, the right files in its copy, a clean file system.
+#[test]
+fn a_standby_joins_a_running_linux_guest_with_a_disk_then_takes_over() {
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let (kernel, initrd) = linux_guest_images();
+    let (dir, disk, expected) = fresh_disk("join");
+    let copy = dir.path_str("copy.img");
+    let d = dir.path_str("");
+    let script = format!(
+        "busybox ip link set lo up || exit 98\n\
+         cp {disk} {copy} || exit 98\n\
+         FTVM_LOG=ftvm=info {FTVM} run --accept-standby 127.0.0.1:7001 --kernel {kernel} \
+           --initrd {initrd} --disk {disk} --mem-mib 256 --latency-bound-ms 50 {PAIR_OPTIONS} \
+           >{d}/p.out 2>{d}/p.err & pp=$!\n\
+         until grep -q 'EXT4-fs (vda): mounted' {d}/p.out; do kill -0 $pp || break; sleep 0.2; done\n\
+         FTVM_LOG=ftvm_secondary=info {FTVM} standby --join 127.0.0.1:7001 --disk {copy} \
+           {PAIR_OPTIONS} >{d}/s.out 2>{d}/s.err & sp=$!\n\
+         until grep -q 'synced: following' {d}/s.err; do kill -0 $sp || break; sleep 0.2; done\n\
+         kill -9 $pp && echo killed-primary\n\
+         wait $pp; echo \"primary-status=$?\"\n\
+         wait $sp; echo \"standby-status=$?\"\n\
+         grep 'disk resync' {d}/p.err {d}/s.err\n\
+         echo \"standby-out-begin\"; cat {d}/s.out; echo \"standby-out-end\"\n\
+         e2fsck -fn {copy} >/dev/null 2>&1 && echo copy-fsck-clean\n\
+         for f in small.dat medium.dat large.dat; do \
+           echo \"copy-checksum $f $(debugfs -R \"cat /$f\" {copy} 2>/dev/null | sha256sum)\"; \
+         done\n\
+         echo '--- standby stderr ---'; tail -20 {d}/s.err\n"
+    );
+    let (status, out) = nested_sh(&script, 1200);
+    assert_eq!(status, Some(0), "{out}");
+    assert!(out.contains("killed-primary"), "{out}");
+    assert!(out.contains("primary-status=137"), "{out}");
+    assert!(out.contains("standby-status=0"), "{out}");
+    let standby = out
+        .split("standby-out-begin")
+        .nth(1)
+        .and_then(|s| s.split("standby-out-end").next())
+        .unwrap_or_default();
+    assert!(guest_lines(standby).contains(&"workload ok"), "{out}");
+    assert!(out.contains("disk resync done"), "{out}");
+    assert!(out.contains("copy-fsck-clean"), "{out}");
+    assert_eq!(copy_checksums(&out), expected, "{out}");
+    eprintln!(
+        "join of a running Linux guest with a disk, then failover: {}",
+        out.lines()
+            .filter(|l| l.contains("disk resync"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+}

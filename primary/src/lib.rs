@@ -179,6 +179,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
             return;
         };
         port.tracking.note(&dirty);
+        port.tracking.note_blocks(&blocks);
         if !port.tracking.protected() {
             self.unverified_dirty.clear();
             return;
@@ -243,12 +244,19 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
             }
             VcpuRequest::Switchover => return Ok(()),
             VcpuRequest::StopAndCopy { .. } => {
-                // A sync's stop-and-copy has no disk blocks: a standby joins only a guest
-                // whose disks are read-only.
+                // Every page dirtied since the pre-copy read it, and every disk block the
+                // guest wrote since the standby's disk resync compared it.
                 let mut pages = port.tracking.take_sync();
                 pages.extend(dirty_now.iter().copied());
                 let pages: Vec<u64> = pages.into_iter().collect();
-                (pages.clone(), pages, repair::BlockRepair::default())
+                let mut written = port.tracking.take_sync_blocks();
+                written.extend(blocks_now.iter().copied());
+                let written: Vec<DiskBlock> = written.into_iter().collect();
+                let blocks = repair::BlockRepair {
+                    send: written.clone(),
+                    covered: written,
+                };
+                (pages.clone(), pages, blocks)
             }
         };
         let id = request.id();

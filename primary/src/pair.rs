@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use ftvm_proto::channel::{Role, Start};
 use ftvm_proto::log::{LogHeader, RecordBatch};
+use ftvm_replication::disk_resync::PrimaryDisks;
 use ftvm_replication::link;
 use ftvm_replication::primary::{
     offer_vm, Feed, FromVcpu, Handover, PrimaryChannel, PrimaryReport, PrimarySetup,
 };
 use ftvm_replication::{ChannelError, ChannelOptions, Link, Position};
+use ftvm_vmm::devices::virtio::block::DiskConfig;
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::live::LiveHook;
 use ftvm_vmm::Vm;
@@ -33,14 +35,18 @@ impl LogSink for ChannelSink {
 }
 
 /// Connects to the standby at `peer` (retrying until `timeout`), does the handshake and
-/// sends it the VM: the log header, the kernel image and the initrd. A standby that cannot
-/// build it (a missing disk copy, one of another size) is [`ChannelError::Refused`].
+/// sends it the VM: the log header, the kernel image and the initrd; then serves the
+/// standby's disk resync from the images at `disks` (only blocks that differ are sent). A
+/// standby that cannot build it (a missing disk copy, one of another size) is
+/// [`ChannelError::Refused`].
+#[allow(clippy::too_many_arguments)]
 pub fn connect_standby(
     peer: &str,
     timeout: Duration,
     header: LogHeader,
     kernel: &[u8],
     initrd: Option<&[u8]>,
+    disks: &[DiskConfig],
     options: &ftvm_replication::ChannelOptions,
 ) -> Result<Link, ChannelError> {
     let stream = link::connect(peer, timeout)?;
@@ -60,7 +66,8 @@ pub fn connect_standby(
     }
     // The standby answers Ack(0) once its VM is built (or Diverged when it cannot build
     // it): only then does the guest start, so the standby does not begin the run behind.
-    Ok(offer_vm(h, peer, start)?.0)
+    let disks = PrimaryDisks::new(disks.iter().map(|d| d.path.clone()).collect());
+    Ok(offer_vm(h, peer, start, &disks)?.0)
 }
 
 /// What a standby is sent first: the VM to build, and whether a sync follows.
@@ -126,6 +133,7 @@ pub fn run_primary(
         },
         accept,
         after: at.after,
+        disks: PrimaryDisks::new(vm.disk_paths()),
     };
     let channel = PrimaryChannel::spawn(link, out, options, setup).map_err(RecordError::Log)?;
     let port = channel.vcpu_port();

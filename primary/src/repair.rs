@@ -42,16 +42,34 @@ pub(crate) fn plan_pages(
     let covered: BTreeSet<u64> = mine.into_iter().chain(theirs.keys().copied()).collect();
     let mut page = vec![0u8; PAGE_SIZE as usize];
     let mut send = Vec::new();
+    let mut differ = Vec::new();
     for &pfn in &covered {
         if let Some(hash) = theirs.get(&pfn) {
             vm.read_page(pfn, &mut page)?;
             if ftvm_vmm::digest::hash(&page) == *hash {
                 continue;
             }
+            differ.push(pfn);
         }
         send.push(pfn);
     }
+    log_differing(&differ);
     Ok((send, covered.into_iter().collect()))
+}
+
+/// Where the replays diverge (DESIGN.md §2, the TSC): the pages both sides dirtied whose
+/// contents differ, at debug level, as page frame numbers in hex (at most 64 a repair).
+/// `scripts/diverging-pages.sh` maps them to kernel symbols with the kernel's System.map.
+fn log_differing(differ: &[u64]) {
+    if differ.is_empty() || !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
+    let pfns: Vec<String> = differ.iter().take(64).map(|p| format!("{p:x}")).collect();
+    tracing::debug!(
+        differing = differ.len(),
+        pfns = pfns.join(","),
+        "repair: pages that differ"
+    );
 }
 
 /// Plans the disk part of a repair: `mine`, the blocks the primary's guest wrote since the

@@ -39,8 +39,10 @@ pub const LOG_MAGIC: &[u8; 8] = b"FTVMLOG\0";
 /// that close for the primary's death and go live next to a primary that runs on; `Hello`
 /// carries the sender's heartbeat interval and timeout, which both sides agree on; `Start`
 /// carries the initrd and the witness's VM id and term; repairs carry disk blocks
-/// (`Diverged.dirty_blocks`, `PageChunk.blocks`), and digests cover them.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// (`Diverged.dirty_blocks`, `PageChunk.blocks`), and digests cover them. Version 6: the
+/// disk resync between `Start` and `Ready` (`DiskHashes`, `DiskBlocks`), and a sync's
+/// stop-and-copy carries disk blocks.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The witness protocol this build speaks.
 pub const WITNESS_VERSION: u32 = 1;

@@ -117,6 +117,9 @@ pub struct DirtyTracking {
     protected: Arc<AtomicBool>,
     /// The last epoch the standby verified.
     verified: Arc<AtomicU64>,
+    /// Disk blocks the guest wrote since a joining standby's disk resync began; None: no
+    /// resync or sync runs. The sync's stop-and-copy sends them all.
+    sync_blocks: Arc<Mutex<Option<BTreeSet<DiskBlock>>>>,
 }
 
 impl DirtyTracking {
@@ -142,9 +145,45 @@ impl DirtyTracking {
         self.lock().as_mut().map(std::mem::take).unwrap_or_default()
     }
 
-    /// The sync is over (done or abandoned): stop tracking.
+    /// The sync is over (done or abandoned): stop tracking pages and disk blocks.
     pub fn stop_sync(&self) {
         *self.lock() = None;
+        *self.lock_blocks() = None;
+    }
+
+    /// A paused sync expired: stop tracking pages. The disk blocks stay tracked: a joining
+    /// standby's resync may be under way on a helper thread, and its stop-and-copy needs
+    /// every block written since that resync began (a superset costs only bytes).
+    pub fn stop_page_sync(&self) {
+        *self.lock() = None;
+    }
+
+    fn lock_blocks(&self) -> MutexGuard<'_, Option<BTreeSet<DiskBlock>>> {
+        // Like `lock`: a set of block numbers stays usable after a panic.
+        self.sync_blocks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A joining standby's disk resync begins (before the primary reads any block): track
+    /// the blocks the guest writes from now on, keeping those tracked for a sync already
+    /// under way (a standby that reconnects, or one replacing a standby whose sync is paused).
+    pub fn begin_disk_resync(&self) {
+        self.lock_blocks().get_or_insert_with(BTreeSet::new);
+    }
+
+    /// The vCPU thread: the guest wrote `blocks` in the epoch just closed.
+    pub fn note_blocks(&self, blocks: &[DiskBlock]) {
+        if let Some(set) = self.lock_blocks().as_mut() {
+            set.extend(blocks.iter().copied());
+        }
+    }
+
+    /// The blocks written since the disk resync began (empty if none runs); tracking goes
+    /// on until [`Self::stop_sync`].
+    pub fn take_sync_blocks(&self) -> BTreeSet<DiskBlock> {
+        self.lock_blocks()
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Whether a standby is attached.
@@ -182,4 +221,40 @@ pub struct VcpuPort {
     /// The answer to a [`VcpuRequest::Switchover`]: the connection to hand over, or
     /// why the switchover was abandoned.
     pub handover: Receiver<Result<crate::primary::Handover, String>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(block: u64) -> DiskBlock {
+        DiskBlock { disk: 0, block }
+    }
+
+    /// The blocks a joining standby's stop-and-copy sends: every block written since its
+    /// resync began, kept through a page sync's end or expiry, dropped when the sync ends.
+    #[test]
+    fn disk_blocks_are_tracked_from_the_resync_to_the_sync_end() {
+        let t = DirtyTracking::default();
+        t.note_blocks(&[b(1)]);
+        assert!(
+            t.take_sync_blocks().is_empty(),
+            "no resync: nothing tracked"
+        );
+        t.begin_disk_resync();
+        t.note_blocks(&[b(2), b(3)]);
+        // A reconnecting standby's resync keeps what was tracked.
+        t.begin_disk_resync();
+        t.start_sync();
+        t.note_blocks(&[b(3), b(4)]);
+        // A paused sync that expires stops page tracking only.
+        t.stop_page_sync();
+        t.note_blocks(&[b(5)]);
+        let want: BTreeSet<DiskBlock> = [2, 3, 4, 5].into_iter().map(b).collect();
+        assert_eq!(t.take_sync_blocks(), want);
+        t.note_blocks(&[b(6)]);
+        t.stop_sync();
+        t.note_blocks(&[b(7)]);
+        assert!(t.take_sync_blocks().is_empty(), "the sync is over");
+    }
 }

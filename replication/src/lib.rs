@@ -28,6 +28,7 @@ pub mod audit;
 pub mod bench;
 pub mod checkpoint;
 pub mod control;
+pub mod disk_resync;
 pub mod etcd;
 pub mod event_loop;
 pub mod host;

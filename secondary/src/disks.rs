@@ -1,8 +1,8 @@
 //! The standby's own copies of the guest's disks (DESIGN.md §4 "Disks"): no shared storage,
 //! so `ftvm standby --disk PATH` names one copy per disk of the primary, in the primary's
-//! order, identical to the primary's image when the guest starts. They are checked against
-//! the log header (count, size, mode) before the VM is built, so a wrong copy is refused with
-//! one clear error on both sides and no guest starts.
+//! order. They are checked against the log header (count, size, mode) before the VM is
+//! built, so a wrong copy is refused with one clear error on both sides and no guest starts;
+//! then the disk resync (`resync.rs`) makes their contents the primary's.
 
 use std::collections::BTreeSet;
 
@@ -63,18 +63,6 @@ pub fn check_copies(header: &LogHeader, copies: &[DiskConfig]) -> Result<(), Str
                 if spec.read_only { ",ro" } else { "" }
             ));
         }
-    }
-    Ok(())
-}
-
-/// A standby joining a running guest gets its memory by a sync, but nothing resyncs disks
-/// yet: a copy of a disk the guest may have written since it started cannot be trusted.
-pub fn check_joinable(header: &LogHeader) -> Result<(), String> {
-    let disks = header.config.as_ref().map_or(&[][..], |c| &c.disks[..]);
-    if let Some(i) = disks.iter().position(|d| !d.read_only) {
-        return Err(format!(
-            "disk {i} is read-write, and a standby cannot join a running guest with read-write disks yet (no disk resync): start the standby before the guest (ftvm run --peer)"
-        ));
     }
     Ok(())
 }
@@ -160,8 +148,6 @@ mod tests {
             e.contains("missing.img") && e.contains("cannot be attached"),
             "{e}"
         );
-        assert!(check_joinable(&header(&[(2048, true)])).is_ok());
-        assert!(check_joinable(&header(&[(2048, false)])).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

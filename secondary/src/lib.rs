@@ -13,6 +13,7 @@ mod describe;
 mod disks;
 mod install;
 mod report;
+mod resync;
 pub mod standby;
 
 pub use report::{ReplayError, ReplayReport};

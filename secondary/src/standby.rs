@@ -27,6 +27,7 @@ use ftvm_vmm::memory::PAGE_SIZE;
 use ftvm_vmm::{RunEnd, RunError, Vm};
 
 use crate::install::install;
+use crate::resync::{resync_reconnecting, Reconnect, ResyncRecord};
 use crate::{replay, ReplayError, Replayer};
 
 /// The standby could not protect the guest.
@@ -44,6 +45,9 @@ pub enum StandbyError {
     /// This standby's disk copies do not fit the primary's guest (`ftvm standby --disk`).
     #[error("{0}")]
     Disks(String),
+    /// This host cannot run the guest's TSC at the primary's rate.
+    #[error("{0}")]
+    Tsc(String),
     /// The VM failed.
     #[error(transparent)]
     Vm(#[from] ftvm_vmm::Error),
@@ -245,7 +249,7 @@ pub fn run_standby(
     input: Option<Receiver<Vec<u8>>>,
     mut out: impl Write,
 ) -> Result<StandbyEnd, StandbyError> {
-    let (mut h, peer, start) = meet(&rendezvous, options.heartbeat, &options.security)?;
+    let (mut h, mut peer, start) = meet(&rendezvous, options.heartbeat, &options.security)?;
     if let Some(w) = &options.witness {
         if start.vm_id.is_empty() {
             tracing::warn!(
@@ -264,14 +268,7 @@ pub fn run_standby(
     let kernel = start.kernel.clone();
     let initrd = (!start.initrd.is_empty()).then_some(start.initrd);
     let built = arbiters
-        .and_then(|()| {
-            crate::disks::check_copies(&header, &disks)
-                .and_then(|()| match sync {
-                    true => crate::disks::check_joinable(&header),
-                    false => Ok(()),
-                })
-                .map_err(StandbyError::Disks)
-        })
+        .and_then(|()| crate::disks::check_copies(&header, &disks).map_err(StandbyError::Disks))
         .and_then(|()| {
             config_from_header(
                 &header,
@@ -288,8 +285,36 @@ pub fn run_standby(
             } else {
                 Vm::new(&config)?
             };
+            // The guest's TSC counts at the primary's rate, or this host refuses it.
+            let khz = header.config.as_ref().map_or(0, |c| c.tsc_khz);
+            vm.match_tsc_khz(khz).map_err(StandbyError::Tsc)?;
             Ok((vm, config))
         });
+    // Copies of the right size and mode: make their contents the primary's disks'.
+    let mut record = ResyncRecord::default();
+    let built = match built {
+        Ok((vm, config)) => {
+            let mut again = || meet_again(&rendezvous, options.heartbeat, &options.security);
+            let reconnect: Option<Reconnect<'_>> =
+                matches!(rendezvous, Rendezvous::Join { .. }).then_some(&mut again);
+            let (max, header) = (MAX_SYNC_RECONNECTS, &header);
+            match resync_reconnecting(
+                &mut h,
+                &mut peer,
+                &vm,
+                header,
+                &mut record,
+                ui,
+                reconnect,
+                max,
+            ) {
+                Ok(()) => Ok((vm, config)),
+                Err(e @ StandbyError::Disks(_)) => Err(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    };
     // Tell the primary whether it can start the guest (or the sync).
     let answer = match &built {
         Ok(_) => Body::Ready(Ready::default()),
@@ -330,13 +355,28 @@ pub fn run_standby(
                     // applied.
                     channel.shutdown();
                     tracing::warn!("{why}: reconnecting to resume the sync");
-                    let (mut h, peer, start) =
+                    let (mut h, mut peer, start) =
                         meet_again(&rendezvous, options.heartbeat, &options.security)?;
                     if !start.sync || start.header.as_ref() != Some(&header) {
                         return Err(StandbyError::SyncLost(format!(
                             "{why}; {peer} now runs another guest"
                         )));
                     }
+                    // The disks again (the primary may not have kept what its guest wrote
+                    // meanwhile): only what differs now is sent.
+                    record.refresh(&vm, &progress.stopped_blocks)?;
+                    let mut again =
+                        || meet_again(&rendezvous, options.heartbeat, &options.security);
+                    resync_reconnecting(
+                        &mut h,
+                        &mut peer,
+                        &vm,
+                        &header,
+                        &mut record,
+                        ui,
+                        Some(&mut again),
+                        MAX_SYNC_RECONNECTS - reconnects,
+                    )?;
                     let ready = Ready {
                         resume_checkpoint: progress.id,
                         chunks_applied: progress.chunks,
@@ -349,6 +389,7 @@ pub fn run_standby(
                         },
                     )?;
                     progress.stopped.clear();
+                    progress.stopped_blocks.clear();
                     channel = StandbyChannel::spawn_with(
                         Link::new(h)?,
                         options.try_clone().map_err(StandbyError::Thread)?,
@@ -775,6 +816,9 @@ struct SyncProgress {
     received: u64,
     /// Pages of the stop-and-copy received on this connection: the digest covers them.
     stopped: Vec<u64>,
+    /// Disk blocks of the stop-and-copy received on this connection (written already),
+    /// which the digest covers too.
+    stopped_blocks: Vec<DiskBlock>,
     last_status: std::time::Instant,
 }
 
@@ -797,6 +841,7 @@ impl SyncProgress {
             chunks: 0,
             received: 0,
             stopped: Vec::new(),
+            stopped_blocks: Vec::new(),
             last_status: std::time::Instant::now(),
         }
     }
@@ -826,6 +871,14 @@ fn receive_sync(
                     vm.write_page(p.pfn, &p.data).map_err(StandbyError::Vm)?;
                     progress.received += PAGE_SIZE;
                 }
+                for b in &chunk.blocks {
+                    let block = DiskBlock {
+                        disk: b.disk,
+                        block: b.block,
+                    };
+                    vm.write_disk_block(block, &b.data)?;
+                    progress.stopped_blocks.push(block);
+                }
                 progress.chunks += 1;
                 if chunk.stopped {
                     progress.stopped.extend(chunk.pages.iter().map(|p| p.pfn));
@@ -833,6 +886,7 @@ fn receive_sync(
                     // Pre-copy goes on: stopped pages seen so far belonged to a
                     // stop-and-copy that was abandoned.
                     progress.stopped.clear();
+                    progress.stopped_blocks.clear();
                     progress.bar.set_message(format!("round {}", chunk.round));
                 }
                 let bar = &progress.bar;
@@ -851,7 +905,8 @@ fn receive_sync(
                 // The stopped pages are in memory already: only the state is installed; the
                 // digest covers the stopped pages.
                 let stopped = std::mem::take(&mut progress.stopped);
-                if let Err(why) = install(vm, (&[], &[]), &end, (&stopped, &[])) {
+                let blocks = std::mem::take(&mut progress.stopped_blocks);
+                if let Err(why) = install(vm, (&[], &[]), &end, (&stopped, &blocks)) {
                     channel.tell(FromReplayer::Diverged(Diverged {
                         epoch: end.epoch,
                         exit_seq: end.exit_seq,

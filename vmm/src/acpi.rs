@@ -8,8 +8,9 @@
 //! ISA) interrupt line, and `\_S5` for soft-off. The FADT is a full one, not
 //! "hardware-reduced": Linux takes a hardware-reduced platform to have no 8259 PIC and no PIT.
 //! So it names the PM1a event and control blocks ([`crate::devices::acpi_pm`]), an SCI line
-//! that never fires, no SMI_CMD port (always in ACPI mode) and no PM timer (a clock outside
-//! the PIT). There is no MADT: the guest has no local APIC or I/O APIC and stays on the PIC.
+//! that never fires, no SMI_CMD port (always in ACPI mode) and the PM timer
+//! ([`crate::devices::pm_timer`], counting the PIT's virtual clock: the clocksource that
+//! keeps Linux off the TSC). There is no MADT: the guest has no local APIC or I/O APIC and stays on the PIC.
 //!
 //! The tables live in the BIOS area below 1 MiB, which the e820 map reserves. Firmware would
 //! put them there; Linux finds the RSDP through `boot_params.acpi_rsdp_addr`.
@@ -24,6 +25,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::boot::BootError;
 use crate::devices::acpi_pm::{PM1A_CNT_PORT, PM1A_EVT_PORT, SCI_IRQ, SLP_TYP_S5};
+use crate::devices::pm_timer::{PM_TMR_LEN, PM_TMR_PORT};
 use crate::memory::GuestMemory;
 
 /// Where the tables start (the RSDP first).
@@ -79,6 +81,9 @@ pub fn write_tables(mem: &GuestMemory, slots: &[VirtioMmioSlot]) -> Result<u64, 
     fadt.pm1_evt_len = 4;
     fadt.pm1a_cnt_blk = (PM1A_CNT_PORT as u32).into();
     fadt.pm1_cnt_len = 2;
+    // The PM timer (24-bit: TMR_VAL_EXT clear), the clocksource that reads through an exit.
+    fadt.pm_tmr_blk = (PM_TMR_PORT as u32).into();
+    fadt.pm_tmr_len = PM_TMR_LEN as u8;
     // IA-PC boot architecture: an 8042 is present (bit 1), no CMOS RTC (bit 5).
     fadt.iapc_boot_arch = (1u16 << 1 | 1 << 5).into();
     let fadt = fadt.finalize();

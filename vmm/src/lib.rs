@@ -17,6 +17,7 @@ pub mod live;
 pub mod machine;
 pub mod memory;
 pub mod state;
+pub mod tsc;
 pub mod vcpu;
 pub mod vm;
 
@@ -51,6 +52,9 @@ pub enum Error {
     /// A disk image could not be attached.
     #[error(transparent)]
     Disk(#[from] devices::virtio::block::DiskError),
+    /// `FTVM_TSC_MEASURES_OFF` names no measure ([`tsc::TscMeasures`]).
+    #[error("{0}")]
+    TscMeasures(String),
     /// A device could not be set up.
     #[error("device setup failed: {0}")]
     Device(String),

@@ -13,6 +13,7 @@ use crate::devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 use crate::devices::i8042::{I8042State, COMMAND_PORT, DATA_PORT, I8042};
 use crate::devices::pic::{Pic, PicState, MASTER_PORT, SLAVE_PORT};
 use crate::devices::pit::{Pit, PitState, PIT_PORT, PORT_61};
+use crate::devices::pm_timer::{PmTimer, PM_TMR_LEN, PM_TMR_PORT};
 use crate::devices::post::{PostCode, PostState, POST_PORT};
 use crate::devices::serial::{Serial, SerialState, TxQueue, COM1_IRQ, COM1_PORT};
 use crate::devices::virtio::block::{
@@ -144,6 +145,11 @@ impl Machine {
         )?;
         let acpi_pm = Arc::new(Mutex::new(AcpiPm::new(stop.clone())));
         pio.insert(acpi_pm.clone(), PM1A_EVT_PORT, PM_PORTS)?;
+        pio.insert(
+            Arc::new(Mutex::new(PmTimer::new(pit.clone()))),
+            PM_TMR_PORT,
+            PM_TMR_LEN,
+        )?;
         let mut mmio = Bus::new();
         let mut virtio_blk = Vec::new();
         for (i, disk) in disks.into_iter().enumerate() {
@@ -177,6 +183,14 @@ impl Machine {
         self.virtio_blk
             .iter()
             .map(|d| lock(d).device().disk().info())
+            .collect()
+    }
+
+    /// The attached disks' image paths, in slot order.
+    pub fn disk_paths(&self) -> Vec<std::path::PathBuf> {
+        self.virtio_blk
+            .iter()
+            .map(|d| lock(d).device().disk().path().to_path_buf())
             .collect()
     }
 

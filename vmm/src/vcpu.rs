@@ -219,6 +219,21 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
+    /// The TSC frequency (kHz) the guest sees (KVM_GET_TSC_KHZ).
+    pub fn tsc_khz(&self) -> Result<u32, Error> {
+        self.fd
+            .get_tsc_khz()
+            .map_err(|e| Error::Kvm("KVM_GET_TSC_KHZ", e))
+    }
+
+    /// Sets the TSC frequency the guest sees (KVM_SET_TSC_KHZ): refused where the host
+    /// cannot scale its TSC to `khz`.
+    pub fn set_tsc_khz(&self, khz: u32) -> Result<(), Error> {
+        self.fd
+            .set_tsc_khz(khz)
+            .map_err(|e| Error::Kvm("KVM_SET_TSC_KHZ", e))
+    }
+
     /// Wraps a created vCPU. `kvm` tells which MSRs the host can save.
     pub fn new(kvm: &Kvm, fd: VcpuFd) -> Result<Self, Error> {
         let supported = kvm

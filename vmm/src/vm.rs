@@ -216,6 +216,26 @@ impl Vm {
         &self.cpuid
     }
 
+    /// Makes the guest's TSC count at `khz` (the primary's rate, DESIGN.md §2), where it
+    /// counts at another rate here. Err: this host cannot (no TSC scaling), with both rates.
+    pub fn match_tsc_khz(&self, khz: u32) -> Result<(), String> {
+        let ours = self.vcpu.tsc_khz().map_err(|e| e.to_string())?;
+        if khz == 0 || khz == ours {
+            return Ok(());
+        }
+        self.vcpu.set_tsc_khz(khz).map_err(|e| {
+            format!(
+                "the primary's guest counts its TSC at {khz} kHz, this host's at {ours} kHz, and KVM cannot scale it here ({e}); pair hosts whose TSCs run at the same rate"
+            )
+        })?;
+        tracing::info!(
+            primary_khz = khz,
+            host_khz = ours,
+            "TSC rate set to the primary's"
+        );
+        Ok(())
+    }
+
     /// The devices.
     pub fn machine(&self) -> &Machine {
         &self.machine
@@ -243,6 +263,11 @@ impl Vm {
     /// Pages written since the last call (guest and VMM writes), sorted page frame numbers.
     pub fn take_dirty_pages(&mut self) -> Result<Vec<u64>, Error> {
         Ok(memory::take_dirty_pages(&self.vm_fd, &self.memory)?)
+    }
+
+    /// The attached disks' image paths, in the guest's disk order.
+    pub fn disk_paths(&self) -> Vec<std::path::PathBuf> {
+        self.machine.disk_paths()
     }
 
     /// Disk blocks the guest wrote since the last call, ascending (DESIGN.md §4 "Disks").

@@ -139,6 +139,15 @@ pub enum ChannelError {
         #[source]
         source: super::secure::BadRecord,
     },
+    /// The disk resync before protection cannot go on: the peer asked for blocks the guest
+    /// does not have, or this side cannot read its own disk.
+    #[error("disk resync with {peer}: {why}")]
+    DiskResync {
+        /// The peer.
+        peer: String,
+        /// What went wrong.
+        why: String,
+    },
     /// The peer did not finish the handshake in time.
     #[error("{peer} did not complete the handshake within {timeout:.1?}")]
     HandshakeTimeout {

@@ -145,6 +145,8 @@ pub fn body_name(m: &Message) -> &'static str {
         Some(Body::Switchover(_)) => "Switchover",
         Some(Body::HeldOutput(_)) => "HeldOutput",
         Some(Body::Abandon(_)) => "Abandon",
+        Some(Body::DiskHashes(_)) => "DiskHashes",
+        Some(Body::DiskBlocks(_)) => "DiskBlocks",
         None => "an empty message",
     }
 }

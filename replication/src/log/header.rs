@@ -44,6 +44,8 @@ pub fn build_header(
                     read_only: d.read_only,
                 })
                 .collect(),
+            // What KVM gives a new vCPU here, as the primary's has (no rate is ever set on it).
+            tsc_khz: ftvm_vmm::vm::host_tsc_khz().unwrap_or(0),
         }),
     }
 }

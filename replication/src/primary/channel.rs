@@ -19,6 +19,7 @@ use super::{Feed, FromVcpu, Handover, PrimaryReport, PrimarySetup};
 use crate::arbiter::STATUS_FENCED;
 use crate::audit::Audit;
 use crate::checkpoint::{DirtyTracking, VcpuControl, VcpuPort};
+use crate::disk_resync::PrimaryDisks;
 use crate::event_loop::{EventLoop, Side, Woken, ACCEPT, LINK};
 use crate::link::{self, ChannelError, Link};
 use crate::position::Position;
@@ -121,6 +122,7 @@ impl PrimaryChannel {
             claims: crossbeam_channel::unbounded(),
             written: Default::default(),
             telemetry: options.telemetry.clone(),
+            disks: setup.disks.with_tracking(tracking.clone()),
         };
         let thread = std::thread::Builder::new()
             .name("ftvm-channel".into())
@@ -196,6 +198,8 @@ struct Driver {
     written: super::written::Written,
     /// Metrics and events (`--metrics`, `--events`).
     telemetry: Option<Arc<crate::telemetry::Telemetry>>,
+    /// The guest's disks, for joining standbys' resyncs.
+    disks: PrimaryDisks,
 }
 
 /// The connection to an abandoned standby: `Abandon` is queued on it. It closes once that
@@ -421,6 +425,7 @@ impl Driver {
             let tx = self.joining.0.clone();
             let waker = self.waker.clone();
             let start = self.core.start_message().clone();
+            let disks = self.disks.clone();
             let heartbeat = self.heartbeat;
             let spawned = std::thread::Builder::new()
                 .name("ftvm-join".into())
@@ -431,7 +436,7 @@ impl Driver {
                         security: &security,
                     };
                     let result = link::handshake(stream, &peer, me, heartbeat)
-                        .and_then(|h| offer_vm(h, &peer, start))
+                        .and_then(|h| offer_vm(h, &peer, start, &disks))
                         .map_err(|e| format!("joining standby {peer}: {e}"));
                     drop(slot);
                     let _ = tx.send(result);
@@ -632,6 +637,7 @@ pub fn offer_vm(
     mut h: link::Handshaken,
     peer: &str,
     start: Start,
+    disks: &PrimaryDisks,
 ) -> Result<(Link, Ready), ChannelError> {
     link::send_blocking(
         &mut h.stream,
@@ -640,7 +646,10 @@ pub fn offer_vm(
             body: Some(Body::Start(start)),
         },
     )?;
-    let msg = link::recv_blocking(&mut h.stream, peer, &mut h.rx_offset)?;
+    let mut msg = link::recv_blocking(&mut h.stream, peer, &mut h.rx_offset)?;
+    if let Some(Body::DiskHashes(first)) = msg.body {
+        msg = crate::disk_resync::serve(&mut h, peer, disks, first)?;
+    }
     let ready = match msg.body {
         Some(Body::Ready(ready)) => ready,
         Some(Body::Diverged(d)) => {

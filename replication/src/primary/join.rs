@@ -47,14 +47,14 @@ impl Join {
         new_id: impl FnOnce() -> u64,
         tracking: &DirtyTracking,
     ) {
-        match self.paused.take() {
-            Some((mut sync, _)) if ready.resume_checkpoint == sync.id => {
+        if let Some((mut sync, _)) = self.paused.take() {
+            if ready.resume_checkpoint == sync.id {
                 sync.resume(ready.chunks_applied);
                 self.sync = Some(sync);
                 return;
             }
-            Some(_) => tracking.stop_sync(),
-            None => {}
+            // Another standby's paused sync is dropped: the new sync restarts page tracking
+            // and keeps the disk blocks tracked since this standby's resync began.
         }
         let sync = PreCopy::start(new_id(), self.memory.clone(), tracking);
         tracing::info!(
@@ -117,7 +117,7 @@ impl Join {
         {
             tracing::warn!("the standby did not reconnect: its sync is abandoned");
             self.paused = None;
-            tracking.stop_sync();
+            tracking.stop_page_sync();
         }
     }
 

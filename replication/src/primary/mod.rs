@@ -144,4 +144,6 @@ pub struct PrimarySetup {
     /// Where the run starts: after `after.epoch` (0 at boot; the switchover's epoch for a
     /// primary born from one), with output sequence numbers from `after.output_seq`.
     pub after: Position,
+    /// The guest's disk images, which a joining standby's disk resync reads.
+    pub disks: crate::disk_resync::PrimaryDisks,
 }

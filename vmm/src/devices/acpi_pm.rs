@@ -2,7 +2,8 @@
 //! keeps the 8259 PIC may describe: Linux treats a "hardware-reduced" ACPI platform as one
 //! without legacy PIC and PIT, so ftvm's FADT is a full one and needs these blocks.
 //!
-//! There are no fixed events (no PM timer, no power button), so the status register always
+//! There are no fixed events (the PM timer, `pm_timer.rs`, raises no overflow event; there
+//! is no power button), so the status register always
 //! reads 0 and the SCI never fires. The control register reads with SCI_EN set (the platform
 //! is always in ACPI mode: there is no SMI_CMD port). Writing SLP_EN with the sleep type the
 //! DSDT's `\_S5` names powers the VM off, as `poweroff` does on real hardware.

@@ -6,6 +6,7 @@ pub mod debug_exit;
 pub mod i8042;
 pub mod pic;
 pub mod pit;
+pub mod pm_timer;
 pub mod post;
 pub mod serial;
 pub mod virtio;

@@ -55,6 +55,7 @@ fn unprotected_primary() -> (PrimaryChannel, Receiver<Vec<u8>>) {
             start: Start::default(),
             accept: None,
             after: Position::default(),
+            disks: Default::default(),
         },
     )
     .expect("channel thread");

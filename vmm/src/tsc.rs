@@ -1,0 +1,117 @@
+//! What keeps a Linux guest off the TSC (DESIGN.md §2 "RDTSC / RDTSCP"). Linux reads the
+//! time-stamp counter without an exit, so every read differs between the primary and its
+//! standby and the pages it lands in need a repair. The measures, each on by default:
+//!
+//! - **cpuid**: the CPUID table hides TSC, RDTSCP, RDPID, invariant TSC and MWAITX
+//!   ([`crate::cpuid::TscCpuid`]): Linux then keeps no TSC clocksource, its `sched_clock`
+//!   counts jiffies and its delay loop counts loops.
+//! - **cmdline**: words on the default Linux command line (`linux_words`):
+//!   `clocksource=acpi_pm` (the ACPI PM timer, [`crate::devices::pm_timer`], reads the
+//!   virtual clock through an exit; named so Linux takes it even where the TSC is visible),
+//!   `randomize_kstack_offset=off` (each system call would otherwise mix RDTSC into its
+//!   kernel stack offset, so stacks, and the pages they are in, differ), and `lpj=` (loops
+//!   per jiffy from the host's TSC rate at Debian's HZ=250: without it Linux calibrates its
+//!   delay loop against jiffies, a measurement that differs between hosts and is slow
+//!   where exits are).
+//!
+//! The ACPI PM timer itself is always declared. `FTVM_TSC_MEASURES_OFF=cpuid,cmdline` (a
+//! list) turns measures off, so that `cargo bench --bench linux` can show what each gains;
+//! nothing else should set it.
+
+use crate::cpuid::{CpuidTable, TscCpuid};
+use crate::Error;
+
+/// The environment variable that turns measures off (a comma-separated list).
+pub const MEASURES_OFF_ENV: &str = "FTVM_TSC_MEASURES_OFF";
+
+/// Which measures are on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TscMeasures {
+    /// The CPUID table hides the TSC.
+    pub cpuid: bool,
+    /// The default Linux command line carries the words that keep Linux off the TSC.
+    pub cmdline: bool,
+}
+
+impl Default for TscMeasures {
+    fn default() -> Self {
+        Self {
+            cpuid: true,
+            cmdline: true,
+        }
+    }
+}
+
+impl TscMeasures {
+    /// All on, except those `off` names (`cpuid`, `cmdline`, comma-separated; `none` or
+    /// empty: none).
+    pub fn parse_off(off: &str) -> Result<Self, Error> {
+        let mut m = Self::default();
+        for word in off.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            match word {
+                "cpuid" => m.cpuid = false,
+                "cmdline" => m.cmdline = false,
+                "none" => {}
+                other => {
+                    return Err(Error::TscMeasures(format!(
+                        "{MEASURES_OFF_ENV}: unknown measure {other:?} (cpuid, cmdline)"
+                    )))
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// The measures `FTVM_TSC_MEASURES_OFF` leaves on.
+    pub fn from_env() -> Result<Self, Error> {
+        Self::parse_off(&std::env::var(MEASURES_OFF_ENV).unwrap_or_default())
+    }
+
+    /// The CPUID table a new VM gets: None for the default (derived by the VM, TSC hidden),
+    /// or this host's table with the TSC visible.
+    pub fn cpuid_table(&self) -> Result<Option<CpuidTable>, Error> {
+        if self.cpuid {
+            return Ok(None);
+        }
+        let kvm = crate::vm::open_kvm()?;
+        CpuidTable::from_supported_with(&kvm, TscCpuid::Visible)
+            .map(Some)
+            .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))
+    }
+
+    /// The words ftvm appends to the default Linux command line on a host whose TSC counts
+    /// at `tsc_khz`. Always `tsc_early_khz=… tsc=reliable`, for a guest that sees the TSC
+    /// (PIT calibration needs a thousand exits in 10 ms, too many where exits are slow);
+    /// then the measures.
+    pub fn linux_words(&self, tsc_khz: u32) -> String {
+        let mut words = format!("tsc_early_khz={tsc_khz} tsc=reliable");
+        if self.cmdline {
+            let lpj = u64::from(tsc_khz) * 1000 / 250;
+            words.push_str(&format!(
+                " clocksource=acpi_pm randomize_kstack_offset=off lpj={lpj}"
+            ));
+        }
+        words
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn measures_are_on_unless_named_off() {
+        assert_eq!(TscMeasures::parse_off("").unwrap(), TscMeasures::default());
+        let m = TscMeasures::parse_off("cpuid").unwrap();
+        assert!(!m.cpuid && m.cmdline);
+        let m = TscMeasures::parse_off(" cmdline , cpuid").unwrap();
+        assert!(!m.cpuid && !m.cmdline);
+        assert!(TscMeasures::parse_off("tsc").is_err());
+        assert_eq!(
+            TscMeasures::default().linux_words(2_000_000),
+            "tsc_early_khz=2000000 tsc=reliable clocksource=acpi_pm randomize_kstack_offset=off lpj=8000000"
+        );
+        let off = TscMeasures::parse_off("cmdline").unwrap();
+        assert_eq!(off.linux_words(1000), "tsc_early_khz=1000 tsc=reliable");
+    }
+}
