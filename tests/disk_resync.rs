@@ -86,6 +86,7 @@ fn a_copy_differing_in_a_few_blocks_is_resynced_and_only_those_blocks_cross() {
     let addr = free_addr();
     let standby = Command::new(FTVM)
         .args(["standby", "--listen", &addr, "--disk", &copy])
+        .args(common::key_args(&[]))
         .env("FTVM_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -94,6 +95,7 @@ fn a_copy_differing_in_a_few_blocks_is_resynced_and_only_those_blocks_cross() {
         .expect("spawn the standby");
     let primary = Command::new(FTVM)
         .args(["run", "--peer", &addr, "--disk", &disk])
+        .args(common::key_args(&[]))
         .args(["--cmdline", "workload=counter ticks=5"])
         .env("FTVM_LOG", "info")
         .stdin(Stdio::null())
@@ -168,6 +170,7 @@ fn cutting_proxy(target: String, cut_after: u64) -> String {
 fn accepting_primary(accept: &str, disk: &str, ticks: u32) -> Child {
     Command::new(FTVM)
         .args(["run", "--accept-standby", accept, "--disk", disk])
+        .args(common::key_args(&[]))
         .args(["--cmdline", &format!("workload=counter ticks={ticks}")])
         .env("FTVM_LOG", "info")
         .stdin(Stdio::null())
@@ -194,6 +197,7 @@ fn a_resync_cut_midway_resumes_where_it_stopped() {
     std::thread::sleep(Duration::from_millis(200));
     let standby = Command::new(FTVM)
         .args(["standby", "--join", &proxy, "--disk", &copy])
+        .args(common::key_args(&[]))
         .env("FTVM_LOG", "info")
         .stdin(Stdio::null())
         .output()
@@ -235,6 +239,7 @@ fn a_standby_joins_a_guest_with_a_read_write_disk_and_takes_over() {
     std::thread::sleep(Duration::from_millis(200));
     let mut standby = Command::new(FTVM)
         .args(["standby", "--join", &accept, "--disk", &copy])
+        .args(common::key_args(&[]))
         .env("FTVM_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -309,6 +314,7 @@ fn a_read_only_copy_that_differs_is_refused_on_both_sides() {
             "--disk",
             &format!("{copy},ro"),
         ])
+        .args(common::key_args(&[]))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -316,6 +322,7 @@ fn a_read_only_copy_that_differs_is_refused_on_both_sides() {
         .expect("spawn the standby");
     let primary = Command::new(FTVM)
         .args(["run", "--peer", &addr, "--disk", &format!("{disk},ro")])
+        .args(common::key_args(&[]))
         .args(["--cmdline", "workload=counter ticks=5"])
         .stdin(Stdio::null())
         .output()

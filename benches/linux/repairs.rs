@@ -3,17 +3,17 @@
 //! nested harness, one per (measures, workload), each printing the primary's epochs and
 //! repairs and the bytes its repairs carried (pages and disk blocks, from its debug
 //! `checkpoint made` lines). Reported per workload: the share of epochs the standby verified
-//! without a repair and the repair bytes per epoch, for the default measures, each measure
-//! off, and all off (the baseline: Linux on the TSC, as before the measures).
+//! without a repair and the repair bytes per epoch, for the default (no measures: Linux on the
+//! TSC), each measure on, and all on.
 
 use super::common::field;
 
-/// The measure sets: name and the `FTVM_TSC_MEASURES_OFF` value.
+/// The measure sets: name and the `FTVM_TSC_MEASURES` value.
 pub const CONFIGS: &[(&str, &str)] = &[
-    ("default (all measures)", ""),
-    ("cpuid off (TSC visible)", "cpuid"),
-    ("cmdline words off", "cmdline"),
-    ("all off (baseline)", "cpuid,cmdline"),
+    ("default: no measures (baseline)", ""),
+    ("cpuid on (TSC hidden)", "cpuid"),
+    ("cmdline words on", "cmdline"),
+    ("all measures", "cpuid,cmdline"),
 ];
 
 /// The workloads (`ftvm.workload=`).
@@ -27,14 +27,14 @@ pub fn script(ftvm: &str, kernel: &str, initrd: &str, disk: &str, workloads: &[&
 set -u
 busybox ip link set lo up || exit 98
 K={kernel}; I={initrd}; D={disk}
-run() {{ # config-index off workload
+run() {{ # config-index measures workload
     cp $D /tmp/rp.img; cp $D /tmp/rs.img
     start=$(date +%s)
-    FTVM_TSC_MEASURES_OFF=$2 FTVM_LOG=ftvm=info,ftvm_primary=debug timeout 900 {ftvm} standby \
+    FTVM_TSC_MEASURES=$2 FTVM_LOG=ftvm=info,ftvm_primary=debug timeout 900 {ftvm} standby \
         --listen 127.0.0.1:7100 --disk /tmp/rs.img --heartbeat-ms 200 \
         --heartbeat-timeout-ms 3000 >/dev/null 2>/tmp/rs.err &
     sp=$!
-    FTVM_TSC_MEASURES_OFF=$2 FTVM_LOG=ftvm=info,ftvm_primary=debug timeout 900 {ftvm} run \
+    FTVM_TSC_MEASURES=$2 FTVM_LOG=ftvm=info,ftvm_primary=debug timeout 900 {ftvm} run \
         --peer 127.0.0.1:7100 --connect-timeout-ms 30000 --kernel $K --initrd $I \
         --disk /tmp/rp.img --mem-mib 256 --latency-bound-ms 50 --heartbeat-ms 200 \
         --heartbeat-timeout-ms 3000 --append "quiet ftvm.workload=$3" >/tmp/rp.out 2>/tmp/rp.err
@@ -47,8 +47,8 @@ run() {{ # config-index off workload
 "#
     );
     for wl in workloads {
-        for (i, (_, off)) in CONFIGS.iter().enumerate() {
-            s.push_str(&format!("run {i} '{off}' {wl}\n"));
+        for (i, (_, on)) in CONFIGS.iter().enumerate() {
+            s.push_str(&format!("run {i} '{on}' {wl}\n"));
         }
     }
     s

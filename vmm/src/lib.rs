@@ -52,7 +52,7 @@ pub enum Error {
     /// A disk image could not be attached.
     #[error(transparent)]
     Disk(#[from] devices::virtio::block::DiskError),
-    /// `FTVM_TSC_MEASURES_OFF` names no measure ([`tsc::TscMeasures`]).
+    /// `FTVM_TSC_MEASURES` names no measure ([`tsc::TscMeasures`]).
     #[error("{0}")]
     TscMeasures(String),
     /// A device could not be set up.
