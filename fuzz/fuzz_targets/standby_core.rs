@@ -33,6 +33,7 @@ fuzz_target!(|data: &[u8]| {
                     FromReplayer::Verified {
                         epoch,
                         exit_seq: epoch * 7,
+                        replayed: now,
                     },
                     now,
                 );
