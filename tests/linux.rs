@@ -469,12 +469,13 @@ fn a_standby_joins_a_running_linux_guest_with_a_disk_then_takes_over() {
     let script = format!(
         "busybox ip link set lo up || exit 98\n\
          cp {disk} {copy} || exit 98\n\
+         {FTVM} keygen --out {d}/pair.key >/dev/null || exit 98\n\
          FTVM_LOG=ftvm=info {FTVM} run --accept-standby 127.0.0.1:7001 --kernel {kernel} \
            --initrd {initrd} --disk {disk} --mem-mib 256 --latency-bound-ms 50 {PAIR_OPTIONS} \
-           >{d}/p.out 2>{d}/p.err & pp=$!\n\
+           --key {d}/pair.key >{d}/p.out 2>{d}/p.err & pp=$!\n\
          until grep -q 'EXT4-fs (vda): mounted' {d}/p.out; do kill -0 $pp || break; sleep 0.2; done\n\
          FTVM_LOG=ftvm_secondary=info {FTVM} standby --join 127.0.0.1:7001 --disk {copy} \
-           {PAIR_OPTIONS} >{d}/s.out 2>{d}/s.err & sp=$!\n\
+           {PAIR_OPTIONS} --key {d}/pair.key >{d}/s.out 2>{d}/s.err & sp=$!\n\
          until grep -q 'synced: following' {d}/s.err; do kill -0 $sp || break; sleep 0.2; done\n\
          kill -9 $pp && echo killed-primary\n\
          wait $pp; echo \"primary-status=$?\"\n\
