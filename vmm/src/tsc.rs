@@ -81,9 +81,6 @@ impl TscMeasures {
             return Ok(None);
         }
         let kvm = crate::vm::open_kvm()?;
-        if kvm.get_api_version() != 12 {
-            return Err(Error::NotKvm);
-        }
         CpuidTable::from_supported_with(&kvm, TscCpuid::Visible)
             .map(Some)
             .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))

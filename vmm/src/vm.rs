@@ -61,13 +61,18 @@ pub struct Vm {
     loop_state: LoopState,
 }
 
-/// Opens /dev/kvm with an error that says what to do about it.
+/// Opens /dev/kvm (refusing a device that does not answer as KVM API 12) with an error that
+/// says what to do about it.
 pub fn open_kvm() -> Result<Kvm, Error> {
-    Kvm::new().map_err(|e| match e.errno() {
+    let kvm = Kvm::new().map_err(|e| match e.errno() {
         libc::ENOENT => Error::NoKvm,
         libc::EACCES | libc::EPERM => Error::KvmPermission,
         _ => Error::Kvm("open /dev/kvm", e),
-    })
+    })?;
+    if kvm.get_api_version() != 12 {
+        return Err(Error::NotKvm);
+    }
+    Ok(kvm)
 }
 
 /// The TSC frequency (kHz) KVM gives a new vCPU on this host. A Linux guest is told it on its
@@ -107,9 +112,6 @@ impl Vm {
             .map(DiskImage::open)
             .collect::<Result<Vec<_>, _>>()?;
         let kvm = open_kvm()?;
-        if kvm.get_api_version() != 12 {
-            return Err(Error::NotKvm);
-        }
         let vm_fd = kvm
             .create_vm()
             .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
