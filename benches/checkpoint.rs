@@ -10,8 +10,12 @@
 //!    that joins. Printed: pre-copy throughput of the pages sent, next to raw loopback TCP
 //!    throughput; how long the pre-copy took to cover all of guest memory (zero pages are
 //!    read, not sent); and the stop-and-copy pause.
+//! 3. Disk resync (issue 13): a 256 MiB disk whose standby copy differs in every block (all
+//!    of it crosses), and one whose copy is identical (only the block hashes cross). Printed:
+//!    the throughput of the blocks sent next to raw loopback TCP, and how fast the pair
+//!    compares an identical disk.
 //!
-//! `cargo bench --bench checkpoint`. Both VMs share this machine's cores: see README.
+//! `cargo bench --bench checkpoint [-- resync]` (`resync`: figure 3 only). Both VMs share this machine's cores: see README.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -40,10 +44,30 @@ fn run() -> Result<(), Failure> {
         "baseline: raw loopback TCP {raw:.0} MiB/s ({} MiB)",
         raw_bytes >> 20
     );
-    for mem in [256u64, 1024] {
+    // `cargo bench` passes --bench; a word after `--` chooses a part.
+    let only_resync = std::env::args().skip(1).any(|a| a == "resync");
+    for mem in [256u64, 1024].into_iter().filter(|_| !only_resync) {
         let repairs = repair_run(mem)?;
         let sync = sync_run(mem)?;
         print_figures(mem, &repairs, &sync, raw);
+    }
+    println!();
+    println!("disk resync, a {RESYNC_MIB} MiB disk (the built-in guest, 256 MiB of memory)");
+    for differ in [true, false] {
+        let r = resync_run(differ)?;
+        let what = if differ {
+            "copy differs in every block"
+        } else {
+            "copy identical            "
+        };
+        println!(
+            "  3. {what}: {} blocks differed, {:.1} MiB of blocks sent in {:.0} ms: {:.0} MiB/s of blocks, {:.0} MiB/s of disk compared (raw TCP {raw:.0} MiB/s)",
+            r.differed,
+            r.bytes as f64 / f64::from(1 << 20),
+            ms(r.elapsed),
+            mib_per_s(r.bytes, r.elapsed),
+            mib_per_s(r.disk_bytes, r.elapsed),
+        );
     }
     Ok(())
 }
@@ -195,6 +219,68 @@ fn sync_run(mem: u64) -> Result<Sync, Failure> {
     Ok(Sync {
         precopy,
         stop_and_copy,
+    })
+}
+
+/// Size of the disk the resync figure uses.
+const RESYNC_MIB: u64 = 256;
+
+/// The standby's `disk resync done` line.
+struct Resync {
+    differed: u64,
+    bytes: u64,
+    disk_bytes: u64,
+    elapsed: Duration,
+}
+
+/// A pair started with a [`RESYNC_MIB`] disk of pseudo-random bytes (no block of zeroes)
+/// and a standby copy of zeroes (`differ`: every block crosses) or identical to it.
+fn resync_run(differ: bool) -> Result<Resync, Failure> {
+    let dir = common::Scratch::new("bench-resync");
+    let disk = dir.path_str("disk.img");
+    let copy = dir.path_str("copy.img");
+    let mut data = vec![0u8; (RESYNC_MIB << 20) as usize];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for word in data.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        word.copy_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(&disk, &data).map_err(|e| format!("{disk}: {e}"))?;
+    if differ {
+        data.fill(0);
+    }
+    std::fs::write(&copy, &data).map_err(|e| format!("{copy}: {e}"))?;
+    drop(data);
+    let addr = try_free_addr()?;
+    let standby = spawn(
+        &["standby", "--listen", &addr, "--disk", &copy],
+        "warn,ftvm_secondary=info",
+    )?;
+    let primary = spawn(
+        &[
+            "run",
+            "--peer",
+            &addr,
+            "--disk",
+            &disk,
+            "--cmdline",
+            "workload=counter ticks=5",
+        ],
+        "warn",
+    )?;
+    finish(primary, "resync primary")?;
+    let (_, s_err) = finish(standby, "resync standby")?;
+    let line = s_err
+        .lines()
+        .find(|l| l.contains("disk resync done"))
+        .ok_or_else(|| format!("no disk resync summary:\n{s_err}"))?;
+    Ok(Resync {
+        differed: field(line, "differed")?,
+        bytes: field(line, "received_bytes")?,
+        disk_bytes: field(line, "disk_bytes")?,
+        elapsed: Duration::from_millis(field(line, "elapsed_ms")?),
     })
 }
 

@@ -13,8 +13,13 @@
 //!   repair and the repair bytes per epoch for boot, idle and files, with the default TSC
 //!   measures, each turned off, and all off (the baseline).
 //!
-//! `cargo bench --bench linux -- repairs [WORKLOAD...]` runs only the protected runs (of
-//! the workloads named; default boot, idle, files); `-- throughput` only the rest.
+//! - what protection costs (`benches/linux/protected.rs`): `files` time and `dd` throughput
+//!   protected next to unprotected, and the output delay of the guest's serial output in a
+//!   protected run, stage by stage.
+//!
+//! `cargo bench --bench linux -- repairs [WORKLOAD...]` runs only the repair runs (of the
+//! workloads named; default boot, idle, files); `-- protected` only the cost of protection;
+//! `-- throughput` only boot time and disk throughput.
 //!
 //! The harness runs the VMMs themselves under QEMU TCG (an exit costs tens of µs there), so
 //! the absolute numbers are far below hardware; the comparisons are what the bench is for.
@@ -30,6 +35,12 @@ use common::{field, linux_guest, linux_guest_images, median_f64, nested, FTVM};
 
 #[path = "linux/repairs.rs"]
 mod repairs;
+
+#[path = "linux/protected.rs"]
+mod protected;
+
+#[path = "pair/breakdown.rs"]
+mod breakdown;
 
 const RUNS: usize = 3;
 
@@ -154,7 +165,7 @@ fn main() {
     let disk = std::env::temp_dir().join(format!("ftvm-bench-disk-{}.img", std::process::id()));
     let disk = disk.to_string_lossy().into_owned();
     linux_guest(&["disk", &disk, "40"]);
-    if part != Some("throughput") {
+    if part != Some("throughput") && part != Some("protected") {
         let workloads: Vec<&str> = match part {
             Some("repairs") if args.len() > 1 => args[1..].iter().map(String::as_str).collect(),
             _ => repairs::WORKLOADS.to_vec(),
@@ -163,6 +174,19 @@ fn main() {
         let out = run_script("repairs", &script, 3000);
         repairs::report(&out, &workloads);
         if part == Some("repairs") {
+            let _ = std::fs::remove_file(&disk);
+            return;
+        }
+    }
+
+    if part != Some("throughput") {
+        let out = run_script(
+            "protected",
+            &protected::script(FTVM, &kernel, &initrd, &disk),
+            2400,
+        );
+        protected::report(&out);
+        if part == Some("protected") {
             let _ = std::fs::remove_file(&disk);
             return;
         }

@@ -61,7 +61,7 @@ mod breakdown;
 mod common;
 #[path = "pair/echo.rs"]
 mod echo;
-use breakdown::{Breakdown, STAGES};
+use breakdown::Breakdown;
 use common::{check_counter, mib_per_s, ms, try_free_addr, Failure, Scratch, FTVM};
 
 /// Protected runs whose audit files give figures 1 and 4.
@@ -266,24 +266,7 @@ fn print_breakdown(b: &mut Breakdown) {
         "   breakdown over {} released epochs (p50 / p99 per stage; see benches/pair/breakdown.rs):",
         b.total.len()
     );
-    for (name, samples) in STAGES.iter().zip(b.stages.iter_mut()) {
-        if samples.is_empty() {
-            continue;
-        }
-        println!(
-            "     {name:<22} p50 {:>9.3} ms   p99 {:>9.3} ms",
-            ms(percentile(samples, 50)),
-            ms(percentile(samples, 99))
-        );
-    }
-    if !b.total.is_empty() {
-        println!(
-            "     {:<22} p50 {:>9.3} ms   p99 {:>9.3} ms",
-            "last output -> released",
-            ms(percentile(&mut b.total, 50)),
-            ms(percentile(&mut b.total, 99))
-        );
-    }
+    b.print_table("     ");
 }
 
 // ---------------------------------------------------------------------------

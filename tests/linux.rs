@@ -268,7 +268,7 @@ const PAIR_OPTIONS: &str = "--heartbeat-ms 200 --heartbeat-timeout-ms 3000 \
 /// line, both stdouts in hex (`hex-primary=`, `hex-standby=`), whether the two images are
 /// identical, and `copy-checksum NAME SHA256` for the files in the standby's copy
 /// (debugfs), then the standby's stderr.
-fn protected_script(dir: &str, disk: &str, copy: &str, kill: bool) -> String {
+fn protected_script(dir: &str, disk: &str, copy: &str, kill: Kill) -> String {
     let (kernel, initrd) = linux_guest_images();
     let primary = format!(
         "FTVM_LOG=ftvm=info {FTVM} run --peer 127.0.0.1:7000 \
@@ -276,11 +276,24 @@ fn protected_script(dir: &str, disk: &str, copy: &str, kill: bool) -> String {
            --mem-mib 256 --latency-bound-ms 50 {PAIR_OPTIONS} --key {dir}/pair.key \
            >{dir}/p.out 2>{dir}/p.err"
     );
-    let run_primary = if kill {
-        format!("{primary} & pp=$!\n{KILL_DURING_WRITES}\nwait $pp")
-    } else {
-        primary
+    // The primary runs in the background (`$pp`) while the script watches its output: when
+    // the guest's init line appears (`init-at-ms=`), when the primary ends, and the kill.
+    let kill = match kill {
+        Kill::No => String::new(),
+        Kill::DuringWrites => KILL_DURING_WRITES.to_string(),
+        Kill::AfterInit { ms } => format!(
+            "sleep {}.{:03}; kill -9 $pp && echo killed-primary",
+            ms / 1000,
+            ms % 1000
+        ),
     };
+    let run_primary = format!(
+        "t0=$(date +%s%3N)\n{primary} & pp=$!\n\
+         until grep -q 'ftvm-linux-guest: init' $D/p.out; do kill -0 $pp 2>/dev/null || break; sleep 0.05; done\n\
+         echo \"init-at-ms=$(( $(date +%s%3N) - t0 ))\"\n\
+         {kill}\n\
+         wait $pp"
+    );
     format!(
         "busybox ip link set lo up || exit 98\n\
          cp {disk} {copy} || exit 98\n\
@@ -292,6 +305,7 @@ fn protected_script(dir: &str, disk: &str, copy: &str, kill: bool) -> String {
          sp=$!\n\
          {run_primary}\n\
          echo \"primary-status=$?\"\n\
+         echo \"primary-ended-at-ms=$(( $(date +%s%3N) - t0 ))\"\n\
          wait $sp; echo \"standby-status=$?\"\n\
          echo \"took-s=$(( $(date +%s) - start ))\"\n\
          grep 'protected run complete' {dir}/p.err\n\
@@ -356,7 +370,8 @@ fn a_protected_linux_guest_keeps_the_standbys_disk_identical() {
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let (dir, disk, expected) = fresh_disk("protected");
     let copy = dir.path_str("copy.img");
-    let script = protected_script(&dir.path_str(""), &disk, &copy, false);
+    let d = dir.path_str("");
+    let script = format!("D={d}\n{}", protected_script(&d, &disk, &copy, Kill::No));
     let started = std::time::Instant::now();
     let (status, out) = nested_sh(&script, 1200);
     assert_eq!(status, Some(0), "{out}");
@@ -385,45 +400,67 @@ fn a_protected_linux_guest_keeps_the_standbys_disk_identical() {
     );
 }
 
-/// Issue 13: `kill -9` of the primary while the guest writes its disk. The standby goes
-/// live on its own copy, finishes the workload and prints the right checksums; the output a
-/// client saw (the primary's released bytes, then the standby's from the sequence number it
-/// re-emits from) has no gap; the standby's copy holds the right files.
-#[test]
-fn a_failover_during_the_disk_writes_finishes_the_workload_on_the_standbys_copy() {
-    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
-    let (dir, disk, expected) = fresh_disk("failover");
+/// When a drill SIGKILLs the primary.
+#[derive(Clone, Copy, Debug)]
+enum Kill {
+    /// Never: the protected run ends by itself.
+    No,
+    /// During the disk writes (see [`KILL_DURING_WRITES`]).
+    DuringWrites,
+    /// `ms` after the guest's init line appeared in the primary's released output.
+    AfterInit { ms: u64 },
+}
+
+/// How a failover drill ended.
+enum Drill {
+    /// The primary was killed, and the standby took over correctly (the checks passed):
+    /// the bytes the primary released, where the standby re-emitted from, the seconds.
+    FailedOver {
+        released: usize,
+        from: usize,
+        took_s: u64,
+    },
+    /// The primary had ended before the kill (a random moment drawn too late).
+    TooLate,
+}
+
+/// One failover drill of the `files` workload (issue 13): the standby goes live on its own
+/// copy, finishes the workload and prints the right checksums; the output a client saw (the
+/// primary's released bytes, then the standby's from the sequence number it re-emits from)
+/// is the guest's output of one execution with no gap; the standby's copy holds the right
+/// files and a clean file system.
+fn failover_drill(name: &str, kill: Kill) -> Drill {
+    let (dir, disk, expected) = fresh_disk(name);
     let copy = dir.path_str("copy.img");
     let d = dir.path_str("");
-    let script = format!("D={d}\n{}", protected_script(&d, &disk, &copy, true));
+    let script = format!("D={d}\n{}", protected_script(&d, &disk, &copy, kill));
     let (status, out) = nested_sh(&script, 1200);
-    assert_eq!(status, Some(0), "{out}");
+    assert_eq!(status, Some(0), "{kill:?}: {out}");
+    if out.contains("primary-status=0") && !out.contains("killed-primary") {
+        assert!(out.contains("standby-status=0"), "{out}");
+        return Drill::TooLate;
+    }
     assert!(
         out.contains("killed-primary"),
-        "the primary was not killed:\n{out}"
+        "{kill:?}: the primary was not killed:\n{out}"
     );
-    assert!(out.contains("primary-status=137"), "{out}");
-    assert!(out.contains("standby-status=0"), "{out}");
+    assert!(out.contains("primary-status=137"), "{kill:?}: {out}");
+    assert!(out.contains("standby-status=0"), "{kill:?}: {out}");
     let primary = hex_field(&out, "hex-primary");
     let standby = hex_field(&out, "hex-standby");
-    let ptext = String::from_utf8_lossy(&primary).into_owned();
-    assert!(
-        checksum_lines(&ptext).len() < expected.len(),
-        "the primary was killed after the workload had ended:\n{ptext}"
-    );
     // The standby names the output sequence number it re-emits from; the primary's bytes
     // past it are the duplicate window and must be what the standby printed first.
     let from = number(&out, "re-emitting output from sequence ")
-        .unwrap_or_else(|| panic!("no go-live line from the standby:\n{out}"))
+        .unwrap_or_else(|| panic!("{kill:?}: no go-live line from the standby:\n{out}"))
         as usize;
     assert!(
         from <= primary.len(),
-        "re-emits from {from}, primary printed {}",
+        "{kill:?}: re-emits from {from}, primary printed {}",
         primary.len()
     );
     assert!(
         standby.starts_with(&primary[from..]),
-        "the primary's last {} bytes are not what the standby re-emitted first",
+        "{kill:?}: the primary's last {} bytes are not what the standby re-emitted first",
         primary.len() - from
     );
     let mut merged = primary[..from].to_vec();
@@ -436,22 +473,90 @@ fn a_failover_during_the_disk_writes_finishes_the_workload_on_the_standbys_copy(
             .filter(|l| **l == "ftvm-linux-guest: init")
             .count(),
         1,
-        "{merged}"
+        "{kill:?}: {merged}"
     );
-    assert_eq!(checksum_lines(&merged), expected, "{merged}");
-    assert!(lines.contains(&"workload ok"), "{merged}");
+    assert_eq!(checksum_lines(&merged), expected, "{kill:?}: {merged}");
+    assert!(lines.contains(&"workload ok"), "{kill:?}: {merged}");
     assert!(
         lines.contains(&"ftvm-linux-guest: exit status 0"),
-        "{merged}"
+        "{kill:?}: {merged}"
     );
-    assert!(out.contains("copy-fsck-clean"), "{out}");
-    assert_eq!(copy_checksums(&out), expected, "{out}");
-    eprintln!(
-        "failover during the disk writes: primary released {} bytes, the standby re-emitted from {from} ({} bytes twice), took {} s",
-        primary.len(),
-        primary.len() - from,
-        number(&out, "took-s=").unwrap_or(0)
-    );
+    assert!(out.contains("copy-fsck-clean"), "{kill:?}: {out}");
+    assert_eq!(copy_checksums(&out), expected, "{kill:?}: {out}");
+    Drill::FailedOver {
+        released: primary.len(),
+        from,
+        took_s: number(&out, "took-s=").unwrap_or(0),
+    }
+}
+
+/// The window after the guest's init line in which a random drill kills the primary
+/// (`FTVM_LINUX_DRILL_WINDOW_MS`): a protected `files` run in the harness takes about
+/// 60–90 s from the init line to its end on the development machine; a draw past the end
+/// is drawn again in half the window.
+const DRILL_WINDOW_MS: u64 = 50_000;
+
+/// Issue 13: `kill -9` of the primary during the `files` workload: once while the guest
+/// writes its disk, then `FTVM_LINUX_DRILLS` times (default 1; `scripts/linux-drill.sh N`
+/// runs more) at a random moment after the guest's init line (the seed is printed). Each
+/// drill passes the checks of [`failover_drill`].
+#[test]
+fn failovers_during_the_files_workload_finish_it_on_the_standbys_copy() {
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let drills: u64 = std::env::var("FTVM_LINUX_DRILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let window: u64 = std::env::var("FTVM_LINUX_DRILL_WINDOW_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DRILL_WINDOW_MS);
+    let mut seed = std::env::var("FTVM_DRILL_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    eprintln!("Linux failover drills: {drills} at random moments in {window} ms, seed {seed}");
+    let report = |what: &str, d: Drill| match d {
+        Drill::FailedOver {
+            released,
+            from,
+            took_s,
+        } => eprintln!(
+            "  {what}: failed over; the primary released {released} bytes, the standby \
+             re-emitted from {from} ({} bytes twice), {took_s} s",
+            released - from
+        ),
+        Drill::TooLate => eprintln!("  {what}: the primary had ended before the kill"),
+    };
+    match failover_drill("failover-writes", Kill::DuringWrites) {
+        Drill::TooLate => panic!("the disk writes ended before the kill"),
+        d => report("during the disk writes", d),
+    }
+    for i in 0..drills {
+        let mut span = window.max(1);
+        loop {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let ms = seed % span;
+            let what = format!("drill {} of {drills}, kill {ms} ms after init", i + 1);
+            match failover_drill(&format!("failover-{i}"), Kill::AfterInit { ms }) {
+                Drill::TooLate if span > 1000 => {
+                    report(&what, Drill::TooLate);
+                    span /= 2;
+                }
+                Drill::TooLate => panic!("{what}: the primary ended before every draw"),
+                d => {
+                    report(&what, d);
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Issue 13: a standby joins a running Linux guest with a read-write disk (`--join`), its

@@ -185,3 +185,38 @@ impl Breakdown {
         Ok(())
     }
 }
+
+/// The `p`th percentile (nearest rank) of `samples`, sorted in place; zero when empty.
+fn percentile(samples: &mut [Duration], p: usize) -> Duration {
+    samples.sort_unstable();
+    let rank = (samples.len() * p).div_ceil(100).max(1);
+    samples
+        .get(rank.min(samples.len()).wrapping_sub(1))
+        .copied()
+        .unwrap_or_default()
+}
+
+impl Breakdown {
+    /// Prints the table: p50 and p99 of each stage, then of the whole output delay.
+    pub fn print_table(&mut self, indent: &str) {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        for (name, samples) in STAGES.iter().zip(self.stages.iter_mut()) {
+            if samples.is_empty() {
+                continue;
+            }
+            println!(
+                "{indent}{name:<22} p50 {:>9.3} ms   p99 {:>9.3} ms",
+                ms(percentile(samples, 50)),
+                ms(percentile(samples, 99))
+            );
+        }
+        if !self.total.is_empty() {
+            println!(
+                "{indent}{:<22} p50 {:>9.3} ms   p99 {:>9.3} ms",
+                "last output -> released",
+                ms(percentile(&mut self.total, 50)),
+                ms(percentile(&mut self.total, 99))
+            );
+        }
+    }
+}

@@ -6,6 +6,8 @@
 //! what lets the next attempt resume where the last stopped, since blocks already received
 //! now match and are not sent again, and the copies need not be read a second time.
 
+use std::collections::VecDeque;
+
 use ftvm_proto::channel::{message::Body, DiskHashes, Message};
 use ftvm_proto::log::LogHeader;
 use ftvm_replication::disk_resync::{HASHES_PER_REQUEST, HASH_LEN};
@@ -16,6 +18,10 @@ use ftvm_vmm::digest::{block_hash, hash};
 use ftvm_vmm::Vm;
 
 use crate::standby::{StandbyError, StandbyUi};
+
+/// Runs of hashes sent ahead of their answers (each run asks for at most 4 MiB of blocks,
+/// so the primary's answers waiting in the socket stay bounded).
+const RUNS_IN_FLIGHT: usize = 2;
 
 /// The hashes of this standby's copies as they are now, kept across reconnects.
 #[derive(Debug, Default)]
@@ -104,30 +110,41 @@ pub fn resync(
     let mut differing_read_only = Vec::new();
     let (mut differed, mut bytes) = (0u64, 0u64);
     for (disk, &(blocks, read_only)) in disks.iter().enumerate() {
-        let mut first = 0;
         let mut differ_here = 0;
-        while first < blocks {
-            let count = (blocks - first).min(HASHES_PER_REQUEST);
-            let known = &mut record.hashes[disk];
-            for block in known.len() as u64..first + count {
-                let b = DiskBlock {
-                    disk: disk as u32,
-                    block,
-                };
-                known.push(block_hash(vm, b, &mut scratch)?);
-            }
-            let hashes: Vec<u8> = known[first as usize..(first + count) as usize].concat();
-            link::send_blocking(
-                &mut h.stream,
-                peer,
-                &Message {
-                    body: Some(Body::DiskHashes(DiskHashes {
+        // Runs asked for and not yet answered, oldest first: the next run's hashes go out
+        // before the answer to the current one is read, so this side's hashing and the
+        // primary's reading overlap, and the link is never idle for a round trip.
+        let mut asked: VecDeque<(u64, u64)> = VecDeque::new();
+        let mut next = 0;
+        while next < blocks || !asked.is_empty() {
+            while asked.len() < RUNS_IN_FLIGHT && next < blocks {
+                let count = (blocks - next).min(HASHES_PER_REQUEST);
+                let known = &mut record.hashes[disk];
+                for block in known.len() as u64..next + count {
+                    let b = DiskBlock {
                         disk: disk as u32,
-                        first_block: first,
-                        hashes,
-                    })),
-                },
-            )?;
+                        block,
+                    };
+                    known.push(block_hash(vm, b, &mut scratch)?);
+                }
+                let hashes: Vec<u8> = known[next as usize..(next + count) as usize].concat();
+                link::send_blocking(
+                    &mut h.stream,
+                    peer,
+                    &Message {
+                        body: Some(Body::DiskHashes(DiskHashes {
+                            disk: disk as u32,
+                            first_block: next,
+                            hashes,
+                        })),
+                    },
+                )?;
+                asked.push_back((next, count));
+                next += count;
+            }
+            let Some((first, count)) = asked.pop_front() else {
+                break;
+            };
             loop {
                 let msg = link::recv_blocking(&mut h.stream, peer, &mut h.rx_offset)?;
                 let Some(Body::DiskBlocks(answer)) = msg.body else {
@@ -173,7 +190,6 @@ pub fn resync(
                     break;
                 }
             }
-            first += count;
             bar.inc(count * DISK_BLOCK_SIZE);
             bar.set_message(format!("{} blocks differed", differed + differ_here));
         }
