@@ -3,7 +3,7 @@
 # nested harness, scripts/nested.sh): the Linux test guest's `files` workload runs protected
 # (`ftvm standby --disk COPY` + `ftvm run --peer --kernel --initrd --disk`), and the primary is
 # SIGKILLed once during the disk writes, then N times (default 5) at a random moment in the
-# first WINDOW_MS (default 50000) after the guest's init line. Each drill checks that the
+# first WINDOW_MS (default 30000) after the guest's init line. Each drill checks that the
 # standby finishes the workload on its own copy and exits 0, that the output a client saw
 # (the primary's released bytes joined with the standby's re-emitted ones) is one execution's
 # with no gap and the right checksums, and that the standby's copy holds the files with the
@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 drills="${1:-5}"
-window="${2:-50000}"
+window="${2:-30000}"
 for n in "$drills" "$window"; do
     case "$n" in
         ''|*[!0-9]*) echo "usage: scripts/linux-drill.sh [N [WINDOW_MS]]" >&2; exit 2 ;;

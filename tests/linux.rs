@@ -282,7 +282,8 @@ fn protected_script(dir: &str, disk: &str, copy: &str, kill: Kill) -> String {
         Kill::No => String::new(),
         Kill::DuringWrites => KILL_DURING_WRITES.to_string(),
         Kill::AfterInit { ms } => format!(
-            "sleep {}.{:03}; kill -9 $pp && echo killed-primary",
+            "sleep {}.{:03}; kill -9 $pp && echo killed-primary \
+             && echo \"killed-at-ms=$(( $(date +%s%3N) - t0 ))\"",
             ms / 1000,
             ms % 1000
         ),
@@ -307,6 +308,7 @@ fn protected_script(dir: &str, disk: &str, copy: &str, kill: Kill) -> String {
          echo \"primary-status=$?\"\n\
          echo \"primary-ended-at-ms=$(( $(date +%s%3N) - t0 ))\"\n\
          wait $sp; echo \"standby-status=$?\"\n\
+         echo \"standby-ended-at-ms=$(( $(date +%s%3N) - t0 ))\"\n\
          echo \"took-s=$(( $(date +%s) - start ))\"\n\
          grep 'protected run complete' {dir}/p.err\n\
          grep -v 'protected run complete' {dir}/p.err | tail -20\n\
@@ -332,7 +334,7 @@ const KILL_DURING_WRITES: &str = "\
 until grep -q 'EXT4-fs (vda): mounted' $D/p.out; do kill -0 $pp 2>/dev/null || break; sleep 0.2; done
 base=$(grep -c 'dirty_blocks=[1-9]' $D/s.err)
 while [ \"$(grep -c 'dirty_blocks=[1-9]' $D/s.err)\" -le \"$base\" ]; do kill -0 $pp 2>/dev/null || break; sleep 0.05; done
-kill -9 $pp && echo killed-primary && grep 'dirty_blocks=[1-9]' $D/s.err | tail -1";
+kill -9 $pp && echo killed-primary && echo \"killed-at-ms=$(( $(date +%s%3N) - t0 ))\" && grep 'dirty_blocks=[1-9]' $D/s.err | tail -1";
 
 /// `key=value` of the harness's output, as bytes decoded from hex.
 fn hex_field(out: &str, key: &str) -> Vec<u8> {
@@ -419,9 +421,12 @@ enum Drill {
         released: usize,
         from: usize,
         took_s: u64,
+        /// ms from the kill to the standby's end (it finished the workload live).
+        after_kill: Option<u64>,
     },
-    /// The primary had ended before the kill (a random moment drawn too late).
-    TooLate,
+    /// The primary had ended before the kill (a random moment drawn too late), this many
+    /// ms after the guest's init line.
+    TooLate { ran_ms: Option<u64> },
 }
 
 /// One failover drill of the `files` workload (issue 13): the standby goes live on its own
@@ -438,7 +443,10 @@ fn failover_drill(name: &str, kill: Kill) -> Drill {
     assert_eq!(status, Some(0), "{kill:?}: {out}");
     if out.contains("primary-status=0") && !out.contains("killed-primary") {
         assert!(out.contains("standby-status=0"), "{out}");
-        return Drill::TooLate;
+        let ran_ms = number(&out, "primary-ended-at-ms=")
+            .zip(number(&out, "init-at-ms="))
+            .map(|(end, init)| end.saturating_sub(init));
+        return Drill::TooLate { ran_ms };
     }
     assert!(
         out.contains("killed-primary"),
@@ -448,6 +456,13 @@ fn failover_drill(name: &str, kill: Kill) -> Drill {
     assert!(out.contains("standby-status=0"), "{kill:?}: {out}");
     let primary = hex_field(&out, "hex-primary");
     let standby = hex_field(&out, "hex-standby");
+    if let Kill::DuringWrites = kill {
+        let ptext = String::from_utf8_lossy(&primary).into_owned();
+        assert!(
+            checksum_lines(&ptext).len() < expected.len(),
+            "the primary was killed after the workload had ended:\n{ptext}"
+        );
+    }
     // The standby names the output sequence number it re-emits from; the primary's bytes
     // past it are the duplicate window and must be what the standby printed first.
     let from = number(&out, "re-emitting output from sequence ")
@@ -483,18 +498,22 @@ fn failover_drill(name: &str, kill: Kill) -> Drill {
     );
     assert!(out.contains("copy-fsck-clean"), "{kill:?}: {out}");
     assert_eq!(copy_checksums(&out), expected, "{kill:?}: {out}");
+    let after_kill = number(&out, "standby-ended-at-ms=")
+        .zip(number(&out, "killed-at-ms="))
+        .map(|(end, kill)| end.saturating_sub(kill));
     Drill::FailedOver {
         released: primary.len(),
         from,
         took_s: number(&out, "took-s=").unwrap_or(0),
+        after_kill,
     }
 }
 
 /// The window after the guest's init line in which a random drill kills the primary
-/// (`FTVM_LINUX_DRILL_WINDOW_MS`): a protected `files` run in the harness takes about
-/// 60–90 s from the init line to its end on the development machine; a draw past the end
-/// is drawn again in half the window.
-const DRILL_WINDOW_MS: u64 = 50_000;
+/// (`FTVM_LINUX_DRILL_WINDOW_MS`): a protected `files` run in the harness took 25–35 s from
+/// the init line to its end on the development machine; a draw past the end is drawn again
+/// within the time that run took (and the later drills use that window).
+const DRILL_WINDOW_MS: u64 = 30_000;
 
 /// Issue 13: `kill -9` of the primary during the `files` workload: once while the guest
 /// writes its disk, then `FTVM_LINUX_DRILLS` times (default 1; `scripts/linux-drill.sh N`
@@ -507,7 +526,7 @@ fn failovers_during_the_files_workload_finish_it_on_the_standbys_copy() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    let window: u64 = std::env::var("FTVM_LINUX_DRILL_WINDOW_MS")
+    let mut window: u64 = std::env::var("FTVM_LINUX_DRILL_WINDOW_MS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(DRILL_WINDOW_MS);
@@ -525,19 +544,24 @@ fn failovers_during_the_files_workload_finish_it_on_the_standbys_copy() {
             released,
             from,
             took_s,
+            after_kill,
         } => eprintln!(
             "  {what}: failed over; the primary released {released} bytes, the standby \
-             re-emitted from {from} ({} bytes twice), {took_s} s",
-            released - from
+             re-emitted from {from} ({} bytes twice) and ended {} ms after the kill; {took_s} s",
+            released - from,
+            after_kill.map_or("?".into(), |m| m.to_string())
         ),
-        Drill::TooLate => eprintln!("  {what}: the primary had ended before the kill"),
+        Drill::TooLate { ran_ms } => eprintln!(
+            "  {what}: the primary had ended before the kill, {} ms after init",
+            ran_ms.map_or("?".into(), |m| m.to_string())
+        ),
     };
     match failover_drill("failover-writes", Kill::DuringWrites) {
-        Drill::TooLate => panic!("the disk writes ended before the kill"),
+        Drill::TooLate { .. } => panic!("the disk writes ended before the kill"),
         d => report("during the disk writes", d),
     }
     for i in 0..drills {
-        let mut span = window.max(1);
+        let mut span = window.max(1000);
         loop {
             seed ^= seed << 13;
             seed ^= seed >> 7;
@@ -545,11 +569,13 @@ fn failovers_during_the_files_workload_finish_it_on_the_standbys_copy() {
             let ms = seed % span;
             let what = format!("drill {} of {drills}, kill {ms} ms after init", i + 1);
             match failover_drill(&format!("failover-{i}"), Kill::AfterInit { ms }) {
-                Drill::TooLate if span > 1000 => {
-                    report(&what, Drill::TooLate);
-                    span /= 2;
+                Drill::TooLate { ran_ms } if span > 1000 => {
+                    report(&what, Drill::TooLate { ran_ms });
+                    // Drawn again within the time the workload took, or half the window.
+                    span = ran_ms.unwrap_or(span / 2).min(span / 2).max(1000);
+                    window = span;
                 }
-                Drill::TooLate => panic!("{what}: the primary ended before every draw"),
+                Drill::TooLate { .. } => panic!("{what}: the primary ended before every draw"),
                 d => {
                     report(&what, d);
                     break;

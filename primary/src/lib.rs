@@ -216,6 +216,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         self.flush(seq)?;
         let dirty_now = vm.take_dirty_pages()?;
         let blocks_now = vm.take_dirty_blocks();
+        let mut differ = Vec::new();
         let (send, covered, blocks) = match &request {
             VcpuRequest::Repair {
                 from_epoch,
@@ -235,10 +236,11 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
                     pages.extend(p.iter().copied());
                     written.extend(b.iter().copied());
                 }
-                let (send, covered) = repair::plan_pages(vm, pages, standby_dirty)?;
+                let plan = repair::plan_pages(vm, pages, standby_dirty)?;
+                differ = plan.differ;
                 (
-                    send,
-                    covered,
+                    plan.send,
+                    plan.covered,
                     repair::plan_blocks(vm, written, standby_blocks)?,
                 )
             }
@@ -287,6 +289,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         }
         let block_bytes = repair::send_blocks(vm, id, &blocks, &port.feed)?;
         let state = vm.save()?;
+        repair::log_differing(&differ, &state);
         let digest = state_digest(vm, &covered, &blocks.covered)?;
         let sync = matches!(request, VcpuRequest::StopAndCopy { .. });
         let run_end = run_end.map(to_run_end);

@@ -13,7 +13,7 @@ use ftvm_replication::primary::{Feed, FromVcpu};
 use ftvm_vmm::devices::virtio::block::{DiskBlock, DISK_BLOCK_SIZE};
 use ftvm_vmm::digest::block_hash;
 use ftvm_vmm::memory::PAGE_SIZE;
-use ftvm_vmm::Vm;
+use ftvm_vmm::{Vm, VmState};
 
 use crate::RecordError;
 
@@ -30,14 +30,23 @@ pub(crate) struct BlockRepair {
     pub covered: Vec<DiskBlock>,
 }
 
+/// The pages of a repair, sorted.
+pub(crate) struct PagePlan {
+    /// To send: their hash differs from the standby's, or only the primary dirtied them.
+    pub send: Vec<u64>,
+    /// Covered by the checkpoint digest: the union of both sides' dirty pages.
+    pub covered: Vec<u64>,
+    /// Dirtied by both sides with different contents: where the replays diverged.
+    pub differ: Vec<u64>,
+}
+
 /// Plans the pages of a repair: `mine`, the pages the primary dirtied since the boundary,
-/// and `standby`, those the standby dirtied, with their hashes. Returns (the pages to send,
-/// the pages covered), sorted.
+/// and `standby`, those the standby dirtied, with their hashes.
 pub(crate) fn plan_pages(
     vm: &Vm,
     mine: BTreeSet<u64>,
     standby: &[(u64, PageDigest)],
-) -> Result<(Vec<u64>, Vec<u64>), RecordError> {
+) -> Result<PagePlan, RecordError> {
     let theirs: BTreeMap<u64, PageDigest> = standby.iter().copied().collect();
     let covered: BTreeSet<u64> = mine.into_iter().chain(theirs.keys().copied()).collect();
     let mut page = vec![0u8; PAGE_SIZE as usize];
@@ -53,14 +62,18 @@ pub(crate) fn plan_pages(
         }
         send.push(pfn);
     }
-    log_differing(&differ);
-    Ok((send, covered.into_iter().collect()))
+    Ok(PagePlan {
+        send,
+        covered: covered.into_iter().collect(),
+        differ,
+    })
 }
 
 /// Where the replays diverge (DESIGN.md §2, the TSC): the pages both sides dirtied whose
-/// contents differ, at debug level, as page frame numbers in hex (at most 64 a repair).
-/// `scripts/diverging-pages.sh` maps them to kernel symbols with the kernel's System.map.
-fn log_differing(differ: &[u64]) {
+/// contents differ, at debug level, as page frame numbers in hex (at most 64 a repair),
+/// with the guest's per-CPU base (`percpu_base`, see [`percpu_base`]).
+/// `scripts/diverging-pages.sh` maps them to kernel symbols.
+pub(crate) fn log_differing(differ: &[u64], state: &VmState) {
     if differ.is_empty() || !tracing::enabled!(tracing::Level::DEBUG) {
         return;
     }
@@ -68,8 +81,27 @@ fn log_differing(differ: &[u64]) {
     tracing::debug!(
         differing = differ.len(),
         pfns = pfns.join(","),
+        percpu_base = format!("{:x}", percpu_base(state).unwrap_or(0)),
         "repair: pages that differ"
     );
+}
+
+/// KERNEL_GS_BASE, the MSR that holds the GS base of the mode the vCPU is not in.
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+
+/// The start of an x86-64 Linux guest's per-CPU area of its (only) CPU: the GS base while
+/// the vCPU runs kernel code, else the swapped-out KERNEL_GS_BASE; None when neither is a
+/// kernel address (a guest that is not Linux).
+fn percpu_base(state: &VmState) -> Option<u64> {
+    let kernel = |a: u64| (a >> 63 == 1).then_some(a);
+    kernel(state.vcpu.sregs.gs.base).or_else(|| {
+        state
+            .vcpu
+            .msrs
+            .iter()
+            .find(|(i, _)| *i == MSR_KERNEL_GS_BASE)
+            .and_then(|&(_, v)| kernel(v))
+    })
 }
 
 /// Plans the disk part of a repair: `mine`, the blocks the primary's guest wrote since the
