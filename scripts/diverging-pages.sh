@@ -15,6 +15,7 @@
 # 0xffffffff80000000 + P), and the direct map (0xffff888000000000 + P), in which the per-CPU
 # area starts at the GS base. Printed: for each symbol (or region), the repairs in which a
 # page of it differed, most frequent first. FTVM_TSC_MEASURES passes through to both sides.
+# The harness's output is kept in target/diverging-pages-WORKLOAD.out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 workload="${1:-boot}"
@@ -59,6 +60,8 @@ scripts/nested.sh --timeout 1800 -- bash "$dir/run.sh" >"$dir/out" || {
     echo "diverging-pages: the harness run failed" >&2
     exit 1
 }
+# The harness's output is kept: the symbols, the summary and the repairs' lines.
+mkdir -p target && cp "$dir/out" "target/diverging-pages-$workload.out"
 python3 - "$dir/out" <<'PY'
 import bisect, re, sys
 from collections import Counter
@@ -99,8 +102,8 @@ for line in text.splitlines():
     if "pages that differ" not in line:
         continue
     repairs += 1
-    pfns = re.search(r"pfns=([0-9a-f,]+)", line)
-    base = re.search(r"percpu_base=([0-9a-f]+)", line)
+    pfns = re.search(r"pfns=\"?([0-9a-f,]+)", line)
+    base = re.search(r"percpu_base=\"?([0-9a-f]+)", line)
     base = int(base.group(1), 16) if base else 0
     seen = set()
     for pfn in (int(p, 16) for p in (pfns.group(1).split(",") if pfns else [])):
