@@ -39,6 +39,7 @@ protected() {{ # workload
     st=$?
     echo "$1_ms mode=protected ms=$(( $(now) - t0 )) status=$st"
     wait $sp
+    echo "$1_summary $(grep 'protected run complete' /tmp/pc-p.err)"
 }}
 unprotected files
 protected files
@@ -87,6 +88,15 @@ pub fn report(out: &str) {
             ),
             _ => println!("  files workload, {mode:<11} no result"),
         }
+    }
+    for wl in ["files", "dd"] {
+        let line = out.lines().find(|l| l.starts_with(&format!("{wl}_summary ")));
+        let n = |k: &str| line.and_then(|l| field(l, k)).unwrap_or("?");
+        println!(
+            "  {wl}, protected: {} epochs, {} repairs",
+            n("epochs"),
+            n("repairs")
+        );
     }
     for mode in ["unprotected", "protected"] {
         match super::dd_rates(out, &format!("{mode}_dd ")) {

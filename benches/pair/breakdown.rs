@@ -114,7 +114,8 @@ impl Breakdown {
                 "shipped" => {
                     let e = epochs.entry(l.number("epoch")?).or_default();
                     e.shipped = Some(l.t);
-                    e.closing = Some(l.number("closing_ns")?).filter(|&c| c > 0);
+                    // A checkpoint that closes an epoch (a repair) has no closing time.
+                    e.closing = l.number("closing_ns").ok().filter(|&c| c > 0);
                 }
                 "received" => received_acks.push((l.t, l.number("epoch")?)),
                 "acked" => verified_acks.push((l.t, l.number("epoch")?)),
