@@ -242,6 +242,12 @@ struct RunArgs {
     /// Record the replication log into FILE (replay it with `ftvm replay FILE`).
     #[arg(long, value_name = "FILE")]
     record: Option<PathBuf>,
+    /// Give the guest a virtio-mmio network card behind the host TAP device NAME (created if
+    /// no interface has that name; put it on a bridge to reach the guest). MAC: the guest's
+    /// address (default 52:54:00:46:54:01). Received frames are inputs, logged with their
+    /// bytes; transmitted frames are output.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Option<ftvm_vmm::devices::virtio::net::NetConfig>,
     /// When recording, deliver pending interrupts through interrupt-window exits. Only for
     /// hosts where those exits are exact (VMX/SVM); on PVM they make replay diverge.
     #[arg(long)]
@@ -337,6 +343,8 @@ enum CliError {
     Bench(#[from] ftvm_replication::bench::BenchError),
     #[error(transparent)]
     Telemetry(#[from] ops::TelemetryError),
+    #[error(transparent)]
+    Tap(#[from] ftvm_vmm::tap::TapError),
 }
 
 impl From<RunError<LiveError>> for CliError {
@@ -422,6 +430,7 @@ fn boot(args: &RunArgs) -> Result<(VmConfig, Vm), CliError> {
         disks: args.disk.clone(),
         cmdline,
         cpuid: tsc.cpuid_table()?,
+        net: args.net.as_ref().map(|n| n.mac),
     };
     let vm = Vm::new(&config).map_err(|e| match e {
         ftvm_vmm::Error::Boot(_) => CliError::KernelImage {
@@ -495,6 +504,17 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             "--metrics and --events need --peer or --accept-standby".into(),
         ));
     }
+    if args.net.is_some() && paired {
+        return Err(CliError::Usage(
+            "--net is not yet supported on a protected run (--peer, --accept-standby): transmitted frames are not yet held under the output rule".into(),
+        ));
+    }
+    // The TAP first: a name that cannot be opened is refused before the guest boots.
+    let tap = args
+        .net
+        .as_ref()
+        .map(|n| ftvm_vmm::tap::Tap::open(&n.tap))
+        .transpose()?;
     let (config, mut vm) = boot(&args)?;
     let policy = EpochPolicy {
         interrupt_windows: args.interrupt_windows,
@@ -564,7 +584,12 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
         };
         return roles.run(first);
     }
-    let live = LiveHook::new(Some(spawn_reader(std::io::stdin())), std::io::stdout());
+    let mut live = LiveHook::new(Some(spawn_reader(std::io::stdin())), std::io::stdout());
+    if let Some(tap) = tap {
+        live = live
+            .with_net(tap)
+            .map_err(|e| CliError::Usage(format!("cannot start the TAP reader thread: {e}")))?;
+    }
     let Some(path) = args.record else {
         let mut hook = live;
         return match vm.run(&mut hook)? {

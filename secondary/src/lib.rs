@@ -396,6 +396,23 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
             }
             inputs.push(Input::SerialRx(rec.serial));
         }
+        if !rec.net_rx.is_empty() {
+            // The recorder offers one frame per poll, and only to a card with a buffer.
+            if rec.net_rx.len() > 1 || !view.net_rx_ready {
+                let reason = format!(
+                    "the log delivers {} network frame(s) where the replayed card has {}",
+                    rec.net_rx.len(),
+                    if view.net_rx_ready {
+                        "room for one"
+                    } else {
+                        "no receive buffer"
+                    }
+                );
+                self.diverge(seq, reason);
+                return Ok(());
+            }
+            inputs.extend(rec.net_rx.into_iter().map(Input::NetRx));
+        }
         Ok(())
     }
 
@@ -491,6 +508,12 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
     fn on_output(&mut self, _seq: ExitSeq, bytes: &[u8]) -> Result<(), ReplayHookError> {
         self.output.write_all(bytes)?;
         self.output.flush()?;
+        Ok(())
+    }
+
+    /// The replayed card's frames are the ones the primary sent: a standby sends nothing
+    /// until it is live.
+    fn on_net_output(&mut self, _seq: ExitSeq, _frames: &[Vec<u8>]) -> Result<(), ReplayHookError> {
         Ok(())
     }
 }

@@ -17,6 +17,7 @@ pub mod live;
 pub mod machine;
 pub mod memory;
 pub mod state;
+pub mod tap;
 pub mod tsc;
 pub mod vcpu;
 pub mod vm;
