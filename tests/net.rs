@@ -1,0 +1,275 @@
+//! The guest's network card over a real TAP on /dev/kvm: the built-in test guest's `netecho`
+//! workload answers frames the test sends from the host side of the TAP (an AF_PACKET socket
+//! on it), the run is recorded, and the replay — which has no TAP, only the log — must match
+//! it. Bad `--net` input is one clear error each. Needs root (TAP devices).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+mod common;
+use common::{ReplaySummary, Scratch, FTVM};
+
+/// EtherType the guest answers (guest/src/netecho.c).
+const NETECHO_TYPE: u16 = 0x88b5;
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x46, 0x54, 0x01];
+
+fn ip(args: &[&str]) {
+    let o = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (iproute2; scripts/setup.sh installs it)");
+    assert!(o.status.success(), "ip {args:?}: {o:?}");
+}
+
+/// A persistent TAP made for the test (no IPv6, so the host sends no chatter on it), up,
+/// deleted on drop.
+struct TestTap(String);
+
+impl TestTap {
+    fn new(tag: &str) -> Self {
+        let name = format!("ft{tag}{}", std::process::id() % 100_000);
+        let _ = Command::new("ip")
+            .args(["link", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
+        let sysctl = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+        if std::path::Path::new(&sysctl).exists() {
+            std::fs::write(&sysctl, "1").expect("disable IPv6 on the test TAP");
+        }
+        ip(&["link", "set", &name, "up"]);
+        Self(name)
+    }
+}
+
+impl Drop for TestTap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
+/// An AF_PACKET socket on the host side of a TAP, for frames of [`NETECHO_TYPE`].
+struct PacketSocket {
+    fd: libc::c_int,
+    ifindex: libc::c_int,
+}
+
+impl PacketSocket {
+    fn open(ifname: &str) -> Self {
+        let cname = std::ffi::CString::new(ifname).unwrap();
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) } as libc::c_int;
+        assert!(ifindex > 0, "no interface {ifname}");
+        let proto = NETECHO_TYPE.to_be() as libc::c_int;
+        // SAFETY: plain socket call.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = NETECHO_TYPE.to_be();
+        addr.sll_ifindex = ifindex;
+        // SAFETY: `addr` is a sockaddr_ll of the size given.
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        // A failure guard, not a timed assertion: a guest that never answers fails the
+        // test instead of hanging it.
+        let tv = libc::timeval {
+            tv_sec: 120,
+            tv_usec: 0,
+        };
+        // SAFETY: a timeval of the size given.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        Self { fd, ifindex }
+    }
+
+    fn send(&self, frame: &[u8]) {
+        // SAFETY: all-zero sockaddr_ll is valid.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = self.ifindex;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: `frame` and `addr` are valid for the lengths given.
+        let n = unsafe {
+            libc::sendto(
+                self.fd,
+                frame.as_ptr() as *const libc::c_void,
+                frame.len(),
+                0,
+                &addr as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "send: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// The next frame that came from the guest (the socket also sees the test's own).
+    fn recv_from_guest(&self) -> Vec<u8> {
+        let mut buf = vec![0u8; 2048];
+        loop {
+            // SAFETY: `buf` is valid for its length.
+            let n =
+                unsafe { libc::recv(self.fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+            assert!(
+                n >= 0,
+                "no answer from the guest: {}",
+                std::io::Error::last_os_error()
+            );
+            let frame = &buf[..n as usize];
+            if frame.len() >= 12 && frame[6..12] == GUEST_MAC {
+                return frame.to_vec();
+            }
+        }
+    }
+}
+
+impl Drop for PacketSocket {
+    fn drop(&mut self) {
+        // SAFETY: the socket this struct owns.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+/// A frame of the test's: to the guest, from a made-up host MAC, NETECHO_TYPE, a payload
+/// naming `i`, padded to the Ethernet minimum.
+fn frame(i: usize) -> Vec<u8> {
+    let mut f = GUEST_MAC.to_vec();
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x77]);
+    f.extend_from_slice(&NETECHO_TYPE.to_be_bytes());
+    f.extend_from_slice(format!("ftvm frame {i}").as_bytes());
+    f.resize(60 + i, 0xa5);
+    f
+}
+
+fn wait_ready(child: &mut Child) -> BufReader<std::process::ChildStdout> {
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = out.read_line(&mut line).unwrap();
+        assert!(n > 0, "ftvm ended before the guest's card was ready");
+        if line.starts_with("netecho mac=") && line.trim_end().ends_with("ready") {
+            return out;
+        }
+    }
+}
+
+#[test]
+fn frames_reach_the_guest_at_exits_its_answers_leave_through_the_tap_and_the_log_replays_them() {
+    let tap = TestTap::new("ne");
+    let scratch = Scratch::new("net-echo");
+    let log = scratch.path("net.log");
+    let sock = PacketSocket::open(&tap.0);
+    let mut child = Command::new(FTVM)
+        .args(["run", "--net"])
+        .arg(format!("tap={}", tap.0))
+        .arg("--record")
+        .arg(&log)
+        .args(["--cmdline", "workload=netecho n=4"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = wait_ready(&mut child);
+    for i in 0..4 {
+        let sent = frame(i);
+        sock.send(&sent);
+        let got = sock.recv_from_guest();
+        assert_eq!(
+            &got[..6],
+            &sent[6..12],
+            "answer {i} goes back to the sender"
+        );
+        assert_eq!(
+            &got[12..],
+            &sent[12..],
+            "answer {i} carries the frame's payload"
+        );
+    }
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let want: String = (0..4)
+        .map(|i| format!("frame {i} len {}\n", 60 + i))
+        .collect::<String>()
+        + "netecho done\n";
+    assert_eq!(rest, want);
+
+    // The replay has no TAP: every frame comes from the log, at the recorded exits.
+    let r = Command::new(FTVM)
+        .arg("replay")
+        .arg(&log)
+        .arg("--show-output")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(0), "{err}");
+    let s = ReplaySummary::parse(err.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((s.diverged, s.checkpoint_required), (0, 0), "{err}");
+    let replayed = String::from_utf8_lossy(&r.stdout);
+    assert!(replayed.ends_with(&want), "replayed output: {replayed}");
+}
+
+fn run_err(args: &[&str]) -> String {
+    let o = Command::new(FTVM)
+        .arg("run")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "ftvm run {args:?} succeeded");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "no error for {args:?}");
+    err
+}
+
+#[test]
+fn bad_net_options_are_one_clear_error_each() {
+    // An interface that exists and is not a TAP.
+    let e = run_err(&["--net", "tap=lo"]);
+    assert!(
+        e.contains("TAP lo cannot be opened") && e.contains("not a TAP"),
+        "{e}"
+    );
+    let e = run_err(&["--net", "tap=ftx0,mac=52:54:00:zz:00:01"]);
+    assert!(e.contains("malformed MAC address"), "{e}");
+    let e = run_err(&["--net", "mac=52:54:00:00:00:01"]);
+    assert!(e.contains("no tap=NAME"), "{e}");
+    // Not yet on a protected run: refused before anything starts.
+    let e = run_err(&["--net", "tap=ftx0", "--peer", "127.0.0.1:9", "--insecure"]);
+    assert!(e.contains("not yet supported on a protected run"), "{e}");
+}
