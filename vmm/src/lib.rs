@@ -16,6 +16,7 @@ pub mod exit;
 pub mod live;
 pub mod machine;
 pub mod memory;
+pub mod output_stream;
 pub mod state;
 pub mod tap;
 pub mod tsc;
