@@ -18,7 +18,8 @@ use ftvm_replication::{ChannelOptions, Heartbeat, Position};
 use ftvm_secondary::standby::{Rendezvous, StandbyEnd, StandbyUi};
 use ftvm_secondary::{ReplayError, Replayer};
 use ftvm_vmm::devices::StopRequest;
-use ftvm_vmm::live::{spawn_reader, LiveError, LiveHook};
+use ftvm_vmm::live::{spawn_reader, LiveError, LiveHook, NetRx};
+use ftvm_vmm::output_stream::Demux;
 use ftvm_vmm::{RunEnd, RunError, Vm, VmConfig};
 
 mod ops;
@@ -175,6 +176,12 @@ struct StandbyArgs {
     /// another size or mode, or another number of disks is refused before the guest starts.
     #[arg(long, value_name = "PATH[,ro]")]
     disk: Vec<ftvm_vmm::devices::virtio::block::DiskConfig>,
+    /// This standby's own TAP for the guest's network card, exactly when the primary has
+    /// one (`--net` on one side only is refused at the handshake), with the primary's MAC:
+    /// nothing is sent on it until this standby goes live, which announces the guest there
+    /// with a gratuitous ARP.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Option<ftvm_vmm::devices::virtio::net::NetConfig>,
     /// Once this standby is the primary (it went live, or took over in a switchover),
     /// accept a new standby here (`ftvm standby --join ADDR`), as `ftvm run
     /// --accept-standby` does: the guest is re-protected.
@@ -504,11 +511,6 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             "--metrics and --events need --peer or --accept-standby".into(),
         ));
     }
-    if args.net.is_some() && paired {
-        return Err(CliError::Usage(
-            "--net is not yet supported on a protected run (--peer, --accept-standby): transmitted frames are not yet held under the output rule".into(),
-        ));
-    }
     // The TAP first: a name that cannot be opened is refused before the guest boots.
     let tap = args
         .net
@@ -576,6 +578,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             input: Some(spawn_reader(std::io::stdin())),
             accept,
             latency_bound,
+            net: attach_net(tap, config.net)?,
         };
         let first = Role::Primary {
             vm,
@@ -639,6 +642,9 @@ struct Roles {
     accept: Option<TcpListener>,
     /// The recorder's latency bound whenever this process is the primary.
     latency_bound: Duration,
+    /// The guest's network card's host side (`--net`): the TAP, and the frames its reader
+    /// thread receives.
+    net: Option<(ftvm_vmm::tap::Tap, NetRx)>,
 }
 
 /// The role a pair process plays now.
@@ -658,6 +664,23 @@ enum Role {
 }
 
 impl Roles {
+    /// Where released guest output goes: stdout, and for a VM with a network card the
+    /// frames to the TAP (the output is then the two-kind stream).
+    fn out(&self) -> Result<Box<dyn std::io::Write + Send>, CliError> {
+        Ok(match &self.net {
+            None => Box::new(std::io::stdout()),
+            Some((tap, _)) => Box::new(Demux::new(
+                std::io::stdout(),
+                tap.try_clone()
+                    .map_err(|e| CliError::Usage(format!("TAP {}: {e}", tap.name())))?,
+            )),
+        })
+    }
+
+    fn net_rx(&self) -> Option<NetRx> {
+        self.net.as_ref().map(|(_, rx)| rx.clone())
+    }
+
     /// Plays `role`, then whatever role a switchover gives this process, until the guest
     /// ends. Returns the guest's exit status.
     fn run(mut self, mut role: Role) -> Result<u8, CliError> {
@@ -684,7 +707,8 @@ impl Roles {
                         self.accept.take(),
                         at,
                         self.input.clone(),
-                        Box::new(std::io::stdout()),
+                        self.net_rx(),
+                        self.out()?,
                     )
                     .map_err(|source| match source {
                         ftvm_primary::RecordError::Vm(e) => CliError::Vm(e),
@@ -724,7 +748,8 @@ impl Roles {
                         options,
                         at,
                         self.input.clone(),
-                        std::io::stdout(),
+                        self.net_rx(),
+                        self.out()?,
                     )?;
                     match self.standby_ended(end) {
                         Ok(status) => return Ok(status),
@@ -815,7 +840,30 @@ fn promote(args: ControlArgs) -> Result<u8, CliError> {
     Ok(0)
 }
 
+/// The host side of a pair process's network card: the TAP and a reader thread on it.
+fn attach_net(
+    tap: Option<ftvm_vmm::tap::Tap>,
+    mac: Option<ftvm_vmm::devices::virtio::net::MacAddr>,
+) -> Result<Option<(ftvm_vmm::tap::Tap, NetRx)>, CliError> {
+    let (Some(tap), Some(mac)) = (tap, mac) else {
+        return Ok(None);
+    };
+    let rx = tap.spawn_reader().map_err(|e| {
+        CliError::Usage(format!(
+            "TAP {}: cannot start its reader thread: {e}",
+            tap.name()
+        ))
+    })?;
+    Ok(Some((tap, NetRx { mac, rx })))
+}
+
 fn standby(args: StandbyArgs) -> Result<u8, CliError> {
+    // The TAP first: a name that cannot be opened is refused before meeting the primary.
+    let tap = args
+        .net
+        .as_ref()
+        .map(|n| ftvm_vmm::tap::Tap::open(&n.tap))
+        .transpose()?;
     let mut options = channel_options(&args.pair)?;
     let accept = args.accept_standby.as_deref().map(listen).transpose()?;
     options.primary_after_go_live = accept.is_some();
@@ -847,6 +895,7 @@ fn standby(args: StandbyArgs) -> Result<u8, CliError> {
         input: input.clone(),
         accept,
         latency_bound: Duration::from_millis(args.latency_bound_ms),
+        net: attach_net(tap, args.net.as_ref().map(|n| n.mac))?,
     };
     let end = ftvm_secondary::standby::run_standby(
         rendezvous,
@@ -854,7 +903,8 @@ fn standby(args: StandbyArgs) -> Result<u8, CliError> {
         options,
         ui,
         input,
-        std::io::stdout(),
+        roles.net_rx(),
+        roles.out()?,
     )?;
     match roles.standby_ended(end) {
         Ok(status) => Ok(status),

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 mod common;
-use common::{ReplaySummary, Scratch, FTVM};
+use common::{free_addr, key_args, ReplaySummary, Scratch, FTVM};
 
 /// EtherType the guest answers (guest/src/netecho.c).
 const NETECHO_TYPE: u16 = 0x88b5;
@@ -48,7 +48,7 @@ impl Drop for TestTap {
     }
 }
 
-/// An AF_PACKET socket on the host side of a TAP, for frames of [`NETECHO_TYPE`].
+/// An AF_PACKET socket on the host side of a TAP, for frames of one EtherType.
 struct PacketSocket {
     fd: libc::c_int,
     ifindex: libc::c_int,
@@ -56,11 +56,15 @@ struct PacketSocket {
 
 impl PacketSocket {
     fn open(ifname: &str) -> Self {
+        Self::open_for(ifname, NETECHO_TYPE)
+    }
+
+    fn open_for(ifname: &str, ethertype: u16) -> Self {
         let cname = std::ffi::CString::new(ifname).unwrap();
         // SAFETY: a NUL-terminated name.
         let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) } as libc::c_int;
         assert!(ifindex > 0, "no interface {ifname}");
-        let proto = NETECHO_TYPE.to_be() as libc::c_int;
+        let proto = ethertype.to_be() as libc::c_int;
         // SAFETY: plain socket call.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) };
         assert!(
@@ -71,7 +75,7 @@ impl PacketSocket {
         // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = NETECHO_TYPE.to_be();
+        addr.sll_protocol = ethertype.to_be();
         addr.sll_ifindex = ifindex;
         // SAFETY: `addr` is a sockaddr_ll of the size given.
         let rc = unsafe {
@@ -269,7 +273,150 @@ fn bad_net_options_are_one_clear_error_each() {
     assert!(e.contains("malformed MAC address"), "{e}");
     let e = run_err(&["--net", "mac=52:54:00:00:00:01"]);
     assert!(e.contains("no tap=NAME"), "{e}");
-    // Not yet on a protected run: refused before anything starts.
-    let e = run_err(&["--net", "tap=ftx0", "--peer", "127.0.0.1:9", "--insecure"]);
-    assert!(e.contains("not yet supported on a protected run"), "{e}");
+}
+
+/// The address the test's IPv4 frames are sent to: the guest's, as its answers show it.
+const GUEST_IP: [u8; 4] = [10, 9, 0, 2];
+const HOST_IP: [u8; 4] = [10, 9, 0, 1];
+
+/// An IPv4 frame to the guest (protocol 253, for experiments; its header checksum left 0 so
+/// the host's stack drops the guest's answer instead of routing it anywhere).
+fn ipv4_frame(i: usize) -> Vec<u8> {
+    let mut f = GUEST_MAC.to_vec();
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x77]);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let payload = format!("ftvm ipv4 frame {i}");
+    let total = 20 + payload.len();
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&(total as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 0, 64, 253, 0, 0]);
+    f.extend_from_slice(&HOST_IP);
+    f.extend_from_slice(&GUEST_IP);
+    f.extend_from_slice(payload.as_bytes());
+    f.resize(60.max(f.len()), 0);
+    f
+}
+
+fn assert_answer(got: &[u8], sent: &[u8], i: usize) {
+    assert_eq!(
+        &got[..6],
+        &sent[6..12],
+        "answer {i} goes back to the sender"
+    );
+    assert_eq!(
+        &got[26..30],
+        &GUEST_IP,
+        "answer {i} from the guest's address"
+    );
+    assert_eq!(&got[30..34], &HOST_IP, "answer {i} to the sender's address");
+    assert_eq!(&got[34..], &sent[34..], "answer {i} carries the payload");
+}
+
+/// A protected guest on the network: answers leave the primary's TAP only through the output
+/// rule (held until verified); after `kill -9` of the primary the standby goes live on its
+/// own TAP, announces the guest there with a gratuitous ARP for the address its replayed
+/// frames showed, and answers the client from then on.
+#[test]
+fn a_protected_guest_answers_through_the_output_rule_and_the_standby_takes_over_its_address() {
+    let (tap_a, tap_b) = (TestTap::new("pa"), TestTap::new("pb"));
+    let (sock_a, sock_b) = (
+        PacketSocket::open_for(&tap_a.0, 0x0800),
+        PacketSocket::open_for(&tap_b.0, 0x0800),
+    );
+    let arp_b = PacketSocket::open_for(&tap_b.0, 0x0806);
+    let addr = free_addr();
+    let net_b = format!("tap={}", tap_b.0);
+    let mut standby_args = vec!["standby", "--listen", &addr, "--net", &net_b];
+    standby_args.extend(key_args(&standby_args));
+    let standby = Command::new(FTVM)
+        .args(&standby_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let net_a = format!("tap={}", tap_a.0);
+    let mut primary_args = vec![
+        "run",
+        "--peer",
+        &addr,
+        "--net",
+        &net_a,
+        "--cmdline",
+        "workload=netecho n=6",
+    ];
+    primary_args.extend(key_args(&primary_args));
+    let mut primary = Command::new(FTVM)
+        .args(&primary_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The ready line is output: it reaches stdout once the standby verified its epoch.
+    let _out = wait_ready(&mut primary);
+    for i in 0..3 {
+        let sent = ipv4_frame(i);
+        sock_a.send(&sent);
+        assert_answer(&sock_a.recv_from_guest(), &sent, i);
+    }
+    primary.kill().expect("SIGKILL the primary");
+    let _ = primary.wait();
+
+    // The standby goes live on its TAP: first the announcement.
+    let garp = arp_b.recv_from_guest();
+    assert_eq!(&garp[..6], &[0xff; 6], "broadcast");
+    assert_eq!(&garp[28..32], &GUEST_IP, "sender: the guest's address");
+    assert_eq!(&garp[38..42], &GUEST_IP, "target = sender: gratuitous");
+    for i in 3..6 {
+        let sent = ipv4_frame(i);
+        sock_b.send(&sent);
+        assert_answer(&sock_b.recv_from_guest(), &sent, i);
+    }
+    let o = standby.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "standby: {err}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.ends_with("frame 5 len 60\nnetecho done\n"),
+        "standby's output after go-live: {out:?}\n{err}"
+    );
+}
+
+#[test]
+fn net_on_one_side_only_is_refused_at_the_handshake() {
+    let tap = TestTap::new("po");
+    let addr = free_addr();
+    let mut standby_args = vec!["standby", "--listen", &addr];
+    standby_args.extend(key_args(&standby_args));
+    let mut standby = Command::new(FTVM)
+        .args(&standby_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let net = format!("tap={}", tap.0);
+    let mut primary_args = vec![
+        "run",
+        "--peer",
+        &addr,
+        "--net",
+        &net,
+        "--cmdline",
+        "workload=netecho n=1",
+    ];
+    primary_args.extend(key_args(&primary_args));
+    let p = Command::new(FTVM)
+        .args(&primary_args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let perr = String::from_utf8_lossy(&p.stderr);
+    assert!(!p.status.success(), "the primary ran: {perr}");
+    assert!(perr.contains("has no --net"), "{perr}");
+    let _ = standby.kill();
+    let o = standby.wait_with_output().unwrap();
+    let serr = String::from_utf8_lossy(&o.stderr);
+    assert!(serr.contains("has no --net"), "{serr}");
 }

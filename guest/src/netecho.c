@@ -1,7 +1,8 @@
 /*
  * ftvm test guest: `workload=netecho n=N`, a virtio-net driver (virtio-mmio
  * version 2, split rings, no offloads) that sends back each received frame of
- * EtherType NETECHO_TYPE to its sender, N times, then ends the VM with status 0.
+ * EtherType NETECHO_TYPE, or IPv4 (its addresses swapped too), to its sender,
+ * N times, then ends the VM with status 0.
  * Frames of other types (the host's IPv6 chatter) are put back unanswered.
  *
  * Output: "netecho mac=MAC ready" once the card is set up, "frame I len L"
@@ -179,7 +180,9 @@ void workload_netecho(uint64_t n)
         uint32_t len = e.len > HDR_LEN ? e.len - HDR_LEN : 0;
         uint16_t type = len >= 14 ? (uint16_t)(frame[12] << 8 | frame[13]) : 0;
 
-        if (type == NETECHO_TYPE && len <= BUF_SIZE - HDR_LEN) {
+        bool ipv4 = type == 0x0800 && len >= 34;
+
+        if ((type == NETECHO_TYPE || ipv4) && len <= BUF_SIZE - HDR_LEN) {
             print("frame %lu len %u\n", answered, len);
             uint16_t t = (uint16_t)(answered % QSIZE);
             uint8_t *out = tx_buf[t];
@@ -187,6 +190,12 @@ void workload_netecho(uint64_t n)
             memcpy(out + HDR_LEN, frame + 6, 6);        /* back to the sender */
             memcpy(out + HDR_LEN + 6, mac, 6);
             memcpy(out + HDR_LEN + 12, frame + 12, len - 12);
+            if (ipv4) {
+                /* Back to the sender's address, from the one it wrote to (the IPv4
+                 * header checksum is a sum: swapping two words keeps it right). */
+                memcpy(out + HDR_LEN + 26, frame + 30, 4);
+                memcpy(out + HDR_LEN + 30, frame + 26, 4);
+            }
             txq.desc[t].addr = (uint64_t)(uintptr_t)out;
             txq.desc[t].len = HDR_LEN + len;
             txq.desc[t].flags = 0;

@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Select, TryRecvError};
 
+use crate::devices::virtio::net::MacAddr;
 use crate::exit::{ExitHook, ExitSeq, HostView, Kick, Point};
 use crate::machine::Input;
+use crate::output_stream::{encode, KIND_FRAME, KIND_SERIAL};
 use crate::tap::Tap;
 
 /// Why a live run cannot go on.
@@ -37,10 +39,22 @@ pub struct LiveHook<W: Write> {
     net: Option<LiveNet>,
 }
 
+/// The host side of a protected VM's network card: its MAC address and the frames the TAP's
+/// reader thread ([`Tap::spawn_reader`]) receives. Its output is the two-kind stream
+/// ([`crate::output_stream`]): frames leave with serial bytes, under the output rule.
+#[derive(Clone)]
+pub struct NetRx {
+    /// The guest's card.
+    pub mac: MacAddr,
+    /// Received frames.
+    pub rx: Receiver<Vec<u8>>,
+}
+
 /// The TAP behind the network card: frames its reader thread received, waiting for receive
-/// buffers, and the TAP to send transmitted frames to.
+/// buffers, and the TAP to send transmitted frames to (None: output is the two-kind stream,
+/// frames go to `out` as records).
 struct LiveNet {
-    tap: Tap,
+    tap: Option<Tap>,
     rx: Option<Receiver<Vec<u8>>>,
     pending: VecDeque<Vec<u8>>,
     /// Transmitted frames the TAP refused (logged at powers of two).
@@ -111,12 +125,29 @@ impl<W: Write> LiveHook<W> {
     pub fn with_net(mut self, tap: Tap) -> std::io::Result<Self> {
         let rx = tap.spawn_reader()?;
         self.net = Some(LiveNet {
-            tap,
+            tap: Some(tap),
             rx: Some(rx),
             pending: VecDeque::new(),
             send_errors: 0,
         });
         Ok(self)
+    }
+
+    /// Connects the network card to frames received on `net` and makes the output the
+    /// two-kind stream: serial bytes and transmitted frames both go to `out` as records (a
+    /// protected VM, whose output is held until verified).
+    pub fn with_muxed_net(mut self, net: NetRx) -> Self {
+        self.net = Some(LiveNet {
+            tap: None,
+            rx: Some(net.rx),
+            pending: VecDeque::new(),
+            send_errors: 0,
+        });
+        self
+    }
+
+    fn muxed(&self) -> bool {
+        self.net.as_ref().is_some_and(|n| n.tap.is_none())
     }
 
     /// Ends a halted wait as soon as `doorbell` rings (the vCPU control channel).
@@ -259,13 +290,22 @@ impl<W: Write> ExitHook for LiveHook<W> {
         let Some(n) = &mut self.net else {
             return Ok(());
         };
+        let Some(tap) = &mut n.tap else {
+            let mut records = Vec::new();
+            for frame in frames {
+                encode(KIND_FRAME, frame, &mut records);
+            }
+            self.out.write_all(&records)?;
+            self.out.flush()?;
+            return Ok(());
+        };
         for frame in frames {
             // A network drops frames; a TAP that refuses one (its link down, no buffer
             // space) is no reason to stop the guest.
-            if let Err(e) = n.tap.send(frame) {
+            if let Err(e) = tap.send(frame) {
                 n.send_errors += 1;
                 if n.send_errors.is_power_of_two() {
-                    tracing::warn!(tap = n.tap.name(), error = %e, errors = n.send_errors, "transmitted frame dropped");
+                    tracing::warn!(tap = tap.name(), error = %e, errors = n.send_errors, "transmitted frame dropped");
                 }
             }
         }
@@ -273,7 +313,13 @@ impl<W: Write> ExitHook for LiveHook<W> {
     }
 
     fn on_output(&mut self, _seq: ExitSeq, bytes: &[u8]) -> Result<(), LiveError> {
-        self.out.write_all(bytes)?;
+        if self.muxed() {
+            let mut record = Vec::with_capacity(bytes.len() + 5);
+            encode(KIND_SERIAL, bytes, &mut record);
+            self.out.write_all(&record)?;
+        } else {
+            self.out.write_all(bytes)?;
+        }
         self.out.flush()?;
         Ok(())
     }

@@ -174,7 +174,11 @@ mod tests {
         assert_eq!(&garp[..6], &[0xff; 6]);
         assert_eq!(sender_ipv4(&garp, mac), Some([10, 0, 0, 2]));
         assert_eq!(&garp[38..42], &[10, 0, 0, 2], "target = sender: gratuitous");
-        assert_eq!(sender_ipv4(&garp, [2, 0, 0, 0, 0, 1]), None, "not the guest's");
+        assert_eq!(
+            sender_ipv4(&garp, [2, 0, 0, 0, 0, 1]),
+            None,
+            "not the guest's"
+        );
         let mut ipv4 = vec![0u8; 34];
         ipv4[6..12].copy_from_slice(&mac);
         ipv4[12..14].copy_from_slice(&ETH_IPV4.to_be_bytes());

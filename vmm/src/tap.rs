@@ -109,6 +109,14 @@ impl Tap {
         })
     }
 
+    /// Another handle on the same TAP (to send from another place).
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self {
+            file: self.file.try_clone()?,
+            name: self.name.clone(),
+        })
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
