@@ -4,6 +4,7 @@
 //! on failure.
 
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// EtherType the guest answers (guest/src/netecho.c).
 pub const NETECHO_TYPE: u16 = 0x88b5;
@@ -127,21 +128,47 @@ impl PacketSocket {
         );
     }
 
+    /// How long a receive waits before it gives up (default 120 s).
+    pub fn set_timeout(&self, d: Duration) {
+        let tv = libc::timeval {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_usec: d.subsec_micros() as libc::suseconds_t,
+        };
+        // SAFETY: a timeval of the size given.
+        unsafe {
+            libc::setsockopt(
+                self.fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &tv as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+    }
+
     /// The next frame that came from the guest (the socket also sees the test's own).
     pub fn recv_from_guest(&self) -> Vec<u8> {
+        self.try_recv_from_guest().unwrap_or_else(|| {
+            panic!(
+                "no answer from the guest: {}",
+                std::io::Error::last_os_error()
+            )
+        })
+    }
+
+    /// The next frame that came from the guest; None once the receive timeout passes.
+    pub fn try_recv_from_guest(&self) -> Option<Vec<u8>> {
         let mut buf = vec![0u8; 2048];
         loop {
             // SAFETY: `buf` is valid for its length.
             let n =
                 unsafe { libc::recv(self.fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
-            assert!(
-                n >= 0,
-                "no answer from the guest: {}",
-                std::io::Error::last_os_error()
-            );
+            if n < 0 {
+                return None;
+            }
             let frame = &buf[..n as usize];
             if frame.len() >= 12 && frame[6..12] == GUEST_MAC {
-                return frame.to_vec();
+                return Some(frame.to_vec());
             }
         }
     }
