@@ -7,7 +7,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 mod common;
-use common::net::{assert_answer, frame, ipv4_frame, PacketSocket, TestTap, GUEST_IP};
+use common::net::{
+    assert_answer, frame, ipv4_frame, ipv6_frame, PacketSocket, TestTap, GUEST_IP, GUEST_IP6,
+};
 use common::{free_addr, key_args, ReplaySummary, Scratch, FTVM};
 
 fn wait_ready(child: &mut Child) -> BufReader<std::process::ChildStdout> {
@@ -128,6 +130,10 @@ fn a_protected_guest_answers_through_the_output_rule_and_the_standby_takes_over_
         PacketSocket::open_for(&tap_b.0, 0x0800),
     );
     let arp_b = PacketSocket::open_for(&tap_b.0, 0x0806);
+    let (ip6_a, ip6_b) = (
+        PacketSocket::open_for(&tap_a.0, 0x86dd),
+        PacketSocket::open_for(&tap_b.0, 0x86dd),
+    );
     let addr = free_addr();
     let net_b = format!("tap={}", tap_b.0);
     let mut standby_args = vec!["standby", "--listen", &addr, "--net", &net_b];
@@ -147,7 +153,7 @@ fn a_protected_guest_answers_through_the_output_rule_and_the_standby_takes_over_
         "--net",
         &net_a,
         "--cmdline",
-        "workload=netecho n=6",
+        "workload=netecho n=7",
     ];
     primary_args.extend(key_args(&primary_args));
     let mut primary = Command::new(FTVM)
@@ -164,6 +170,15 @@ fn a_protected_guest_answers_through_the_output_rule_and_the_standby_takes_over_
         sock_a.send(&sent);
         assert_answer(&sock_a.recv_from_guest(), &sent, i);
     }
+    let sent = ipv6_frame(3);
+    ip6_a.send(&sent);
+    let got = ip6_a.recv_from_guest();
+    assert_eq!(
+        &got[22..38],
+        &GUEST_IP6,
+        "the IPv6 answer comes from the guest's address"
+    );
+    assert_eq!(&got[54..], &sent[54..]);
     primary.kill().expect("SIGKILL the primary");
     let _ = primary.wait();
 
@@ -172,7 +187,15 @@ fn a_protected_guest_answers_through_the_output_rule_and_the_standby_takes_over_
     assert_eq!(&garp[..6], &[0xff; 6], "broadcast");
     assert_eq!(&garp[28..32], &GUEST_IP, "sender: the guest's address");
     assert_eq!(&garp[38..42], &GUEST_IP, "target = sender: gratuitous");
-    for i in 3..6 {
+    let na = ip6_b.recv_from_guest();
+    assert_eq!(&na[..6], &[0x33, 0x33, 0, 0, 0, 1], "to all nodes");
+    assert_eq!(
+        (na[54], na[58]),
+        (136, 0x20),
+        "unsolicited neighbour advertisement"
+    );
+    assert_eq!(&na[62..78], &GUEST_IP6, "for the guest's address");
+    for i in 4..7 {
         let sent = ipv4_frame(i);
         sock_b.send(&sent);
         assert_answer(&sock_b.recv_from_guest(), &sent, i);
@@ -182,7 +205,7 @@ fn a_protected_guest_answers_through_the_output_rule_and_the_standby_takes_over_
     assert_eq!(o.status.code(), Some(0), "standby: {err}");
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(
-        out.ends_with("frame 5 len 60\nnetecho done\n"),
+        out.ends_with("frame 6 len 60\nnetecho done\n"),
         "standby's output after go-live: {out:?}\n{err}"
     );
 }

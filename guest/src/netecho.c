@@ -1,7 +1,7 @@
 /*
  * ftvm test guest: `workload=netecho n=N`, a virtio-net driver (virtio-mmio
  * version 2, split rings, no offloads) that sends back each received frame of
- * EtherType NETECHO_TYPE, or IPv4 (its addresses swapped too), to its sender,
+ * EtherType NETECHO_TYPE, IPv4 or IPv6 (addresses swapped too), to its sender,
  * N times, then ends the VM with status 0.
  * Frames of other types (the host's IPv6 chatter) are put back unanswered.
  *
@@ -181,8 +181,9 @@ void workload_netecho(uint64_t n)
         uint16_t type = len >= 14 ? (uint16_t)(frame[12] << 8 | frame[13]) : 0;
 
         bool ipv4 = type == 0x0800 && len >= 34;
+        bool ipv6 = type == 0x86dd && len >= 54;
 
-        if ((type == NETECHO_TYPE || ipv4) && len <= BUF_SIZE - HDR_LEN) {
+        if ((type == NETECHO_TYPE || ipv4 || ipv6) && len <= BUF_SIZE - HDR_LEN) {
             print("frame %lu len %u\n", answered, len);
             uint16_t t = (uint16_t)(answered % QSIZE);
             uint8_t *out = tx_buf[t];
@@ -195,6 +196,11 @@ void workload_netecho(uint64_t n)
                  * header checksum is a sum: swapping two words keeps it right). */
                 memcpy(out + HDR_LEN + 26, frame + 30, 4);
                 memcpy(out + HDR_LEN + 30, frame + 26, 4);
+            }
+            if (ipv6) {
+                /* Likewise the IPv6 addresses (upper-layer checksums sum them too). */
+                memcpy(out + HDR_LEN + 22, frame + 38, 16);
+                memcpy(out + HDR_LEN + 38, frame + 22, 16);
             }
             txq.desc[t].addr = (uint64_t)(uintptr_t)out;
             txq.desc[t].len = HDR_LEN + len;

@@ -41,7 +41,7 @@ use ftvm_vmm::devices::virtio::block::DiskBlock;
 use ftvm_vmm::devices::virtio::net::MacAddr;
 use ftvm_vmm::digest::epoch_digest;
 use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HostView, Point, RunEnd, RunError};
-use ftvm_vmm::output_stream::{encode, sender_ipv4, KIND_FRAME, KIND_SERIAL};
+use ftvm_vmm::output_stream::{encode, sender_ipv4, sender_ipv6, KIND_FRAME, KIND_SERIAL};
 use ftvm_vmm::{Input, Vm};
 
 /// Where the log comes from, and why it is unusable (re-exported from their home,
@@ -98,7 +98,13 @@ pub struct Replayer<S, W> {
     /// The guest's IPv4 address, as its replayed frames show it (for go-live's gratuitous
     /// ARP).
     guest_ipv4: Option<[u8; 4]>,
+    /// The guest's IPv6 addresses its replayed frames showed, first seen first (for go-live's
+    /// neighbour advertisements), at most [`MAX_GUEST_IPV6`].
+    guest_ipv6: Vec<[u8; 16]>,
 }
+
+/// The most IPv6 addresses of the guest a standby announces at go-live.
+const MAX_GUEST_IPV6: usize = 8;
 
 impl<S: LogSource, W: Write> Replayer<S, W> {
     /// A replayer reading `source` (whose log was recorded with `header`), writing the
@@ -117,6 +123,7 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
             unverified_blocks: Vec::new(),
             muxed: None,
             guest_ipv4: None,
+            guest_ipv6: Vec::new(),
         }
     }
 
@@ -129,6 +136,11 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
     /// The guest's IPv4 address, if its replayed frames showed one.
     pub fn guest_ipv4(&self) -> Option<[u8; 4]> {
         self.guest_ipv4
+    }
+
+    /// The guest's IPv6 addresses its replayed frames showed.
+    pub fn guest_ipv6(&self) -> &[[u8; 16]] {
+        &self.guest_ipv6
     }
 
     fn divergence(&self, exit_seq: u64, reason: String) -> ReplayHookError {
@@ -549,6 +561,11 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
         for frame in frames {
             if let Some(ip) = sender_ipv4(frame, mac.0) {
                 self.guest_ipv4 = Some(ip);
+            }
+            if let Some(ip) = sender_ipv6(frame, mac.0) {
+                if !self.guest_ipv6.contains(&ip) && self.guest_ipv6.len() < MAX_GUEST_IPV6 {
+                    self.guest_ipv6.push(ip);
+                }
             }
             encode(KIND_FRAME, frame, &mut records);
         }

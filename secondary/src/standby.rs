@@ -27,7 +27,7 @@ use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::page_hash;
 use ftvm_vmm::live::{LiveError, LiveHook, NetRx};
 use ftvm_vmm::memory::PAGE_SIZE;
-use ftvm_vmm::output_stream::{encode, gratuitous_arp, KIND_FRAME};
+use ftvm_vmm::output_stream::{encode, gratuitous_arp, unsolicited_na, KIND_FRAME};
 use ftvm_vmm::{RunEnd, RunError, Vm};
 
 use crate::install::install;
@@ -630,7 +630,12 @@ fn follow_with(
     channel.tell(FromReplayer::Live);
     write_out(&mut out, &bytes);
     if let Some(net) = &net {
-        announce(&mut out, net.mac, replayer.guest_ipv4());
+        announce(
+            &mut out,
+            net.mac,
+            replayer.guest_ipv4(),
+            replayer.guest_ipv6(),
+        );
     }
     if as_primary {
         // `--accept-standby`: record from here as a primary that a new standby may join.
@@ -1052,17 +1057,25 @@ fn greet(
 }
 
 /// Go-live announces the guest on this host's TAP: a gratuitous ARP for its MAC and IPv4
-/// address, so the bridge and the clients send to this port from now on. A guest whose
-/// frames never showed its address cannot be announced (logged).
-fn announce(out: &mut impl Write, mac: MacAddr, ip: Option<[u8; 4]>) {
-    let Some(ip) = ip else {
-        tracing::warn!(%mac, "going live without a gratuitous ARP: the guest's frames never showed its IPv4 address");
-        return;
-    };
-    let mut record = Vec::new();
-    encode(KIND_FRAME, &gratuitous_arp(mac.0, ip), &mut record);
-    tracing::info!(%mac, ip = %std::net::Ipv4Addr::from(ip), "gratuitous ARP for the guest");
-    write_out(out, &record);
+/// address and an unsolicited neighbour advertisement for each of its IPv6 addresses, so the
+/// bridge and the clients send to this port from now on. A guest whose frames never showed
+/// an address cannot be announced (logged).
+fn announce(out: &mut impl Write, mac: MacAddr, ipv4: Option<[u8; 4]>, ipv6: &[[u8; 16]]) {
+    let mut records = Vec::new();
+    match ipv4 {
+        Some(ip) => {
+            encode(KIND_FRAME, &gratuitous_arp(mac.0, ip), &mut records);
+            tracing::info!(%mac, ip = %std::net::Ipv4Addr::from(ip), "gratuitous ARP for the guest");
+        }
+        None => {
+            tracing::warn!(%mac, "going live without a gratuitous ARP: the guest's frames never showed its IPv4 address")
+        }
+    }
+    for &ip in ipv6 {
+        encode(KIND_FRAME, &unsolicited_na(mac.0, ip), &mut records);
+        tracing::info!(%mac, ip = %std::net::Ipv6Addr::from(ip), "unsolicited neighbour advertisement for the guest");
+    }
+    write_out(out, &records);
 }
 
 fn write_out(out: &mut impl Write, bytes: &[u8]) {

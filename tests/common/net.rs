@@ -214,6 +214,25 @@ pub fn ipv4_frame(i: usize) -> Vec<u8> {
     f
 }
 
+/// The guest's IPv6 address in the test's IPv6 frames.
+pub const GUEST_IP6: [u8; 16] = [0xfd, 0x09, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const HOST_IP6: [u8; 16] = [0xfd, 0x09, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// An IPv6 frame to the guest (next header 253, for experiments).
+pub fn ipv6_frame(i: usize) -> Vec<u8> {
+    let mut f = GUEST_MAC.to_vec();
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x77]);
+    f.extend_from_slice(&0x86ddu16.to_be_bytes());
+    let payload = format!("ftvm ipv6 frame {i}");
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[253, 64]);
+    f.extend_from_slice(&HOST_IP6);
+    f.extend_from_slice(&GUEST_IP6);
+    f.extend_from_slice(payload.as_bytes());
+    f
+}
+
 pub fn assert_answer(got: &[u8], sent: &[u8], i: usize) {
     assert_eq!(
         &got[..6],

@@ -126,6 +126,69 @@ pub fn sender_ipv4(frame: &[u8], mac: [u8; 6]) -> Option<[u8; 4]> {
     (ip != [0; 4]).then_some(ip)
 }
 
+/// EtherType of IPv6.
+const ETH_IPV6: u16 = 0x86dd;
+
+/// An IPv6 address the guest uses, as its own transmitted `frame` (from `mac`) shows it: the
+/// source of an IPv6 packet, unless unspecified (`::`, duplicate address detection).
+pub fn sender_ipv6(frame: &[u8], mac: [u8; 6]) -> Option<[u8; 16]> {
+    if frame.len() < 54
+        || frame[6..12] != mac
+        || u16::from_be_bytes([frame[12], frame[13]]) != ETH_IPV6
+        || frame[14] >> 4 != 6
+    {
+        return None;
+    }
+    let ip: [u8; 16] = frame[22..38].try_into().ok()?;
+    (ip != [0; 16]).then_some(ip)
+}
+
+/// The one's-complement sum of `data` as 16-bit big-endian words, folded.
+fn ones_complement_sum(data: &[u8], mut sum: u32) -> u32 {
+    for pair in data.chunks(2) {
+        let word = u16::from_be_bytes([pair[0], pair.get(1).copied().unwrap_or(0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum
+}
+
+/// An unsolicited neighbour advertisement (RFC 4861 §7.2.6) that `ip` is at `mac`, to all
+/// nodes (ff02::1), with the Override flag and the target link-layer address option, so
+/// neighbours replace what they cached for `ip`.
+pub fn unsolicited_na(mac: [u8; 6], ip: [u8; 16]) -> Vec<u8> {
+    let all_nodes = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    // ICMPv6: type 136, code 0, checksum, flags (Override), target, option 2 (length 1).
+    let mut icmp = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+    icmp.extend_from_slice(&ip);
+    icmp.extend_from_slice(&[2, 1]);
+    icmp.extend_from_slice(&mac);
+    // Checksum over the pseudo-header (source, destination, length, next header 58).
+    let mut pseudo = Vec::with_capacity(40);
+    pseudo.extend_from_slice(&ip);
+    pseudo.extend_from_slice(&all_nodes);
+    pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    let sum = ones_complement_sum(&icmp, ones_complement_sum(&pseudo, 0));
+    icmp[2..4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+
+    let mut f = Vec::with_capacity(14 + 40 + icmp.len());
+    f.extend_from_slice(&[0x33, 0x33, 0, 0, 0, 1]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ETH_IPV6.to_be_bytes());
+    // Version 6, no traffic class or flow label; payload length; next header ICMPv6; hop
+    // limit 255 (neighbour discovery is refused with any other).
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 255]);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&all_nodes);
+    f.extend_from_slice(&icmp);
+    f
+}
+
 /// A gratuitous ARP request announcing that `ip` is at `mac`: broadcast, sender and target
 /// address both `ip`, so every bridge and neighbour learns the port the guest is behind now.
 pub fn gratuitous_arp(mac: [u8; 6], ip: [u8; 4]) -> Vec<u8> {
@@ -186,5 +249,37 @@ mod tests {
         ipv4[26..30].copy_from_slice(&[192, 168, 7, 9]);
         assert_eq!(sender_ipv4(&ipv4, mac), Some([192, 168, 7, 9]));
         assert_eq!(sender_ipv4(&ipv4[..20], mac), None);
+    }
+
+    #[test]
+    fn an_unsolicited_neighbour_advertisement_is_well_formed() {
+        let mac = [0x52, 0x54, 0, 0x46, 0x54, 1];
+        let ip = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let na = unsolicited_na(mac, ip);
+        assert_eq!(na.len(), 14 + 40 + 32);
+        assert_eq!(
+            &na[..6],
+            &[0x33, 0x33, 0, 0, 0, 1],
+            "all-nodes multicast MAC"
+        );
+        assert_eq!((na[20], na[21]), (58, 255), "ICMPv6, hop limit 255");
+        assert_eq!((na[54], na[55]), (136, 0), "neighbour advertisement");
+        assert_eq!(na[58], 0x20, "Override, not Solicited");
+        assert_eq!(&na[62..78], &ip, "target");
+        assert_eq!(&na[78..86], &[2, 1, 0x52, 0x54, 0, 0x46, 0x54, 1]);
+        // The checksum makes the sum over pseudo-header and message all ones.
+        let mut pseudo = ip.to_vec();
+        pseudo.extend_from_slice(&na[38..54]);
+        pseudo.extend_from_slice(&[0, 0, 0, 32, 0, 0, 0, 58]);
+        assert_eq!(
+            ones_complement_sum(&na[54..], ones_complement_sum(&pseudo, 0)),
+            0xffff
+        );
+        // The guest's own address is learnt back from it (it is a frame from the guest).
+        assert_eq!(sender_ipv6(&na, mac), Some(ip));
+        assert_eq!(sender_ipv6(&na, [2, 0, 0, 0, 0, 1]), None);
+        let mut dad = na.clone();
+        dad[22..38].fill(0);
+        assert_eq!(sender_ipv6(&dad, mac), None, "unspecified source");
     }
 }
