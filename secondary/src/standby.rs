@@ -630,6 +630,10 @@ fn follow_with(
     channel.tell(FromReplayer::Live);
     write_out(&mut out, &bytes);
     if let Some(net) = &net {
+        // What reached this TAP before go-live was the primary's traffic (floods of a
+        // bridge): not for this guest now. Dropped before the announcement, so that every
+        // frame sent after it is kept.
+        while net.rx.try_recv().is_ok() {}
         announce(
             &mut out,
             net.mac,
@@ -657,9 +661,6 @@ fn follow_with(
     }
     let mut live = LiveHook::resume(input, out, vm.clock_ns());
     if let Some(net) = net {
-        // What reached this TAP before go-live was the primary's traffic (floods of a
-        // bridge): not for this guest now.
-        while net.rx.try_recv().is_ok() {}
         live = live.with_muxed_net(net);
     }
     let stop = loop {

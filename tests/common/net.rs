@@ -196,8 +196,9 @@ pub fn frame(i: usize) -> Vec<u8> {
 pub const GUEST_IP: [u8; 4] = [10, 9, 0, 2];
 pub const HOST_IP: [u8; 4] = [10, 9, 0, 1];
 
-/// An IPv4 frame to the guest (protocol 253, for experiments; its header checksum left 0 so
-/// the host's stack drops the guest's answer instead of routing it anywhere).
+/// An IPv4 frame to the guest (protocol 253, for experiments), with a valid header checksum
+/// (a bridge with `bridge-nf-call-iptables` drops a bad one) and TTL 1, so the guest's answer,
+/// which the host's stack sees on the TAP, is never routed on.
 pub fn ipv4_frame(i: usize) -> Vec<u8> {
     let mut f = GUEST_MAC.to_vec();
     f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x77]);
@@ -206,9 +207,17 @@ pub fn ipv4_frame(i: usize) -> Vec<u8> {
     let total = 20 + payload.len();
     f.extend_from_slice(&[0x45, 0]);
     f.extend_from_slice(&(total as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 0, 0, 0, 64, 253, 0, 0]);
+    f.extend_from_slice(&[0, 0, 0, 0, 1, 253, 0, 0]);
     f.extend_from_slice(&HOST_IP);
     f.extend_from_slice(&GUEST_IP);
+    let mut sum: u32 = f[14..34]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    f[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
     f.extend_from_slice(payload.as_bytes());
     f.resize(60.max(f.len()), 0);
     f
@@ -246,4 +255,59 @@ pub fn assert_answer(got: &[u8], sent: &[u8], i: usize) {
     );
     assert_eq!(&got[30..34], &HOST_IP, "answer {i} to the sender's address");
     assert_eq!(&got[34..], &sent[34..], "answer {i} carries the payload");
+}
+
+/// A bridge with `ports` (TAPs of the test) on it and a veth pair whose outer end joins it:
+/// the client's side of a host's network (`client` is the other end's name). No IPv6 on any
+/// of them. Deleted on drop (the veth pair goes with its end).
+pub struct TestBridge {
+    pub name: String,
+    pub client: String,
+    veth: String,
+}
+
+impl TestBridge {
+    pub fn new(tag: &str, ports: &[&TestTap]) -> Self {
+        let id = std::process::id() % 100_000;
+        let (name, veth, client) = (
+            format!("fb{tag}{id}"),
+            format!("fv{tag}{id}"),
+            format!("fc{tag}{id}"),
+        );
+        for n in [&name, &veth] {
+            let _ = Command::new("ip")
+                .args(["link", "del", n])
+                .stderr(Stdio::null())
+                .status();
+        }
+        ip(&["link", "add", &name, "type", "bridge"]);
+        ip(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", &client,
+        ]);
+        for n in [&name, &veth, &client] {
+            let sysctl = format!("/proc/sys/net/ipv6/conf/{n}/disable_ipv6");
+            if std::path::Path::new(&sysctl).exists() {
+                std::fs::write(&sysctl, "1").expect("disable IPv6");
+            }
+        }
+        ip(&["link", "set", &veth, "master", &name]);
+        for p in ports {
+            ip(&["link", "set", &p.0, "master", &name]);
+        }
+        for n in [&name, &veth, &client] {
+            ip(&["link", "set", n, "up"]);
+        }
+        Self { name, client, veth }
+    }
+}
+
+impl Drop for TestBridge {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .status();
+    }
 }
