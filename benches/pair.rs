@@ -750,6 +750,7 @@ fn template(i: u64) -> Record {
             halted: false,
             clock_ns: Some(0),
             serial: Vec::new(),
+            net_rx: Vec::new(),
         }),
     };
     Record {

@@ -18,7 +18,8 @@ use ftvm_replication::{ChannelOptions, Heartbeat, Position};
 use ftvm_secondary::standby::{Rendezvous, StandbyEnd, StandbyUi};
 use ftvm_secondary::{ReplayError, Replayer};
 use ftvm_vmm::devices::StopRequest;
-use ftvm_vmm::live::{spawn_reader, LiveError, LiveHook};
+use ftvm_vmm::live::{spawn_reader, LiveError, LiveHook, NetRx};
+use ftvm_vmm::output_stream::Demux;
 use ftvm_vmm::{RunEnd, RunError, Vm, VmConfig};
 
 mod ops;
@@ -175,6 +176,12 @@ struct StandbyArgs {
     /// another size or mode, or another number of disks is refused before the guest starts.
     #[arg(long, value_name = "PATH[,ro]")]
     disk: Vec<ftvm_vmm::devices::virtio::block::DiskConfig>,
+    /// This standby's own TAP for the guest's network card, exactly when the primary has
+    /// one (`--net` on one side only is refused at the handshake), with the primary's MAC:
+    /// nothing is sent on it until this standby goes live, which announces the guest there
+    /// with a gratuitous ARP.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Option<ftvm_vmm::devices::virtio::net::NetConfig>,
     /// Once this standby is the primary (it went live, or took over in a switchover),
     /// accept a new standby here (`ftvm standby --join ADDR`), as `ftvm run
     /// --accept-standby` does: the guest is re-protected.
@@ -242,6 +249,12 @@ struct RunArgs {
     /// Record the replication log into FILE (replay it with `ftvm replay FILE`).
     #[arg(long, value_name = "FILE")]
     record: Option<PathBuf>,
+    /// Give the guest a virtio-mmio network card behind the host TAP device NAME (created if
+    /// no interface has that name; put it on a bridge to reach the guest). MAC: the guest's
+    /// address (default 52:54:00:46:54:01). Received frames are inputs, logged with their
+    /// bytes; transmitted frames are output.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Option<ftvm_vmm::devices::virtio::net::NetConfig>,
     /// When recording, deliver pending interrupts through interrupt-window exits. Only for
     /// hosts where those exits are exact (VMX/SVM); on PVM they make replay diverge.
     #[arg(long)]
@@ -337,6 +350,8 @@ enum CliError {
     Bench(#[from] ftvm_replication::bench::BenchError),
     #[error(transparent)]
     Telemetry(#[from] ops::TelemetryError),
+    #[error(transparent)]
+    Tap(#[from] ftvm_vmm::tap::TapError),
 }
 
 impl From<RunError<LiveError>> for CliError {
@@ -422,6 +437,7 @@ fn boot(args: &RunArgs) -> Result<(VmConfig, Vm), CliError> {
         disks: args.disk.clone(),
         cmdline,
         cpuid: tsc.cpuid_table()?,
+        net: args.net.as_ref().map(|n| n.mac),
     };
     let vm = Vm::new(&config).map_err(|e| match e {
         ftvm_vmm::Error::Boot(_) => CliError::KernelImage {
@@ -495,6 +511,12 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             "--metrics and --events need --peer or --accept-standby".into(),
         ));
     }
+    // The TAP first: a name that cannot be opened is refused before the guest boots.
+    let tap = args
+        .net
+        .as_ref()
+        .map(|n| ftvm_vmm::tap::Tap::open(&n.tap))
+        .transpose()?;
     let (config, mut vm) = boot(&args)?;
     let policy = EpochPolicy {
         interrupt_windows: args.interrupt_windows,
@@ -556,6 +578,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             input: Some(spawn_reader(std::io::stdin())),
             accept,
             latency_bound,
+            net: attach_net(tap, config.net)?,
         };
         let first = Role::Primary {
             vm,
@@ -564,7 +587,12 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
         };
         return roles.run(first);
     }
-    let live = LiveHook::new(Some(spawn_reader(std::io::stdin())), std::io::stdout());
+    let mut live = LiveHook::new(Some(spawn_reader(std::io::stdin())), std::io::stdout());
+    if let Some(tap) = tap {
+        live = live
+            .with_net(tap)
+            .map_err(|e| CliError::Usage(format!("cannot start the TAP reader thread: {e}")))?;
+    }
     let Some(path) = args.record else {
         let mut hook = live;
         return match vm.run(&mut hook)? {
@@ -614,6 +642,9 @@ struct Roles {
     accept: Option<TcpListener>,
     /// The recorder's latency bound whenever this process is the primary.
     latency_bound: Duration,
+    /// The guest's network card's host side (`--net`): the TAP, and the frames its reader
+    /// thread receives.
+    net: Option<(ftvm_vmm::tap::Tap, NetRx)>,
 }
 
 /// The role a pair process plays now.
@@ -633,6 +664,23 @@ enum Role {
 }
 
 impl Roles {
+    /// Where released guest output goes: stdout, and for a VM with a network card the
+    /// frames to the TAP (the output is then the two-kind stream).
+    fn out(&self) -> Result<Box<dyn std::io::Write + Send>, CliError> {
+        Ok(match &self.net {
+            None => Box::new(std::io::stdout()),
+            Some((tap, _)) => Box::new(Demux::new(
+                std::io::stdout(),
+                tap.try_clone()
+                    .map_err(|e| CliError::Usage(format!("TAP {}: {e}", tap.name())))?,
+            )),
+        })
+    }
+
+    fn net_rx(&self) -> Option<NetRx> {
+        self.net.as_ref().map(|(_, rx)| rx.clone())
+    }
+
     /// Plays `role`, then whatever role a switchover gives this process, until the guest
     /// ends. Returns the guest's exit status.
     fn run(mut self, mut role: Role) -> Result<u8, CliError> {
@@ -659,7 +707,8 @@ impl Roles {
                         self.accept.take(),
                         at,
                         self.input.clone(),
-                        Box::new(std::io::stdout()),
+                        self.net_rx(),
+                        self.out()?,
                     )
                     .map_err(|source| match source {
                         ftvm_primary::RecordError::Vm(e) => CliError::Vm(e),
@@ -699,7 +748,8 @@ impl Roles {
                         options,
                         at,
                         self.input.clone(),
-                        std::io::stdout(),
+                        self.net_rx(),
+                        self.out()?,
                     )?;
                     match self.standby_ended(end) {
                         Ok(status) => return Ok(status),
@@ -790,7 +840,30 @@ fn promote(args: ControlArgs) -> Result<u8, CliError> {
     Ok(0)
 }
 
+/// The host side of a pair process's network card: the TAP and a reader thread on it.
+fn attach_net(
+    tap: Option<ftvm_vmm::tap::Tap>,
+    mac: Option<ftvm_vmm::devices::virtio::net::MacAddr>,
+) -> Result<Option<(ftvm_vmm::tap::Tap, NetRx)>, CliError> {
+    let (Some(tap), Some(mac)) = (tap, mac) else {
+        return Ok(None);
+    };
+    let rx = tap.spawn_reader().map_err(|e| {
+        CliError::Usage(format!(
+            "TAP {}: cannot start its reader thread: {e}",
+            tap.name()
+        ))
+    })?;
+    Ok(Some((tap, NetRx { mac, rx })))
+}
+
 fn standby(args: StandbyArgs) -> Result<u8, CliError> {
+    // The TAP first: a name that cannot be opened is refused before meeting the primary.
+    let tap = args
+        .net
+        .as_ref()
+        .map(|n| ftvm_vmm::tap::Tap::open(&n.tap))
+        .transpose()?;
     let mut options = channel_options(&args.pair)?;
     let accept = args.accept_standby.as_deref().map(listen).transpose()?;
     options.primary_after_go_live = accept.is_some();
@@ -822,6 +895,7 @@ fn standby(args: StandbyArgs) -> Result<u8, CliError> {
         input: input.clone(),
         accept,
         latency_bound: Duration::from_millis(args.latency_bound_ms),
+        net: attach_net(tap, args.net.as_ref().map(|n| n.mac))?,
     };
     let end = ftvm_secondary::standby::run_standby(
         rendezvous,
@@ -829,7 +903,8 @@ fn standby(args: StandbyArgs) -> Result<u8, CliError> {
         options,
         ui,
         input,
-        std::io::stdout(),
+        roles.net_rx(),
+        roles.out()?,
     )?;
     match roles.standby_ended(end) {
         Ok(status) => Ok(status),

@@ -109,4 +109,7 @@ NORETURN void workload_pio(uint64_t count);
 NORETURN void workload_crash(void);
 NORETURN void workload_reset(void);
 
+/* ---- netecho.c ---- */
+NORETURN void workload_netecho(uint64_t n);
+
 #endif /* FTVM_GUEST_H */

@@ -166,6 +166,8 @@ void guest_main(const void *boot_params)
         workload_crash();
     if (str_eq(workload, "reset"))
         workload_reset();
+    if (str_eq(workload, "netecho"))
+        workload_netecho(num_or(opt_n, 3));
 
     serial_puts("error: unknown workload ");
     for (size_t i = 0; i < workload.len; i++)

@@ -578,6 +578,7 @@ where
             match input {
                 Input::Clock(ns) => rec.clock_ns = Some(*ns),
                 Input::SerialRx(bytes) => rec.serial.extend_from_slice(bytes),
+                Input::NetRx(frame) => rec.net_rx.push(frame.clone()),
             }
         }
         if matches!(at, Point::Kick { .. }) {
@@ -629,6 +630,13 @@ where
     fn on_output(&mut self, seq: ExitSeq, bytes: &[u8]) -> Result<(), RecordError> {
         self.output_waiting = true;
         self.inner.on_output(seq, bytes).map_err(RecordError::from)
+    }
+
+    fn on_net_output(&mut self, seq: ExitSeq, frames: &[Vec<u8>]) -> Result<(), RecordError> {
+        self.output_waiting = true;
+        self.inner
+            .on_net_output(seq, frames)
+            .map_err(RecordError::from)
     }
 
     fn interrupt_windows(&self) -> bool {

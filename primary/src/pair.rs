@@ -16,7 +16,7 @@ use ftvm_replication::primary::{
 use ftvm_replication::{ChannelError, ChannelOptions, Link, Position};
 use ftvm_vmm::devices::virtio::block::DiskConfig;
 use ftvm_vmm::devices::StopRequest;
-use ftvm_vmm::live::LiveHook;
+use ftvm_vmm::live::{LiveHook, NetRx};
 use ftvm_vmm::Vm;
 
 use crate::{record, EpochPolicy, LogSink, RecordEnd, RecordError, Recorder};
@@ -123,6 +123,7 @@ pub fn run_primary(
     accept: Option<std::net::TcpListener>,
     at: StartAt,
     input: Option<Receiver<Vec<u8>>>,
+    net: Option<NetRx>,
     out: Box<dyn Write + Send>,
 ) -> Result<PrimaryEnd, RecordError> {
     let setup = PrimarySetup {
@@ -143,6 +144,12 @@ pub fn run_primary(
         LiveHook::new(input, channel.feed())
     }
     .with_doorbell(port.doorbell.clone());
+    // A network card: transmitted frames join the serial bytes in the one output stream,
+    // held until verified like them; `out` splits them again.
+    let live = match net {
+        Some(net) => live.with_muxed_net(net),
+        None => live,
+    };
     let mut recorder = Recorder::new(live, ChannelSink(channel.feed()), policy)
         .with_checkpoints(port.clone())
         .starting_at(at.first_epoch());

@@ -274,13 +274,20 @@ mod tests {
                     ..Default::default()
                 }
             )),
-            (any::<bool>(), proptest::option::of(any::<u64>()), bytes()).prop_map(
-                |(halted, clock_ns, serial)| record::Kind::Inputs(log::Inputs {
-                    halted,
-                    clock_ns,
-                    serial
-                })
-            ),
+            (
+                any::<bool>(),
+                proptest::option::of(any::<u64>()),
+                bytes(),
+                proptest::collection::vec(bytes(), 0..3)
+            )
+                .prop_map(|(halted, clock_ns, serial, net_rx)| record::Kind::Inputs(
+                    log::Inputs {
+                        halted,
+                        clock_ns,
+                        serial,
+                        net_rx,
+                    }
+                )),
             (any::<u64>(), any::<u64>(), bytes(), any::<bool>()).prop_map(|(e, s, d, c)| {
                 record::Kind::EpochEnd(log::EpochEnd {
                     epoch: e,

@@ -38,8 +38,10 @@ use ftvm_proto::log::{self, record::Kind, LogHeader, Record};
 use ftvm_replication::log::to_run_end;
 use ftvm_replication::Position;
 use ftvm_vmm::devices::virtio::block::DiskBlock;
+use ftvm_vmm::devices::virtio::net::MacAddr;
 use ftvm_vmm::digest::epoch_digest;
 use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HostView, Point, RunEnd, RunError};
+use ftvm_vmm::output_stream::{encode, sender_ipv4, sender_ipv6, KIND_FRAME, KIND_SERIAL};
 use ftvm_vmm::{Input, Vm};
 
 /// Where the log comes from, and why it is unusable (re-exported from their home,
@@ -90,7 +92,19 @@ pub struct Replayer<S, W> {
     unverified_dirty: Vec<u64>,
     /// Likewise the disk blocks written in that epoch.
     unverified_blocks: Vec<DiskBlock>,
+    /// The guest's network card, when the output is the two-kind stream
+    /// ([`ftvm_vmm::output_stream`]): a standby's, numbered as the primary numbers it.
+    muxed: Option<MacAddr>,
+    /// The guest's IPv4 address, as its replayed frames show it (for go-live's gratuitous
+    /// ARP).
+    guest_ipv4: Option<[u8; 4]>,
+    /// The guest's IPv6 addresses its replayed frames showed, first seen first (for go-live's
+    /// neighbour advertisements), at most [`MAX_GUEST_IPV6`].
+    guest_ipv6: Vec<[u8; 16]>,
 }
+
+/// The most IPv6 addresses of the guest a standby announces at go-live.
+const MAX_GUEST_IPV6: usize = 8;
 
 impl<S: LogSource, W: Write> Replayer<S, W> {
     /// A replayer reading `source` (whose log was recorded with `header`), writing the
@@ -107,7 +121,26 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
             diverged: None,
             unverified_dirty: Vec::new(),
             unverified_blocks: Vec::new(),
+            muxed: None,
+            guest_ipv4: None,
+            guest_ipv6: Vec::new(),
         }
+    }
+
+    /// Writes the replayed output as the two-kind stream of a protected VM whose card has
+    /// address `mac` (serial bytes and frames as records), as its primary's output is.
+    pub fn mux_output(&mut self, mac: MacAddr) {
+        self.muxed = Some(mac);
+    }
+
+    /// The guest's IPv4 address, if its replayed frames showed one.
+    pub fn guest_ipv4(&self) -> Option<[u8; 4]> {
+        self.guest_ipv4
+    }
+
+    /// The guest's IPv6 addresses its replayed frames showed.
+    pub fn guest_ipv6(&self) -> &[[u8; 16]] {
+        &self.guest_ipv6
     }
 
     fn divergence(&self, exit_seq: u64, reason: String) -> ReplayHookError {
@@ -396,6 +429,23 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
             }
             inputs.push(Input::SerialRx(rec.serial));
         }
+        if !rec.net_rx.is_empty() {
+            // The recorder offers one frame per poll, and only to a card with a buffer.
+            if rec.net_rx.len() > 1 || !view.net_rx_ready {
+                let reason = format!(
+                    "the log delivers {} network frame(s) where the replayed card has {}",
+                    rec.net_rx.len(),
+                    if view.net_rx_ready {
+                        "room for one"
+                    } else {
+                        "no receive buffer"
+                    }
+                );
+                self.diverge(seq, reason);
+                return Ok(());
+            }
+            inputs.extend(rec.net_rx.into_iter().map(Input::NetRx));
+        }
         Ok(())
     }
 
@@ -489,7 +539,37 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
     }
 
     fn on_output(&mut self, _seq: ExitSeq, bytes: &[u8]) -> Result<(), ReplayHookError> {
-        self.output.write_all(bytes)?;
+        if self.muxed.is_some() {
+            let mut record = Vec::with_capacity(bytes.len() + 5);
+            encode(KIND_SERIAL, bytes, &mut record);
+            self.output.write_all(&record)?;
+        } else {
+            self.output.write_all(bytes)?;
+        }
+        self.output.flush()?;
+        Ok(())
+    }
+
+    /// The replayed card's frames are the ones the primary sent: a standby sends none of
+    /// them until it is live; it keeps them in its output (the two-kind stream) to re-emit
+    /// what the primary did not release, and learns the guest's address from them.
+    fn on_net_output(&mut self, _seq: ExitSeq, frames: &[Vec<u8>]) -> Result<(), ReplayHookError> {
+        let Some(mac) = self.muxed else {
+            return Ok(());
+        };
+        let mut records = Vec::new();
+        for frame in frames {
+            if let Some(ip) = sender_ipv4(frame, mac.0) {
+                self.guest_ipv4 = Some(ip);
+            }
+            if let Some(ip) = sender_ipv6(frame, mac.0) {
+                if !self.guest_ipv6.contains(&ip) && self.guest_ipv6.len() < MAX_GUEST_IPV6 {
+                    self.guest_ipv6.push(ip);
+                }
+            }
+            encode(KIND_FRAME, frame, &mut records);
+        }
+        self.output.write_all(&records)?;
         self.output.flush()?;
         Ok(())
     }

@@ -15,15 +15,19 @@ use ftvm_proto::channel::{
 };
 use ftvm_proto::log::{LogHeader, RecordBatch};
 use ftvm_replication::link::{self, body_name, Handshaken, Me, Security};
-use ftvm_replication::log::{check_version, config_from_header, from_run_end, LogError, LogSource};
+use ftvm_replication::log::{
+    check_net, check_version, config_from_header, from_run_end, logged_mac, LogError, LogSource,
+};
 use ftvm_replication::standby::{FromReplayer, StandbyChannel, ToReplayer};
 use ftvm_replication::witness::PairTerm;
 use ftvm_replication::{ChannelError, ChannelOptions, Link, Position};
 use ftvm_vmm::devices::virtio::block::{DiskBlock, DiskConfig};
+use ftvm_vmm::devices::virtio::net::MacAddr;
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::page_hash;
-use ftvm_vmm::live::{LiveError, LiveHook};
+use ftvm_vmm::live::{LiveError, LiveHook, NetRx};
 use ftvm_vmm::memory::PAGE_SIZE;
+use ftvm_vmm::output_stream::{encode, gratuitous_arp, unsolicited_na, KIND_FRAME};
 use ftvm_vmm::{RunEnd, RunError, Vm};
 
 use crate::install::install;
@@ -247,6 +251,7 @@ pub fn run_standby(
     options: ChannelOptions,
     ui: StandbyUi,
     input: Option<Receiver<Vec<u8>>>,
+    net: Option<NetRx>,
     mut out: impl Write,
 ) -> Result<StandbyEnd, StandbyError> {
     let (mut h, mut peer, start) = meet(&rendezvous, options.heartbeat, &options.security)?;
@@ -268,6 +273,9 @@ pub fn run_standby(
     let kernel = start.kernel.clone();
     let initrd = (!start.initrd.is_empty()).then_some(start.initrd);
     let built = arbiters
+        .and_then(|()| {
+            check_net(&header, net.as_ref().map(|n| n.mac)).map_err(StandbyError::Config)
+        })
         .and_then(|()| crate::disks::check_copies(&header, &disks).map_err(StandbyError::Disks))
         .and_then(|()| {
             config_from_header(
@@ -414,7 +422,7 @@ pub fn run_standby(
         (kernel, initrd),
         channel,
         replayer,
-        (input, as_primary),
+        (input, as_primary, net),
         out,
     )
 }
@@ -435,7 +443,13 @@ fn new_replayer(
         base: 0,
         pending: Vec::new(),
     };
-    Replayer::new(source, header, output)
+    let mut replayer = Replayer::new(source, header, output);
+    // A guest with a network card: the output is the two-kind stream, on both hosts. (A
+    // header whose MAC is malformed was refused before the VM was built.)
+    if let Ok(Some(mac)) = logged_mac(header) {
+        replayer.mux_output(mac);
+    }
+    replayer
 }
 
 /// Follows a primary on `link` as its standby from `at`, the end of the last epoch both VMs
@@ -451,6 +465,7 @@ pub fn follow(
     options: ChannelOptions,
     at: Position,
     input: Option<Receiver<Vec<u8>>>,
+    net: Option<NetRx>,
     out: impl Write,
 ) -> Result<StandbyEnd, StandbyError> {
     let as_primary = options.primary_after_go_live;
@@ -464,7 +479,7 @@ pub fn follow(
         (kernel, initrd),
         channel,
         replayer,
-        (input, as_primary),
+        (input, as_primary, net),
         out,
     )
 }
@@ -477,7 +492,7 @@ fn follow_with(
     images: GuestImages,
     channel: StandbyChannel,
     mut replayer: Replayer<ChannelSource, ReplayedOutput>,
-    (input, as_primary): (Option<Receiver<Vec<u8>>>, bool),
+    (input, as_primary, net): (Option<Receiver<Vec<u8>>>, bool, Option<NetRx>),
     mut out: impl Write,
 ) -> Result<StandbyEnd, StandbyError> {
     loop {
@@ -614,6 +629,18 @@ fn follow_with(
     );
     channel.tell(FromReplayer::Live);
     write_out(&mut out, &bytes);
+    if let Some(net) = &net {
+        // What reached this TAP before go-live was the primary's traffic (floods of a
+        // bridge): not for this guest now. Dropped before the announcement, so that every
+        // frame sent after it is kept.
+        while net.rx.try_recv().is_ok() {}
+        announce(
+            &mut out,
+            net.mac,
+            replayer.guest_ipv4(),
+            replayer.guest_ipv6(),
+        );
+    }
     if as_primary {
         // `--accept-standby`: record from here as a primary that a new standby may join.
         channel.shutdown();
@@ -633,6 +660,9 @@ fn follow_with(
         })));
     }
     let mut live = LiveHook::resume(input, out, vm.clock_ns());
+    if let Some(net) = net {
+        live = live.with_muxed_net(net);
+    }
     let stop = loop {
         match vm.run(&mut live)? {
             RunEnd::Stopped(stop) => break stop,
@@ -1025,6 +1055,28 @@ fn greet(
         });
     };
     Ok((h, peer, start))
+}
+
+/// Go-live announces the guest on this host's TAP: a gratuitous ARP for its MAC and IPv4
+/// address and an unsolicited neighbour advertisement for each of its IPv6 addresses, so the
+/// bridge and the clients send to this port from now on. A guest whose frames never showed
+/// an address cannot be announced (logged).
+fn announce(out: &mut impl Write, mac: MacAddr, ipv4: Option<[u8; 4]>, ipv6: &[[u8; 16]]) {
+    let mut records = Vec::new();
+    match ipv4 {
+        Some(ip) => {
+            encode(KIND_FRAME, &gratuitous_arp(mac.0, ip), &mut records);
+            tracing::info!(%mac, ip = %std::net::Ipv4Addr::from(ip), "gratuitous ARP for the guest");
+        }
+        None => {
+            tracing::warn!(%mac, "going live without a gratuitous ARP: the guest's frames never showed its IPv4 address")
+        }
+    }
+    for &ip in ipv6 {
+        encode(KIND_FRAME, &unsolicited_na(mac.0, ip), &mut records);
+        tracing::info!(%mac, ip = %std::net::Ipv6Addr::from(ip), "unsolicited neighbour advertisement for the guest");
+    }
+    write_out(out, &records);
 }
 
 fn write_out(out: &mut impl Write, bytes: &[u8]) {

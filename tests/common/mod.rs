@@ -14,6 +14,8 @@
 // uses only part of it: what one of them leaves unused is not dead code.
 #![allow(dead_code)]
 
+pub mod net;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};

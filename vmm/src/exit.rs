@@ -166,6 +166,8 @@ pub struct HostView {
     pub timer_deadline_ns: Option<u64>,
     /// Room in the serial receive FIFO.
     pub rx_capacity: usize,
+    /// The network card has a receive buffer: one [`Input::NetRx`] frame may be offered.
+    pub net_rx_ready: bool,
 }
 
 /// Whether the loop goes on after an exit.
@@ -241,6 +243,10 @@ pub trait ExitHook {
 
     /// Output the guest produced at exit `seq` (serial bytes).
     fn on_output(&mut self, seq: ExitSeq, bytes: &[u8]) -> Result<(), Self::Error>;
+
+    /// Ethernet frames the guest's network card transmitted at exit `seq`, in order: output,
+    /// like [`ExitHook::on_output`]'s bytes, in a stream of its own.
+    fn on_net_output(&mut self, seq: ExitSeq, frames: &[Vec<u8>]) -> Result<(), Self::Error>;
 
     /// Whether a pending interrupt the vCPU cannot take yet may be delivered through an
     /// interrupt-window exit. Where that exit is not at an exact instruction boundary (PVM),
@@ -424,6 +430,11 @@ fn after_exit<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
     if !output.is_empty() {
         hook.on_output(state.seq, &output).map_err(RunError::Hook)?;
     }
+    let frames = machine.take_net_output();
+    if !frames.is_empty() {
+        hook.on_net_output(state.seq, &frames)
+            .map_err(RunError::Hook)?;
+    }
     if let Some(stop) = machine.take_stop() {
         return Ok(Some(RunEnd::Stopped(stop)));
     }
@@ -464,6 +475,7 @@ fn deliver_inputs<H: ExitHook + ?Sized>(
         now_ns: machine.now_ns(),
         timer_deadline_ns: machine.next_timer_deadline(),
         rx_capacity: machine.serial_rx_capacity(),
+        net_rx_ready: machine.net_rx_ready(),
     };
     inputs.clear();
     hook.poll_inputs(at, &view, inputs)
@@ -624,6 +636,9 @@ mod tests {
             self.output.extend_from_slice(bytes);
             Ok(())
         }
+        fn on_net_output(&mut self, _: ExitSeq, _: &[Vec<u8>]) -> Result<(), Self::Error> {
+            Ok(())
+        }
     }
 
     fn out(port: u16, byte: u8) -> RunOutcome {
@@ -656,7 +671,8 @@ mod tests {
             ready,
             ..Default::default()
         };
-        let mut machine = Machine::new(&crate::memory::create(16).unwrap(), Vec::new()).unwrap();
+        let mut machine =
+            Machine::new(&crate::memory::create(16).unwrap(), Vec::new(), None).unwrap();
         let mut state = LoopState::default();
         let end = run(&mut vcpu, &mut machine, hook, &mut state).unwrap();
         assert_eq!(end, RunEnd::Stopped(StopRequest::Exit(0)));
@@ -725,7 +741,8 @@ mod tests {
             ready: false,
             ..Default::default()
         };
-        let mut machine = Machine::new(&crate::memory::create(16).unwrap(), Vec::new()).unwrap();
+        let mut machine =
+            Machine::new(&crate::memory::create(16).unwrap(), Vec::new(), None).unwrap();
         let mut state = LoopState::default();
         // Run up to the window exit with the guest not ready; then make it ready.
         hook.pause_at = Some(setup + 1);
@@ -760,7 +777,8 @@ mod tests {
             ready: false,
             ..Default::default()
         };
-        let mut machine = Machine::new(&crate::memory::create(16).unwrap(), Vec::new()).unwrap();
+        let mut machine =
+            Machine::new(&crate::memory::create(16).unwrap(), Vec::new(), None).unwrap();
         let mut state = LoopState::default();
         // The final debug-exit write stops the run before anything becomes ready.
         let end = run(&mut vcpu, &mut machine, &mut hook, &mut state).unwrap();
@@ -801,7 +819,8 @@ mod tests {
             script: vec![out(0x80, 0), RunOutcome::Exit(Exit::Shutdown)].into(),
             ..Default::default()
         };
-        let mut machine = Machine::new(&crate::memory::create(16).unwrap(), Vec::new()).unwrap();
+        let mut machine =
+            Machine::new(&crate::memory::create(16).unwrap(), Vec::new(), None).unwrap();
         let err = run(
             &mut vcpu,
             &mut machine,

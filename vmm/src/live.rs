@@ -1,5 +1,5 @@
 //! The live exit hook: inputs come straight from the host (monotonic clock, serial input from a
-//! byte stream) and output goes straight out. `ftvm run` without a peer uses it; the recorder
+//! byte stream, frames from the network card's TAP) and output goes straight out. `ftvm run` without a peer uses it; the recorder
 //! wraps it to log what it decides.
 
 use std::collections::VecDeque;
@@ -8,8 +8,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Select, TryRecvError};
 
+use crate::devices::virtio::net::MacAddr;
 use crate::exit::{ExitHook, ExitSeq, HostView, Kick, Point};
 use crate::machine::Input;
+use crate::output_stream::{encode, KIND_FRAME, KIND_SERIAL};
+use crate::tap::Tap;
 
 /// Why a live run cannot go on.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +35,46 @@ pub struct LiveHook<W: Write> {
     out: W,
     /// Rings when the VMM has a request for the vCPU thread: a halted wait ends at once.
     doorbell: Option<Receiver<()>>,
+    /// The network card's host side, if the VM has a card.
+    net: Option<LiveNet>,
+}
+
+/// The host side of a protected VM's network card: its MAC address and the frames the TAP's
+/// reader thread ([`Tap::spawn_reader`]) receives. Its output is the two-kind stream
+/// ([`crate::output_stream`]): frames leave with serial bytes, under the output rule.
+#[derive(Clone)]
+pub struct NetRx {
+    /// The guest's card.
+    pub mac: MacAddr,
+    /// Received frames.
+    pub rx: Receiver<Vec<u8>>,
+}
+
+/// The TAP behind the network card: frames its reader thread received, waiting for receive
+/// buffers, and the TAP to send transmitted frames to (None: output is the two-kind stream,
+/// frames go to `out` as records).
+struct LiveNet {
+    tap: Option<Tap>,
+    rx: Option<Receiver<Vec<u8>>>,
+    pending: VecDeque<Vec<u8>>,
+    /// Transmitted frames the TAP refused (logged at powers of two).
+    send_errors: u64,
+}
+
+impl LiveNet {
+    fn drain(&mut self) {
+        let Some(rx) = &self.rx else { return };
+        loop {
+            match rx.try_recv() {
+                Ok(frame) => self.pending.push_back(frame),
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    self.rx = None;
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// Reads `source` on a thread and delivers what it reads as chunks; the channel closes at EOF.
@@ -73,7 +116,38 @@ impl<W: Write> LiveHook<W> {
             pending: VecDeque::new(),
             out,
             doorbell: None,
+            net: None,
         }
+    }
+
+    /// Connects the network card to `tap`: received frames are offered to the guest at exits
+    /// while it has receive buffers, transmitted frames are sent out of the TAP.
+    pub fn with_net(mut self, tap: Tap) -> std::io::Result<Self> {
+        let rx = tap.spawn_reader()?;
+        self.net = Some(LiveNet {
+            tap: Some(tap),
+            rx: Some(rx),
+            pending: VecDeque::new(),
+            send_errors: 0,
+        });
+        Ok(self)
+    }
+
+    /// Connects the network card to frames received on `net` and makes the output the
+    /// two-kind stream: serial bytes and transmitted frames both go to `out` as records (a
+    /// protected VM, whose output is held until verified).
+    pub fn with_muxed_net(mut self, net: NetRx) -> Self {
+        self.net = Some(LiveNet {
+            tap: None,
+            rx: Some(net.rx),
+            pending: VecDeque::new(),
+            send_errors: 0,
+        });
+        self
+    }
+
+    fn muxed(&self) -> bool {
+        self.net.as_ref().is_some_and(|n| n.tap.is_none())
     }
 
     /// Ends a halted wait as soon as `doorbell` rings (the vCPU control channel).
@@ -113,22 +187,29 @@ impl<W: Write> LiveHook<W> {
         }
     }
 
-    /// Blocks until serial input arrives, the doorbell rings, or virtual time reaches
-    /// `deadline_ns`.
-    fn wait(&mut self, deadline_ns: Option<u64>) -> Result<(), LiveError> {
+    /// Blocks until serial input arrives, a frame arrives for a guest with receive buffers
+    /// (`net_ready`), the doorbell rings, or virtual time reaches `deadline_ns`.
+    fn wait(&mut self, deadline_ns: Option<u64>, net_ready: bool) -> Result<(), LiveError> {
         let now = self.now_ns();
         let timeout = deadline_ns.map(|d| Duration::from_nanos(d.saturating_sub(now)));
         if timeout.is_some_and(|t| t.is_zero()) {
             return Ok(());
         }
-        if self.input.is_none() && timeout.is_none() {
+        let net_rx = self
+            .net
+            .as_ref()
+            .and_then(|n| n.rx.clone())
+            .filter(|_| net_ready);
+        let net_open = self.net.as_ref().is_some_and(|n| n.rx.is_some());
+        if self.input.is_none() && timeout.is_none() && !net_open {
             // The doorbell alone cannot wake the guest.
             return Err(LiveError::IdleForever);
         }
         let mut select = Select::new();
         let input = self.input.as_ref().map(|rx| select.recv(rx));
         let doorbell = self.doorbell.as_ref().map(|rx| select.recv(rx));
-        if input.is_none() && doorbell.is_none() {
+        let net = net_rx.as_ref().map(|rx| select.recv(rx));
+        if input.is_none() && doorbell.is_none() && net.is_none() {
             if let Some(t) = timeout {
                 std::thread::sleep(t);
             }
@@ -147,6 +228,13 @@ impl<W: Write> LiveHook<W> {
                 match ready.recv(rx) {
                     Ok(chunk) => self.pending.extend(chunk),
                     Err(_) => self.input = None,
+                }
+            }
+        } else if index == net {
+            if let (Some(n), Some(rx)) = (&mut self.net, &net_rx) {
+                match ready.recv(rx) {
+                    Ok(frame) => n.pending.push_back(frame),
+                    Err(_) => n.rx = None,
                 }
             }
         } else if index == doorbell {
@@ -171,9 +259,14 @@ impl<W: Write> ExitHook for LiveHook<W> {
         inputs: &mut Vec<Input>,
     ) -> Result<(), LiveError> {
         self.drain_input();
-        let can_receive = !self.pending.is_empty() && view.rx_capacity > 0;
+        if let Some(n) = &mut self.net {
+            n.drain();
+        }
+        let net_waiting = self.net.as_ref().is_some_and(|n| !n.pending.is_empty());
+        let can_receive = (!self.pending.is_empty() && view.rx_capacity > 0)
+            || (net_waiting && view.net_rx_ready);
         if view.halted && !can_receive {
-            self.wait(view.timer_deadline_ns)?;
+            self.wait(view.timer_deadline_ns, view.net_rx_ready)?;
         }
         let now = self.now_ns();
         let timer_due = view.timer_deadline_ns.is_some_and(|d| now >= d);
@@ -184,11 +277,49 @@ impl<W: Write> ExitHook for LiveHook<W> {
             let n = view.rx_capacity.min(self.pending.len());
             inputs.push(Input::SerialRx(self.pending.drain(..n).collect()));
         }
+        if view.net_rx_ready {
+            // One frame per poll: the card said it has a buffer, not how many.
+            if let Some(frame) = self.net.as_mut().and_then(|n| n.pending.pop_front()) {
+                inputs.push(Input::NetRx(frame));
+            }
+        }
+        Ok(())
+    }
+
+    fn on_net_output(&mut self, _seq: ExitSeq, frames: &[Vec<u8>]) -> Result<(), LiveError> {
+        let Some(n) = &mut self.net else {
+            return Ok(());
+        };
+        let Some(tap) = &mut n.tap else {
+            let mut records = Vec::new();
+            for frame in frames {
+                encode(KIND_FRAME, frame, &mut records);
+            }
+            self.out.write_all(&records)?;
+            self.out.flush()?;
+            return Ok(());
+        };
+        for frame in frames {
+            // A network drops frames; a TAP that refuses one (its link down, no buffer
+            // space) is no reason to stop the guest.
+            if let Err(e) = tap.send(frame) {
+                n.send_errors += 1;
+                if n.send_errors.is_power_of_two() {
+                    tracing::warn!(tap = tap.name(), error = %e, errors = n.send_errors, "transmitted frame dropped");
+                }
+            }
+        }
         Ok(())
     }
 
     fn on_output(&mut self, _seq: ExitSeq, bytes: &[u8]) -> Result<(), LiveError> {
-        self.out.write_all(bytes)?;
+        if self.muxed() {
+            let mut record = Vec::with_capacity(bytes.len() + 5);
+            encode(KIND_SERIAL, bytes, &mut record);
+            self.out.write_all(&record)?;
+        } else {
+            self.out.write_all(bytes)?;
+        }
         self.out.flush()?;
         Ok(())
     }

@@ -19,6 +19,7 @@ use crate::devices::serial::{Serial, SerialState, TxQueue, COM1_IRQ, COM1_PORT};
 use crate::devices::virtio::block::{
     Block, DiskBlock, DiskImage, DiskInfo, VirtioBlk, VirtioBlkState,
 };
+use crate::devices::virtio::net::{MacAddr, Net, NetTxQueue, VirtioNet, VirtioNetState, RX_QUEUE};
 use crate::devices::virtio::MMIO_WINDOW;
 use crate::devices::{IrqLines, StopLine, StopRequest};
 use crate::memory::GuestMemory;
@@ -38,6 +39,10 @@ pub enum Input {
     Clock(u64),
     /// Bytes arrive on COM1's receive line. Never more than [`HostView::rx_capacity`].
     SerialRx(Vec<u8>),
+    /// An Ethernet frame arrives at the network card. Offered only while
+    /// [`HostView::net_rx_ready`](crate::exit::HostView::net_rx_ready) says a receive buffer
+    /// is there for it.
+    NetRx(Vec<u8>),
 }
 
 /// An input the machine could not take.
@@ -51,6 +56,9 @@ pub enum InputError {
         /// Bytes that fit.
         taken: usize,
     },
+    /// A frame for a VM without a network card.
+    #[error("a received network frame was offered to a VM without a network card")]
+    NoNetworkCard,
 }
 
 /// Where virtio-mmio slot `i` (< `VIRTIO_IRQS.len()`) lives and which line it raises: the
@@ -70,7 +78,7 @@ pub enum MachineError {
     #[error(transparent)]
     Overlap(#[from] OverlapError),
     /// More disks than virtio-mmio slots.
-    #[error("{0} disks given; at most {n} can be attached", n = VIRTIO_IRQS.len())]
+    #[error("{0} disks given; at most {n} virtio devices (disks and the network card) can be attached", n = VIRTIO_IRQS.len())]
     TooManyDisks(usize),
 }
 
@@ -91,6 +99,9 @@ pub struct DeviceStates {
     pub acpi_pm: AcpiPmState,
     /// The virtio block devices, in slot order.
     pub virtio_blk: Vec<VirtioBlkState>,
+    /// The network card, if the VM has one.
+    #[serde(default)]
+    pub virtio_net: Option<VirtioNetState>,
 }
 
 /// The devices and the buses that reach them.
@@ -106,6 +117,8 @@ pub struct Machine {
     post: Arc<Mutex<PostCode>>,
     acpi_pm: Arc<Mutex<AcpiPm>>,
     virtio_blk: Vec<Arc<Mutex<VirtioBlk>>>,
+    virtio_net: Option<Arc<Mutex<VirtioNet>>>,
+    net_tx: NetTxQueue,
     irq_lines: IrqLines,
     stop: StopLine,
     tx: TxQueue,
@@ -113,9 +126,14 @@ pub struct Machine {
 
 impl Machine {
     /// The PC platform ftvm offers: dual PIC, PIT, COM1, i8042, debug-exit and POST ports,
-    /// and a virtio-mmio block device for each of `disks`, doing DMA into `memory`.
-    pub fn new(memory: &GuestMemory, disks: Vec<DiskImage>) -> Result<Self, MachineError> {
-        if disks.len() > VIRTIO_IRQS.len() {
+    /// a virtio-mmio block device for each of `disks` and, with `net`, a virtio-mmio network
+    /// card with that MAC address in the slot after the disks, doing DMA into `memory`.
+    pub fn new(
+        memory: &GuestMemory,
+        disks: Vec<DiskImage>,
+        net: Option<MacAddr>,
+    ) -> Result<Self, MachineError> {
+        if disks.len() + usize::from(net.is_some()) > VIRTIO_IRQS.len() {
             return Err(MachineError::TooManyDisks(disks.len()));
         }
         let irq_lines = IrqLines::default();
@@ -152,6 +170,7 @@ impl Machine {
         )?;
         let mut mmio = Bus::new();
         let mut virtio_blk = Vec::new();
+        let net_slot = disks.len();
         for (i, disk) in disks.into_iter().enumerate() {
             let slot = virtio_slot(i);
             let dev = Arc::new(Mutex::new(VirtioBlk::new(
@@ -162,7 +181,23 @@ impl Machine {
             mmio.insert(dev.clone(), slot.base, slot.len)?;
             virtio_blk.push(dev);
         }
+        let net_tx = NetTxQueue::default();
+        let virtio_net = match net {
+            Some(mac) => {
+                let slot = virtio_slot(net_slot);
+                let dev = Arc::new(Mutex::new(VirtioNet::new(
+                    Net::new(mac, net_tx.clone()),
+                    memory.clone(),
+                    irq_lines.line(slot.irq),
+                )));
+                mmio.insert(dev.clone(), slot.base, slot.len)?;
+                Some(dev)
+            }
+            None => None,
+        };
         Ok(Self {
+            virtio_net,
+            net_tx,
             pio,
             mmio,
             acpi_pm,
@@ -240,7 +275,25 @@ impl Machine {
 
     /// The virtio-mmio devices as the ACPI tables announce them.
     pub fn virtio_slots(&self) -> Vec<VirtioMmioSlot> {
-        (0..self.virtio_blk.len()).map(virtio_slot).collect()
+        let n = self.virtio_blk.len() + usize::from(self.virtio_net.is_some());
+        (0..n).map(virtio_slot).collect()
+    }
+
+    /// The network card's MAC address, if the VM has a card.
+    pub fn net_mac(&self) -> Option<MacAddr> {
+        self.virtio_net.as_ref().map(|n| lock(n).device().mac())
+    }
+
+    /// Whether the network card has a receive buffer for a frame now.
+    pub fn net_rx_ready(&self) -> bool {
+        self.virtio_net
+            .as_ref()
+            .is_some_and(|n| lock(n).has_available(RX_QUEUE))
+    }
+
+    /// Frames the guest transmitted since the last call, in order.
+    pub fn take_net_output(&self) -> Vec<Vec<u8>> {
+        self.net_tx.drain()
     }
 
     /// Applies one input.
@@ -255,6 +308,10 @@ impl Machine {
                         taken,
                     });
                 }
+            }
+            Input::NetRx(frame) => {
+                let net = self.virtio_net.as_ref().ok_or(InputError::NoNetworkCard)?;
+                lock(net).serve_queue(RX_QUEUE, |n, q, m| n.receive(q, m, frame));
             }
         }
         Ok(())
@@ -319,6 +376,11 @@ impl Machine {
                 .iter()
                 .map(|d| lock(d).save())
                 .collect::<Result<_, _>>()?,
+            virtio_net: self
+                .virtio_net
+                .as_ref()
+                .map(|n| lock(n).save())
+                .transpose()?,
         })
     }
 
@@ -343,6 +405,20 @@ impl Machine {
         for (d, state) in self.virtio_blk.iter().zip(&s.virtio_blk) {
             lock(d).restore(state)?;
         }
+        match (&self.virtio_net, &s.virtio_net) {
+            (Some(n), Some(state)) => lock(n).restore(state)?,
+            (None, None) => {}
+            (n, state) => {
+                return Err(StateError::Invalid {
+                    device: "virtio-net",
+                    why: format!(
+                        "state {} a network card restored into a VM {} one",
+                        if state.is_some() { "with" } else { "without" },
+                        if n.is_some() { "with" } else { "without" }
+                    ),
+                })
+            }
+        }
         // Drop the edges pulsed before and *during* the restore: the restored PIC already
         // holds every line as it was when the state was saved (`save` folds pending edges
         // into it). The serial device pulses its line again when it is restored with an
@@ -361,7 +437,7 @@ mod tests {
     #[test]
     fn a_restore_gives_back_the_saved_state_with_a_serial_interrupt_condition_set() {
         let memory = crate::memory::create(16).unwrap();
-        let mut m = Machine::new(&memory, Vec::new()).unwrap();
+        let mut m = Machine::new(&memory, Vec::new(), None).unwrap();
         // The master PIC: vectors from 0x20, every line unmasked.
         for (port, value) in [
             (0x20, 0x11),

@@ -615,6 +615,9 @@ mod tests {
         fn on_output(&mut self, _seq: ExitSeq, _bytes: &[u8]) -> Result<(), Infallible> {
             Ok(())
         }
+        fn on_net_output(&mut self, _: ExitSeq, _: &[Vec<u8>]) -> Result<(), Infallible> {
+            Ok(())
+        }
         fn kick_at(&self, _deadline_ns: u64) -> Option<Kick> {
             Some(Kick {
                 at: self.at,
@@ -631,6 +634,7 @@ mod tests {
             cpuid: None,
             initrd: None,
             disks: Vec::new(),
+            net: None,
         })
         .unwrap()
     }
@@ -687,6 +691,9 @@ mod tests {
                 Ok(())
             }
             fn on_output(&mut self, _seq: ExitSeq, _bytes: &[u8]) -> Result<(), std::io::Error> {
+                Ok(())
+            }
+            fn on_net_output(&mut self, _: ExitSeq, _: &[Vec<u8>]) -> Result<(), std::io::Error> {
                 Ok(())
             }
             fn kick_at(&self, deadline_ns: u64) -> Option<Kick> {

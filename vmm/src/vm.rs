@@ -9,6 +9,7 @@ use crate::acpi;
 use crate::boot;
 use crate::cpuid::CpuidTable;
 use crate::devices::virtio::block::{DiskBlock, DiskConfig, DiskImage};
+use crate::devices::virtio::net::MacAddr;
 use crate::exit::{self, ExitHook, ExitSeq, LoopState, RunEnd, RunError, VcpuRun};
 use crate::machine::{DeviceStates, Machine};
 use crate::memory::{self, GuestMemory};
@@ -30,6 +31,9 @@ pub struct VmConfig {
     pub initrd: Option<Vec<u8>>,
     /// Raw disk images, offered as virtio-mmio block devices in this order (Linux: vda, vdb…).
     pub disks: Vec<DiskConfig>,
+    /// The network card's MAC address, if the VM has one (a virtio-mmio card after the
+    /// disks); its frames are the exit hook's (`Input::NetRx`, `ExitHook::on_net_output`).
+    pub net: Option<MacAddr>,
     /// The kernel command line.
     pub cmdline: String,
     /// The CPUID table; None derives it from this host ([`CpuidTable::from_supported`]).
@@ -117,7 +121,8 @@ impl Vm {
             .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
         let memory = memory::create(config.mem_mib)?;
         memory::register(&vm_fd, &memory)?;
-        let machine = Machine::new(&memory, disks).map_err(|e| Error::Device(e.to_string()))?;
+        let machine =
+            Machine::new(&memory, disks, config.net).map_err(|e| Error::Device(e.to_string()))?;
         let kernel = if boot_kernel {
             let rsdp = acpi::write_tables(&memory, &machine.virtio_slots())?;
             Some(boot::load_kernel(

@@ -70,6 +70,10 @@ impl ExitHook for SyntheticClock {
         self.output.extend_from_slice(bytes);
         Ok(())
     }
+
+    fn on_net_output(&mut self, _: ExitSeq, _: &[Vec<u8>]) -> Result<(), std::io::Error> {
+        Ok(())
+    }
 }
 
 fn config() -> VmConfig {
@@ -80,6 +84,7 @@ fn config() -> VmConfig {
         cpuid: None,
         initrd: None,
         disks: Vec::new(),
+        net: None,
     }
 }
 

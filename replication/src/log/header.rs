@@ -5,6 +5,7 @@
 use ftvm_proto::log::{DiskSpec, LogHeader};
 use ftvm_vmm::cpuid::CpuidTable;
 use ftvm_vmm::devices::virtio::block::{DiskConfig, DiskInfo};
+use ftvm_vmm::devices::virtio::net::MacAddr;
 use ftvm_vmm::digest::hash;
 use ftvm_vmm::VmConfig;
 
@@ -46,6 +47,7 @@ pub fn build_header(
                 .collect(),
             // What KVM gives a new vCPU here, as the primary's has (no rate is ever set on it).
             tsc_khz: ftvm_vmm::vm::host_tsc_khz().unwrap_or(0),
+            net_mac: config.net.map_or(0, |m| m.to_u64()),
         }),
     }
 }
@@ -124,7 +126,37 @@ pub fn config_from_header(
         disks,
         cmdline: c.cmdline.clone(),
         cpuid: Some(cpuid),
+        net: logged_mac(header)?,
     })
+}
+
+/// The network card the header describes (None: the guest has none).
+pub fn logged_mac(header: &LogHeader) -> Result<Option<MacAddr>, LogError> {
+    let mac = header.config.as_ref().map_or(0, |c| c.net_mac);
+    if mac == 0 {
+        return Ok(None);
+    }
+    MacAddr::from_u64(mac)
+        .map(Some)
+        .ok_or_else(|| LogError::Config(format!("network card MAC {mac:#x} is not 48 bits")))
+}
+
+/// Checks a standby's `--net` against the primary's card: both sides have a card with the
+/// same MAC address, or neither has one (`given`: this side's `--net` MAC).
+pub fn check_net(header: &LogHeader, given: Option<MacAddr>) -> Result<(), LogError> {
+    match (logged_mac(header)?, given) {
+        (None, None) => Ok(()),
+        (Some(l), Some(g)) if l == g => Ok(()),
+        (Some(l), None) => Err(LogError::Config(format!(
+            "the primary's guest has a network card (MAC {l}) and this side has no --net: give it --net tap=NAME,mac={l} (its own TAP, on the same network)"
+        ))),
+        (None, Some(_)) => Err(LogError::Config(
+            "this side has --net but the primary's guest has no network card: give both sides --net, or neither".into(),
+        )),
+        (Some(l), Some(g)) => Err(LogError::Config(format!(
+            "the primary's guest card has MAC {l}, this side's --net says {g}: give the same mac= on both sides"
+        ))),
+    }
 }
 
 /// Checks the opened disks against the ones the header describes (same count, size and
@@ -150,4 +182,37 @@ pub fn check_disks(header: &LogHeader, disks: &[DiskInfo]) -> Result<(), LogErro
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header_with(net_mac: u64) -> LogHeader {
+        LogHeader {
+            config: Some(ftvm_proto::log::VmConfig {
+                net_mac,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn net_on_one_side_only_or_another_mac_is_refused() {
+        let mac: MacAddr = "52:54:00:00:00:07".parse().unwrap();
+        let with = header_with(mac.to_u64());
+        let without = header_with(0);
+        assert_eq!(logged_mac(&with).unwrap(), Some(mac));
+        check_net(&with, Some(mac)).unwrap();
+        check_net(&without, None).unwrap();
+        let e = check_net(&with, None).unwrap_err().to_string();
+        assert!(e.contains("has no --net"), "{e}");
+        let e = check_net(&without, Some(mac)).unwrap_err().to_string();
+        assert!(e.contains("has no network card"), "{e}");
+        let e = check_net(&with, Some(MacAddr::DEFAULT))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("same mac="), "{e}");
+    }
 }

@@ -19,7 +19,9 @@ mod header;
 mod run_end;
 
 pub use file::{LogFileReader, LogFileWriter};
-pub use header::{build_header, check_disks, check_version, config_from_header};
+pub use header::{
+    build_header, check_disks, check_net, check_version, config_from_header, logged_mac,
+};
 pub use run_end::{from_run_end, to_run_end};
 
 use ftvm_proto::frame::FrameError;

@@ -203,6 +203,37 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// interrupts if the driver wants to hear about it. `QueueNotify` does this; so can the
     /// machine, at an exit, when the host side gave the device something a queue waits for.
     pub fn process_queue(&mut self, index: usize) {
+        self.serve_queue(index, |device, queue, mem| {
+            device.process_queue(index, queue, mem)
+        });
+    }
+
+    /// Whether queue `index` is live and the driver has made at least one buffer available
+    /// in it that the device has not taken yet (a receive queue with room).
+    pub fn has_available(&self, index: usize) -> bool {
+        if !self.driver_ok() {
+            return false;
+        }
+        let Some(queue) = self.queues.get(index) else {
+            return false;
+        };
+        if !queue.ready() || !queue.is_valid(&self.mem) {
+            return false;
+        }
+        queue
+            .avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != queue.next_avail())
+    }
+
+    /// Runs `f` on the device and queue `index` if the queue is live (the driver is set up,
+    /// the queue ready and valid), then interrupts if a buffer was used and the driver wants
+    /// to hear about it: what a notification does, and what the machine does at an exit when
+    /// the host side hands the device something for a queue (a received frame).
+    pub fn serve_queue(
+        &mut self,
+        index: usize,
+        f: impl FnOnce(&mut D, &mut Queue, &GuestMemory) -> super::Processed,
+    ) {
         if !self.driver_ok() {
             return;
         }
@@ -212,7 +243,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         if !queue.ready() || !queue.is_valid(&self.mem) {
             return;
         }
-        let done = self.device.process_queue(index, queue, &self.mem);
+        let done = f(&mut self.device, queue, &self.mem);
         if done.broken {
             self.status |= STATUS_DEVICE_NEEDS_RESET;
         }

@@ -1,4 +1,5 @@
-//! Virtio devices: the virtio-mmio transport ([`mmio`]) and the devices behind it ([`block`]).
+//! Virtio devices: the virtio-mmio transport ([`mmio`]) and the devices behind it ([`block`],
+//! [`net`]).
 //!
 //! The split follows the virtio specification's own: the transport is the register file the
 //! driver programs (identification, feature negotiation, queue setup, notifications, the
@@ -19,6 +20,7 @@
 pub mod block;
 pub mod disk;
 pub mod mmio;
+pub mod net;
 #[cfg(test)]
 mod test_driver;
 
