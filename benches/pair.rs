@@ -53,6 +53,7 @@ use ftvm_proto::frame::{self, FrameReader};
 use ftvm_proto::log::{
     log_frame, record, Inputs, Interrupt, LogFrame, PioRead, Record, RecordBatch,
 };
+use ftvm_proto::packed;
 
 // The helpers the tests use too (tests/common/mod.rs says why they live there).
 #[path = "pair/breakdown.rs"]
@@ -674,8 +675,12 @@ fn log_throughput() -> Result<Stream, Failure> {
                         body: Some(log_frame::Body::Batch(b)),
                     },
                 ))) => {
-                    let first = b.records.first().map(|r| r.exit_seq);
-                    if b.records.len() != BATCH_RECORDS
+                    // Read in place, as the standby's channel does: every slot checked.
+                    let (first, n) = match first_and_count(&b.packed) {
+                        Ok(v) => v,
+                        Err(e) => return Err(format!("log reader: batch {count}: {e}")),
+                    };
+                    if n != BATCH_RECORDS
                         || first != Some(records)
                         || b.complete_through != records + BATCH_RECORDS as u64 - 1
                     {
@@ -684,7 +689,7 @@ fn log_throughput() -> Result<Stream, Failure> {
                             frames.offset()
                         ));
                     }
-                    records += b.records.len() as u64;
+                    records += n as u64;
                     count += 1;
                 }
                 Ok(Some((offset, _))) => {
@@ -699,6 +704,7 @@ fn log_throughput() -> Result<Stream, Failure> {
     let mut batch = RecordBatch {
         complete_through: 0,
         records: (0..BATCH_RECORDS).map(|i| template(i as u64)).collect(),
+        packed: Default::default(),
     };
     let mut frames = 0u64;
     let mut sent = 0u64;
@@ -713,18 +719,19 @@ fn log_throughput() -> Result<Stream, Failure> {
             exit_seq += 1;
         }
         batch.complete_through = exit_seq - 1;
+        // What the log's writers do: the records travel as one packed block.
         let msg = LogFrame {
-            body: Some(log_frame::Body::Batch(batch)),
+            body: Some(log_frame::Body::Batch(RecordBatch {
+                complete_through: batch.complete_through,
+                records: Vec::new(),
+                packed: packed::pack(&batch.records),
+            })),
         };
         let bytes = frame::encode(&msg);
         if let Err(e) = out.write_all(&bytes) {
             result = Err(format!("log writer: {e}"));
             break;
         }
-        let Some(log_frame::Body::Batch(b)) = msg.body else {
-            return Err("log writer: lost its batch".to_string());
-        };
-        batch = b;
         sent += bytes.len() as u64;
         frames += 1;
     }
@@ -751,6 +758,22 @@ fn log_throughput() -> Result<Stream, Failure> {
         records,
         elapsed,
     })
+}
+
+/// The first exit sequence number of a packed block and its number of records, every slot
+/// checked.
+fn first_and_count(block: &[u8]) -> Result<(Option<u64>, usize), packed::PackedError> {
+    let mut first = None;
+    let mut n = 0;
+    for slot in packed::Slots::new(block)? {
+        let exit_seq = match slot? {
+            packed::Slot::Fixed(f) => f.exit_seq,
+            escaped => escaped.to_record()?.exit_seq,
+        };
+        first.get_or_insert(exit_seq);
+        n += 1;
+    }
+    Ok((first, n))
 }
 
 /// Record `i` of a batch: a mix of PIO reads, interrupts and input polls, like

@@ -320,6 +320,7 @@ impl PrimaryCore {
         // A syncing standby has no copy of the guest to apply the log to: it starts from
         // the stop-and-copy checkpoint.
         if protecting {
+            let batch = ftvm_proto::packed::pack_batch(batch);
             self.protection
                 .log_bytes(prost::Message::encoded_len(&batch));
             self.send(Body::Batch(batch), now);

@@ -250,6 +250,18 @@ impl StandbyCore {
         match msg.body {
             Some(Body::Heartbeat(_)) => {}
             Some(Body::Batch(batch)) => {
+                let batch = match ftvm_proto::packed::unpack_batch(batch) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        return self.wait(
+                            format!(
+                                "primary {} broke the pair protocol: a record batch does not decode: {e}",
+                                self.peer
+                            ),
+                            false,
+                        )
+                    }
+                };
                 self.progress.exit_seq = batch.complete_through;
                 let received_before = self.progress.received_epoch;
                 for r in &batch.records {

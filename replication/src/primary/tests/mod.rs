@@ -74,6 +74,7 @@ fn batch(records: Vec<Kind>, complete_through: u64) -> FromVcpu {
                 kind: Some(kind),
             })
             .collect(),
+        packed: Default::default(),
     })
 }
 
