@@ -254,9 +254,17 @@ fn fits(size: u32, value: &[u8]) -> bool {
 }
 
 fn le_value(value: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    b[..value.len()].copy_from_slice(value);
-    u64::from_le_bytes(b)
+    // The usual sizes without a variable-length copy.
+    match *value {
+        [a] => u64::from(a),
+        [a, b] => u64::from(u16::from_le_bytes([a, b])),
+        [a, b, c, d] => u64::from(u32::from_le_bytes([a, b, c, d])),
+        _ => {
+            let mut b = [0u8; 8];
+            b[..value.len()].copy_from_slice(value);
+            u64::from_le_bytes(b)
+        }
+    }
 }
 
 /// `records` as one block.
@@ -462,9 +470,9 @@ impl<'a> Slots<'a> {
 
     fn next_slot(&mut self) -> Result<Slot<'a>, PackedError> {
         let at = self.at;
-        let head = take(self.block, at, ESCAPE_HEAD_LEN)?;
-        let kind = head[0];
+        let kind = take(self.block, at, 1)?[0];
         if kind == ESCAPE {
+            let head = take(self.block, at, ESCAPE_HEAD_LEN)?;
             if head[1..4] != [0; 3] {
                 return Err(PackedError::Field {
                     at,
@@ -476,7 +484,7 @@ impl<'a> Slots<'a> {
             self.at = at + ESCAPE_HEAD_LEN + len;
             return Ok(Slot::Escaped { at, encoded });
         }
-        let slot = take(self.block, at, SLOT_LEN)?;
+        let slot: [u8; SLOT_LEN] = arr(take(self.block, at, SLOT_LEN)?);
         let (flags, size) = (slot[1], slot[2]);
         if slot[3] != 0 {
             return Err(PackedError::Field {
