@@ -12,8 +12,10 @@
 //!    large as the average log bytes per epoch (log file size of a recorded run
 //!    divided by its epochs).
 //! 2. Log throughput: ~100 MiB of framed `RecordBatch`es of [`BATCH_RECORDS`]
-//!    records each, encoded, sent over loopback TCP, decoded and counted (MiB/s
-//!    and records/s). Baseline: the same volume as raw TCP writes of a buffer.
+//!    records each, packed as the log's writers pack them, sent over loopback
+//!    TCP, decoded, every slot of each packed block read in place and counted
+//!    (MiB/s and records/s). Baseline: the same volume as raw TCP writes of a
+//!    buffer.
 //! 3. Failover time, p50/p99 over [`DRILLS`] drills: the primary (running
 //!    `workload=counter ticks=300`) is killed with SIGKILL after its 30th tick
 //!    line; the figure is the time from the kill to the standby's first byte of
