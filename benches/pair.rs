@@ -64,6 +64,8 @@ mod breakdown;
 mod common;
 #[path = "pair/echo.rs"]
 mod echo;
+#[path = "pair/failover.rs"]
+mod failover;
 use breakdown::{Breakdown, STAGES};
 use common::{check_counter, mib_per_s, ms, try_free_addr, Failure, Scratch, FTVM};
 
@@ -132,12 +134,14 @@ fn run() -> Result<(), Failure> {
         cold.push(cold_start(&dir.0, i)?);
     }
     let mut failover = Vec::with_capacity(DRILLS);
+    let mut steps = Vec::with_capacity(DRILLS);
     let mut reemitted = Vec::with_capacity(DRILLS);
     let mut overlaps = 0;
     let mut ended = 0;
     for i in 0..DRILLS {
         let d = drill(&dir.0, i)?;
         failover.push(d.failover);
+        steps.push(d.steps);
         reemitted.push(d.reemitted);
         if d.overlap > 0 {
             overlaps += 1;
@@ -227,6 +231,7 @@ fn run() -> Result<(), Failure> {
     println!(
         "    {overlaps} drills where the primary had printed past the standby's start; {ended} where the standby's replay had already reached the guest's end)"
     );
+    failover::print(&steps, percentile);
 
     println!(
         "4. output delay added by the output rule (held_ns of {} verified releases in the runs of 1):",
@@ -834,6 +839,8 @@ fn cold_start(dir: &Path, i: usize) -> Result<Duration, Failure> {
 struct Drill {
     /// SIGKILL of the primary to the standby's first output byte.
     failover: Duration,
+    /// Where that time went, from the standby's audit trail.
+    steps: failover::Steps,
     /// Bytes the standby said it re-emits (the primary's unreleased output).
     reemitted: u64,
     /// Bytes the primary printed past where the standby's output starts.
@@ -846,10 +853,12 @@ fn drill(dir: &Path, i: usize) -> Result<Drill, Failure> {
     let addr = try_free_addr()?;
     let cmdline = format!("workload=counter ticks={DRILL_TICKS}");
     let standby_stderr = dir.join(format!("drill{i}-standby.stderr"));
+    let standby_audit = dir.join(format!("drill{i}-standby.audit"));
 
     let mut cmd = ftvm();
     cmd.args(["standby", "--listen", &addr])
-        .args(common::key_args(&[]));
+        .args(common::key_args(&[]))
+        .env("FTVM_AUDIT", &standby_audit);
     let mut standby = Proc::spawn(
         cmd,
         format!("drill {i}: ftvm standby --listen {addr}"),
@@ -890,6 +899,7 @@ fn drill(dir: &Path, i: usize) -> Result<Drill, Failure> {
         .kill()
         .map_err(|e| format!("{}: cannot kill: {e}", primary.what))?;
     let killed = Instant::now();
+    let killed_ns = failover::monotonic_ns();
     let p_out = join(primary_out, &primary.what)?;
     primary.wait(TIMEOUT)?;
 
@@ -915,8 +925,12 @@ fn drill(dir: &Path, i: usize) -> Result<Drill, Failure> {
             String::from_utf8_lossy(&s_out.bytes)
         ));
     }
+    let first_ns = killed_ns + first.saturating_duration_since(killed).as_nanos() as u64;
+    let steps = failover::steps(&read_text(&standby_audit)?, killed_ns, first_ns)
+        .map_err(|e| format!("drill {i}: {e}"))?;
     Ok(Drill {
         failover: first.saturating_duration_since(killed),
+        steps,
         reemitted: reemit.bytes,
         overlap: (p_out.bytes.len() as u64).saturating_sub(reemit.from),
         ended: reemit.ended,

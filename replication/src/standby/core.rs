@@ -382,7 +382,10 @@ impl StandbyCore {
                 bytes,
                 remaining_pages,
             } => self.condition.syncing = Some((bytes, remaining_pages)),
-            FromReplayer::Live => self.condition.live = true,
+            FromReplayer::Live => {
+                self.condition.live = true;
+                self.audit(|| "live".into());
+            }
             FromReplayer::Shutdown => self.shutdown = true,
         }
     }
@@ -513,6 +516,7 @@ impl StandbyCore {
             return;
         }
         tracing::debug!("{why}");
+        self.audit(|| "lost".into());
         self.condition.lost = Some(why.clone());
         self.actions.push_back(Action::DropLink);
         self.replayer(ToReplayer::PrimaryLost(why));
