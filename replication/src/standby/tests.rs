@@ -587,3 +587,25 @@ fn a_syncing_standby_has_nothing_to_go_live_with_so_silence_loses_the_primary() 
         .iter()
         .any(|a| matches!(a, Action::ToReplayer(ToReplayer::PrimaryLost(_)))));
 }
+
+#[test]
+fn the_audit_trail_says_when_the_primary_was_seen_dead_and_when_the_standby_went_live() {
+    let now = Instant::now();
+    let mut s = Standby {
+        core: StandbyCore::new("primary:1".into(), HB, true, now),
+        now,
+    };
+    s.core.link_failed(ChannelError::Closed {
+        peer: "primary:1".into(),
+    });
+    s.replayer(FromReplayer::Live);
+    let audits: Vec<String> = s
+        .actions()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Audit(line) => Some(line),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(audits, ["lost", "live"]);
+}
