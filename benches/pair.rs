@@ -21,7 +21,9 @@
 //!    line; the figure is the time from the kill to the standby's first byte of
 //!    output. Baseline: the cold start of an unprotected
 //!    `ftvm run --cmdline "workload=counter ticks=1"` to its first byte of
-//!    output, p50/p99 over [`COLD_STARTS`] runs.
+//!    output, p50/p99 over [`COLD_STARTS`] runs. With it, where the failover
+//!    time goes, step by step, from the standby's audit trail
+//!    (`benches/pair/failover.rs`).
 //! 4. Output delay added by the output rule, p50/p99: how long released output
 //!    was held waiting for the standby's verification (`held_ns` of the
 //!    primary's `verified` releases in the runs of figure 1). Baseline: the raw
