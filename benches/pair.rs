@@ -12,14 +12,18 @@
 //!    large as the average log bytes per epoch (log file size of a recorded run
 //!    divided by its epochs).
 //! 2. Log throughput: ~100 MiB of framed `RecordBatch`es of [`BATCH_RECORDS`]
-//!    records each, encoded, sent over loopback TCP, decoded and counted (MiB/s
-//!    and records/s). Baseline: the same volume as raw TCP writes of a buffer.
+//!    records each, packed as the log's writers pack them, sent over loopback
+//!    TCP, decoded, every slot of each packed block read in place and counted
+//!    (MiB/s and records/s). Baseline: the same volume as raw TCP writes of a
+//!    buffer.
 //! 3. Failover time, p50/p99 over [`DRILLS`] drills: the primary (running
 //!    `workload=counter ticks=300`) is killed with SIGKILL after its 30th tick
 //!    line; the figure is the time from the kill to the standby's first byte of
 //!    output. Baseline: the cold start of an unprotected
 //!    `ftvm run --cmdline "workload=counter ticks=1"` to its first byte of
-//!    output, p50/p99 over [`COLD_STARTS`] runs.
+//!    output, p50/p99 over [`COLD_STARTS`] runs. With it, where the failover
+//!    time goes, step by step, from the standby's audit trail
+//!    (`benches/pair/failover.rs`).
 //! 4. Output delay added by the output rule, p50/p99: how long released output
 //!    was held waiting for the standby's verification (`held_ns` of the
 //!    primary's `verified` releases in the runs of figure 1). Baseline: the raw
@@ -53,6 +57,7 @@ use ftvm_proto::frame::{self, FrameReader};
 use ftvm_proto::log::{
     log_frame, record, Inputs, Interrupt, LogFrame, PioRead, Record, RecordBatch,
 };
+use ftvm_proto::packed;
 
 // The helpers the tests use too (tests/common/mod.rs says why they live there).
 #[path = "pair/breakdown.rs"]
@@ -61,6 +66,8 @@ mod breakdown;
 mod common;
 #[path = "pair/echo.rs"]
 mod echo;
+#[path = "pair/failover.rs"]
+mod failover;
 use breakdown::Breakdown;
 use common::{check_counter, mib_per_s, ms, try_free_addr, Failure, Scratch, FTVM};
 
@@ -129,12 +136,14 @@ fn run() -> Result<(), Failure> {
         cold.push(cold_start(&dir.0, i)?);
     }
     let mut failover = Vec::with_capacity(DRILLS);
+    let mut steps = Vec::with_capacity(DRILLS);
     let mut reemitted = Vec::with_capacity(DRILLS);
     let mut overlaps = 0;
     let mut ended = 0;
     for i in 0..DRILLS {
         let d = drill(&dir.0, i)?;
         failover.push(d.failover);
+        steps.push(d.steps);
         reemitted.push(d.reemitted);
         if d.overlap > 0 {
             overlaps += 1;
@@ -224,6 +233,7 @@ fn run() -> Result<(), Failure> {
     println!(
         "    {overlaps} drills where the primary had printed past the standby's start; {ended} where the standby's replay had already reached the guest's end)"
     );
+    failover::print(&steps, percentile);
 
     println!(
         "4. output delay added by the output rule (held_ns of {} verified releases in the runs of 1):",
@@ -657,8 +667,12 @@ fn log_throughput() -> Result<Stream, Failure> {
                         body: Some(log_frame::Body::Batch(b)),
                     },
                 ))) => {
-                    let first = b.records.first().map(|r| r.exit_seq);
-                    if b.records.len() != BATCH_RECORDS
+                    // Read in place, as the standby's channel does: every slot checked.
+                    let (first, n) = match first_and_count(&b.packed) {
+                        Ok(v) => v,
+                        Err(e) => return Err(format!("log reader: batch {count}: {e}")),
+                    };
+                    if n != BATCH_RECORDS
                         || first != Some(records)
                         || b.complete_through != records + BATCH_RECORDS as u64 - 1
                     {
@@ -667,7 +681,7 @@ fn log_throughput() -> Result<Stream, Failure> {
                             frames.offset()
                         ));
                     }
-                    records += b.records.len() as u64;
+                    records += n as u64;
                     count += 1;
                 }
                 Ok(Some((offset, _))) => {
@@ -682,6 +696,7 @@ fn log_throughput() -> Result<Stream, Failure> {
     let mut batch = RecordBatch {
         complete_through: 0,
         records: (0..BATCH_RECORDS).map(|i| template(i as u64)).collect(),
+        packed: Default::default(),
     };
     let mut frames = 0u64;
     let mut sent = 0u64;
@@ -696,18 +711,19 @@ fn log_throughput() -> Result<Stream, Failure> {
             exit_seq += 1;
         }
         batch.complete_through = exit_seq - 1;
+        // What the log's writers do: the records travel as one packed block.
         let msg = LogFrame {
-            body: Some(log_frame::Body::Batch(batch)),
+            body: Some(log_frame::Body::Batch(RecordBatch {
+                complete_through: batch.complete_through,
+                records: Vec::new(),
+                packed: packed::pack(&batch.records),
+            })),
         };
         let bytes = frame::encode(&msg);
         if let Err(e) = out.write_all(&bytes) {
             result = Err(format!("log writer: {e}"));
             break;
         }
-        let Some(log_frame::Body::Batch(b)) = msg.body else {
-            return Err("log writer: lost its batch".to_string());
-        };
-        batch = b;
         sent += bytes.len() as u64;
         frames += 1;
     }
@@ -734,6 +750,22 @@ fn log_throughput() -> Result<Stream, Failure> {
         records,
         elapsed,
     })
+}
+
+/// The first exit sequence number of a packed block and its number of records, every slot
+/// checked.
+fn first_and_count(block: &[u8]) -> Result<(Option<u64>, usize), packed::PackedError> {
+    let mut first = None;
+    let mut n = 0;
+    for slot in packed::Slots::new(block)? {
+        let exit_seq = match slot? {
+            packed::Slot::Fixed(f) => f.exit_seq,
+            escaped => escaped.to_record()?.exit_seq,
+        };
+        first.get_or_insert(exit_seq);
+        n += 1;
+    }
+    Ok((first, n))
 }
 
 /// Record `i` of a batch: a mix of PIO reads, interrupts and input polls, like
@@ -793,6 +825,8 @@ fn cold_start(dir: &Path, i: usize) -> Result<Duration, Failure> {
 struct Drill {
     /// SIGKILL of the primary to the standby's first output byte.
     failover: Duration,
+    /// Where that time went, from the standby's audit trail.
+    steps: failover::Steps,
     /// Bytes the standby said it re-emits (the primary's unreleased output).
     reemitted: u64,
     /// Bytes the primary printed past where the standby's output starts.
@@ -805,10 +839,12 @@ fn drill(dir: &Path, i: usize) -> Result<Drill, Failure> {
     let addr = try_free_addr()?;
     let cmdline = format!("workload=counter ticks={DRILL_TICKS}");
     let standby_stderr = dir.join(format!("drill{i}-standby.stderr"));
+    let standby_audit = dir.join(format!("drill{i}-standby.audit"));
 
     let mut cmd = ftvm();
     cmd.args(["standby", "--listen", &addr])
-        .args(common::key_args(&[]));
+        .args(common::key_args(&[]))
+        .env("FTVM_AUDIT", &standby_audit);
     let mut standby = Proc::spawn(
         cmd,
         format!("drill {i}: ftvm standby --listen {addr}"),
@@ -849,6 +885,7 @@ fn drill(dir: &Path, i: usize) -> Result<Drill, Failure> {
         .kill()
         .map_err(|e| format!("{}: cannot kill: {e}", primary.what))?;
     let killed = Instant::now();
+    let killed_ns = failover::monotonic_ns();
     let p_out = join(primary_out, &primary.what)?;
     primary.wait(TIMEOUT)?;
 
@@ -874,8 +911,12 @@ fn drill(dir: &Path, i: usize) -> Result<Drill, Failure> {
             String::from_utf8_lossy(&s_out.bytes)
         ));
     }
+    let first_ns = killed_ns + first.saturating_duration_since(killed).as_nanos() as u64;
+    let steps = failover::steps(&read_text(&standby_audit)?, killed_ns, first_ns)
+        .map_err(|e| format!("drill {i}: {e}"))?;
     Ok(Drill {
         failover: first.saturating_duration_since(killed),
+        steps,
         reemitted: reemit.bytes,
         overlap: (p_out.bytes.len() as u64).saturating_sub(reemit.from),
         ended: reemit.ended,

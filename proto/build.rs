@@ -17,7 +17,11 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = prost_build::Config::new().compile_fds(fds) {
+    if let Err(e) = prost_build::Config::new()
+        // The packed record block is read in place from the received buffer.
+        .bytes([".ftvm.log.RecordBatch.packed"])
+        .compile_fds(fds)
+    {
         eprintln!("ftvm-proto: cannot generate Rust types: {e}");
         std::process::exit(1);
     }

@@ -125,8 +125,8 @@ fn a_stopped_standby_slows_the_guest_with_bounded_memory_and_it_resumes() {
         &pc,
         "--cmdline",
         "workload=counter ticks=300",
-        "--max-lag-epochs",
-        "20",
+        "--max-lag-ms",
+        "200",
         "--max-slowed-ms",
         "600000",
     ]);
@@ -174,6 +174,7 @@ fn a_standby_stopped_past_the_second_bound_is_dropped_and_the_guest_finishes_alo
         &pc,
         "--cmdline",
         "workload=counter ticks=200",
+        // The deprecated epoch bound still works, next to the default --max-lag-ms.
         "--max-lag-epochs",
         "20",
         "--max-slowed-ms",
@@ -188,5 +189,6 @@ fn a_standby_stopped_past_the_second_bound_is_dropped_and_the_guest_finishes_alo
         err.contains("standby too far behind") && err.contains("running unprotected"),
         "{err}"
     );
+    assert!(err.contains("--max-lag-epochs 20 is deprecated"), "{err}");
     signal(&s, libc::SIGCONT);
 }

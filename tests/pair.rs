@@ -74,8 +74,8 @@ fn host_pair_options(args: &[&str]) -> Vec<&'static str> {
         vec![
             "--heartbeat-timeout-ms",
             "1000",
-            "--max-lag-epochs",
-            "100000000",
+            "--max-lag-ms",
+            "86400000",
             "--max-slowed-ms",
             "86400000",
         ]

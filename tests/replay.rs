@@ -276,7 +276,7 @@ fn damaged_logs_are_refused_with_the_frame_offset() {
     frame::write(
         &mut future,
         &LogFrame {
-            body: Some(Body::Header(header)),
+            body: Some(Body::Header(header.clone())),
         },
     )
     .unwrap();
@@ -287,6 +287,64 @@ fn damaged_logs_are_refused_with_the_frame_offset() {
         &v99,
         &[],
         "unsupported log format version 99 in the header frame at offset 8",
+    );
+
+    // A log of format 2 (records as prost messages): refused by its version.
+    header.format_version = 2;
+    let mut v2 = good[..8].to_vec();
+    frame::write(
+        &mut v2,
+        &LogFrame {
+            body: Some(Body::Header(header)),
+        },
+    )
+    .unwrap();
+    v2.extend_from_slice(&good[f[1].0..]);
+    let old = dir.path("v2.log");
+    std::fs::write(&old, &v2).unwrap();
+    assert_bad_log(
+        &old,
+        &[],
+        "unsupported log format version 2 in the header frame at offset 8 (this ftvm reads version 3)",
+    );
+
+    // A damaged packed block in a frame whose CRC is right: the block's version byte.
+    let (off, len) = f[1];
+    let mut r = FrameReader::new(&good[off..off + len], off as u64);
+    let Some((
+        _,
+        LogFrame {
+            body: Some(Body::Batch(mut batch)),
+        },
+    )) = r.read_frame::<LogFrame>().unwrap()
+    else {
+        panic!("second frame is not a batch");
+    };
+    assert!(
+        batch.records.is_empty(),
+        "a log file carries packed records"
+    );
+    let mut block = batch.packed.to_vec();
+    block[0] = 9;
+    batch.packed = block.into();
+    let mut bad_block = good[..off].to_vec();
+    let new_len = frame::write(
+        &mut bad_block,
+        &LogFrame {
+            body: Some(Body::Batch(batch)),
+        },
+    )
+    .unwrap();
+    bad_block.extend_from_slice(&good[off + len..]);
+    let packed = dir.path("packed.log");
+    std::fs::write(&packed, &bad_block).unwrap();
+    assert_bad_log(
+        &packed,
+        &[],
+        &format!(
+            "malformed record in the frame ending at offset {}: packed records: block version 9 (this ftvm reads version 1)",
+            off + new_len
+        ),
     );
 
     // Not a log at all.

@@ -103,7 +103,8 @@ fn fake_primary(addr: &str, log: &str, vm_id: &str) -> String {
         batch
             .records
             .retain(|r| !matches!(r.kind, Some(record::Kind::RunEnd(_))));
-        send(&mut s, Body::Batch(batch));
+        // On the wire a batch's records travel packed, as a real primary sends them.
+        send(&mut s, Body::Batch(ftvm_proto::packed::pack_batch(batch)));
     }
     let reason = loop {
         match next() {

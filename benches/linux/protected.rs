@@ -90,7 +90,9 @@ pub fn report(out: &str) {
         }
     }
     for wl in ["files", "dd"] {
-        let line = out.lines().find(|l| l.starts_with(&format!("{wl}_summary ")));
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{wl}_summary ")));
         let n = |k: &str| line.and_then(|l| field(l, k)).unwrap_or("?");
         println!(
             "  {wl}, protected: {} epochs, {} repairs",

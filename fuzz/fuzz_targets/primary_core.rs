@@ -69,6 +69,7 @@ fuzz_target!(|data: &[u8]| {
                                 ..Default::default()
                             })),
                         }],
+                        packed: Default::default(),
                     }),
                     now,
                 );

@@ -391,6 +391,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         let batch = RecordBatch {
             complete_through: complete_through.0,
             records: std::mem::take(&mut self.records),
+            packed: Default::default(),
         };
         match self.closing.take() {
             Some(closing) => self.sink.write_epoch(batch, closing),

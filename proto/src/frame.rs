@@ -4,6 +4,7 @@
 
 use std::io::{self, Read, Write};
 
+use prost::bytes::BytesMut;
 use prost::Message;
 
 /// Bytes of a frame header.
@@ -79,15 +80,23 @@ impl FrameError {
 
 /// Encodes `msg` as one frame.
 pub fn encode<M: Message>(msg: &M) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_into(&mut out, msg);
+    out
+}
+
+/// Appends `msg` as one frame to `out` (no buffer of its own); returns the frame's length.
+pub fn encode_into<M: Message>(out: &mut Vec<u8>, msg: &M) -> usize {
     let len = msg.encoded_len();
-    let mut out = Vec::with_capacity(HEADER_LEN + len);
+    let start = out.len();
+    out.reserve(HEADER_LEN + len);
     out.extend_from_slice(&(len as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     // Encoding into a Vec grows it as needed, so it cannot run out of room.
-    msg.encode(&mut out).unwrap_or_default();
-    let crc = crc32c::crc32c(&out[HEADER_LEN..]);
-    out[4..8].copy_from_slice(&crc.to_le_bytes());
-    out
+    msg.encode(out).unwrap_or_default();
+    let crc = crc32c::crc32c(&out[start + HEADER_LEN..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    out.len() - start
 }
 
 /// Writes `msg` as one frame.
@@ -225,6 +234,35 @@ pub fn decode_from<M: Message + Default>(
     Ok(Some((msg, HEADER_LEN + len)))
 }
 
+/// [`decode_from`] for received bytes held in a `BytesMut`: the whole frame is split off
+/// `buf` and the message's `bytes` fields that prost maps to `Bytes` (a batch's packed
+/// records) are slices of it, not copies.
+pub fn decode_split<M: Message + Default>(
+    buf: &mut BytesMut,
+    offset: u64,
+) -> Result<Option<M>, FrameError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let (len, expected) = parse_header(buf, offset, MAX_FRAME_LEN)?;
+    if buf.len() < HEADER_LEN + len {
+        return Ok(None);
+    }
+    let actual = crc32c::crc32c(&buf[HEADER_LEN..HEADER_LEN + len]);
+    if actual != expected {
+        return Err(FrameError::Crc {
+            offset,
+            expected,
+            actual,
+        });
+    }
+    let mut frame = buf.split_to(HEADER_LEN + len).freeze();
+    let payload = frame.split_off(HEADER_LEN);
+    M::decode(payload)
+        .map(Some)
+        .map_err(|source| FrameError::Decode { offset, source })
+}
+
 /// How far into an incomplete frame a stream ended: for reporting a peer that closed
 /// mid-frame. `buf` holds the bytes of the frame received so far.
 pub fn truncated(buf: &[u8], offset: u64) -> FrameError {
@@ -241,12 +279,13 @@ pub fn truncated(buf: &[u8], offset: u64) -> FrameError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::log::{self, record, LogFrame, Record, RecordBatch};
     use proptest::prelude::*;
 
-    fn kind() -> impl Strategy<Value = record::Kind> {
+    /// Any record kind, with any field values (shared with `packed`'s tests).
+    pub(crate) fn kind() -> impl Strategy<Value = record::Kind> {
         let bytes = || proptest::collection::vec(any::<u8>(), 0..16);
         prop_oneof![
             (any::<u16>(), 1u32..5, bytes()).prop_map(|(p, s, v)| record::Kind::PioRead(
@@ -317,6 +356,7 @@ mod tests {
                         kind: Some(k),
                     })
                     .collect(),
+                packed: Default::default(),
             })
     }
 
@@ -353,6 +393,7 @@ mod tests {
             body: Some(log::log_frame::Body::Batch(RecordBatch {
                 complete_through: 7,
                 records: vec![],
+                packed: Default::default(),
             })),
         });
         let mut stream = [a.clone(), b.clone()].concat();
@@ -402,11 +443,53 @@ mod tests {
     }
 
     #[test]
+    fn decode_split_slices_the_packed_records_out_of_the_received_buffer() {
+        let batch = RecordBatch {
+            complete_through: 9,
+            records: vec![],
+            packed: crate::packed::pack(&[Record {
+                exit_seq: 9,
+                at_kick: false,
+                kind: Some(record::Kind::InterruptWindow(log::InterruptWindow {})),
+            }]),
+        };
+        let a = encode(&LogFrame {
+            body: Some(log::log_frame::Body::Batch(batch.clone())),
+        });
+        let mut rx = BytesMut::new();
+        rx.extend_from_slice(&a[..a.len() - 1]);
+        assert!(decode_split::<LogFrame>(&mut rx, 0).unwrap().is_none());
+        rx.extend_from_slice(&a[a.len() - 1..]);
+        rx.extend_from_slice(&a[..3]);
+        let base = rx.as_ptr() as usize;
+        let got = decode_split::<LogFrame>(&mut rx, 0).unwrap().unwrap();
+        let Some(log::log_frame::Body::Batch(b)) = got.body else {
+            panic!("not a batch: {got:?}");
+        };
+        assert_eq!(b, batch);
+        // The block is a slice of the received bytes, not a copy.
+        let at = b.packed.as_ptr() as usize;
+        assert!(
+            at > base && at < base + a.len(),
+            "the packed block was copied"
+        );
+        assert_eq!(&rx[..], &a[..3]);
+        let mut damaged = BytesMut::from(&a[..]);
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        assert!(matches!(
+            decode_split::<LogFrame>(&mut damaged, 5),
+            Err(FrameError::Crc { offset: 5, .. })
+        ));
+    }
+
+    #[test]
     fn decode_from_waits_for_the_whole_frame_then_consumes_exactly_it() {
         let a = encode(&LogFrame {
             body: Some(log::log_frame::Body::Batch(RecordBatch {
                 complete_through: 9,
                 records: vec![],
+                packed: Default::default(),
             })),
         });
         let stream = [a.clone(), a.clone()].concat();

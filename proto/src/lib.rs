@@ -3,7 +3,8 @@
 //! - [`log`]: prost types generated from `proto/log.proto` (the replication log);
 //! - [`channel`]: prost types generated from `proto/channel.proto` (the pair connection);
 //! - [`witness`]: prost types generated from `proto/witness.proto` (the arbiter);
-//! - [`frame`]: length-prefixed frames with a CRC32C, shared by log files and sockets.
+//! - [`frame`]: length-prefixed frames with a CRC32C, shared by log files and sockets;
+//! - [`packed`]: the packed record block a `RecordBatch` carries.
 
 /// The replication log schema (generated from `proto/log.proto`).
 #[allow(missing_docs, clippy::all)]
@@ -24,10 +25,12 @@ pub mod witness {
 }
 
 pub mod frame;
+pub mod packed;
 
 /// The log format this build writes and reads. Version 2: epoch digests also cover the disk
-/// blocks the guest wrote in the epoch.
-pub const FORMAT_VERSION: u32 = 2;
+/// blocks the guest wrote in the epoch. Version 3: a batch's records travel as one packed
+/// block ([`packed`]).
+pub const FORMAT_VERSION: u32 = 3;
 
 /// First bytes of a log file.
 pub const LOG_MAGIC: &[u8; 8] = b"FTVMLOG\0";
@@ -41,8 +44,9 @@ pub const LOG_MAGIC: &[u8; 8] = b"FTVMLOG\0";
 /// carries the initrd and the witness's VM id and term; repairs carry disk blocks
 /// (`Diverged.dirty_blocks`, `PageChunk.blocks`), and digests cover them. Version 6: the
 /// disk resync between `Start` and `Ready` (`DiskHashes`, `DiskBlocks`), and a sync's
-/// stop-and-copy carries disk blocks.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// stop-and-copy carries disk blocks. Version 7: a batch's records travel as one packed block
+/// ([`packed`]).
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The witness protocol this build speaks.
 pub const WITNESS_VERSION: u32 = 1;

@@ -11,11 +11,13 @@
 //! - standby: `received epoch=K` (the log through K arrived; `Received(K)` goes back),
 //!   `verified epoch=K exit_seq=N replayed_ns=R` (the replay reached the epoch's end at R and
 //!   its digest matched; written before its Ack is sent), `verified ... checkpoint` (a repair
-//!   or sync installed).
+//!   or sync installed), `lost` (the channel thread took the primary for dead: its connection
+//!   closed or reset), `live` (the replayer replayed everything received and went live).
 //!
 //! The output-rule test reads both files and checks that every byte left after the standby
 //! verified its epoch; the pair benchmark reads ack latencies, output delay and the latency
-//! breakdown from them (`benches/pair/breakdown.rs`).
+//! breakdown from them (`benches/pair/breakdown.rs`), and the failover drills where the
+//! time after the kill goes (`benches/pair/failover.rs`).
 
 use std::fs::File;
 use std::io::Write;

@@ -20,7 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ftvm_proto::channel::{message::Body, Ack, Message, Role};
-use ftvm_proto::log::{record::Kind, EpochEnd, PioRead, Record, RecordBatch};
+use ftvm_proto::log::{record::Kind, EpochEnd, Record, RecordBatch};
+use ftvm_proto::packed::{self, PackedWriter, Slot, Slots};
 use mio::{Events, Poll, Token};
 
 use crate::host::HostKind;
@@ -214,18 +215,21 @@ fn respond_channel(h: link::Handshaken, peer: &str) -> Result<(), BenchError> {
     let mut events = Events::with_capacity(8);
     let mut inbox = Vec::new();
     loop {
-        // Bounded, so a send that could not finish is retried.
-        let _ = poll.poll(&mut events, Some(Duration::from_millis(50)));
+        // Bounded, so a send that could not finish is retried; at once when the last
+        // receive stopped at its budget (readiness is edge-triggered: no new event comes).
+        let wait = if link.unread() {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(50)
+        };
+        let _ = poll.poll(&mut events, Some(wait));
         link.flush()?;
         let result = link.receive(&mut inbox);
         for msg in inbox.drain(..) {
             let Some(Body::Batch(batch)) = msg.body else {
                 continue;
             };
-            let Some(epoch) = batch.records.iter().rev().find_map(|r| match &r.kind {
-                Some(Kind::EpochEnd(e)) => Some(e.epoch),
-                _ => None,
-            }) else {
+            let Some(epoch) = epoch_end(peer, &batch)? else {
                 continue;
             };
             link.send(&ack(epoch, batch.complete_through))?;
@@ -251,18 +255,13 @@ fn ack(epoch: u64, exit_seq: u64) -> Message {
 /// A batch of `records` port reads closed by the end of `epoch`.
 fn batch(epoch: u64, records: usize) -> Message {
     let exit_seq = epoch * (records as u64 + 1);
-    let mut recs: Vec<Record> = (0..records as u64)
-        .map(|i| Record {
-            exit_seq: exit_seq - records as u64 + i,
-            at_kick: false,
-            kind: Some(Kind::PioRead(PioRead {
-                port: 0x3fd,
-                size: 1,
-                value: vec![0x60],
-            })),
-        })
-        .collect();
-    recs.push(Record {
+    let first = exit_seq - records as u64;
+    // Written straight into the packed block, as a recorder on the hot path would.
+    let mut block = PackedWriter::new(first, records + 1);
+    for i in 0..records as u64 {
+        block.pio_read(first + i, false, 0x3fd, &[0x60]);
+    }
+    block.push(&Record {
         exit_seq,
         at_kick: false,
         kind: Some(Kind::EpochEnd(EpochEnd {
@@ -275,9 +274,28 @@ fn batch(epoch: u64, records: usize) -> Message {
     Message {
         body: Some(Body::Batch(RecordBatch {
             complete_through: exit_seq,
-            records: recs,
+            records: Vec::new(),
+            packed: block.finish(),
         })),
     }
+}
+
+/// The epoch a batch's block ends, read in place (only the escaped records are decoded).
+fn epoch_end(peer: &str, batch: &RecordBatch) -> Result<Option<u64>, BenchError> {
+    let damaged = |e: packed::PackedError| BenchError::Protocol {
+        peer: peer.into(),
+        what: format!("it sent a damaged record batch: {e}"),
+    };
+    let mut epoch = None;
+    for slot in Slots::new(&batch.packed).map_err(damaged)? {
+        let slot = slot.map_err(damaged)?;
+        if let Slot::Escaped { .. } = slot {
+            if let Some(Kind::EpochEnd(e)) = slot.to_record().map_err(damaged)?.kind {
+                epoch = Some(e.epoch);
+            }
+        }
+    }
+    Ok(epoch)
 }
 
 /// The Noise handshake with `params` (pair key of `security`), then the pair's `Hello`s.

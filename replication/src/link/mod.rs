@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use ftvm_proto::channel::Message;
 use ftvm_proto::frame;
+use prost::bytes::BytesMut;
 
 pub use self::error::ChannelError;
 pub use self::handshake::{
@@ -33,9 +34,12 @@ pub struct Link {
     sealed: Vec<u8>,
     peer: String,
     heartbeat: Heartbeat,
-    rx: Vec<u8>,
+    /// Frames received and not yet decoded; a decoded batch's packed records stay in it.
+    rx: BytesMut,
     rx_offset: u64,
     tx: Vec<u8>,
+    /// A frame being sealed (reused: no allocation per message).
+    frame: Vec<u8>,
     tx_done: usize,
     /// Bytes sent so far (frames).
     pub bytes_sent: u64,
@@ -66,9 +70,10 @@ impl Link {
             sealed,
             peer: h.peer,
             heartbeat: h.heartbeat,
-            rx: plain,
+            rx: BytesMut::from(&plain[..]),
             rx_offset: h.rx_offset,
             tx: Vec::new(),
+            frame: Vec::new(),
             tx_done: 0,
             bytes_sent: 0,
             bytes_received: 0,
@@ -104,18 +109,19 @@ impl Link {
 
     /// Queues `msg` and writes as much as the socket takes now.
     pub fn send(&mut self, msg: &Message) -> Result<(), ChannelError> {
-        let frame = frame::encode(msg);
-        self.bytes_sent += frame.len() as u64;
         match &mut self.cipher {
             Some(cipher) => {
+                self.frame.clear();
+                self.bytes_sent += frame::encode_into(&mut self.frame, msg) as u64;
                 cipher
-                    .seal(&frame, &mut self.tx)
+                    .seal(&self.frame, &mut self.tx)
                     .map_err(|source| ChannelError::Sealed {
                         peer: self.peer.clone(),
                         source,
                     })?
             }
-            None => self.tx.extend_from_slice(&frame),
+            // Encoded straight into the send buffer.
+            None => self.bytes_sent += frame::encode_into(&mut self.tx, msg) as u64,
         }
         self.flush()
     }
@@ -162,7 +168,9 @@ impl Link {
         if self.tx_done == self.tx.len() {
             self.tx.clear();
             self.tx_done = 0;
-        } else if self.tx_done > (1 << 20) {
+        } else if self.tx_done > (1 << 20) && self.tx_done * 2 > self.tx.len() {
+            // Compacted only once most of the buffer is sent, so the bytes moved are never
+            // more than the bytes written (a full buffer moved per MiB sent tripled them).
             self.tx.drain(..self.tx_done);
             self.tx_done = 0;
         }
@@ -215,18 +223,19 @@ impl Link {
                     })?;
             self.sealed.drain(..opened);
         }
-        let mut used = 0;
-        while let Some((msg, len)) = frame::decode_from::<Message>(&self.rx[used..], self.rx_offset)
-            .map_err(|source| ChannelError::Frame {
-                peer: self.peer.clone(),
-                source,
-            })?
-        {
+        loop {
+            let before = self.rx.len();
+            let decoded =
+                frame::decode_split::<Message>(&mut self.rx, self.rx_offset).map_err(|source| {
+                    ChannelError::Frame {
+                        peer: self.peer.clone(),
+                        source,
+                    }
+                })?;
+            let Some(msg) = decoded else { break };
             out.push(msg);
-            used += len;
-            self.rx_offset += len as u64;
+            self.rx_offset += (before - self.rx.len()) as u64;
         }
-        self.rx.drain(..used);
         match end {
             None => match self.broken.take() {
                 None => Ok(()),

@@ -17,6 +17,8 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Instant;
 
+use prost::bytes::BufMut;
+
 pub use super::key::{KeyError, PairKey, KEY_LEN};
 use super::ChannelError;
 
@@ -141,7 +143,7 @@ impl Cipher {
 
     /// Opens every complete record at the start of `input`, appending the plaintext to `out`;
     /// returns the bytes of `input` used.
-    pub fn open(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<usize, BadRecord> {
+    pub fn open<B: BufMut>(&mut self, input: &[u8], out: &mut B) -> Result<usize, BadRecord> {
         let mut used = 0;
         while input.len() - used >= 2 {
             let len = usize::from(u16::from_be_bytes([input[used], input[used + 1]]));
@@ -155,7 +157,7 @@ impl Cipher {
                 .state
                 .read_message(&input[used + 2..used + 2 + len], &mut self.scratch)
                 .map_err(|_| BadRecord)?;
-            out.extend_from_slice(&self.scratch[..n]);
+            out.put_slice(&self.scratch[..n]);
             used += 2 + len;
         }
         Ok(used)

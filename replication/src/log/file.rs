@@ -48,7 +48,7 @@ impl LogFileWriter {
 impl LogSink for LogFileWriter {
     fn write_batch(&mut self, batch: RecordBatch) -> std::io::Result<()> {
         self.write_frame(&LogFrame {
-            body: Some(Body::Batch(batch)),
+            body: Some(Body::Batch(ftvm_proto::packed::pack_batch(batch))),
         })
     }
 }
@@ -120,7 +120,13 @@ impl<R: Read> LogSource for LogFileReader<R> {
                 LogFrame {
                     body: Some(Body::Batch(b)),
                 },
-            )) => Ok(Some(b)),
+            )) => match ftvm_proto::packed::unpack_batch(b) {
+                Ok(b) => Ok(Some(b)),
+                Err(e) => Err(LogError::Malformed {
+                    offset: self.frames.offset(),
+                    why: e.to_string(),
+                }),
+            },
             Some(_) => Err(LogError::UnexpectedFrame {
                 offset,
                 what: "a frame that is not a record batch",

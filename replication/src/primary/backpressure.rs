@@ -1,26 +1,37 @@
 //! Back-pressure from a slow standby (DESIGN.md §6, "Bounds"): what the primary holds for it
 //! is bounded. The vCPU thread feeds the channel thread through a bounded queue
 //! ([`FEED_QUEUE`] messages); while the standby is behind a first bound (bytes waiting in the
-//! socket plus output held for it, or unverified epochs) the channel thread stops taking from
-//! that queue, so the vCPU thread blocks on its next send: the guest is slowed to the
-//! standby's pace, as VMware FT slows a primary whose backup lags. Slowed for longer than a
-//! second bound, the standby is dropped explicitly (`Abandon`, the `standby lost` event, and
-//! `ftvm status` says so), and the guest runs on unprotected; memory never grows without
-//! limit.
+//! socket plus output held for it, or the age of the oldest epoch it has not verified) the
+//! channel thread stops taking from that queue, so the vCPU thread blocks on its next send:
+//! the guest is slowed to the standby's pace, as VMware FT slows a primary whose backup lags.
+//! Slowed for longer than a second bound, the standby is dropped explicitly (`Abandon`, the
+//! `standby lost` event, and `ftvm status` says so), and the guest runs on unprotected; memory
+//! never grows without limit.
+//!
+//! The lag is measured in time, not in epochs: the age of the oldest unverified epoch is how
+//! much guest time the standby would have to replay if the primary died now, so bounding it
+//! bounds the failover's replay on a host that starves the standby of CPU, whatever the
+//! length of an epoch. A repair counts as progress: the checkpoint verifies every epoch it
+//! covers once installed, and while the vCPU thread is making it (the guest stopped) the lag
+//! bound never holds the queue the checkpoint's pages travel through.
 
 use std::time::{Duration, Instant};
 
 /// Messages the vCPU thread may queue for the channel thread before it blocks.
 pub const FEED_QUEUE: usize = 64;
 
-/// The bounds (`--max-standby-backlog-mib`, `--max-lag-epochs`, `--max-slowed-ms`).
+/// The bounds (`--max-standby-backlog-mib`, `--max-lag-ms`, `--max-slowed-ms`, and the
+/// deprecated `--max-lag-epochs`).
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {
     /// Bytes waiting in the socket for the standby plus guest output held for its acks:
     /// past this, the guest is slowed.
     pub backlog_bytes: u64,
-    /// Epochs shipped but not yet verified: past this, the guest is slowed.
-    pub lag_epochs: u64,
+    /// Age of the oldest epoch shipped and not yet verified: past this, the guest is slowed.
+    pub lag: Duration,
+    /// Epochs shipped but not yet verified (deprecated bound, none by default): past this,
+    /// the guest is slowed.
+    pub lag_epochs: Option<u64>,
     /// Slowed this long without the standby catching up: it is dropped.
     pub slowed_for: Duration,
 }
@@ -29,10 +40,30 @@ impl Default for Bounds {
     fn default() -> Self {
         Self {
             backlog_bytes: 64 << 20,
-            lag_epochs: 1000,
+            lag: Duration::from_millis(DEFAULT_MAX_LAG_MS),
+            lag_epochs: None,
             slowed_for: Duration::from_secs(10),
         }
     }
+}
+
+/// The default `--max-lag-ms`: a failover replays at most about half a second of guest time,
+/// while the verification latency this bound must leave alone (tens of milliseconds at p99
+/// on a loaded host, a few hundred for a repaired Linux guest under TCG) stays well below it.
+pub const DEFAULT_MAX_LAG_MS: u64 = 500;
+
+/// What the standby is behind by now, as the core and the channel see it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Bytes waiting in the socket for the standby plus guest output held for its acks.
+    pub bytes: u64,
+    /// Age of the oldest epoch shipped and not yet verified (zero: none).
+    pub lag: Duration,
+    /// Epochs shipped and not yet verified.
+    pub lag_epochs: u64,
+    /// The vCPU thread is making a checkpoint (a repair or a sync's stop-and-copy) the
+    /// standby waits for: its pages must get through, whatever the lag.
+    pub making_checkpoint: bool,
 }
 
 /// What the channel thread does about the standby now.
@@ -67,12 +98,20 @@ impl Throttle {
         self.since.is_some()
     }
 
-    /// The verdict for a standby that has `backlog` bytes waiting for it (in the socket and
-    /// held output) and `lag` unverified epochs, at `now`. With no standby, call
-    /// [`Throttle::clear`].
-    pub fn check(&mut self, backlog: u64, lag: u64, now: Instant) -> Verdict {
+    /// Whether `b` is past the lag bounds (time, and epochs where that deprecated bound is
+    /// set). A checkpoint in the making is never held back by the lag: it is what verifies
+    /// the lagging epochs.
+    fn lagging(&self, b: &Backlog) -> bool {
+        !b.making_checkpoint
+            && (b.lag > self.bounds.lag
+                || self.bounds.lag_epochs.is_some_and(|max| b.lag_epochs > max))
+    }
+
+    /// The verdict for a standby that is behind by `backlog` at `now`. With no standby,
+    /// call [`Throttle::clear`].
+    pub fn check(&mut self, backlog: &Backlog, now: Instant) -> Verdict {
         let b = self.bounds;
-        if backlog <= b.backlog_bytes && lag <= b.lag_epochs {
+        if backlog.bytes <= b.backlog_bytes && !self.lagging(backlog) {
             if self.since.take().is_some() {
                 tracing::info!("the standby caught up: the guest runs at full speed again");
             }
@@ -80,8 +119,9 @@ impl Throttle {
         }
         let since = *self.since.get_or_insert_with(|| {
             tracing::warn!(
-                backlog_bytes = backlog,
-                lag_epochs = lag,
+                backlog_bytes = backlog.bytes,
+                lag_ms = backlog.lag.as_millis() as u64,
+                lag_epochs = backlog.lag_epochs,
                 "the standby is behind: slowing the guest to its pace"
             );
             now
@@ -91,9 +131,18 @@ impl Throttle {
         }
         self.since = None;
         Verdict::Drop(format!(
-            "standby too far behind: {backlog} bytes waiting for it, {lag} epochs unverified, \
-             the guest slowed for {:.1?} (bounds {} bytes, {} epochs, {:.1?})",
-            b.slowed_for, b.backlog_bytes, b.lag_epochs, b.slowed_for
+            "standby too far behind: {} bytes waiting for it, the oldest unverified epoch \
+             {:.1?} old ({} epochs unverified), the guest slowed for {:.1?} (bounds {} bytes, \
+             {:.1?}{}, {:.1?})",
+            backlog.bytes,
+            backlog.lag,
+            backlog.lag_epochs,
+            b.slowed_for,
+            b.backlog_bytes,
+            b.lag,
+            b.lag_epochs
+                .map_or(String::new(), |e| format!(", {e} epochs")),
+            b.slowed_for
         ))
     }
 
@@ -110,15 +159,28 @@ mod tests {
     fn throttle() -> Throttle {
         Throttle::new(Bounds {
             backlog_bytes: 100,
-            lag_epochs: 10,
+            lag: Duration::from_millis(500),
+            lag_epochs: None,
             slowed_for: Duration::from_secs(2),
         })
     }
 
+    fn behind(bytes: u64, lag_ms: u64, lag_epochs: u64) -> Backlog {
+        Backlog {
+            bytes,
+            lag: Duration::from_millis(lag_ms),
+            lag_epochs,
+            making_checkpoint: false,
+        }
+    }
+
     #[test]
-    fn within_the_bounds_the_guest_runs() {
+    fn within_the_bounds_the_guest_runs_however_many_epochs_are_unverified() {
         let mut t = throttle();
-        assert_eq!(t.check(100, 10, Instant::now()), Verdict::Run);
+        assert_eq!(
+            t.check(&behind(100, 500, 1_000_000), Instant::now()),
+            Verdict::Run
+        );
         assert!(!t.slowed());
     }
 
@@ -126,31 +188,75 @@ mod tests {
     fn past_the_first_bound_the_guest_slows_and_runs_again_when_the_standby_catches_up() {
         let mut t = throttle();
         let t0 = Instant::now();
-        assert_eq!(t.check(101, 0, t0), Verdict::Slow);
-        assert_eq!(t.check(0, 11, t0 + Duration::from_secs(1)), Verdict::Slow);
+        assert_eq!(t.check(&behind(101, 0, 0), t0), Verdict::Slow);
+        assert_eq!(
+            t.check(&behind(0, 501, 1), t0 + Duration::from_secs(1)),
+            Verdict::Slow
+        );
         assert!(t.slowed());
         assert_eq!(
-            t.check(0, 0, t0 + Duration::from_millis(1500)),
+            t.check(&behind(0, 0, 0), t0 + Duration::from_millis(1500)),
             Verdict::Run
         );
         // The clock starts again at the next slow-down.
-        assert_eq!(t.check(101, 0, t0 + Duration::from_secs(3)), Verdict::Slow);
         assert_eq!(
-            t.check(101, 0, t0 + Duration::from_millis(4900)),
+            t.check(&behind(101, 0, 0), t0 + Duration::from_secs(3)),
             Verdict::Slow
         );
+        assert_eq!(
+            t.check(&behind(101, 0, 0), t0 + Duration::from_millis(4900)),
+            Verdict::Slow
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_in_the_making_is_never_held_back_by_the_lag() {
+        let mut t = throttle();
+        let t0 = Instant::now();
+        let making = Backlog {
+            making_checkpoint: true,
+            ..behind(0, 5000, 10_000)
+        };
+        assert_eq!(t.check(&making, t0), Verdict::Run);
+        // Bytes still bound it: the socket drains to the standby without the vCPU thread.
+        let big = Backlog {
+            bytes: 101,
+            ..making
+        };
+        assert_eq!(t.check(&big, t0), Verdict::Slow);
+        // Its end went out: the guest waits until the standby installs it.
+        assert_eq!(
+            t.check(&behind(0, 5000, 10_000), t0 + Duration::from_secs(1)),
+            Verdict::Slow
+        );
+        // Installed: every epoch it covers is verified.
+        assert_eq!(
+            t.check(&behind(0, 0, 0), t0 + Duration::from_millis(1500)),
+            Verdict::Run
+        );
+    }
+
+    #[test]
+    fn the_deprecated_epoch_bound_still_slows_where_it_is_set() {
+        let mut t = Throttle::new(Bounds {
+            lag_epochs: Some(10),
+            ..throttle().bounds
+        });
+        let t0 = Instant::now();
+        assert_eq!(t.check(&behind(0, 1, 10), t0), Verdict::Run);
+        assert_eq!(t.check(&behind(0, 1, 11), t0), Verdict::Slow);
     }
 
     #[test]
     fn slowed_past_the_second_bound_the_standby_is_dropped() {
         let mut t = throttle();
         let t0 = Instant::now();
-        assert_eq!(t.check(500, 0, t0), Verdict::Slow);
-        let Verdict::Drop(why) = t.check(500, 0, t0 + Duration::from_secs(2)) else {
+        assert_eq!(t.check(&behind(0, 600, 3), t0), Verdict::Slow);
+        let Verdict::Drop(why) = t.check(&behind(0, 2600, 3), t0 + Duration::from_secs(2)) else {
             panic!("the standby must be dropped");
         };
         assert!(
-            why.starts_with("standby too far behind: 500 bytes"),
+            why.starts_with("standby too far behind: 0 bytes waiting for it, the oldest unverified epoch 2.6s old (3 epochs unverified)"),
             "{why}"
         );
         assert!(!t.slowed());

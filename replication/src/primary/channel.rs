@@ -480,9 +480,10 @@ impl Driver {
         let Some(link) = &self.link else {
             return self.throttle.clear();
         };
-        let (held, lag) = self.core.backlog();
+        let mut backlog = self.core.backlog(now);
+        backlog.bytes += link.pending() as u64;
         let was_slowed = self.throttle.slowed();
-        match self.throttle.check(link.pending() as u64 + held, lag, now) {
+        match self.throttle.check(&backlog, now) {
             // The vCPU thread may be waiting on its full queue: take from it now.
             Verdict::Run if was_slowed => self.drain_vcpu(registry),
             Verdict::Run | Verdict::Slow => {}

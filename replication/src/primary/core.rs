@@ -9,6 +9,7 @@ use ftvm_proto::channel::{message::Body, Ack, Message, Released, Start};
 use ftvm_proto::log::{record::Kind, RecordBatch};
 use ftvm_vmm::memory::GuestMemory;
 
+use super::backpressure::Backlog;
 use super::join::Join;
 use super::protection::Protection;
 use super::repair::Checkpoints;
@@ -320,6 +321,7 @@ impl PrimaryCore {
         // A syncing standby has no copy of the guest to apply the log to: it starts from
         // the stop-and-copy checkpoint.
         if protecting {
+            let batch = ftvm_proto::packed::pack_batch(batch);
             self.protection
                 .log_bytes(prost::Message::encoded_len(&batch));
             self.send(Body::Batch(batch), now);
@@ -441,13 +443,21 @@ impl PrimaryCore {
         }
     }
 
-    /// Guest output held for the standby's acks (bytes) and epochs shipped but not yet
-    /// verified: what the back-pressure bounds look at.
-    pub fn backlog(&self) -> (u64, u64) {
-        (
-            self.protection.buffer.held_bytes(),
-            self.protection.lag_epochs(),
-        )
+    /// What the back-pressure bounds look at, at `now`: guest output held for the
+    /// standby's acks (bytes; the channel adds what waits in the socket), the age of the
+    /// oldest epoch shipped and not yet verified, how many there are, and whether the vCPU
+    /// thread is making a checkpoint the standby waits for (its end not yet out).
+    pub fn backlog(&self, now: Instant) -> Backlog {
+        Backlog {
+            bytes: self.protection.buffer.held_bytes(),
+            lag: self.protection.lag(now),
+            lag_epochs: self.protection.lag_epochs(),
+            making_checkpoint: self
+                .checkpoints
+                .pending
+                .as_ref()
+                .is_some_and(|c| c.epoch.is_none()),
+        }
     }
 
     /// The pair is no longer protected: tell the standby it is abandoned (whatever the

@@ -250,6 +250,18 @@ impl StandbyCore {
         match msg.body {
             Some(Body::Heartbeat(_)) => {}
             Some(Body::Batch(batch)) => {
+                let batch = match ftvm_proto::packed::unpack_batch(batch) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        return self.wait(
+                            format!(
+                                "primary {} broke the pair protocol: a record batch does not decode: {e}",
+                                self.peer
+                            ),
+                            false,
+                        )
+                    }
+                };
                 self.progress.exit_seq = batch.complete_through;
                 let received_before = self.progress.received_epoch;
                 for r in &batch.records {
@@ -370,7 +382,10 @@ impl StandbyCore {
                 bytes,
                 remaining_pages,
             } => self.condition.syncing = Some((bytes, remaining_pages)),
-            FromReplayer::Live => self.condition.live = true,
+            FromReplayer::Live => {
+                self.condition.live = true;
+                self.audit(|| "live".into());
+            }
             FromReplayer::Shutdown => self.shutdown = true,
         }
     }
@@ -501,6 +516,7 @@ impl StandbyCore {
             return;
         }
         tracing::debug!("{why}");
+        self.audit(|| "lost".into());
         self.condition.lost = Some(why.clone());
         self.actions.push_back(Action::DropLink);
         self.replayer(ToReplayer::PrimaryLost(why));

@@ -7,6 +7,7 @@ use ftvm_proto::channel::{
     message::Body, Abandon, CheckpointEnd, Diverged, HeldOutput, Message, Released, Switchover,
 };
 use ftvm_proto::log::{record::Kind, EpochEnd, Record, RecordBatch};
+use ftvm_proto::packed;
 
 use super::core::{Action, StandbyCore};
 use super::{FromReplayer, ToReplayer};
@@ -34,7 +35,7 @@ fn standby() -> Standby {
 
 fn epoch_end(epoch: u64, exit_seq: u64) -> Message {
     Message {
-        body: Some(Body::Batch(RecordBatch {
+        body: Some(Body::Batch(packed::pack_batch(RecordBatch {
             complete_through: exit_seq,
             records: vec![Record {
                 exit_seq,
@@ -45,7 +46,8 @@ fn epoch_end(epoch: u64, exit_seq: u64) -> Message {
                     ..Default::default()
                 })),
             }],
-        })),
+            packed: Default::default(),
+        }))),
     }
 }
 
@@ -550,14 +552,15 @@ fn with_a_witness_abandon_during_a_claim_waits_for_the_verdict() {
 fn with_a_witness_a_close_after_the_run_end_claims_nothing() {
     let mut s = with_witness();
     s.primary(Message {
-        body: Some(Body::Batch(RecordBatch {
+        body: Some(Body::Batch(packed::pack_batch(RecordBatch {
             complete_through: 10,
             records: vec![Record {
                 exit_seq: 10,
                 at_kick: false,
                 kind: Some(Kind::RunEnd(Default::default())),
             }],
-        })),
+            packed: Default::default(),
+        }))),
     });
     s.actions();
     s.core.link_failed(ChannelError::Closed {
@@ -583,4 +586,26 @@ fn a_syncing_standby_has_nothing_to_go_live_with_so_silence_loses_the_primary() 
     assert!(actions
         .iter()
         .any(|a| matches!(a, Action::ToReplayer(ToReplayer::PrimaryLost(_)))));
+}
+
+#[test]
+fn the_audit_trail_says_when_the_primary_was_seen_dead_and_when_the_standby_went_live() {
+    let now = Instant::now();
+    let mut s = Standby {
+        core: StandbyCore::new("primary:1".into(), HB, true, now),
+        now,
+    };
+    s.core.link_failed(ChannelError::Closed {
+        peer: "primary:1".into(),
+    });
+    s.replayer(FromReplayer::Live);
+    let audits: Vec<String> = s
+        .actions()
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Audit(line) => Some(line),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(audits, ["lost", "live"]);
 }

@@ -1,6 +1,7 @@
 //! The primary's protocol rules, each driven through [`PrimaryCore`] with constructed events:
 //! no socket, no thread, no clock. Joining standbys and switchovers are in [`sessions`].
 
+mod backlog;
 mod sessions;
 mod split_brain;
 mod wakeup;
@@ -74,6 +75,7 @@ fn batch(records: Vec<Kind>, complete_through: u64) -> FromVcpu {
                 kind: Some(kind),
             })
             .collect(),
+        packed: Default::default(),
     })
 }
 
