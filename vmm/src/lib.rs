@@ -18,6 +18,7 @@ pub mod machine;
 pub mod memory;
 pub mod state;
 pub mod tsc;
+pub mod tsc_exits;
 pub mod vcpu;
 pub mod vm;
 
