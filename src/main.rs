@@ -94,7 +94,7 @@ enum Command {
     Keygen(security::KeygenArgs),
     /// Say whether this host's KVM turns guest TSC reads into exits (the ftvm-rdtsc-exits
     /// module, kmod/): prints `tsc-exits: present` or `tsc-exits: absent: why`.
-    TscProbe,
+    TscProbe(tsc_mode::TscProbeArgs),
 }
 
 #[derive(clap::Args)]
@@ -958,7 +958,7 @@ fn main() -> ExitCode {
         Command::Promote(args) => promote(args),
         Command::Witness(args) => witness(args),
         Command::Keygen(args) => security::keygen(&args).map_err(CliError::Usage),
-        Command::TscProbe => tsc_mode::print_probe(),
+        Command::TscProbe(args) => tsc_mode::print_probe(&args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

@@ -58,8 +58,29 @@ pub(crate) fn for_replay(tsc_exits: bool, vm: &Vm) -> Result<TscMode, CliError> 
     }
 }
 
-/// `ftvm tsc-probe`: prints `tsc-exits: present` or `tsc-exits: absent: why`.
-pub(crate) fn print_probe() -> Result<u8, CliError> {
-    println!("tsc-exits: {}", probe()?);
+/// `ftvm tsc-probe`.
+#[derive(clap::Args)]
+pub(crate) struct TscProbeArgs {
+    /// Also measure, where the module is present, what a TSC-read exit costs next to a
+    /// port-I/O exit: N of each in one throwaway VM.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    measure: Option<u16>,
+}
+
+/// `ftvm tsc-probe`: prints `tsc-exits: present` or `tsc-exits: absent: why`; with
+/// `--measure N` (module present) then `n=… tsc_exit_ns=… pio_exit_ns=… ratio=…`.
+pub(crate) fn print_probe(args: &TscProbeArgs) -> Result<u8, CliError> {
+    let found = probe()?;
+    println!("tsc-exits: {found}");
+    if let (Some(n), Probe::Present) = (args.measure, &found) {
+        let c = ftvm_vmm::tsc_exits::measure(n)?;
+        println!(
+            "n={} tsc_exit_ns={} pio_exit_ns={} ratio={:.2}",
+            c.n,
+            c.tsc_exit.as_nanos(),
+            c.pio_exit.as_nanos(),
+            c.tsc_exit.as_secs_f64() / c.pio_exit.as_secs_f64().max(1e-12)
+        );
+    }
     Ok(0)
 }

@@ -124,50 +124,77 @@ pub fn install(vm: &VmFd) -> Result<(), Error> {
 /// The value the probe answers the guest's RDTSC with.
 const PROBE_ANSWER: u64 = 0x0123_4567_89ab_cdef;
 
+/// Where the throwaway guests' code starts (real mode, CS base 0).
+const ENTRY: u64 = 0x1000;
+
+/// A throwaway VM: one vCPU in real mode at [`ENTRY`] running `code`, with the TSC-exit
+/// filter installed. Field order is drop order: the vCPU and VM close before memory goes.
+struct Throwaway {
+    vcpu: kvm_ioctls::VcpuFd,
+    _vm: VmFd,
+    _memory: crate::memory::GuestMemory,
+}
+
+impl Throwaway {
+    fn new(code: &[u8]) -> Result<Self, Error> {
+        let kvm = crate::vm::open_kvm()?;
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        let memory = crate::memory::create(crate::memory::MIN_MEM_MIB)?;
+        crate::memory::register(&vm, &memory)?;
+        memory
+            .write_slice(code, GuestAddress(ENTRY))
+            .map_err(|e| Error::Device(format!("TSC-exit probe: cannot write its code: {e}")))?;
+        install(&vm)?;
+        let vcpu = vm
+            .create_vcpu(0)
+            .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+        let mut sregs = vcpu
+            .get_sregs()
+            .map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs)
+            .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
+        let regs = kvm_bindings::kvm_regs {
+            rip: ENTRY,
+            rflags: 2,
+            ..Default::default()
+        };
+        vcpu.set_regs(&regs)
+            .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+        Ok(Self {
+            vcpu,
+            _vm: vm,
+            _memory: memory,
+        })
+    }
+}
+
+/// Whether KVM offers MSR exits and filters at all.
+fn msr_exits_offered() -> Result<bool, Error> {
+    let kvm = crate::vm::open_kvm()?;
+    Ok(kvm.check_extension(Cap::X86UserSpaceMsr) && kvm.check_extension(Cap::X86MsrFilter))
+}
+
 /// Whether this host's KVM turns TSC reads into exits: a throwaway VM (one vCPU in real
 /// mode, 16 MiB) runs `rdtsc; mov esi,eax; mov edi,edx; hlt` with the filter installed. With
 /// the module, the RDTSC exits for MSR 0x10 and the guest gets the probe's answer; without
 /// it, the guest reaches HLT and nothing else changes. Errors only where /dev/kvm itself
 /// fails; anything the guest does that is neither outcome is "absent", with what happened.
 pub fn probe() -> Result<Probe, Error> {
-    let kvm = crate::vm::open_kvm()?;
-    if !kvm.check_extension(Cap::X86UserSpaceMsr) || !kvm.check_extension(Cap::X86MsrFilter) {
+    if !msr_exits_offered()? {
         return Ok(Probe::Absent(
             "KVM offers no MSR exits to userspace (KVM_CAP_X86_USER_SPACE_MSR, KVM_CAP_X86_MSR_FILTER)".into(),
         ));
     }
-    let vm = kvm
-        .create_vm()
-        .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
-    let memory = crate::memory::create(crate::memory::MIN_MEM_MIB)?;
-    crate::memory::register(&vm, &memory)?;
     const CODE: [u8; 9] = [0x0f, 0x31, 0x66, 0x89, 0xc6, 0x66, 0x89, 0xd7, 0xf4];
-    const ENTRY: u64 = 0x1000;
-    memory
-        .write_slice(&CODE, GuestAddress(ENTRY))
-        .map_err(|e| Error::Device(format!("TSC-exit probe: cannot write its code: {e}")))?;
-    install(&vm)?;
-    let mut vcpu = vm
-        .create_vcpu(0)
-        .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
-    let mut sregs = vcpu
-        .get_sregs()
-        .map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs)
-        .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
-    let regs = kvm_bindings::kvm_regs {
-        rip: ENTRY,
-        rflags: 2,
-        ..Default::default()
-    };
-    vcpu.set_regs(&regs)
-        .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+    let mut t = Throwaway::new(&CODE)?;
     let mut exits = 0;
     // A handful of entries at most: the code is four instructions.
     for _ in 0..16 {
-        match vcpu.run() {
+        match t.vcpu.run() {
             Ok(VcpuExit::X86Rdmsr(exit)) => {
                 if exit.index != MSR_TSC || exit.reason != MsrExitReason::Filter || exits > 0 {
                     return Ok(Probe::Absent(format!(
@@ -194,7 +221,10 @@ pub fn probe() -> Result<Probe, Error> {
             "RDTSC ran natively under the MSR filter: no ftvm-rdtsc-exits module".into(),
         ));
     }
-    let regs = vcpu.get_regs().map_err(|e| Error::Kvm("KVM_GET_REGS", e))?;
+    let regs = t
+        .vcpu
+        .get_regs()
+        .map_err(|e| Error::Kvm("KVM_GET_REGS", e))?;
     let read = (regs.rdi & 0xffff_ffff) << 32 | (regs.rsi & 0xffff_ffff);
     if read != PROBE_ANSWER {
         return Ok(Probe::Absent(format!(
@@ -202,4 +232,77 @@ pub fn probe() -> Result<Probe, Error> {
         )));
     }
     Ok(Probe::Present)
+}
+
+/// What one exit costs, measured in one throwaway VM (`ftvm tsc-probe --measure N`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExitCosts {
+    /// Exits of each kind.
+    pub n: u16,
+    /// Mean wall time per TSC-read exit (KVM_RUN round trip plus two guest instructions).
+    pub tsc_exit: std::time::Duration,
+    /// Mean wall time per port-write exit, the baseline (same loop, OUT instead of RDTSC).
+    pub pio_exit: std::time::Duration,
+}
+
+/// Measures a TSC-read exit next to a port-I/O exit in the same VM: the guest runs `n`
+/// RDTSCs in a LOOP, then `n` OUTs to port 0x80 in the same kind of loop, then HLT. Each
+/// phase's time runs from its first exit to the next phase's first exit. Needs the module
+/// (an error otherwise: without it the first loop makes no exits).
+pub fn measure(n: u16) -> Result<ExitCosts, Error> {
+    let [lo, hi] = n.to_le_bytes();
+    // mov cx,n; l1: rdtsc; loop l1; mov cx,n; l2: out 0x80,al; loop l2; hlt
+    let code = [
+        0xb9, lo, hi, 0x0f, 0x31, 0xe2, 0xfc, 0xb9, lo, hi, 0xe6, 0x80, 0xe2, 0xfc, 0xf4,
+    ];
+    if n == 0 {
+        return Err(Error::Device(
+            "TSC-exit measure: n must be at least 1".into(),
+        ));
+    }
+    if !msr_exits_offered()? {
+        return Err(Error::Device(
+            "TSC-exit measure: KVM offers no MSR exits to userspace".into(),
+        ));
+    }
+    let mut t = Throwaway::new(&code)?;
+    let (mut tsc_exits, mut pio_exits) = (0u32, 0u32);
+    let (mut first_tsc, mut first_pio) = (None, None);
+    let end = loop {
+        match t.vcpu.run() {
+            Ok(VcpuExit::X86Rdmsr(exit)) if exit.index == MSR_TSC => {
+                first_tsc.get_or_insert_with(std::time::Instant::now);
+                tsc_exits += 1;
+            }
+            Ok(VcpuExit::IoOut(0x80, _)) => {
+                first_pio.get_or_insert_with(std::time::Instant::now);
+                pio_exits += 1;
+            }
+            Ok(VcpuExit::Hlt) => break std::time::Instant::now(),
+            Ok(VcpuExit::Intr) => continue,
+            Ok(other) => {
+                return Err(Error::Device(format!(
+                    "TSC-exit measure: the guest stopped with {other:?}"
+                )))
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => return Err(Error::Kvm("KVM_RUN", e)),
+        }
+    };
+    let (Some(first_tsc), Some(first_pio)) = (first_tsc, first_pio) else {
+        return Err(Error::Device(format!(
+            "TSC-exit measure: {tsc_exits} TSC-read exits and {pio_exits} port exits \
+             (no ftvm-rdtsc-exits module?)"
+        )));
+    };
+    if tsc_exits != u32::from(n) || pio_exits != u32::from(n) {
+        return Err(Error::Device(format!(
+            "TSC-exit measure: {tsc_exits} TSC-read exits and {pio_exits} port exits, not {n} each"
+        )));
+    }
+    Ok(ExitCosts {
+        n,
+        tsc_exit: (first_pio - first_tsc) / u32::from(n),
+        pio_exit: (end - first_pio) / u32::from(n),
+    })
 }
