@@ -47,6 +47,24 @@ pub fn state_digest(vm: &Vm, pages: &[u64], blocks: &[DiskBlock]) -> Result<Dige
     h.update(&encode(&regs));
     h.update(&encode(&sregs));
     h.update(&encode(&devices));
+    if tracing::enabled!(tracing::Level::TRACE) {
+        let short = |b: &[u8]| -> String {
+            blake3::hash(b).as_bytes()[..6]
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect()
+        };
+        tracing::trace!(
+            rip = regs.rip,
+            rax = regs.rax,
+            rdx = regs.rdx,
+            regs = %short(&encode(&regs)),
+            sregs = %short(&encode(&sregs)),
+            devices = %short(&encode(&devices)),
+            pages = pages.len(),
+            "digest parts"
+        );
+    }
     let mut page = vec![0u8; PAGE_SIZE as usize];
     for &pfn in pages {
         vm.memory()
