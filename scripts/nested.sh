@@ -9,7 +9,11 @@
 # the VM's own /dev, /proc, /sys and a writable /tmp (an overlay over the host's); its output
 # comes back on stdout, and the harness exits with the command's exit status.
 #
-#   scripts/nested.sh [--timeout SECS] [--mem MIB] -- COMMAND [ARG...]
+#   scripts/nested.sh [--timeout SECS] [--mem MIB] [--rdtsc-exits] -- COMMAND [ARG...]
+#
+# --rdtsc-exits: L1 loads the ftvm-rdtsc-exits kvm-amd.ko (kmod/, built and cached by
+# kmod/build.sh) instead of Debian's, so guest RDTSC/RDTSCP exit to userspace under an MSR
+# filter that denies reads of MSR 0x10. Its initramfs is cached apart from the stock one.
 #
 # Exit status: the command's; 124 if the VM ran past the timeout (default 600 s); 125 if the
 # harness itself failed (no status line came back from the VM).
@@ -23,16 +27,18 @@ repo="$PWD"
 
 timeout_s=600
 mem_mib=4096
+rdtsc_exits=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --timeout) timeout_s="$2"; shift 2 ;;
         --mem) mem_mib="$2"; shift 2 ;;
+        --rdtsc-exits) rdtsc_exits=1; shift ;;
         --) shift; break ;;
         *) break ;;
     esac
 done
 if [ $# -eq 0 ]; then
-    echo "usage: scripts/nested.sh [--timeout SECS] [--mem MIB] -- COMMAND [ARG...]" >&2
+    echo "usage: scripts/nested.sh [--timeout SECS] [--mem MIB] [--rdtsc-exits] -- COMMAND [ARG...]" >&2
     exit 125
 fi
 
@@ -77,16 +83,25 @@ modules=(
 
 # --- the L1 initramfs ---------------------------------------------------------------------
 initrd="$cache/initramfs-$kver.cpio.gz"
+kvm_amd="$moddir/arch/x86/kvm/kvm-amd.ko"
+if [ -n "$rdtsc_exits" ]; then
+    kmod_out=$("$repo/kmod/build.sh" "$kver") || fail "kmod/build.sh $kver failed"
+    kvm_amd="$kmod_out/kvm-amd.ko"
+    initrd="$cache/initramfs-$kver-rdtsc-exits.cpio.gz"
+fi
 init_src="$repo/scripts/nested-init.sh"
-if [ ! -e "$initrd" ] || [ "$init_src" -nt "$initrd" ] || [ "$0" -nt "$initrd" ]; then
+if [ ! -e "$initrd" ] || [ "$init_src" -nt "$initrd" ] || [ "$0" -nt "$initrd" ] ||
+    [ "$kvm_amd" -nt "$initrd" ]; then
     echo "nested: building the L1 initramfs" >&2
     staging=$(mktemp -d)
     trap 'rm -rf "$staging"' EXIT
     mkdir -p "$staging"/{bin,dev,proc,sys,host,modules,tmp}
     cp /bin/busybox "$staging/bin/busybox"
     for m in "${modules[@]}"; do
-        [ -e "$moddir/$m.ko" ] || fail "module $m.ko missing from $kpkg"
-        cp "$moddir/$m.ko" "$staging/modules/"
+        src="$moddir/$m.ko"
+        [ "$m" = arch/x86/kvm/kvm-amd ] && src="$kvm_amd"
+        [ -e "$src" ] || fail "module $m.ko missing from $kpkg"
+        cp "$src" "$staging/modules/"
         basename "$m" >>"$staging/modules/order"
     done
     cp "$init_src" "$staging/init"

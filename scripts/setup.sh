@@ -17,6 +17,12 @@ command -v mkfs.ext4 >/dev/null || [ -x /sbin/mkfs.ext4 ] || need+=(e2fsprogs)
 command -v objcopy >/dev/null || need+=(binutils)
 # tests/linux.rs unpacks the bzImage's XZ payload into an ELF vmlinux.
 command -v xz >/dev/null || need+=(xz-utils)
+# kmod/build.sh (the ftvm-rdtsc-exits KVM module, scripts/nested.sh --rdtsc-exits): an
+# out-of-tree kernel module build (the kernel's headers and sources it downloads itself).
+command -v make >/dev/null || need+=(make)
+command -v patch >/dev/null || need+=(patch)
+command -v python3 >/dev/null || need+=(python3)
+command -v flock >/dev/null || need+=(util-linux)
 # etcd as the pair's arbiter (tests/etcd.rs, tests/partition.rs, scripts/split-brain-drill.sh).
 command -v etcd >/dev/null || need+=(etcd-server)
 # Partition drills: network namespaces, veth pairs, netem (tests/partition.rs).

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 mod bounds;
 mod security;
+mod tsc_mode;
 use ftvm_primary::{pair, EpochPolicy, Recorder};
 use ftvm_replication::log::{LogFileReader, LogFileWriter};
 use ftvm_replication::{ChannelOptions, Heartbeat, Position};
@@ -92,6 +93,9 @@ enum Command {
     Witness(WitnessArgs),
     /// Make a pair key: both hosts of a pair (and `ftvm status`) are given it with `--key`.
     Keygen(security::KeygenArgs),
+    /// Say whether this host's KVM turns guest TSC reads into exits (the ftvm-rdtsc-exits
+    /// module, kmod/): prints `tsc-exits: present` or `tsc-exits: absent: why`.
+    TscProbe(tsc_mode::TscProbeArgs),
 }
 
 #[derive(clap::Args)]
@@ -259,6 +263,11 @@ struct RunArgs {
     /// hosts where those exits are exact (VMX/SVM); on PVM they make replay diverge.
     #[arg(long)]
     interrupt_windows: bool,
+    /// How a recorded run keeps the guest's TSC reads in step: `auto` logs each one as an
+    /// exit where this host's KVM has the ftvm-rdtsc-exits module (kmod/), exact replay;
+    /// `exits` insists on it; `repair` never uses it. Protected runs repair.
+    #[arg(long, value_enum, default_value = "auto")]
+    tsc: tsc_mode::TscChoice,
     /// Recorded or protected runs: how long (ms of the vCPU thread's CPU time) a due
     /// interrupt may wait for the guest to exit before the vCPU is kicked, which makes the
     /// epoch checkpoint-required. Raise it where exits are slow (nested KVM). Default: 4.
@@ -492,6 +501,11 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
                 .into(),
         ));
     }
+    if args.tsc == tsc_mode::TscChoice::Exits && args.record.is_none() {
+        return Err(CliError::Usage(
+            "--tsc exits applies only to a recorded run (--record); protected runs repair".into(),
+        ));
+    }
     let latency_bound =
         Duration::from_millis(args.latency_bound_ms.unwrap_or(DEFAULT_LATENCY_BOUND_MS));
     if args.interrupt_windows && args.record.is_none() && !paired {
@@ -600,12 +614,14 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             RunEnd::Paused(_) => Ok(0),
         };
     };
-    let header = ftvm_replication::log::build_header(
+    let tsc = tsc_mode::for_run(args.tsc, true, &vm)?;
+    let mut header = ftvm_replication::log::build_header(
         &config,
         vm.cpuid(),
         &vm.machine().disks(),
         policy.interrupt_windows,
     );
+    header.tsc_exits = tsc == ftvm_vmm::tsc_exits::TscMode::Exits;
     let sink = LogFileWriter::create(&path, header).map_err(|source| CliError::CreateLog {
         path: path.clone(),
         source,
@@ -933,6 +949,7 @@ fn replay(args: ReplayArgs) -> Result<u8, CliError> {
     let mut vm = Vm::new(&config)?;
     ftvm_replication::log::check_disks(&header, &vm.machine().disks())
         .map_err(|e| CliError::BadLog(format!("{}: {e}", args.log.display())))?;
+    tsc_mode::for_replay(header.tsc_exits, &vm)?;
     let output: Box<dyn std::io::Write> = if args.show_output {
         Box::new(std::io::stdout())
     } else {
@@ -1029,6 +1046,7 @@ fn main() -> ExitCode {
         Command::Promote(args) => promote(args),
         Command::Witness(args) => witness(args),
         Command::Keygen(args) => security::keygen(&args).map_err(CliError::Usage),
+        Command::TscProbe(args) => tsc_mode::print_probe(&args),
     };
     match result {
         Ok(status) => ExitCode::from(status),

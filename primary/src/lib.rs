@@ -602,6 +602,14 @@ where
                 size: u32::from(*len),
                 value: value.to_vec(),
             }),
+            Exit::TscRead { .. } => {
+                let mut v = [0u8; 8];
+                let n = value.len().min(8);
+                v[..n].copy_from_slice(&value[..n]);
+                Kind::TscRead(log::TscRead {
+                    value: u64::from_le_bytes(v),
+                })
+            }
             _ => return Ok(()),
         };
         self.push(Point::Exit(seq), kind);

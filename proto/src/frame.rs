@@ -338,6 +338,7 @@ pub(crate) mod tests {
             any::<u8>().prop_map(|s| record::Kind::RunEnd(log::RunEnd {
                 stop: Some(log::run_end::Stop::ExitStatus(u32::from(s)))
             })),
+            any::<u64>().prop_map(|v| record::Kind::TscRead(log::TscRead { value: v })),
         ]
     }
 

@@ -17,6 +17,7 @@ pub(crate) fn describe(r: &Record) -> String {
         Some(Kind::Inputs(_)) => "inputs".into(),
         Some(Kind::EpochEnd(e)) => format!("end of epoch {}", e.epoch),
         Some(Kind::RunEnd(_)) => "end of run".into(),
+        Some(Kind::TscRead(_)) => "TSC read".into(),
         None => "empty record".into(),
     };
     if r.at_kick {
@@ -32,6 +33,7 @@ pub(crate) fn describe_exit(e: &Exit) -> String {
         Exit::IoOut { port, size, .. } => format!("PIO write to port {port:#x} size {size}"),
         Exit::MmioRead { addr, len } => format!("MMIO read of {addr:#x} size {len}"),
         Exit::MmioWrite { addr, data } => format!("MMIO write to {addr:#x} size {}", data.len()),
+        Exit::TscRead { .. } => "TSC read".into(),
         other => format!("{other:?}"),
     }
 }

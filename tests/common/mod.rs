@@ -88,8 +88,19 @@ pub fn linux_guest_images() -> (String, String) {
 /// Runs `args` inside the nested-KVM harness (scripts/nested.sh), killed after `timeout_s`;
 /// returns (status, stdout, stderr).
 pub fn nested(args: &[&str], timeout_s: u32) -> (Option<i32>, String, String) {
+    nested_with(&[], args, timeout_s)
+}
+
+/// [`nested`] with harness options before `--` (e.g. `--rdtsc-exits`).
+pub fn nested_with(
+    options: &[&str],
+    args: &[&str],
+    timeout_s: u32,
+) -> (Option<i32>, String, String) {
     let o = Command::new(repo().join("scripts/nested.sh"))
-        .args(["--timeout", &timeout_s.to_string(), "--"])
+        .args(["--timeout", &timeout_s.to_string()])
+        .args(options)
+        .arg("--")
         .args(args)
         .current_dir(repo())
         .output()

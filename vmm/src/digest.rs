@@ -47,13 +47,36 @@ pub fn state_digest(vm: &Vm, pages: &[u64], blocks: &[DiskBlock]) -> Result<Dige
     h.update(&encode(&regs));
     h.update(&encode(&sregs));
     h.update(&encode(&devices));
+    if tracing::enabled!(tracing::Level::TRACE) {
+        let short = |b: &[u8]| -> String {
+            blake3::hash(b).as_bytes()[..6]
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect()
+        };
+        tracing::trace!(
+            rip = regs.rip,
+            rax = regs.rax,
+            rdx = regs.rdx,
+            regs = %short(&encode(&regs)),
+            sregs = %short(&encode(&sregs)),
+            devices = %short(&encode(&devices)),
+            pages = pages.len(),
+            "digest parts"
+        );
+    }
     let mut page = vec![0u8; PAGE_SIZE as usize];
+    let trace = tracing::enabled!(tracing::Level::TRACE);
     for &pfn in pages {
         vm.memory()
             .read_slice(&mut page, GuestAddress(pfn * PAGE_SIZE))
             .map_err(|e| Error::Device(format!("reading dirty page {pfn:#x}: {e}")))?;
         h.update(&pfn.to_le_bytes());
-        h.update(blake3::hash(&page).as_bytes());
+        let ph = blake3::hash(&page);
+        h.update(ph.as_bytes());
+        if trace {
+            tracing::trace!(pfn, hash = %&ph.to_hex()[..12], "dirty page");
+        }
     }
     // Nothing is added for a VM without disk writes: its digest is what it was before disks
     // were covered.

@@ -84,6 +84,20 @@ pub enum Exit {
         /// What the guest wrote.
         data: Vec<u8>,
     },
+    /// RDTSC or RDTSCP, on a host with TSC-read exits ([`crate::tsc_exits`]): `tsc` is the
+    /// value KVM would give the guest; the guest gets what [`VcpuRun::complete_read`] hands
+    /// back (8 bytes, little-endian).
+    TscRead {
+        /// KVM's value.
+        tsc: u64,
+    },
+    /// A guest write to the TSC or TSC_ADJUST, denied by the TSC-exit filter: dropped.
+    TscWrite {
+        /// The MSR.
+        index: u32,
+        /// What the guest wrote.
+        data: u64,
+    },
     /// HLT.
     Hlt,
     /// The interrupt window requested by the VMM opened.
@@ -104,6 +118,7 @@ impl Exit {
         match self {
             Exit::IoIn { size, count, .. } => Some(usize::from(*size) * *count as usize),
             Exit::MmioRead { len, .. } => Some(usize::from(*len)),
+            Exit::TscRead { .. } => Some(8),
             _ => None,
         }
     }
@@ -388,6 +403,17 @@ fn handle_exit<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
             let wants_clock = machine.mmio.uses_clock(*addr);
             deliver_inputs(machine, hook, point, false, wants_clock, inputs)?;
             machine.mmio.write(*addr, data);
+        }
+        Exit::TscRead { tsc } => {
+            deliver_inputs(machine, hook, point, false, false, inputs)?;
+            let mut value = tsc.to_le_bytes();
+            hook.on_read(seq, exit, &mut value)
+                .map_err(RunError::Hook)?;
+            vcpu.complete_read(&value);
+        }
+        Exit::TscWrite { index, data } => {
+            tracing::trace!(index, data, "guest TSC write dropped");
+            deliver_inputs(machine, hook, point, false, false, inputs)?;
         }
         Exit::Hlt | Exit::IrqWindowOpen | Exit::Debug => {
             deliver_inputs(machine, hook, point, false, false, inputs)?;

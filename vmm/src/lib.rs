@@ -20,6 +20,7 @@ pub mod output_stream;
 pub mod state;
 pub mod tap;
 pub mod tsc;
+pub mod tsc_exits;
 pub mod vcpu;
 pub mod vm;
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_debugregs, kvm_interrupt, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs, kvm_vcpu_events,
-    kvm_xcrs, kvm_xsave, Msrs, KVM_EXIT_IO, KVM_EXIT_MMIO,
+    kvm_xcrs, kvm_xsave, Msrs, KVM_EXIT_IO, KVM_EXIT_MMIO, KVM_EXIT_X86_RDMSR,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -322,6 +322,18 @@ impl Vcpu {
                     data: data.to_vec(),
                 }))
             }
+            // Only the TSC-exit filter (crate::tsc_exits) makes MSR exits.
+            Ok(VcpuExit::X86Rdmsr(msr)) if msr.index == crate::tsc_exits::MSR_TSC => {
+                return Ok(RunOutcome::Exit(Exit::TscRead { tsc: *msr.data }))
+            }
+            Ok(VcpuExit::X86Wrmsr(msr)) => {
+                // Completed with no error: KVM skips the WRMSR, the write is dropped.
+                *msr.error = 0;
+                return Ok(RunOutcome::Exit(Exit::TscWrite {
+                    index: msr.index,
+                    data: msr.data,
+                }));
+            }
             Ok(VcpuExit::Hlt) => return Ok(RunOutcome::Exit(Exit::Hlt)),
             Ok(VcpuExit::IrqWindowOpen) => return Ok(RunOutcome::Exit(Exit::IrqWindowOpen)),
             Ok(VcpuExit::Shutdown) => return Ok(RunOutcome::Exit(Exit::Shutdown)),
@@ -407,6 +419,15 @@ impl VcpuRun for Vcpu {
                 let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
                 let len = (mmio.len as usize).min(data.len()).min(8);
                 mmio.data[..len].copy_from_slice(&data[..len]);
+            }
+            KVM_EXIT_X86_RDMSR => {
+                // SAFETY: after KVM_EXIT_X86_RDMSR `msr` is the active union member.
+                let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+                let mut value = [0u8; 8];
+                let len = data.len().min(8);
+                value[..len].copy_from_slice(&data[..len]);
+                msr.data = u64::from_le_bytes(value);
+                msr.error = 0;
             }
             _ => {}
         }

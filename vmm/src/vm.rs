@@ -185,6 +185,13 @@ impl Vm {
         Ok(vm)
     }
 
+    /// Turns every guest TSC read into an exit ([`crate::tsc_exits`]): installs the MSR
+    /// filter on this VM. Only on a host where [`crate::tsc_exits::probe`] finds the module;
+    /// elsewhere the filter changes nothing.
+    pub fn enable_tsc_exits(&self) -> Result<(), Error> {
+        crate::tsc_exits::install(&self.vm_fd)
+    }
+
     /// Runs the guest until it stops or `hook` pauses it.
     pub fn run<H: ExitHook + ?Sized>(
         &mut self,

@@ -27,6 +27,8 @@ pub fn build_header(
     LogHeader {
         format_version: ftvm_proto::FORMAT_VERSION,
         interrupt_windows,
+        // Set by the recorder once it has installed the TSC-exit filter (`tsc_exits`).
+        tsc_exits: false,
         config: Some(ftvm_proto::log::VmConfig {
             mem_mib: config.mem_mib,
             cmdline: config.cmdline.clone(),

@@ -1,0 +1,86 @@
+//! Which TSC mode a run uses (DESIGN.md §2, kmod/README.md): `--tsc` on `ftvm run`, the log
+//! header on `ftvm replay`, and `ftvm tsc-probe`.
+
+use ftvm_vmm::tsc_exits::{probe, Probe, TscMode};
+use ftvm_vmm::vm::Vm;
+
+use crate::CliError;
+
+/// `ftvm run --tsc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum TscChoice {
+    /// Recorded runs take TSC-read exits where this host has them (the ftvm-rdtsc-exits
+    /// module); every other run, and every host without them, repairs.
+    Auto,
+    /// Recorded runs must take TSC-read exits: an error where this host lacks them.
+    Exits,
+    /// Never TSC-read exits.
+    Repair,
+}
+
+/// The mode of a run (`recording`: `--record`) on this host, the filter installed on `vm`
+/// when it is TSC-read exits.
+pub(crate) fn for_run(choice: TscChoice, recording: bool, vm: &Vm) -> Result<TscMode, CliError> {
+    if choice == TscChoice::Repair || !recording {
+        return Ok(TscMode::Repair);
+    }
+    match probe()? {
+        Probe::Present => {
+            vm.enable_tsc_exits()?;
+            tracing::info!("TSC reads are exits: logged and replayed exactly");
+            Ok(TscMode::Exits)
+        }
+        Probe::Absent(why) if choice == TscChoice::Exits => Err(CliError::Usage(format!(
+            "--tsc exits: this host's KVM has no TSC-read exits (kmod/README.md): {why}"
+        ))),
+        Probe::Absent(why) => {
+            tracing::debug!(%why, "no TSC-read exits on this host: repair");
+            Ok(TscMode::Repair)
+        }
+    }
+}
+
+/// A replay of a log recorded with TSC-read exits takes them too (else its exits would not
+/// be the log's): the filter on `vm`, or an error where this host lacks the module.
+pub(crate) fn for_replay(tsc_exits: bool, vm: &Vm) -> Result<TscMode, CliError> {
+    if !tsc_exits {
+        return Ok(TscMode::Repair);
+    }
+    match probe()? {
+        Probe::Present => {
+            vm.enable_tsc_exits()?;
+            Ok(TscMode::Exits)
+        }
+        Probe::Absent(why) => Err(CliError::Usage(format!(
+            "the log was recorded with TSC-read exits, which this host's KVM lacks \
+             (kmod/README.md): {why}"
+        ))),
+    }
+}
+
+/// `ftvm tsc-probe`.
+#[derive(clap::Args)]
+pub(crate) struct TscProbeArgs {
+    /// Also measure, where the module is present, what a TSC-read exit costs next to a
+    /// port-I/O exit: N of each in one throwaway VM.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    measure: Option<u16>,
+}
+
+/// `ftvm tsc-probe`: prints `tsc-exits: present` or `tsc-exits: absent: why`; with
+/// `--measure N` (module present) then `n=… tsc_exit_ns=… pio_exit_ns=… ratio=…`.
+pub(crate) fn print_probe(args: &TscProbeArgs) -> Result<u8, CliError> {
+    let found = probe()?;
+    println!("tsc-exits: {found}");
+    if let (Some(n), Probe::Present) = (args.measure, &found) {
+        let c = ftvm_vmm::tsc_exits::measure(n)?;
+        println!(
+            "n={} tsc_exit_ns={} pio_exit_ns={} ratio={:.2}",
+            c.n,
+            c.tsc_exit.as_nanos(),
+            c.pio_exit.as_nanos(),
+            c.tsc_exit.as_secs_f64() / c.pio_exit.as_secs_f64().max(1e-12)
+        );
+    }
+    Ok(0)
+}
