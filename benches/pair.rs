@@ -69,7 +69,7 @@ mod echo;
 #[path = "pair/failover.rs"]
 mod failover;
 use breakdown::Breakdown;
-use common::{check_counter, mib_per_s, ms, try_free_addr, Failure, Scratch, FTVM};
+use common::{check_counter, mib_per_s, ms, percentile, try_free_addr, Failure, Scratch, FTVM};
 
 /// Protected runs whose audit files give figures 1 and 4.
 const PROTECTED_RUNS: usize = 3;
@@ -233,7 +233,7 @@ fn run() -> Result<(), Failure> {
     println!(
         "    {overlaps} drills where the primary had printed past the standby's start; {ended} where the standby's replay had already reached the guest's end)"
     );
-    failover::print(&steps, percentile);
+    failover::print(&steps);
 
     println!(
         "4. output delay added by the output rule (held_ns of {} verified releases in the runs of 1):",
@@ -1143,11 +1143,4 @@ fn ftvm() -> Command {
 
 fn read_text(path: &Path) -> Result<String, Failure> {
     std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-}
-
-/// Nearest-rank percentile `p` (1..=100) of a non-empty sample (sorts it in place).
-fn percentile(samples: &mut [Duration], p: usize) -> Duration {
-    samples.sort_unstable();
-    let rank = (samples.len() * p).div_ceil(100).max(1);
-    samples[rank.min(samples.len()) - 1]
 }

@@ -19,6 +19,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use super::common::{ms, percentile};
+
 /// The stages, in order, as printed.
 pub const STAGES: [&str; 7] = [
     "output -> closing",
@@ -187,20 +189,9 @@ impl Breakdown {
     }
 }
 
-/// The `p`th percentile (nearest rank) of `samples`, sorted in place; zero when empty.
-fn percentile(samples: &mut [Duration], p: usize) -> Duration {
-    samples.sort_unstable();
-    let rank = (samples.len() * p).div_ceil(100).max(1);
-    samples
-        .get(rank.min(samples.len()).wrapping_sub(1))
-        .copied()
-        .unwrap_or_default()
-}
-
 impl Breakdown {
     /// Prints the table: p50 and p99 of each stage, then of the whole output delay.
     pub fn print_table(&mut self, indent: &str) {
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         for (name, samples) in STAGES.iter().zip(self.stages.iter_mut()) {
             if samples.is_empty() {
                 continue;

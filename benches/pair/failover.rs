@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use crate::common::ms;
+use crate::common::{ms, percentile};
 
 /// CLOCK_MONOTONIC in nanoseconds (the audit trail's clock).
 pub fn monotonic_ns() -> u64 {
@@ -74,7 +74,7 @@ pub fn steps(audit: &str, killed_ns: u64, first_ns: u64) -> Result<Steps, String
 type Step = fn(&Steps) -> Duration;
 
 /// Prints p50/p99 of each step over the drills.
-pub fn print(steps: &[Steps], percentile: fn(&mut [Duration], usize) -> Duration) {
+pub fn print(steps: &[Steps]) {
     println!("   where the failover time goes (from the kill, standby's audit trail):");
     let rows: [(&str, Step); 4] = [
         ("primary's death seen (lost)", |s| s.lost),

@@ -288,6 +288,13 @@ pub fn mib_per_s(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / f64::from(1 << 20) / d.as_secs_f64().max(1e-9)
 }
 
+/// Nearest-rank percentile `p` (1..=100) of a non-empty sample (sorts it in place).
+pub fn percentile(samples: &mut [Duration], p: usize) -> Duration {
+    samples.sort_unstable();
+    let rank = (samples.len() * p).div_ceil(100).max(1);
+    samples[rank.min(samples.len()) - 1]
+}
+
 /// Median of a non-empty sample (sorts it in place).
 pub fn median<T: Ord + Copy>(samples: &mut [T]) -> T {
     samples.sort_unstable();
