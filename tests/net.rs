@@ -91,6 +91,42 @@ fn frames_reach_the_guest_at_exits_its_answers_leave_through_the_tap_and_the_log
     assert!(replayed.ends_with(&want), "replayed output: {replayed}");
 }
 
+/// A protected pair on a fresh loopback address: `ftvm standby --net tap=TAP_B` and `ftvm run
+/// --peer --net tap=TAP_A --cmdline CMDLINE` (the pair key; stdouts piped, the standby's
+/// stderr piped, the primary's dropped). Returns (standby, primary).
+fn spawn_net_pair(tap_a: &str, tap_b: &str, cmdline: &str) -> (Child, Child) {
+    let addr = free_addr();
+    let net_b = format!("tap={tap_b}");
+    let mut standby_args = vec!["standby", "--listen", &addr, "--net", &net_b];
+    standby_args.extend(key_args(&standby_args));
+    let standby = Command::new(FTVM)
+        .args(&standby_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let net_a = format!("tap={tap_a}");
+    let mut primary_args = vec![
+        "run",
+        "--peer",
+        &addr,
+        "--net",
+        &net_a,
+        "--cmdline",
+        cmdline,
+    ];
+    primary_args.extend(key_args(&primary_args));
+    let primary = Command::new(FTVM)
+        .args(&primary_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (standby, primary)
+}
+
 fn run_err(args: &[&str]) -> String {
     let o = Command::new(FTVM)
         .arg("run")
@@ -135,35 +171,7 @@ fn a_protected_guest_answers_through_the_output_rule_and_the_standby_takes_over_
         PacketSocket::open_for(&tap_a.0, 0x86dd),
         PacketSocket::open_for(&tap_b.0, 0x86dd),
     );
-    let addr = free_addr();
-    let net_b = format!("tap={}", tap_b.0);
-    let mut standby_args = vec!["standby", "--listen", &addr, "--net", &net_b];
-    standby_args.extend(key_args(&standby_args));
-    let standby = Command::new(FTVM)
-        .args(&standby_args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let net_a = format!("tap={}", tap_a.0);
-    let mut primary_args = vec![
-        "run",
-        "--peer",
-        &addr,
-        "--net",
-        &net_a,
-        "--cmdline",
-        "workload=netecho n=7",
-    ];
-    primary_args.extend(key_args(&primary_args));
-    let mut primary = Command::new(FTVM)
-        .args(&primary_args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (standby, mut primary) = spawn_net_pair(&tap_a.0, &tap_b.0, "workload=netecho n=7");
     // The ready line is output: it reaches stdout once the standby verified its epoch.
     let _out = wait_ready(&mut primary);
     for i in 0..3 {
@@ -301,39 +309,11 @@ fn kill_drills_on_a_bridge_every_frame_is_answered_in_order() {
         // (bridge-nf-call-iptables), which is not what is tested here.
         let client = PacketSocket::open(&bridge.client);
         client.set_timeout(std::time::Duration::from_millis(20));
-        let addr = free_addr();
-        let net_b = format!("tap={}", tap_b.0);
-        let mut standby_args = vec!["standby", "--listen", &addr, "--net", &net_b];
-        standby_args.extend(key_args(&standby_args));
-        let standby = Command::new(FTVM)
-            .args(&standby_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let net_a = format!("tap={}", tap_a.0);
         // Resends reach the guest too (a frame answered by the killed primary but never
         // released), so it may count more answers than the client needs: it runs on until the
         // test stops it.
-        let cmdline = "workload=netecho n=1000000".to_string();
-        let mut primary_args = vec![
-            "run",
-            "--peer",
-            &addr,
-            "--net",
-            &net_a,
-            "--cmdline",
-            &cmdline,
-        ];
-        primary_args.extend(key_args(&primary_args));
-        let mut primary = Command::new(FTVM)
-            .args(&primary_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let (standby, mut primary) =
+            spawn_net_pair(&tap_a.0, &tap_b.0, "workload=netecho n=1000000");
         let _out = wait_ready(&mut primary);
         let mut sent_total = 0;
         for i in 0..FRAMES {
