@@ -6,8 +6,7 @@
 //! `kill -9` of its primary. These run on PVM with the built-in guest, which never touches
 //! its disk, so the primary's image is the same throughout and each copy must end equal to it.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -123,48 +122,6 @@ fn a_copy_differing_in_a_few_blocks_is_resynced_and_only_those_blocks_cross() {
     assert_same_image(&copy, &disk);
 }
 
-/// A TCP proxy on loopback to `target`: the first connection is cut (both directions shut
-/// down) once `cut_after` bytes went from `target` to the client; later ones pass intact.
-fn cutting_proxy(target: String, cut_after: u64) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = format!("127.0.0.1:{}", l.local_addr().expect("addr").port());
-    std::thread::spawn(move || {
-        for (n, client) in l.incoming().enumerate() {
-            let Ok(client) = client else { return };
-            let Ok(server) = TcpStream::connect(&target) else {
-                return;
-            };
-            let limit = if n == 0 { cut_after } else { u64::MAX };
-            let (mut c2, mut s2) = (
-                client.try_clone().expect("clone"),
-                server.try_clone().expect("clone"),
-            );
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut c2, &mut s2);
-                let _ = s2.shutdown(std::net::Shutdown::Write);
-            });
-            std::thread::spawn(move || {
-                let (mut from, mut to) = (server, client);
-                let mut buf = vec![0u8; 64 * 1024];
-                let mut sent = 0u64;
-                while sent < limit {
-                    let n = match from.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n.min((limit - sent) as usize),
-                    };
-                    if to.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                    sent += n as u64;
-                }
-                let _ = to.shutdown(std::net::Shutdown::Both);
-                let _ = from.shutdown(std::net::Shutdown::Both);
-            });
-        }
-    });
-    addr
-}
-
 /// `ftvm run --accept-standby ADDR --disk DISK` with the counter guest, long enough for a
 /// standby to join and sync.
 fn accepting_primary(accept: &str, disk: &str, ticks: u32) -> Child {
@@ -193,7 +150,7 @@ fn a_resync_cut_midway_resumes_where_it_stopped() {
     std::fs::write(&copy, vec![0u8; blocks as usize * BLOCK]).expect("write copy");
     let accept = free_addr();
     let primary = accepting_primary(&accept, &disk, 300);
-    let proxy = cutting_proxy(accept, 12 << 20);
+    let proxy = common::cutting_proxy(accept, 12 << 20);
     std::thread::sleep(Duration::from_millis(200));
     let standby = Command::new(FTVM)
         .args(["standby", "--join", &proxy, "--disk", &copy])

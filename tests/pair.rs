@@ -1287,53 +1287,6 @@ fn a_silent_standby_is_lost_after_the_heartbeat_timeout() {
     );
 }
 
-/// A TCP proxy on loopback to `target`: the first connection is cut (both directions shut
-/// down) once `cut_after` bytes went from `target` to the client; later ones pass intact.
-fn cutting_proxy(target: String, cut_after: u64) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = format!("127.0.0.1:{}", l.local_addr().expect("addr").port());
-    std::thread::spawn(move || {
-        for (n, client) in l.incoming().enumerate() {
-            let Ok(client) = client else { return };
-            let Ok(server) = TcpStream::connect(&target) else {
-                return;
-            };
-            let limit = if n == 0 { cut_after } else { u64::MAX };
-            let (c2, s2) = (
-                client.try_clone().expect("clone"),
-                server.try_clone().expect("clone"),
-            );
-            std::thread::spawn(move || {
-                let (mut from, mut to) = (c2, s2);
-                let _ = std::io::copy(&mut from, &mut to);
-                let _ = to.shutdown(std::net::Shutdown::Write);
-            });
-            std::thread::spawn(move || {
-                let (mut from, mut to) = (server, client);
-                let mut buf = vec![0u8; 64 * 1024];
-                let mut sent = 0u64;
-                loop {
-                    let n = match from.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    let n = n.min((limit - sent) as usize);
-                    if to.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                    sent += n as u64;
-                    if sent >= limit {
-                        break;
-                    }
-                }
-                let _ = to.shutdown(std::net::Shutdown::Both);
-                let _ = from.shutdown(std::net::Shutdown::Both);
-            });
-        }
-    });
-    addr
-}
-
 #[test]
 fn a_sync_cut_at_random_points_resumes_and_completes() {
     let _one = serial();
@@ -1363,7 +1316,7 @@ fn a_sync_cut_at_random_points_resumes_and_completes() {
             ],
             &[("FTVM_LOG", "info")],
         );
-        let proxy = cutting_proxy(accept.clone(), cut_after);
+        let proxy = common::cutting_proxy(accept.clone(), cut_after);
         // Join once the guest has filled its memory.
         std::thread::sleep(Duration::from_millis(1200));
         let s = spawn(&["standby", "--join", &proxy], &[("FTVM_LOG", "info")]);

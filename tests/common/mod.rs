@@ -1,7 +1,8 @@
 //! What the integration tests (tests/*.rs) and the benchmarks (benches/*.rs) share: the
 //! `ftvm` binary and the repository, the Linux test guest and the nested-KVM harness,
 //! scratch directories, free loopback addresses, the `key=value` fields of ftvm's output
-//! and the replay's summary line, and what the benchmarks need to report.
+//! and the replay's summary line, a TCP proxy that cuts a connection, and what the
+//! benchmarks need to report.
 //!
 //! Tests include it with `mod common;`, benchmarks with
 //! `#[path = "../tests/common/mod.rs"] mod common;`. Cargo builds neither this file nor
@@ -305,4 +306,46 @@ pub fn median<T: Ord + Copy>(samples: &mut [T]) -> T {
 pub fn median_f64(samples: &mut [f64]) -> f64 {
     samples.sort_unstable_by(f64::total_cmp);
     samples[samples.len() / 2]
+}
+
+/// A TCP proxy on loopback to `target`: the first connection is cut (both directions shut
+/// down) once `cut_after` bytes went from `target` to the client; later ones pass intact.
+pub fn cutting_proxy(target: String, cut_after: u64) -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = format!("127.0.0.1:{}", l.local_addr().expect("addr").port());
+    std::thread::spawn(move || {
+        for (n, client) in l.incoming().enumerate() {
+            let Ok(client) = client else { return };
+            let Ok(server) = std::net::TcpStream::connect(&target) else {
+                return;
+            };
+            let limit = if n == 0 { cut_after } else { u64::MAX };
+            let (mut c2, mut s2) = (
+                client.try_clone().expect("clone"),
+                server.try_clone().expect("clone"),
+            );
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut s2);
+                let _ = s2.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let (mut from, mut to) = (server, client);
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut sent = 0u64;
+                while sent < limit {
+                    let n = match std::io::Read::read(&mut from, &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n.min((limit - sent) as usize),
+                    };
+                    if std::io::Write::write_all(&mut to, &buf[..n]).is_err() {
+                        break;
+                    }
+                    sent += n as u64;
+                }
+                let _ = to.shutdown(std::net::Shutdown::Both);
+                let _ = from.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    addr
 }
