@@ -263,9 +263,11 @@ struct RunArgs {
     /// hosts where those exits are exact (VMX/SVM); on PVM they make replay diverge.
     #[arg(long)]
     interrupt_windows: bool,
-    /// How a recorded run keeps the guest's TSC reads in step: `auto` logs each one as an
-    /// exit where this host's KVM has the ftvm-rdtsc-exits module (kmod/), exact replay;
-    /// `exits` insists on it; `repair` never uses it. Protected runs repair.
+    /// How a recorded or protected run keeps the guest's TSC reads in step: `auto` logs each
+    /// one as an exit where this host's KVM has the ftvm-rdtsc-exits module (kmod/), exact
+    /// replay — for a protected run only when the standby's host has it too, else both sides
+    /// repair; `exits` insists on it (a standby without it is refused); `repair` never uses
+    /// it. `ftvm status` says which (`tsc=`).
     #[arg(long, value_enum, default_value = "auto")]
     tsc: tsc_mode::TscChoice,
     /// Recorded or protected runs: how long (ms of the vCPU thread's CPU time) a due
@@ -483,6 +485,7 @@ fn channel_options(args: &PairArgs) -> Result<ChannelOptions, CliError> {
         witness: args.arbiter.config().map_err(CliError::Usage)?,
         primary_after_go_live: false,
         telemetry: ops::start(&args.telemetry)?,
+        tsc_exits: false,
     })
 }
 
@@ -501,9 +504,10 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
                 .into(),
         ));
     }
-    if args.tsc == tsc_mode::TscChoice::Exits && args.record.is_none() {
+    if args.tsc == tsc_mode::TscChoice::Exits && args.record.is_none() && !paired {
         return Err(CliError::Usage(
-            "--tsc exits applies only to a recorded run (--record); protected runs repair".into(),
+            "--tsc exits applies only to a recorded or protected run (--record, --peer or --accept-standby)"
+                .into(),
         ));
     }
     let latency_bound =
@@ -550,12 +554,16 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             Some(addr) => Some(listen(addr)?),
             None => None,
         };
-        let header = ftvm_replication::log::build_header(
+        let mut header = ftvm_replication::log::build_header(
             &config,
             vm.cpuid(),
             &vm.machine().disks(),
             policy.interrupt_windows,
         );
+        let tsc = tsc_mode::offer(args.tsc)?;
+        // Without a standby yet (or none reachable): this host's mode; a standby that joins
+        // later must have it too.
+        header.tsc_exits = tsc != pair::TscOffer::No;
         let timeout = Duration::from_millis(args.connect_timeout_ms);
         let link = match &args.peer {
             None => Err("no standby yet: waiting for one to join".to_string()),
@@ -563,11 +571,12 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
                 match pair::connect_standby(
                     peer,
                     timeout,
-                    header.clone(),
+                    &mut header,
                     &config.kernel,
                     config.initrd.as_deref(),
                     &config.disks,
                     &options,
+                    tsc,
                 ) {
                     Ok(link) => Ok(link),
                     Err(source) if !args.allow_unprotected => {
@@ -584,6 +593,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
                 }
             }
         };
+        tsc_mode::install(header.tsc_exits, &vm)?;
         let roles = Roles {
             header,
             kernel: config.kernel.clone(),
@@ -614,7 +624,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             RunEnd::Paused(_) => Ok(0),
         };
     };
-    let tsc = tsc_mode::for_run(args.tsc, true, &vm)?;
+    let tsc = tsc_mode::for_run(args.tsc, &vm)?;
     let mut header = ftvm_replication::log::build_header(
         &config,
         vm.cpuid(),

@@ -1,7 +1,8 @@
 //! Which TSC mode a run uses (DESIGN.md §2, kmod/README.md): `--tsc` on `ftvm run`, the log
 //! header on `ftvm replay`, and `ftvm tsc-probe`.
 
-use ftvm_vmm::tsc_exits::{probe, Probe, TscMode};
+use ftvm_primary::pair::TscOffer;
+use ftvm_vmm::tsc_exits::{this_host, Probe, TscMode};
 use ftvm_vmm::vm::Vm;
 
 use crate::CliError;
@@ -9,35 +10,56 @@ use crate::CliError;
 /// `ftvm run --tsc`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum TscChoice {
-    /// Recorded runs take TSC-read exits where this host has them (the ftvm-rdtsc-exits
-    /// module); every other run, and every host without them, repairs.
+    /// Recorded and protected runs take TSC-read exits where this host has them (the
+    /// ftvm-rdtsc-exits module) — a protected run only when the standby's host has them
+    /// too; every other run repairs.
     Auto,
-    /// Recorded runs must take TSC-read exits: an error where this host lacks them.
+    /// Recorded and protected runs must take TSC-read exits: an error where this host, or a
+    /// standby's host, lacks them.
     Exits,
     /// Never TSC-read exits.
     Repair,
 }
 
-/// The mode of a run (`recording`: `--record`) on this host, the filter installed on `vm`
-/// when it is TSC-read exits.
-pub(crate) fn for_run(choice: TscChoice, recording: bool, vm: &Vm) -> Result<TscMode, CliError> {
-    if choice == TscChoice::Repair || !recording {
-        return Ok(TscMode::Repair);
+/// The mode of a recorded run (`ftvm run --record`) on this host, the filter installed on
+/// `vm` when it is TSC-read exits.
+pub(crate) fn for_run(choice: TscChoice, vm: &Vm) -> Result<TscMode, CliError> {
+    let exits = match offer(choice)? {
+        TscOffer::No => false,
+        TscOffer::Offered | TscOffer::Required => true,
+    };
+    install(exits, vm)
+}
+
+/// What a protected run's primary offers its standby (`ftvm run --peer|--accept-standby`):
+/// the mode is settled once the standby's host is known ([`install`] then).
+pub(crate) fn offer(choice: TscChoice) -> Result<TscOffer, CliError> {
+    if choice == TscChoice::Repair {
+        return Ok(TscOffer::No);
     }
-    match probe()? {
-        Probe::Present => {
-            vm.enable_tsc_exits()?;
-            tracing::info!("TSC reads are exits: logged and replayed exactly");
-            Ok(TscMode::Exits)
-        }
+    match this_host() {
+        Probe::Present => Ok(match choice {
+            TscChoice::Exits => TscOffer::Required,
+            _ => TscOffer::Offered,
+        }),
         Probe::Absent(why) if choice == TscChoice::Exits => Err(CliError::Usage(format!(
             "--tsc exits: this host's KVM has no TSC-read exits (kmod/README.md): {why}"
         ))),
         Probe::Absent(why) => {
             tracing::debug!(%why, "no TSC-read exits on this host: repair");
-            Ok(TscMode::Repair)
+            Ok(TscOffer::No)
         }
     }
+}
+
+/// Installs the TSC-read filter on `vm` when `exits` (a mode this host was found to have).
+pub(crate) fn install(exits: bool, vm: &Vm) -> Result<TscMode, CliError> {
+    if !exits {
+        return Ok(TscMode::Repair);
+    }
+    vm.enable_tsc_exits()?;
+    tracing::info!("TSC reads are exits: logged and replayed exactly");
+    Ok(TscMode::Exits)
 }
 
 /// A replay of a log recorded with TSC-read exits takes them too (else its exits would not
@@ -46,11 +68,8 @@ pub(crate) fn for_replay(tsc_exits: bool, vm: &Vm) -> Result<TscMode, CliError> 
     if !tsc_exits {
         return Ok(TscMode::Repair);
     }
-    match probe()? {
-        Probe::Present => {
-            vm.enable_tsc_exits()?;
-            Ok(TscMode::Exits)
-        }
+    match this_host() {
+        Probe::Present => install(true, vm),
         Probe::Absent(why) => Err(CliError::Usage(format!(
             "the log was recorded with TSC-read exits, which this host's KVM lacks \
              (kmod/README.md): {why}"
@@ -70,7 +89,7 @@ pub(crate) struct TscProbeArgs {
 /// `ftvm tsc-probe`: prints `tsc-exits: present` or `tsc-exits: absent: why`; with
 /// `--measure N` (module present) then `n=… tsc_exit_ns=… pio_exit_ns=… ratio=…`.
 pub(crate) fn print_probe(args: &TscProbeArgs) -> Result<u8, CliError> {
-    let found = probe()?;
+    let found = this_host().clone();
     println!("tsc-exits: {found}");
     if let (Some(n), Probe::Present) = (args.measure, &found) {
         let c = ftvm_vmm::tsc_exits::measure(n)?;

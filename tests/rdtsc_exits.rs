@@ -154,3 +154,116 @@ fn a_linux_guest_recorded_with_tsc_exits_replays_or_names_its_divergence() {
         divergence.unwrap_or("no divergence")
     );
 }
+
+/// `--tsc exits` on a protected run where this host has no TSC-read exits: refused before
+/// anything starts, with the reason.
+#[test]
+fn tsc_exits_on_a_protected_run_is_refused_on_this_host() {
+    let o = Command::new(FTVM)
+        .args([
+            "run",
+            "--peer",
+            "127.0.0.1:9",
+            "--insecure",
+            "--tsc",
+            "exits",
+        ])
+        .output()
+        .expect("run ftvm");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--tsc exits: this host's KVM has no TSC-read exits"),
+        "{err}"
+    );
+}
+
+/// The pair's TSC mode (issue 18): in one harness boot with the module, the built-in
+/// guest's `rdtsc` workload (whose TSC values decide what it computes and prints) runs
+/// protected three times:
+/// - both sides have TSC-read exits: the pair runs in exact mode (`ftvm status` says
+///   `tsc=exits` on both), every epoch verified with no repair;
+/// - the standby's host has none (`FTVM_TSC_EXITS=off`, what a host without the module
+///   says), the primary left at `--tsc auto`: both sides repair (`tsc=repair`), the TSC
+///   reads make epochs diverge and each is repaired, and the guest's output is whole;
+/// - the same standby, the primary at `--tsc exits`: refused, one clear error, exit 1.
+#[test]
+fn a_pair_uses_tsc_exits_only_when_both_hosts_have_them() {
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let case = |name: &str, standby_env: &str, tsc: &str| {
+        format!(
+            "{standby_env} FTVM_LOG=ftvm_secondary=info {FTVM} standby --listen 127.0.0.1:7000 \
+               --key /tmp/k --control 127.0.0.1:7100 >/tmp/{name}-s.out 2>/tmp/{name}-s.err & sp=$!\n\
+             FTVM_LOG=ftvm=info {FTVM} run --peer 127.0.0.1:7000 --key /tmp/k --tsc {tsc} \
+               --control 127.0.0.1:7101 --cmdline 'workload=rdtsc n=3000' --latency-bound-ms 50 \
+               --connect-timeout-ms 20000 </dev/null >/tmp/{name}-p.out 2>/tmp/{name}-p.err & pp=$!\n\
+             until {FTVM} status 127.0.0.1:7101 --key /tmp/k >/tmp/{name}-p.status 2>/dev/null; do \
+               kill -0 $pp 2>/dev/null || break; sleep 0.1; done\n\
+             {FTVM} status 127.0.0.1:7100 --key /tmp/k >/tmp/{name}-s.status 2>/dev/null\n\
+             wait $pp; echo \"{name}-primary-status=$?\"\n\
+             kill $sp 2>/dev/null; wait $sp\n\
+             echo \"{name}-primary-tsc=$(grep '^tsc=' /tmp/{name}-p.status)\"\n\
+             echo \"{name}-standby-tsc=$(grep '^tsc=' /tmp/{name}-s.status)\"\n\
+             echo \"{name}-lines=$(grep -c '^rdtsc ' /tmp/{name}-p.out)\"\n\
+             echo \"{name}-done=$(grep -c '^done' /tmp/{name}-p.out)\"\n\
+             sed 's/^/{name}-p.err: /' /tmp/{name}-p.err | grep -v 'asking for a repair' | tail -8\n\
+             sed 's/^/{name}-s.err: /' /tmp/{name}-s.err | grep -v 'checkpoint installed\\|asking for a repair' | tail -8\n"
+        )
+    };
+    let script = format!(
+        "busybox ip link set lo up || exit 98\n\
+         {FTVM} keygen --out /tmp/k >/dev/null || exit 98\n\
+         {}{}{}",
+        case("both", "", "auto"),
+        case("fallback", "FTVM_TSC_EXITS=off", "auto"),
+        case("insist", "FTVM_TSC_EXITS=off", "exits"),
+    );
+    let (status, out, err) = nested_with(&["--rdtsc-exits"], &["sh", "-c", &script], 600);
+    let ctx = format!("{out}\n--- harness stderr ---\n{err}");
+    assert_eq!(status, Some(0), "{ctx}");
+    let repairs = |name: &str| -> u64 {
+        let line = out
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!("{name}-p.err:")) && l.contains("protected run complete")
+            })
+            .unwrap_or_else(|| panic!("{name}: no end-of-run line: {ctx}"));
+        common::field(line, "repairs")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: no repairs= in {line}"))
+    };
+    // Both hosts have the module: exact mode, nothing to repair.
+    assert!(out.contains("both-primary-status=0"), "{ctx}");
+    assert!(out.contains("both-primary-tsc=tsc=exits"), "{ctx}");
+    assert!(out.contains("both-standby-tsc=tsc=exits"), "{ctx}");
+    assert!(
+        out.contains("both-lines=3000") && out.contains("both-done=1"),
+        "{ctx}"
+    );
+    assert!(out.contains("replayed exactly from the log"), "{ctx}");
+    assert_eq!(repairs("both"), 0, "{ctx}");
+    // The standby's host has none: both repair, and the TSC reads need repairs.
+    assert!(out.contains("fallback-primary-status=0"), "{ctx}");
+    assert!(out.contains("fallback-primary-tsc=tsc=repair"), "{ctx}");
+    assert!(out.contains("fallback-standby-tsc=tsc=repair"), "{ctx}");
+    assert!(
+        out.contains("the standby's host has no TSC-read exits"),
+        "{ctx}"
+    );
+    assert!(
+        out.contains("fallback-lines=3000") && out.contains("fallback-done=1"),
+        "{ctx}"
+    );
+    assert!(repairs("fallback") > 0, "{ctx}");
+    // --tsc exits insists: refused.
+    assert!(out.contains("insist-primary-status=1"), "{ctx}");
+    assert!(
+        out.contains("--tsc exits, and the standby's host has no TSC-read exits"),
+        "{ctx}"
+    );
+    assert!(out.contains("insist-lines=0"), "{ctx}");
+    eprintln!(
+        "TSC mode of a pair: exact mode 0 repairs; fallback {} repairs",
+        repairs("fallback")
+    );
+}

@@ -68,6 +68,7 @@ fn fake_primary(addr: &str, log: &str, vm_id: &str) -> String {
             // Patient: only the close, never silence, may end this pair.
             heartbeat_interval_ms: 1000,
             heartbeat_timeout_ms: 60_000,
+            ..Default::default()
         })),
     }));
     s.write_all(&hello).expect("hello");

@@ -38,16 +38,18 @@ impl LogSink for ChannelSink {
 /// sends it the VM: the log header, the kernel image and the initrd; then serves the
 /// standby's disk resync from the images at `disks` (only blocks that differ are sent). A
 /// standby that cannot build it (a missing disk copy, one of another size) is
-/// [`ChannelError::Refused`].
+/// [`ChannelError::Refused`]. `header.tsc_exits` comes out as the pair's TSC mode: exits when
+/// `tsc` offers them and the standby's host has them too.
 #[allow(clippy::too_many_arguments)]
 pub fn connect_standby(
     peer: &str,
     timeout: Duration,
-    header: LogHeader,
+    header: &mut LogHeader,
     kernel: &[u8],
     initrd: Option<&[u8]>,
     disks: &[DiskConfig],
     options: &ftvm_replication::ChannelOptions,
+    tsc: TscOffer,
 ) -> Result<Link, ChannelError> {
     let stream = link::connect(peer, timeout)?;
     let me = link::Me {
@@ -56,7 +58,19 @@ pub fn connect_standby(
         security: &options.security,
     };
     let h = link::handshake(stream, peer, me, options.heartbeat)?;
-    let mut start = start_message(header, kernel, initrd, false);
+    // TSC-read exits only where both hosts have them (DESIGN.md §2).
+    header.tsc_exits = tsc != TscOffer::No && h.hello.tsc_exits;
+    if tsc == TscOffer::Required && !h.hello.tsc_exits {
+        return Err(ChannelError::NoTscExits { peer: peer.into() });
+    }
+    if tsc == TscOffer::Offered && !h.hello.tsc_exits {
+        tracing::warn!(
+            peer,
+            "the standby's host has no TSC-read exits: the pair repairs what the TSC makes \
+             diverge (--tsc auto)"
+        );
+    }
+    let mut start = start_message(header.clone(), kernel, initrd, false);
     // With a witness, the standby learns the VM's id there and the term.
     if let Some(w) = &options.witness {
         let t = w.pair_term();
@@ -68,6 +82,18 @@ pub fn connect_standby(
     // it): only then does the guest start, so the standby does not begin the run behind.
     let disks = PrimaryDisks::new(disks.iter().map(|d| d.path.clone()).collect());
     Ok(offer_vm(h, peer, start, &disks)?.0)
+}
+
+/// Whether this primary would run its guest with TSC-read exits (`ftvm run --tsc`, and
+/// whether its host has them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TscOffer {
+    /// This host has none, or `--tsc repair`.
+    No,
+    /// `--tsc auto` on a host that has them: used when the standby's host has them too.
+    Offered,
+    /// `--tsc exits`: a standby whose host lacks them is refused.
+    Required,
 }
 
 /// What a standby is sent first: the VM to build, and whether a sync follows.

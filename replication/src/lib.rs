@@ -66,6 +66,9 @@ pub struct ChannelOptions {
     pub bounds: primary::backpressure::Bounds,
     /// Metrics and the event log (`--metrics`, `--events`), shared by every role.
     pub telemetry: Option<std::sync::Arc<telemetry::Telemetry>>,
+    /// The guest's TSC reads are exits (the primary's log header says so): for `ftvm status`
+    /// on a standby, which learns it from the primary's `Start`.
+    pub tsc_exits: bool,
 }
 
 impl ChannelOptions {
@@ -79,6 +82,7 @@ impl ChannelOptions {
             security: self.security.clone(),
             bounds: self.bounds,
             telemetry: self.telemetry.clone(),
+            tsc_exits: self.tsc_exits,
         })
     }
 }

@@ -55,6 +55,9 @@ pub struct Status {
     pub sync_pages_left: u64,
     /// The heartbeat settings agreed with the peer (ours when there is none).
     pub heartbeat: crate::Heartbeat,
+    /// The guest's TSC reads are exits, logged and replayed exactly (`tsc=exits`); else the
+    /// pair repairs what they make diverge (`tsc=repair`). DESIGN.md §2.
+    pub tsc_exits: bool,
     /// With a witness: the pair's term as this side knows it.
     pub term: Option<u64>,
     /// With a witness: false while a claim could not reach it (the pair asks the witness
@@ -90,6 +93,7 @@ impl std::fmt::Display for Status {
             "heartbeat_timeout_ms={}",
             self.heartbeat.timeout.as_millis()
         )?;
+        writeln!(f, "tsc={}", if self.tsc_exits { "exits" } else { "repair" })?;
         if let Some(term) = self.term {
             writeln!(f, "term={term}")?;
         }

@@ -15,6 +15,7 @@ mod install;
 mod report;
 mod resync;
 pub mod standby;
+mod tsc;
 
 pub use report::{ReplayError, ReplayReport};
 

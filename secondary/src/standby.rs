@@ -248,7 +248,7 @@ pub struct StandbyUi {
 pub fn run_standby(
     rendezvous: Rendezvous<'_>,
     disks: Vec<DiskConfig>,
-    options: ChannelOptions,
+    mut options: ChannelOptions,
     ui: StandbyUi,
     input: Option<Receiver<Vec<u8>>>,
     net: Option<NetRx>,
@@ -269,6 +269,7 @@ pub fn run_standby(
     let arbiters = crate::arbiter::same_arbiter(&start, &options);
     let header = start.header.unwrap_or_default();
     check_version(&header, 0).map_err(StandbyError::Config)?;
+    options.tsc_exits = header.tsc_exits;
     let sync = start.sync;
     let kernel = start.kernel.clone();
     let initrd = (!start.initrd.is_empty()).then_some(start.initrd);
@@ -296,6 +297,7 @@ pub fn run_standby(
             // The guest's TSC counts at the primary's rate, or this host refuses it.
             let khz = header.config.as_ref().map_or(0, |c| c.tsc_khz);
             vm.match_tsc_khz(khz).map_err(StandbyError::Tsc)?;
+            crate::tsc::exits_as_header(&vm, &header)?;
             Ok((vm, config))
         });
     // Copies of the right size and mode: make their contents the primary's disks'.
@@ -462,13 +464,14 @@ pub fn follow(
     kernel: Vec<u8>,
     initrd: Option<Vec<u8>>,
     link: Link,
-    options: ChannelOptions,
+    mut options: ChannelOptions,
     at: Position,
     input: Option<Receiver<Vec<u8>>>,
     net: Option<NetRx>,
     out: impl Write,
 ) -> Result<StandbyEnd, StandbyError> {
     let as_primary = options.primary_after_go_live;
+    options.tsc_exits = header.tsc_exits;
     let channel = StandbyChannel::spawn(link, options).map_err(StandbyError::Thread)?;
     let mut replayer = new_replayer(&channel, &header);
     replayer.restart_after_checkpoint(at);

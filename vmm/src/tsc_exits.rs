@@ -178,6 +178,21 @@ fn msr_exits_offered() -> Result<bool, Error> {
     Ok(kvm.check_extension(Cap::X86UserSpaceMsr) && kvm.check_extension(Cap::X86MsrFilter))
 }
 
+/// [`probe`] once per process (each probe builds a throwaway VM): what the pair handshake
+/// tells the peer and what a run decides from. A probe that fails counts as absent, with the
+/// failure in words. `FTVM_TSC_EXITS=off` in the environment makes this host say absent
+/// without probing: an operator's way to keep a host with the module out of exact mode
+/// (its pairs repair), and how the tests give one host of a pair no TSC-read exits.
+pub fn this_host() -> &'static Probe {
+    static FOUND: std::sync::OnceLock<Probe> = std::sync::OnceLock::new();
+    FOUND.get_or_init(|| {
+        if std::env::var_os("FTVM_TSC_EXITS").is_some_and(|v| v == "off") {
+            return Probe::Absent("turned off by FTVM_TSC_EXITS=off".into());
+        }
+        probe().unwrap_or_else(|e| Probe::Absent(format!("the probe failed: {e}")))
+    })
+}
+
 /// Whether this host's KVM turns TSC reads into exits: a throwaway VM (one vCPU in real
 /// mode, 16 MiB) runs `rdtsc; mov esi,eax; mov edi,edx; hlt` with the filter installed. With
 /// the module, the RDTSC exits for MSR 0x10 and the guest gets the probe's answer; without

@@ -43,6 +43,13 @@ pub enum ChannelError {
         /// Its software string.
         software: String,
     },
+    /// `--tsc exits` on a primary whose standby's host has no TSC-read exits.
+    #[error("refusing the pair with {peer}: --tsc exits, and the standby's host has no TSC-read exits (the ftvm-rdtsc-exits module, kmod/README.md); --tsc auto falls back to repair on both sides")]
+    NoTscExits {
+        /// The peer.
+        peer: String,
+    },
+
     /// The peer runs on another kind of host: a guest cannot be replayed across host kinds
     /// (KVM flavour, CPU vendor), so the pair is refused. Both sides see both hellos, so
     /// both refuse.

@@ -295,6 +295,7 @@ pub fn exchange_hellos(
         host: Some(host.to_proto()),
         heartbeat_interval_ms: millis(heartbeat.interval),
         heartbeat_timeout_ms: millis(heartbeat.timeout),
+        tsc_exits: *ftvm_vmm::tsc_exits::this_host() == ftvm_vmm::tsc_exits::Probe::Present,
     };
     let mut first = CHANNEL_MAGIC.to_vec();
     first.extend_from_slice(&frame::encode(&Message {

@@ -77,6 +77,7 @@ impl PrimaryCore {
             sync_bytes: self.join.progress().map_or(0, |(bytes, _)| bytes),
             sync_pages_left: self.join.progress().map_or(0, |(_, left)| left),
             heartbeat: self.heartbeat,
+            tsc_exits: self.join.start.header.as_ref().is_some_and(|h| h.tsc_exits),
             term: self.arbiter.as_ref().map(|a| a.term),
             arbiter_reachable: self
                 .arbiter

@@ -107,6 +107,8 @@ pub struct StandbyCore {
     pub(super) control: Option<String>,
     /// The witness, if the pair has one.
     pub(super) arbiter: Option<Arbiter>,
+    /// The guest's TSC reads are exits (the primary's header said so), for `ftvm status`.
+    pub(super) tsc_exits: bool,
     pub(super) actions: VecDeque<Action>,
 }
 
@@ -145,8 +147,14 @@ impl StandbyCore {
             shutdown: false,
             control: None,
             arbiter: None,
+            tsc_exits: false,
             actions: VecDeque::new(),
         }
+    }
+
+    /// The guest's TSC reads are exits (`ftvm status` says `tsc=exits`).
+    pub fn set_tsc_exits(&mut self, exits: bool) {
+        self.tsc_exits = exits;
     }
 
     /// The pair has a witness: the VM's id there and the term now. Silence makes this

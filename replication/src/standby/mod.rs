@@ -135,6 +135,7 @@ impl StandbyChannel {
         if syncing {
             core.set_syncing();
         }
+        core.set_tsc_exits(options.tsc_exits);
         // The witness counts only once the primary named the VM there (its Start).
         let witness = options
             .witness

@@ -162,6 +162,7 @@ impl StandbyCore {
             sync_bytes: c.syncing.map_or(0, |(bytes, _)| bytes),
             sync_pages_left: c.syncing.map_or(0, |(_, left)| left),
             heartbeat: self.heartbeat,
+            tsc_exits: self.tsc_exits,
             term: self.arbiter.as_ref().map(|a| a.term),
             arbiter_reachable: self
                 .arbiter

@@ -49,6 +49,7 @@ fn unprotected_primary() -> (PrimaryChannel, Receiver<Vec<u8>>) {
             security: crate::link::Security::Insecure,
             bounds: Default::default(),
             telemetry: None,
+            tsc_exits: false,
         },
         PrimarySetup {
             memory: ftvm_vmm::memory::create(16).expect("guest memory"),
