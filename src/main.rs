@@ -7,20 +7,25 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 mod arbiter_args;
+mod args;
+mod roles;
 
-use clap::{Parser, Subcommand};
+use args::{
+    BenchArgs, Cli, Command, ControlArgs, PairArgs, ReplayArgs, RunArgs, StandbyArgs, WitnessArgs,
+};
+use clap::Parser;
+use roles::{attach_net, Role, Roles};
 
 mod bounds;
 mod security;
 mod tsc_mode;
 use ftvm_primary::{pair, EpochPolicy, Recorder};
 use ftvm_replication::log::{LogFileReader, LogFileWriter};
-use ftvm_replication::{ChannelOptions, Heartbeat, Position};
-use ftvm_secondary::standby::{Rendezvous, StandbyEnd, StandbyUi};
+use ftvm_replication::{ChannelOptions, Heartbeat};
+use ftvm_secondary::standby::{Rendezvous, StandbyUi};
 use ftvm_secondary::{ReplayError, Replayer};
 use ftvm_vmm::devices::StopRequest;
-use ftvm_vmm::live::{spawn_reader, LiveError, LiveHook, NetRx};
-use ftvm_vmm::output_stream::Demux;
+use ftvm_vmm::live::{spawn_reader, LiveError, LiveHook};
 use ftvm_vmm::{RunEnd, RunError, Vm, VmConfig};
 
 mod ops;
@@ -43,7 +48,8 @@ const LINUX_CMDLINE: &str = "console=ttyS0 noapic nolapic reboot=k panic=-1 noka
                              i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
 /// The recorder's default latency bound (`--latency-bound-ms`).
-const DEFAULT_LATENCY_BOUND_MS: u64 = ftvm_primary::DEFAULT_LATENCY_BOUND.as_millis() as u64;
+pub(crate) const DEFAULT_LATENCY_BOUND_MS: u64 =
+    ftvm_primary::DEFAULT_LATENCY_BOUND.as_millis() as u64;
 
 /// Exit status for errors of ftvm itself (the guest's own status is passed through otherwise).
 const STATUS_ERROR: u8 = 1;
@@ -53,248 +59,6 @@ const STATUS_BAD_LOG: u8 = 2;
 /// copy of the guest stopped and never went live (DESIGN.md §5). Above the built-in guest's
 /// own statuses (0–4).
 const STATUS_ABANDONED: u8 = 10;
-
-#[derive(Parser)]
-#[command(
-    name = "ftvm",
-    version,
-    about = "Lockstep fault-tolerant VM pairs on KVM"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run a guest. Its serial console is stdin/stdout; ftvm exits with the guest's status.
-    Run(RunArgs),
-    /// Re-execute a recorded log and check the replayed VM against it at every epoch.
-    Replay(ReplayArgs),
-    /// Wait for a primary (`ftvm run --peer`), replay its guest in lockstep, and go live if
-    /// the primary is lost. Exits with the guest's status.
-    Standby(StandbyArgs),
-    /// Print the status of a pair process through its control socket (`--control`).
-    Status(ops::StatusArgs),
-    /// Planned role swap, no output lost: the standby becomes the primary and the primary
-    /// its standby. ADDR is the primary's control socket (`--control`); returns once the
-    /// swap is done.
-    Switchover(ControlArgs),
-    /// Make a standby that waits for a silent primary go live now, from its last consistent
-    /// point: an operator's decision that the primary is gone (without an arbiter, silence
-    /// never makes a standby live on its own). ADDR is the standby's control socket.
-    Promote(ControlArgs),
-    /// Measure the logging channel between two hosts: on one, `ftvm bench --listen ADDR`; on
-    /// the other, `ftvm bench --peer ADDR` prints ack latency and log throughput over the
-    /// pair channel, each next to raw TCP between the same hosts.
-    Bench(BenchArgs),
-    /// The arbiter of protected pairs (`--witness`): keeps each protected VM's term and its
-    /// holder in FILE, fsynced before it answers, and grants each term once.
-    Witness(WitnessArgs),
-    /// Make a pair key: both hosts of a pair (and `ftvm status`) are given it with `--key`.
-    Keygen(security::KeygenArgs),
-    /// Say whether this host's KVM turns guest TSC reads into exits (the ftvm-rdtsc-exits
-    /// module, kmod/): prints `tsc-exits: present` or `tsc-exits: absent: why`.
-    TscProbe(tsc_mode::TscProbeArgs),
-}
-
-#[derive(clap::Args)]
-#[command(group(clap::ArgGroup::new("side").required(true).args(["listen", "peer"])))]
-struct BenchArgs {
-    /// Answer benchmark connections on this address (host:port) until killed.
-    #[arg(long, value_name = "ADDR")]
-    listen: Option<String>,
-    /// Measure against the responder at this address.
-    #[arg(long, value_name = "ADDR")]
-    peer: Option<String>,
-    /// Round trips per latency figure.
-    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..=1_000_000))]
-    samples: u64,
-    /// Seconds each throughput figure is measured.
-    #[arg(long, default_value_t = 2.0)]
-    seconds: f64,
-    /// Records in a large batch.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
-    records: u64,
-    /// Print one JSON object instead of the table.
-    #[arg(long)]
-    json: bool,
-    #[command(flatten)]
-    security: security::SecurityArgs,
-}
-
-#[derive(clap::Args)]
-struct WitnessArgs {
-    /// Address to answer on (host:port).
-    #[arg(long, value_name = "ADDR")]
-    listen: String,
-    /// The state file (created if missing; kept across restarts).
-    #[arg(long, value_name = "FILE")]
-    state: PathBuf,
-    /// Serve Prometheus metrics at http://ADDR/metrics (requests by outcome, VMs, terms).
-    #[arg(long, value_name = "ADDR")]
-    metrics: Option<String>,
-}
-
-#[derive(clap::Args)]
-struct PairArgs {
-    /// Heartbeat interval in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
-    heartbeat_ms: u64,
-    /// A peer silent this long (milliseconds) is lost. Default: three heartbeat intervals.
-    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
-    heartbeat_timeout_ms: Option<u64>,
-    /// Answer `ftvm status` on this address (host:port).
-    #[arg(long, value_name = "ADDR")]
-    control: Option<String>,
-    #[command(flatten)]
-    arbiter: arbiter_args::ArbiterArgs,
-    #[command(flatten)]
-    security: security::SecurityArgs,
-    #[command(flatten)]
-    bounds: bounds::BoundsArgs,
-    #[command(flatten)]
-    telemetry: ops::TelemetryArgs,
-}
-
-#[derive(clap::Args)]
-#[command(group(clap::ArgGroup::new("rendezvous").required(true).args(["listen", "join"])))]
-struct StandbyArgs {
-    /// Address to wait for the primary on (host:port): a primary started with `--peer`.
-    #[arg(long, value_name = "ADDR")]
-    listen: Option<String>,
-    /// Join a primary that is already running: its `--accept-standby` address. The guest's
-    /// memory is synced while it runs (a progress bar shows on a terminal), then the
-    /// standby follows in lockstep.
-    #[arg(long, value_name = "ADDR")]
-    join: Option<String>,
-    /// With --join: how long to keep trying to reach the primary, in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 10_000, requires = "join")]
-    connect_timeout_ms: u64,
-    /// If this standby becomes the primary (switchover): the latency bound, as for `ftvm run`.
-    #[arg(long, value_name = "MS", default_value_t = DEFAULT_LATENCY_BOUND_MS, value_parser = clap::value_parser!(u64).range(1..))]
-    latency_bound_ms: u64,
-    /// This standby's own copy of each of the primary's disks, in the primary's order
-    /// (PATH, or PATH,ro for a disk the primary attaches read-only): identical to the
-    /// primary's image when the guest starts, the same size and mode. A missing copy, one of
-    /// another size or mode, or another number of disks is refused before the guest starts.
-    #[arg(long, value_name = "PATH[,ro]")]
-    disk: Vec<ftvm_vmm::devices::virtio::block::DiskConfig>,
-    /// This standby's own TAP for the guest's network card, exactly when the primary has
-    /// one (`--net` on one side only is refused at the handshake), with the primary's MAC:
-    /// nothing is sent on it until this standby goes live, which announces the guest there
-    /// with a gratuitous ARP.
-    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
-    net: Option<ftvm_vmm::devices::virtio::net::NetConfig>,
-    /// Once this standby is the primary (it went live, or took over in a switchover),
-    /// accept a new standby here (`ftvm standby --join ADDR`), as `ftvm run
-    /// --accept-standby` does: the guest is re-protected.
-    #[arg(long, value_name = "ADDR")]
-    accept_standby: Option<String>,
-    #[command(flatten)]
-    pair: PairArgs,
-}
-
-/// A pair process's control socket, for `switchover` and `promote`.
-#[derive(clap::Args)]
-struct ControlArgs {
-    /// The control address of a primary or standby (its `--control`).
-    addr: String,
-    #[command(flatten)]
-    security: security::SecurityArgs,
-}
-
-#[derive(clap::Args)]
-struct ReplayArgs {
-    /// The log written by `ftvm run --record`.
-    log: PathBuf,
-    /// The kernel the log was recorded with (default: the built-in test guest).
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    /// The initrd the log was recorded with.
-    #[arg(long, value_name = "FILE")]
-    initrd: Option<PathBuf>,
-    /// The disks the log was recorded with, in the same order: copies of the images as they
-    /// were when the recording started (the replay writes to them as the guest did).
-    #[arg(long, value_name = "PATH[,ro]")]
-    disk: Vec<ftvm_vmm::devices::virtio::block::DiskConfig>,
-    /// Write the replayed guest's serial output to stdout.
-    #[arg(long)]
-    show_output: bool,
-}
-
-#[derive(clap::Args)]
-struct RunArgs {
-    /// Kernel to boot: a Linux bzImage, or an ELF64 vmlinux (default: the built-in test
-    /// guest).
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    /// Initial ramdisk for a Linux kernel.
-    #[arg(long, value_name = "FILE", requires = "kernel")]
-    initrd: Option<PathBuf>,
-    /// Attach a raw disk image as a virtio-mmio block device (Linux: /dev/vda, then vdb…);
-    /// PATH,ro attaches it read-only. Up to four.
-    #[arg(long, value_name = "PATH[,ro]")]
-    disk: Vec<ftvm_vmm::devices::virtio::block::DiskConfig>,
-    /// Kernel command line. Default: "workload=counter ticks=20" for the built-in guest;
-    /// for --kernel: "console=ttyS0 noapic nolapic reboot=k panic=-1 nokaslr pci=off
-    /// i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd tsc_early_khz=<host TSC kHz>
-    /// tsc=reliable clocksource=acpi_pm randomize_kstack_offset=off lpj=<host TSC kHz × 4>"
-    /// (docs/ARCHITECTURE.md says why).
-    #[arg(long)]
-    cmdline: Option<String>,
-    /// Words appended to the kernel command line (the default one or --cmdline), e.g.
-    /// "quiet" or a guest's own options.
-    #[arg(long, value_name = "STR")]
-    append: Option<String>,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = ftvm_vmm::vm::DEFAULT_MEM_MIB)]
-    mem_mib: u64,
-    /// Record the replication log into FILE (replay it with `ftvm replay FILE`).
-    #[arg(long, value_name = "FILE")]
-    record: Option<PathBuf>,
-    /// Give the guest a virtio-mmio network card behind the host TAP device NAME (created if
-    /// no interface has that name; put it on a bridge to reach the guest). MAC: the guest's
-    /// address (default 52:54:00:46:54:01). Received frames are inputs, logged with their
-    /// bytes; transmitted frames are output.
-    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
-    net: Option<ftvm_vmm::devices::virtio::net::NetConfig>,
-    /// When recording, deliver pending interrupts through interrupt-window exits. Only for
-    /// hosts where those exits are exact (VMX/SVM); on PVM they make replay diverge.
-    #[arg(long)]
-    interrupt_windows: bool,
-    /// How a recorded or protected run keeps the guest's TSC reads in step: `auto` logs each
-    /// one as an exit where this host's KVM has the ftvm-rdtsc-exits module (kmod/), exact
-    /// replay — for a protected run only when the standby's host has it too, else both sides
-    /// repair; `exits` insists on it (a standby without it is refused); `repair` never uses
-    /// it. `ftvm status` says which (`tsc=`).
-    #[arg(long, value_enum, default_value = "auto")]
-    tsc: tsc_mode::TscChoice,
-    /// Recorded or protected runs: how long (ms of the vCPU thread's CPU time) a due
-    /// interrupt may wait for the guest to exit before the vCPU is kicked, which makes the
-    /// epoch checkpoint-required. Raise it where exits are slow (nested KVM). Default: 4.
-    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
-    latency_bound_ms: Option<u64>,
-    /// Run protected: the standby (`ftvm standby`) listening at ADDR (host:port) replays the
-    /// guest in lockstep; output is released only once the standby verified it.
-    #[arg(long, value_name = "ADDR", conflicts_with = "record")]
-    peer: Option<String>,
-    /// How long to keep trying to reach the standby, in milliseconds.
-    #[arg(long, value_name = "MS", default_value_t = 10_000, requires = "peer")]
-    connect_timeout_ms: u64,
-    /// With --peer: when the standby cannot be reached or authenticated, run the guest
-    /// unprotected (it can take a standby later with --accept-standby) instead of exiting
-    /// with an error.
-    #[arg(long, requires = "peer")]
-    allow_unprotected: bool,
-    /// Accept a standby joining the running guest (`ftvm standby --join ADDR`) whenever the
-    /// guest is unprotected: started without --peer, or after its standby was lost. The
-    /// standby is synced while the guest runs, then protects it.
-    #[arg(long, value_name = "ADDR", conflicts_with = "record")]
-    accept_standby: Option<String>,
-    #[command(flatten)]
-    pair: PairArgs,
-}
 
 /// A failure of ftvm, reported as one line.
 #[derive(Debug, thiserror::Error)]
@@ -657,158 +421,6 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
     }
 }
 
-/// What a pair process keeps across role changes (`ftvm switchover` swaps primary and
-/// standby on the same connection; each process may change roles several times).
-struct Roles {
-    header: ftvm_proto::log::LogHeader,
-    kernel: Vec<u8>,
-    initrd: Option<Vec<u8>>,
-    options: ChannelOptions,
-    input: Option<crossbeam_channel::Receiver<Vec<u8>>>,
-    accept: Option<TcpListener>,
-    /// The recorder's latency bound whenever this process is the primary.
-    latency_bound: Duration,
-    /// The guest's network card's host side (`--net`): the TAP, and the frames its reader
-    /// thread receives.
-    net: Option<(ftvm_vmm::tap::Tap, NetRx)>,
-}
-
-/// The role a pair process plays now.
-enum Role {
-    /// Recording from `at`, shipping to `link`.
-    Primary {
-        vm: Vm,
-        link: Result<ftvm_replication::Link, String>,
-        at: pair::StartAt,
-    },
-    /// Following the primary on `link` from `at` (the end of the last epoch both verified).
-    Standby {
-        vm: Vm,
-        link: ftvm_replication::Link,
-        at: Position,
-    },
-}
-
-impl Roles {
-    /// Where released guest output goes: stdout, and for a VM with a network card the
-    /// frames to the TAP (the output is then the two-kind stream).
-    fn out(&self) -> Result<Box<dyn std::io::Write + Send>, CliError> {
-        Ok(match &self.net {
-            None => Box::new(std::io::stdout()),
-            Some((tap, _)) => Box::new(Demux::new(
-                std::io::stdout(),
-                tap.try_clone()
-                    .map_err(|e| CliError::Usage(format!("TAP {}: {e}", tap.name())))?,
-            )),
-        })
-    }
-
-    fn net_rx(&self) -> Option<NetRx> {
-        self.net.as_ref().map(|(_, rx)| rx.clone())
-    }
-
-    /// Plays `role`, then whatever role a switchover gives this process, until the guest
-    /// ends. Returns the guest's exit status.
-    fn run(mut self, mut role: Role) -> Result<u8, CliError> {
-        loop {
-            role = match role {
-                Role::Primary { mut vm, link, at } => {
-                    let policy = EpochPolicy {
-                        interrupt_windows: self.header.interrupt_windows,
-                        latency_bound: self.latency_bound,
-                        ..EpochPolicy::default()
-                    };
-                    let options = self.options.try_clone().map_err(CliError::Control)?;
-                    let end = pair::run_primary(
-                        &mut vm,
-                        policy,
-                        link,
-                        options,
-                        pair::start_message(
-                            self.header.clone(),
-                            &self.kernel,
-                            self.initrd.as_deref(),
-                            true,
-                        ),
-                        self.accept.take(),
-                        at,
-                        self.input.clone(),
-                        self.net_rx(),
-                        self.out()?,
-                    )
-                    .map_err(|source| match source {
-                        ftvm_primary::RecordError::Vm(e) => CliError::Vm(e),
-                        ftvm_primary::RecordError::Live(e) => CliError::Live(e),
-                        source => CliError::Record {
-                            path: PathBuf::from("the pair channel"),
-                            source,
-                        },
-                    })?;
-                    match end {
-                        pair::PrimaryEnd::Stopped(stop, report) => {
-                            tracing::info!(
-                                epochs = report.epochs,
-                                verified = report.verified_epoch,
-                                repairs = report.repairs,
-                                syncs = report.syncs,
-                                protected_to_end = report.protected_to_end,
-                                "protected run complete"
-                            );
-                            return Ok(stop_status(stop));
-                        }
-                        pair::PrimaryEnd::HandedOver(h, _) => Role::Standby {
-                            vm,
-                            link: h.link,
-                            at: h.at,
-                        },
-                    }
-                }
-                Role::Standby { vm, link, at } => {
-                    let options = self.options.try_clone().map_err(CliError::Control)?;
-                    let end = ftvm_secondary::standby::follow(
-                        vm,
-                        self.header.clone(),
-                        self.kernel.clone(),
-                        self.initrd.clone(),
-                        link,
-                        options,
-                        at,
-                        self.input.clone(),
-                        self.net_rx(),
-                        self.out()?,
-                    )?;
-                    match self.standby_ended(end) {
-                        Ok(status) => return Ok(status),
-                        Err(role) => *role,
-                    }
-                }
-            };
-        }
-    }
-
-    /// The guest's status when the standby's run is over, or the primary role it took over.
-    fn standby_ended(&mut self, end: StandbyEnd) -> Result<u8, Box<Role>> {
-        match end {
-            StandbyEnd::Completed(stop) | StandbyEnd::WentLive(stop) => Ok(stop_status(stop)),
-            StandbyEnd::TookOver(t) => {
-                let t = *t;
-                self.header = t.header;
-                self.kernel = t.kernel;
-                self.initrd = t.initrd;
-                let at = pair::StartAt {
-                    after: t.at,
-                    clock_ns: t.vm.clock_ns(),
-                };
-                Err(Box::new(Role::Primary {
-                    vm: t.vm,
-                    link: t.link,
-                    at,
-                }))
-            }
-        }
-    }
-}
-
 fn switchover(args: ControlArgs) -> Result<u8, CliError> {
     let key = args.security.security().map_err(CliError::Usage)?;
     let answer = ftvm_replication::status::ask(&args.addr, "switchover", &key)?;
@@ -864,23 +476,6 @@ fn promote(args: ControlArgs) -> Result<u8, CliError> {
     }
     print!("{answer}");
     Ok(0)
-}
-
-/// The host side of a pair process's network card: the TAP and a reader thread on it.
-fn attach_net(
-    tap: Option<ftvm_vmm::tap::Tap>,
-    mac: Option<ftvm_vmm::devices::virtio::net::MacAddr>,
-) -> Result<Option<(ftvm_vmm::tap::Tap, NetRx)>, CliError> {
-    let (Some(tap), Some(mac)) = (tap, mac) else {
-        return Ok(None);
-    };
-    let rx = tap.spawn_reader().map_err(|e| {
-        CliError::Usage(format!(
-            "TAP {}: cannot start its reader thread: {e}",
-            tap.name()
-        ))
-    })?;
-    Ok(Some((tap, NetRx { mac, rx })))
 }
 
 fn standby(args: StandbyArgs) -> Result<u8, CliError> {
