@@ -4,24 +4,18 @@
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crossbeam_channel::Receiver;
-use ftvm_proto::channel::{
-    message::Body, CheckpointEnd, Diverged, HeldOutput, Message, Page, PageHash, Ready, Role,
-    Start, Switchover,
-};
-use ftvm_proto::log::{LogHeader, RecordBatch};
-use ftvm_replication::link::{self, body_name, Handshaken, Me, Security};
-use ftvm_replication::log::{
-    check_net, check_version, config_from_header, from_run_end, logged_mac, LogError, LogSource,
-};
+use ftvm_proto::channel::{message::Body, Diverged, Message, PageHash, Ready, Switchover};
+use ftvm_proto::log::LogHeader;
+use ftvm_replication::link::{self};
+use ftvm_replication::log::{check_net, check_version, config_from_header, logged_mac, LogError};
 use ftvm_replication::standby::{FromReplayer, StandbyChannel, ToReplayer};
 use ftvm_replication::witness::PairTerm;
 use ftvm_replication::{ChannelError, ChannelOptions, Link, Position};
-use ftvm_vmm::devices::virtio::block::{DiskBlock, DiskConfig};
+use ftvm_vmm::devices::virtio::block::DiskConfig;
 use ftvm_vmm::devices::virtio::net::MacAddr;
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::page_hash;
@@ -30,9 +24,18 @@ use ftvm_vmm::memory::PAGE_SIZE;
 use ftvm_vmm::output_stream::{encode, gratuitous_arp, unsolicited_na, KIND_FRAME};
 use ftvm_vmm::{RunEnd, RunError, Vm};
 
-use crate::install::install;
 use crate::resync::{resync_reconnecting, Reconnect, ResyncRecord};
 use crate::{replay, ReplayError, Replayer};
+
+mod meet;
+mod repair;
+mod source;
+mod sync;
+
+use meet::{meet, meet_again};
+use repair::{await_repair, installed, Repair};
+pub use source::{ChannelSource, ReplayedOutput};
+use sync::{receive_sync, SyncProgress};
 
 /// The standby could not protect the guest.
 #[derive(Debug, thiserror::Error)]
@@ -92,99 +95,6 @@ impl From<RunError<LiveError>> for StandbyError {
             RunError::Vm(e) => e.into(),
             RunError::Hook(e) => e.into(),
         }
-    }
-}
-
-/// The log as it streams in from the channel thread.
-pub struct ChannelSource {
-    rx: Receiver<ToReplayer>,
-    batches: u64,
-    lost: Option<String>,
-    /// The pair's rules stopped this standby (`Abandon`, or the primary won the term).
-    stop: Option<StandbyError>,
-    /// The primary handed over its role here: the log ends.
-    switchover: Option<Switchover>,
-}
-
-impl LogSource for ChannelSource {
-    fn next_batch(&mut self) -> Result<Option<RecordBatch>, LogError> {
-        match self.rx.recv() {
-            Ok(ToReplayer::Batch(b)) => {
-                self.batches += 1;
-                Ok(Some(b))
-            }
-            Ok(ToReplayer::PrimaryLost(why)) => {
-                self.lost = Some(why);
-                Ok(None)
-            }
-            Ok(ToReplayer::Abandoned(why)) => {
-                self.stop = Some(StandbyError::Abandoned(why));
-                Ok(None)
-            }
-            Ok(ToReplayer::Fenced(why)) => {
-                self.stop = Some(StandbyError::Fenced(why));
-                Ok(None)
-            }
-            Ok(ToReplayer::Switchover(sw)) => {
-                self.switchover = Some(sw);
-                Ok(None)
-            }
-            Ok(ToReplayer::Pages(_) | ToReplayer::CheckpointEnd { .. }) => {
-                Err(LogError::Malformed {
-                    offset: self.batches,
-                    why: "a checkpoint this standby did not ask for".into(),
-                })
-            }
-            Err(_) => Ok(None),
-        }
-    }
-
-    fn offset(&self) -> u64 {
-        self.batches
-    }
-}
-
-/// The replayed guest's output, kept from the primary's last known release on: after go-live
-/// exactly that part is emitted again.
-pub struct ReplayedOutput {
-    released: Arc<AtomicU64>,
-    /// Output sequence number of `pending[0]`.
-    base: u64,
-    pending: Vec<u8>,
-}
-
-impl ReplayedOutput {
-    fn trim(&mut self) {
-        let released = self.released.load(Ordering::SeqCst);
-        if released > self.base {
-            let n = (released - self.base).min(self.pending.len() as u64);
-            self.pending.drain(..n as usize);
-            self.base += n;
-        }
-    }
-
-    /// Output sequence number of the next byte.
-    pub fn produced(&self) -> u64 {
-        self.base + self.pending.len() as u64
-    }
-
-    /// The output the primary has not reported released: its first sequence number and the
-    /// bytes.
-    pub fn unreleased(&mut self) -> (u64, Vec<u8>) {
-        self.trim();
-        (self.base, std::mem::take(&mut self.pending))
-    }
-}
-
-impl Write for ReplayedOutput {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.pending.extend_from_slice(buf);
-        self.trim();
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -756,308 +666,6 @@ fn finish_completed<W: Write>(
     }
     channel.shutdown();
     Ok(StandbyEnd::Completed(stop))
-}
-
-/// How waiting for a repair ended.
-enum Repair {
-    /// The checkpoint is installed and its digest matched.
-    Installed(CheckpointEnd, HeldOutput),
-    /// The primary was lost first.
-    PrimaryLost(String),
-    /// The pair's rules stopped this standby (abandoned, fenced).
-    Stopped(StandbyError),
-    /// The checkpoint could not be installed.
-    Failed(String),
-}
-
-/// Waits for the repair checkpoint, discarding the log that comes before it (the checkpoint
-/// supersedes it). Its pages are kept aside until its end arrives, so a primary lost in the
-/// middle leaves this VM as it was: able to go live.
-fn await_repair(
-    vm: &mut Vm,
-    replayer: &mut Replayer<ChannelSource, ReplayedOutput>,
-    standby_dirty: &[u64],
-    standby_blocks: &[DiskBlock],
-) -> Repair {
-    let mut pages: Vec<Page> = Vec::new();
-    let mut blocks = Vec::new();
-    loop {
-        match replayer.source.rx.recv() {
-            Ok(ToReplayer::Batch(_)) => {}
-            Ok(ToReplayer::Pages(chunk)) => {
-                pages.extend(chunk.pages);
-                blocks.extend(chunk.blocks);
-            }
-            Ok(ToReplayer::CheckpointEnd { end, held }) => {
-                let received = (&pages[..], &blocks[..]);
-                return match install(vm, received, &end, (standby_dirty, standby_blocks)) {
-                    Ok(()) => Repair::Installed(end, held),
-                    Err(why) => Repair::Failed(why),
-                };
-            }
-            Ok(ToReplayer::PrimaryLost(why)) => return Repair::PrimaryLost(why),
-            Ok(ToReplayer::Abandoned(why)) => return Repair::Stopped(StandbyError::Abandoned(why)),
-            Ok(ToReplayer::Fenced(why)) => return Repair::Stopped(StandbyError::Fenced(why)),
-            Ok(ToReplayer::Switchover(_)) => {
-                return Repair::Failed("the primary handed over its role during a repair".into())
-            }
-            Err(_) => return Repair::PrimaryLost("the channel closed".into()),
-        }
-    }
-}
-
-/// A checkpoint is installed: the log goes on after it, the replayed output is the primary's
-/// up to it, and the primary hears that its epoch is verified. Returns how the guest stopped
-/// if the checkpoint was taken after the end of the run.
-fn installed(
-    vm: &mut Vm,
-    replayer: &mut Replayer<ChannelSource, ReplayedOutput>,
-    channel: &StandbyChannel,
-    (end, held): &(CheckpointEnd, HeldOutput),
-    sync: bool,
-) -> Option<StopRequest> {
-    replayer.restart_after_checkpoint(Position::after_checkpoint(end, held));
-    let output = replayer.output_mut();
-    output.base = held.released_seq;
-    output.pending = held.data.clone();
-    output.trim();
-    tracing::info!(
-        checkpoint = end.checkpoint,
-        epoch = end.epoch,
-        exit_seq = end.exit_seq,
-        pages = end.pages,
-        sync,
-        "checkpoint installed"
-    );
-    channel.tell(FromReplayer::Installed {
-        epoch: end.epoch,
-        exit_seq: end.exit_seq,
-        sync,
-    });
-    debug_assert_eq!(vm.exit_seq().0, end.exit_seq);
-    end.run_end.as_ref().and_then(from_run_end)
-}
-
-/// How far a sync got, kept across reconnects.
-struct SyncProgress {
-    bar: indicatif::ProgressBar,
-    /// The sync's checkpoint id (0 until the first chunk).
-    id: u64,
-    /// Page chunks applied, over all connections.
-    chunks: u64,
-    /// Page bytes received.
-    received: u64,
-    /// Pages of the stop-and-copy received on this connection: the digest covers them.
-    stopped: Vec<u64>,
-    /// Disk blocks of the stop-and-copy received on this connection (written already),
-    /// which the digest covers too.
-    stopped_blocks: Vec<DiskBlock>,
-    last_status: std::time::Instant,
-}
-
-impl SyncProgress {
-    fn new(ui: StandbyUi, mem_mib: u64) -> Self {
-        let bar = if ui.progress {
-            indicatif::ProgressBar::new(mem_mib << 20)
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "syncing {bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        Self {
-            bar,
-            id: 0,
-            chunks: 0,
-            received: 0,
-            stopped: Vec::new(),
-            stopped_blocks: Vec::new(),
-            last_status: std::time::Instant::now(),
-        }
-    }
-}
-
-/// Receives a sync: pre-copy rounds written as they come, then the stop-and-copy checkpoint,
-/// installed and checked.
-fn receive_sync(
-    vm: &mut Vm,
-    channel: &StandbyChannel,
-    progress: &mut SyncProgress,
-) -> Result<(CheckpointEnd, HeldOutput), StandbyError> {
-    // Syncing: a primary lost in any way (silence included) is lost; nothing can go live.
-    channel.tell(FromReplayer::Syncing {
-        bytes: progress.received,
-        remaining_pages: 0,
-    });
-    let inbox = channel.inbox();
-    loop {
-        match inbox.recv() {
-            Ok(ToReplayer::Pages(chunk)) => {
-                if progress.id != chunk.checkpoint {
-                    progress.id = chunk.checkpoint;
-                    progress.chunks = 0;
-                }
-                for p in &chunk.pages {
-                    vm.write_page(p.pfn, &p.data).map_err(StandbyError::Vm)?;
-                    progress.received += PAGE_SIZE;
-                }
-                for b in &chunk.blocks {
-                    let block = DiskBlock {
-                        disk: b.disk,
-                        block: b.block,
-                    };
-                    vm.write_disk_block(block, &b.data)?;
-                    progress.stopped_blocks.push(block);
-                }
-                progress.chunks += 1;
-                if chunk.stopped {
-                    progress.stopped.extend(chunk.pages.iter().map(|p| p.pfn));
-                } else {
-                    // Pre-copy goes on: stopped pages seen so far belonged to a
-                    // stop-and-copy that was abandoned.
-                    progress.stopped.clear();
-                    progress.stopped_blocks.clear();
-                    progress.bar.set_message(format!("round {}", chunk.round));
-                }
-                let bar = &progress.bar;
-                bar.set_length(progress.received + chunk.remaining_pages * PAGE_SIZE);
-                bar.set_position(progress.received);
-                if progress.last_status.elapsed() >= Duration::from_millis(100) {
-                    progress.last_status = std::time::Instant::now();
-                    channel.tell(FromReplayer::Syncing {
-                        bytes: progress.received,
-                        remaining_pages: chunk.remaining_pages,
-                    });
-                }
-            }
-            Ok(ToReplayer::CheckpointEnd { end, held }) => {
-                progress.bar.finish_and_clear();
-                // The stopped pages are in memory already: only the state is installed; the
-                // digest covers the stopped pages.
-                let stopped = std::mem::take(&mut progress.stopped);
-                let blocks = std::mem::take(&mut progress.stopped_blocks);
-                if let Err(why) = install(vm, (&[], &[]), &end, (&stopped, &blocks)) {
-                    channel.tell(FromReplayer::Diverged(Diverged {
-                        epoch: end.epoch,
-                        exit_seq: end.exit_seq,
-                        reason: why.clone(),
-                        checkpoint_failed: true,
-                        ..Default::default()
-                    }));
-                    return Err(StandbyError::Diverged(why));
-                }
-                tracing::warn!(
-                    mib = progress.received >> 20,
-                    epoch = end.epoch,
-                    exit_seq = end.exit_seq,
-                    "synced: following the primary in lockstep"
-                );
-                return Ok((end, held));
-            }
-            Ok(ToReplayer::Batch(_)) => {}
-            Ok(ToReplayer::Switchover(_)) => {
-                return Err(StandbyError::SyncLost(
-                    "the primary handed over its role during the sync".into(),
-                ))
-            }
-            Ok(ToReplayer::PrimaryLost(why)) => return Err(StandbyError::SyncLost(why)),
-            // A standby with no complete copy cannot go live anyway: a joining one reconnects.
-            Ok(ToReplayer::Abandoned(why)) => {
-                return Err(StandbyError::SyncLost(format!(
-                    "the primary abandoned this standby: {why}"
-                )))
-            }
-            Ok(ToReplayer::Fenced(why)) => return Err(StandbyError::Fenced(why)),
-            Err(_) => return Err(StandbyError::SyncLost("the channel closed".into())),
-        }
-    }
-}
-
-/// Meets the primary: accepts or connects, does the handshake, and reads its Start.
-/// Meets the primary again to resume a sync. The primary may not have noticed yet that the
-/// old connection is gone, and turns a second standby away while it thinks one is attached:
-/// a connection closed during the handshake is tried again for a while.
-fn meet_again(
-    rendezvous: &Rendezvous<'_>,
-    heartbeat: ftvm_replication::Heartbeat,
-    security: &Security,
-) -> Result<(Handshaken, String, Start), StandbyError> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut backoff = Duration::from_millis(20);
-    loop {
-        match meet(rendezvous, heartbeat, security) {
-            Err(StandbyError::Channel(
-                e @ (ChannelError::Closed { .. }
-                | ChannelError::ClosedMidFrame { .. }
-                | ChannelError::Auth { .. }),
-            )) if std::time::Instant::now() + backoff < deadline => {
-                tracing::info!("{e}; trying again in {backoff:?}");
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_millis(500));
-            }
-            other => return other,
-        }
-    }
-}
-
-fn meet(
-    rendezvous: &Rendezvous<'_>,
-    heartbeat: ftvm_replication::Heartbeat,
-    security: &Security,
-) -> Result<(Handshaken, String, Start), StandbyError> {
-    match rendezvous {
-        Rendezvous::Listen(listener) => {
-            // Anyone may connect: each connection proves it holds the key (or is dropped)
-            // on its own thread while the standby keeps listening.
-            let security = security.clone();
-            Ok(link::listen::accept_first(
-                listener,
-                move |stream, peer| {
-                    let me = Me {
-                        role: Role::Standby,
-                        initiator: false,
-                        security: &security,
-                    };
-                    greet(stream, peer, me, heartbeat)
-                },
-            )?)
-        }
-        Rendezvous::Join { addr, timeout } => {
-            let me = Me {
-                role: Role::Standby,
-                initiator: true,
-                security,
-            };
-            Ok(greet(
-                link::connect(addr, *timeout)?,
-                addr.clone(),
-                me,
-                heartbeat,
-            )?)
-        }
-    }
-}
-
-/// The handshake with the primary on `stream`, then its `Start`.
-fn greet(
-    stream: std::net::TcpStream,
-    peer: String,
-    me: Me<'_>,
-    heartbeat: ftvm_replication::Heartbeat,
-) -> Result<(Handshaken, String, Start), ChannelError> {
-    let mut h = link::handshake(stream, &peer, me, heartbeat)?;
-    let msg = link::recv_blocking(&mut h.stream, &peer, &mut h.rx_offset)?;
-    let Some(Body::Start(start)) = msg.body else {
-        return Err(ChannelError::Unexpected {
-            peer,
-            expected: "Start",
-            got: body_name(&msg).into(),
-        });
-    };
-    Ok((h, peer, start))
 }
 
 /// Go-live announces the guest on this host's TAP: a gratuitous ARP for its MAC and IPv4
