@@ -21,9 +21,6 @@ use ftvm_replication::etcd::{self, EtcdConfig};
 use ftvm_replication::witness::{Verdict, WitnessError};
 use procs::*;
 
-/// What ftvm exits with when it lost the term and fenced itself.
-const STATUS_FENCED: i32 = ftvm_replication::arbiter::STATUS_FENCED as i32;
-
 const T: Duration = Duration::from_secs(2);
 
 /// The compare-and-swap itself: two clients, each through another member of a three-member
@@ -110,20 +107,11 @@ fn a_killed_primary_fails_over_through_etcd() {
     let dir = Scratch::new("etcd-kill-primary");
     let cluster = Cluster::local(&dir.path_str(""), 1);
     let e = cluster.endpoints();
-    let (addr, sc) = (free_addr(), free_addr());
-    let s = standby(&addr, &sc, &["--etcd", &e], &[]);
-    let mut p = primary(&addr, 300, &["--etcd", &e], &["standby ready"]);
-    p.expect("standby ready");
-    std::thread::sleep(Duration::from_millis(300));
-    let p = p.kill();
-    let s = s.wait(LIMIT);
-    assert_eq!(s.status.code(), Some(0), "standby: {}", s.stderr);
-    assert!(
-        s.stderr.contains("won term 1 at etcd (primary lost: "),
-        "{}",
-        s.stderr
-    );
-    assert_failover_output(&p.stdout, &s.stdout, &s.stderr, 300);
+    let args = ["--etcd", e.as_str()];
+    killed_primary_fails_over(Arbiter {
+        args: &args,
+        name: "etcd",
+    });
 }
 
 /// The primary freezes (silence, not death): the standby wins the term in etcd and goes
@@ -134,36 +122,11 @@ fn stop_and_continue_with_etcd_the_standby_wins_and_the_primary_fences_itself() 
     let dir = Scratch::new("etcd-stop-primary");
     let cluster = Cluster::local(&dir.path_str(""), 1);
     let e = cluster.endpoints();
-    let (addr, sc) = (free_addr(), free_addr());
-    let s = standby(&addr, &sc, &["--etcd", &e], &[]);
-    let mut p = primary(&addr, 300, &["--etcd", &e], &["standby ready"]);
-    p.expect("standby ready");
-    std::thread::sleep(Duration::from_millis(300));
-    p.signal(libc::SIGSTOP);
-    let live = wait_status(&sc, "live", |t| {
-        status_field(t, "role").starts_with("primary")
+    let args = ["--etcd", e.as_str()];
+    stopped_primary_is_fenced(Arbiter {
+        args: &args,
+        name: "etcd",
     });
-    assert!(
-        status_field(&live, "state").contains("won term 1 at etcd"),
-        "{live}"
-    );
-    assert_eq!(status_field(&live, "term"), "1", "{live}");
-    p.signal(libc::SIGCONT);
-    let p = p.wait(LIMIT);
-    let s = s.wait(LIMIT);
-    assert_eq!(
-        p.status.code(),
-        Some(STATUS_FENCED),
-        "primary: {}",
-        p.stderr
-    );
-    assert!(
-        p.stderr.contains("ftvm: fenced: etcd gave term 1 to "),
-        "{}",
-        p.stderr
-    );
-    assert_eq!(s.status.code(), Some(0), "standby: {}", s.stderr);
-    assert_failover_output(&p.stdout, &s.stdout, &s.stderr, 300);
 }
 
 /// etcd that cannot be reached means waiting, on both sides: the standby of a frozen

@@ -14,9 +14,6 @@ use common::{free_addr, Scratch};
 use ftvm_replication::witness::{self, Verdict};
 use procs::*;
 
-/// What ftvm exits with when it lost the term and fenced itself.
-const STATUS_FENCED: i32 = ftvm_replication::arbiter::STATUS_FENCED as i32;
-
 /// `ftvm witness` on `addr` with its state in `state`, once it answers.
 fn start_witness(addr: &str, state: &str) -> Proc {
     let w = spawn(&["witness", "--listen", addr, "--state", state], &[]);
@@ -76,43 +73,13 @@ fn a_restarted_witness_never_grants_a_term_twice() {
 fn stop_and_continue_with_a_witness_the_standby_wins_and_the_primary_fences_itself() {
     let _one = serial();
     let dir = Scratch::new("witness-stop-primary");
-    let (wa, addr, sc) = (free_addr(), free_addr(), free_addr());
+    let wa = free_addr();
     let _w = start_witness(&wa, &dir.path_str("state"));
-    let s = standby(&addr, &sc, &["--witness", &wa], &[]);
-    let mut p = primary(&addr, 300, &["--witness", &wa], &["standby ready"]);
-    p.expect("standby ready");
-    std::thread::sleep(Duration::from_millis(300));
-    p.signal(libc::SIGSTOP);
-    let live = wait_status(&sc, "live", |t| {
-        status_field(t, "role").starts_with("primary")
+    let args = ["--witness", wa.as_str()];
+    stopped_primary_is_fenced(Arbiter {
+        args: &args,
+        name: "the witness",
     });
-    assert!(
-        status_field(&live, "state").contains("won term 1"),
-        "{live}"
-    );
-    assert_eq!(status_field(&live, "term"), "1", "{live}");
-    p.signal(libc::SIGCONT);
-    let p = p.wait(LIMIT);
-    let s = s.wait(LIMIT);
-    assert_eq!(
-        p.status.code(),
-        Some(STATUS_FENCED),
-        "primary: {}",
-        p.stderr
-    );
-    assert!(
-        p.stderr
-            .contains("ftvm: fenced: the witness gave term 1 to "),
-        "{}",
-        p.stderr
-    );
-    assert_eq!(s.status.code(), Some(0), "standby: {}", s.stderr);
-    assert!(
-        s.stderr.contains("won term 1 at the witness"),
-        "{}",
-        s.stderr
-    );
-    assert_failover_output(&p.stdout, &s.stdout, &s.stderr, 300);
 }
 
 /// The standby freezes; the primary wins the term and runs on unprotected; the standby,
@@ -199,22 +166,13 @@ fn an_unreachable_witness_means_waiting() {
 fn a_killed_primary_fails_over_through_the_witness() {
     let _one = serial();
     let dir = Scratch::new("witness-kill-primary");
-    let (wa, addr, sc) = (free_addr(), free_addr(), free_addr());
+    let wa = free_addr();
     let _w = start_witness(&wa, &dir.path_str("state"));
-    let s = standby(&addr, &sc, &["--witness", &wa], &[]);
-    let mut p = primary(&addr, 300, &["--witness", &wa], &["standby ready"]);
-    p.expect("standby ready");
-    std::thread::sleep(Duration::from_millis(300));
-    let p = p.kill();
-    let s = s.wait(LIMIT);
-    assert_eq!(s.status.code(), Some(0), "standby: {}", s.stderr);
-    assert!(
-        s.stderr
-            .contains("won term 1 at the witness (primary lost: "),
-        "{}",
-        s.stderr
-    );
-    assert_failover_output(&p.stdout, &s.stdout, &s.stderr, 300);
+    let args = ["--witness", wa.as_str()];
+    killed_primary_fails_over(Arbiter {
+        args: &args,
+        name: "the witness",
+    });
 }
 
 /// A healthy pair with a witness runs to the end without asking it anything.

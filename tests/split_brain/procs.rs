@@ -354,3 +354,61 @@ pub fn wait_status_while(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// What ftvm exits with when it lost the term and fenced itself.
+pub const STATUS_FENCED: i32 = ftvm_replication::arbiter::STATUS_FENCED as i32;
+
+/// A pair's arbiter as the drills see it: the options that give both sides of a pair that
+/// arbiter, and how ftvm's messages name it ("the witness", "etcd").
+pub struct Arbiter<'a> {
+    pub args: &'a [&'a str],
+    pub name: &'a str,
+}
+
+/// A killed primary (its connection closes) fails over through `arbiter`: the standby wins
+/// term 1 and goes live; a client sees one execution's output.
+pub fn killed_primary_fails_over(arbiter: Arbiter<'_>) {
+    let (addr, sc) = (crate::common::free_addr(), crate::common::free_addr());
+    let s = standby(&addr, &sc, arbiter.args, &[]);
+    let mut p = primary(&addr, 300, arbiter.args, &["standby ready"]);
+    p.expect("standby ready");
+    std::thread::sleep(Duration::from_millis(300));
+    let p = p.kill();
+    let s = s.wait(LIMIT);
+    assert_eq!(s.status.code(), Some(0), "standby: {}", s.stderr);
+    let won = format!("won term 1 at {} (primary lost: ", arbiter.name);
+    assert!(s.stderr.contains(&won), "{}", s.stderr);
+    assert_failover_output(&p.stdout, &s.stdout, &s.stderr, 300);
+}
+
+/// The primary freezes (SIGSTOP: silence, not death): the standby wins term 1 at `arbiter`
+/// and goes live; the primary, let run again, learns it lost the term and fences itself; a
+/// client sees one execution's output.
+pub fn stopped_primary_is_fenced(arbiter: Arbiter<'_>) {
+    let (addr, sc) = (crate::common::free_addr(), crate::common::free_addr());
+    let s = standby(&addr, &sc, arbiter.args, &[]);
+    let mut p = primary(&addr, 300, arbiter.args, &["standby ready"]);
+    p.expect("standby ready");
+    std::thread::sleep(Duration::from_millis(300));
+    p.signal(libc::SIGSTOP);
+    let live = wait_status(&sc, "live", |t| {
+        status_field(t, "role").starts_with("primary")
+    });
+    let won = format!("won term 1 at {}", arbiter.name);
+    assert!(status_field(&live, "state").contains(&won), "{live}");
+    assert_eq!(status_field(&live, "term"), "1", "{live}");
+    p.signal(libc::SIGCONT);
+    let p = p.wait(LIMIT);
+    let s = s.wait(LIMIT);
+    assert_eq!(
+        p.status.code(),
+        Some(STATUS_FENCED),
+        "primary: {}",
+        p.stderr
+    );
+    let fenced = format!("ftvm: fenced: {} gave term 1 to ", arbiter.name);
+    assert!(p.stderr.contains(&fenced), "{}", p.stderr);
+    assert_eq!(s.status.code(), Some(0), "standby: {}", s.stderr);
+    assert!(s.stderr.contains(&won), "{}", s.stderr);
+    assert_failover_output(&p.stdout, &s.stdout, &s.stderr, 300);
+}
