@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_addr, pair_key, FTVM};
+use common::{free_addr, pair_key, status_with_key, wait_for_status_line, FTVM};
 
 static ONE_PAIR_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -48,34 +48,11 @@ fn signal(p: &Proc, sig: libc::c_int) {
     assert_eq!(rc, 0);
 }
 
-fn status(addr: &str) -> String {
-    let o = Command::new(FTVM)
-        .args(["status", addr, "--key", pair_key()])
-        .output()
-        .expect("ftvm status");
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 fn field(text: &str, key: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{key}=")))
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {key} in {text}"))
-}
-
-fn wait_for(addr: &str, line: &str) -> String {
-    let start = Instant::now();
-    loop {
-        let text = status(addr);
-        if text.lines().any(|l| l == line) {
-            return text;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "never {line}:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Resident memory of `pid` in KiB.
@@ -130,14 +107,14 @@ fn a_stopped_standby_slows_the_guest_with_bounded_memory_and_it_resumes() {
         "--max-slowed-ms",
         "600000",
     ]);
-    wait_for(&pc, "protected=yes");
+    wait_for_status_line(&pc, "protected=yes");
     signal(&s, libc::SIGSTOP);
-    let slowed = wait_for(&pc, "slowed=yes");
+    let slowed = wait_for_status_line(&pc, "slowed=yes");
     let rss = rss_kib(&p);
     let epoch = field(&slowed, "epoch");
     // Seconds pass with the standby stopped: the guest waits, nothing piles up.
     std::thread::sleep(Duration::from_secs(3));
-    let later = status(&pc);
+    let later = status_with_key(&pc, pair_key()).unwrap_or_else(|e| e);
     assert!(
         later.contains("slowed=yes\n") && later.contains("protected=yes\n"),
         "{later}"
@@ -180,7 +157,7 @@ fn a_standby_stopped_past_the_second_bound_is_dropped_and_the_guest_finishes_alo
         "--max-slowed-ms",
         "1000",
     ]);
-    wait_for(&pc, "protected=yes");
+    wait_for_status_line(&pc, "protected=yes");
     signal(&s, libc::SIGSTOP);
     let (code, out, err) = finish(p);
     assert_eq!(code, Some(0), "{err}");

@@ -13,7 +13,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_addr, pair_key, FTVM};
+use common::{free_addr, pair_key, status_with_key, wait_for_status_line, FTVM};
 
 static ONE_PAIR_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -97,34 +97,6 @@ fn other_key() -> String {
     path.to_string_lossy().into_owned()
 }
 
-fn status(addr: &str, key: &str) -> Result<String, String> {
-    let o = Command::new(FTVM)
-        .args(["status", addr, "--key", key])
-        .output()
-        .expect("ftvm status");
-    match o.status.success() {
-        true => Ok(String::from_utf8_lossy(&o.stdout).into_owned()),
-        false => Err(String::from_utf8_lossy(&o.stderr).into_owned()),
-    }
-}
-
-/// Polls `ftvm status` until the process says `line`.
-fn wait_for_status(addr: &str, line: &str) -> String {
-    let start = Instant::now();
-    loop {
-        if let Ok(text) = status(addr, pair_key()) {
-            if text.lines().any(|l| l == line) {
-                return text;
-            }
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{addr} never said {line}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn connect_when_up(addr: &str) -> TcpStream {
     let start = Instant::now();
     loop {
@@ -204,7 +176,7 @@ fn an_unauthenticated_client_gets_nothing_and_the_pair_runs_on() {
         "--key",
         key,
     ]);
-    let st = wait_for_status(&pc, "protected=yes");
+    let st = wait_for_status_line(&pc, "protected=yes");
     assert!(st.contains("channel=noise-psk key="), "{st}");
     // A pair client speaking the unencrypted protocol, and a control client asking for the
     // status without a key.
@@ -228,10 +200,10 @@ fn an_unauthenticated_client_gets_nothing_and_the_pair_runs_on() {
         );
     }
     for addr in [&pc, &sc] {
-        let err = status(addr, &other_key()).expect_err("a status with another key");
+        let err = status_with_key(addr, &other_key()).expect_err("a status with another key");
         assert!(err.contains("failed authentication"), "{err}");
     }
-    let st = status(&pc, key).expect("the primary still answers its pair");
+    let st = status_with_key(&pc, key).expect("the primary still answers its pair");
     assert!(st.contains("protected=yes"), "{st}");
     let (o, out, err) = p.wait();
     assert_eq!(o.status.code(), Some(0), "{err}");
@@ -564,7 +536,7 @@ fn a_joining_standby_with_the_wrong_key_is_refused_on_both_sides() {
         err.contains(&format!("{join} failed authentication")),
         "the standby names the primary: {err}"
     );
-    let st = status(&pc, key).expect("the primary answers its own key");
+    let st = status_with_key(&pc, key).expect("the primary answers its own key");
     assert!(st.contains("protected=no"), "{st}");
     let (o, out, err) = p.wait();
     assert_eq!(o.status.code(), Some(0), "{err}");

@@ -349,3 +349,32 @@ pub fn cutting_proxy(target: String, cut_after: u64) -> String {
     });
     addr
 }
+
+/// `ftvm status ADDR --key KEY`: the report, or what ftvm said on stderr.
+pub fn status_with_key(addr: &str, key: &str) -> Result<String, String> {
+    let o = std::process::Command::new(FTVM)
+        .args(["status", addr, "--key", key])
+        .output()
+        .expect("ftvm status");
+    match o.status.success() {
+        true => Ok(String::from_utf8_lossy(&o.stdout).into_owned()),
+        false => Err(String::from_utf8_lossy(&o.stderr).into_owned()),
+    }
+}
+
+/// Polls `ftvm status ADDR` (the pair key) until the process reports the line `line`
+/// (`protected=yes`); panics with the last report after 30 s.
+pub fn wait_for_status_line(addr: &str, line: &str) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let text = status_with_key(addr, pair_key()).unwrap_or_else(|e| e);
+        if text.lines().any(|l| l == line) {
+            return text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{addr} never said {line}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
