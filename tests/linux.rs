@@ -18,7 +18,17 @@ static ONE_VM: Mutex<()> = Mutex::new(());
 
 /// Runs a shell script inside the harness; returns (status, output).
 fn nested_sh(script: &str, timeout_s: u32) -> (Option<i32>, String) {
-    let (status, stdout, stderr) = common::nested(&["sh", "-c", script], timeout_s);
+    nested_sh_in(TscMode::Repair, script, timeout_s)
+}
+
+/// [`nested_sh`] in the harness `mode` needs: with the ftvm-rdtsc-exits module for
+/// [`TscMode::Exits`].
+fn nested_sh_in(mode: TscMode, script: &str, timeout_s: u32) -> (Option<i32>, String) {
+    let harness: &[&str] = match mode {
+        TscMode::Repair => &[],
+        TscMode::Exits => &["--rdtsc-exits"],
+    };
+    let (status, stdout, stderr) = common::nested_with(harness, &["sh", "-c", script], timeout_s);
     (
         status,
         format!("{stdout}\n--- harness stderr ---\n{stderr}"),
@@ -269,13 +279,17 @@ const PAIR_OPTIONS: &str = "--heartbeat-ms 200 --heartbeat-timeout-ms 3000 \
 /// line, both stdouts in hex (`hex-primary=`, `hex-standby=`), whether the two images are
 /// identical, and `copy-checksum NAME SHA256` for the files in the standby's copy
 /// (debugfs), then the standby's stderr.
-fn protected_script(dir: &str, disk: &str, copy: &str, kill: Kill) -> String {
+fn protected_script(dir: &str, disk: &str, copy: &str, kill: Kill, mode: TscMode) -> String {
     let (kernel, initrd) = linux_guest_images();
+    let tsc = match mode {
+        TscMode::Repair => "repair",
+        TscMode::Exits => "exits",
+    };
     let primary = format!(
         "FTVM_LOG=ftvm=info {FTVM} run --peer 127.0.0.1:7000 \
            --connect-timeout-ms 30000 --kernel {kernel} --initrd {initrd} --disk {disk} \
            --mem-mib 256 --latency-bound-ms 50 {PAIR_OPTIONS} --key {dir}/pair.key \
-           >{dir}/p.out 2>{dir}/p.err"
+           --tsc {tsc} >{dir}/p.out 2>{dir}/p.err"
     );
     // The primary runs in the background (`$pp`) while the script watches its output: when
     // the guest's init line appears (`init-at-ms=`), when the primary ends, and the kill.
@@ -284,6 +298,13 @@ fn protected_script(dir: &str, disk: &str, copy: &str, kill: Kill) -> String {
         Kill::DuringWrites => KILL_DURING_WRITES.to_string(),
         Kill::AfterInit { ms } => format!(
             "sleep {}.{:03}; kill -9 $pp && echo killed-primary \
+             && echo \"killed-at-ms=$(( $(date +%s%3N) - t0 ))\"",
+            ms / 1000,
+            ms % 1000
+        ),
+        Kill::AfterWritesBegin { ms } => format!(
+            "until grep -q 'writing the files' $D/p.out; do kill -0 $pp 2>/dev/null || break; sleep 0.05; done\n\
+             sleep {}.{:03}; kill -9 $pp && echo killed-primary \
              && echo \"killed-at-ms=$(( $(date +%s%3N) - t0 ))\"",
             ms / 1000,
             ms % 1000
@@ -301,7 +322,7 @@ fn protected_script(dir: &str, disk: &str, copy: &str, kill: Kill) -> String {
          cp {disk} {copy} || exit 98\n\
          {FTVM} keygen --out {dir}/pair.key >/dev/null || exit 98\n\
          start=$(date +%s)\n\
-         FTVM_LOG=ftvm_secondary::standby=info {FTVM} standby \
+         FTVM_LOG=ftvm_secondary::standby=info,ftvm_secondary::tsc=info {FTVM} standby \
            --listen 127.0.0.1:7000 --disk {copy} {PAIR_OPTIONS} --key {dir}/pair.key \
            >{dir}/s.out 2>{dir}/s.err &\n\
          sp=$!\n\
@@ -320,6 +341,9 @@ fn protected_script(dir: &str, disk: &str, copy: &str, kill: Kill) -> String {
          for f in small.dat medium.dat large.dat; do \
            echo \"copy-checksum $f $(debugfs -R \"cat /$f\" {copy} 2>/dev/null | sha256sum)\"; \
          done\n\
+         echo \"repairs-diverged=$(grep 'asking for a repair' {dir}/s.err | grep -c 'checkpoint_required=false')\"\n\
+         echo \"repairs-checkpoint-required=$(grep 'asking for a repair' {dir}/s.err | grep -c 'checkpoint_required=true')\"\n\
+         grep 'asking for a repair' {dir}/s.err | grep 'checkpoint_required=false' | head -3\n\
          echo '--- standby stderr (repairs) ---'\n\
          grep -c 'checkpoint installed' {dir}/s.err\n\
          grep -v 'checkpoint installed\\|asking for a repair' {dir}/s.err | tail -20\n"
@@ -374,7 +398,10 @@ fn a_protected_linux_guest_keeps_the_standbys_disk_identical() {
     let (dir, disk, expected) = fresh_disk("protected");
     let copy = dir.path_str("copy.img");
     let d = dir.path_str("");
-    let script = format!("D={d}\n{}", protected_script(&d, &disk, &copy, Kill::No));
+    let script = format!(
+        "D={d}\n{}",
+        protected_script(&d, &disk, &copy, Kill::No, TscMode::Repair)
+    );
     let started = std::time::Instant::now();
     let (status, out) = nested_sh(&script, 1200);
     assert_eq!(status, Some(0), "{out}");
@@ -412,6 +439,18 @@ enum Kill {
     DuringWrites,
     /// `ms` after the guest's init line appeared in the primary's released output.
     AfterInit { ms: u64 },
+    /// `ms` after the guest said it begins writing the files (released output).
+    AfterWritesBegin { ms: u64 },
+}
+
+/// How the pair keeps the guest's TSC reads in step (issue 18).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TscMode {
+    /// The stock harness: the TSC is read without exits, repairs heal what it makes differ.
+    Repair,
+    /// The harness with the ftvm-rdtsc-exits module, the primary at `--tsc exits`: every
+    /// TSC read is logged and replayed (exact mode).
+    Exits,
 }
 
 /// How a failover drill ended.
@@ -424,6 +463,10 @@ enum Drill {
         took_s: u64,
         /// ms from the kill to the standby's end (it finished the workload live).
         after_kill: Option<u64>,
+        /// Repairs the standby asked for because an epoch diverged, and because the primary
+        /// had kicked the vCPU (checkpoint-required).
+        diverged: u64,
+        checkpoint_required: u64,
     },
     /// The primary had ended before the kill (a random moment drawn too late), this many
     /// ms after the guest's init line.
@@ -436,11 +479,21 @@ enum Drill {
 /// is the guest's output of one execution with no gap; the standby's copy holds the right
 /// files and a clean file system.
 fn failover_drill(name: &str, kill: Kill) -> Drill {
+    failover_drill_in(TscMode::Repair, name, kill)
+}
+
+/// [`failover_drill`] with the pair's TSC in `mode`.
+fn failover_drill_in(mode: TscMode, name: &str, kill: Kill) -> Drill {
     let (dir, disk, expected) = fresh_disk(name);
     let copy = dir.path_str("copy.img");
     let d = dir.path_str("");
-    let script = format!("D={d}\n{}", protected_script(&d, &disk, &copy, kill));
-    let (status, out) = nested_sh(&script, 1200);
+    let script = format!("D={d}\n{}", protected_script(&d, &disk, &copy, kill, mode));
+    let (status, out) = nested_sh_in(mode, &script, 1200);
+    if mode == TscMode::Exits {
+        // Exact mode on both sides, or the drill proves nothing about it.
+        assert!(out.contains("TSC reads are exits"), "{out}");
+        assert!(out.contains("replayed exactly from the log"), "{out}");
+    }
     assert_eq!(status, Some(0), "{kill:?}: {out}");
     if out.contains("primary-status=0") && !out.contains("killed-primary") {
         assert!(out.contains("standby-status=0"), "{out}");
@@ -457,7 +510,7 @@ fn failover_drill(name: &str, kill: Kill) -> Drill {
     assert!(out.contains("standby-status=0"), "{kill:?}: {out}");
     let primary = hex_field(&out, "hex-primary");
     let standby = hex_field(&out, "hex-standby");
-    if let Kill::DuringWrites = kill {
+    if let Kill::DuringWrites | Kill::AfterWritesBegin { .. } = kill {
         let ptext = String::from_utf8_lossy(&primary).into_owned();
         assert!(
             checksum_lines(&ptext).len() < expected.len(),
@@ -507,6 +560,8 @@ fn failover_drill(name: &str, kill: Kill) -> Drill {
         from,
         took_s: number(&out, "took-s=").unwrap_or(0),
         after_kill,
+        diverged: number(&out, "repairs-diverged=").unwrap_or(0),
+        checkpoint_required: number(&out, "repairs-checkpoint-required=").unwrap_or(0),
     }
 }
 
@@ -546,9 +601,13 @@ fn failovers_during_the_files_workload_finish_it_on_the_standbys_copy() {
             from,
             took_s,
             after_kill,
+            diverged,
+            checkpoint_required,
         } => eprintln!(
             "  {what}: failed over; the primary released {released} bytes, the standby \
-             re-emitted from {from} ({} bytes twice) and ended {} ms after the kill; {took_s} s",
+             re-emitted from {from} ({} bytes twice) and ended {} ms after the kill; {took_s} s; \
+             repairs before the kill: {diverged} diverged, {checkpoint_required} \
+             checkpoint-required",
             released - from,
             after_kill.map_or("?".into(), |m| m.to_string())
         ),
@@ -644,4 +703,33 @@ fn a_standby_joins_a_running_linux_guest_with_a_disk_then_takes_over() {
             .collect::<Vec<_>>()
             .join("; ")
     );
+}
+
+/// Issue 18: a protected pair in exact mode (the harness with the ftvm-rdtsc-exits module,
+/// the primary at `--tsc exits`: every guest TSC read logged and replayed) survives `kill -9`
+/// of its primary while the guest writes its files, with every check of [`failover_drill`]:
+/// the standby finishes the workload on its copy, the right files, one execution's output.
+/// It prints the repairs the standby asked for before the kill, split into diverged epochs
+/// and checkpoint-required ones (README, "Exact replay with the host module").
+#[test]
+fn an_exact_mode_pair_survives_a_kill_during_the_writes() {
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    match failover_drill_in(
+        TscMode::Exits,
+        "exact-writes",
+        Kill::AfterWritesBegin { ms: 1500 },
+    ) {
+        Drill::TooLate { ran_ms } => {
+            panic!("the files were written before the kill ({ran_ms:?} ms after init)")
+        }
+        Drill::FailedOver {
+            diverged,
+            checkpoint_required,
+            took_s,
+            ..
+        } => eprintln!(
+            "exact-mode Linux pair, kill during the writes: failed over; repairs before the \
+             kill: {diverged} diverged, {checkpoint_required} checkpoint-required; {took_s} s"
+        ),
+    }
 }
