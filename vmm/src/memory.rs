@@ -71,13 +71,61 @@ pub fn ram_ranges(mib: u64) -> Result<Vec<(GuestAddress, usize)>, MemoryError> {
     Ok(ranges)
 }
 
-/// Allocates guest memory of `mib` MiB.
+/// Allocates guest memory of `mib` MiB, without transparent huge pages (see
+/// [`no_huge_pages`]).
 pub fn create(mib: u64) -> Result<GuestMemory, MemoryError> {
     let ranges = ram_ranges(mib)?;
-    GuestMemory::from_ranges(&ranges).map_err(|e| MemoryError::Map {
+    let mem = GuestMemory::from_ranges(&ranges).map_err(|e| MemoryError::Map {
         mib,
         why: e.to_string(),
-    })
+    })?;
+    no_huge_pages(&mem)?;
+    Ok(mem)
+}
+
+/// Keeps the host from backing guest memory with transparent huge pages
+/// (`MADV_NOHUGEPAGE`), so that the dirty log says only what the guest did.
+///
+/// KVM maps a guest page writable at its first access, read or write, when the host's own
+/// mapping of it is writable, and a writable mapping in a dirty-logged slot counts as dirty
+/// at once. A page nobody wrote is mapped read-only from the host's zero page, so a guest
+/// read leaves it clean; but a huge page that the host allocated for a neighbour's write
+/// (or that khugepaged collapsed, when it had the time) makes all 512 of its pages writable,
+/// and the guest's first read of any of them marks it dirty. Whether that happened depends
+/// on host timing and fragmentation, so the same guest showed different dirty sets (zero
+/// pages between 512 KiB and 1 MiB that Linux's BIOS-area scans read) in a recording and
+/// its replay, and the first epoch's digests differed (README, "Exact replay with the host
+/// module"). The guest's own mappings in KVM never use huge pages here anyway: dirty
+/// logging splits them.
+fn no_huge_pages(mem: &GuestMemory) -> Result<(), MemoryError> {
+    for region in mem.iter() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| MemoryError::Map {
+                mib: region.len() >> 20,
+                why: e.to_string(),
+            })?;
+        // SAFETY: advice on a mapping `mem` owns, of exactly its length; MADV_NOHUGEPAGE
+        // changes no contents.
+        let rc = unsafe {
+            libc::madvise(
+                host.cast::<libc::c_void>(),
+                region.len() as usize,
+                libc::MADV_NOHUGEPAGE,
+            )
+        };
+        // A kernel without THP support refuses the advice (EINVAL): then there are none.
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(MemoryError::Map {
+                    mib: region.len() >> 20,
+                    why: format!("madvise(MADV_NOHUGEPAGE): {e}"),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// First address past the highest RAM byte.
