@@ -168,6 +168,8 @@ void guest_main(const void *boot_params)
         workload_reset();
     if (str_eq(workload, "netecho"))
         workload_netecho(num_or(opt_n, 3));
+    if (str_eq(workload, "diskread"))
+        workload_diskread(num_or(opt_n, 1));
 
     serial_puts("error: unknown workload ");
     for (size_t i = 0; i < workload.len; i++)

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use ftvm_proto::channel::{CheckpointEnd, Page, PageChunk};
 use ftvm_proto::log::{self, record::Kind, Record, RecordBatch};
 use ftvm_replication::checkpoint::{VcpuPort, VcpuRequest, PAGES_PER_CHUNK};
-use ftvm_replication::log::to_run_end;
+use ftvm_replication::log::{to_disk_read, to_run_end};
 use ftvm_replication::primary::FromVcpu;
-use ftvm_vmm::devices::virtio::block::DiskBlock;
+use ftvm_vmm::devices::virtio::block::{DiskBlock, DiskRead};
 use ftvm_vmm::devices::StopRequest;
 use ftvm_vmm::digest::{epoch_digest, state_digest};
 use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HostView, Kick, Point, RunEnd, RunError};
@@ -646,6 +646,19 @@ where
         self.inner
             .on_net_output(seq, frames)
             .map_err(RecordError::from)
+    }
+
+    fn on_disk_reads(&mut self, seq: ExitSeq, reads: &[DiskRead]) -> Result<(), RecordError> {
+        self.inner.on_disk_reads(seq, reads)?;
+        for read in reads {
+            self.push(Point::Exit(seq), Kind::DiskRead(to_disk_read(read)));
+        }
+        Ok(())
+    }
+
+    /// Every disk read is logged by (disk, sector, length, hash), DESIGN.md §2.
+    fn logs_disk_reads(&self) -> bool {
+        true
     }
 
     fn interrupt_windows(&self) -> bool {
