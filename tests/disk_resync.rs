@@ -324,7 +324,7 @@ fn a_copy_that_changes_while_protected_is_caught_at_the_read_and_repaired() {
     let mut primary = Command::new(FTVM)
         .args(["run", "--peer", &addr, "--disk", &disk])
         .args(common::key_args(&[]))
-        .args(["--cmdline", "workload=diskread n=2"])
+        .args(["--cmdline", "workload=diskread n=2 wait=1"])
         .env("FTVM_LOG", "info")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -340,11 +340,11 @@ fn a_copy_that_changes_while_protected_is_caught_at_the_read_and_repaired() {
         assert!(n > 0, "the primary ended before its wait:\n{seen}");
         seen.push_str(&line);
     }
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
         .write(true)
         .open(&copy)
         .expect("open the copy");
-    std::os::unix::fs::FileExt::write_all_at(&mut f, &[1, 2, 3], 5 * BLOCK as u64 + 1000)
+    std::os::unix::fs::FileExt::write_all_at(&f, &[1, 2, 3], 5 * BLOCK as u64 + 1000)
         .expect("change the copy");
     drop(f);
     let mut stdin = primary.stdin.take().expect("stdin");
