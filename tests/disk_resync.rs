@@ -296,3 +296,82 @@ fn a_read_only_copy_that_differs_is_refused_on_both_sides() {
     }
     assert_eq!(copy_data, std::fs::read(&copy).expect("read copy"));
 }
+
+/// Disk reads are logged as (disk, sector, length, hash) (DESIGN.md §2): a standby whose copy
+/// changes under it while the pair is protected (here between the two passes of the test
+/// guest's `diskread`, 3 bytes of its sixth block) is caught at the read that returns other
+/// data, asks for a repair naming the disk and the sector, and the repair brings the
+/// primary's block over: both exit 0 and the copy ends equal to the primary's disk.
+#[test]
+fn a_copy_that_changes_while_protected_is_caught_at_the_read_and_repaired() {
+    use std::io::Write;
+    let _one = one_at_a_time();
+    let dir = Scratch::new("resync-read");
+    let data = pattern(8);
+    let (disk, copy) = (dir.path_str("disk.img"), dir.path_str("copy.img"));
+    std::fs::write(&disk, &data).expect("write disk");
+    std::fs::write(&copy, &data).expect("write copy");
+    let addr = free_addr();
+    let standby = Command::new(FTVM)
+        .args(["standby", "--listen", &addr, "--disk", &copy])
+        .args(common::key_args(&[]))
+        .env("FTVM_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the standby");
+    let mut primary = Command::new(FTVM)
+        .args(["run", "--peer", &addr, "--disk", &disk])
+        .args(common::key_args(&[]))
+        .args(["--cmdline", "workload=diskread n=2 wait=1"])
+        .env("FTVM_LOG", "info")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the primary");
+    let mut out = BufReader::new(primary.stdout.take().expect("stdout"));
+    let mut seen = String::new();
+    // Released output: the standby has verified the whole first pass when this line shows.
+    while !seen.ends_with("diskread wait\n") {
+        let mut line = String::new();
+        let n = out.read_line(&mut line).expect("read the primary's output");
+        assert!(n > 0, "the primary ended before its wait:\n{seen}");
+        seen.push_str(&line);
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&copy)
+        .expect("open the copy");
+    std::os::unix::fs::FileExt::write_all_at(&f, &[1, 2, 3], 5 * BLOCK as u64 + 1000)
+        .expect("change the copy");
+    drop(f);
+    let mut stdin = primary.stdin.take().expect("stdin");
+    stdin.write_all(b"\n").expect("wake the guest");
+    out.read_to_string(&mut seen).expect("read the rest");
+    let primary = primary.wait_with_output().expect("wait for the primary");
+    drop(stdin);
+    let standby = standby.wait_with_output().expect("wait for the standby");
+    let (perr, serr) = (stderr(&primary), stderr(&standby));
+    assert_eq!(primary.status.code(), Some(0), "primary: {perr}");
+    assert_eq!(standby.status.code(), Some(0), "standby: {serr}");
+    let repair = serr
+        .lines()
+        .find(|l| l.contains("asking for a repair"))
+        .unwrap_or_else(|| panic!("no repair asked for:\n{serr}"));
+    assert!(
+        repair.contains("disk 0 read of 65536 bytes at sector 640 returned other data"),
+        "{repair}"
+    );
+    assert!(perr.contains("protected_to_end=true"), "{perr}");
+    // The guest read the primary's disk both times.
+    let sums: Vec<&str> = seen
+        .lines()
+        .filter_map(|l| l.strip_prefix("pass ")?.split_once(' ').map(|x| x.1))
+        .collect();
+    assert_eq!(sums.len(), 2, "{seen}");
+    assert_eq!(sums[0], sums[1], "{seen}");
+    assert!(seen.ends_with("diskread done\n"), "{seen}");
+    assert_same_image(&copy, &disk);
+}

@@ -112,4 +112,7 @@ NORETURN void workload_reset(void);
 /* ---- netecho.c ---- */
 NORETURN void workload_netecho(uint64_t n);
 
+/* ---- diskread.c ---- */
+NORETURN void workload_diskread(uint64_t passes, bool sum, bool wait);
+
 #endif /* FTVM_GUEST_H */

@@ -104,7 +104,7 @@ void guest_main(const void *boot_params)
 
     /* Options we understand; a later duplicate overrides an earlier one. */
     str_t workload = {0}, opt_ticks = {0}, opt_ms = {0}, opt_n = {0}, opt_count = {0};
-    str_t opt_fill = {0};
+    str_t opt_fill = {0}, opt_sum = {0}, opt_wait = {0};
 
     uint64_t addr = ((uint64_t)read_u32(boot_params, BP_EXT_CMD_LINE_PTR) << 32) |
                     read_u32(boot_params, BP_CMD_LINE_PTR);
@@ -144,6 +144,10 @@ void guest_main(const void *boot_params)
             opt_count = val;
         else if (str_eq(key, "fill"))
             opt_fill = val;
+        else if (str_eq(key, "sum"))
+            opt_sum = val;
+        else if (str_eq(key, "wait"))
+            opt_wait = val;
     }
 
     /* fill=MIB: make MIB MiB of memory from 32 MiB on non-zero before the workload runs
@@ -168,6 +172,9 @@ void guest_main(const void *boot_params)
         workload_reset();
     if (str_eq(workload, "netecho"))
         workload_netecho(num_or(opt_n, 3));
+    if (str_eq(workload, "diskread"))
+        workload_diskread(num_or(opt_n, 1), num_or(opt_sum, 1) != 0,
+                          num_or(opt_wait, 0) != 0);
 
     serial_puts("error: unknown workload ");
     for (size_t i = 0; i < workload.len; i++)

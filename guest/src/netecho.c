@@ -10,72 +10,15 @@
  * "netecho done" at the end. The card is the first virtio-mmio slot (no
  * --disk): 0xd0000000, IRQ 5.
  */
-#include "guest.h"
+#include "virtio.h"
 
-#define VNET_BASE       0xd0000000ul
+#define VNET_BASE       VIRTIO_BASE
 #define IRQ_VNET        5
 #define NETECHO_TYPE    0x88b5      /* IEEE 802 local experimental EtherType 1 */
 
-/* virtio-mmio registers (virtio 1.2, 4.2.2). */
-#define R_MAGIC         0x000
-#define R_VERSION       0x004
-#define R_DEVICE_ID     0x008
-#define R_DRV_FEAT      0x020
-#define R_DRV_FEAT_SEL  0x024
-#define R_QUEUE_SEL     0x030
-#define R_QUEUE_NUM     0x038
-#define R_QUEUE_READY   0x044
-#define R_QUEUE_NOTIFY  0x050
-#define R_INT_STATUS    0x060
-#define R_INT_ACK       0x064
-#define R_STATUS        0x070
-#define R_DESC_LO       0x080
-#define R_DESC_HI       0x084
-#define R_AVAIL_LO      0x090
-#define R_AVAIL_HI      0x094
-#define R_USED_LO       0x0a0
-#define R_USED_HI       0x0a4
-#define R_CONFIG        0x100
-
-#define S_ACK           1
-#define S_DRIVER        2
-#define S_DRIVER_OK     4
-#define S_FEATURES_OK   8
-
-#define QSIZE           16
+#define QSIZE           VQ_SIZE
 #define BUF_SIZE        2048
 #define HDR_LEN         12          /* virtio_net_hdr_v1 */
-#define F_WRITE         2
-
-struct desc {
-    uint64_t addr;
-    uint32_t len;
-    uint16_t flags;
-    uint16_t next;
-};
-
-struct avail {
-    uint16_t flags;
-    uint16_t idx;
-    uint16_t ring[QSIZE];
-};
-
-struct used_elem {
-    uint32_t id;
-    uint32_t len;
-};
-
-struct used {
-    uint16_t flags;
-    uint16_t idx;
-    struct used_elem ring[QSIZE];
-};
-
-struct queue {
-    struct desc desc[QSIZE] __attribute__((aligned(4096)));
-    struct avail avail __attribute__((aligned(4096)));
-    struct used used __attribute__((aligned(4096)));
-};
 
 static struct queue rxq, txq;
 static uint8_t rx_buf[QSIZE][BUF_SIZE] __attribute__((aligned(4096)));
@@ -95,8 +38,6 @@ static inline uint8_t r8(uint64_t off)
 {
     return *(volatile uint8_t *)(uintptr_t)(VNET_BASE + off);
 }
-
-static inline void barrier(void) { __asm__ volatile("" : : : "memory"); }
 
 static void setup_queue(uint32_t index, struct queue *q)
 {

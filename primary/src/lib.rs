@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 use ftvm_proto::channel::{CheckpointEnd, Page, PageChunk};
 use ftvm_proto::log::{self, record::Kind, Record, RecordBatch};
 use ftvm_replication::checkpoint::{VcpuPort, VcpuRequest, PAGES_PER_CHUNK};
-use ftvm_replication::log::to_run_end;
+use ftvm_replication::log::{to_disk_read, to_run_end};
 use ftvm_replication::primary::FromVcpu;
-use ftvm_vmm::devices::virtio::block::DiskBlock;
+use ftvm_vmm::devices::virtio::block::{DiskBlock, DiskRead};
 use ftvm_vmm::devices::StopRequest;
-use ftvm_vmm::digest::{epoch_digest, state_digest};
+use ftvm_vmm::digest::{epoch_digest, state_digest_with};
 use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HostView, Kick, Point, RunEnd, RunError};
 use ftvm_vmm::live::LiveError;
 use ftvm_vmm::memory::{is_zero_page, PAGE_SIZE};
@@ -217,6 +217,8 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         let dirty_now = vm.take_dirty_pages()?;
         let blocks_now = vm.take_dirty_blocks();
         let mut differ = Vec::new();
+        // Page hashes the repair's filter computed, reused by the checkpoint digest.
+        let mut known = std::collections::BTreeMap::new();
         let (send, covered, blocks) = match &request {
             VcpuRequest::Repair {
                 from_epoch,
@@ -238,6 +240,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
                 }
                 let plan = repair::plan_pages(vm, pages, standby_dirty)?;
                 differ = plan.differ;
+                known = plan.hashes;
                 (
                     plan.send,
                     plan.covered,
@@ -290,7 +293,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         let block_bytes = repair::send_blocks(vm, id, &blocks, &port.feed)?;
         let state = vm.save()?;
         repair::log_differing(&differ, &state);
-        let digest = state_digest(vm, &covered, &blocks.covered)?;
+        let digest = state_digest_with(vm, &covered, &blocks.covered, &known)?;
         let sync = matches!(request, VcpuRequest::StopAndCopy { .. });
         let run_end = run_end.map(to_run_end);
         let sent = send.len();
@@ -646,6 +649,19 @@ where
         self.inner
             .on_net_output(seq, frames)
             .map_err(RecordError::from)
+    }
+
+    fn on_disk_reads(&mut self, seq: ExitSeq, reads: &[DiskRead]) -> Result<(), RecordError> {
+        self.inner.on_disk_reads(seq, reads)?;
+        for read in reads {
+            self.push(Point::Exit(seq), Kind::DiskRead(to_disk_read(read)));
+        }
+        Ok(())
+    }
+
+    /// Every disk read is logged by (disk, sector, length, hash), DESIGN.md §2.
+    fn logs_disk_reads(&self) -> bool {
+        true
     }
 
     fn interrupt_windows(&self) -> bool {

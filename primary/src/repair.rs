@@ -38,6 +38,9 @@ pub(crate) struct PagePlan {
     pub covered: Vec<u64>,
     /// Dirtied by both sides with different contents: where the replays diverged.
     pub differ: Vec<u64>,
+    /// The hash of every page the plan read (those the standby reported), for the
+    /// checkpoint digest: the vCPU stays stopped until it is computed, so they still hold.
+    pub hashes: BTreeMap<u64, PageDigest>,
 }
 
 /// Plans the pages of a repair: `mine`, the pages the primary dirtied since the boundary,
@@ -52,10 +55,13 @@ pub(crate) fn plan_pages(
     let mut page = vec![0u8; PAGE_SIZE as usize];
     let mut send = Vec::new();
     let mut differ = Vec::new();
+    let mut hashes = BTreeMap::new();
     for &pfn in &covered {
         if let Some(hash) = theirs.get(&pfn) {
             vm.read_page(pfn, &mut page)?;
-            if ftvm_vmm::digest::hash(&page) == *hash {
+            let mine = ftvm_vmm::digest::hash(&page);
+            hashes.insert(pfn, mine);
+            if mine == *hash {
                 continue;
             }
             differ.push(pfn);
@@ -66,6 +72,7 @@ pub(crate) fn plan_pages(
         send,
         covered: covered.into_iter().collect(),
         differ,
+        hashes,
     })
 }
 

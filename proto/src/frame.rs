@@ -339,6 +339,20 @@ pub(crate) mod tests {
                 stop: Some(log::run_end::Stop::ExitStatus(u32::from(s)))
             })),
             any::<u64>().prop_map(|v| record::Kind::TscRead(log::TscRead { value: v })),
+            (
+                any::<u32>(),
+                any::<u64>(),
+                any::<u32>(),
+                proptest::collection::vec(any::<u8>(), 32)
+            )
+                .prop_map(|(disk, sector, length, hash)| record::Kind::DiskRead(
+                    log::DiskRead {
+                        disk,
+                        sector,
+                        length,
+                        hash,
+                    }
+                )),
         ]
     }
 

@@ -29,8 +29,9 @@ pub mod packed;
 
 /// The log format this build writes and reads. Version 2: epoch digests also cover the disk
 /// blocks the guest wrote in the epoch. Version 3: a batch's records travel as one packed
-/// block ([`packed`]).
-pub const FORMAT_VERSION: u32 = 3;
+/// block ([`packed`]). Version 4: every disk read is logged as a `DiskRead` (disk, sector,
+/// length, hash), which the replayer checks against its own copy.
+pub const FORMAT_VERSION: u32 = 4;
 
 /// First bytes of a log file.
 pub const LOG_MAGIC: &[u8; 8] = b"FTVMLOG\0";
@@ -45,8 +46,9 @@ pub const LOG_MAGIC: &[u8; 8] = b"FTVMLOG\0";
 /// (`Diverged.dirty_blocks`, `PageChunk.blocks`), and digests cover them. Version 6: the
 /// disk resync between `Start` and `Ready` (`DiskHashes`, `DiskBlocks`), and a sync's
 /// stop-and-copy carries disk blocks. Version 7: a batch's records travel as one packed block
-/// ([`packed`]).
-pub const PROTOCOL_VERSION: u32 = 7;
+/// ([`packed`]). Version 8: the log carries `DiskRead` records (log format 4), which a
+/// standby checks against its own copy of each disk.
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// The witness protocol this build speaks.
 pub const WITNESS_VERSION: u32 = 1;

@@ -18,6 +18,13 @@ pub(crate) fn describe(r: &Record) -> String {
         Some(Kind::EpochEnd(e)) => format!("end of epoch {}", e.epoch),
         Some(Kind::RunEnd(_)) => "end of run".into(),
         Some(Kind::TscRead(_)) => "TSC read".into(),
+        Some(Kind::DiskRead(d)) => format!(
+            "disk {} read of {} bytes at sector {} (hash {})",
+            d.disk,
+            d.length,
+            d.sector,
+            hex(&d.hash[..8.min(d.hash.len())])
+        ),
         None => "empty record".into(),
     };
     if r.at_kick {

@@ -10,6 +10,7 @@
 
 mod arbiter;
 mod describe;
+mod disk_reads;
 mod disks;
 mod install;
 mod report;
@@ -38,7 +39,7 @@ use std::io::Write;
 use ftvm_proto::log::{self, record::Kind, LogHeader, Record};
 use ftvm_replication::log::to_run_end;
 use ftvm_replication::Position;
-use ftvm_vmm::devices::virtio::block::DiskBlock;
+use ftvm_vmm::devices::virtio::block::{DiskBlock, DiskRead};
 use ftvm_vmm::devices::virtio::net::MacAddr;
 use ftvm_vmm::digest::epoch_digest;
 use ftvm_vmm::exit::{Control, Exit, ExitHook, ExitSeq, HostView, Point, RunEnd, RunError};
@@ -542,6 +543,15 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
         }
     }
 
+    fn on_disk_reads(&mut self, seq: ExitSeq, reads: &[DiskRead]) -> Result<(), ReplayHookError> {
+        self.check_disk_reads(seq, reads);
+        Ok(())
+    }
+
+    fn logs_disk_reads(&self) -> bool {
+        true
+    }
+
     fn interrupt_windows(&self) -> bool {
         self.interrupt_windows
     }
@@ -609,7 +619,8 @@ impl<S: LogSource, W: Write> Replayer<S, W> {
         }
         report.diverged += 1;
         self.unverified_dirty = digest.dirty_pages.clone();
-        self.unverified_blocks = digest.dirty_blocks.clone();
+        self.unverified_blocks
+            .extend(digest.dirty_blocks.iter().copied());
         report.divergence = Some(Divergence {
             epoch: end.epoch,
             exit_seq: seq,

@@ -3,6 +3,8 @@
 //! epoch, and the sorted (disk, block, block hash) list of disk blocks the guest wrote in it.
 //! Primary and secondary compute it with this one function at the same exit.
 
+use std::collections::BTreeMap;
+
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::virtio::block::DiskBlock;
@@ -41,6 +43,18 @@ pub fn epoch_digest(vm: &mut Vm) -> Result<EpochDigest, Error> {
 /// without touching the dirty logs: a checkpoint's digest covers the pages and blocks it
 /// carried plus those the standby reported dirty.
 pub fn state_digest(vm: &Vm, pages: &[u64], blocks: &[DiskBlock]) -> Result<Digest, Error> {
+    state_digest_with(vm, pages, blocks, &BTreeMap::new())
+}
+
+/// [`state_digest`], taking the hash of each page in `known` from there instead of hashing
+/// the page again: the caller hashed those pages, unchanged since (a repair's hash filter
+/// ran with the vCPU stopped).
+pub fn state_digest_with(
+    vm: &Vm,
+    pages: &[u64],
+    blocks: &[DiskBlock],
+    known: &BTreeMap<u64, Digest>,
+) -> Result<Digest, Error> {
     let (regs, sregs) = vm.registers()?;
     let devices = vm.machine().save()?;
     let mut h = blake3::Hasher::new();
@@ -68,14 +82,20 @@ pub fn state_digest(vm: &Vm, pages: &[u64], blocks: &[DiskBlock]) -> Result<Dige
     let mut page = vec![0u8; PAGE_SIZE as usize];
     let trace = tracing::enabled!(tracing::Level::TRACE);
     for &pfn in pages {
-        vm.memory()
-            .read_slice(&mut page, GuestAddress(pfn * PAGE_SIZE))
-            .map_err(|e| Error::Device(format!("reading dirty page {pfn:#x}: {e}")))?;
+        let ph = match known.get(&pfn) {
+            Some(ph) => *ph,
+            None => {
+                vm.memory()
+                    .read_slice(&mut page, GuestAddress(pfn * PAGE_SIZE))
+                    .map_err(|e| Error::Device(format!("reading dirty page {pfn:#x}: {e}")))?;
+                hash(&page)
+            }
+        };
         h.update(&pfn.to_le_bytes());
-        let ph = blake3::hash(&page);
-        h.update(ph.as_bytes());
+        h.update(&ph);
         if trace {
-            tracing::trace!(pfn, hash = %&ph.to_hex()[..12], "dirty page");
+            let short: String = ph[..6].iter().map(|b| format!("{b:02x}")).collect();
+            tracing::trace!(pfn, hash = %short, "dirty page");
         }
     }
     // Nothing is added for a VM without disk writes: its digest is what it was before disks

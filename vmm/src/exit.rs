@@ -13,6 +13,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::devices::virtio::block::DiskRead;
 use crate::devices::StopRequest;
 use crate::machine::{Input, InputError, Machine};
 
@@ -263,6 +264,19 @@ pub trait ExitHook {
     /// like [`ExitHook::on_output`]'s bytes, in a stream of its own.
     fn on_net_output(&mut self, seq: ExitSeq, frames: &[Vec<u8>]) -> Result<(), Self::Error>;
 
+    /// The block devices served these reads from their images during exit `seq` (the
+    /// guest's `QueueNotify` write), in order; called only while [`ExitHook::logs_disk_reads`]
+    /// is on, after the access and before any interrupt is injected.
+    fn on_disk_reads(&mut self, _seq: ExitSeq, _reads: &[DiskRead]) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    /// Whether the block devices hash their reads for [`ExitHook::on_disk_reads`] (a
+    /// recorder logs them, a replayer checks them; hashing costs CPU, so the default is off).
+    fn logs_disk_reads(&self) -> bool {
+        false
+    }
+
     /// Whether a pending interrupt the vCPU cannot take yet may be delivered through an
     /// interrupt-window exit. Where that exit is not at an exact instruction boundary (PVM),
     /// a recorded run must not use it: the interrupt then waits for the next natural exit at
@@ -315,6 +329,7 @@ pub fn run<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
     state: &mut LoopState,
 ) -> Result<RunEnd, RunError<H::Error>> {
     let mut inputs = Vec::new();
+    machine.set_disk_read_logging(hook.logs_disk_reads());
     loop {
         if state.halted {
             // Paused while halted: resume waiting, not running.
@@ -380,6 +395,7 @@ fn handle_exit<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
                         tracing::trace!(port, "write to unassigned port dropped");
                     }
                 }
+                report_disk_reads(machine, hook, seq)?;
             } else {
                 let mut value = vec![0u8; exit.read_len().unwrap_or(0)];
                 for chunk in value.chunks_mut(size) {
@@ -403,6 +419,7 @@ fn handle_exit<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
             let wants_clock = machine.mmio.uses_clock(*addr);
             deliver_inputs(machine, hook, point, false, wants_clock, inputs)?;
             machine.mmio.write(*addr, data);
+            report_disk_reads(machine, hook, seq)?;
         }
         Exit::TscRead { tsc } => {
             deliver_inputs(machine, hook, point, false, false, inputs)?;
@@ -441,6 +458,20 @@ fn handle_exit<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
         }
     }
     Ok(())
+}
+
+/// Hands the disk reads a write just caused to the hook.
+fn report_disk_reads<H: ExitHook + ?Sized>(
+    machine: &Machine,
+    hook: &mut H,
+    seq: ExitSeq,
+) -> Result<(), RunError<H::Error>> {
+    let reads = machine.take_disk_reads();
+    if reads.is_empty() {
+        return Ok(());
+    }
+    tracing::trace!(seq = seq.0, reads = reads.len(), "disk reads");
+    hook.on_disk_reads(seq, &reads).map_err(RunError::Hook)
 }
 
 /// After an exit: output, stop requests, interrupt injection, and the halt wait.

@@ -14,10 +14,12 @@
 //! types (`ftvm-proto`) and the VM types (`ftvm-vmm`), and both the primary and the
 //! secondary depend on it.
 
+mod disk_read;
 mod file;
 mod header;
 mod run_end;
 
+pub use disk_read::{check_disk_read, to_disk_read};
 pub use file::{LogFileReader, LogFileWriter};
 pub use header::{
     build_header, check_disks, check_net, check_version, config_from_header, logged_mac,

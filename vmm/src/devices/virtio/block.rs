@@ -24,6 +24,7 @@ use crate::state::{Persist, StateError};
 pub use super::disk::{
     DiskBlock, DiskConfig, DiskError, DiskImage, DiskInfo, DISK_BLOCK_SIZE, SECTOR_SIZE,
 };
+pub use super::disk_read::{DiskRead, DiskReadLog};
 /// Entries in the one request queue.
 const QUEUE_SIZE: u16 = 256;
 
@@ -40,6 +41,10 @@ pub struct Block {
     disk: DiskImage,
     /// The serial number GET_ID returns (the image's file name, truncated).
     serial: Vec<u8>,
+    /// The disk's index (slot order), as its reads are logged.
+    index: u32,
+    /// Where served reads are queued while the log is enabled (DESIGN.md §2).
+    reads: DiskReadLog,
 }
 
 impl Block {
@@ -51,7 +56,20 @@ impl Block {
             .map(|n| n.to_string_lossy().into_owned().into_bytes())
             .unwrap_or_default();
         serial.truncate(VIRTIO_BLK_ID_BYTES as usize);
-        Self { disk, serial }
+        Self {
+            disk,
+            serial,
+            index: 0,
+            reads: DiskReadLog::default(),
+        }
+    }
+
+    /// Queues the reads this device (disk `index`) serves in `reads`, hashed, while that log
+    /// is enabled.
+    pub fn logging_reads(mut self, index: u32, reads: DiskReadLog) -> Self {
+        self.index = index;
+        self.reads = reads;
+        self
     }
 
     /// The image behind the device.
@@ -165,6 +183,8 @@ impl Block {
         read: bool,
     ) -> Result<u32, u32> {
         let total: u64 = buffers.iter().map(|b| b.1).sum();
+        // The used ring and the read log count a request's bytes in 32 bits.
+        let length = u32::try_from(total).map_err(|_| VIRTIO_BLK_S_IOERR)?;
         let end = sector
             .checked_mul(SECTOR_SIZE)
             .and_then(|start| start.checked_add(total));
@@ -173,6 +193,7 @@ impl Block {
         }
         let mut offset = sector * SECTOR_SIZE;
         let mut buf = Vec::new();
+        let mut hasher = (read && self.reads.enabled()).then(blake3::Hasher::new);
         for &(addr, len, writable) in buffers {
             if writable != read {
                 return Err(VIRTIO_BLK_S_IOERR);
@@ -188,6 +209,9 @@ impl Block {
                 self.disk.read_at(&mut buf, offset).map_err(io)?;
                 mem.write_slice(&buf, addr)
                     .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+                if let Some(h) = hasher.as_mut() {
+                    h.update(&buf);
+                }
             } else {
                 mem.read_slice(&mut buf, addr)
                     .map_err(|_| VIRTIO_BLK_S_IOERR)?;
@@ -195,7 +219,17 @@ impl Block {
             }
             offset += len as u64;
         }
-        Ok(total as u32)
+        // Only a read whose data all reached the guest is logged: a failed one completes
+        // with an error status, which the digest covers.
+        if let Some(h) = hasher {
+            self.reads.push(DiskRead {
+                disk: self.index,
+                sector,
+                length,
+                hash: *h.finalize().as_bytes(),
+            });
+        }
+        Ok(length)
     }
 }
 

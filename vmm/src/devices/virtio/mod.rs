@@ -19,6 +19,7 @@
 
 pub mod block;
 pub mod disk;
+pub mod disk_read;
 pub mod mmio;
 pub mod net;
 #[cfg(test)]
