@@ -22,6 +22,8 @@
 #                                    REDIS_CLIENT_PID (the namespace's holder process)
 #   redis_net_down                   ends the namespace holder (the veth pair goes with it)
 #   rcli ARG...                      redis-cli to the guest, run in the client's namespace
+#   rcli_within SECONDS ARG...       rcli, killed after SECONDS (a reply held for good
+#                                    must not hang the caller)
 #   redis_wait_ready SECONDS         until the guest's server answers PING
 #   redis_writes DIR FIRST LAST      SET key:I to redis_value I for I in FIRST..LAST over one
 #                                    long-lived connection (see below)
@@ -97,9 +99,13 @@ rcli() {
     nsenter -t "$REDIS_CLIENT_PID" -n redis-cli -h "$REDIS_GUEST_IP" -p "$REDIS_PORT" "$@"
 }
 
+rcli_within() {
+    timeout "$1" nsenter -t "$REDIS_CLIENT_PID" -n redis-cli -h "$REDIS_GUEST_IP" -p "$REDIS_PORT" "${@:2}"
+}
+
 redis_wait_ready() {
     local deadline=$(($(date +%s) + $1))
-    until [ "$(rcli PING 2>/dev/null)" = PONG ]; do
+    until [ "$(rcli_within 20 PING 2>/dev/null)" = PONG ]; do
         [ "$(date +%s)" -lt "$deadline" ] || { echo "redis-net: no PONG in $1 s" >&2; return 1; }
         sleep 0.5
     done
@@ -155,7 +161,7 @@ redis_read_back() {
     local dir="$1" key want got got_fd n=0 missing=0 wrong=0
     # One connection: a GET per acknowledged key, answered one line each ("" for a key that
     # is not there).
-    awk '{print "GET " $1}' "$dir/acked" | rcli >"$dir/got" 2>&1 || true
+    awk '{print "GET " $1}' "$dir/acked" | rcli_within 600 >"$dir/got" 2>&1 || true
     exec {got_fd}<"$dir/got"
     while read -r key want; do
         n=$((n + 1))

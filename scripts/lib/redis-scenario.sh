@@ -84,7 +84,7 @@ start_pair() {
 ready() {
     local t0 last=0
     t0=$(date +%s)
-    until [ "$(rcli PING 2>/dev/null)" = PONG ]; do
+    until [ "$(rcli_within 20 PING 2>/dev/null)" = PONG ]; do
         if ! kill -0 "$pp" 2>/dev/null; then
             echo "the primary ended before Redis answered"
             tails
@@ -118,7 +118,7 @@ tails() {
 
 # shutdown_and_wait: SHUTDOWN (the guest's init then unmounts and exits 0) and the VMMs' end.
 shutdown_and_wait() {
-    rcli SHUTDOWN >/dev/null 2>&1
+    rcli_within 300 SHUTDOWN >/dev/null 2>&1
     if [ -n "${pp:-}" ]; then
         wait "$pp"
         echo "primary-status=$?"
