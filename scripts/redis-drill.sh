@@ -19,4 +19,4 @@ if ! [[ "$n" =~ ^[0-9]+$ ]] || [ "$n" -lt 1 ]; then
     echo "usage: scripts/redis-drill.sh [N]" >&2
     exit 2
 fi
-FTVM_REDIS_DRILLS="$n" exec cargo test --test linux_redis kill_drills -- --nocapture
+FTVM_REDIS_DRILLS="$n" exec cargo test --test linux_redis kill_drills -- --include-ignored --nocapture

@@ -19,7 +19,8 @@
 #              against the guest, then SHUTDOWN
 # It prints key=value lines: `acked=`, `read-back acked= missing= wrong=`, `*-status=`,
 # `disk-fsck-clean=yes|no` (DISK, or the standby's copy), `disk-keys=` (keys in its AOF),
-# `disk-keys-sha256=` (of its sorted "KEY VALUE" lines) and `disk-has-acked=yes|no`; kill adds `killed-at-ms=`, `last-ack-before-kill-ms=`,
+# `disk-keys-sha256=` (of its sorted "KEY VALUE" lines), each as `disk-key KEY VALUE`, and
+# `disk-has-acked=yes|no`; kill adds `killed-at-ms=`, `last-ack-before-kill-ms=`,
 # `first-ack-after-kill-ms=`, `failover-ms=`, `median-ack-ms=` (the median gap between
 # acknowledgements before the kill: a write's round trip) and `connection-survived=yes|no` (no error
 # answer, i.e. no reset or refused connection, after the kill); bench prints
@@ -69,7 +70,7 @@ start_plain() {
 start_pair() {
     cp "$1" "$dir/copy.img" || exit 3
     "$ftvm" keygen --out "$dir/pair.key" >/dev/null || exit 3
-    FTVM_LOG=ftvm_secondary::standby=info "$ftvm" standby --listen 127.0.0.1:7000 \
+    FTVM_LOG="${STANDBY_LOG:-ftvm_secondary::standby=info}" "$ftvm" standby --listen 127.0.0.1:7000 \
         --disk "$dir/copy.img" --net "tap=${br}b" "${pair_options[@]}" --key "$dir/pair.key" \
         >"$dir/s.out" 2>"$dir/s.err" &
     sp=$!
@@ -93,6 +94,7 @@ ready() {
         if [ $(($(date +%s) - t0)) -ge "${READY_S:-600}" ]; then
             echo "no PONG in ${READY_S:-600} s"
             tails
+            stacks
             return 1
         fi
         if [ $(($(date +%s) - last)) -ge 60 ]; then
@@ -102,6 +104,21 @@ ready() {
         sleep 1
     done
     echo "ready-after-s=$(($(date +%s) - t0))"
+}
+
+# stacks: with REDIS_DIAG_STACKS=1 (and gdb installed), every thread's stack of both VMMs.
+stacks() {
+    [ -n "${REDIS_DIAG_STACKS:-}" ] && command -v gdb >/dev/null || return 0
+    local p
+    for p in "$pp" "${sp:-}"; do
+        [ -n "$p" ] || continue
+        echo "--- threads of pid $p ---"
+        for t in /proc/"$p"/task/*; do
+            echo "$(cat "$t/comm") $(cat "$t/wchan" 2>/dev/null) $(awk '{print $3}' "$t/stat")"
+        done
+        timeout 300 gdb -batch -nx -p "$p" -ex 'thread apply all bt 12' 2>/dev/null |
+            grep -E '^(Thread|#)' | cut -c1-200 | head -150
+    done
 }
 
 # tails: the ends of the VMMs' logs.
@@ -140,6 +157,7 @@ check_disk() {
     redis_disk_keys "$1" >"$dir/disk-keys"
     echo "disk-keys=$(wc -l <"$dir/disk-keys")"
     echo "disk-keys-sha256=$(sha256sum <"$dir/disk-keys" | cut -d' ' -f1)"
+    sed 's/^/disk-key /' "$dir/disk-keys"
     if [ -s "$dir/client/acked" ] && LC_ALL=C sort "$dir/client/acked" |
         LC_ALL=C comm -23 - "$dir/disk-keys" | grep -q .; then
         echo "disk-has-acked=no"
