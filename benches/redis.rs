@@ -23,7 +23,7 @@ use std::process::ExitCode;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::{field, linux_guest, linux_guest_images, nested, Failure, Scratch, FTVM};
+use common::{field, linux_guest, linux_guest_redis_images, nested, Failure, Scratch, FTVM};
 
 fn main() -> ExitCode {
     common::print_banner("redis");
@@ -32,7 +32,7 @@ fn main() -> ExitCode {
 
 /// scripts/lib/redis-scenario.sh MODE in the harness on a fresh disk; its output.
 fn scenario(mode: &str, n: u32, timeout_s: u32) -> Result<String, Failure> {
-    let (kernel, initrd) = linux_guest_images();
+    let (kernel, initrd) = linux_guest_redis_images();
     let dir = Scratch::new(&format!("redis-bench-{mode}"));
     let disk = dir.path_str("disk.img");
     linux_guest(&["disk", &disk]);

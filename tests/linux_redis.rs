@@ -13,7 +13,9 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 mod common;
-use common::{key_args, linux_guest, linux_guest_images, repo, Scratch, FTVM};
+use common::{
+    key_args, linux_guest, linux_guest_images, linux_guest_redis_images, repo, Scratch, FTVM,
+};
 
 /// One VM at a time: each takes both cores.
 static ONE_VM: Mutex<()> = Mutex::new(());
@@ -25,7 +27,7 @@ const WRITES: u32 = 24;
 /// Runs scripts/lib/redis-scenario.sh MODE in the harness on a fresh ext4 disk with `n`
 /// writes (and the kill after `k` acknowledged ones); returns (harness status, output).
 fn scenario(mode: &str, n: u32, k: Option<u32>, timeout_s: u32) -> (Option<i32>, String) {
-    let (kernel, initrd) = linux_guest_images();
+    let (kernel, initrd) = linux_guest_redis_images();
     let dir = Scratch::new(&format!("redis-{mode}"));
     let disk = dir.path_str("disk.img");
     linux_guest(&["disk", &disk]);

@@ -4,7 +4,8 @@
 #
 #   scripts/nested.sh -- scripts/lib/redis-scenario.sh MODE FTVM KERNEL INITRD DISK DIR [N [K]]
 #
-# The guest runs the `redis` workload (ftvm.ip=, redis-server on /dev/vda, see
+# KERNEL and INITRD are `scripts/linux-guest.sh`'s kernel= and initrd_redis= (the initramfs
+# that holds Redis). The guest runs the `redis` workload (ftvm.ip=, redis-server on /dev/vda, see
 # guest/linux/README.md) behind `--net tap=`, its TAPs on a bridge, the client in a network
 # namespace on a veth port of it (scripts/lib/redis-net.sh). DISK is a fresh ext4 image
 # (scripts/linux-guest.sh disk), DIR a directory for the logs and the client's records.
