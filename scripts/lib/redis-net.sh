@@ -207,9 +207,11 @@ redis_disk_keys() {
     redis-cli -s "$tmp/sock" --scan | LC_ALL=C sort >"$tmp/keys"
     while read -r key; do
         echo "$key $(redis-cli -s "$tmp/sock" GET "$key")"
-    done <"$tmp/keys" || rc=1
+    done <"$tmp/keys" >"$tmp/out" || rc=1
     redis-cli -s "$tmp/sock" SHUTDOWN NOSAVE >/dev/null 2>&1
     wait "$pid" 2>/dev/null
+    # Printed once the server is gone (a reader that stops early must not leave it running).
+    cat "$tmp/out"
     rm -rf "$tmp"
     return "$rc"
 }
