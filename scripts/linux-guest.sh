@@ -7,6 +7,7 @@
 #   scripts/linux-guest.sh                  build (if needed) and print the paths:
 #                                             kernel=/abs/target/linux-guest/vmlinuz
 #                                             initrd=/abs/target/linux-guest/initramfs.cpio.gz
+#                                             initrd_redis=/abs/target/linux-guest/initramfs-redis.cpio.gz
 #   scripts/linux-guest.sh disk PATH [MIB]  create PATH afresh: a raw image of MIB MiB
 #                                           (default 64) holding an empty ext4 file system
 #   scripts/linux-guest.sh expected         print the "checksum NAME SHA256" lines the
@@ -14,10 +15,14 @@
 #
 # The kernel is the package linux-image-amd64 depends on (scripts/lib/debian-kernel.sh,
 # shared with scripts/nested.sh); the initramfs holds the host's busybox-static, the init and
-# the modules the guest needs (virtio-mmio, virtio-blk, ext4 and what they depend on), loaded
-# in dependency order. Both are kept under target/linux-guest/ and rebuilt when
-# guest/linux/init, this script or the kernel package changes. First use installs
-# busybox-static, cpio and binutils (e2fsprogs for `disk`) from Debian when missing.
+# the modules the guest needs (virtio-mmio, virtio-blk, ext4, virtio-net and what they depend
+# on), loaded in dependency order. A second initramfs, initramfs-redis.cpio.gz, holds the same
+# and Debian's Redis server with the shared libraries it links (the `redis` workload): it is
+# three times the size, and a protected guest pays for every page it unpacks, so the other
+# workloads keep the small one. All are kept under target/linux-guest/ and rebuilt when
+# guest/linux/init, this script, the Redis binary or the kernel package changes. First use
+# installs busybox-static, cpio, binutils and redis-tools (e2fsprogs for `disk`) from Debian
+# when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
@@ -86,7 +91,7 @@ expected() {
 # default in mkfs.ext4) at mount time, which would need modprobe and modules.dep to load it
 # (their soft dependency "pre: crypto-crc32c"). The build checks that every soft dependency
 # of the modules taken is met by one of them.
-root_modules=(virtio_mmio virtio_blk crc32c_generic ext4)
+root_modules=(virtio_mmio virtio_blk crc32c_generic ext4 virtio_net)
 
 # modinfo KO FIELD: the values of FIELD in the module's .modinfo section, one a line. (The
 # package has no modules.dep: its postinst makes that with depmod. The "depends=" field that
@@ -143,13 +148,45 @@ resolve_modules() {
     done
 }
 
+# --- Redis: the server and the shared libraries it needs ------------------------------------
+# Debian's redis-server package holds no binary of its own: its /usr/bin/redis-server is a
+# link to redis-tools' redis-check-rdb (one program that acts on the name it is run by), plus
+# a system service this script does not want started. So the image takes redis-check-rdb
+# from redis-tools, under the name redis-server.
+redis_bin=/usr/bin/redis-check-rdb
+
+# add_redis STAGING: copies the server to STAGING/usr/bin/redis-server and every shared
+# library `ldd` lists for it (and the dynamic loader) to the same path under STAGING.
+add_redis() {
+    local staging="$1" lib
+    [ -x "$redis_bin" ] || fail "$redis_bin missing (package redis-tools)"
+    mkdir -p "$staging/usr/bin"
+    cp "$redis_bin" "$staging/usr/bin/redis-server"
+    # Lines "name => /path (addr)" and "/lib64/ld-linux-x86-64.so.2 (addr)"; not linux-vdso.
+    for lib in $(ldd "$redis_bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
+        mkdir -p "$staging$(dirname "$lib")"
+        cp -L "$lib" "$staging$lib"
+    done
+    [ -e "$staging/lib64/ld-linux-x86-64.so.2" ] || fail "no dynamic loader in ldd $redis_bin"
+}
+
+# archive STAGING PATH: STAGING as a gzipped newc cpio archive at PATH.
+archive() {
+    # Reproducible: the same inputs give the same bytes (sorted names, one mtime, no
+    # inode numbers, no gzip timestamp), owned by root whoever builds it.
+    find "$1" -exec touch -h -d @0 {} +
+    (cd "$1" && find . | LC_ALL=C sort |
+        cpio -o -H newc -R 0:0 --reproducible --quiet | gzip -9n) >"$2.tmp.$$"
+    mv "$2.tmp.$$" "$2"
+}
+
 # --- build: the kernel and the initramfs ------------------------------------------------------
 build() {
     # One build at a time (tests run in parallel threads and each asks for the images).
     mkdir -p "$out"
     exec 9>"$out/.build.lock"
     flock 9
-    need busybox-static cpio binutils
+    need busybox-static cpio binutils redis-tools
     # shellcheck source=scripts/lib/debian-kernel.sh
     . "$repo/scripts/lib/debian-kernel.sh"
     debian_kernel linux-guest || exit 1
@@ -161,8 +198,11 @@ build() {
         mv "$out/vmlinuz.tmp.$$" "$out/vmlinuz"
     fi
 
-    local initrd="$out/initramfs.cpio.gz" stamp="$out/kernel-version"
-    if [ ! -e "$initrd" ] || [ "$init_src" -nt "$initrd" ] || [ "$repo/scripts/linux-guest.sh" -nt "$initrd" ] ||
+    local initrd="$out/initramfs.cpio.gz" initrd_redis="$out/initramfs-redis.cpio.gz"
+    local stamp="$out/kernel-version"
+    if [ ! -e "$initrd" ] || [ ! -e "$initrd_redis" ] || [ "$initrd" -nt "$initrd_redis" ] ||
+        [ "$init_src" -nt "$initrd" ] || [ "$repo/scripts/linux-guest.sh" -nt "$initrd" ] ||
+        [ "$redis_bin" -nt "$initrd" ] ||
         [ "$(cat "$stamp" 2>/dev/null)" != "$debian_kernel_version" ]; then
         echo "linux-guest: building the initramfs" >&2
         resolve_modules
@@ -179,12 +219,9 @@ build() {
         done
         cp "$init_src" "$staging/init"
         chmod 755 "$staging/init"
-        # Reproducible: the same inputs give the same bytes (sorted names, one mtime, no
-        # inode numbers, no gzip timestamp), owned by root whoever builds it.
-        find "$staging" -exec touch -h -d @0 {} +
-        (cd "$staging" && find . | LC_ALL=C sort |
-            cpio -o -H newc -R 0:0 --reproducible --quiet | gzip -9n) >"$initrd.tmp.$$"
-        mv "$initrd.tmp.$$" "$initrd"
+        archive "$staging" "$initrd"
+        add_redis "$staging"
+        archive "$staging" "$initrd_redis"
         echo "$debian_kernel_version" >"$stamp"
         echo "linux-guest: modules: ${mod_order[*]}" >&2
         rm -rf "$staging"
@@ -192,6 +229,7 @@ build() {
     fi
     echo "kernel=$out/vmlinuz"
     echo "initrd=$initrd"
+    echo "initrd_redis=$initrd_redis"
 }
 
 case "${1:-}" in

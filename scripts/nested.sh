@@ -79,6 +79,9 @@ modules=(
     fs/netfs/netfs fs/fscache/fscache net/9p/9pnet net/9p/9pnet_virtio fs/9p/9p
     virt/lib/irqbypass arch/x86/kvm/kvm drivers/crypto/ccp/ccp arch/x86/kvm/kvm-amd
     fs/overlayfs/overlay
+    # Guests on a network (tests/linux_redis.rs, scripts/lib/redis-net.sh): TAP devices,
+    # a bridge, veth pairs.
+    drivers/net/tun net/llc/llc net/802/stp net/bridge/bridge drivers/net/veth
 )
 
 # --- the L1 initramfs ---------------------------------------------------------------------

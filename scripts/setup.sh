@@ -28,6 +28,11 @@ command -v etcd >/dev/null || need+=(etcd-server)
 # Partition drills: network namespaces, veth pairs, netem (tests/partition.rs).
 command -v ip >/dev/null || need+=(iproute2)
 command -v tc >/dev/null || need+=(iproute2)
+# Redis in the Linux test guest (tests/linux_redis.rs, scripts/lib/redis-net.sh): the client
+# (redis-cli, redis-benchmark) and the server the guest image copies (redis-check-rdb, which
+# is Debian's redis-server by another name); namespaces for the client (unshare, nsenter).
+command -v redis-cli >/dev/null || need+=(redis-tools)
+command -v nsenter >/dev/null || need+=(util-linux)
 command -v cargo >/dev/null || { echo "setup: cargo (Rust stable) is required" >&2; exit 1; }
 
 if [ ${#need[@]} -gt 0 ]; then

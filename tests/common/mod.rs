@@ -76,6 +76,15 @@ pub fn linux_guest(args: &[&str]) -> String {
 
 /// The Linux test guest's kernel and initramfs: (kernel, initrd).
 pub fn linux_guest_images() -> (String, String) {
+    linux_guest_images_with("initrd")
+}
+
+/// [`linux_guest_images`] with the initramfs that also holds Redis (the `redis` workload).
+pub fn linux_guest_redis_images() -> (String, String) {
+    linux_guest_images_with("initrd_redis")
+}
+
+fn linux_guest_images_with(initrd: &str) -> (String, String) {
     let out = linux_guest(&[]);
     let path = |key: &str| {
         out.lines()
@@ -83,7 +92,7 @@ pub fn linux_guest_images() -> (String, String) {
             .unwrap_or_else(|| panic!("no {key}= from scripts/linux-guest.sh in {out}"))
             .to_string()
     };
-    (path("kernel"), path("initrd"))
+    (path("kernel"), path(initrd))
 }
 
 /// Runs `args` inside the nested-KVM harness (scripts/nested.sh), killed after `timeout_s`;

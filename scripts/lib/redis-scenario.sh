@@ -1,0 +1,246 @@
+#!/usr/bin/env bash
+# One scripted Redis run of the Linux test guest (issue 17) on standard KVM, run inside the
+# nested harness by tests/linux_redis.rs, scripts/redis-drill.sh and benches/redis.rs:
+#
+#   scripts/nested.sh -- scripts/lib/redis-scenario.sh MODE FTVM KERNEL INITRD DISK DIR [N [K]]
+#
+# KERNEL and INITRD are `scripts/linux-guest.sh`'s kernel= and initrd_redis= (the initramfs
+# that holds Redis). The guest runs the `redis` workload (ftvm.ip=, redis-server on /dev/vda, see
+# guest/linux/README.md) behind `--net tap=`, its TAPs on a bridge, the client in a network
+# namespace on a veth port of it (scripts/lib/redis-net.sh). DISK is a fresh ext4 image
+# (scripts/linux-guest.sh disk), DIR a directory for the logs and the client's records.
+# MODE:
+#   plain      unprotected: `ftvm run`; N writes (default 30) over one connection, read back,
+#              SHUTDOWN
+#   protected  the same under a protected pair (the standby on its own copy DIR/copy.img)
+#   kill       protected; `kill -9` of the primary once K writes (default N/3) are
+#              acknowledged; the writes go on to N over the same connection, every
+#              acknowledged key is read back, SHUTDOWN ends the guest on the standby
+#   bench      unprotected, then protected: redis-benchmark -n N (default 200) -t set,get
+#              against the guest, then SHUTDOWN
+# It prints key=value lines: `acked=`, `read-back acked= missing= wrong=`, `*-status=`,
+# `disk-fsck-clean=yes|no` (DISK, or the standby's copy), `disk-keys=` (keys in its AOF),
+# `disk-keys-sha256=` (of its sorted "KEY VALUE" lines), each as `disk-key KEY VALUE`, and
+# `disk-has-acked=yes|no`; kill adds `killed-at-ms=`, `last-ack-before-kill-ms=`,
+# `first-ack-after-kill-ms=`, `failover-ms=`, `median-ack-ms=` (the median gap between
+# acknowledgements before the kill: a write's round trip) and `connection-survived=yes|no` (no error
+# answer, i.e. no reset or refused connection, after the kill); bench prints
+# `bench MODE TEST RPS` lines. It exits 0 when the run went through (the checks are the
+# caller's), non-zero when the setup failed.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+. scripts/lib/redis-net.sh
+
+if [ $# -lt 6 ]; then
+    echo "usage: scripts/lib/redis-scenario.sh plain|protected|kill|bench FTVM KERNEL INITRD DISK DIR [N [K]]" >&2
+    exit 2
+fi
+mode="$1" ftvm="$2" kernel="$3" initrd="$4" disk="$5" dir="$6"
+case "$mode" in
+    bench) n="${7:-200}" ;;
+    *) n="${7:-30}" ;;
+esac
+k="${8:-$((n / 3))}"
+mkdir -p "$dir" || exit 2
+
+# The harness's VM runs the VMM under TCG on one emulated CPU (see tests/linux.rs's
+# PAIR_OPTIONS for why these bounds).
+pair_options=(--heartbeat-ms 200 --heartbeat-timeout-ms 3000 --max-lag-ms 86400000
+    --max-slowed-ms 86400000 --max-standby-backlog-mib 4096)
+guest=(--kernel "$kernel" --initrd "$initrd" --mem-mib 256 --append "$REDIS_GUEST_APPEND")
+
+ip link set lo up
+br=fbr$$
+redis_net_bridge "$br" "${br}a" "${br}b" || exit 3
+redis_net_client "$br" || exit 3
+cleanup() {
+    redis_net_down
+    ip link del "${br}-c" 2>/dev/null
+    for t in "${br}a" "${br}b" "$br"; do ip link del "$t" 2>/dev/null; done
+}
+trap cleanup EXIT
+
+# start_plain DISK: the unprotected guest on DISK, `$pp`.
+start_plain() {
+    FTVM_LOG=ftvm=info "$ftvm" run "${guest[@]}" --disk "$1" --net "tap=${br}a" \
+        >"$dir/p.out" 2>"$dir/p.err" &
+    pp=$!
+}
+
+# start_pair DISK: the standby (`$sp`, on DIR/copy.img, a copy of DISK) and the primary (`$pp`).
+start_pair() {
+    cp "$1" "$dir/copy.img" || exit 3
+    "$ftvm" keygen --out "$dir/pair.key" >/dev/null || exit 3
+    FTVM_LOG="${STANDBY_LOG:-ftvm_secondary::standby=info}" "$ftvm" standby --listen 127.0.0.1:7000 \
+        --disk "$dir/copy.img" --net "tap=${br}b" "${pair_options[@]}" --key "$dir/pair.key" \
+        >"$dir/s.out" 2>"$dir/s.err" &
+    sp=$!
+    FTVM_LOG=ftvm=info "$ftvm" run --peer 127.0.0.1:7000 --connect-timeout-ms 30000 \
+        "${guest[@]}" --disk "$1" --net "tap=${br}a" --latency-bound-ms 50 \
+        "${pair_options[@]}" --key "$dir/pair.key" >"$dir/p.out" 2>"$dir/p.err" &
+    pp=$!
+}
+
+# ready: until the guest's server answers (or the VMM ended, or READY_S seconds passed);
+# every 60 s a line on how far the guest got.
+ready() {
+    local t0 last=0
+    t0=$(date +%s)
+    until [ "$(rcli_within 20 PING 2>/dev/null)" = PONG ]; do
+        if ! kill -0 "$pp" 2>/dev/null; then
+            echo "the primary ended before Redis answered"
+            tails
+            return 1
+        fi
+        if [ $(($(date +%s) - t0)) -ge "${READY_S:-600}" ]; then
+            echo "no PONG in ${READY_S:-600} s"
+            tails
+            stacks
+            return 1
+        fi
+        if [ $(($(date +%s) - last)) -ge 60 ]; then
+            last=$(date +%s)
+            echo "waiting for Redis, $((last - t0)) s: the guest's last line: $(grep -v '^\[' "$dir/p.out" | tail -1)"
+        fi
+        sleep 1
+    done
+    echo "ready-after-s=$(($(date +%s) - t0))"
+}
+
+# stacks: with REDIS_DIAG_STACKS=1 (and gdb installed), every thread's stack of both VMMs.
+stacks() {
+    [ -n "${REDIS_DIAG_STACKS:-}" ] && command -v gdb >/dev/null || return 0
+    local p
+    for p in "$pp" "${sp:-}"; do
+        [ -n "$p" ] || continue
+        echo "--- threads of pid $p ---"
+        for t in /proc/"$p"/task/*; do
+            echo "$(cat "$t/comm") $(cat "$t/wchan" 2>/dev/null) $(awk '{print $3}' "$t/stat")"
+        done
+        timeout 300 gdb -batch -nx -p "$p" -ex 'thread apply all bt 12' 2>/dev/null |
+            grep -E '^(Thread|#)' | cut -c1-200 | head -150
+    done
+}
+
+# tails: the ends of the VMMs' logs.
+tails() {
+    echo "--- primary stdout (tail) ---"
+    tail -15 "$dir/p.out"
+    echo "--- primary stderr (tail) ---"
+    grep -v 'checkpoint installed\|asking for a repair' "$dir/p.err" | tail -12
+    if [ -e "$dir/s.err" ]; then
+        echo "--- standby stderr (tail; repairs installed: $(grep -c 'checkpoint installed' "$dir/s.err")) ---"
+        grep -v 'checkpoint installed\|asking for a repair' "$dir/s.err" | tail -12
+    fi
+}
+
+# shutdown_and_wait: SHUTDOWN (the guest's init then unmounts and exits 0) and the VMMs' end.
+shutdown_and_wait() {
+    rcli_within 300 SHUTDOWN >/dev/null 2>&1
+    if [ -n "${pp:-}" ]; then
+        wait "$pp"
+        echo "primary-status=$?"
+    fi
+    if [ -n "${sp:-}" ]; then
+        wait "$sp"
+        echo "standby-status=$?"
+    fi
+}
+
+# check_disk IMAGE: the file system and the keys in the guest's AOF on it.
+check_disk() {
+    if e2fsck -fn "$1" >"$dir/fsck.log" 2>&1; then
+        echo "disk-fsck-clean=yes"
+    else
+        echo "disk-fsck-clean=no"
+        cat "$dir/fsck.log"
+    fi
+    redis_disk_keys "$1" >"$dir/disk-keys"
+    echo "disk-keys=$(wc -l <"$dir/disk-keys")"
+    echo "disk-keys-sha256=$(sha256sum <"$dir/disk-keys" | cut -d' ' -f1)"
+    sed 's/^/disk-key /' "$dir/disk-keys"
+    if [ -s "$dir/client/acked" ] && LC_ALL=C sort "$dir/client/acked" |
+        LC_ALL=C comm -23 - "$dir/disk-keys" | grep -q .; then
+        echo "disk-has-acked=no"
+    else
+        echo "disk-has-acked=yes"
+    fi
+}
+
+# writes_and_read_back: the N writes, then the read-back.
+writes_and_read_back() {
+    redis_writes "$dir/client" 1 "$n" || echo "writes-failed"
+    echo "acked=$(wc -l <"$dir/client/acked")"
+    redis_read_back "$dir/client"
+}
+
+case "$mode" in
+    plain | protected)
+        if [ "$mode" = plain ]; then start_plain "$disk"; else start_pair "$disk"; fi
+        ready || exit 4
+        writes_and_read_back
+        shutdown_and_wait
+        if [ "$mode" = plain ]; then check_disk "$disk"; else check_disk "$dir/copy.img"; fi
+        grep 'protected run complete' "$dir/p.err"
+        ;;
+    kill)
+        start_pair "$disk"
+        ready || exit 4
+        redis_writes "$dir/client" 1 "$n" &
+        wp=$!
+        until [ "$(cat "$dir/client/progress" 2>/dev/null || echo 0)" -ge "$k" ]; do
+            kill -0 "$wp" 2>/dev/null || break
+            sleep 0.05
+        done
+        kill -9 "$pp" && echo "killed-primary"
+        killed=$(date +%s%3N)
+        echo "killed-at-ms=$killed"
+        wait "$pp"
+        echo "primary-status=$?"
+        pp=""
+        wait "$wp" || echo "writes-failed"
+        echo "acked=$(wc -l <"$dir/client/acked")"
+        before=$(awk -v t="$killed" '$1 == "ack" && $3 <= t {x = $3} END {print x}' "$dir/client/events")
+        after=$(awk -v t="$killed" '$1 == "ack" && $3 > t {print $3; exit}' "$dir/client/events")
+        echo "last-ack-before-kill-ms=$before"
+        echo "first-ack-after-kill-ms=$after"
+        [ -z "$before" ] || [ -z "$after" ] || echo "failover-ms=$((after - before))"
+        # The writes are sequential: the gap between two acks before the kill is a round trip.
+        echo "median-ack-ms=$(awk -v t="$killed" '$1 == "ack" && $3 <= t {if (p) print $3 - p; p = $3}' \
+            "$dir/client/events" | sort -n | awk '{a[NR] = $1} END {if (NR) print a[int((NR + 1) / 2)]}')"
+        if awk -v t="$killed" '$1 == "error" && $3 > t {bad = 1} END {exit !bad}' "$dir/client/events"; then
+            echo "connection-survived=no"
+            grep '^error' "$dir/client/events" | head -5
+        else
+            echo "connection-survived=yes"
+        fi
+        redis_read_back "$dir/client"
+        grep -m1 're-emitting output from sequence' "$dir/s.err"
+        shutdown_and_wait
+        check_disk "$dir/copy.img"
+        ;;
+    bench)
+        for run in unprotected protected; do
+            if [ "$run" = unprotected ]; then
+                cp "$disk" "$dir/bench-disk.img" || exit 3
+                start_plain "$dir/bench-disk.img"
+                sp=""
+            else
+                start_pair "$disk"
+            fi
+            ready || exit 4
+            nsenter -t "$REDIS_CLIENT_PID" -n redis-benchmark -h "$REDIS_GUEST_IP" \
+                -p "$REDIS_PORT" -n "$n" -c 4 -t set,get --csv >"$dir/bench-$run.csv" 2>&1
+            # "test","rps",...: one line per test after the header.
+            awk -F'"' -v run="$run" 'NR > 1 && $2 != "" {print "bench " run " " $2 " " $4}' \
+                "$dir/bench-$run.csv"
+            shutdown_and_wait
+        done
+        ;;
+    *)
+        echo "unknown mode $mode" >&2
+        exit 2
+        ;;
+esac
+tails
+exit 0
