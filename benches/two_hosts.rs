@@ -12,7 +12,7 @@
 //! asked for to the first answer after it, and from the moment the loss was done, next to
 //! the pair's heartbeat timeout (the baseline: what host loss cannot beat) and the client's
 //! resend interval. `FTVM_BENCH_DRILLS` drills of each (default 2), each booting both hosts
-//! (a minute or two). Needs root; wrap in the nested lock where VMs share the machine.
+//! (about 17 s). Needs root; wrap in the nested lock where VMs share the machine.
 //! Run: `cargo bench --bench two_hosts`.
 
 use std::process::ExitCode;
@@ -20,7 +20,9 @@ use std::time::Duration;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::two_hosts::{client_main, drill, Loss, CLIENT_ARG, HEARTBEAT_TIMEOUT_MS, RESEND};
+use common::two_hosts::{
+    client_main, drill, Loss, CLIENT_ARG, HEARTBEAT_TIMEOUT_MS, RESEND, RESEND_MAX,
+};
 use common::{median, ms, Failure};
 
 const FRAMES: usize = 16;
@@ -88,8 +90,10 @@ fn run() -> Result<(), Failure> {
     }
     println!(
         "baseline: heartbeat timeout {HEARTBEAT_TIMEOUT_MS} ms (a silent host is lost after it); \
-         the client resends every {} ms",
-        RESEND.as_millis()
+         the client resends every {} ms from the loss on (before it: {}-{} ms, doubling)",
+        RESEND.as_millis(),
+        RESEND.as_millis(),
+        RESEND_MAX.as_millis()
     );
     Ok(())
 }

@@ -4,7 +4,8 @@
 # SIGKILLed), while a client on host B's network keeps sending frames to the protected
 # built-in guest (workload=netecho); every frame must get its answer, in order, from the
 # standby once it is live. Each drill loses the primary after a different number of answers
-# (seeded, printed) and boots both hosts anew (a minute or two each). Needs root.
+# (seeded, printed) and boots both hosts anew (about 17 s each on an idle machine). Needs
+# root.
 #
 #   scripts/drill-hosts.sh [N] [process_kill|host_loss]    N of each (default 5), or of one kind
 #

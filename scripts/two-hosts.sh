@@ -80,6 +80,7 @@ cleanup() {
     [ -n "${NESTED_KEEP:-}" ] || rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 # The network of host $1 (a or b), its last address byte $2: shell text run before the
 # command (scripts/nested-init.sh has loaded virtio-net, bridge, tun and veth).

@@ -18,14 +18,15 @@
 //!
 //! In both, every frame must be answered, in order, by whichever side is live; answers to
 //! earlier frames (resends, or answers the standby re-emits after go-live) may come again
-//! and are skipped; anything else is an error. The client prints the failover it saw: from
-//! the last answer before the request to the first answer after the loss.
+//! and are skipped; anything else is an error. The standby must announce the guest's
+//! address with a gratuitous ARP, which the client must see. The client prints the failover
+//! it saw: from the last answer before the request to the first answer after the loss.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::net::{frame, PacketSocket};
+use super::net::{ipv4_frame, PacketSocket, GUEST_IP};
 use super::{field, repo, Failure, Scratch, FTVM};
 
 /// The first argument that makes a test or bench binary the drill's client.
@@ -36,8 +37,10 @@ pub const CLIENT_ARG: &str = "two-hosts-client";
 /// shorter timeout would take that for the peer's death.
 pub const HEARTBEAT_TIMEOUT_MS: u64 = 2000;
 
-/// How often the client resends a frame nobody answered.
-pub const RESEND: Duration = Duration::from_millis(25);
+/// How long the client first waits for an answer before it resends a frame.
+pub const RESEND: Duration = Duration::from_millis(20);
+/// The longest it waits before a resend while the guest is protected.
+pub const RESEND_MAX: Duration = Duration::from_millis(160);
 
 /// What the drill takes away.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -73,10 +76,21 @@ pub struct Outcome {
     pub after_loss: Duration,
     /// Frames the client sent, resends included.
     pub sent: u64,
+    /// Gratuitous ARPs for the guest's address the client saw (the standby's announcement).
+    pub garps: u64,
     /// The drill's whole run, the two hosts' boot included.
     pub took: Duration,
     /// Both hosts' output and the harness's messages.
     pub log: String,
+}
+
+/// Shell text that starts a background loop keeping the host's network state (links with
+/// their counters, the bridge's learnt addresses, the load) in `net-HOST.txt` of the shared
+/// directory, for a drill that fails.
+fn monitor() -> &'static str {
+    "( while :; do { date +%T; cat /proc/loadavg; ip -s link; bridge fdb show br br0 | grep -v permanent; } \
+     >\"$TWO_HOSTS_DIR/net-$TWO_HOSTS_HOST.tmp\" 2>&1; \
+     mv \"$TWO_HOSTS_DIR/net-$TWO_HOSTS_HOST.tmp\" \"$TWO_HOSTS_DIR/net-$TWO_HOSTS_HOST.txt\"; sleep 5; done ) &\n"
 }
 
 /// The shell text for host A: the primary, and for a process kill the wait for the request.
@@ -89,11 +103,12 @@ fn host_a_script(loss: Loss, key: &str) -> String {
          --max-slowed-ms 86400000"
     );
     let d = "\"$TWO_HOSTS_DIR\"";
-    let mut s = format!(
+    let mut s = monitor().to_string();
+    s.push_str(&format!(
         "{run} >{d}/primary.out 2>{d}/primary.err &\n\
          p=$!\n\
          echo \"primary started\"\n"
-    );
+    ));
     match loss {
         Loss::Process => s.push_str(&format!(
             "while [ ! -e {d}/{request} ]; do\n\
@@ -120,7 +135,8 @@ fn host_a_script(loss: Loss, key: &str) -> String {
 fn host_b_script(loss: Loss, key: &str, client: &str, frames: usize, kill_at: usize) -> String {
     let (request, done) = loss.files();
     let d = "\"$TWO_HOSTS_DIR\"";
-    format!(
+    let mut s = monitor().to_string();
+    s.push_str(&format!(
         "ip netns exec client {FTVM} witness --listen 192.168.100.10:7500 --state /tmp/witness.terms \
          >{d}/witness.out 2>&1 &\n\
          w=$!\n\
@@ -133,11 +149,12 @@ fn host_b_script(loss: Loss, key: &str, client: &str, frames: usize, kill_at: us
          grep -q 'going live' {d}/standby.err && echo 'standby: went live'\n\
          kill -0 $s 2>/dev/null && echo 'standby: still running'\n\
          grep -E 'going live|primary lost|claiming term|won term|silent' {d}/standby.err | sed 's/^/standby log: /'\n\
-         [ $rc -eq 0 ] || {{ echo '--- standby stderr'; tail -20 {d}/standby.err; echo '--- primary stderr'; tail -20 {d}/primary.err; }}\n\
+         [ $rc -eq 0 ] || {{ echo '--- standby stderr'; tail -20 {d}/standby.err; echo '--- primary stderr'; tail -20 {d}/primary.err; cat {d}/net-a.txt {d}/net-b.txt; }}\n\
          kill -9 $s $w 2>/dev/null\n\
          wait $s $w 2>/dev/null\n\
          exit $rc\n"
-    )
+    ));
+    s
 }
 
 /// One drill: boots the two hosts (scripts/two-hosts.sh), loses the primary as `loss` says
@@ -201,17 +218,37 @@ pub fn drill(loss: Loss, client: &Path, frames: usize, kill_at: usize) -> Result
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| format!("no {k}= in {result:?}"))
     };
+    let garps = num("garps")? as u64;
+    check(
+        "the client saw no gratuitous ARP for the guest's address",
+        garps > 0,
+    )?;
     Ok(Outcome {
         failover: Duration::from_secs_f64(num("failover_ms")? / 1000.0),
         after_loss: Duration::from_secs_f64(num("after_loss_ms")? / 1000.0),
         sent: num("sent")? as u64,
+        garps,
         took,
         log,
     })
 }
 
+/// Whether `got` is the guest's answer to `sent` (an [`ipv4_frame`]): back to the sender,
+/// from the guest's address, the same payload.
+fn answers(got: &[u8], sent: &[u8]) -> bool {
+    got.len() >= 34 && got[34..] == sent[34..] && got[..6] == sent[6..12] && got[26..30] == GUEST_IP
+}
+
 /// The client, in host B's `client` namespace: `CLIENT_ARG FRAMES KILL_AT REQUEST DONE`.
 /// Prints its result line and returns Err on any failure.
+///
+/// It sends IPv4 frames (the guest's address is what the standby announces at go-live; no
+/// bridge here filters IPv4) and resends a frame nobody answered after [`RESEND`], doubling
+/// the wait up to [`RESEND_MAX`]: the guest answers every copy, and while it is protected
+/// each answer waits for the standby to verify it (under TCG, about a second), so resending
+/// at a fixed short interval floods the pair with copies and the wait grows without bound.
+/// From the loss until the first answer after it, it resends every [`RESEND`]: nothing
+/// holds answers then, and this is the interval the measured failover rounds up to.
 pub fn client_main(args: &[String]) -> Result<(), Failure> {
     let [frames, kill_at, request, done] = args else {
         return Err(format!(
@@ -225,8 +262,10 @@ pub fn client_main(args: &[String]) -> Result<(), Failure> {
     if kill_at == 0 || kill_at >= frames {
         return Err(format!("KILL_AT {kill_at} must lie in 1..{frames}"));
     }
-    let sock = PacketSocket::open("eth0");
-    sock.set_timeout(RESEND);
+    let sock = PacketSocket::open_for("eth0", 0x0800);
+    // The announcement at go-live, kept in this socket's buffer until the end.
+    let arp = PacketSocket::open_for("eth0", 0x0806);
+    arp.set_timeout(Duration::from_millis(1));
     let mut sent = 0u64;
     let mut last_before = None;
     let mut loss_done = None;
@@ -235,7 +274,6 @@ pub fn client_main(args: &[String]) -> Result<(), Failure> {
         if i == kill_at {
             last_before = Some(Instant::now());
             std::fs::write(request, b"").map_err(|e| format!("write {request}: {e}"))?;
-            println!("client: {i} frames answered; loss requested");
             // A failure guard, not a timed assertion.
             let asked = Instant::now();
             while !Path::new(done).exists() {
@@ -245,42 +283,54 @@ pub fn client_main(args: &[String]) -> Result<(), Failure> {
                 std::thread::sleep(Duration::from_millis(2));
             }
             loss_done = Some(Instant::now());
+            println!("client: {i} frames answered; the loss is done");
         }
-        let f = frame(i);
+        let f = ipv4_frame(i);
         // Resend until the answer comes; the first frame waits for the pair to start (two
         // TCG hosts boot and hand the guest over slowly). A failure guard again.
         let since = Instant::now();
+        let mut wait = RESEND;
+        let mut sends = 0;
         'answered: loop {
             if since.elapsed() > Duration::from_secs(600) {
                 return Err(format!("frame {i} never answered ({sent} sent)"));
             }
+            sock.set_timeout(wait);
             sock.send(&f);
             sent += 1;
+            sends += 1;
             while let Some(got) = sock.try_recv_from_guest() {
-                if got[12..] == f[12..] {
-                    if got[..6] != f[6..12] {
-                        return Err(format!("answer {i} not addressed to the client"));
-                    }
+                if answers(&got, &f) {
                     break 'answered;
                 }
-                if !(0..i).any(|j| got[12..] == frame(j)[12..]) {
-                    return Err(format!("while waiting for answer {i}: a frame that answers none sent before: {:02x?}", &got[12..got.len().min(40)]));
+                if !(0..i).any(|j| answers(&got, &ipv4_frame(j))) {
+                    return Err(format!(
+                        "while waiting for answer {i}: a frame that answers none sent before: {:02x?}",
+                        &got[..got.len().min(64)]
+                    ));
                 }
             }
-        }
-        if i == 0 {
-            println!("client: the guest answers ({sent} sent so far)");
+            if i != kill_at {
+                wait = (wait * 2).min(RESEND_MAX);
+            }
         }
         if i == kill_at {
             first_after = Some(Instant::now());
         }
+        println!("client: answer {i} after {sends} sends");
     }
     let (Some(before), Some(done_at), Some(after)) = (last_before, loss_done, first_after) else {
         return Err("the loss never happened".into());
     };
+    let mut garps = 0;
+    while let Some(f) = arp.try_recv_from_guest() {
+        if f.len() >= 42 && f[..6] == [0xff; 6] && f[28..32] == GUEST_IP && f[38..42] == GUEST_IP {
+            garps += 1;
+        }
+    }
     println!(
         "client: every frame answered in order: frames={frames} kill_at={kill_at} sent={sent} \
-         failover_ms={:.1} after_loss_ms={:.1}",
+         failover_ms={:.1} after_loss_ms={:.1} garps={garps}",
         (after - before).as_secs_f64() * 1000.0,
         (after - done_at).as_secs_f64() * 1000.0
     );
