@@ -12,7 +12,7 @@
 //! asked for to the first answer after it, and from the moment the loss was done, next to
 //! the pair's heartbeat timeout (the baseline: what host loss cannot beat) and the client's
 //! resend interval. `FTVM_BENCH_DRILLS` drills of each (default 2), each booting both hosts
-//! (about 17 s). Needs root; wrap in the nested lock where VMs share the machine.
+//! (about 17 s). Needs root; one harness at a time on a machine (each takes both cores).
 //! Run: `cargo bench --bench two_hosts`.
 
 use std::process::ExitCode;

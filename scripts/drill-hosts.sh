@@ -9,8 +9,8 @@
 #
 #   scripts/drill-hosts.sh [N] [process_kill|host_loss]    N of each (default 5), or of one kind
 #
-# The two hosts take both cores of a small machine: where other VMs share it, wrap in the
-# nested lock (`flock /work/nested.lock scripts/drill-hosts.sh 5`).
+# The two hosts take both cores of a small machine: where other harness runs share it, run
+# one at a time (e.g. `flock LOCKFILE scripts/drill-hosts.sh 5`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-5}"

@@ -39,7 +39,8 @@
 # NESTED_KEEP=1 keeps the scratch directory (consoles, shared directory) under
 # /tmp/ftvm-two-hosts.*.
 #
-# Two TCG VMs take both of this machine's cores: wrap runs in `flock /work/nested.lock`.
+# Two TCG VMs take both cores of a small machine: where other harness runs share it, run
+# one at a time (e.g. each under `flock` of one lock file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
@@ -53,6 +54,7 @@ mem_mib=2048
 cmd_a=""
 cmd_b=""
 while [ $# -gt 0 ]; do
+    [ $# -ge 2 ] || usage
     case "$1" in
         --timeout) timeout_s="${2:-}"; shift 2 ;;
         --mem) mem_mib="${2:-}"; shift 2 ;;
@@ -127,8 +129,7 @@ PROLOGUE
 nested_vm_command_file "$work/a.sh" "$(network_prologue a 1)" bash -c "$cmd_a"
 nested_vm_command_file "$work/b.sh" "$(network_prologue b 2)" bash -c "$cmd_b"
 
-# The link's two UDP ports (one run at a time holds the nested lock; the process id keeps
-# two checkouts' runs apart anyway).
+# The link's two UDP ports on 127.0.0.1, apart for runs of other processes.
 port_a=$((20000 + ($$ % 20000) * 2))
 port_b=$((port_a + 1))
 
