@@ -6,8 +6,8 @@
 #
 #   scripts/drill-net.sh [N]      N drills (default 10)
 #
-# Host loss (the whole L1 VM of host A killed) needs the two-host harness, which is not built
-# yet (issue 17).
+# Host loss (the whole L1 VM of host A killed) needs two hosts: scripts/drill-hosts.sh runs
+# it, and process kills too, on the two-host harness (scripts/two-hosts.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-10}"
