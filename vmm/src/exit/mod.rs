@@ -339,9 +339,17 @@ pub fn run<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
             }
             continue;
         }
-        let kick = machine
-            .next_timer_deadline()
-            .and_then(|deadline| hook.kick_at(deadline));
+        // An interrupt the vCPU could not take at the last exit or kick, with no window exit
+        // to say when it can (a recorded run's default): only a kick delivers it to a guest
+        // that enables interrupts and then runs on without exits (a one-shot timer that
+        // already fired leaves no deadline to kick at). So the kick is due now, after the
+        // hook's latency bound.
+        let due = if machine.pending_vector().is_some() && !hook.interrupt_windows() {
+            Some(machine.now_ns())
+        } else {
+            machine.next_timer_deadline()
+        };
+        let kick = due.and_then(|deadline| hook.kick_at(deadline));
         vcpu.arm_kick(kick);
         let exit = match vcpu.run()? {
             RunOutcome::Kicked => {

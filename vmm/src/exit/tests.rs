@@ -66,6 +66,8 @@ struct Recorder {
     pause_at: Option<u64>,
     /// Forbid interrupt-window exits.
     no_windows: bool,
+    /// The deadlines the loop asked to kick at, in order.
+    kick_deadlines: std::cell::RefCell<Vec<u64>>,
 }
 
 impl ExitHook for Recorder {
@@ -88,6 +90,10 @@ impl ExitHook for Recorder {
     }
     fn interrupt_windows(&self) -> bool {
         !self.no_windows
+    }
+    fn kick_at(&self, deadline_ns: u64) -> Option<Kick> {
+        self.kick_deadlines.borrow_mut().push(deadline_ns);
+        None
     }
     fn on_kick(&mut self, after: ExitSeq) -> Result<(), Self::Error> {
         self.kicks.push(after);
@@ -260,6 +266,15 @@ fn without_interrupt_windows_injection_waits_for_the_next_natural_exit() {
     assert!(hook.windows.is_empty());
     assert!(!vcpu.log.contains(&"window".to_string()));
     assert!(hook.injections.is_empty());
+    // From the exit where the timer fired on, the kick the loop asks for is due at once
+    // (the moment the interrupt became pending), not at the next timer deadline: a guest
+    // that enables interrupts and then runs without exits gets it after the latency bound.
+    let fired = machine.now_ns();
+    let asked = hook.kick_deadlines.borrow().clone();
+    // (Without the pending interrupt the loop asks for the periodic timer's next deadline,
+    // one period later.)
+    assert!(asked.len() >= 2, "{asked:?}");
+    assert_eq!(&asked[asked.len() - 2..], &[fired, fired], "{asked:?}");
     // Once the guest is ready at a natural exit, the interrupt goes in there.
     vcpu.ready = true;
     vcpu.script = vec![out(0x80, 0)].into();
