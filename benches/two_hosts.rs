@@ -21,22 +21,15 @@ use std::time::Duration;
 #[path = "../tests/common/mod.rs"]
 mod common;
 use common::two_hosts::{
-    client_main, drill, Loss, CLIENT_ARG, HEARTBEAT_TIMEOUT_MS, RESEND, RESEND_MAX,
+    drill, run_as_client_if_asked, Loss, HEARTBEAT_TIMEOUT_MS, RESEND, RESEND_MAX,
 };
 use common::{median, ms, Failure};
 
 const FRAMES: usize = 16;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some(CLIENT_ARG) {
-        return match client_main(&args[1..]) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                println!("client: {e}");
-                ExitCode::FAILURE
-            }
-        };
+    if let Some(code) = run_as_client_if_asked() {
+        return code;
     }
     common::print_banner("two_hosts");
     common::exit_code("two_hosts", run())

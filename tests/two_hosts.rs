@@ -18,22 +18,16 @@
 use std::process::ExitCode;
 
 mod common;
-use common::two_hosts::{client_main, drill, Loss, CLIENT_ARG, HEARTBEAT_TIMEOUT_MS};
+use common::two_hosts::{drill, run_as_client_if_asked, Loss, HEARTBEAT_TIMEOUT_MS};
 
 /// Frames per drill.
 const FRAMES: usize = 16;
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some(CLIENT_ARG) {
-        return match client_main(&args[1..]) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                println!("client: {e}");
-                ExitCode::FAILURE
-            }
-        };
+    if let Some(code) = run_as_client_if_asked() {
+        return code;
     }
+    let args: Vec<String> = std::env::args().skip(1).collect();
     let tests = [
         ("process_kill_drills", Loss::Process),
         ("host_loss_drills", Loss::Host),

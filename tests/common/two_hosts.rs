@@ -239,6 +239,23 @@ fn answers(got: &[u8], sent: &[u8]) -> bool {
     got.len() >= 34 && got[34..] == sent[34..] && got[..6] == sent[6..12] && got[26..30] == GUEST_IP
 }
 
+/// The drills' binaries (tests/two_hosts.rs, benches/two_hosts.rs) are run again inside
+/// host B as the client: with [`CLIENT_ARG`] first, this runs [`client_main`] on the rest
+/// of the command line and returns the exit code; otherwise None.
+pub fn run_as_client_if_asked() -> Option<std::process::ExitCode> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) != Some(CLIENT_ARG) {
+        return None;
+    }
+    Some(match client_main(&args[1..]) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            println!("client: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    })
+}
+
 /// The client, in host B's `client` namespace: `CLIENT_ARG FRAMES KILL_AT REQUEST DONE`.
 /// Prints its result line and returns Err on any failure.
 ///

@@ -99,12 +99,7 @@ pub fn create(mib: u64) -> Result<GuestMemory, MemoryError> {
 /// logging splits them.
 fn no_huge_pages(mem: &GuestMemory) -> Result<(), MemoryError> {
     for region in mem.iter() {
-        let host = region
-            .get_host_address(MemoryRegionAddress(0))
-            .map_err(|e| MemoryError::Map {
-                mib: region.len() >> 20,
-                why: e.to_string(),
-            })?;
+        let host = host_address(region)?;
         // SAFETY: advice on a mapping `mem` owns, of exactly its length; MADV_NOHUGEPAGE
         // changes no contents.
         let rc = unsafe {
@@ -128,6 +123,16 @@ fn no_huge_pages(mem: &GuestMemory) -> Result<(), MemoryError> {
     Ok(())
 }
 
+/// Where `region` is mapped in this process.
+fn host_address(region: &vm_memory::GuestRegionMmap<AtomicBitmap>) -> Result<*mut u8, MemoryError> {
+    region
+        .get_host_address(MemoryRegionAddress(0))
+        .map_err(|e| MemoryError::Map {
+            mib: region.len() >> 20,
+            why: e.to_string(),
+        })
+}
+
 /// First address past the highest RAM byte.
 pub fn end_of_memory(mem: &GuestMemory) -> u64 {
     mem.last_addr().raw_value() + 1
@@ -136,12 +141,7 @@ pub fn end_of_memory(mem: &GuestMemory) -> u64 {
 /// Registers every region with KVM as slots 0.., with dirty-page logging on.
 pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
-        let host = region
-            .get_host_address(MemoryRegionAddress(0))
-            .map_err(|e| MemoryError::Map {
-                mib: region.len() >> 20,
-                why: e.to_string(),
-            })?;
+        let host = host_address(region)?;
         let desc = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: KVM_MEM_LOG_DIRTY_PAGES,
