@@ -12,14 +12,25 @@
 //! asked for to the first answer after it, and from the moment the loss was done, next to
 //! the pair's heartbeat timeout (the baseline: what host loss cannot beat) and the client's
 //! resend interval. `FTVM_BENCH_DRILLS` drills of each (default 2), each booting both hosts
-//! (about 17 s). Needs root; one harness at a time on a machine (each takes both cores).
-//! Run: `cargo bench --bench two_hosts`.
+//! (about 17 s).
+//!
+//! `-- redis` instead: the same two losses under Redis in the protected Linux guest
+//! (tests/common/redis.rs, scripts/lib/redis-hosts.sh; a redis-cli client in host B's
+//! network writing numbered keys over one connection): the client-seen failover, from the
+//! last acknowledged write before the loss to the first after it, next to a protected
+//! write's round trip measured before the loss in the same drill and the pair's heartbeat
+//! timeout there; whether the TCP connection survived. One drill of each (each a protected
+//! Linux boot on two TCG hosts: many minutes).
+//!
+//! Needs root; one harness at a time on a machine (each takes both cores).
+//! Run: `cargo bench --bench two_hosts [-- redis]`.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+use common::redis::{hosts_drill, HOSTS_HEARTBEAT_TIMEOUT_MS};
 use common::two_hosts::{
     drill, run_as_client_if_asked, Loss, HEARTBEAT_TIMEOUT_MS, RESEND, RESEND_MAX,
 };
@@ -36,6 +47,9 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), Failure> {
+    if std::env::args().skip(1).any(|a| a == "redis") {
+        return redis();
+    }
     let drills: usize = std::env::var("FTVM_BENCH_DRILLS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -87,6 +101,43 @@ fn run() -> Result<(), Failure> {
         RESEND.as_millis(),
         RESEND.as_millis(),
         RESEND_MAX.as_millis()
+    );
+    Ok(())
+}
+
+/// Writes per Redis drill, and the acknowledged writes before the loss.
+const REDIS_WRITES: u32 = 24;
+const REDIS_KILL_AFTER: u32 = 8;
+
+fn redis() -> Result<(), Failure> {
+    let mut rows = Vec::new();
+    for loss in [Loss::Process, Loss::Host] {
+        let o = hosts_drill(loss, REDIS_WRITES, REDIS_KILL_AFTER)?;
+        eprintln!(
+            "{}: Redis ready {} s after the start, drill {:.0?}",
+            loss.name(),
+            o.ready_s,
+            o.took
+        );
+        rows.push((loss, o));
+    }
+    println!("-- Redis in the protected Linux guest, two hosts: failover as the client sees it");
+    for (loss, o) in rows {
+        println!(
+            "{:12}: last acknowledged write before → first after {} ms; a protected write's \
+             round trip {} ms (median before the loss); TCP connection {}",
+            loss.name(),
+            o.failover_ms,
+            o.median_ack_ms,
+            if o.connection_survived {
+                "survived"
+            } else {
+                "reset"
+            }
+        );
+    }
+    println!(
+        "baseline: heartbeat timeout {HOSTS_HEARTBEAT_TIMEOUT_MS} ms (a silent host is lost after it)"
     );
     Ok(())
 }

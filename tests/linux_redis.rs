@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 mod common;
+use common::redis::{self, field};
 use common::{
     key_args, linux_guest, linux_guest_images, linux_guest_redis_images, repo, Scratch, FTVM,
 };
@@ -53,52 +54,14 @@ fn scenario(mode: &str, n: u32, k: Option<u32>, timeout_s: u32) -> (Option<i32>,
     )
 }
 
-/// The value of the first `key=value` line (or `... key=value ...` word) in `out`.
-fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
-    let pat = format!("{key}=");
-    out.lines().find_map(|l| {
-        l.split_whitespace()
-            .find_map(|w| w.strip_prefix(pat.as_str()))
-    })
-}
-
 fn number(out: &str, key: &str) -> u64 {
-    field(out, key)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no number {key}= in the output:\n{out}"))
+    redis::number(out, key).unwrap_or_else(|e| panic!("{e}:\n{out}"))
 }
 
-/// What the disk must hold after `n` writes: `key:I VALUE` for I in 1..=n, sorted as the
-/// scenario lists them (bytewise), the values those of scripts/lib/redis-net.sh's
-/// `redis_value`.
-fn expected_disk_keys(n: u32) -> Vec<String> {
-    let mut keys: Vec<String> = (1..=u64::from(n))
-        .map(|i| format!("key:{i} value-{i}-{:08x}", (i * 2_654_435_761) % (1 << 32)))
-        .collect();
-    keys.sort();
-    keys
-}
-
-/// The checks every finished run passes: all `n` writes acknowledged and read back with
-/// their values, the guest ended by SHUTDOWN with status 0 (`guest_end`: the status of the
-/// VMM it ended in), and the disk it leaves (or the standby's copy) passes `e2fsck -n` and
-/// holds exactly the `n` keys with their values in its AOF.
 fn assert_workload_whole(out: &str, n: u32, guest_end: &str) {
-    assert!(!out.contains("writes-failed"), "{out}");
-    assert_eq!(number(out, "acked"), u64::from(n), "{out}");
-    assert!(
-        out.contains(&format!("read-back acked={n} missing=0 wrong=0")),
-        "{out}"
-    );
-    assert_eq!(field(out, guest_end), Some("0"), "{out}");
-    assert_eq!(field(out, "disk-fsck-clean"), Some("yes"), "{out}");
-    assert_eq!(field(out, "disk-has-acked"), Some("yes"), "{out}");
-    let on_disk: Vec<String> = out
-        .lines()
-        .filter_map(|l| l.strip_prefix("disk-key "))
-        .map(str::to_string)
-        .collect();
-    assert_eq!(on_disk, expected_disk_keys(n), "{out}");
+    if let Err(e) = redis::check_workload_whole(out, n, guest_end) {
+        panic!("{e}:\n{out}");
+    }
 }
 
 /// The scripted workload unprotected (`ftvm run --net`): every write acknowledged and read

@@ -33,10 +33,18 @@
 #                                    on the ext4 IMAGE (copied out with debugfs, loaded by
 #                                    a redis-server on a Unix socket), sorted
 #   redis_value I                    the value key:I gets (distinct, the same in every run)
+#   redis_check_disk DIR IMAGE       e2fsck -fn and the AOF's keys of IMAGE against DIR/acked:
+#                                    prints disk-fsck-clean=, disk-keys=, disk-keys-sha256=,
+#                                    a "disk-key KEY VALUE" line per key, disk-has-acked=
+#   redis_failover_report DIR MS     from DIR/events, with the loss done at wall-clock MS:
+#                                    last-ack-before-kill-ms=, first-ack-after-kill-ms=,
+#                                    failover-ms=, median-ack-ms=, connection-survived=
 
-REDIS_GUEST_IP=10.0.0.2
-REDIS_CLIENT_IP=10.0.0.1
-REDIS_PREFIX=24
+# The one-host scenarios' addresses; the two-host drills set REDIS_GUEST_IP (and the prefix)
+# before sourcing, to put the guest on the hosts' link network.
+REDIS_GUEST_IP="${REDIS_GUEST_IP:-10.0.0.2}"
+REDIS_CLIENT_IP="${REDIS_CLIENT_IP:-10.0.0.1}"
+REDIS_PREFIX="${REDIS_PREFIX:-24}"
 REDIS_PORT=6379
 # ftvm's default MAC (MacAddr::DEFAULT), named on both sides so the two-host harness's TAPs
 # and the ARP checks agree with it.
@@ -121,27 +129,52 @@ _redis_now_ms() {
     date +%s%3N
 }
 
-# redis_writes DIR FIRST LAST: one redis-cli, started once, reads the commands from a pipe
-# and answers each on its own line (it reconnects by itself after a lost connection). Each
-# SET is sent only after the previous one's answer. A key is acknowledged when its answer
-# is OK (with appendfsync always the server answers after the AOF write is on the disk); it
-# then goes to DIR/acked as "key:I VALUE", and "ack I MS" to DIR/events. Any other answer
-# (the connection was reset or refused) goes to DIR/events as "error I MS TEXT" and the same
-# SET is sent again after 0.2 s. An answer that does not come in 600 s fails. While it runs,
-# DIR/progress holds the number of the last acknowledged key, for drills to watch.
+# redis_writes DIR FIRST LAST: one redis-cli, started once, reads the commands from a FIFO
+# and answers each on its own line on another (it reconnects by itself after a lost
+# connection; if it ends, e.g. on a receive timeout, a new one is started and that counts as
+# an error). Each SET is sent only after the previous one's answer. A key is acknowledged
+# when its answer is OK (with appendfsync always the server answers after the AOF write is
+# on the disk); it then goes to DIR/acked as "key:I VALUE", and "ack I MS" to DIR/events.
+# Any other answer (the connection was reset or refused) goes to DIR/events as
+# "error I MS TEXT" and the same SET is sent again after 0.2 s. An answer that does not
+# come in 600 s fails. While it runs, DIR/progress holds the number of the last
+# acknowledged key, for drills to watch.
 redis_writes() {
-    local dir="$1" first="$2" last="$3" i reply
+    local dir="$1" first="$2" last="$3" i reply cli="" to from
     mkdir -p "$dir"
     : >>"$dir/acked"
     : >>"$dir/events"
-    coproc RCLI { rcli 2>&1; }
+    rm -f "$dir/to-cli" "$dir/from-cli"
+    mkfifo "$dir/to-cli" "$dir/from-cli" || return 1
     i="$first"
     while [ "$i" -le "$last" ]; do
-        echo "SET key:$i $(redis_value "$i")" >&"${RCLI[1]}"
-        if ! IFS= read -r -t 600 reply <&"${RCLI[0]}"; then
-            echo "redis-net: no answer to SET key:$i in 600 s" >&2
-            kill "$RCLI_PID" 2>/dev/null
-            return 1
+        if [ -n "$cli" ] && ! kill -0 "$cli" 2>/dev/null; then
+            exec {to}>&- {from}<&-
+            wait "$cli" 2>/dev/null
+            cli=""
+        fi
+        if [ -z "$cli" ]; then
+            rcli <"$dir/to-cli" >"$dir/from-cli" 2>&1 &
+            cli=$!
+            exec {to}>"$dir/to-cli" {from}<"$dir/from-cli"
+        fi
+        reply=""
+        # In a subshell: a redis-cli that just ended would make the write kill this shell
+        # (SIGPIPE).
+        if ! (echo "SET key:$i $(redis_value "$i")" >&"$to") 2>/dev/null ||
+            ! IFS= read -r -t 600 reply <&"$from"; then
+            if kill -0 "$cli" 2>/dev/null; then
+                echo "redis-net: no answer to SET key:$i in 600 s" >&2
+                kill "$cli" 2>/dev/null
+                return 1
+            fi
+            # redis-cli ended (its last words, if any, were the answer): start another.
+            echo "error $i $(_redis_now_ms) redis-cli ended ${reply}" >>"$dir/events"
+            exec {to}>&- {from}<&-
+            wait "$cli" 2>/dev/null
+            cli=""
+            sleep 0.2
+            continue
         fi
         if [ "$reply" = OK ]; then
             echo "key:$i $(redis_value "$i")" >>"$dir/acked"
@@ -153,8 +186,8 @@ redis_writes() {
             sleep 0.2
         fi
     done
-    exec {RCLI[1]}>&-
-    wait "$RCLI_PID" 2>/dev/null || true
+    exec {to}>&- {from}<&-
+    wait "$cli" 2>/dev/null || true
 }
 
 redis_read_back() {
@@ -214,4 +247,42 @@ redis_disk_keys() {
     cat "$tmp/out"
     rm -rf "$tmp"
     return "$rc"
+}
+
+redis_check_disk() {
+    local dir="$1" image="$2"
+    if e2fsck -fn "$image" >"$dir/fsck.log" 2>&1; then
+        echo "disk-fsck-clean=yes"
+    else
+        echo "disk-fsck-clean=no"
+        cat "$dir/fsck.log"
+    fi
+    redis_disk_keys "$image" >"$dir/disk-keys"
+    echo "disk-keys=$(wc -l <"$dir/disk-keys")"
+    echo "disk-keys-sha256=$(sha256sum <"$dir/disk-keys" | cut -d' ' -f1)"
+    sed 's/^/disk-key /' "$dir/disk-keys"
+    if [ -s "$dir/client/acked" ] && LC_ALL=C sort "$dir/client/acked" |
+        LC_ALL=C comm -23 - "$dir/disk-keys" | grep -q .; then
+        echo "disk-has-acked=no"
+    else
+        echo "disk-has-acked=yes"
+    fi
+}
+
+redis_failover_report() {
+    local events="$1/events" killed="$2" before after
+    before=$(awk -v t="$killed" '$1 == "ack" && $3 <= t {x = $3} END {print x}' "$events")
+    after=$(awk -v t="$killed" '$1 == "ack" && $3 > t {print $3; exit}' "$events")
+    echo "last-ack-before-kill-ms=$before"
+    echo "first-ack-after-kill-ms=$after"
+    [ -z "$before" ] || [ -z "$after" ] || echo "failover-ms=$((after - before))"
+    # The writes are sequential: the gap between two acks before the kill is a round trip.
+    echo "median-ack-ms=$(awk -v t="$killed" '$1 == "ack" && $3 <= t {if (p) print $3 - p; p = $3}' \
+        "$events" | sort -n | awk '{a[NR] = $1} END {if (NR) print a[int((NR + 1) / 2)]}')"
+    if awk -v t="$killed" '$1 == "error" && $3 > t {bad = 1} END {exit !bad}' "$events"; then
+        echo "connection-survived=no"
+        grep '^error' "$events" | head -5
+    else
+        echo "connection-survived=yes"
+    fi
 }

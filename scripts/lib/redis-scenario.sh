@@ -73,12 +73,36 @@ start_pair() {
     "$ftvm" keygen --out "$dir/pair.key" >/dev/null || exit 3
     FTVM_LOG="${STANDBY_LOG:-ftvm_secondary::standby=info}" "$ftvm" standby --listen 127.0.0.1:7000 \
         --disk "$dir/copy.img" --net "tap=${br}b" "${pair_options[@]}" --key "$dir/pair.key" \
-        >"$dir/s.out" 2>"$dir/s.err" &
+        --control 127.0.0.1:7101 >"$dir/s.out" 2>"$dir/s.err" &
     sp=$!
     FTVM_LOG=ftvm=info "$ftvm" run --peer 127.0.0.1:7000 --connect-timeout-ms 30000 \
         "${guest[@]}" --disk "$1" --net "tap=${br}a" --latency-bound-ms 50 \
-        "${pair_options[@]}" --key "$dir/pair.key" >"$dir/p.out" 2>"$dir/p.err" &
+        "${pair_options[@]}" --key "$dir/pair.key" --control 127.0.0.1:7100 \
+        >"$dir/p.out" 2>"$dir/p.err" &
     pp=$!
+    [ -z "${REDIS_DIAG:-}" ] || { monitor >"$dir/diag.log" 2>&1 & }
+}
+
+# monitor: with REDIS_DIAG=1, every 5 s each VMM's `ftvm status` and its threads' CPU ticks
+# (utime+stime) into DIR/diag.log, so a stall shows whether the guest runs, halts or waits.
+monitor() {
+    while kill -0 "$pp" 2>/dev/null; do
+        echo "--- $(date +%s) ---"
+        local p a
+        for a in 7100 7101; do
+            "$ftvm" status "127.0.0.1:$a" --key "$dir/pair.key" 2>&1 |
+                grep -E '^(role|state|epoch|verified_epoch|exit_seq|lag_epochs|held_output_bytes|repairs|divergences)=' |
+                tr '\n' ' '
+            echo
+        done
+        for p in "$pp" "${sp:-}"; do
+            for t in /proc/"$p"/task/*; do
+                [ -e "$t/stat" ] || continue
+                echo "$p $(cat "$t/comm") $(awk '{print $3, $14 + $15}' "$t/stat") $(cat "$t/wchan" 2>/dev/null)"
+            done
+        done
+        sleep 5
+    done
 }
 
 # ready: until the guest's server answers (or the VMM ended, or READY_S seconds passed);
@@ -132,6 +156,7 @@ tails() {
         echo "--- standby stderr (tail; repairs installed: $(grep -c 'checkpoint installed' "$dir/s.err")) ---"
         grep -v 'checkpoint installed\|asking for a repair' "$dir/s.err" | tail -12
     fi
+    [ ! -e "$dir/diag.log" ] || { echo "--- diag (tail) ---"; tail -"${REDIS_DIAG_LINES:-400}" "$dir/diag.log"; }
 }
 
 # shutdown_and_wait: SHUTDOWN (the guest's init then unmounts and exits 0) and the VMMs' end.
@@ -144,26 +169,6 @@ shutdown_and_wait() {
     if [ -n "${sp:-}" ]; then
         wait "$sp"
         echo "standby-status=$?"
-    fi
-}
-
-# check_disk IMAGE: the file system and the keys in the guest's AOF on it.
-check_disk() {
-    if e2fsck -fn "$1" >"$dir/fsck.log" 2>&1; then
-        echo "disk-fsck-clean=yes"
-    else
-        echo "disk-fsck-clean=no"
-        cat "$dir/fsck.log"
-    fi
-    redis_disk_keys "$1" >"$dir/disk-keys"
-    echo "disk-keys=$(wc -l <"$dir/disk-keys")"
-    echo "disk-keys-sha256=$(sha256sum <"$dir/disk-keys" | cut -d' ' -f1)"
-    sed 's/^/disk-key /' "$dir/disk-keys"
-    if [ -s "$dir/client/acked" ] && LC_ALL=C sort "$dir/client/acked" |
-        LC_ALL=C comm -23 - "$dir/disk-keys" | grep -q .; then
-        echo "disk-has-acked=no"
-    else
-        echo "disk-has-acked=yes"
     fi
 }
 
@@ -180,7 +185,7 @@ case "$mode" in
         ready || exit 4
         writes_and_read_back
         shutdown_and_wait
-        if [ "$mode" = plain ]; then check_disk "$disk"; else check_disk "$dir/copy.img"; fi
+        if [ "$mode" = plain ]; then redis_check_disk "$dir" "$disk"; else redis_check_disk "$dir" "$dir/copy.img"; fi
         grep 'protected run complete' "$dir/p.err"
         ;;
     kill)
@@ -200,24 +205,11 @@ case "$mode" in
         pp=""
         wait "$wp" || echo "writes-failed"
         echo "acked=$(wc -l <"$dir/client/acked")"
-        before=$(awk -v t="$killed" '$1 == "ack" && $3 <= t {x = $3} END {print x}' "$dir/client/events")
-        after=$(awk -v t="$killed" '$1 == "ack" && $3 > t {print $3; exit}' "$dir/client/events")
-        echo "last-ack-before-kill-ms=$before"
-        echo "first-ack-after-kill-ms=$after"
-        [ -z "$before" ] || [ -z "$after" ] || echo "failover-ms=$((after - before))"
-        # The writes are sequential: the gap between two acks before the kill is a round trip.
-        echo "median-ack-ms=$(awk -v t="$killed" '$1 == "ack" && $3 <= t {if (p) print $3 - p; p = $3}' \
-            "$dir/client/events" | sort -n | awk '{a[NR] = $1} END {if (NR) print a[int((NR + 1) / 2)]}')"
-        if awk -v t="$killed" '$1 == "error" && $3 > t {bad = 1} END {exit !bad}' "$dir/client/events"; then
-            echo "connection-survived=no"
-            grep '^error' "$dir/client/events" | head -5
-        else
-            echo "connection-survived=yes"
-        fi
+        redis_failover_report "$dir/client" "$killed"
         redis_read_back "$dir/client"
         grep -m1 're-emitting output from sequence' "$dir/s.err"
         shutdown_and_wait
-        check_disk "$dir/copy.img"
+        redis_check_disk "$dir" "$dir/copy.img"
         ;;
     bench)
         for run in unprotected protected; do

@@ -247,6 +247,7 @@ pub(crate) fn resync_reconnecting(
                             | ChannelError::ClosedMidFrame { .. }
                             | ChannelError::Io { .. }
                             | ChannelError::HandshakeTimeout { .. }
+                            | ChannelError::SetupTimeout { .. }
                     ) =>
             {
                 let Some(again) = reconnect.as_mut() else {

@@ -16,6 +16,7 @@
 #![allow(dead_code)]
 
 pub mod net;
+pub mod redis;
 pub mod two_hosts;
 
 use std::net::TcpListener;

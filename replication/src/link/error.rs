@@ -163,6 +163,15 @@ pub enum ChannelError {
         /// The limit.
         timeout: Duration,
     },
+    /// After the handshake, the peer sent nothing for this long while the pair was being
+    /// set up (building the VM, the disk resync).
+    #[error("{peer} sent nothing for {timeout:.0?} while the pair was being set up")]
+    SetupTimeout {
+        /// The peer.
+        peer: String,
+        /// The limit.
+        timeout: Duration,
+    },
 }
 
 impl ChannelError {

@@ -67,9 +67,16 @@ impl Default for Heartbeat {
     }
 }
 
-/// How long the whole handshake (key, magic, `Hello`) may take; after it, each read of the
-/// `Start`/`Ready` exchange may wait this long.
+/// How long the whole handshake (key, magic, `Hello`) may take: until it is done the peer
+/// has proved nothing, so it gets little time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// After the handshake, how long each read of the pair's set-up (`Start`, the disk resync's
+/// runs, `Ready`) may wait. The peer holds the pair's key by then, and a standby answers
+/// `Start` only once it has built the VM and read its disks, which a slow or loaded host
+/// (the nested harness under TCG, a busy hypervisor) can take well past the handshake's
+/// bound.
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Connects to `peer`, retrying with exponential backoff (50 ms doubling to 1 s) until
 /// `timeout` has passed.
@@ -169,14 +176,21 @@ fn timed_out(e: &io::Error) -> bool {
     )
 }
 
-/// Reads one message from a blocking socket whose read timeout is set; `offset` is the
-/// stream offset of the frame and advances past it.
+/// Reads one message of the pair's set-up from a blocking socket whose read timeout is
+/// [`SETUP_TIMEOUT`] (as [`handshake`] leaves it); `offset` is the stream offset of the
+/// frame and advances past it.
 pub fn recv_blocking(
     stream: &mut SecureStream,
     peer: &str,
     offset: &mut u64,
 ) -> Result<Message, ChannelError> {
-    recv_limited(stream, peer, offset, frame::MAX_FRAME_LEN)
+    recv_limited(stream, peer, offset, frame::MAX_FRAME_LEN).map_err(|e| match e {
+        ChannelError::HandshakeTimeout { peer, .. } => ChannelError::SetupTimeout {
+            peer,
+            timeout: SETUP_TIMEOUT,
+        },
+        e => e,
+    })
 }
 
 /// [`recv_blocking`] of a frame of at most `limit` bytes.
@@ -405,7 +419,7 @@ pub fn exchange_hellos(
     stream.set_deadline(None);
     stream
         .tcp()
-        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .set_read_timeout(Some(SETUP_TIMEOUT))
         .map_err(io_err)?;
     tracing::debug!(peer, host = %their_host, "pair handshake done");
     tracing::info!(

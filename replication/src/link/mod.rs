@@ -21,7 +21,7 @@ pub use self::error::ChannelError;
 pub use self::handshake::{
     body_name, connect, exchange_hellos, handshake, handshake_on, recv_blocking, send_blocking,
     Handshaken, Heartbeat, Me, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TIMEOUT,
-    HANDSHAKE_TIMEOUT, MAX_HEARTBEAT, MAX_HELLO,
+    HANDSHAKE_TIMEOUT, MAX_HEARTBEAT, MAX_HELLO, SETUP_TIMEOUT,
 };
 pub use self::secure::{Cipher, PairKey, Purpose, SecureStream, Security};
 
