@@ -56,6 +56,10 @@ fn main() -> ExitCode {
         ("redis_after_process_kill", Service::Redis, Loss::Process),
         ("redis_after_host_loss", Service::Redis, Loss::Host),
     ];
+    // The Redis drills are ignored unless asked for (`--ignored`, `--include-ignored`,
+    // scripts/redis-hosts-drill.sh): each is a protected Linux boot on two TCG hosts, 15 to
+    // 25 minutes here, and one protected Linux run in three has stalled (docs/DESIGN.md §8).
+    let ignored = |service: &Service| matches!(service, Service::Redis);
     if args.iter().any(|a| a == "--list") {
         for (name, ..) in tests {
             println!("{name}: test");
@@ -68,16 +72,20 @@ fn main() -> ExitCode {
         .map(String::as_str)
         .collect();
     let exact = args.iter().any(|a| a == "--exact");
-    // None of these is an ignored test.
     let only_ignored = args.iter().any(|a| a == "--ignored");
+    let include_ignored = args.iter().any(|a| a == "--include-ignored");
     let selected: Vec<_> = tests
         .into_iter()
-        .filter(|(name, ..)| {
-            !only_ignored
-                && (filters.is_empty()
-                    || filters
-                        .iter()
-                        .any(|f| if exact { name == f } else { name.contains(f) }))
+        .filter(|(name, service, _)| {
+            let runs = if only_ignored {
+                ignored(service)
+            } else {
+                include_ignored || !ignored(service)
+            };
+            runs && (filters.is_empty()
+                || filters
+                    .iter()
+                    .any(|f| if exact { name == f } else { name.contains(f) }))
         })
         .collect();
     let count = |var: &str| -> u64 {

@@ -14,6 +14,13 @@ use ftvm_replication::log::LogSource;
 use crate::describe::{describe, describe_exit, hex};
 use crate::{ReplayHookError, Replayer, MAX_GUEST_IPV6};
 
+/// How much vCPU time a replayed guest may run past an exit without reaching the next one
+/// the log holds ([`ExitHook::exit_free_bound`]). Far above any exit-free stretch of a
+/// recording: the recorder kicks a guest that runs on past a timer deadline after its
+/// latency bound (50 ms in the nested suites, 30 s at most in the tests), and a spinning
+/// guest reaches an exit or a kick long before.
+pub(crate) const REPLAY_EXIT_FREE_BOUND: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
     type Error = ReplayHookError;
 
@@ -258,6 +265,28 @@ impl<S: LogSource, W: Write> ExitHook for Replayer<S, W> {
 
     fn interrupt_windows(&self) -> bool {
         self.interrupt_windows
+    }
+
+    fn exit_free_bound(&self) -> Option<std::time::Duration> {
+        Some(REPLAY_EXIT_FREE_BOUND)
+    }
+
+    /// Only [`REPLAY_EXIT_FREE_BOUND`] kicks a replayed guest: it ran that long past exit
+    /// `after` although the log shows the recorded guest reached its next exit. Its state
+    /// differs from the recorded guest's in a way no exit showed (seen with Linux after a
+    /// repair, spinning in `KVM_RUN` for minutes while its primary went on): a divergence,
+    /// which a standby repairs, rather than a replay that never ends.
+    fn on_kick(&mut self, after: ExitSeq) -> Result<(), ReplayHookError> {
+        Err(crate::Divergence {
+            epoch: self.epoch,
+            exit_seq: after.0,
+            reason: format!(
+                "the replayed guest ran {REPLAY_EXIT_FREE_BOUND:?} of vCPU time past exit {} \
+                 without reaching the next exit the log holds",
+                after.0
+            ),
+        }
+        .into())
     }
 
     fn on_output(&mut self, _seq: ExitSeq, bytes: &[u8]) -> Result<(), ReplayHookError> {

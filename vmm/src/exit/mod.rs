@@ -290,6 +290,15 @@ pub trait ExitHook {
     fn kick_at(&self, _deadline_ns: u64) -> Option<Kick> {
         None
     }
+
+    /// The most vCPU time the guest may run without an exit when no timer kick is armed
+    /// ([`ExitHook::kick_at`] gave none): past it the vCPU is kicked and [`ExitHook::on_kick`]
+    /// decides what that means. None (the default): no bound. A replayer bounds it: it only
+    /// enters the guest once the log shows the recorded guest reached its next exit, so a
+    /// replayed guest that runs on and on without one has gone another way.
+    fn exit_free_bound(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Why [`run`] failed: the VM, or the hook (with its own error type `E`).
@@ -349,7 +358,12 @@ pub fn run<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
         } else {
             machine.next_timer_deadline()
         };
-        let kick = due.and_then(|deadline| hook.kick_at(deadline));
+        let kick = due.and_then(|deadline| hook.kick_at(deadline)).or_else(|| {
+            hook.exit_free_bound().map(|bound| Kick {
+                at: Instant::now(),
+                after_guest_time: bound,
+            })
+        });
         vcpu.arm_kick(kick);
         let exit = match vcpu.run()? {
             RunOutcome::Kicked => {

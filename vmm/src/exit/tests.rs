@@ -10,6 +10,8 @@ struct ScriptedVcpu {
     /// Calls in order: "run", "inject <v>", "window <on>", "read <bytes>".
     log: Vec<String>,
     ready: bool,
+    /// Every kick the loop armed before a run, in order.
+    armed: Vec<Option<Kick>>,
 }
 
 impl VcpuRun for ScriptedVcpu {
@@ -46,7 +48,9 @@ impl VcpuRun for ScriptedVcpu {
         self.log.push("complete".into());
         Ok(())
     }
-    fn arm_kick(&mut self, _kick: Option<Kick>) {}
+    fn arm_kick(&mut self, kick: Option<Kick>) {
+        self.armed.push(kick);
+    }
     fn rip(&mut self) -> u64 {
         0x1234
     }
@@ -68,6 +72,8 @@ struct Recorder {
     no_windows: bool,
     /// The deadlines the loop asked to kick at, in order.
     kick_deadlines: std::cell::RefCell<Vec<u64>>,
+    /// What `exit_free_bound` answers.
+    exit_free: Option<Duration>,
 }
 
 impl ExitHook for Recorder {
@@ -94,6 +100,9 @@ impl ExitHook for Recorder {
     fn kick_at(&self, deadline_ns: u64) -> Option<Kick> {
         self.kick_deadlines.borrow_mut().push(deadline_ns);
         None
+    }
+    fn exit_free_bound(&self) -> Option<Duration> {
+        self.exit_free
     }
     fn on_kick(&mut self, after: ExitSeq) -> Result<(), Self::Error> {
         self.kicks.push(after);
@@ -320,4 +329,43 @@ fn serial_output_reaches_the_hook_and_triple_fault_is_an_error() {
         err.to_string(),
         "guest triple fault at rip=0x1234 (exit sequence number 2)"
     );
+}
+
+#[test]
+fn an_exit_free_bound_arms_a_kick_where_no_timer_kick_is_armed() {
+    // This hook arms no timer kick (kick_at answers None): without a bound nothing is armed.
+    let run_with = |exit_free| {
+        let mut hook = Recorder {
+            exit_free,
+            ..Default::default()
+        };
+        let mut vcpu = ScriptedVcpu {
+            script: vec![out(0x80, 0), RunOutcome::Kicked, out(0x80, 0)].into(),
+            ..Default::default()
+        };
+        let mut machine =
+            Machine::new(&crate::memory::create(16).unwrap(), Vec::new(), None).unwrap();
+        run(
+            &mut vcpu,
+            &mut machine,
+            &mut hook,
+            &mut LoopState::default(),
+        )
+        .unwrap();
+        (vcpu.armed, hook.kicks)
+    };
+    let (armed, kicks) = run_with(None);
+    assert!(armed.iter().all(Option::is_none), "{armed:?}");
+    assert_eq!(kicks, vec![ExitSeq(1)]);
+    // With a bound (a replayer's): every entry is armed with it, counted from the entry.
+    let bound = Duration::from_secs(7);
+    let (armed, kicks) = run_with(Some(bound));
+    assert_eq!(armed.len(), 4, "{armed:?}");
+    assert!(
+        armed
+            .iter()
+            .all(|k| k.is_some_and(|k| k.after_guest_time == bound)),
+        "{armed:?}"
+    );
+    assert_eq!(kicks, vec![ExitSeq(1)]);
 }
