@@ -349,7 +349,7 @@ pub fn check<'a>(
                 continue;
             }
         }
-        if let Slot::Escaped { at, encoded } = slots.next_checked()? {
+        if let Slot::Escaped { at, encoded } = slots.next_slot()? {
             escaped(at, encoded)?;
         }
         slots.remaining -= 1;
@@ -515,27 +515,9 @@ impl<'a> Slots<'a> {
         self.declared
     }
 
-    /// The next slot: a fixed slot that is whole and well formed is read in one step;
-    /// anything else (an escape, a damaged or truncated slot) takes [`Slots::next_checked`],
-    /// which names what is wrong.
+    /// The next slot, every field checked one by one, so an error says which.
     #[inline]
     fn next_slot(&mut self) -> Result<Slot<'a>, PackedError> {
-        let at = self.at;
-        if let Some(slot) = self.block.get(at..at + SLOT_LEN) {
-            let w0 = u64::from_le_bytes(arr(&slot[..8]));
-            let a = u64::from_le_bytes(arr(&slot[8..16]));
-            let b = u64::from_le_bytes(arr(&slot[16..24]));
-            if let Some(fixed) = fixed_slot(self.base, w0, a, b) {
-                self.at = at + SLOT_LEN;
-                return Ok(Slot::Fixed(fixed));
-            }
-        }
-        self.next_checked()
-    }
-
-    /// The next slot, every field checked one by one, so an error says which.
-    #[cold]
-    fn next_checked(&mut self) -> Result<Slot<'a>, PackedError> {
         let at = self.at;
         let kind = take(self.block, at, 1)?[0];
         if kind == ESCAPE {
@@ -619,7 +601,7 @@ impl<'a> Slots<'a> {
 }
 
 /// A fixed slot's fields when the slot (its first word `w0`, then `a` and `b`) is well
-/// formed, else None. Accepts exactly what [`Slots::next_checked`] accepts.
+/// formed, else None. Accepts exactly what [`Slots::next_slot`] accepts.
 #[inline]
 fn fixed_slot(base: u64, w0: u64, a: u64, b: u64) -> Option<Fixed> {
     // Shifts, not a byte array: the fields stay in registers.
@@ -675,7 +657,6 @@ fn fixed_slot(base: u64, w0: u64, a: u64, b: u64) -> Option<Fixed> {
 impl<'a> Iterator for Slots<'a> {
     type Item = Result<Slot<'a>, PackedError>;
 
-    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.failed {
             return None;
