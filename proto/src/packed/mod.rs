@@ -137,6 +137,7 @@ impl PackedWriter {
         }
     }
 
+    #[inline]
     fn delta(&self, exit_seq: u64) -> Option<u32> {
         exit_seq
             .checked_sub(self.base)
@@ -144,13 +145,17 @@ impl PackedWriter {
     }
 
     /// Appends a fixed slot; false (nothing written) when `exit_seq` has no delta.
+    #[inline]
     fn slot(&mut self, exit_seq: u64, head: [u8; 3], a: u64, b: u64) -> bool {
         let Some(delta) = self.delta(exit_seq) else {
             return false;
         };
+        let w0 = u64::from(head[0])
+            | u64::from(head[1]) << 8
+            | u64::from(head[2]) << 16
+            | u64::from(delta) << 32;
         let mut slot = [0u8; SLOT_LEN];
-        slot[..3].copy_from_slice(&head);
-        slot[4..8].copy_from_slice(&delta.to_le_bytes());
+        slot[..8].copy_from_slice(&w0.to_le_bytes());
         slot[8..16].copy_from_slice(&a.to_le_bytes());
         slot[16..24].copy_from_slice(&b.to_le_bytes());
         // One copy of the whole slot.
@@ -160,6 +165,7 @@ impl PackedWriter {
     }
 
     /// A port read of `value` (1 to 8 bytes) at `exit_seq`, without building a `Record`.
+    #[inline]
     pub fn pio_read(&mut self, exit_seq: u64, at_kick: bool, port: u16, value: &[u8]) {
         if !(1..=8).contains(&value.len())
             || !self.slot(
@@ -214,6 +220,7 @@ impl PackedWriter {
         }
     }
 
+    #[inline(never)]
     fn escape(&mut self, record: &Record) {
         let len = record.encoded_len();
         self.buf.extend_from_slice(&[ESCAPE, 0, 0, 0]);
@@ -241,6 +248,7 @@ impl PackedWriter {
     }
 }
 
+#[inline]
 fn flag(on: bool, bit: u8) -> u8 {
     if on {
         bit
@@ -249,10 +257,12 @@ fn flag(on: bool, bit: u8) -> u8 {
     }
 }
 
+#[inline]
 fn fits(size: u32, value: &[u8]) -> bool {
     (1..=8).contains(&size) && value.len() == size as usize
 }
 
+#[inline]
 fn le_value(value: &[u8]) -> u64 {
     // The usual sizes without a variable-length copy.
     match *value {
@@ -316,6 +326,42 @@ pub fn unpack(block: &[u8]) -> Result<Vec<Record>, PackedError> {
         out.push(slot?.to_record()?);
     }
     Ok(out)
+}
+
+/// Checks every record of `block` in one pass and returns how many it holds: each fixed
+/// slot is checked in place (nothing is built for it), each escaped record's encoding is
+/// handed to `escaped` with its offset in the block (an error it returns ends the check).
+/// Accepts exactly the blocks whose [`Slots`] all read without an error.
+pub fn check<'a>(
+    block: &'a [u8],
+    mut escaped: impl FnMut(usize, &'a [u8]) -> Result<(), PackedError>,
+) -> Result<u32, PackedError> {
+    let mut slots = Slots::new(block)?;
+    while slots.remaining > 0 {
+        let at = slots.at;
+        if let Some(slot) = block.get(at..at + SLOT_LEN) {
+            let w0 = u64::from_le_bytes(arr(&slot[..8]));
+            let a = u64::from_le_bytes(arr(&slot[8..16]));
+            let b = u64::from_le_bytes(arr(&slot[16..24]));
+            if fixed_slot(slots.base, w0, a, b).is_some() {
+                slots.at = at + SLOT_LEN;
+                slots.remaining -= 1;
+                continue;
+            }
+        }
+        if let Slot::Escaped { at, encoded } = slots.next_slot()? {
+            escaped(at, encoded)?;
+        }
+        slots.remaining -= 1;
+    }
+    if slots.at != block.len() {
+        return Err(PackedError::Count {
+            declared: slots.declared,
+            found: slots.declared,
+            trailing: block.len() - slots.at,
+        });
+    }
+    Ok(slots.declared)
 }
 
 /// One record of a block, read in place.
@@ -469,6 +515,8 @@ impl<'a> Slots<'a> {
         self.declared
     }
 
+    /// The next slot, every field checked one by one, so an error says which.
+    #[inline]
     fn next_slot(&mut self) -> Result<Slot<'a>, PackedError> {
         let at = self.at;
         let kind = take(self.block, at, 1)?[0];
@@ -552,6 +600,60 @@ impl<'a> Slots<'a> {
     }
 }
 
+/// A fixed slot's fields when the slot (its first word `w0`, then `a` and `b`) is well
+/// formed, else None. Accepts exactly what [`Slots::next_slot`] accepts.
+#[inline]
+fn fixed_slot(base: u64, w0: u64, a: u64, b: u64) -> Option<Fixed> {
+    // Shifts, not a byte array: the fields stay in registers.
+    let (kind, flags, size) = (w0 as u8, (w0 >> 8) as u8, (w0 >> 16) as u8);
+    if (w0 >> 24) as u8 != 0 {
+        return None;
+    }
+    let exit_seq = base.checked_add(w0 >> 32)?;
+    let plain = flags & !AT_KICK == 0;
+    let kind = match kind {
+        PIO_READ | MMIO_READ => {
+            if !plain || !(1..=8).contains(&size) || (size < 8 && b >> (u32::from(size) * 8) != 0) {
+                return None;
+            }
+            if kind == PIO_READ {
+                FixedKind::PioRead {
+                    port: u16::try_from(a).ok()?,
+                    size,
+                    value: b,
+                }
+            } else {
+                FixedKind::MmioRead {
+                    addr: a,
+                    size,
+                    value: b,
+                }
+            }
+        }
+        INTERRUPT if plain && size == 0 && b == 0 => FixedKind::Interrupt {
+            vector: u8::try_from(a).ok()?,
+        },
+        INTERRUPT_WINDOW if plain && size == 0 && a == 0 && b == 0 => FixedKind::InterruptWindow,
+        INPUTS
+            if flags & !(AT_KICK | HALTED | HAS_CLOCK) == 0
+                && size == 0
+                && a == 0
+                && (flags & HAS_CLOCK != 0 || b == 0) =>
+        {
+            FixedKind::Inputs {
+                halted: flags & HALTED != 0,
+                clock_ns: (flags & HAS_CLOCK != 0).then_some(b),
+            }
+        }
+        _ => return None,
+    };
+    Some(Fixed {
+        exit_seq,
+        at_kick: flags & AT_KICK != 0,
+        kind,
+    })
+}
+
 impl<'a> Iterator for Slots<'a> {
     type Item = Result<Slot<'a>, PackedError>;
 
@@ -592,6 +694,7 @@ fn take(block: &[u8], at: usize, len: usize) -> Result<&[u8], PackedError> {
     Ok(&block[at..at + len])
 }
 
+#[inline]
 fn arr<const N: usize>(s: &[u8]) -> [u8; N] {
     let mut a = [0u8; N];
     a.copy_from_slice(s);

@@ -110,6 +110,34 @@ proptest! {
         block.truncate(cut % (block.len() + 1));
         let _ = unpack(&block);
     }
+
+    /// The one-pass check accepts exactly what reading slot by slot accepts, with the same
+    /// count and the same escapes, intact or damaged.
+    #[test]
+    fn check_agrees_with_slots(rs in records(), at in any::<usize>(), byte in any::<u8>(), damage in any::<bool>()) {
+        let mut block = pack(&rs).to_vec();
+        if damage {
+            let i = at % block.len();
+            block[i] ^= byte | 1;
+        }
+        let read: Result<Vec<Slot>, PackedError> = Slots::new(&block).and_then(|s| s.collect());
+        let mut escapes = Vec::new();
+        let checked = check(&block, |at, encoded| {
+            escapes.push(Slot::Escaped { at, encoded });
+            Ok(())
+        });
+        match read {
+            Ok(slots) => {
+                prop_assert_eq!(checked, Ok(slots.len() as u32));
+                let want: Vec<Slot> = slots.into_iter().filter(|s| matches!(s, Slot::Escaped { .. })).collect();
+                prop_assert_eq!(escapes, want);
+            }
+            Err(e) => prop_assert_eq!(checked, Err(e)),
+        }
+        if !damage {
+            prop_assert_eq!(check(&block, |_, _| Ok(())), Ok(rs.len() as u32));
+        }
+    }
 }
 
 #[test]

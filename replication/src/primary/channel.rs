@@ -251,7 +251,8 @@ impl Driver {
                 Action::Send(mut msg) => {
                     self.written.fit(&mut msg);
                     if let Some(link) = &mut self.link {
-                        if let Err(e) = link.send(&msg) {
+                        // Written below, with the rest of this turn's messages.
+                        if let Err(e) = link.queue(&msg) {
                             self.core.link_failed(e, Instant::now());
                         }
                     }
@@ -301,6 +302,12 @@ impl Driver {
                     }
                     fence(&why)
                 }
+            }
+        }
+        // The messages of this turn leave together (one write, not one per message).
+        if let Some(link) = &mut self.link {
+            if let Err(e) = link.flush() {
+                self.core.link_failed(e, Instant::now());
             }
         }
     }
