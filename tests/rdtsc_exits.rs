@@ -128,12 +128,13 @@ fn a_linux_guest_recorded_with_tsc_exits_replays_or_names_its_divergence() {
         "cp {disk} /tmp/replay-disk.img || exit 98; \
          timeout 400 {FTVM} run --kernel {kernel} --initrd {initrd} --disk {disk} \
            --mem-mib 256 --append quiet --record {log} --tsc exits --latency-bound-ms 30000 \
-           </dev/null; echo \"record-status=$?\"; \
+           </dev/null 2>/tmp/record.err; echo \"record-status=$?\"; cat /tmp/record.err; \
          timeout 300 {FTVM} replay {log} --kernel {kernel} --initrd {initrd} \
            --disk /tmp/replay-disk.img; echo \"replay-status=$?\""
     );
     let (status, out, err) = nested_with(&["--rdtsc-exits"], &["sh", "-c", &script], 800);
-    // The command's stdout and stderr both come back on the harness's stdout.
+    // The command's stdout and stderr both come back on the harness's stdout (the
+    // recording's log through a file: on the harness's console it would be coloured).
     let ctx = format!("{out}\n--- harness stderr ---\n{err}");
     assert_eq!(status, Some(0), "{ctx}");
     assert!(out.contains("record-status=0"), "{ctx}");
@@ -144,7 +145,7 @@ fn a_linux_guest_recorded_with_tsc_exits_replays_or_names_its_divergence() {
         .unwrap_or_else(|| panic!("no end-of-recording line: {ctx}"));
     let tsc_reads: u64 = common::field(recorded, "tsc_reads")
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no tsc_reads= in {recorded}"));
+        .unwrap_or_else(|| panic!("no tsc_reads= in {recorded}: {ctx}"));
     assert!(tsc_reads > 0, "{ctx}");
     let checksums: Vec<String> = out
         .lines()

@@ -34,21 +34,25 @@ busybox ip link set lo up || exit 98
 {ftvm} tsc-probe | grep -q 'tsc-exits: present' || {{ {ftvm} tsc-probe; exit 97; }}
 for i in 1 2 3; do {ftvm} tsc-probe --measure {EXITS} | grep '^n='; done
 K={kernel}; I={initrd}; D={disk}
+{ftvm} keygen --out /tmp/x.key >/dev/null || exit 98
+PAIR="--heartbeat-ms 200 --heartbeat-timeout-ms 3000 --max-lag-epochs 100000000 \
+    --max-slowed-ms 86400000 --max-standby-backlog-mib 4096 --key /tmp/x.key"
 run() {{ # mode workload
     cp $D /tmp/xp.img; cp $D /tmp/xs.img
     start=$(date +%s)
     FTVM_LOG=ftvm=info timeout 1500 {ftvm} standby \
-        --listen 127.0.0.1:7100 --disk /tmp/xs.img --heartbeat-ms 200 \
-        --heartbeat-timeout-ms 3000 >/dev/null 2>/tmp/xs.err &
+        --listen 127.0.0.1:7100 --disk /tmp/xs.img $PAIR >/dev/null 2>/tmp/xs.err &
     sp=$!
     FTVM_LOG=ftvm=info timeout 1500 {ftvm} run --tsc $1 \
         --peer 127.0.0.1:7100 --connect-timeout-ms 30000 --kernel $K --initrd $I \
-        --disk /tmp/xp.img --mem-mib 256 --latency-bound-ms 50 --heartbeat-ms 200 \
-        --heartbeat-timeout-ms 3000 --append "quiet ftvm.workload=$2" >/tmp/xp.out 2>/tmp/xp.err
+        --disk /tmp/xp.img --mem-mib 256 --latency-bound-ms 50 $PAIR \
+        --append "quiet ftvm.workload=$2" >/tmp/xp.out 2>/tmp/xp.err
     ps=$?; wait $sp; ss=$?
     line=$(grep 'protected run complete' /tmp/xp.err)
     stats=$(grep 'recorder stats' /tmp/xp.err | sed 's/epochs=/rec_epochs=/; s/checkpoint_required=/rec_cr=/')
     echo "exact mode=$1 wl=$2 primary_status=$ps standby_status=$ss took_s=$(( $(date +%s) - start )) $line $stats"
+    [ "$ps" = 0 ] || tail -5 /tmp/xp.err
+    [ "$ss" = 0 ] || tail -5 /tmp/xs.err
 }}
 "#
     );
