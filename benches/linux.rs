@@ -13,12 +13,21 @@
 //!   repair and the repair bytes per epoch for boot, idle and files, with the default TSC
 //!   measures, each turned off, and all off (the baseline).
 //!
+//! - exact replay against repair (`benches/linux/exact.rs`, the harness with the
+//!   ftvm-rdtsc-exits module): for boot, idle and files, the share of epochs verified
+//!   without a repair with `--tsc repair` (stock: TSC reads native) and `--tsc exits` (every
+//!   TSC read an exit, the TSC hidden), the TSC reads per second of guest time, and a
+//!   TSC-read exit's cost next to a port-I/O exit's.
+//!
 //! - what protection costs (`benches/linux/protected.rs`): `files` time and `dd` throughput
 //!   protected next to unprotected, and the output delay of the guest's serial output in a
 //!   protected run, stage by stage.
 //!
 //! `cargo bench --bench linux -- repairs [WORKLOAD...]` runs only the repair runs (of the
-//! workloads named; default boot, idle, files); `-- protected` only the cost of protection;
+//! workloads named; default boot, idle, files); `-- exact [WORKLOAD...]` only exact replay
+//! against repair (not part of the default run: it needs the module, which
+//! `scripts/nested.sh --rdtsc-exits` builds on first use); `-- protected` only the cost of
+//! protection;
 //! `-- throughput` only boot time and disk throughput.
 //!
 //! The harness runs the VMMs themselves under QEMU TCG (an exit costs tens of µs there), so
@@ -31,10 +40,13 @@ use std::process::Command;
 // The helpers the tests use too (tests/common/mod.rs says why they live there).
 #[path = "../tests/common/mod.rs"]
 mod common;
-use common::{field, linux_guest, linux_guest_images, median_f64, nested, FTVM};
+use common::{field, linux_guest, linux_guest_images, median_f64, nested_with, FTVM};
 
 #[path = "linux/repairs.rs"]
 mod repairs;
+
+#[path = "linux/exact.rs"]
+mod exact;
 
 #[path = "linux/protected.rs"]
 mod protected;
@@ -141,10 +153,19 @@ fn host_raw_dd() -> (f64, f64) {
 /// Runs `script` in the harness (through a file: the harness's /tmp is an overlay over
 /// this one); its output, or a panic with what it printed.
 fn run_script(name: &str, script: &str, timeout_s: u32) -> String {
+    run_script_with(&[], name, script, timeout_s)
+}
+
+/// [`run_script`] with the harness's `options` (`--rdtsc-exits`).
+fn run_script_with(options: &[&str], name: &str, script: &str, timeout_s: u32) -> String {
     let script_file =
         std::env::temp_dir().join(format!("ftvm-bench-{name}-{}.sh", std::process::id()));
     std::fs::write(&script_file, script).expect("write script");
-    let (status, stdout, stderr) = nested(&["bash", &script_file.to_string_lossy()], timeout_s);
+    let (status, stdout, stderr) = nested_with(
+        options,
+        &["bash", &script_file.to_string_lossy()],
+        timeout_s,
+    );
     let _ = std::fs::remove_file(&script_file);
     let out = stdout.replace('\r', "");
     if status != Some(0) {
@@ -165,6 +186,18 @@ fn main() {
     let disk = std::env::temp_dir().join(format!("ftvm-bench-disk-{}.img", std::process::id()));
     let disk = disk.to_string_lossy().into_owned();
     linux_guest(&["disk", &disk, "40"]);
+    if part == Some("exact") {
+        let workloads: Vec<&str> = if args.len() > 1 {
+            args[1..].iter().map(String::as_str).collect()
+        } else {
+            exact::WORKLOADS.to_vec()
+        };
+        let script = exact::script(FTVM, &kernel, &initrd, &disk, &workloads);
+        let out = run_script_with(&["--rdtsc-exits"], "exact", &script, 3400);
+        exact::report(&out, &workloads);
+        let _ = std::fs::remove_file(&disk);
+        return;
+    }
     if part != Some("throughput") && part != Some("protected") {
         let workloads: Vec<&str> = match part {
             Some("repairs") if args.len() > 1 => args[1..].iter().map(String::as_str).collect(),

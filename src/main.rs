@@ -190,8 +190,10 @@ fn stop_status(stop: StopRequest) -> u8 {
     }
 }
 
-fn boot(args: &RunArgs) -> Result<(VmConfig, Vm), CliError> {
-    let tsc = ftvm_vmm::tsc::TscMeasures::from_env()?;
+/// Builds the guest `args` describe, for a run whose TSC reads are exits where `tsc_exits`
+/// (the measures that keep Linux off the TSC follow from it: `TscMeasures::for_run`).
+fn boot(args: &RunArgs, tsc_exits: bool) -> Result<(VmConfig, Vm), CliError> {
+    let tsc = ftvm_vmm::tsc::TscMeasures::for_run(tsc_exits)?;
     let (kernel, kernel_name) = read_kernel(&args.kernel)?;
     let cmdline = match (&args.cmdline, &args.kernel) {
         (Some(c), _) => c.clone(),
@@ -299,7 +301,14 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
         .as_ref()
         .map(|n| ftvm_vmm::tap::Tap::open(&n.tap))
         .transpose()?;
-    let (config, mut vm) = boot(&args)?;
+    // The TSC mode this host would run the guest in (a pair settles it in the handshake):
+    // the guest is built for it.
+    let offer = if args.record.is_some() || paired {
+        tsc_mode::offer(args.tsc)?
+    } else {
+        pair::TscOffer::No
+    };
+    let (mut config, mut vm) = boot(&args, offer != pair::TscOffer::No)?;
     let policy = EpochPolicy {
         interrupt_windows: args.interrupt_windows,
         latency_bound,
@@ -324,24 +333,38 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             &vm.machine().disks(),
             policy.interrupt_windows,
         );
-        let tsc = tsc_mode::offer(args.tsc)?;
         // Without a standby yet (or none reachable): this host's mode; a standby that joins
         // later must have it too.
-        header.tsc_exits = tsc != pair::TscOffer::No;
+        header.tsc_exits = offer != pair::TscOffer::No;
         let timeout = Duration::from_millis(args.connect_timeout_ms);
         let link = match &args.peer {
             None => Err("no standby yet: waiting for one to join".to_string()),
             Some(peer) => {
-                match pair::connect_standby(
-                    peer,
-                    timeout,
-                    &mut header,
-                    &config.kernel,
-                    config.initrd.as_deref(),
-                    &config.disks,
-                    &options,
-                    tsc,
-                ) {
+                let joined = match pair::handshake_standby(peer, timeout, &options, offer) {
+                    Ok(standby) => {
+                        if standby.tsc_exits != header.tsc_exits {
+                            // The standby's host settled the other mode: the guest is built
+                            // again for it (its CPUID table and command line), before it runs.
+                            drop(vm);
+                            (config, vm) = boot(&args, standby.tsc_exits)?;
+                            header = ftvm_replication::log::build_header(
+                                &config,
+                                vm.cpuid(),
+                                &vm.machine().disks(),
+                                policy.interrupt_windows,
+                            );
+                        }
+                        standby.offer(
+                            &mut header,
+                            &config.kernel,
+                            config.initrd.as_deref(),
+                            &config.disks,
+                            &options,
+                        )
+                    }
+                    Err(e) => Err(e),
+                };
+                match joined {
                     Ok(link) => Ok(link),
                     Err(source) if !args.allow_unprotected => {
                         return Err(CliError::Connect {
@@ -388,7 +411,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             RunEnd::Paused(_) => Ok(0),
         };
     };
-    let tsc = tsc_mode::for_run(args.tsc, &vm)?;
+    let tsc = tsc_mode::install(offer != pair::TscOffer::No, &vm)?;
     let mut header = ftvm_replication::log::build_header(
         &config,
         vm.cpuid(),
@@ -411,6 +434,8 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
         epochs = stats.epochs,
         checkpoint_required = stats.checkpoint_required,
         records = stats.records,
+        tsc_reads = stats.tsc_reads,
+        guest_ms = vm.clock_ns() / 1_000_000,
         bytes = recorder.into_sink().bytes(),
         "recording complete"
     );

@@ -108,6 +108,8 @@ impl Roles {
                                 epochs = report.epochs,
                                 verified = report.verified_epoch,
                                 repairs = report.repairs,
+                                divergences = report.divergences,
+                                checkpoint_required = report.checkpoint_required,
                                 syncs = report.syncs,
                                 protected_to_end = report.protected_to_end,
                                 "protected run complete"

@@ -21,18 +21,10 @@ pub(crate) enum TscChoice {
     Repair,
 }
 
-/// The mode of a recorded run (`ftvm run --record`) on this host, the filter installed on
-/// `vm` when it is TSC-read exits.
-pub(crate) fn for_run(choice: TscChoice, vm: &Vm) -> Result<TscMode, CliError> {
-    let exits = match offer(choice)? {
-        TscOffer::No => false,
-        TscOffer::Offered | TscOffer::Required => true,
-    };
-    install(exits, vm)
-}
-
-/// What a protected run's primary offers its standby (`ftvm run --peer|--accept-standby`):
-/// the mode is settled once the standby's host is known ([`install`] then).
+/// The TSC mode this host offers a recorded run (`ftvm run --record`: exits unless
+/// [`TscOffer::No`]) or a protected run's standby (`ftvm run --peer|--accept-standby`: the
+/// mode is settled once the standby's host is known). The guest is built for it (its CPUID
+/// table and command line, `ftvm_vmm::tsc::TscMeasures::for_run`), and [`install`] follows.
 pub(crate) fn offer(choice: TscChoice) -> Result<TscOffer, CliError> {
     if choice == TscChoice::Repair {
         return Ok(TscOffer::No);

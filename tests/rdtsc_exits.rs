@@ -101,8 +101,16 @@ fn probe_says_absent_on_this_host() {
 
 /// The Linux test guest (Debian kernel, `files` disk workload) recorded with TSC-read exits
 /// and replayed: the recording completes with the right checksums and every TSC read
-/// logged; the replay verifies every epoch, or reports the first divergence with its epoch
-/// and exit (printed, and named in the README), never passing one silently.
+/// logged; the replay diverges nowhere, and verifies every epoch unless the recording needed
+/// a checkpoint somewhere (a kick: the vCPU ran exit-free past its latency bound after a
+/// timer deadline; a log file carries no checkpoint, so its replay stops there, named).
+///
+/// The recording's latency bound is 30 s, not the 50 ms the other nested runs use: with
+/// 50 ms the guest's exit-free stretches under the harness (unpacking the initramfs, hashing
+/// the files in user space) were kicked 142 times in 4105 epochs and the replay stopped at
+/// the first, epoch 526, every epoch before it verified (README, "Exact replay with the host
+/// module"). With 30 s a pending interrupt waits for the guest's next exit, a TSC read
+/// among them, and that replays exactly: 2845 of 2845 epochs verified, no kick (368 s).
 #[test]
 fn a_linux_guest_recorded_with_tsc_exits_replays_or_names_its_divergence() {
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
@@ -119,17 +127,26 @@ fn a_linux_guest_recorded_with_tsc_exits_replays_or_names_its_divergence() {
     let script = format!(
         "cp {disk} /tmp/replay-disk.img || exit 98; \
          timeout 400 {FTVM} run --kernel {kernel} --initrd {initrd} --disk {disk} \
-           --mem-mib 256 --append quiet --record {log} --tsc exits --latency-bound-ms 50 \
-           </dev/null; echo \"record-status=$?\"; \
+           --mem-mib 256 --append quiet --record {log} --tsc exits --latency-bound-ms 30000 \
+           </dev/null 2>/tmp/record.err; echo \"record-status=$?\"; cat /tmp/record.err; \
          timeout 300 {FTVM} replay {log} --kernel {kernel} --initrd {initrd} \
            --disk /tmp/replay-disk.img; echo \"replay-status=$?\""
     );
     let (status, out, err) = nested_with(&["--rdtsc-exits"], &["sh", "-c", &script], 800);
-    // The command's stdout and stderr both come back on the harness's stdout.
+    // The command's stdout and stderr both come back on the harness's stdout (the
+    // recording's log through a file: on the harness's console it would be coloured).
     let ctx = format!("{out}\n--- harness stderr ---\n{err}");
     assert_eq!(status, Some(0), "{ctx}");
     assert!(out.contains("record-status=0"), "{ctx}");
     assert!(ctx.contains("TSC reads are exits"), "{ctx}");
+    let recorded = out
+        .lines()
+        .find(|l| l.contains("recording complete"))
+        .unwrap_or_else(|| panic!("no end-of-recording line: {ctx}"));
+    let tsc_reads: u64 = common::field(recorded, "tsc_reads")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no tsc_reads= in {recorded}: {ctx}"));
+    assert!(tsc_reads > 0, "{ctx}");
     let checksums: Vec<String> = out
         .lines()
         .filter(|l| l.starts_with("checksum "))
@@ -138,20 +155,22 @@ fn a_linux_guest_recorded_with_tsc_exits_replays_or_names_its_divergence() {
     assert_eq!(checksums, expected, "{ctx}");
     let s = ReplaySummary::find(&out).unwrap_or_else(|e| panic!("{e}: {ctx}"));
     let divergence = out.lines().find(|l| l.starts_with("diverged epoch="));
-    if s.diverged + s.checkpoint_required == 0 {
+    assert_eq!(s.diverged, 0, "{:?}: {ctx}", divergence);
+    if s.checkpoint_required == 0 {
         assert_eq!(s.verified, s.epochs, "{ctx}");
         assert!(out.contains("replay-status=0"), "{ctx}");
     } else {
+        // Stopped where the recording was kicked: every epoch before it verified.
+        assert_eq!(s.verified + 1, s.epochs, "{ctx}");
         assert!(out.contains("replay-status=1"), "{ctx}");
-        if s.diverged > 0 {
-            let d = divergence.unwrap_or_else(|| panic!("a divergence not named: {ctx}"));
-            assert!(d.contains(" exit_seq="), "{ctx}");
-        }
     }
     eprintln!(
-        "Linux with TSC-read exits: {}; {}",
+        "Linux with TSC-read exits: {}; recorded: {}",
         s.line,
-        divergence.unwrap_or("no divergence")
+        recorded
+            .split_once("recording complete")
+            .map_or("", |r| r.1)
+            .trim()
     );
 }
 

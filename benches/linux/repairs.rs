@@ -27,17 +27,19 @@ pub fn script(ftvm: &str, kernel: &str, initrd: &str, disk: &str, workloads: &[&
 set -u
 busybox ip link set lo up || exit 98
 K={kernel}; I={initrd}; D={disk}
+{ftvm} keygen --out /tmp/rp.key >/dev/null || exit 98
+PAIR="--heartbeat-ms 200 --heartbeat-timeout-ms 3000 --max-lag-epochs 100000000 \
+    --max-slowed-ms 86400000 --max-standby-backlog-mib 4096 --key /tmp/rp.key"
 run() {{ # config-index measures workload
     cp $D /tmp/rp.img; cp $D /tmp/rs.img
     start=$(date +%s)
     FTVM_TSC_MEASURES=$2 FTVM_LOG=ftvm=info,ftvm_primary=debug timeout 900 {ftvm} standby \
-        --listen 127.0.0.1:7100 --disk /tmp/rs.img --heartbeat-ms 200 \
-        --heartbeat-timeout-ms 3000 >/dev/null 2>/tmp/rs.err &
+        --listen 127.0.0.1:7100 --disk /tmp/rs.img $PAIR >/dev/null 2>/tmp/rs.err &
     sp=$!
     FTVM_TSC_MEASURES=$2 FTVM_LOG=ftvm=info,ftvm_primary=debug timeout 900 {ftvm} run \
         --peer 127.0.0.1:7100 --connect-timeout-ms 30000 --kernel $K --initrd $I \
-        --disk /tmp/rp.img --mem-mib 256 --latency-bound-ms 50 --heartbeat-ms 200 \
-        --heartbeat-timeout-ms 3000 --append "quiet ftvm.workload=$3" >/tmp/rp.out 2>/tmp/rp.err
+        --disk /tmp/rp.img --mem-mib 256 --latency-bound-ms 50 $PAIR \
+        --append "quiet ftvm.workload=$3" >/tmp/rp.out 2>/tmp/rp.err
     ps=$?; wait $sp; ss=$?
     line=$(grep 'protected run complete' /tmp/rp.err)
     bytes=$(grep 'checkpoint made' /tmp/rp.err | grep 'sync=false' | tr ' ' '\n' |

@@ -109,6 +109,7 @@ where
                 value: value.to_vec(),
             }),
             Exit::TscRead { .. } => {
+                self.stats.tsc_reads += 1;
                 let mut v = [0u8; 8];
                 let n = value.len().min(8);
                 v[..n].copy_from_slice(&value[..n]);

@@ -104,6 +104,8 @@ pub struct RecordStats {
     pub checkpoint_required: u64,
     /// Records written.
     pub records: u64,
+    /// TSC reads logged (`TscRead` records: a guest whose TSC reads are exits).
+    pub tsc_reads: u64,
 }
 
 /// The recorder hook over `inner` (the live hook), writing to `sink`.

@@ -34,23 +34,28 @@ impl LogSink for ChannelSink {
     }
 }
 
-/// Connects to the standby at `peer` (retrying until `timeout`), does the handshake and
-/// sends it the VM: the log header, the kernel image and the initrd; then serves the
-/// standby's disk resync from the images at `disks` (only blocks that differ are sent). A
-/// standby that cannot build it (a missing disk copy, one of another size) is
-/// [`ChannelError::Refused`]. `header.tsc_exits` comes out as the pair's TSC mode: exits when
-/// `tsc` offers them and the standby's host has them too.
-#[allow(clippy::too_many_arguments)]
-pub fn connect_standby(
+/// A standby connected and through the handshake, not yet sent the VM
+/// ([`handshake_standby`], then [`JoinedStandby::offer`]).
+pub struct JoinedStandby {
+    h: link::Handshaken,
+    peer: String,
+    /// The pair's TSC mode: exits when this primary offered them and the standby's host
+    /// has them too.
+    pub tsc_exits: bool,
+}
+
+/// Connects to the standby at `peer` (retrying until `timeout`) and does the handshake,
+/// which settles the pair's TSC mode ([`JoinedStandby::tsc_exits`]): exits when `tsc`
+/// offers them and the standby's host has them too; a standby without them is refused
+/// ([`ChannelError::NoTscExits`]) when `tsc` requires them. The caller builds the guest for
+/// that mode (its CPUID table and command line depend on it: `ftvm_vmm::tsc`) before
+/// [`JoinedStandby::offer`].
+pub fn handshake_standby(
     peer: &str,
     timeout: Duration,
-    header: &mut LogHeader,
-    kernel: &[u8],
-    initrd: Option<&[u8]>,
-    disks: &[DiskConfig],
     options: &ftvm_replication::ChannelOptions,
     tsc: TscOffer,
-) -> Result<Link, ChannelError> {
+) -> Result<JoinedStandby, ChannelError> {
     let stream = link::connect(peer, timeout)?;
     let me = link::Me {
         role: Role::Primary,
@@ -59,7 +64,6 @@ pub fn connect_standby(
     };
     let h = link::handshake(stream, peer, me, options.heartbeat)?;
     // TSC-read exits only where both hosts have them (DESIGN.md §2).
-    header.tsc_exits = tsc != TscOffer::No && h.hello.tsc_exits;
     if tsc == TscOffer::Required && !h.hello.tsc_exits {
         return Err(ChannelError::NoTscExits { peer: peer.into() });
     }
@@ -70,18 +74,40 @@ pub fn connect_standby(
              diverge (--tsc auto)"
         );
     }
-    let mut start = start_message(header.clone(), kernel, initrd, false);
-    // With a witness, the standby learns the VM's id there and the term.
-    if let Some(w) = &options.witness {
-        let t = w.pair_term();
-        start.vm_id = t.vm_id;
-        start.term = t.term;
-        start.set_arbiter(w.backend.kind());
+    Ok(JoinedStandby {
+        tsc_exits: tsc != TscOffer::No && h.hello.tsc_exits,
+        h,
+        peer: peer.into(),
+    })
+}
+
+impl JoinedStandby {
+    /// Sends the standby the VM: the log header (its `tsc_exits` set to the pair's mode),
+    /// the kernel image and the initrd; then serves the standby's disk resync from the
+    /// images at `disks` (only blocks that differ are sent). A standby that cannot build it
+    /// (a missing disk copy, one of another size) is [`ChannelError::Refused`].
+    pub fn offer(
+        self,
+        header: &mut LogHeader,
+        kernel: &[u8],
+        initrd: Option<&[u8]>,
+        disks: &[DiskConfig],
+        options: &ftvm_replication::ChannelOptions,
+    ) -> Result<Link, ChannelError> {
+        header.tsc_exits = self.tsc_exits;
+        let mut start = start_message(header.clone(), kernel, initrd, false);
+        // With a witness, the standby learns the VM's id there and the term.
+        if let Some(w) = &options.witness {
+            let t = w.pair_term();
+            start.vm_id = t.vm_id;
+            start.term = t.term;
+            start.set_arbiter(w.backend.kind());
+        }
+        // The standby answers Ack(0) once its VM is built (or Diverged when it cannot build
+        // it): only then does the guest start, so the standby does not begin the run behind.
+        let disks = PrimaryDisks::new(disks.iter().map(|d| d.path.clone()).collect());
+        Ok(offer_vm(self.h, &self.peer, start, &disks)?.0)
     }
-    // The standby answers Ack(0) once its VM is built (or Diverged when it cannot build
-    // it): only then does the guest start, so the standby does not begin the run behind.
-    let disks = PrimaryDisks::new(disks.iter().map(|d| d.path.clone()).collect());
-    Ok(offer_vm(h, peer, start, &disks)?.0)
 }
 
 /// Whether this primary would run its guest with TSC-read exits (`ftvm run --tsc`, and
@@ -218,6 +244,14 @@ pub fn run_primary(
             result = Err(e);
         }
     }
+    let stats = recorder.stats();
+    tracing::info!(
+        epochs = stats.epochs,
+        checkpoint_required = stats.checkpoint_required,
+        tsc_reads = stats.tsc_reads,
+        guest_ms = vm.clock_ns() / 1_000_000,
+        "recorder stats"
+    );
     drop(recorder);
     drop(port);
     let report = channel.join();

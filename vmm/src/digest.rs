@@ -72,6 +72,7 @@ pub fn state_digest_with(
             rip = regs.rip,
             rax = regs.rax,
             rdx = regs.rdx,
+            gs_base = sregs.gs.base,
             regs = %short(&encode(&regs)),
             sregs = %short(&encode(&sregs)),
             devices = %short(&encode(&devices)),

@@ -1,8 +1,11 @@
 //! What keeps a Linux guest off the TSC (DESIGN.md §2 "RDTSC / RDTSCP"). Linux reads the
 //! time-stamp counter without an exit, so every read differs between the primary and its
-//! standby and the pages it lands in need a repair. The measures, each off by default and turned on with
-//! `FTVM_TSC_MEASURES=cpuid,cmdline` (measured in the nested harness, they raised the
-//! repairs instead of lowering them: DESIGN.md §2):
+//! standby and the pages it lands in need a repair. The measures, each off by default where
+//! TSC reads run natively and turned on with `FTVM_TSC_MEASURES=cpuid,cmdline` (measured in
+//! the nested harness, they raised the repairs instead of lowering them: DESIGN.md §2). Where
+//! TSC reads are exits ([`crate::tsc_exits`], exact mode) they are all on unless
+//! `FTVM_TSC_MEASURES` names others ([`TscMeasures::for_run`]): every read is then an exit,
+//! and a Linux that sees the TSC reads it constantly (its clocksource and `sched_clock`).
 //!
 //! - **cpuid**: the CPUID table hides TSC, RDTSCP, RDPID, invariant TSC and MWAITX
 //!   ([`crate::cpuid::TscCpuid`]): Linux then keeps no TSC clocksource, its `sched_clock`
@@ -74,6 +77,34 @@ impl TscMeasures {
         Self::parse_on(&std::env::var(MEASURES_ENV).unwrap_or_default())
     }
 
+    /// Every measure on.
+    pub fn all() -> Self {
+        Self {
+            cpuid: true,
+            cmdline: true,
+        }
+    }
+
+    /// The one place a new guest's measures are decided: what `FTVM_TSC_MEASURES` names
+    /// where it is set (`none` included); otherwise all of them when the guest's TSC reads
+    /// are exits (`exits`: a Linux that sees the TSC reads it on every clock read, each an
+    /// exit, while with it hidden only the RNG's per-interrupt sample and a few boot-time
+    /// reads are left), none where they run natively (measured: hiding raised the repairs).
+    /// The CPUID table and the command line this gives travel in the log header, so a
+    /// replayer or standby builds the same guest.
+    pub fn for_run(exits: bool) -> Result<Self, Error> {
+        Self::decide(std::env::var(MEASURES_ENV).ok().as_deref(), exits)
+    }
+
+    /// [`Self::for_run`] with `FTVM_TSC_MEASURES` as `env`.
+    fn decide(env: Option<&str>, exits: bool) -> Result<Self, Error> {
+        match env {
+            Some(on) if !on.trim().is_empty() => Self::parse_on(on),
+            _ if exits => Ok(Self::all()),
+            _ => Ok(Self::default()),
+        }
+    }
+
     /// The CPUID table a new VM gets: None for the default (derived by the VM, TSC hidden),
     /// or this host's table with the TSC visible.
     pub fn cpuid_table(&self) -> Result<Option<CpuidTable>, Error> {
@@ -114,6 +145,20 @@ mod tests {
         assert!(m.cpuid && !m.cmdline);
         let m = TscMeasures::parse_on(" cmdline , cpuid").unwrap();
         assert!(m.cpuid && m.cmdline);
+        assert_eq!(TscMeasures::all(), m);
+        // Unset (or empty): all where TSC reads are exits, none where they run natively;
+        // set: what it names, in either mode.
+        assert_eq!(TscMeasures::decide(None, true).unwrap(), m);
+        assert_eq!(TscMeasures::decide(Some(" "), true).unwrap(), m);
+        assert_eq!(
+            TscMeasures::decide(None, false).unwrap(),
+            TscMeasures::default()
+        );
+        assert_eq!(
+            TscMeasures::decide(Some("none"), true).unwrap(),
+            TscMeasures::default()
+        );
+        assert_eq!(TscMeasures::decide(Some("all"), false).unwrap(), m);
         assert_eq!(TscMeasures::parse_on("all").unwrap(), m);
         assert!(TscMeasures::parse_on("tsc").is_err());
         assert_eq!(
