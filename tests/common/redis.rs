@@ -120,6 +120,8 @@ pub fn hosts_drill(loss: Loss, writes: u32, kill_after: u32) -> Result<HostsOutc
             "REDIS_HEARTBEAT_TIMEOUT_MS",
             HOSTS_HEARTBEAT_TIMEOUT_MS.to_string(),
         )
+        // A bound on the whole drill, so a stuck one fails within CI's time.
+        .env("REDIS_HOSTS_TIMEOUT", "1800")
         .current_dir(repo())
         .output()
         .map_err(|e| format!("run scripts/lib/redis-hosts.sh: {e}"))?;
