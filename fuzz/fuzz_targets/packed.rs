@@ -21,7 +21,11 @@ fuzz_target!(|data: &[u8]| {
     // The one-pass check accepts exactly what reading slot by slot accepts.
     let read: Result<Vec<_>, _> = packed::Slots::new(data).and_then(|s| s.collect());
     let checked = packed::check(data, |_, _| Ok(()));
-    assert_eq!(checked, read.map(|v| v.len() as u32), "check and Slots disagree");
+    assert_eq!(
+        checked,
+        read.map(|v| v.len() as u32),
+        "check and Slots disagree"
+    );
     if let Ok(records) = packed::unpack(data) {
         let again = packed::unpack(&packed::pack(&records));
         assert_eq!(again.as_ref(), Ok(&records), "pack(unpack(x)) lost records");
