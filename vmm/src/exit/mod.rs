@@ -11,7 +11,11 @@
 //! The loop is written against [`VcpuRun`] so it can be driven by constructed exits in unit
 //! tests, as Firecracker tests its exit dispatch.
 
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+/// A moment in the past, for kicks that count from the entry into the guest.
+static PAST: OnceLock<Instant> = OnceLock::new();
 
 use crate::devices::virtio::block::DiskRead;
 use crate::devices::StopRequest;
@@ -360,7 +364,9 @@ pub fn run<V: VcpuRun + ?Sized, H: ExitHook + ?Sized>(
         };
         let kick = due.and_then(|deadline| hook.kick_at(deadline)).or_else(|| {
             hook.exit_free_bound().map(|bound| Kick {
-                at: Instant::now(),
+                // Any moment already past: the count starts at this entry. The same one every
+                // time, so re-arming an unchanged kick does not wake the kicker at every exit.
+                at: *PAST.get_or_init(Instant::now),
                 after_guest_time: bound,
             })
         });
