@@ -222,6 +222,9 @@ fn recv_limited(
             peer: peer.into(),
             source,
         }),
+        // Any other read failure (a reset connection above all) is the connection's, not a
+        // malformed frame: a resync cut that way reconnects like one cut by a close.
+        Err(FrameError::Io { source, .. }) => Err(ChannelError::io(peer, source)),
         Err(source) => Err(ChannelError::Frame {
             peer: peer.into(),
             source,
