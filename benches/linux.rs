@@ -98,6 +98,14 @@ rm -f /tmp/ftvm-dd.img /tmp/qemu-dd.img /tmp/raw.img
     )
 }
 
+/// Whether a protected run's result line says it went through: both VMMs exited 0 and the
+/// pair stayed protected to the end.
+fn protected_run_ok(line: &str) -> bool {
+    field(line, "primary_status") == Some("0")
+        && field(line, "standby_status") == Some("0")
+        && field(line, "protected_to_end") == Some("true")
+}
+
 fn values(out: &str, key: &str) -> Vec<f64> {
     out.lines()
         .filter_map(|l| l.strip_prefix(&format!("{key}=")))

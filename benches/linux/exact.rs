@@ -90,9 +90,7 @@ fn parse(line: &str) -> Option<Run> {
         took_s: n("took_s")?,
         tsc_reads: n("tsc_reads")?,
         guest_ms: n("guest_ms")?,
-        ok: field(line, "primary_status") == Some("0")
-            && field(line, "standby_status") == Some("0")
-            && field(line, "protected_to_end") == Some("true"),
+        ok: super::protected_run_ok(line),
     })
 }
 

@@ -72,9 +72,7 @@ fn parse(line: &str) -> Option<Run> {
         repairs: n("repairs")?,
         bytes: n("repair_bytes")?,
         took_s: n("took_s")?,
-        ok: field(line, "primary_status") == Some("0")
-            && field(line, "standby_status") == Some("0")
-            && field(line, "protected_to_end") == Some("true"),
+        ok: super::protected_run_ok(line),
     })
 }
 

@@ -47,6 +47,20 @@ pub fn pair_key() -> &'static str {
     })
 }
 
+/// A fresh pair key in `dir` (`ftvm keygen`), for a drill whose hosts read it from there;
+/// its path.
+pub fn try_keygen(dir: &Scratch) -> Result<String, Failure> {
+    let key = dir.path_str("pair.key");
+    let o = Command::new(FTVM)
+        .args(["keygen", "--out", &key])
+        .output()
+        .map_err(|e| format!("run ftvm keygen: {e}"))?;
+    if !o.status.success() {
+        return Err(format!("ftvm keygen: {o:?}"));
+    }
+    Ok(key)
+}
+
 /// `["--key", pair_key()]`, unless `args` already say how to protect the connections.
 pub fn key_args(args: &[&str]) -> Vec<&'static str> {
     if args.iter().any(|a| *a == "--key" || *a == "--insecure") {

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::two_hosts::Loss;
-use super::{linux_guest, linux_guest_redis_images, repo, Failure, Scratch, FTVM};
+use super::{linux_guest, linux_guest_redis_images, repo, try_keygen, Failure, Scratch, FTVM};
 
 /// The value of the first `key=value` word on any line of `out`.
 pub fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
@@ -99,14 +99,7 @@ pub fn hosts_drill(loss: Loss, writes: u32, kill_after: u32) -> Result<HostsOutc
     let dir = Scratch::try_new(&format!("redis-hosts-{kill_after}"))?;
     let disk = dir.path_str("disk.img");
     linux_guest(&["disk", &disk]);
-    let key = dir.path_str("pair.key");
-    let o = Command::new(FTVM)
-        .args(["keygen", "--out", &key])
-        .output()
-        .map_err(|e| format!("run ftvm keygen: {e}"))?;
-    if !o.status.success() {
-        return Err(format!("ftvm keygen: {o:?}"));
-    }
+    let key = try_keygen(&dir)?;
     let kind = match loss {
         Loss::Process => "process",
         Loss::Host => "host",

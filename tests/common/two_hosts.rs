@@ -27,7 +27,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::net::{ipv4_frame, PacketSocket, GUEST_IP};
-use super::{field, repo, Failure, Scratch, FTVM};
+use super::{field, repo, try_keygen, Failure, Scratch, FTVM};
 
 /// The first argument that makes a test or bench binary the drill's client.
 pub const CLIENT_ARG: &str = "two-hosts-client";
@@ -162,14 +162,7 @@ fn host_b_script(loss: Loss, key: &str, client: &str, frames: usize, kill_at: us
 /// `client` is the binary to run as the client (the caller's own).
 pub fn drill(loss: Loss, client: &Path, frames: usize, kill_at: usize) -> Result<Outcome, Failure> {
     let scratch = Scratch::try_new(&format!("two-hosts-{}", kill_at))?;
-    let key = scratch.path_str("pair.key");
-    let o = Command::new(FTVM)
-        .args(["keygen", "--out", &key])
-        .output()
-        .map_err(|e| format!("run ftvm keygen: {e}"))?;
-    if !o.status.success() {
-        return Err(format!("ftvm keygen: {o:?}"));
-    }
+    let key = try_keygen(&scratch)?;
     let client = client.to_string_lossy();
     let started = Instant::now();
     let o = Command::new(repo().join("scripts/two-hosts.sh"))
