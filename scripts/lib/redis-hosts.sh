@@ -65,10 +65,7 @@ monitor() {
     local pid="$1" control="$2"
     cat <<M
 ( while kill -0 $pid 2>/dev/null; do
-    { echo "--- \$(date +%T)"
-      $(q "$ftvm") status $control --key $(q "$key") 2>&1 | grep -E '^(role|state|epoch|verified_epoch|exit_seq|lag_epochs|held_output_bytes|repairs)=' | tr '\\n' ' '; echo
-      for t in /proc/$pid/task/*; do echo "\$(cat \$t/comm) \$(awk '{print \$3, \$14 + \$15}' \$t/stat) \$(cat \$t/wchan)"; done
-    } >>$d/diag-\$TWO_HOSTS_HOST.txt 2>&1
+    redis_diag_sample $(q "$ftvm") $(q "$key") $control $pid >>$d/diag-\$TWO_HOSTS_HOST.txt 2>&1
     if [ -e $d/stacks-request ] && [ ! -e $d/stacks-\$TWO_HOSTS_HOST.txt ] && command -v gdb >/dev/null; then
       timeout 300 gdb -batch -nx -p $pid -ex 'thread apply all bt 20' >$d/stacks-\$TWO_HOSTS_HOST.txt 2>&1
     fi
@@ -79,6 +76,7 @@ M
 
 host_a=$(
     cat <<A
+. scripts/lib/redis-net.sh
 cp $(q "$disk") /tmp/disk.img || exit 3
 FTVM_LOG=ftvm=info $(q "$ftvm") run --peer 192.168.100.2:7070 --connect-timeout-ms 600000 \
     $guest --disk /tmp/disk.img --net tap=ftvm0 --latency-bound-ms 50 $pair \

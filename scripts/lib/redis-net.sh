@@ -36,6 +36,10 @@
 #   redis_check_disk DIR IMAGE       e2fsck -fn and the AOF's keys of IMAGE against DIR/acked:
 #                                    prints disk-fsck-clean=, disk-keys=, disk-keys-sha256=,
 #                                    a "disk-key KEY VALUE" line per key, disk-has-acked=
+#   redis_diag_sample FTVM KEY CONTROL PID
+#                                    one diagnosis sample of a pair process: its `ftvm status`
+#                                    (on its --control address) on one line, then a line per
+#                                    thread (name, state, CPU ticks, kernel wait channel)
 #   redis_failover_report DIR MS     from DIR/events, with the loss done at wall-clock MS:
 #                                    last-ack-before-kill-ms=, first-ack-after-kill-ms=,
 #                                    failover-ms=, median-ack-ms=, connection-survived=
@@ -285,4 +289,17 @@ redis_failover_report() {
     else
         echo "connection-survived=yes"
     fi
+}
+
+redis_diag_sample() {
+    local ftvm="$1" key="$2" control="$3" pid="$4" t
+    echo "--- $(date +%T) pid $pid"
+    "$ftvm" status "$control" --key "$key" 2>&1 |
+        grep -E '^(role|state|epoch|verified_epoch|exit_seq|lag_epochs|held_output_bytes|repairs|divergences)=' |
+        tr '\n' ' '
+    echo
+    for t in /proc/"$pid"/task/*; do
+        [ -e "$t/stat" ] || continue
+        echo "$(cat "$t/comm") $(awk '{print $3, $14 + $15}' "$t/stat") $(cat "$t/wchan" 2>/dev/null)"
+    done
 }

@@ -87,20 +87,8 @@ start_pair() {
 # (utime+stime) into DIR/diag.log, so a stall shows whether the guest runs, halts or waits.
 monitor() {
     while kill -0 "$pp" 2>/dev/null; do
-        echo "--- $(date +%s) ---"
-        local p a
-        for a in 7100 7101; do
-            "$ftvm" status "127.0.0.1:$a" --key "$dir/pair.key" 2>&1 |
-                grep -E '^(role|state|epoch|verified_epoch|exit_seq|lag_epochs|held_output_bytes|repairs|divergences)=' |
-                tr '\n' ' '
-            echo
-        done
-        for p in "$pp" "${sp:-}"; do
-            for t in /proc/"$p"/task/*; do
-                [ -e "$t/stat" ] || continue
-                echo "$p $(cat "$t/comm") $(awk '{print $3, $14 + $15}' "$t/stat") $(cat "$t/wchan" 2>/dev/null)"
-            done
-        done
+        redis_diag_sample "$ftvm" "$dir/pair.key" 127.0.0.1:7100 "$pp"
+        [ -z "${sp:-}" ] || redis_diag_sample "$ftvm" "$dir/pair.key" 127.0.0.1:7101 "$sp"
         sleep 5
     done
 }
