@@ -62,7 +62,7 @@ fn main() -> ExitCode {
     // past what CI's time allows beside the other suites: they run only when asked for
     // (`--ignored`, `--include-ignored`, scripts/redis-hosts-drill.sh); the netecho drills
     // cover both losses by default.
-    let ignored = |service: &Service, _loss: &Loss| matches!(service, Service::Redis);
+    let ignored = |service: &Service| matches!(service, Service::Redis);
     if args.iter().any(|a| a == "--list") {
         for (name, ..) in tests {
             println!("{name}: test");
@@ -79,11 +79,11 @@ fn main() -> ExitCode {
     let include_ignored = args.iter().any(|a| a == "--include-ignored");
     let selected: Vec<_> = tests
         .into_iter()
-        .filter(|(name, service, loss)| {
+        .filter(|(name, service, _)| {
             let runs = if only_ignored {
-                ignored(service, loss)
+                ignored(service)
             } else {
-                include_ignored || !ignored(service, loss)
+                include_ignored || !ignored(service)
             };
             runs && (filters.is_empty()
                 || filters
