@@ -69,6 +69,8 @@ enum CliError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot draw boot randomness for the guest from /dev/urandom: {0}")]
+    Seed(std::io::Error),
     #[error("cannot read initrd {path}: {source}")]
     Initrd {
         path: PathBuf,
@@ -215,6 +217,12 @@ fn boot(args: &RunArgs, tsc_exits: bool) -> Result<(VmConfig, Vm), CliError> {
         cmdline,
         cpuid: tsc.cpuid_table()?,
         net: args.net.as_ref().map(|n| n.mac),
+        // A Linux guest's RNG is ready at boot (no entropy spin, which under a pair costs a
+        // kick, and so a checkpoint, per timer tick); the built-in guest takes none.
+        rng_seed: match &args.kernel {
+            Some(_) => ftvm_vmm::boot::new_rng_seed().map_err(CliError::Seed)?,
+            None => Vec::new(),
+        },
     };
     let vm = Vm::new(&config).map_err(|e| match e {
         ftvm_vmm::Error::Boot(_) => CliError::KernelImage {

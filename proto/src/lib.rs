@@ -30,8 +30,10 @@ pub mod packed;
 /// The log format this build writes and reads. Version 2: epoch digests also cover the disk
 /// blocks the guest wrote in the epoch. Version 3: a batch's records travel as one packed
 /// block ([`packed`]). Version 4: every disk read is logged as a `DiskRead` (disk, sector,
-/// length, hash), which the replayer checks against its own copy.
-pub const FORMAT_VERSION: u32 = 4;
+/// length, hash), which the replayer checks against its own copy. Version 5: the header's
+/// `rng_seed` is boot randomness the guest was built with (a reader that ignored it would
+/// build another guest).
+pub const FORMAT_VERSION: u32 = 5;
 
 /// First bytes of a log file.
 pub const LOG_MAGIC: &[u8; 8] = b"FTVMLOG\0";

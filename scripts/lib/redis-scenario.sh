@@ -113,10 +113,36 @@ ready() {
         if [ $(($(date +%s) - last)) -ge 60 ]; then
             last=$(date +%s)
             echo "waiting for Redis, $((last - t0)) s: the guest's last line: $(grep -v '^\[' "$dir/p.out" | tail -1)"
+            [ -z "${REDIS_DIAG_TRACE:-}" ] || kvm_exits_sample 2>&1
         fi
         sleep 1
     done
     echo "ready-after-s=$(($(date +%s) - t0))"
+}
+
+# kvm_exits_sample: with REDIS_DIAG_TRACE=1, the primary's threads' CPU ticks and 2 s of this
+# kernel's kvm_exit/kvm_inj_virq/kvm_pio events (the guest's RIP at each exit), to tell a guest
+# that spins without exits from one that halts or waits on a device.
+kvm_exits_sample() {
+    local t=/sys/kernel/tracing e
+    [ -d "$t/events/kvm" ] || mount -t tracefs nodev "$t" || return 0
+    echo "--- $(date +%T) threads of pid $pp (comm wchan state utime stime) ---"
+    for e in /proc/"$pp"/task/*; do
+        echo "$(cat "$e/comm") $(cat "$e/wchan" 2>/dev/null) $(awk '{print $3, $14, $15}' "$e/stat")"
+    done
+    : >"$t/trace"
+    for e in kvm_exit kvm_inj_virq kvm_pio kvm_userspace_exit; do
+        echo 1 >"$t/events/kvm/$e/enable" || echo "cannot trace kvm:$e"
+    done
+    sleep 2
+    for e in kvm_exit kvm_inj_virq kvm_pio kvm_userspace_exit; do
+        echo 0 >"$t/events/kvm/$e/enable" 2>/dev/null
+    done
+    echo "events: $(grep -vc '^#' "$t/trace")"
+    grep -v '^#' "$t/trace" | awk '{print $5}' | sort | uniq -c
+    grep -v '^#' "$t/trace" | grep kvm_exit | awk '{for (i = 6; i <= NF; i++) if ($i == "rip") print $(i + 1)}' |
+        sort | uniq -c | sort -rn | head -20
+    grep -v '^#' "$t/trace" | tail -40
 }
 
 # stacks: with REDIS_DIAG_STACKS=1 (and gdb installed), every thread's stack of both VMMs.

@@ -29,6 +29,15 @@ pub const BOOT_STACK: u64 = 0x8ff0;
 pub const PML4_ADDR: u64 = 0x9000;
 /// The kernel command line.
 pub const CMDLINE_ADDR: u64 = 0x20000;
+/// The setup_data entry holding the boot randomness (after the command line's 2 KiB).
+pub const SETUP_DATA_ADDR: u64 = 0x21000;
+/// setup_data type of boot randomness (Linux `SETUP_RNG_SEED`).
+const SETUP_RNG_SEED: u32 = 9;
+/// Bytes of boot randomness ftvm hands a Linux guest: 256 bits, what Linux's RNG needs to
+/// be ready.
+pub const RNG_SEED_LEN: usize = 32;
+/// The longest seed accepted (a log header's field is outside input).
+const RNG_SEED_MAX: usize = 256;
 /// Longest command line accepted (Linux x86's COMMAND_LINE_SIZE).
 pub const CMDLINE_MAX: usize = 2048;
 /// Kernels must load at or above 1 MiB.
@@ -78,6 +87,9 @@ pub enum BootError {
     /// The command line is too long or holds characters Linux cannot take.
     #[error("invalid kernel command line: {0}")]
     Cmdline(String),
+    /// Boot randomness longer than a boot loader passes.
+    #[error("boot randomness of {0} bytes (at most {RNG_SEED_MAX})")]
+    Seed(usize),
     /// A boot structure did not fit in guest memory.
     #[error("cannot write boot structures into guest memory: {0}")]
     Memory(String),
@@ -103,6 +115,42 @@ pub struct BootImages<'a> {
     pub cmdline: &'a str,
     /// Where the ACPI RSDP is (written by [`crate::acpi`]), if there are ACPI tables.
     pub acpi_rsdp: Option<u64>,
+    /// Boot randomness for a bzImage (Linux) kernel, passed as a `SETUP_RNG_SEED`
+    /// setup_data entry (boot protocol 2.09+); empty: none. An ELF kernel gets none.
+    pub rng_seed: &'a [u8],
+}
+
+/// Draws [`RNG_SEED_LEN`] bytes of boot randomness from the host (/dev/urandom).
+pub fn new_rng_seed() -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut seed = vec![0u8; RNG_SEED_LEN];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut seed)?;
+    Ok(seed)
+}
+
+/// Writes `seed` as the one setup_data entry (struct setup_data: next, type, len, data) and
+/// points the header at it; a kernel older than boot protocol 2.09 has no setup_data and
+/// gets none.
+fn write_rng_seed(
+    mem: &GuestMemory,
+    params: &mut boot_params,
+    seed: &[u8],
+) -> Result<(), BootError> {
+    if seed.is_empty() || params.hdr.version < 0x0209 {
+        return Ok(());
+    }
+    if seed.len() > RNG_SEED_MAX {
+        return Err(BootError::Seed(seed.len()));
+    }
+    let mut entry = Vec::with_capacity(16 + seed.len());
+    entry.extend_from_slice(&0u64.to_le_bytes());
+    entry.extend_from_slice(&SETUP_RNG_SEED.to_le_bytes());
+    entry.extend_from_slice(&(seed.len() as u32).to_le_bytes());
+    entry.extend_from_slice(seed);
+    mem.write_slice(&entry, GuestAddress(SETUP_DATA_ADDR))
+        .map_err(|e| BootError::Memory(e.to_string()))?;
+    params.hdr.setup_data = SETUP_DATA_ADDR;
+    Ok(())
 }
 
 /// The bzImage boot header magic "HdrS" and where it is.
@@ -171,6 +219,7 @@ pub fn load_kernel(mem: &GuestMemory, boot: &BootImages<'_>) -> Result<LoadedKer
         if let Some(hdr) = result.setup_header {
             params.hdr = hdr;
         }
+        write_rng_seed(mem, &mut params, boot.rng_seed)?;
         LoadedKernel {
             entry: result.kernel_load.raw_value() + BZIMAGE_ENTRY_64,
             end: result.kernel_end,
@@ -389,6 +438,38 @@ mod tests {
     }
 
     #[test]
+    fn boot_randomness_is_one_setup_data_entry_for_a_kernel_that_reads_them() {
+        let mem = crate::memory::create(32).unwrap();
+        let seed: Vec<u8> = (1..=RNG_SEED_LEN as u8).collect();
+        let mut params = boot_params::default();
+        params.hdr.version = 0x020f;
+        write_rng_seed(&mem, &mut params, &seed).unwrap();
+        assert_eq!({ params.hdr.setup_data }, SETUP_DATA_ADDR);
+        let mut entry = vec![0u8; 16 + seed.len()];
+        mem.read_slice(&mut entry, GuestAddress(SETUP_DATA_ADDR))
+            .unwrap();
+        assert_eq!(entry[..8], [0; 8], "the only entry: no next");
+        assert_eq!(entry[8..12], SETUP_RNG_SEED.to_le_bytes());
+        assert_eq!(entry[12..16], (seed.len() as u32).to_le_bytes());
+        assert_eq!(entry[16..], seed[..]);
+
+        // A kernel before boot protocol 2.09 has no setup_data; no seed, no entry.
+        for (version, seed) in [(0x0208, &seed[..]), (0x020f, &[][..])] {
+            let mut params = boot_params::default();
+            params.hdr.version = version;
+            write_rng_seed(&mem, &mut params, seed).unwrap();
+            assert_eq!({ params.hdr.setup_data }, 0);
+        }
+        assert!(matches!(
+            write_rng_seed(&mem, &mut params, &[7; RNG_SEED_MAX + 1]),
+            Err(BootError::Seed(257))
+        ));
+        let fresh = new_rng_seed().unwrap();
+        assert_eq!(fresh.len(), RNG_SEED_LEN);
+        assert_ne!(fresh, new_rng_seed().unwrap(), "drawn afresh each time");
+    }
+
+    #[test]
     fn tells_bzimage_from_elf_and_rejects_anything_else() {
         let mem = crate::memory::create(32).unwrap();
         let mut fake = vec![0u8; 0x400];
@@ -403,6 +484,7 @@ mod tests {
             initrd: None,
             cmdline: "",
             acpi_rsdp: None,
+            rng_seed: &[],
         };
         assert!(matches!(
             load_kernel(&mem, &boot(&fake)),

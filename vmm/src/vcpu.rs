@@ -59,15 +59,14 @@ pub struct VcpuState {
 thread_local! {
     /// The kvm_run area of the vCPU running on this thread, for the kick signal handler.
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
-    /// This thread is entering or in KVM_RUN for the guest: a kick applies. Outside it the
-    /// VMM is handling an exit, and a kick that lands there is dropped (see [`Vcpu::run`]).
-    static IN_GUEST: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Sets `immediate_exit`, wherever the vCPU thread is: in KVM_RUN (which then returns), about
+/// to enter it (which then returns at once), or handling an exit (the next entry returns at
+/// once, and [`Vcpu::run`] sees that the kick was for an earlier entry and enters again).
+/// A kick is never dropped here: one that landed between the arming and the entry used to
+/// be, and a guest that runs without exits then ran on for good.
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    if !IN_GUEST.with(Cell::get) {
-        return;
-    }
     KVM_RUN.with(|run| {
         let run = run.get();
         if !run.is_null() {
@@ -102,6 +101,10 @@ struct Kicker {
 #[derive(Default)]
 struct KickState {
     kick: Option<Kick>,
+    /// Counts the entries into KVM_RUN ([`Kicker::arm`]): which one a kick was armed for.
+    entry: u64,
+    /// The entry the last kick fired for.
+    fired_for: Option<u64>,
     /// The vCPU thread's CPU time when the count started: at the entry into the current
     /// KVM_RUN if the deadline had passed then, else when the kicker saw it pass.
     cpu_base: Option<Duration>,
@@ -158,6 +161,7 @@ impl Kicker {
                                 "kicker fires"
                             );
                             st.kick = None;
+                            st.fired_for = Some(st.entry);
                             // SAFETY: `target` is the vCPU thread, alive while this thread
                             // runs (the Kicker is dropped, and this thread joined, before the
                             // Vcpu); the signal has a handler.
@@ -187,6 +191,7 @@ impl Kicker {
             .map(|_| thread_cpu_time(libc::CLOCK_THREAD_CPUTIME_ID));
         let (lock, cv) = &*self.shared;
         let mut st = crate::bus::lock(lock);
+        st.entry += 1;
         st.cpu_base = cpu_base;
         if st.kick != kick {
             st.kick = kick;
@@ -194,6 +199,13 @@ impl Kicker {
         }
         // An unchanged kick needs no wake-up: the kicker re-reads the base when its wait
         // ends, and the base only moved later.
+    }
+
+    /// Whether a kick fired for the entry armed last (not for an earlier one whose signal
+    /// arrived late).
+    fn fired_for_this_entry(&self) -> bool {
+        let st = crate::bus::lock(&self.shared.0);
+        st.fired_for == Some(st.entry)
     }
 }
 
@@ -216,6 +228,8 @@ pub struct Vcpu {
     saved_msrs: Vec<u32>,
     kicker: Option<Kicker>,
     kicker_thread: libc::pthread_t,
+    /// The kick for the next entry ([`VcpuRun::arm_kick`]), armed by [`VcpuRun::run`].
+    kick: Option<Kick>,
 }
 
 impl Vcpu {
@@ -256,6 +270,7 @@ impl Vcpu {
             saved_msrs,
             kicker: None,
             kicker_thread: 0,
+            kick: None,
         })
     }
 
@@ -377,23 +392,37 @@ impl Vcpu {
 
 impl VcpuRun for Vcpu {
     fn run(&mut self) -> Result<RunOutcome, Error> {
+        // The handler's kvm_run pointer is in place before the kick is armed, so a kick that
+        // fires at once still reaches this entry.
         self.bind_to_current_thread()?;
-        // A kick applies from here to the return of KVM_RUN. One that arrives after the
-        // guest has exited on its own is dropped: the exit is handled, and the next entry
-        // re-arms the kicker with the CPU time restarting then. Without that, a kick fired
-        // while the VMM handled an exit would end the next KVM_RUN before the guest ran an
-        // instruction.
-        IN_GUEST.with(|g| g.set(true));
-        compiler_fence(Ordering::SeqCst);
-        let outcome = self.enter();
-        compiler_fence(Ordering::SeqCst);
-        IN_GUEST.with(|g| g.set(false));
-        compiler_fence(Ordering::SeqCst);
-        if let Ok(RunOutcome::Exit(_)) = outcome {
-            // The guest exited by itself: a kick that raced that exit is void.
-            self.fd.set_kvm_immediate_exit(0);
+        if let Some(k) = &self.kicker {
+            k.arm(self.kick);
         }
-        outcome
+        loop {
+            compiler_fence(Ordering::SeqCst);
+            let outcome = self.enter();
+            compiler_fence(Ordering::SeqCst);
+            match outcome {
+                Ok(RunOutcome::Exit(_)) => {
+                    // The guest exited by itself: a kick that raced that exit is void.
+                    self.fd.set_kvm_immediate_exit(0);
+                }
+                Ok(RunOutcome::Kicked)
+                    if !self
+                        .kicker
+                        .as_ref()
+                        .is_some_and(Kicker::fired_for_this_entry) =>
+                {
+                    // A kick armed for an earlier entry whose signal landed after that entry
+                    // ended (while the VMM handled an exit), or another signal: the guest has
+                    // not run out its time, so it runs on. Without this, such a kick would end
+                    // this KVM_RUN before the guest ran an instruction.
+                    continue;
+                }
+                _ => {}
+            }
+            return outcome;
+        }
     }
 
     fn complete_read(&mut self, data: &[u8]) {
@@ -477,9 +506,7 @@ impl VcpuRun for Vcpu {
     }
 
     fn arm_kick(&mut self, kick: Option<Kick>) {
-        if let Some(k) = &self.kicker {
-            k.arm(kick);
-        }
+        self.kick = kick;
     }
 
     fn rip(&mut self) -> u64 {
@@ -656,6 +683,7 @@ mod tests {
             initrd: None,
             disks: Vec::new(),
             net: None,
+            rng_seed: Vec::new(),
         })
         .unwrap()
     }
@@ -678,6 +706,75 @@ mod tests {
             crate::RunEnd::Paused(ExitSeq(60))
         );
         assert_eq!(hook.kicks, 0);
+    }
+
+    /// Kicks that fire the moment they are armed, over and over, at a guest that never exits
+    /// on its own: each lands somewhere between the arming and the guest running, and none
+    /// may be lost (one used to be dropped when it landed after the arming but before the
+    /// entry, and the guest then ran on without an exit for good: a protected Linux stuck
+    /// at redis-server's start). A stuck run shows as no progress for a minute.
+    #[test]
+    fn kicks_that_race_the_entry_are_never_lost() {
+        const KICKS: u64 = 20_000;
+        struct Always {
+            kicks: Arc<std::sync::atomic::AtomicU64>,
+        }
+        impl ExitHook for Always {
+            type Error = std::io::Error;
+
+            fn on_kick(&mut self, _after: ExitSeq) -> Result<(), std::io::Error> {
+                if self.kicks.fetch_add(1, Ordering::Relaxed) + 1 >= KICKS {
+                    return Err(std::io::Error::other("enough kicks"));
+                }
+                Ok(())
+            }
+            fn poll_inputs(
+                &mut self,
+                _: Point,
+                _: &HostView,
+                _: &mut Vec<Input>,
+            ) -> Result<(), std::io::Error> {
+                Ok(())
+            }
+            fn on_output(&mut self, _seq: ExitSeq, _bytes: &[u8]) -> Result<(), std::io::Error> {
+                Ok(())
+            }
+            fn on_net_output(&mut self, _: ExitSeq, _: &[Vec<u8>]) -> Result<(), std::io::Error> {
+                Ok(())
+            }
+            fn kick_at(&self, _deadline_ns: u64) -> Option<Kick> {
+                Some(Kick {
+                    at: *crate::exit::PAST.get_or_init(Instant::now),
+                    after_guest_time: Duration::ZERO,
+                })
+            }
+        }
+        let kicks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = kicks.clone();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut vm = vm("spin ms=100000");
+            let result = vm.run(&mut Always { kicks: counted }).map(|_| ());
+            let _ = done_tx.send(result.map_err(|e| e.to_string()));
+        });
+        let mut last = 0;
+        loop {
+            match done_rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(result) => {
+                    let err = result.expect_err("the spin guest never stops by itself");
+                    assert!(err.contains("enough kicks"), "{err}");
+                    return;
+                }
+                Err(_) => {
+                    let now = kicks.load(Ordering::Relaxed);
+                    assert!(
+                        now > last,
+                        "a kick was lost: the guest ran a minute without an exit after {now} kicks"
+                    );
+                    last = now;
+                }
+            }
+        }
     }
 
     /// The spin guest runs without exits once its timer is set: the kick must still come.

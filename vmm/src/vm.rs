@@ -38,6 +38,10 @@ pub struct VmConfig {
     pub cmdline: String,
     /// The CPUID table; None derives it from this host ([`CpuidTable::from_supported`]).
     pub cpuid: Option<CpuidTable>,
+    /// Boot randomness for a Linux (bzImage) guest ([`boot::BootImages::rng_seed`]); empty:
+    /// none. Part of the configuration because both sides of a pair must boot with the
+    /// same bytes ([`boot::new_rng_seed`] draws them).
+    pub rng_seed: Vec<u8>,
 }
 
 /// The complete state of a VM except guest memory: what a checkpoint carries besides pages.
@@ -132,6 +136,7 @@ impl Vm {
                     initrd: config.initrd.as_deref(),
                     cmdline: &config.cmdline,
                     acpi_rsdp: Some(rsdp),
+                    rng_seed: &config.rng_seed,
                 },
             )?)
         } else {

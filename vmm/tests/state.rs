@@ -85,6 +85,7 @@ fn config() -> VmConfig {
         initrd: None,
         disks: Vec::new(),
         net: None,
+        rng_seed: Vec::new(),
     }
 }
 

@@ -50,6 +50,7 @@ pub fn build_header(
             // What KVM gives a new vCPU here, as the primary's has (no rate is ever set on it).
             tsc_khz: ftvm_vmm::vm::host_tsc_khz().unwrap_or(0),
             net_mac: config.net.map_or(0, |m| m.to_u64()),
+            rng_seed: config.rng_seed.clone(),
         }),
     }
 }
@@ -92,6 +93,13 @@ pub fn config_from_header(
             "CPUID table does not match its hash".into(),
         ));
     }
+    if !matches!(c.rng_seed.len(), 0 | ftvm_vmm::boot::RNG_SEED_LEN) {
+        return Err(LogError::Config(format!(
+            "boot randomness of {} bytes (0 or {} are written)",
+            c.rng_seed.len(),
+            ftvm_vmm::boot::RNG_SEED_LEN
+        )));
+    }
     let cpuid: CpuidTable = ftvm_vmm::state::decode(&c.cpuid_table)
         .map_err(|e| LogError::Config(format!("CPUID table: {e}")))?;
     match (&initrd, c.initrd_hash.is_empty()) {
@@ -129,6 +137,7 @@ pub fn config_from_header(
         cmdline: c.cmdline.clone(),
         cpuid: Some(cpuid),
         net: logged_mac(header)?,
+        rng_seed: c.rng_seed.clone(),
     })
 }
 
@@ -216,5 +225,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("same mac="), "{e}");
+    }
+
+    #[test]
+    fn the_boot_randomness_travels_and_a_seed_of_another_size_is_refused() {
+        let config = VmConfig {
+            mem_mib: 64,
+            kernel: b"a kernel".to_vec(),
+            initrd: None,
+            disks: Vec::new(),
+            net: None,
+            cmdline: "quiet".into(),
+            cpuid: None,
+            rng_seed: vec![9; ftvm_vmm::boot::RNG_SEED_LEN],
+        };
+        let cpuid = CpuidTable::fixed(&[]);
+        let mut header = build_header(&config, &cpuid, &[], false);
+        let back =
+            config_from_header(&header, config.kernel.clone(), "k", None, Vec::new()).unwrap();
+        assert_eq!(back.rng_seed, config.rng_seed);
+        if let Some(c) = header.config.as_mut() {
+            c.rng_seed = vec![9; 5];
+        }
+        let e = config_from_header(&header, config.kernel.clone(), "k", None, Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("boot randomness of 5 bytes"), "{e}");
     }
 }

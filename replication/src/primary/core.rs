@@ -24,6 +24,9 @@ use crate::telemetry::Timings;
 
 /// What the event loop must do for the core, in order.
 #[derive(Debug)]
+// Actions live for one turn in one Vec; boxing the message would cost an allocation for
+// every record batch sent, to save bytes on a few short-lived values.
+#[allow(clippy::large_enum_variant)]
 pub enum Action {
     /// Send this message to the standby.
     Send(Message),
