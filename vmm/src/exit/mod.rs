@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// A moment in the past, for kicks that count from the entry into the guest.
-pub(crate) static PAST: OnceLock<Instant> = OnceLock::new();
+static PAST: OnceLock<Instant> = OnceLock::new();
 
 use crate::devices::virtio::block::DiskRead;
 use crate::devices::StopRequest;
