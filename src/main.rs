@@ -223,6 +223,10 @@ fn boot(args: &RunArgs, tsc_exits: bool) -> Result<(VmConfig, Vm), CliError> {
             Some(_) => ftvm_vmm::boot::new_rng_seed().map_err(CliError::Seed)?,
             None => Vec::new(),
         },
+        // The CMOS clock starts at this host's time (a host clock before 1970 gives 1970).
+        rtc_base_s: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
     };
     let vm = Vm::new(&config).map_err(|e| match e {
         ftvm_vmm::Error::Boot(_) => CliError::KernelImage {

@@ -90,6 +90,28 @@ fn debian_kernel_boots_and_the_disk_workload_checksums_are_right() {
     assert_eq!(checksum_lines(&out), expected, "{out}");
     assert!(lines[first..].contains(&"workload ok"), "{out}");
     assert_eq!(status, Some(0), "{out}");
+    // The kernel read the date from the CMOS clock (ftvm starts it at the host's time; without
+    // it the guest lived in 1970 after polling the missing clock for a second).
+    let today = |at: &str| -> String {
+        let o = std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%d", "-d", at])
+            .output()
+            .expect("date");
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let clock = lines[first..]
+        .iter()
+        .find_map(|l| l.strip_prefix("ftvm-linux-guest: clock "))
+        .unwrap_or_else(|| panic!("no clock line:\n{out}"));
+    assert!(
+        [today("now"), today("-1 hour")].contains(&clock.to_string()),
+        "the guest's date {clock}, the host's {}:\n{out}",
+        today("now")
+    );
+    assert!(
+        !out.contains("Unable to read current time from RTC"),
+        "{out}"
+    );
 }
 
 /// A Linux guest recorded and replayed: the recording completes with the right checksums;

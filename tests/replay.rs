@@ -305,7 +305,7 @@ fn damaged_logs_are_refused_with_the_frame_offset() {
     assert_bad_log(
         &old,
         &[],
-        "unsupported log format version 2 in the header frame at offset 8 (this ftvm reads version 5)",
+        "unsupported log format version 2 in the header frame at offset 8 (this ftvm reads version 6)",
     );
 
     // A damaged packed block in a frame whose CRC is right: the block's version byte.

@@ -32,8 +32,9 @@ pub mod packed;
 /// block ([`packed`]). Version 4: every disk read is logged as a `DiskRead` (disk, sector,
 /// length, hash), which the replayer checks against its own copy. Version 5: the header's
 /// `rng_seed` is boot randomness the guest was built with (a reader that ignored it would
-/// build another guest).
-pub const FORMAT_VERSION: u32 = 5;
+/// build another guest). Version 6: the header's `rtc_base_s` is the guest's CMOS clock at
+/// boot (a reader that ignored it would replay reads of that clock as divergences).
+pub const FORMAT_VERSION: u32 = 6;
 
 /// First bytes of a log file.
 pub const LOG_MAGIC: &[u8; 8] = b"FTVMLOG\0";

@@ -15,6 +15,7 @@ use crate::devices::pic::{Pic, PicState, MASTER_PORT, SLAVE_PORT};
 use crate::devices::pit::{Pit, PitState, PIT_PORT, PORT_61};
 use crate::devices::pm_timer::{PmTimer, PM_TMR_LEN, PM_TMR_PORT};
 use crate::devices::post::{PostCode, PostState, POST_PORT};
+use crate::devices::rtc::{Rtc, RtcState, RTC_PORT, RTC_PORTS};
 use crate::devices::serial::{Serial, SerialState, TxQueue, COM1_IRQ, COM1_PORT};
 use crate::devices::virtio::block::{
     Block, DiskBlock, DiskImage, DiskInfo, DiskRead, DiskReadLog, VirtioBlk, VirtioBlkState,
@@ -99,6 +100,9 @@ pub struct DeviceStates {
     pub acpi_pm: AcpiPmState,
     /// The virtio block devices, in slot order.
     pub virtio_blk: Vec<VirtioBlkState>,
+    /// The CMOS clock's register index and RAM (states saved before it existed have none).
+    #[serde(default)]
+    pub rtc: RtcState,
     /// The network card, if the VM has one.
     #[serde(default)]
     pub virtio_net: Option<VirtioNetState>,
@@ -115,6 +119,7 @@ pub struct Machine {
     serial: Arc<Mutex<Serial>>,
     i8042: Arc<Mutex<I8042>>,
     post: Arc<Mutex<PostCode>>,
+    rtc: Arc<Mutex<Rtc>>,
     acpi_pm: Arc<Mutex<AcpiPm>>,
     virtio_blk: Vec<Arc<Mutex<VirtioBlk>>>,
     disk_reads: DiskReadLog,
@@ -157,6 +162,8 @@ impl Machine {
         pio.insert(i8042.clone(), DATA_PORT, 1)?;
         pio.insert(i8042.clone(), COMMAND_PORT, 1)?;
         pio.insert(post.clone(), POST_PORT, 1)?;
+        let rtc = Arc::new(Mutex::new(Rtc::new(pit.clone())));
+        pio.insert(rtc.clone(), RTC_PORT, RTC_PORTS)?;
         pio.insert(
             Arc::new(Mutex::new(DebugExit::new(stop.clone()))),
             DEBUG_EXIT_PORT,
@@ -210,10 +217,17 @@ impl Machine {
             serial,
             i8042,
             post,
+            rtc,
             irq_lines,
             stop,
             tx,
         })
+    }
+
+    /// The CMOS clock's wall-clock time at virtual time 0, in Unix seconds (part of the VM's
+    /// configuration: both sides of a pair set the same).
+    pub fn set_rtc_base(&self, unix_s: u64) {
+        lock(&self.rtc).set_base(unix_s);
     }
 
     /// The attached disks, in slot order.
@@ -388,6 +402,7 @@ impl Machine {
             i8042: lock(&self.i8042).save()?,
             post: lock(&self.post).save()?,
             acpi_pm: lock(&self.acpi_pm).save()?,
+            rtc: lock(&self.rtc).save()?,
             virtio_blk: self
                 .virtio_blk
                 .iter()
@@ -409,6 +424,7 @@ impl Machine {
         lock(&self.i8042).restore(&s.i8042)?;
         lock(&self.post).restore(&s.post)?;
         lock(&self.acpi_pm).restore(&s.acpi_pm)?;
+        lock(&self.rtc).restore(&s.rtc)?;
         if s.virtio_blk.len() != self.virtio_blk.len() {
             return Err(StateError::Invalid {
                 device: "virtio-blk",

@@ -42,6 +42,9 @@ pub struct VmConfig {
     /// none. Part of the configuration because both sides of a pair must boot with the
     /// same bytes ([`boot::new_rng_seed`] draws them).
     pub rng_seed: Vec<u8>,
+    /// The wall-clock time, in Unix seconds, the CMOS clock shows at virtual time 0
+    /// ([`crate::devices::rtc`]); both sides of a pair show the same.
+    pub rtc_base_s: u64,
 }
 
 /// The complete state of a VM except guest memory: what a checkpoint carries besides pages.
@@ -127,6 +130,7 @@ impl Vm {
         memory::register(&vm_fd, &memory)?;
         let machine =
             Machine::new(&memory, disks, config.net).map_err(|e| Error::Device(e.to_string()))?;
+        machine.set_rtc_base(config.rtc_base_s);
         let kernel = if boot_kernel {
             let rsdp = acpi::write_tables(&memory, &machine.virtio_slots())?;
             Some(boot::load_kernel(

@@ -86,6 +86,7 @@ fn config() -> VmConfig {
         disks: Vec::new(),
         net: None,
         rng_seed: Vec::new(),
+        rtc_base_s: 0,
     }
 }
 

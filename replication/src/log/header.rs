@@ -51,6 +51,7 @@ pub fn build_header(
             tsc_khz: ftvm_vmm::vm::host_tsc_khz().unwrap_or(0),
             net_mac: config.net.map_or(0, |m| m.to_u64()),
             rng_seed: config.rng_seed.clone(),
+            rtc_base_s: config.rtc_base_s,
         }),
     }
 }
@@ -100,6 +101,12 @@ pub fn config_from_header(
             ftvm_vmm::boot::RNG_SEED_LEN
         )));
     }
+    if c.rtc_base_s > ftvm_vmm::devices::rtc::MAX_BASE_S {
+        return Err(LogError::Config(format!(
+            "a clock that starts at {} s, past the year 9999",
+            c.rtc_base_s
+        )));
+    }
     let cpuid: CpuidTable = ftvm_vmm::state::decode(&c.cpuid_table)
         .map_err(|e| LogError::Config(format!("CPUID table: {e}")))?;
     match (&initrd, c.initrd_hash.is_empty()) {
@@ -138,6 +145,7 @@ pub fn config_from_header(
         cpuid: Some(cpuid),
         net: logged_mac(header)?,
         rng_seed: c.rng_seed.clone(),
+        rtc_base_s: c.rtc_base_s,
     })
 }
 
@@ -228,7 +236,7 @@ mod tests {
     }
 
     #[test]
-    fn the_boot_randomness_travels_and_a_seed_of_another_size_is_refused() {
+    fn the_boot_randomness_and_the_clock_travel_and_values_past_their_bounds_are_refused() {
         let config = VmConfig {
             mem_mib: 64,
             kernel: b"a kernel".to_vec(),
@@ -238,12 +246,22 @@ mod tests {
             cmdline: "quiet".into(),
             cpuid: None,
             rng_seed: vec![9; ftvm_vmm::boot::RNG_SEED_LEN],
+            rtc_base_s: 1_796_169_600,
         };
         let cpuid = CpuidTable::fixed(&[]);
         let mut header = build_header(&config, &cpuid, &[], false);
         let back =
             config_from_header(&header, config.kernel.clone(), "k", None, Vec::new()).unwrap();
         assert_eq!(back.rng_seed, config.rng_seed);
+        assert_eq!(back.rtc_base_s, config.rtc_base_s);
+        let mut late = header.clone();
+        if let Some(c) = late.config.as_mut() {
+            c.rtc_base_s = u64::MAX;
+        }
+        let e = config_from_header(&late, config.kernel.clone(), "k", None, Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("past the year 9999"), "{e}");
         if let Some(c) = header.config.as_mut() {
             c.rng_seed = vec![9; 5];
         }

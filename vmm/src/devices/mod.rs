@@ -8,6 +8,7 @@ pub mod pic;
 pub mod pit;
 pub mod pm_timer;
 pub mod post;
+pub mod rtc;
 pub mod serial;
 pub mod virtio;
 

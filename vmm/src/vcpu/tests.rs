@@ -117,6 +117,7 @@ fn vm(workload: &str) -> Vm {
         disks: Vec::new(),
         net: None,
         rng_seed: Vec::new(),
+        rtc_base_s: 0,
     })
     .unwrap()
 }
