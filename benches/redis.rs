@@ -7,7 +7,8 @@
 //! 1. `redis-benchmark -n N -c 4 -t set,get` requests per second against the guest,
 //!    protected (every reply leaves only once the standby verified its epoch; SETs are
 //!    fsynced to the AOF on the virtio disk first, `appendfsync always`) next to
-//!    unprotected;
+//!    unprotected; and the bytes of received frames logged per second next to the guest's
+//!    network traffic (received and sent) in that run;
 //! 2. failover as the client sees it: `kill -9` of the primary ftvm during writes over one
 //!    long-lived redis-cli connection, from the last reply before the kill to the first
 //!    reply after the standby went live, next to the median protected write round trip of
@@ -59,6 +60,38 @@ fn scenario(mode: &str, n: u32, timeout_s: u32) -> Result<String, Failure> {
     Ok(out)
 }
 
+/// Logged RX next to the guest's traffic, per second of the protected benchmark: the
+/// recorder's frame counts (the whole run; the boot adds a few frames) over the time
+/// redis-benchmark ran.
+fn print_logged_rx(out: &str) -> Result<(), Failure> {
+    let count = |key: &str| -> Result<f64, Failure> {
+        out.lines()
+            .filter_map(|l| l.strip_prefix("bench-traffic "))
+            .find_map(|l| field(l, key))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("no bench-traffic {key}= in the protected run:\n{out}"))
+    };
+    let secs = out
+        .lines()
+        .find_map(|l| l.strip_prefix("bench-ms protected "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|ms| ms / 1000.0)
+        .filter(|s| *s > 0.0)
+        .ok_or_else(|| format!("no bench-ms protected in the run:\n{out}"))?;
+    let (rx, rx_frames) = (count("net_rx_bytes")?, count("net_rx_frames")?);
+    let tx = count("net_tx_bytes")?;
+    println!(
+        "logged RX while redis-benchmark ran protected ({secs:.1} s): {:.0} bytes/s in \
+         {:.1} frames/s, next to the guest's network traffic: {:.0} bytes/s received + {:.0} \
+         bytes/s sent (sent frames are output, not logged)",
+        rx / secs,
+        rx_frames / secs,
+        rx / secs,
+        tx / secs
+    );
+    Ok(())
+}
+
 /// The value of `key=` in the first line that has it.
 fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
     out.lines().find_map(|l| field(l, key))
@@ -98,6 +131,7 @@ fn run() -> Result<(), Failure> {
                 if u > 0.0 { p / u } else { 0.0 }
             );
         }
+        print_logged_rx(&out)?;
     }
     if want("failover") {
         let writes = 45;

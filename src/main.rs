@@ -447,6 +447,10 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
         checkpoint_required = stats.checkpoint_required,
         records = stats.records,
         tsc_reads = stats.tsc_reads,
+        net_rx_frames = stats.net_rx_frames,
+        net_rx_bytes = stats.net_rx_bytes,
+        net_tx_frames = stats.net_tx_frames,
+        net_tx_bytes = stats.net_tx_bytes,
         guest_ms = vm.clock_ns() / 1_000_000,
         bytes = recorder.into_sink().bytes(),
         "recording complete"

@@ -33,6 +33,7 @@ fn frames_reach_the_guest_at_exits_its_answers_leave_through_the_tap_and_the_log
     let log = scratch.path("net.log");
     let sock = PacketSocket::open(&tap.0);
     let mut child = Command::new(FTVM)
+        .env("FTVM_LOG", "ftvm=info")
         .args(["run", "--net"])
         .arg(format!("tap={}", tap.0))
         .arg("--record")
@@ -73,6 +74,18 @@ fn frames_reach_the_guest_at_exits_its_answers_leave_through_the_tap_and_the_log
         .collect::<String>()
         + "netecho done\n";
     assert_eq!(rest, want);
+    // The recorder counts what it logged: the four frames, every byte (the TAP's IPv6 is
+    // off, so nothing else reached the guest), and the four answers it sent.
+    let err = String::from_utf8_lossy(&o.stderr);
+    let stats = err
+        .lines()
+        .find(|l| l.contains("recording complete"))
+        .unwrap_or_else(|| panic!("no recording summary: {err}"));
+    let count = |key: &str| common::field(stats, key).and_then(|v| v.parse::<u64>().ok());
+    assert_eq!(count("net_rx_frames"), Some(4), "{stats}");
+    assert_eq!(count("net_rx_bytes"), Some((60..64).sum()), "{stats}");
+    assert_eq!(count("net_tx_frames"), Some(4), "{stats}");
+    assert_eq!(count("net_tx_bytes"), Some((60..64).sum()), "{stats}");
 
     // The replay has no TAP: every frame comes from the log, at the recorded exits.
     let r = Command::new(FTVM)

@@ -85,7 +85,11 @@ where
             match input {
                 Input::Clock(ns) => rec.clock_ns = Some(*ns),
                 Input::SerialRx(bytes) => rec.serial.extend_from_slice(bytes),
-                Input::NetRx(frame) => rec.net_rx.push(frame.clone()),
+                Input::NetRx(frame) => {
+                    self.stats.net_rx_frames += 1;
+                    self.stats.net_rx_bytes += frame.len() as u64;
+                    rec.net_rx.push(frame.clone());
+                }
             }
         }
         if matches!(at, Point::Kick { .. }) {
@@ -150,6 +154,8 @@ where
 
     fn on_net_output(&mut self, seq: ExitSeq, frames: &[Vec<u8>]) -> Result<(), RecordError> {
         self.output_waiting = true;
+        self.stats.net_tx_frames += frames.len() as u64;
+        self.stats.net_tx_bytes += frames.iter().map(|f| f.len() as u64).sum::<u64>();
         self.inner
             .on_net_output(seq, frames)
             .map_err(RecordError::from)

@@ -106,6 +106,14 @@ pub struct RecordStats {
     pub records: u64,
     /// TSC reads logged (`TscRead` records: a guest whose TSC reads are exits).
     pub tsc_reads: u64,
+    /// Frames the guest received, every one logged with its bytes (`Inputs.net_rx`).
+    pub net_rx_frames: u64,
+    /// Their bytes.
+    pub net_rx_bytes: u64,
+    /// Frames the guest sent (output, not logged).
+    pub net_tx_frames: u64,
+    /// Their bytes.
+    pub net_tx_bytes: u64,
 }
 
 /// The recorder hook over `inner` (the live hook), writing to `sink`.

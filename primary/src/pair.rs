@@ -249,6 +249,10 @@ pub fn run_primary(
         epochs = stats.epochs,
         checkpoint_required = stats.checkpoint_required,
         tsc_reads = stats.tsc_reads,
+        net_rx_frames = stats.net_rx_frames,
+        net_rx_bytes = stats.net_rx_bytes,
+        net_tx_frames = stats.net_tx_frames,
+        net_tx_bytes = stats.net_tx_bytes,
         guest_ms = vm.clock_ns() / 1_000_000,
         "recorder stats"
     );
