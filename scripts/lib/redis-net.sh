@@ -54,7 +54,8 @@ REDIS_PORT=6379
 # and the ARP checks agree with it.
 REDIS_GUEST_MAC=52:54:00:46:54:01
 # The guest's kernel command-line words: the Linux test guest's redis workload on that address.
-REDIS_GUEST_APPEND="ftvm.workload=redis ftvm.ip=$REDIS_GUEST_IP/$REDIS_PREFIX"
+# REDIS_GUEST_EXTRA adds words (for experiments with the guest's kernel options).
+REDIS_GUEST_APPEND="ftvm.workload=redis ftvm.ip=$REDIS_GUEST_IP/$REDIS_PREFIX${REDIS_GUEST_EXTRA:+ $REDIS_GUEST_EXTRA}"
 
 # no_ipv6 IFNAME: the interface sends no router solicitations or DAD probes.
 _redis_no_ipv6() {

@@ -25,7 +25,9 @@
 # `first-ack-after-kill-ms=`, `failover-ms=`, `median-ack-ms=` (the median gap between
 # acknowledgements before the kill: a write's round trip) and `connection-survived=yes|no` (no error
 # answer, i.e. no reset or refused connection, after the kill); bench prints
-# `bench MODE TEST RPS` lines. It exits 0 when the run went through (the checks are the
+# `bench MODE TEST RPS` lines, `bench-ms MODE MS` (how long redis-benchmark ran) and, for the
+# protected run, `bench-traffic net_rx_bytes=N` (and net_rx_frames, net_tx_bytes, net_tx_frames:
+# the recorder's counts of the guest's frames). It exits 0 when the run went through (the checks are the
 # caller's), non-zero when the setup failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -160,6 +162,10 @@ stacks() {
     done
 }
 
+# REDIS_DIAG_PCAP=FILE: the client's packets during the writes go to FILE (tcpdump), and are
+# printed after the writes with the client's events, the primary's repairs and the guest's
+# console.
+
 # tails: the ends of the VMMs' logs.
 tails() {
     echo "--- primary stdout (tail) ---"
@@ -188,7 +194,25 @@ shutdown_and_wait() {
 
 # writes_and_read_back: the N writes, then the read-back.
 writes_and_read_back() {
+    local cap=""
+    if [ -n "${REDIS_DIAG_PCAP:-}" ]; then
+        nsenter -t "$REDIS_CLIENT_PID" -n tcpdump -i any -U -w "$REDIS_DIAG_PCAP" 2>/dev/null &
+        cap=$!
+        sleep 1
+    fi
     redis_writes "$dir/client" 1 "$n" || echo "writes-failed"
+    if [ -n "$cap" ]; then
+        kill "$cap"
+        wait "$cap" 2>/dev/null
+        echo "--- the client's packets during the writes ---"
+        tcpdump -nn -tt -r "$REDIS_DIAG_PCAP" 2>/dev/null | head -3000
+        echo "--- the client's events ---"
+        cat "$dir/client/events"
+        echo "--- the primary's repairs (times) ---"
+        grep -E 'repair' "$dir/p.err" | tail -1500 | cut -c1-220
+        echo "--- the guest's console (head) ---"
+        head -400 "$dir/p.out"
+    fi
     echo "acked=$(wc -l <"$dir/client/acked")"
     redis_read_back "$dir/client"
 }
@@ -235,12 +259,19 @@ case "$mode" in
                 start_pair "$disk"
             fi
             ready || exit 4
+            b0=$(date +%s%3N)
             nsenter -t "$REDIS_CLIENT_PID" -n redis-benchmark -h "$REDIS_GUEST_IP" \
                 -p "$REDIS_PORT" -n "$n" -c 4 -t set,get --csv >"$dir/bench-$run.csv" 2>&1
+            echo "bench-ms $run $(($(date +%s%3N) - b0))"
             # "test","rps",...: one line per test after the header.
             awk -F'"' -v run="$run" 'NR > 1 && $2 != "" {print "bench " run " " $2 " " $4}' \
                 "$dir/bench-$run.csv"
             shutdown_and_wait
+            # The recorder's counters of the guest's frames (all of the run, the boot's few
+            # included): every received byte is logged, sent ones are output.
+            [ "$run" = unprotected ] ||
+                grep -m1 'recorder stats' "$dir/p.err" | grep -o 'net_[a-z_]*=[0-9]*' |
+                sed 's/^/bench-traffic /'
         done
         ;;
     *)
