@@ -132,21 +132,28 @@ impl Rtc {
     }
 }
 
-/// A date and time of day (UTC).
+/// A date and time of day (UTC, proleptic Gregorian).
 #[derive(Debug, PartialEq, Eq)]
-struct Civil {
-    year: u16,
-    month: u8,
-    day: u8,
+pub struct Civil {
+    /// The year (past 9999 for times past [`MAX_BASE_S`]).
+    pub year: u64,
+    /// 1 to 12.
+    pub month: u8,
+    /// 1 to 31.
+    pub day: u8,
     /// 1 (Sunday) to 7, as the MC146818 counts.
-    weekday: u8,
-    hour: u8,
-    minute: u8,
-    second: u8,
+    pub weekday: u8,
+    /// 0 to 23.
+    pub hour: u8,
+    /// 0 to 59.
+    pub minute: u8,
+    /// 0 to 59.
+    pub second: u8,
 }
 
-/// The UTC date and time `unix_s` seconds after 1970-01-01 (up to [`MAX_BASE_S`]).
-fn civil(unix_s: u64) -> Civil {
+/// The UTC date and time `unix_s` seconds after 1970-01-01: the clock's calendar, which the
+/// telemetry's timestamps use too.
+pub fn civil(unix_s: u64) -> Civil {
     let days = unix_s / 86_400;
     let rem = unix_s % 86_400;
     // Howard Hinnant's days-to-civil, on the era of 400 years from 0000-03-01.
@@ -160,7 +167,7 @@ fn civil(unix_s: u64) -> Civil {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + u64::from(month <= 2);
     Civil {
-        year: year as u16,
+        year,
         month: month as u8,
         day: day as u8,
         // 1970-01-01 was a Thursday (5).
