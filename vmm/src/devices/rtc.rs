@@ -49,6 +49,13 @@ const B_BINARY: u8 = 0x04;
 /// Register D: the battery is good (VRT).
 const STATUS_D_VALUE: u8 = 0x80;
 
+/// The CMOS RAM at power-on: zero but register B, in 24-hour BCD mode.
+const INITIAL_RAM: [u8; CMOS_BYTES] = {
+    let mut ram = [0; CMOS_BYTES];
+    ram[STATUS_B as usize] = B_24H;
+    ram
+};
+
 /// The latest time this clock can show (9999-12-31 23:59:59 UTC); a log header that asks for
 /// a later start is refused.
 pub const MAX_BASE_S: u64 = 253_402_300_799;
@@ -74,9 +81,10 @@ pub struct RtcState {
 
 impl Default for RtcState {
     fn default() -> Self {
-        let mut ram = vec![0; CMOS_BYTES];
-        ram[usize::from(STATUS_B)] = B_24H;
-        Self { index: 0, ram }
+        Self {
+            index: 0,
+            ram: INITIAL_RAM.to_vec(),
+        }
     }
 }
 
@@ -84,13 +92,11 @@ impl Rtc {
     /// A clock over the virtual clock `clock`, showing the Unix epoch at virtual time 0
     /// until [`Rtc::set_base`].
     pub fn new(clock: Arc<Mutex<Pit>>) -> Self {
-        let mut ram = [0; CMOS_BYTES];
-        ram[usize::from(STATUS_B)] = B_24H;
         Self {
             clock,
             base_s: 0,
             index: 0,
-            ram,
+            ram: INITIAL_RAM,
         }
     }
 
