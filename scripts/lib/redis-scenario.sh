@@ -196,6 +196,7 @@ shutdown_and_wait() {
 writes_and_read_back() {
     local cap=""
     if [ -n "${REDIS_DIAG_PCAP:-}" ]; then
+        command -v tcpdump >/dev/null || echo "REDIS_DIAG_PCAP: tcpdump is not installed (apt-get install tcpdump)"
         nsenter -t "$REDIS_CLIENT_PID" -n tcpdump -i any -U -w "$REDIS_DIAG_PCAP" 2>/dev/null &
         cap=$!
         sleep 1
