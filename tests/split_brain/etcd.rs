@@ -5,7 +5,9 @@
 // Each suite compiles this file by itself and uses only part of it.
 #![allow(dead_code)]
 
+use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use ftvm_replication::etcd::{self, EtcdConfig};
@@ -113,12 +115,19 @@ impl Cluster {
         cluster
     }
 
-    /// A cluster of `n` members on loopback.
+    /// A cluster of `n` members on loopback, on an address of its own.
+    ///
+    /// Tests run side by side, and a port that was free a moment ago may be taken by the
+    /// time etcd binds it. Were it taken by another test's etcd, this cluster's member would
+    /// exit and the readiness query would be answered by the other cluster, until that test
+    /// killed it. So each cluster listens on its own address in 127.0.0.0/8 (all of it is
+    /// loopback on Linux), where no other test listens and no connection takes a port.
     pub fn local(dir: &str, n: usize) -> Self {
+        let ip = own_loopback_ip();
         let members: Vec<Member> = (0..n)
             .map(|_| Member {
-                client: crate::common::free_addr(),
-                peer: crate::common::free_addr(),
+                client: free_addr_on(&ip),
+                peer: free_addr_on(&ip),
             })
             .collect();
         Self::start(dir, &members, None)
@@ -127,25 +136,52 @@ impl Cluster {
     fn wait_ready(&self, client: &str, dir: &str) {
         let config = EtcdConfig::parse(client).expect("endpoint");
         let start = Instant::now();
+        let logs = || {
+            let logs: Vec<String> = (0..self.members.len())
+                .map(|i| {
+                    std::fs::read_to_string(format!("{dir}/etcd-m{i}.log")).unwrap_or_default()
+                })
+                .collect();
+            logs.join("\n")
+        };
         loop {
+            // A member that exited (a port it could not bind, say) is not what answers.
+            self.assert_running(&logs);
             match etcd::query(&config, "ftvm-test-ready", Duration::from_secs(2)) {
-                Ok(_) => return,
+                Ok(_) => {
+                    self.assert_running(&logs);
+                    return;
+                }
                 Err(e) => {
                     if start.elapsed() > START_LIMIT {
-                        let logs: Vec<String> = (0..self.members.len())
-                            .map(|i| {
-                                std::fs::read_to_string(format!("{dir}/etcd-m{i}.log"))
-                                    .unwrap_or_default()
-                            })
-                            .collect();
-                        panic!(
-                            "etcd at {client} never answered ({e}):\n{}",
-                            logs.join("\n")
-                        );
+                        panic!("etcd at {client} never answered ({e}):\n{}", logs());
                     }
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Panics, with the members' logs, if a started member has exited.
+    fn assert_running(&self, logs: &dyn Fn() -> String) {
+        for (i, c) in self.children.iter().enumerate() {
+            // try_wait needs &mut; the pid is ours and unreaped, so ask with waitid(WNOHANG
+            // | WNOWAIT), which leaves the child for Drop to reap.
+            let Some(c) = c else { continue };
+            // SAFETY: a zeroed siginfo_t is a valid out-parameter for waitid.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid on the pid of a child we spawned and have not reaped.
+            let rc = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    c.id() as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                )
+            };
+            // SAFETY: si_pid is valid to read after a successful waitid.
+            let exited = rc == 0 && unsafe { info.si_pid() } != 0;
+            assert!(!exited, "etcd member {i} exited:\n{}", logs());
         }
     }
 
@@ -181,4 +217,26 @@ impl Drop for Cluster {
             self.kill(i);
         }
     }
+}
+
+/// A loopback address no other cluster of this test run uses: 127.P.C.1, from the process
+/// and a counter.
+fn own_loopback_ip() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    format!(
+        "127.{}.{}.{}",
+        1 + pid % 250,
+        n % 256,
+        1 + (pid / 250) % 250
+    )
+}
+
+/// A port on `ip` that is free now: bind port 0, read it, release it.
+fn free_addr_on(ip: &str) -> String {
+    let listener =
+        TcpListener::bind(format!("{ip}:0")).unwrap_or_else(|e| panic!("bind {ip}:0: {e}"));
+    let port = listener.local_addr().expect("local_addr").port();
+    format!("{ip}:{port}")
 }
