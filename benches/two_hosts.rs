@@ -114,9 +114,10 @@ fn redis() -> Result<(), Failure> {
     for loss in [Loss::Process, Loss::Host] {
         let o = hosts_drill(loss, REDIS_WRITES, REDIS_KILL_AFTER)?;
         eprintln!(
-            "{}: Redis ready {} s after the start, drill {:.0?}",
+            "{}: Redis ready {} s after the start, the standby following after {} s, drill {:.0?}",
             loss.name(),
             o.ready_s,
+            o.protected_s,
             o.took
         );
         rows.push((loss, o));

@@ -28,7 +28,7 @@
 # the two commands and the harness. $TWO_HOSTS_HOST is `a` or `b`.
 #
 # Host loss: creating the file $TWO_HOSTS_DIR/kill-host-a (from either command, or from
-# here) makes the harness SIGKILL host A's QEMU process at once (it looks every 10 ms): the
+# here) makes the harness SIGKILL host A's QEMU process at once (it looks every 20 ms): the
 # whole host is gone, its kernel, its processes and its end of the link, and nobody on host B
 # is told. (kill-host-b does the same to host B.) When it has done so, the harness creates
 # $TWO_HOSTS_DIR/host-a-lost and prints "two-hosts: host A lost ..." on stderr.
@@ -168,7 +168,8 @@ while [ ! -e "$work/a.rc" ] || [ ! -e "$work/b.rc" ]; do
         : >"$shared/host-$h-lost"
         echo "two-hosts: host ${h^^} lost: its QEMU (pid $pid) SIGKILLed on request" >&2
     done
-    sleep 0.01
+    # 50 Hz: this machine's cores run the hosts' QEMUs.
+    sleep 0.02
 done
 wait
 

@@ -594,8 +594,9 @@ fn failover_drill_in(mode: TscMode, name: &str, kill: Kill) -> Drill {
 const DRILL_WINDOW_MS: u64 = 30_000;
 
 /// Issue 13: `kill -9` of the primary during the `files` workload: once while the guest
-/// writes its disk, then `FTVM_LINUX_DRILLS` times (default 1; `scripts/linux-drill.sh N`
-/// runs more) at a random moment after the guest's init line (the seed is printed). Each
+/// writes its disk, then `FTVM_LINUX_DRILLS` times (default 0 in `cargo test`: each is
+/// another protected Linux boot, about 5 minutes of CI's time; `scripts/linux-drill.sh N`
+/// runs N) at a random moment after the guest's init line (the seed is printed). Each
 /// drill passes the checks of [`failover_drill`].
 #[test]
 fn failovers_during_the_files_workload_finish_it_on_the_standbys_copy() {
@@ -603,7 +604,7 @@ fn failovers_during_the_files_workload_finish_it_on_the_standbys_copy() {
     let drills: u64 = std::env::var("FTVM_LINUX_DRILLS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+        .unwrap_or(0);
     let mut window: u64 = std::env::var("FTVM_LINUX_DRILL_WINDOW_MS")
         .ok()
         .and_then(|v| v.parse().ok())

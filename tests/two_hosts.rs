@@ -19,9 +19,11 @@
 //! - `redis_after_process_kill`, `redis_after_host_loss`: every write the client saw
 //!   acknowledged reads back with its value from the guest on host B, the guest ends on
 //!   SHUTDOWN with status 0, and the standby's copy of the disk passes `e2fsck -n` and holds
-//!   exactly the keys written. `FTVM_REDIS_HOST_DRILLS` drills of each (default 1). Each
-//!   is a protected Linux boot on two TCG hosts, so both are ignored unless asked for
-//!   (`--ignored`; scripts/redis-hosts-drill.sh runs them).
+//!   exactly the keys written. `FTVM_REDIS_HOST_DRILLS` drills of each (default 1). The
+//!   guest boots on host A's primary alone and the standby joins it once Redis answers
+//!   and the client is connected (`--accept-standby`, `--join`): the writes, the loss and
+//!   the failover are protected, the boot is not (about 3 minutes a drill here, against 4
+//!   to 11 protected from the first instruction, `REDIS_HOSTS_PROTECT=boot`).
 //!
 //! A test binary without libtest (`harness = false`): run again with
 //! [`common::two_hosts::CLIENT_ARG`] inside host B, it is the drill's client. Arguments
@@ -58,11 +60,6 @@ fn main() -> ExitCode {
         ("redis_after_process_kill", Service::Redis, Loss::Process),
         ("redis_after_host_loss", Service::Redis, Loss::Host),
     ];
-    // Each Redis drill is a protected Linux boot on two TCG hosts (10 to 30 minutes here),
-    // past what CI's time allows beside the other suites: they run only when asked for
-    // (`--ignored`, `--include-ignored`, scripts/redis-hosts-drill.sh); the netecho drills
-    // cover both losses by default.
-    let ignored = |service: &Service| matches!(service, Service::Redis);
     if args.iter().any(|a| a == "--list") {
         for (name, ..) in tests {
             println!("{name}: test");
@@ -75,20 +72,16 @@ fn main() -> ExitCode {
         .map(String::as_str)
         .collect();
     let exact = args.iter().any(|a| a == "--exact");
+    // No drill is ignored: `--ignored` selects none, as libtest's would.
     let only_ignored = args.iter().any(|a| a == "--ignored");
-    let include_ignored = args.iter().any(|a| a == "--include-ignored");
     let selected: Vec<_> = tests
         .into_iter()
-        .filter(|(name, service, _)| {
-            let runs = if only_ignored {
-                ignored(service)
-            } else {
-                include_ignored || !ignored(service)
-            };
-            runs && (filters.is_empty()
-                || filters
-                    .iter()
-                    .any(|f| if exact { name == f } else { name.contains(f) }))
+        .filter(|(name, ..)| {
+            !only_ignored
+                && (filters.is_empty()
+                    || filters
+                        .iter()
+                        .any(|f| if exact { name == f } else { name.contains(f) }))
         })
         .collect();
     let count = |var: &str| -> u64 {
@@ -174,12 +167,13 @@ fn frame_drills(
     Ok(())
 }
 
-/// `drills` Redis drills losing the primary as `loss` says; the first after a third of
-/// the writes, the others after a seeded number.
+/// `drills` Redis drills losing the primary as `loss` says; the first after a sixth of
+/// the writes (each write before the loss is a protected round trip of several seconds
+/// under TCG), the others after a seeded number.
 fn redis_drills(name: &str, loss: Loss, drills: u64, seed: &mut u64) -> Result<(), String> {
     for d in 0..drills {
         let k = if d == 0 {
-            WRITES / 3
+            WRITES / 6
         } else {
             1 + draw(seed, u64::from(WRITES - 2)) as u32
         };
@@ -191,9 +185,10 @@ fn redis_drills(name: &str, loss: Loss, drills: u64, seed: &mut u64) -> Result<(
         let o = hosts_drill(loss, WRITES, k)?;
         eprintln!(
             "  every acknowledged write read back, disk copy clean; Redis ready {} s after \
-             the start; failover as the client saw it {} ms (a write's round trip {} ms); \
-             the TCP connection {}; drill {:.0?} with the hosts' boot",
+             the start, protected after {} s; failover as the client saw it {} ms (a write's \
+             round trip {} ms); the TCP connection {}; drill {:.0?} with the hosts' boot",
             o.ready_s,
+            o.protected_s,
             o.failover_ms,
             o.median_ack_ms,
             if o.connection_survived {

@@ -25,7 +25,8 @@
 #   rcli_within SECONDS ARG...       rcli, killed after SECONDS (a reply held for good
 #                                    must not hang the caller)
 #   redis_wait_ready SECONDS         until the guest's server answers PING
-#   redis_writes DIR FIRST LAST      SET key:I to redis_value I for I in FIRST..LAST over one
+#   redis_writes DIR FIRST LAST [GATE]
+#                                    SET key:I to redis_value I for I in FIRST..LAST over one
 #                                    long-lived connection (see below)
 #   redis_read_back DIR              GETs every key DIR/acked holds; prints "read-back acked=N
 #                                    missing=M wrong=W"; fails unless M = W = 0
@@ -144,8 +145,12 @@ _redis_now_ms() {
 # "error I MS TEXT" and the same SET is sent again after 0.2 s. An answer that does not
 # come in 600 s fails. While it runs, DIR/progress holds the number of the last
 # acknowledged key, for drills to watch.
+# With GATE (a file name), the connection is made first: a PING, answered, and DIR/connected
+# created; the SETs begin once GATE exists. A drill that protects a running guest connects
+# before the standby joins, so redis-cli's start (Debian's 7.0 fetches COMMAND DOCS, 172 KB)
+# is not part of the protected run, and the connection is one the join must carry over.
 redis_writes() {
-    local dir="$1" first="$2" last="$3" i reply cli="" to from
+    local dir="$1" first="$2" last="$3" gate="${4:-}" i reply cli="" to from
     mkdir -p "$dir"
     : >>"$dir/acked"
     : >>"$dir/events"
@@ -162,6 +167,17 @@ redis_writes() {
             rcli <"$dir/to-cli" >"$dir/from-cli" 2>&1 &
             cli=$!
             exec {to}>"$dir/to-cli" {from}<"$dir/from-cli"
+        fi
+        if [ -n "$gate" ]; then
+            if ! (echo PING >&"$to") 2>/dev/null || ! IFS= read -r -t 600 reply <&"$from" ||
+                [ "$reply" != PONG ]; then
+                echo "redis-net: the first PING got ${reply:-no answer}" >&2
+                kill "$cli" 2>/dev/null
+                return 1
+            fi
+            : >"$dir/connected"
+            until [ -e "$gate" ]; do sleep 0.2; done
+            gate=""
         fi
         reply=""
         # In a subshell: a redis-cli that just ended would make the write kill this shell

@@ -86,6 +86,9 @@ pub struct HostsOutcome {
     pub connection_survived: bool,
     /// From the hosts' start until Redis answered.
     pub ready_s: u64,
+    /// From the hosts' start until the standby followed the guest in lockstep (with the
+    /// default `join`, once it had joined the running guest; with `boot`, as Redis answered).
+    pub protected_s: u64,
     /// The whole drill, the hosts' boot included.
     pub took: Duration,
 }
@@ -93,7 +96,9 @@ pub struct HostsOutcome {
 /// One Redis drill on the two-host harness (scripts/lib/redis-hosts.sh): the protected
 /// guest's primary on host A, its standby, the witness and the client on host B; the loss
 /// after `kill_after` of `writes` acknowledged writes. Checks that the loss happened, the
-/// standby went live, and the workload is whole on the standby's copy.
+/// standby went live, and the workload is whole on the standby's copy. The standby joins
+/// the running guest before the writes (the script's default, `REDIS_HOSTS_PROTECT=join`);
+/// `REDIS_HOSTS_PROTECT=boot` in the environment protects it from its first instruction.
 pub fn hosts_drill(loss: Loss, writes: u32, kill_after: u32) -> Result<HostsOutcome, Failure> {
     let (kernel, initrd) = linux_guest_redis_images();
     let dir = Scratch::try_new(&format!("redis-hosts-{kill_after}"))?;
@@ -156,6 +161,7 @@ pub fn hosts_drill(loss: Loss, writes: u32, kill_after: u32) -> Result<HostsOutc
         median_ack_ms: num("median-ack-ms")?,
         connection_survived: field(&b, "connection-survived") == Some("yes"),
         ready_s: num("ready-after-s")?,
+        protected_s: num("protected-after-s")?,
         took,
     })
 }
