@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::{arbiter_args, bounds, ops, security, tsc_mode, DEFAULT_LATENCY_BOUND_MS};
+use crate::{
+    arbiter_args, bounds, ops, security, tsc_mode, DEFAULT_LATENCY_BOUND_MS, DEFAULT_MAX_EPOCH_MS,
+};
 
 #[derive(Parser)]
 #[command(
@@ -127,6 +129,9 @@ pub(crate) struct StandbyArgs {
     /// If this standby becomes the primary (switchover): the latency bound, as for `ftvm run`.
     #[arg(long, value_name = "MS", default_value_t = DEFAULT_LATENCY_BOUND_MS, value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) latency_bound_ms: u64,
+    /// If this standby becomes the primary (switchover): the longest epoch, as for `ftvm run`.
+    #[arg(long, value_name = "MS", default_value_t = DEFAULT_MAX_EPOCH_MS, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub(crate) max_epoch_ms: u64,
     /// This standby's own copy of each of the primary's disks, in the primary's order
     /// (PATH, or PATH,ro for a disk the primary attaches read-only): identical to the
     /// primary's image when the guest starts, the same size and mode. A missing copy, one of
@@ -228,6 +233,13 @@ pub(crate) struct RunArgs {
     /// epoch checkpoint-required. Raise it where exits are slow (nested KVM). Default: 4.
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) latency_bound_ms: Option<u64>,
+    /// Recorded or protected runs: the longest an epoch runs (ms of wall time) before it is
+    /// cut and digested, where no output or halt cuts it first. Longer epochs mean fewer
+    /// digests, and for a guest that diverges often (Linux in repair mode: every interrupt
+    /// mixes the TSC into its entropy pool) fewer repairs; the standby trails by up to one
+    /// epoch. Default: 10.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub(crate) max_epoch_ms: Option<u64>,
     /// Run protected: the standby (`ftvm standby`) listening at ADDR (host:port) replays the
     /// guest in lockstep; output is released only once the standby verified it.
     #[arg(long, value_name = "ADDR", conflicts_with = "record")]

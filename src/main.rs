@@ -51,6 +51,9 @@ const LINUX_CMDLINE: &str = "console=ttyS0 noapic nolapic reboot=k panic=-1 noka
 pub(crate) const DEFAULT_LATENCY_BOUND_MS: u64 =
     ftvm_primary::DEFAULT_LATENCY_BOUND.as_millis() as u64;
 
+/// The recorder's default longest epoch (`--max-epoch-ms`).
+pub(crate) const DEFAULT_MAX_EPOCH_MS: u64 = ftvm_primary::DEFAULT_MAX_EPOCH.as_millis() as u64;
+
 /// Exit status for errors of ftvm itself (the guest's own status is passed through otherwise).
 const STATUS_ERROR: u8 = 1;
 /// `ftvm replay`: the log is unusable (damaged, wrong version, another kernel).
@@ -288,6 +291,12 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
                 .into(),
         ));
     }
+    if args.max_epoch_ms.is_some() && args.record.is_none() && !paired {
+        return Err(CliError::Usage(
+            "--max-epoch-ms applies only to a recorded or protected run (--record, --peer or --accept-standby)"
+                .into(),
+        ));
+    }
     let latency_bound =
         Duration::from_millis(args.latency_bound_ms.unwrap_or(DEFAULT_LATENCY_BOUND_MS));
     if args.interrupt_windows && args.record.is_none() && !paired {
@@ -321,10 +330,14 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
         pair::TscOffer::No
     };
     let (mut config, mut vm) = boot(&args, offer != pair::TscOffer::No)?;
+    let defaults = EpochPolicy::default();
     let policy = EpochPolicy {
         interrupt_windows: args.interrupt_windows,
         latency_bound,
-        ..EpochPolicy::default()
+        max_epoch: args
+            .max_epoch_ms
+            .map_or(defaults.max_epoch, Duration::from_millis),
+        ..defaults
     };
     if paired {
         let options = channel_options(&args.pair)?;
@@ -401,6 +414,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             input: Some(spawn_reader(std::io::stdin())),
             accept,
             latency_bound,
+            max_epoch: policy.max_epoch,
             net: attach_net(tap, config.net)?,
         };
         let first = Role::Primary {
@@ -557,6 +571,7 @@ fn standby(args: StandbyArgs) -> Result<u8, CliError> {
         input: input.clone(),
         accept,
         latency_bound: Duration::from_millis(args.latency_bound_ms),
+        max_epoch: Duration::from_millis(args.max_epoch_ms),
         net: attach_net(tap, args.net.as_ref().map(|n| n.mac))?,
     };
     let end = ftvm_secondary::standby::run_standby(

@@ -26,6 +26,8 @@ pub(crate) struct Roles {
     pub(crate) accept: Option<TcpListener>,
     /// The recorder's latency bound whenever this process is the primary.
     pub(crate) latency_bound: Duration,
+    /// The recorder's longest epoch whenever this process is the primary.
+    pub(crate) max_epoch: Duration,
     /// The guest's network card's host side (`--net`): the TAP, and the frames its reader
     /// thread receives.
     pub(crate) net: Option<(ftvm_vmm::tap::Tap, NetRx)>,
@@ -74,6 +76,7 @@ impl Roles {
                     let policy = EpochPolicy {
                         interrupt_windows: self.header.interrupt_windows,
                         latency_bound: self.latency_bound,
+                        max_epoch: self.max_epoch,
                         ..EpochPolicy::default()
                     };
                     let options = self.options.try_clone().map_err(CliError::Control)?;

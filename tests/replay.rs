@@ -98,6 +98,60 @@ fn counter_replays_identically_ten_times() {
     }
 }
 
+/// `--max-epoch-ms` bounds an epoch's length: the counter recorded with 1 ms epochs closes
+/// an epoch at nearly every exit of its waits, with 60 s epochs only where its output cuts
+/// them (about one per line), so fewer; both replay identically. Without `--record` or a pair the option is
+/// refused.
+#[test]
+fn the_longest_epoch_is_the_operators_choice_and_replays_either_way() {
+    let dir = Scratch::new("replay-max-epoch");
+    let mut epochs = Vec::new();
+    for ms in ["1", "60000"] {
+        let log = dir.path(&format!("counter-{ms}.log"));
+        let rec = record_command(&log)
+            .args([
+                "--max-epoch-ms",
+                ms,
+                "--cmdline",
+                "workload=counter ticks=20",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&rec.stderr);
+        assert_eq!(rec.status.code(), Some(0), "{err}");
+        let n: u64 = err
+            .lines()
+            .find(|l| l.contains("recording complete"))
+            .and_then(|l| common::field(l, "epochs"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no epochs= in {err}"));
+        epochs.push(n);
+        assert_clean_replay(&log, &rec.stdout);
+    }
+    assert!(
+        epochs[0] > epochs[1],
+        "epochs with 1 ms and 60 s: {epochs:?}"
+    );
+    let o = Command::new(FTVM)
+        .args([
+            "run",
+            "--max-epoch-ms",
+            "5",
+            "--cmdline",
+            "workload=counter ticks=1",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_ne!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("--max-epoch-ms applies only to a recorded or protected run"),
+        "{err}"
+    );
+}
+
 /// A small deterministic generator for input timing (no external crate needed).
 struct Jitter(u64);
 

@@ -24,6 +24,8 @@
 #          slow and uneven under TCG (3 to 7 minutes at stop 26), out of the drill; the
 #          writes, the loss and the failover are protected as in `boot`.
 #   boot   the pair is protected from the guest's first instruction (`--peer`).
+# REDIS_GUEST_EXTRA adds words to the guest's command line (as in redis-net.sh),
+# REDIS_RUN_EXTRA options to the primary's `ftvm run` (e.g. --max-epoch-ms 100).
 #
 #   scripts/lib/redis-hosts.sh process|host FTVM KERNEL INITRD DISK KEY [N [K]]
 #
@@ -68,7 +70,7 @@ pair="--key $(q "$key") --witness 192.168.100.10:7500 --heartbeat-ms 200 \
 --heartbeat-timeout-ms ${REDIS_HEARTBEAT_TIMEOUT_MS:-3000} --max-lag-ms 86400000 --max-slowed-ms 86400000 \
 --max-standby-backlog-mib 4096"
 guest="--kernel $(q "$kernel") --initrd $(q "$initrd") --mem-mib 256 \
---append 'ftvm.workload=redis ftvm.ip=$guest_ip/24'"
+--append 'ftvm.workload=redis ftvm.ip=$guest_ip/24${REDIS_GUEST_EXTRA:+ $REDIS_GUEST_EXTRA}'"
 d='"$TWO_HOSTS_DIR"'
 
 # The diagnosis each host keeps in the shared directory (diag-a.txt, diag-b.txt), readable
@@ -121,7 +123,7 @@ host_a=$(
     cat <<A
 . scripts/lib/redis-net.sh
 cp $(q "$disk") /tmp/disk.img || exit 3
-FTVM_LOG=ftvm=info $(q "$ftvm") run $rendezvous_a \
+FTVM_LOG=ftvm=info $(q "$ftvm") run $rendezvous_a ${REDIS_RUN_EXTRA:-} \
     $guest --disk /tmp/disk.img --net tap=ftvm0 --latency-bound-ms 50 $pair \
     --control 127.0.0.1:7100 >$d/primary.out 2>$d/primary.err &
 p=\$!
