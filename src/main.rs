@@ -279,32 +279,22 @@ fn listen(addr: &str) -> Result<TcpListener, CliError> {
 
 fn run(args: RunArgs) -> Result<u8, CliError> {
     let paired = args.peer.is_some() || args.accept_standby.is_some();
-    if args.latency_bound_ms.is_some() && args.record.is_none() && !paired {
-        return Err(CliError::Usage(
-            "--latency-bound-ms applies only to a recorded or protected run (--record, --peer or --accept-standby)"
-                .into(),
-        ));
-    }
-    if args.tsc == tsc_mode::TscChoice::Exits && args.record.is_none() && !paired {
-        return Err(CliError::Usage(
-            "--tsc exits applies only to a recorded or protected run (--record, --peer or --accept-standby)"
-                .into(),
-        ));
-    }
-    if args.max_epoch_ms.is_some() && args.record.is_none() && !paired {
-        return Err(CliError::Usage(
-            "--max-epoch-ms applies only to a recorded or protected run (--record, --peer or --accept-standby)"
-                .into(),
-        ));
+    // Options of the recorder: refused where nothing is recorded.
+    if args.record.is_none() && !paired {
+        let recorder_options = [
+            (args.latency_bound_ms.is_some(), "--latency-bound-ms"),
+            (args.tsc == tsc_mode::TscChoice::Exits, "--tsc exits"),
+            (args.max_epoch_ms.is_some(), "--max-epoch-ms"),
+            (args.interrupt_windows, "--interrupt-windows"),
+        ];
+        if let Some((_, option)) = recorder_options.iter().find(|(given, _)| *given) {
+            return Err(CliError::Usage(format!(
+                "{option} applies only to a recorded or protected run (--record, --peer or --accept-standby)"
+            )));
+        }
     }
     let latency_bound =
         Duration::from_millis(args.latency_bound_ms.unwrap_or(DEFAULT_LATENCY_BOUND_MS));
-    if args.interrupt_windows && args.record.is_none() && !paired {
-        return Err(CliError::Usage(
-            "--interrupt-windows applies only to a recorded or protected run (--record, --peer or --accept-standby)"
-                .into(),
-        ));
-    }
     if args.pair.control.is_some() && !paired {
         return Err(CliError::Usage(
             "--control needs --peer or --accept-standby".into(),
