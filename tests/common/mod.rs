@@ -178,13 +178,18 @@ impl Drop for Scratch {
 
 /// A free loopback address: bind port 0, read the port, release it.
 pub fn try_free_addr() -> Result<String, Failure> {
-    let listener =
-        TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind 127.0.0.1:0: {e}"))?;
+    try_free_addr_on("127.0.0.1")
+}
+
+/// A port on the local address `ip` that is free now, as `ip:port`: bind port 0, read the
+/// port, release it.
+pub fn try_free_addr_on(ip: &str) -> Result<String, Failure> {
+    let listener = TcpListener::bind(format!("{ip}:0")).map_err(|e| format!("bind {ip}:0: {e}"))?;
     let port = listener
         .local_addr()
         .map_err(|e| format!("local_addr: {e}"))?
         .port();
-    Ok(format!("127.0.0.1:{port}"))
+    Ok(format!("{ip}:{port}"))
 }
 
 /// A free loopback address; panics if there is none.

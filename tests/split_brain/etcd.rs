@@ -5,7 +5,6 @@
 // Each suite compiles this file by itself and uses only part of it.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -126,8 +125,8 @@ impl Cluster {
         let ip = own_loopback_ip();
         let members: Vec<Member> = (0..n)
             .map(|_| Member {
-                client: free_addr_on(&ip),
-                peer: free_addr_on(&ip),
+                client: crate::common::try_free_addr_on(&ip).unwrap_or_else(|e| panic!("{e}")),
+                peer: crate::common::try_free_addr_on(&ip).unwrap_or_else(|e| panic!("{e}")),
             })
             .collect();
         Self::start(dir, &members, None)
@@ -231,12 +230,4 @@ fn own_loopback_ip() -> String {
         n % 256,
         1 + (pid / 250) % 250
     )
-}
-
-/// A port on `ip` that is free now: bind port 0, read it, release it.
-fn free_addr_on(ip: &str) -> String {
-    let listener =
-        TcpListener::bind(format!("{ip}:0")).unwrap_or_else(|e| panic!("bind {ip}:0: {e}"));
-    let port = listener.local_addr().expect("local_addr").port();
-    format!("{ip}:{port}")
 }
