@@ -3,7 +3,14 @@
 # protected in the nested harness and maps the pages its repairs found different on the two
 # sides to the running kernel's symbols.
 #
-#   scripts/diverging-pages.sh [WORKLOAD]        (default: boot; files, idle, dd as well)
+#   scripts/diverging-pages.sh [--tsc exits] [--join] [WORKLOAD]
+#                                                (default: boot; files, idle, dd as well)
+#
+# --tsc exits: exact mode (issue 18): the harness loads the ftvm-rdtsc-exits module
+# (`nested.sh --rdtsc-exits`) and the primary runs at `--tsc exits`, so every TSC read is
+# logged; what still differs is not the TSC. --join: the primary boots the guest alone and
+# the standby joins it in a 20 s pause after the mount (`files` only), as the CI drills do,
+# so the boot is not protected work.
 #
 # In one harness run: the guest's `kallsyms` workload writes /proc/kallsyms (the symbols of
 # the running kernel, which with `nokaslr` are the System.map of the Debian package: the
@@ -14,15 +21,39 @@
 # mapped through the kernel's fixed mappings (nokaslr): the kernel image (physical P at
 # 0xffffffff80000000 + P), and the direct map (0xffff888000000000 + P), in which the per-CPU
 # area starts at the GS base. Printed: for each symbol (or region), the repairs in which a
-# page of it differed, most frequent first. FTVM_TSC_MEASURES passes through to both sides.
+# page of it differed, most frequent first. FTVM_TSC_MEASURES passes through to both sides,
+# FTVM_REPAIR_FULL_COMPARE=N to the standby (its first N repairs compare every page, which
+# also finds pages that differ from before the repair's boundary: docs/OPERATIONS.md).
 # The harness's output is kept in target/diverging-pages-WORKLOAD.out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+usage() {
+    echo "usage: scripts/diverging-pages.sh [--tsc exits|repair] [--join] [boot|idle|files|dd]" >&2
+    exit 2
+}
+tsc=repair harness=() join=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --tsc) [ $# -ge 2 ] || usage; tsc="$2"; shift 2 ;;
+        --join) join=1; shift ;;
+        -*) usage ;;
+        *) break ;;
+    esac
+done
 workload="${1:-boot}"
 case "$workload" in
     boot | idle | files | dd) ;;
-    *) echo "usage: scripts/diverging-pages.sh [boot|idle|files|dd]" >&2; exit 2 ;;
+    *) usage ;;
 esac
+case "$tsc" in
+    exits) harness=(--rdtsc-exits) ;;
+    repair) ;;
+    *) usage ;;
+esac
+if [ "$join" = 1 ] && [ "$workload" != files ]; then
+    echo "diverging-pages: --join needs the files workload (its pause is where the standby joins)" >&2
+    exit 2
+fi
 command -v python3 >/dev/null || { echo "diverging-pages: python3 is needed" >&2; exit 1; }
 cargo build --release --bin ftvm >&2
 ftvm="$PWD/target/release/ftvm"
@@ -44,18 +75,30 @@ cp $dir/disk.img $dir/copy.img
 $ftvm keygen --out $dir/pair.key >/dev/null || exit 98
 PAIR="--heartbeat-ms 200 --heartbeat-timeout-ms 3000 --max-lag-epochs 100000000 \
     --max-slowed-ms 86400000 --max-standby-backlog-mib 4096 --key $dir/pair.key"
-FTVM_LOG=warn $ftvm standby --listen 127.0.0.1:7300 --disk $dir/copy.img \$PAIR \
-    >/dev/null 2>$dir/s.err &
-FTVM_LOG=ftvm=info,ftvm_primary::repair=debug $ftvm run --peer 127.0.0.1:7300 \
-    --connect-timeout-ms 30000 --kernel $kernel --initrd $initrd --disk $dir/disk.img \
-    --mem-mib 256 --latency-bound-ms 50 \$PAIR --append 'quiet ftvm.workload=$workload' \
-    >$dir/p.out 2>$dir/p.err
+STANDBY="FTVM_REPAIR_FULL_COMPARE=${FTVM_REPAIR_FULL_COMPARE:-0} \
+    FTVM_LOG=warn,ftvm_secondary::standby=info $ftvm standby --disk $dir/copy.img \$PAIR"
+PRIMARY="FTVM_LOG=ftvm=info,ftvm_primary::repair=debug $ftvm run --kernel $kernel \
+    --initrd $initrd --disk $dir/disk.img --mem-mib 256 --latency-bound-ms 50 --tsc $tsc \$PAIR"
+if [ $join = 1 ]; then
+    eval "\$PRIMARY --accept-standby 127.0.0.1:7300 \
+        --append 'quiet ftvm.workload=$workload ftvm.pause=20'" >$dir/p.out 2>$dir/p.err & pp=\$!
+    until grep -q 'pausing 20 s' $dir/p.out; do kill -0 \$pp 2>/dev/null || break; sleep 0.2; done
+    eval "\$STANDBY --join 127.0.0.1:7300" >/dev/null 2>$dir/s.err &
+    wait \$pp
+else
+    eval "\$STANDBY --listen 127.0.0.1:7300" >/dev/null 2>$dir/s.err &
+    eval "\$PRIMARY --peer 127.0.0.1:7300 --connect-timeout-ms 30000 \
+        --append 'quiet ftvm.workload=$workload'" >$dir/p.out 2>$dir/p.err
+fi
 echo "primary-status=\$?"
 wait
 grep 'protected run complete' $dir/p.err
+grep -h 'TSC reads are exits' $dir/p.err $dir/s.err
+grep 'synced: following' $dir/s.err
+grep 'asking for a repair\|comparing every page' $dir/s.err
 grep 'pages that differ' $dir/p.err
 SCRIPT
-scripts/nested.sh --timeout 1800 -- bash "$dir/run.sh" >"$dir/out" || {
+scripts/nested.sh "${harness[@]}" --timeout 1800 -- bash "$dir/run.sh" >"$dir/out" || {
     cat "$dir/out" >&2
     echo "diverging-pages: the harness run failed" >&2
     exit 1
@@ -122,6 +165,10 @@ for line in text.splitlines():
     where.update(seen)
 summary = [l for l in text.splitlines() if "protected run complete" in l]
 print("\n".join(summary))
+asked = [l for l in text.splitlines() if "asking for a repair" in l]
+print(f"{len(asked)} repairs asked for by the standby; the first reasons:")
+for l in asked[:8]:
+    print("  " + l.split("asking for a repair: ", 1)[-1][:200])
 print(f"{repairs} repairs named pages that differ; each row: repairs in which a page of it differed")
 for label, n in where.most_common():
     print(f"  {n:6d}  {label}")

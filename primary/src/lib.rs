@@ -228,6 +228,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         let dirty_now = vm.take_dirty_pages()?;
         let blocks_now = vm.take_dirty_blocks();
         let mut differ = Vec::new();
+        let mut differ_not_mine = Vec::new();
         // Page hashes the repair's filter computed, reused by the checkpoint digest.
         let mut known = std::collections::BTreeMap::new();
         let (send, covered, blocks) = match &request {
@@ -251,6 +252,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
                 }
                 let plan = repair::plan_pages(vm, pages, standby_dirty)?;
                 differ = plan.differ;
+                differ_not_mine = plan.differ_not_mine;
                 known = plan.hashes;
                 (
                     plan.send,
@@ -303,7 +305,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
         }
         let block_bytes = repair::send_blocks(vm, id, &blocks, &port.feed)?;
         let state = vm.save()?;
-        repair::log_differing(&differ, &state);
+        repair::log_differing(&differ, &differ_not_mine, &state);
         let digest = state_digest_with(vm, &covered, &blocks.covered, &known)?;
         let sync = matches!(request, VcpuRequest::StopAndCopy { .. });
         let run_end = run_end.map(to_run_end);
@@ -339,7 +341,10 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
             pause_us = stopped.elapsed().as_micros() as u64,
             "checkpoint made"
         );
-        // The checkpoint is the new boundary both VMs start from.
+        // The checkpoint is the new boundary both VMs start from, KVM's mappings of guest
+        // memory included: the standby drops its own where it installs this (DESIGN.md §2,
+        // "Dirty sets"). The vCPU is stopped and this epoch's dirty pages were taken above.
+        vm.drop_guest_mappings()?;
         self.unverified_dirty.clear();
         self.stats.epochs += 1;
         self.epoch += 1;

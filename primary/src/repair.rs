@@ -38,6 +38,10 @@ pub(crate) struct PagePlan {
     pub covered: Vec<u64>,
     /// Dirtied by both sides with different contents: where the replays diverged.
     pub differ: Vec<u64>,
+    /// Of `differ`, the pages this side did not dirty since the boundary: written only by
+    /// the standby, or (when the standby compared every page, `FTVM_REPAIR_FULL_COMPARE`)
+    /// different since before the boundary, which dirty tracking missed.
+    pub differ_not_mine: Vec<u64>,
     /// The hash of every page the plan read (those the standby reported), for the
     /// checkpoint digest: the vCPU stays stopped until it is computed, so they still hold.
     pub hashes: BTreeMap<u64, PageDigest>,
@@ -51,20 +55,24 @@ pub(crate) fn plan_pages(
     standby: &[(u64, PageDigest)],
 ) -> Result<PagePlan, RecordError> {
     let theirs: BTreeMap<u64, PageDigest> = standby.iter().copied().collect();
-    let covered: BTreeSet<u64> = mine.into_iter().chain(theirs.keys().copied()).collect();
+    let covered: BTreeSet<u64> = mine.iter().copied().chain(theirs.keys().copied()).collect();
     let mut page = vec![0u8; PAGE_SIZE as usize];
     let mut send = Vec::new();
     let mut differ = Vec::new();
+    let mut differ_not_mine = Vec::new();
     let mut hashes = BTreeMap::new();
     for &pfn in &covered {
         if let Some(hash) = theirs.get(&pfn) {
             vm.read_page(pfn, &mut page)?;
-            let mine = ftvm_vmm::digest::hash(&page);
-            hashes.insert(pfn, mine);
-            if mine == *hash {
+            let here = ftvm_vmm::digest::hash(&page);
+            hashes.insert(pfn, here);
+            if here == *hash {
                 continue;
             }
             differ.push(pfn);
+            if !mine.contains(&pfn) {
+                differ_not_mine.push(pfn);
+            }
         }
         send.push(pfn);
     }
@@ -72,6 +80,7 @@ pub(crate) fn plan_pages(
         send,
         covered: covered.into_iter().collect(),
         differ,
+        differ_not_mine,
         hashes,
     })
 }
@@ -80,14 +89,19 @@ pub(crate) fn plan_pages(
 /// contents differ, at debug level, as page frame numbers in hex (at most 64 a repair),
 /// with the guest's per-CPU base (`percpu_base`, see [`percpu_base`]).
 /// `scripts/diverging-pages.sh` maps them to kernel symbols.
-pub(crate) fn log_differing(differ: &[u64], state: &VmState) {
+/// `not_mine`: those of them this side did not dirty (see [`PagePlan::differ_not_mine`]).
+pub(crate) fn log_differing(differ: &[u64], not_mine: &[u64], state: &VmState) {
     if differ.is_empty() || !tracing::enabled!(tracing::Level::DEBUG) {
         return;
     }
-    let pfns: Vec<String> = differ.iter().take(64).map(|p| format!("{p:x}")).collect();
+    let hex = |pages: &[u64]| {
+        let pfns: Vec<String> = pages.iter().take(64).map(|p| format!("{p:x}")).collect();
+        pfns.join(",")
+    };
     tracing::debug!(
         differing = differ.len(),
-        pfns = pfns.join(","),
+        pfns = hex(differ),
+        not_dirtied_here = hex(not_mine),
         percpu_base = format!("{:x}", percpu_base(state).unwrap_or(0)),
         "repair: pages that differ"
     );

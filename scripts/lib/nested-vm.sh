@@ -13,7 +13,8 @@
 #       nested_vm_initrd. Returns 1 on failure (messages on stderr as "TAG: ...").
 #   nested_vm_command_file FILE PROLOGUE COMMAND [ARG...]
 #       Writes the command file the VM runs: cd to the current directory, PATH and HOME, the
-#       FTVM_* variables passed on, PROLOGUE (shell text, may be empty), then exec COMMAND.
+#       FTVM_LOG, FTVM_DRILLS, FTVM_TSC_MEASURES and RUST_BACKTRACE passed on, PROLOGUE (shell
+#       text, may be empty), then exec COMMAND.
 #   nested_vm_qemu_args SMP MEM_MIB CMD_FILE [EXTRA_APPEND]
 #       Sets the array nested_vm_args: QEMU's options for such a VM (serial on stdio; the
 #       caller adds its own devices).
@@ -113,7 +114,7 @@ nested_vm_command_file() {
         printf 'cd %q || exit 125\n' "$PWD"
         printf 'export PATH=/usr/local/cargo/bin:/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n'
         printf 'export HOME=/tmp CARGO_HOME=/tmp/cargo-home\n'
-        for v in FTVM_LOG FTVM_DRILLS RUST_BACKTRACE; do
+        for v in FTVM_LOG FTVM_DRILLS FTVM_TSC_MEASURES RUST_BACKTRACE; do
             [ -n "${!v:-}" ] && printf 'export %s=%q\n' "$v" "${!v}"
         done
         [ -n "$prologue" ] && printf '%s\n' "$prologue"

@@ -48,9 +48,11 @@ pub(crate) fn install(
             mismatch_detail(vm, &state)
         ));
     }
-    // The checkpoint is the new boundary: dirty tracking restarts from it.
+    // The checkpoint is the new boundary: dirty tracking restarts from it, and KVM's
+    // mappings of guest memory too, as the primary's do here (DESIGN.md §2, "Dirty sets").
     vm.take_dirty_pages().map_err(|e| e.to_string())?;
     vm.take_dirty_blocks();
+    vm.drop_guest_mappings().map_err(|e| e.to_string())?;
     Ok(())
 }
 

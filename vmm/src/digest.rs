@@ -69,6 +69,7 @@ pub fn state_digest_with(
                 .collect()
         };
         tracing::trace!(
+            exit_seq = vm.exit_seq().0,
             rip = regs.rip,
             rax = regs.rax,
             rdx = regs.rdx,
@@ -77,6 +78,7 @@ pub fn state_digest_with(
             sregs = %short(&encode(&sregs)),
             devices = %short(&encode(&devices)),
             pages = pages.len(),
+            state = ?devices,
             "digest parts"
         );
     }

@@ -123,6 +123,73 @@ fn no_huge_pages(mem: &GuestMemory) -> Result<(), MemoryError> {
     Ok(())
 }
 
+/// Backs every page of guest memory in the host now, writable (`MADV_POPULATE_WRITE`, or a
+/// write to each page where the kernel predates it), so that whether KVM counts a guest's
+/// first access to a page as a write no longer depends on which pages this host happened to
+/// have written before.
+///
+/// KVM maps a page writable at the guest's first access to it (read or write, see
+/// [`no_huge_pages`]) when the host's own mapping of it is writable, and counts it dirty
+/// then; a page the host never wrote is mapped read-only from the zero page and stays
+/// clean. On two hosts of a pair that history differs: a standby that joined wrote only the
+/// pages the primary sent (not its zero pages, written or not), and a repair writes pages on
+/// one side only. With every page populated on both, a first access counts the same on
+/// each (DESIGN.md §2, "Dirty sets"). Costs all of guest RAM resident from the start.
+pub fn populate(mem: &GuestMemory) -> Result<(), MemoryError> {
+    for region in mem.iter() {
+        let host = host_address(region)?;
+        let len = region.len() as usize;
+        // SAFETY: advice on a mapping `mem` owns, of exactly its length; populating changes
+        // no contents.
+        let rc =
+            unsafe { libc::madvise(host.cast::<libc::c_void>(), len, libc::MADV_POPULATE_WRITE) };
+        if rc == 0 {
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(MemoryError::Map {
+                mib: region.len() >> 20,
+                why: format!("madvise(MADV_POPULATE_WRITE): {e}"),
+            });
+        }
+        // Before Linux 5.14: write each page's first byte back to it.
+        for offset in (0..len).step_by(PAGE_SIZE as usize) {
+            // SAFETY: `offset` is inside the mapping; a volatile read then write of the same
+            // byte leaves the contents as they are. No vCPU runs yet (callers populate
+            // before the guest starts), so nothing writes the byte in between.
+            unsafe {
+                let byte = host.add(offset);
+                byte.write_volatile(byte.read_volatile());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Drops every mapping KVM built of guest memory (its second-level page tables) by deleting
+/// each memory slot and registering it again, so the guest's next access to any page takes
+/// a fault and is counted as KVM counts a first access. Both sides of a pair do this at the
+/// same point, a checkpoint, after taking the dirty pages (the slots' dirty logs start empty
+/// again): then KVM counts the same accesses as dirty on both, whatever each side's guest
+/// touched before (DESIGN.md §2, "Dirty sets"). No vCPU may be running.
+pub fn remap(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = host_address(region)?;
+        let desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: 0,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: a memory size of 0 deletes the slot; no vCPU runs, and the mapping stays
+        // owned by `mem`.
+        unsafe { vm.set_user_memory_region(desc) }.map_err(MemoryError::Register)?;
+    }
+    register(vm, mem)
+}
+
 /// Where `region` is mapped in this process.
 fn host_address(region: &vm_memory::GuestRegionMmap<AtomicBitmap>) -> Result<*mut u8, MemoryError> {
     region

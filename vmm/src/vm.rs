@@ -283,6 +283,18 @@ impl Vm {
         memory::write_page(&self.memory, pfn, data).map_err(Error::Memory)
     }
 
+    /// Backs all guest memory in the host, writable, before the guest runs: a VM of a
+    /// protected pair ([`memory::populate`]).
+    pub fn populate_memory(&self) -> Result<(), Error> {
+        Ok(memory::populate(&self.memory)?)
+    }
+
+    /// Drops KVM's mappings of guest memory, at a checkpoint, after the dirty pages were
+    /// taken ([`memory::remap`]).
+    pub fn drop_guest_mappings(&mut self) -> Result<(), Error> {
+        Ok(memory::remap(&self.vm_fd, &self.memory)?)
+    }
+
     /// Pages written since the last call (guest and VMM writes), sorted page frame numbers.
     pub fn take_dirty_pages(&mut self) -> Result<Vec<u64>, Error> {
         Ok(memory::take_dirty_pages(&self.vm_fd, &self.memory)?)

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crossbeam_channel::Receiver;
-use ftvm_proto::channel::{message::Body, Diverged, Message, PageHash, Ready, Switchover};
+use ftvm_proto::channel::{message::Body, Diverged, Message, Ready, Switchover};
 use ftvm_proto::log::LogHeader;
 use ftvm_replication::link::{self};
 use ftvm_replication::log::{check_net, check_version, config_from_header, logged_mac, LogError};
@@ -18,9 +18,7 @@ use ftvm_replication::{ChannelError, ChannelOptions, Link, Position};
 use ftvm_vmm::devices::virtio::block::DiskConfig;
 use ftvm_vmm::devices::virtio::net::MacAddr;
 use ftvm_vmm::devices::StopRequest;
-use ftvm_vmm::digest::page_hash;
 use ftvm_vmm::live::{LiveError, LiveHook, NetRx};
-use ftvm_vmm::memory::PAGE_SIZE;
 use ftvm_vmm::output_stream::{encode, gratuitous_arp, unsolicited_na, KIND_FRAME};
 use ftvm_vmm::{RunEnd, RunError, Vm};
 
@@ -208,6 +206,8 @@ pub fn run_standby(
             let khz = header.config.as_ref().map_or(0, |c| c.tsc_khz);
             vm.match_tsc_khz(khz).map_err(StandbyError::Tsc)?;
             crate::tsc::exits_as_header(&vm, &header)?;
+            // All of guest RAM in the host, as on the primary (DESIGN.md §2, "Dirty sets").
+            vm.populate_memory()?;
             Ok((vm, config))
         });
     // Copies of the right size and mode: make their contents the primary's disks'.
@@ -408,6 +408,7 @@ fn follow_with(
     (input, as_primary, net): (Option<Receiver<Vec<u8>>>, bool, Option<NetRx>),
     mut out: impl Write,
 ) -> Result<StandbyEnd, StandbyError> {
+    let mut full_compares = repair::full_compares();
     loop {
         let result = replay(&mut vm, &mut replayer, &mut |v| {
             channel.tell(FromReplayer::Verified {
@@ -460,17 +461,7 @@ fn follow_with(
         };
         // Ask for a repair: the pages this VM dirtied since the last verified boundary, with
         // their hashes, so the primary sends only the pages that differ.
-        let dirty = replayer.dirty_since_boundary(&mut vm)?;
-        let mut scratch = vec![0u8; PAGE_SIZE as usize];
-        let hashes = dirty
-            .iter()
-            .map(|&pfn| {
-                Ok(PageHash {
-                    pfn,
-                    hash: page_hash(&vm, pfn, &mut scratch)?.to_vec(),
-                })
-            })
-            .collect::<Result<Vec<_>, ftvm_vmm::Error>>()?;
+        let (dirty, hashes) = repair::pages_to_compare(&mut vm, &mut replayer, &mut full_compares)?;
         // And the disk blocks its guest wrote, likewise (DESIGN.md §4 "Disks").
         let blocks = replayer.dirty_blocks_since_boundary(&mut vm);
         let dirty_blocks = crate::disks::block_hashes(&vm, &blocks)?;

@@ -1,17 +1,62 @@
 //! A repair on the standby: wait for the checkpoint the primary sends, install it, and go
 //! on after it (DESIGN.md §4).
 
-use ftvm_proto::channel::{CheckpointEnd, HeldOutput, Page};
+use ftvm_proto::channel::{CheckpointEnd, HeldOutput, Page, PageHash};
 use ftvm_replication::log::from_run_end;
 use ftvm_replication::standby::{FromReplayer, StandbyChannel, ToReplayer};
 use ftvm_replication::Position;
 use ftvm_vmm::devices::virtio::block::DiskBlock;
 use ftvm_vmm::devices::StopRequest;
+use ftvm_vmm::digest::page_hash;
+use ftvm_vmm::memory::{all_pages, PAGE_SIZE};
 use ftvm_vmm::Vm;
 
 use super::{ChannelSource, ReplayedOutput, StandbyError};
 use crate::install::install;
 use crate::Replayer;
+
+/// How many of the first repairs compare every page of guest memory instead of the pages
+/// this VM dirtied since the last verified boundary: `FTVM_REPAIR_FULL_COMPARE=N`, a
+/// diagnostic (docs/OPERATIONS.md). The primary's `repair: pages that differ` lines then
+/// also name pages that differed from before the boundary, which dirty tracking (or a
+/// checkpoint) missed; each such repair hashes and sends a hash of every page.
+pub(super) fn full_compares() -> u32 {
+    std::env::var("FTVM_REPAIR_FULL_COMPARE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The pages a repair request names, with their hashes, so the primary sends only those
+/// that differ: those this VM dirtied since the last verified boundary, or every page while
+/// `full_compares` lasts (see [`full_compares`]). The first are what the checkpoint covers.
+pub(super) fn pages_to_compare(
+    vm: &mut Vm,
+    replayer: &mut Replayer<ChannelSource, ReplayedOutput>,
+    full_compares: &mut u32,
+) -> Result<(Vec<u64>, Vec<PageHash>), StandbyError> {
+    let mut pages = replayer.dirty_since_boundary(vm)?;
+    if *full_compares > 0 {
+        *full_compares -= 1;
+        let dirtied: Vec<String> = pages.iter().map(|p| format!("{p:x}")).collect();
+        tracing::info!(
+            dirtied = dirtied.join(","),
+            "repair: comparing every page (FTVM_REPAIR_FULL_COMPARE)"
+        );
+        pages = all_pages(vm.memory()).collect();
+    }
+    let mut scratch = vec![0u8; PAGE_SIZE as usize];
+    let hashes = pages
+        .iter()
+        .map(|&pfn| {
+            Ok(PageHash {
+                pfn,
+                hash: page_hash(vm, pfn, &mut scratch)?.to_vec(),
+            })
+        })
+        .collect::<Result<Vec<_>, ftvm_vmm::Error>>()?;
+    Ok((pages, hashes))
+}
 
 /// How waiting for a repair ended.
 pub(super) enum Repair {
