@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Failover drills of a protected Linux guest (issue 13, DESIGN.md §4–§5) on standard KVM (the
-# nested harness, scripts/nested.sh): the Linux test guest's `files` workload runs protected
-# (`ftvm standby --disk COPY` + `ftvm run --peer --kernel --initrd --disk`), and the primary is
-# SIGKILLed once during the disk writes, then N times (default 5) at a random moment in the
-# first WINDOW_MS (default 30000) after the guest's init line. Each drill checks that the
+# nested harness, scripts/nested.sh): the Linux test guest's `files` workload runs protected,
+# and the primary is SIGKILLed once during the disk writes (the standby having joined the
+# running guest before them: `ftvm run --accept-standby`, `ftvm standby --join --disk COPY`),
+# then N times (default 5) at a random moment in the first WINDOW_MS (default 30000) after
+# the guest's init line (protected from the boot: `ftvm standby --disk COPY` + `ftvm run
+# --peer --kernel --initrd --disk`). Each drill checks that the
 # standby finishes the workload on its own copy and exits 0, that the output a client saw
 # (the primary's released bytes joined with the standby's re-emitted ones) is one execution's
 # with no gap and the right checksums, and that the standby's copy holds the files with the
