@@ -337,10 +337,12 @@ fn a_protected_linux_guest_keeps_the_standbys_disk_identical() {
 /// drill passes the checks of [`failover_drill`].
 ///
 /// The first drill protects a running guest: the standby joins (`--join`) with a copy of
-/// the disk made before the guest's mount wrote it, in a 30 s pause the guest takes after
-/// its mount (`ftvm.pause=30`), so the join resyncs the blocks that differ (memory
+/// the disk made before the guest's mount wrote it, in a 45 s pause the guest takes after
+/// its mount (`ftvm.pause=45`), so the join resyncs the blocks that differ (memory
 /// pre-copy, disk resync, stop-and-copy); then the writes are protected, and the primary
-/// is killed during them. A busy guest under the nested harness could finish the workload
+/// is killed 1.5 s after the guest says it begins them. (It used to wait for the next
+/// repair that carried disk blocks; in one CI run that repair had come before the line was
+/// released, none came after, and the drill never killed.) A busy guest under the nested harness could finish the workload
 /// before the memory pre-copy converged (seen once in CI), hence the pause. The random
 /// drills protect the guest from its boot, as does
 /// [`a_protected_linux_guest_keeps_the_standbys_disk_identical`].
@@ -388,9 +390,9 @@ fn failovers_during_the_files_workload_finish_it_on_the_standbys_copy() {
     };
     match failover_drill_in(
         TscMode::Repair,
-        Start::Join { pause_s: 30 },
+        Start::Join { pause_s: 45 },
         "failover-writes",
-        Kill::DuringWrites,
+        Kill::AfterWritesBegin { ms: 1500 },
     ) {
         Drill::TooLate { .. } => panic!("the disk writes ended before the kill"),
         d => report("during the disk writes", d),

@@ -21,7 +21,7 @@ const PAIR_OPTIONS: &str = "--heartbeat-ms 200 --heartbeat-timeout-ms 3000 \
 
 /// The shell script that runs a protected pair of the Linux guest's files workload in the
 /// harness, the standby on its own copy of `disk` (`copy`); with `kill`, the primary is
-/// SIGKILLed during the disk writes (see [`KILL_DURING_WRITES`]). It prints
+/// SIGKILLed as `kill` says. It prints
 /// `primary-status=`, `standby-status=`, `took-s=`, the primary's `protected run complete`
 /// line, both stdouts in hex (`hex-primary=`, `hex-standby=`), whether the two images are
 /// identical, and `copy-checksum NAME SHA256` for the files in the standby's copy
@@ -78,7 +78,6 @@ pub(super) fn protected_script(
     // the guest's init line appears (`init-at-ms=`), when the primary ends, and the kill.
     let kill = match kill {
         Kill::No => String::new(),
-        Kill::DuringWrites => KILL_DURING_WRITES.to_string(),
         Kill::AfterInit { ms } => format!(
             "sleep {}.{:03}; kill -9 $pp && echo killed-primary \
              && echo \"killed-at-ms=$(( $(date +%s%3N) - t0 ))\"",
@@ -133,17 +132,6 @@ pub(super) fn protected_script(
     )
 }
 
-/// Waits (in the harness's shell, the primary being `$pp`) until the guest said it begins
-/// writing the files (the line is in the primary's released output), then until the
-/// standby next asks for a repair that covers disk blocks its guest wrote: the guest is
-/// writing the disk, and the standby's copy has blocks the primary must repair. Then
-/// SIGKILLs the primary.
-pub(super) const KILL_DURING_WRITES: &str = "\
-until grep -q 'writing the files' $D/p.out; do kill -0 $pp 2>/dev/null || break; sleep 0.2; done
-base=$(grep -c 'dirty_blocks=[1-9]' $D/s.err)
-while [ \"$(grep -c 'dirty_blocks=[1-9]' $D/s.err)\" -le \"$base\" ]; do kill -0 $pp 2>/dev/null || break; sleep 0.05; done
-kill -9 $pp && echo killed-primary && echo \"killed-at-ms=$(( $(date +%s%3N) - t0 ))\" && grep 'dirty_blocks=[1-9]' $D/s.err | tail -1";
-
 /// `key=value` of the harness's output, as bytes decoded from hex.
 pub(super) fn hex_field(out: &str, key: &str) -> Vec<u8> {
     let hex = out
@@ -175,8 +163,6 @@ pub(super) fn number(out: &str, key: &str) -> Option<u64> {
 pub(super) enum Kill {
     /// Never: the protected run ends by itself.
     No,
-    /// During the disk writes (see [`KILL_DURING_WRITES`]).
-    DuringWrites,
     /// `ms` after the guest's init line appeared in the primary's released output.
     AfterInit { ms: u64 },
     /// `ms` after the guest said it begins writing the files (released output).
@@ -260,6 +246,11 @@ pub(super) fn failover_drill_in(mode: TscMode, start: Start, name: &str, kill: K
     }
     if out.contains("primary-status=0") && !out.contains("killed-primary") {
         assert!(out.contains("standby-status=0"), "{out}");
+        // A drill that joins kills once the standby follows and the writes began: never late.
+        assert!(
+            matches!(start, Start::Boot),
+            "{kill:?}: the primary ended before the kill:\n{out}"
+        );
         let ran_ms = number(&out, "primary-ended-at-ms=")
             .zip(number(&out, "init-at-ms="))
             .map(|(end, init)| end.saturating_sub(init));
@@ -273,7 +264,7 @@ pub(super) fn failover_drill_in(mode: TscMode, start: Start, name: &str, kill: K
     assert!(out.contains("standby-status=0"), "{kill:?}: {out}");
     let primary = hex_field(&out, "hex-primary");
     let standby = hex_field(&out, "hex-standby");
-    if let Kill::DuringWrites | Kill::AfterWritesBegin { .. } = kill {
+    if let Kill::AfterWritesBegin { .. } = kill {
         let ptext = String::from_utf8_lossy(&primary).into_owned();
         assert!(
             checksum_lines(&ptext).len() < expected.len(),
