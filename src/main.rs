@@ -320,6 +320,14 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
         pair::TscOffer::No
     };
     let (mut config, mut vm) = boot(&args, offer != pair::TscOffer::No)?;
+    if paired {
+        // All of guest RAM in the host before the guest runs, as on the standby: KVM then
+        // counts a page's first access alike on both (DESIGN.md §2, "Dirty sets"). Before
+        // the handshake: once a standby is connected, nothing may keep this process from
+        // its heartbeats (populating took seconds under the nested harness, and a standby
+        // went live on the silence).
+        vm.populate_memory()?;
+    }
     let defaults = EpochPolicy::default();
     let policy = EpochPolicy {
         interrupt_windows: args.interrupt_windows,
@@ -362,6 +370,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
                             // again for it (its CPUID table and command line), before it runs.
                             drop(vm);
                             (config, vm) = boot(&args, standby.tsc_exits)?;
+                            vm.populate_memory()?;
                             header = ftvm_replication::log::build_header(
                                 &config,
                                 vm.cpuid(),
@@ -396,9 +405,6 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             }
         };
         tsc_mode::install(header.tsc_exits, &vm)?;
-        // All of guest RAM in the host before the guest runs, as on the standby: KVM then
-        // counts a page's first access alike on both (DESIGN.md §2, "Dirty sets").
-        vm.populate_memory()?;
         let roles = Roles {
             header,
             kernel: config.kernel.clone(),
