@@ -197,6 +197,11 @@ fn stop_status(stop: StopRequest) -> u8 {
 
 /// Builds the guest `args` describe, for a run whose TSC reads are exits where `tsc_exits`
 /// (the measures that keep Linux off the TSC follow from it: `TscMeasures::for_run`).
+/// A protected run's guest has all its RAM in the host before it runs, as on the standby:
+/// KVM then counts a page's first access alike on both (DESIGN.md §2, "Dirty sets"). That
+/// happens here, before any handshake: once a standby is connected, nothing may keep this
+/// process from its heartbeats (populating took seconds under the nested harness, and a
+/// standby went live on the silence).
 fn boot(args: &RunArgs, tsc_exits: bool) -> Result<(VmConfig, Vm), CliError> {
     let tsc = ftvm_vmm::tsc::TscMeasures::for_run(tsc_exits)?;
     let (kernel, kernel_name) = read_kernel(&args.kernel)?;
@@ -238,6 +243,9 @@ fn boot(args: &RunArgs, tsc_exits: bool) -> Result<(VmConfig, Vm), CliError> {
         },
         e => CliError::Vm(e),
     })?;
+    if args.peer.is_some() || args.accept_standby.is_some() {
+        vm.populate_memory()?;
+    }
     Ok((config, vm))
 }
 
@@ -320,14 +328,6 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
         pair::TscOffer::No
     };
     let (mut config, mut vm) = boot(&args, offer != pair::TscOffer::No)?;
-    if paired {
-        // All of guest RAM in the host before the guest runs, as on the standby: KVM then
-        // counts a page's first access alike on both (DESIGN.md §2, "Dirty sets"). Before
-        // the handshake: once a standby is connected, nothing may keep this process from
-        // its heartbeats (populating took seconds under the nested harness, and a standby
-        // went live on the silence).
-        vm.populate_memory()?;
-    }
     let defaults = EpochPolicy::default();
     let policy = EpochPolicy {
         interrupt_windows: args.interrupt_windows,
@@ -370,7 +370,6 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
                             // again for it (its CPUID table and command line), before it runs.
                             drop(vm);
                             (config, vm) = boot(&args, standby.tsc_exits)?;
-                            vm.populate_memory()?;
                             header = ftvm_replication::log::build_header(
                                 &config,
                                 vm.cpuid(),
