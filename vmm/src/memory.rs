@@ -99,28 +99,34 @@ pub fn create(mib: u64) -> Result<GuestMemory, MemoryError> {
 /// logging splits them.
 fn no_huge_pages(mem: &GuestMemory) -> Result<(), MemoryError> {
     for region in mem.iter() {
-        let host = host_address(region)?;
-        // SAFETY: advice on a mapping `mem` owns, of exactly its length; MADV_NOHUGEPAGE
-        // changes no contents.
-        let rc = unsafe {
-            libc::madvise(
-                host.cast::<libc::c_void>(),
-                region.len() as usize,
-                libc::MADV_NOHUGEPAGE,
-            )
-        };
         // A kernel without THP support refuses the advice (EINVAL): then there are none.
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINVAL) {
-                return Err(MemoryError::Map {
-                    mib: region.len() >> 20,
-                    why: format!("madvise(MADV_NOHUGEPAGE): {e}"),
-                });
-            }
-        }
+        advise(region, libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE")?;
     }
     Ok(())
+}
+
+/// `madvise(advice)` over all of `region`, which changes no contents for the advice given
+/// here. Ok(false) where the kernel does not know the advice (EINVAL).
+fn advise(
+    region: &vm_memory::GuestRegionMmap<AtomicBitmap>,
+    advice: libc::c_int,
+    name: &str,
+) -> Result<bool, MemoryError> {
+    let host = host_address(region)?;
+    // SAFETY: advice on a mapping the region owns, of exactly its length; the callers'
+    // advice (MADV_NOHUGEPAGE, MADV_POPULATE_WRITE) changes no contents.
+    let rc = unsafe { libc::madvise(host.cast::<libc::c_void>(), region.len() as usize, advice) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EINVAL) {
+        return Ok(false);
+    }
+    Err(MemoryError::Map {
+        mib: region.len() >> 20,
+        why: format!("madvise({name}): {e}"),
+    })
 }
 
 /// Backs every page of guest memory in the host now, writable (`MADV_POPULATE_WRITE`, or a
@@ -137,22 +143,11 @@ fn no_huge_pages(mem: &GuestMemory) -> Result<(), MemoryError> {
 /// each (DESIGN.md §2, "Dirty sets"). Costs all of guest RAM resident from the start.
 pub fn populate(mem: &GuestMemory) -> Result<(), MemoryError> {
     for region in mem.iter() {
-        let host = host_address(region)?;
-        let len = region.len() as usize;
-        // SAFETY: advice on a mapping `mem` owns, of exactly its length; populating changes
-        // no contents.
-        let rc =
-            unsafe { libc::madvise(host.cast::<libc::c_void>(), len, libc::MADV_POPULATE_WRITE) };
-        if rc == 0 {
+        if advise(region, libc::MADV_POPULATE_WRITE, "MADV_POPULATE_WRITE")? {
             continue;
         }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINVAL) {
-            return Err(MemoryError::Map {
-                mib: region.len() >> 20,
-                why: format!("madvise(MADV_POPULATE_WRITE): {e}"),
-            });
-        }
+        let host = host_address(region)?;
+        let len = region.len() as usize;
         // Before Linux 5.14: write each page's first byte back to it.
         for offset in (0..len).step_by(PAGE_SIZE as usize) {
             // SAFETY: `offset` is inside the mapping; a volatile read then write of the same
