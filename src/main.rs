@@ -335,6 +335,11 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
         max_epoch: args
             .max_epoch_ms
             .map_or(defaults.max_epoch, Duration::from_millis),
+        stream_interval: if paired {
+            ftvm_primary::PAIR_STREAM_INTERVAL
+        } else {
+            defaults.stream_interval
+        },
         ..defaults
     };
     if paired {

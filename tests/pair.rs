@@ -1533,3 +1533,90 @@ fn echo_primary(
     });
     (p, stdin, rx)
 }
+
+/// A busy guest that logs nothing between two epoch ends (the counter's loop: port writes,
+/// no reads) still streams its progress: the primary ships batches that carry no record but
+/// say how far the log is complete (`complete_through`), so a standby replays right behind
+/// it instead of an epoch behind, which is what held a CPU-bound guest's output that long
+/// (DESIGN.md §3, streaming). A fake standby reads the stream of the first epochs.
+#[test]
+fn a_busy_guest_that_logs_nothing_still_streams_its_progress() {
+    use ftvm_proto::log::record::Kind;
+    use ftvm_replication::link::{self, Security};
+    let _one = serial();
+    const EPOCHS: u64 = 6;
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = format!("127.0.0.1:{}", l.local_addr().expect("addr").port());
+    let fake = std::thread::spawn(move || {
+        let (stream, peer) = l.accept().expect("the primary connects");
+        let peer = peer.to_string();
+        let me = link::Me {
+            role: Role::Standby,
+            initiator: false,
+            security: &Security::Insecure,
+        };
+        let mut h = link::handshake(stream, &peer, me, link::Heartbeat::default())
+            .expect("the fake standby's handshake");
+        let start = link::recv_blocking(&mut h.stream, &peer, &mut h.rx_offset).expect("Start");
+        assert!(matches!(start.body, Some(Body::Start(_))), "{start:?}");
+        let ready = Message {
+            body: Some(Body::Ready(Ready::default())),
+        };
+        link::send_blocking(&mut h.stream, &peer, &ready).expect("Ready");
+        // (epoch, batches with no record whose complete_through moved on) until EPOCHS
+        // epochs have ended.
+        let (mut ended, mut through, mut progress_only) = (0, 0, Vec::new());
+        let mut in_epoch = 0;
+        while ended < EPOCHS {
+            let msg = link::recv_blocking(&mut h.stream, &peer, &mut h.rx_offset)
+                .expect("the primary's stream");
+            let Some(Body::Batch(batch)) = msg.body else {
+                continue;
+            };
+            let batch = ftvm_proto::packed::unpack_batch(batch).expect("a well-formed batch");
+            assert!(
+                batch.complete_through >= through,
+                "completeness went backwards"
+            );
+            if batch.records.is_empty() && batch.complete_through > through {
+                in_epoch += 1;
+            }
+            through = batch.complete_through;
+            for r in &batch.records {
+                if let Some(Kind::EpochEnd(_)) = r.kind {
+                    ended += 1;
+                    progress_only.push(std::mem::take(&mut in_epoch));
+                }
+            }
+        }
+        progress_only
+    });
+    let p = spawn(
+        &primary_args(
+            &addr,
+            "workload=counter ticks=30",
+            &[
+                "--insecure",
+                "--allow-unprotected",
+                "--heartbeat-timeout-ms",
+                "10000",
+            ],
+        ),
+        &[],
+    );
+    let progress_only = fake.join().expect("the fake standby");
+    // The fake standby is gone: the primary finishes the guest unprotected.
+    let p = p.wait(LIMIT);
+    no_panic(&p);
+    assert_eq!(p.status.code(), Some(0), "{}", p.stderr);
+    assert_complete_count(&p.out(), 30);
+    // Epoch 1 is the boot; the epochs after it run the counter's loop between two ticks
+    // (10 ms, and a batch every 250 µs: dozens each; none without the progress marks). An
+    // epoch cut short by the epoch length may have none, so the count is over them all.
+    let after_boot: u64 = progress_only[1..].iter().sum();
+    assert!(
+        after_boot >= EPOCHS,
+        "{after_boot} progress-only batches in {} epochs (per epoch: {progress_only:?})",
+        EPOCHS - 1
+    );
+}

@@ -42,7 +42,12 @@ where
         }
         let due = self.records.len() >= self.policy.stream_records
             || self.last_flush.elapsed() >= self.policy.stream_interval;
-        if !self.records.is_empty() && due {
+        // A standby replays an exit only once the log is complete through it: while the
+        // guest runs without logging anything (a CPU-bound stretch), a protected run still
+        // ships how far it got, an empty batch, so the standby trails by one interval, not
+        // by an epoch (DESIGN.md §3, streaming). A log file needs no such marks.
+        let progressed = self.checkpoints.is_some() && seq.0 > self.shipped_through;
+        if due && (!self.records.is_empty() || progressed) {
             // Every record for this exit is in: ship them now.
             self.flush(seq)?;
         }

@@ -33,8 +33,12 @@ pub use ftvm_replication::log::LogSink;
 
 /// Default maximum epoch length.
 pub const DEFAULT_MAX_EPOCH: Duration = Duration::from_millis(10);
-/// Default interval at which the log is shipped within an epoch.
+/// Default interval at which the log is shipped within an epoch (a log file: batches this
+/// far apart keep its frames few).
 pub const DEFAULT_STREAM_INTERVAL: Duration = Duration::from_millis(1);
+/// The interval of a protected run: its standby replays no further than the log shipped so
+/// far, so this is about how far it trails a busy guest (DESIGN.md §3, streaming).
+pub const PAIR_STREAM_INTERVAL: Duration = Duration::from_micros(250);
 /// Default [`EpochPolicy::stream_records`].
 pub const DEFAULT_STREAM_RECORDS: usize = 256;
 /// Default latency bound: how long a due interrupt waits for a natural exit before the vCPU
@@ -125,6 +129,8 @@ pub struct Recorder<H, S> {
     epoch: u64,
     epoch_started: Instant,
     last_flush: Instant,
+    /// The exit through which the log was last shipped complete (`complete_through`).
+    shipped_through: u64,
     /// When the epoch being closed began to close (its digest is computed after).
     closing: Option<Instant>,
     output_waiting: bool,
@@ -154,6 +160,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
             epoch: 1,
             epoch_started: Instant::now(),
             last_flush: Instant::now(),
+            shipped_through: 0,
             closing: None,
             output_waiting: false,
             last_ports: None,
@@ -406,6 +413,7 @@ impl<H: ExitHook, S: LogSink> Recorder<H, S> {
 
     fn flush(&mut self, complete_through: ExitSeq) -> Result<(), RecordError> {
         self.last_flush = Instant::now();
+        self.shipped_through = complete_through.0;
         self.stats.records += self.records.len() as u64;
         let batch = RecordBatch {
             complete_through: complete_through.0,
