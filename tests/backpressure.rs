@@ -133,7 +133,7 @@ fn a_stopped_standby_slows_the_guest_with_bounded_memory_and_it_resumes() {
     assert_eq!(code, Some(0), "{err}");
     check(&out, 300);
     assert!(!err.contains("unprotected"), "{err}");
-    assert!(err.contains("slowing the guest"), "{err}");
+    assert!(err.contains("the guest is slowed to its pace"), "{err}");
     let (code, _, err) = finish(s);
     assert_eq!(code, Some(0), "{err}");
 }

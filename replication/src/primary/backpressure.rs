@@ -2,8 +2,10 @@
 //! is bounded. The vCPU thread feeds the channel thread through a bounded queue
 //! ([`FEED_QUEUE`] messages); while the standby is behind a first bound (bytes waiting in the
 //! socket plus output held for it, or the age of the oldest epoch it has not verified) the
-//! channel thread stops taking from that queue, so the vCPU thread blocks on its next send:
-//! the guest is slowed to the standby's pace, as VMware FT slows a primary whose backup lags.
+//! channel thread closes the [`Gate`] the vCPU thread passes at each hand-off and stops
+//! taking from that queue, so the vCPU thread waits at its next send (within a stream
+//! interval, about a millisecond, not 64 messages later): the guest is slowed to the
+//! standby's pace, as VMware FT slows a primary whose backup lags.
 //! Slowed for longer than a second bound, the standby is dropped explicitly (`Abandon`, the
 //! `standby lost` event, and `ftvm status` says so), and the guest runs on unprotected; memory
 //! never grows without limit.
@@ -15,6 +17,8 @@
 //! covers once installed, and while the vCPU thread is making it (the guest stopped) the lag
 //! bound never holds the queue the checkpoint's pages travel through.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Messages the vCPU thread may queue for the channel thread before it blocks.
@@ -77,11 +81,60 @@ pub enum Verdict {
     Drop(String),
 }
 
+/// Where the vCPU thread waits while the guest is slowed: the throttle closes it, the vCPU
+/// thread [`Gate::pass`]es it before each hand-off to the channel thread.
+#[derive(Debug, Clone, Default)]
+pub struct Gate(Arc<GateState>);
+
+#[derive(Debug, Default)]
+struct GateState {
+    closed: AtomicBool,
+    lock: Mutex<()>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn close(&self) {
+        self.0.closed.store(true, Ordering::SeqCst);
+    }
+
+    fn open(&self) {
+        if self.0.closed.swap(false, Ordering::SeqCst) {
+            let _held = self.0.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.0.opened.notify_all();
+        }
+    }
+
+    /// Returns at once while the guest runs at full speed; waits while it is slowed.
+    pub fn pass(&self) {
+        if !self.0.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut held = self.0.lock.lock().unwrap_or_else(|e| e.into_inner());
+        while self.0.closed.load(Ordering::Acquire) {
+            // The timeout is a safety net only: opening notifies.
+            held = match self.0.opened.wait_timeout(held, GATE_RECHECK) {
+                Ok((held, _)) => held,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+}
+
+/// How often a vCPU thread waiting at a closed gate looks again without being told.
+const GATE_RECHECK: Duration = Duration::from_millis(10);
+
+/// Slowed this long in one go, the guest's slowing is worth a warning (shorter slowdowns are
+/// the bound doing its work: a tight `--max-lag-ms` holds the guest for a millisecond often).
+const SLOWED_WARNING: Duration = Duration::from_secs(1);
+
 /// The state of the bounds: since when the guest has been slowed.
 #[derive(Debug, Default)]
 pub struct Throttle {
     bounds: Bounds,
     since: Option<Instant>,
+    warned: bool,
+    gate: Gate,
 }
 
 impl Throttle {
@@ -90,7 +143,14 @@ impl Throttle {
         Self {
             bounds,
             since: None,
+            warned: false,
+            gate: Gate::default(),
         }
+    }
+
+    /// The gate the vCPU thread passes before each hand-off: closed while the guest is slowed.
+    pub fn gate(&self) -> Gate {
+        self.gate.clone()
     }
 
     /// Whether the guest is slowed now.
@@ -112,13 +172,23 @@ impl Throttle {
     pub fn check(&mut self, backlog: &Backlog, now: Instant) -> Verdict {
         let b = self.bounds;
         if backlog.bytes <= b.backlog_bytes && !self.lagging(backlog) {
-            if self.since.take().is_some() {
-                tracing::info!("the standby caught up: the guest runs at full speed again");
+            if let Some(since) = self.since.take() {
+                let slowed_ms = now.saturating_duration_since(since).as_millis() as u64;
+                if std::mem::take(&mut self.warned) {
+                    tracing::info!(
+                        slowed_ms,
+                        "the standby caught up: the guest runs at full speed again"
+                    );
+                } else {
+                    tracing::debug!(slowed_ms, "the standby caught up");
+                }
             }
+            self.gate.open();
             return Verdict::Run;
         }
+        self.gate.close();
         let since = *self.since.get_or_insert_with(|| {
-            tracing::warn!(
+            tracing::debug!(
                 backlog_bytes = backlog.bytes,
                 lag_ms = backlog.lag.as_millis() as u64,
                 lag_epochs = backlog.lag_epochs,
@@ -126,10 +196,23 @@ impl Throttle {
             );
             now
         });
-        if now.saturating_duration_since(since) < b.slowed_for {
+        let slowed = now.saturating_duration_since(since);
+        if slowed >= SLOWED_WARNING && !self.warned {
+            self.warned = true;
+            tracing::warn!(
+                backlog_bytes = backlog.bytes,
+                lag_ms = backlog.lag.as_millis() as u64,
+                lag_epochs = backlog.lag_epochs,
+                slowed_ms = slowed.as_millis() as u64,
+                "the standby is behind: the guest is slowed to its pace"
+            );
+        }
+        if slowed < b.slowed_for {
             return Verdict::Slow;
         }
         self.since = None;
+        self.warned = false;
+        self.gate.open();
         Verdict::Drop(format!(
             "standby too far behind: {} bytes waiting for it, the oldest unverified epoch \
              {:.1?} old ({} epochs unverified), the guest slowed for {:.1?} (bounds {} bytes, \
@@ -149,6 +232,15 @@ impl Throttle {
     /// No standby: nothing to wait for.
     pub fn clear(&mut self) {
         self.since = None;
+        self.warned = false;
+        self.gate.open();
+    }
+}
+
+/// A throttle that goes away (the channel thread ended) never leaves the guest waiting.
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.gate.open();
     }
 }
 
@@ -172,6 +264,65 @@ mod tests {
             lag_epochs,
             making_checkpoint: false,
         }
+    }
+
+    /// Whether a thread passing `gate` gets through within `wait`.
+    fn passes(gate: &Gate, wait: Duration) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let g = gate.clone();
+        std::thread::spawn(move || {
+            g.pass();
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(wait).is_ok()
+    }
+
+    #[test]
+    fn the_gate_holds_the_vcpu_thread_while_the_guest_is_slowed() {
+        let mut t = throttle();
+        let gate = t.gate();
+        let t0 = Instant::now();
+        assert!(passes(&gate, Duration::from_secs(5)), "open while running");
+        assert_eq!(t.check(&behind(101, 0, 0), t0), Verdict::Slow);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let g = gate.clone();
+        let waiter = std::thread::spawn(move || {
+            g.pass();
+            let _ = tx.send(());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "passed a closed gate"
+        );
+        assert_eq!(t.check(&behind(0, 0, 0), t0), Verdict::Run);
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the waiting thread goes on once the standby caught up");
+        waiter.join().expect("the waiter");
+    }
+
+    #[test]
+    fn no_standby_or_no_throttle_never_leaves_the_guest_waiting() {
+        let mut t = throttle();
+        let gate = t.gate();
+        let t0 = Instant::now();
+        assert_eq!(t.check(&behind(101, 0, 0), t0), Verdict::Slow);
+        t.clear();
+        assert!(passes(&gate, Duration::from_secs(5)), "the standby is gone");
+        assert_eq!(t.check(&behind(101, 0, 0), t0), Verdict::Slow);
+        assert!(matches!(
+            t.check(&behind(101, 0, 0), t0 + Duration::from_secs(3)),
+            Verdict::Drop(_)
+        ));
+        assert!(
+            passes(&gate, Duration::from_secs(5)),
+            "the standby was dropped"
+        );
+        assert_eq!(t.check(&behind(101, 0, 0), t0), Verdict::Slow);
+        drop(t);
+        assert!(
+            passes(&gate, Duration::from_secs(5)),
+            "the channel thread ended"
+        );
     }
 
     #[test]

@@ -124,13 +124,14 @@ impl PrimaryChannel {
             telemetry: options.telemetry.clone(),
             disks: setup.disks.with_tracking(tracking.clone()),
         };
+        let gate = driver.throttle.gate();
         let thread = std::thread::Builder::new()
             .name("ftvm-channel".into())
             .spawn(move || {
                 event_loop.run(&mut driver);
                 driver.report.unwrap_or_else(|| driver.core.finish())
             })?;
-        let feed = Feed { tx, waker };
+        let feed = Feed { tx, waker, gate };
         Ok(Self {
             port: VcpuPort {
                 requests,

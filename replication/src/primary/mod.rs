@@ -76,11 +76,14 @@ pub enum FromVcpu {
 pub struct Feed {
     tx: Sender<FromVcpu>,
     waker: Arc<Waker>,
+    gate: backpressure::Gate,
 }
 
 impl Feed {
-    /// Hands `event` to the channel thread.
+    /// Hands `event` to the channel thread; while the guest is slowed for a standby that is
+    /// behind, waits first.
     pub fn send(&self, event: FromVcpu) -> std::io::Result<()> {
+        self.gate.pass();
         self.tx
             .send(event)
             .map_err(|_| std::io::Error::other("the replication channel thread has stopped"))?;
