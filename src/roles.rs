@@ -161,7 +161,7 @@ impl Roles {
                 self.initrd = t.initrd;
                 let at = pair::StartAt {
                     after: t.at,
-                    clock_ns: t.vm.clock_ns(),
+                    clock_ns: t.clock_ns,
                 };
                 Err(Box::new(Role::Primary {
                     vm: t.vm,

@@ -124,6 +124,9 @@ pub struct TakeOver {
     /// Where the primary handed over: the end of the last epoch, verified by both; every
     /// output byte before `at.output_seq` was released.
     pub at: Position,
+    /// The virtual clock the guest goes on from: the VM's own after a switchover, moved on
+    /// by the failover's time after a go-live ([`ChannelSource::go_live_clock`]).
+    pub clock_ns: u64,
 }
 
 /// How often a joining standby reconnects to resume one sync before it gives up.
@@ -343,13 +346,7 @@ fn new_replayer(
     channel: &StandbyChannel,
     header: &LogHeader,
 ) -> Replayer<ChannelSource, ReplayedOutput> {
-    let source = ChannelSource {
-        rx: channel.inbox(),
-        batches: 0,
-        lost: None,
-        stop: None,
-        switchover: None,
-    };
+    let source = ChannelSource::new(channel.inbox());
     let output = ReplayedOutput {
         released: channel.released(),
         base: 0,
@@ -532,6 +529,12 @@ fn follow_with(
         bytes.len()
     );
     channel.tell(FromReplayer::Live);
+    let clock_ns = replayer.source.go_live_clock(vm.clock_ns());
+    tracing::debug!(
+        logged_ms = vm.clock_ns() / 1_000_000,
+        live_ms = clock_ns / 1_000_000,
+        "the virtual clock at go-live"
+    );
     write_out(&mut out, &bytes);
     if let Some(net) = &net {
         // What reached this TAP before go-live was the primary's traffic (floods of a
@@ -561,9 +564,10 @@ fn follow_with(
             kernel,
             initrd,
             at,
+            clock_ns,
         })));
     }
-    let mut live = LiveHook::resume(input, out, vm.clock_ns());
+    let mut live = LiveHook::resume(input, out, clock_ns);
     if let Some(net) = net {
         live = live.with_muxed_net(net);
     }
@@ -607,6 +611,7 @@ fn take_over(
         output_seq = at.output_seq,
         "switched over: this host is now the primary"
     );
+    let clock_ns = vm.clock_ns();
     Ok(StandbyEnd::TookOver(Box::new(TakeOver {
         vm,
         link: Ok(link),
@@ -614,6 +619,7 @@ fn take_over(
         kernel,
         initrd,
         at,
+        clock_ns,
     })))
 }
 

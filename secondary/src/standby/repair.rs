@@ -117,6 +117,8 @@ pub(super) fn installed(
     sync: bool,
 ) -> Option<StopRequest> {
     replayer.restart_after_checkpoint(Position::after_checkpoint(end, held));
+    // The checkpoint set the clock: no logged clock is the VM's now.
+    replayer.source.clock_anchor = None;
     let output = replayer.output_mut();
     output.base = held.released_seq;
     output.pending = held.data.clone();
