@@ -3,7 +3,8 @@
 //! line); the benchmark writes one line to the VMM's stdin and times until the answer's line
 //! comes back on its stdout, [`LINES`] times. Unprotected: `ftvm run`. Protected: `ftvm run
 //! --peer` with an `ftvm standby` on loopback, where each answer leaves only once the standby
-//! verified the epoch that closed at the guest's halt (DESIGN.md §3).
+//! verified the epoch that closed at the guest's halt (DESIGN.md §3). The protected run's
+//! audit trails give the latency breakdown of its answers (`breakdown.rs`).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -12,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use super::breakdown::Breakdown;
 use super::common::{try_free_addr, Failure, FTVM};
 
 /// Lines sent (and answers timed) per configuration.
@@ -42,9 +44,17 @@ fn ftvm(args: &[&str]) -> Command {
 }
 
 /// Round trips of `workload=echo` run by `ftvm` with `args` (after which the guest's
-/// command line is given).
-fn round_trips(args: &[&str], stderr: &Path) -> Result<Vec<Duration>, Failure> {
+/// command line is given), its audit trail written to `audit` where given.
+fn round_trips(
+    args: &[&str],
+    stderr: &Path,
+    audit: Option<&Path>,
+) -> Result<Vec<Duration>, Failure> {
     let mut cmd = ftvm(args);
+    if let Some(audit) = audit {
+        cmd.env("FTVM_AUDIT", audit);
+    }
+    super::pin(&mut cmd, 0);
     let log = File::create(stderr).map_err(|e| format!("create {}: {e}", stderr.display()))?;
     cmd.args(["--cmdline", "workload=echo"])
         .stdin(Stdio::piped())
@@ -93,24 +103,42 @@ fn round_trips(args: &[&str], stderr: &Path) -> Result<Vec<Duration>, Failure> {
     Ok(samples)
 }
 
-/// (unprotected, protected) round trips; the VMMs' stderr goes to files in `dir`.
-pub fn measure(dir: &Path) -> Result<(Vec<Duration>, Vec<Duration>), Failure> {
-    let unprotected = round_trips(&["run"], &dir.join("echo-unprotected.stderr"))?;
+/// What figure 5 measured.
+pub struct Echo {
+    /// Round trips of the unprotected run (the baseline).
+    pub unprotected: Vec<Duration>,
+    /// Round trips of the protected run.
+    pub protected: Vec<Duration>,
+    /// Where the protected answers' output delay went.
+    pub stages: Breakdown,
+}
+
+/// The round trips; the VMMs' stderr and audit trails go to files in `dir`.
+pub fn measure(dir: &Path) -> Result<Echo, Failure> {
+    let unprotected = round_trips(&["run"], &dir.join("echo-unprotected.stderr"), None)?;
     let addr = try_free_addr()?;
+    let mut cmd = ftvm(&[
+        "standby",
+        "--listen",
+        &addr,
+        "--key",
+        super::common::pair_key(),
+    ]);
+    let standby_audit = dir.join("echo-standby.audit");
+    cmd.env("FTVM_AUDIT", &standby_audit);
+    super::pin(&mut cmd, 1);
     let standby = Killed(
-        ftvm(&[
-            "standby",
-            "--listen",
-            &addr,
-            "--key",
-            super::common::pair_key(),
-        ])
-        .spawn()
-        .map_err(|e| format!("spawn ftvm standby: {e}"))?,
+        cmd.spawn()
+            .map_err(|e| format!("spawn ftvm standby: {e}"))?,
     );
     let primary_log = dir.join("echo-primary.stderr");
     let key = super::common::pair_key();
-    let protected = round_trips(&["run", "--peer", &addr, "--key", key], &primary_log);
+    let primary_audit = dir.join("echo-primary.audit");
+    let protected = round_trips(
+        &["run", "--peer", &addr, "--key", key],
+        &primary_log,
+        Some(&primary_audit),
+    );
     let mut standby = standby;
     let status = standby.0.wait();
     let protected = protected?;
@@ -123,8 +151,19 @@ pub fn measure(dir: &Path) -> Result<(Vec<Duration>, Vec<Duration>), Failure> {
         ));
     }
     match status {
-        Ok(s) if s.success() => Ok((unprotected, protected)),
-        Ok(s) => Err(format!("the standby exited with {s}")),
-        Err(e) => Err(format!("wait for the standby: {e}")),
+        Ok(s) if s.success() => {}
+        Ok(s) => return Err(format!("the standby exited with {s}")),
+        Err(e) => return Err(format!("wait for the standby: {e}")),
     }
+    let read =
+        |p: &Path| std::fs::read_to_string(p).map_err(|e| format!("read {}: {e}", p.display()));
+    let mut stages = Breakdown::default();
+    stages
+        .add_run(&read(&primary_audit)?, &read(&standby_audit)?)
+        .map_err(|e| format!("the protected echo's latency breakdown: {e}"))?;
+    Ok(Echo {
+        unprotected,
+        protected,
+        stages,
+    })
 }
