@@ -336,7 +336,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             .max_epoch_ms
             .map_or(defaults.max_epoch, Duration::from_millis),
         stream_interval: if paired {
-            ftvm_primary::PAIR_STREAM_INTERVAL
+            ftvm_primary::pair_stream_interval(latency_bound)
         } else {
             defaults.stream_interval
         },

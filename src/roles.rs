@@ -77,7 +77,7 @@ impl Roles {
                         interrupt_windows: self.header.interrupt_windows,
                         latency_bound: self.latency_bound,
                         max_epoch: self.max_epoch,
-                        stream_interval: ftvm_primary::PAIR_STREAM_INTERVAL,
+                        stream_interval: ftvm_primary::pair_stream_interval(self.latency_bound),
                         ..EpochPolicy::default()
                     };
                     let options = self.options.try_clone().map_err(CliError::Control)?;

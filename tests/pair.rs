@@ -387,23 +387,10 @@ fn assert_continuous(
     let from = number_after(standby_stderr, "re-emitting output from sequence ")
         .unwrap_or_else(|| panic!("no go-live line in the standby's stderr:\n{standby_stderr}"))
         as usize;
-    assert!(
-        from <= primary.len(),
-        "the standby re-emits from byte {from}, but the primary printed only {} bytes",
-        primary.len()
-    );
-    let overlap = &primary[from..];
-    assert!(
-        standby_out.starts_with(overlap),
-        "the primary's last {} bytes {:?} are not what the standby re-emitted first {:?}",
-        overlap.len(),
-        String::from_utf8_lossy(overlap),
-        String::from_utf8_lossy(&standby_out[..overlap.len().min(standby_out.len())])
-    );
-    let mut merged = primary[..from].to_vec();
-    merged.extend_from_slice(standby_out);
+    let merged =
+        common::merge_failover_output(primary, standby_out, from).unwrap_or_else(|e| panic!("{e}"));
     w.assert_complete(&String::from_utf8_lossy(&merged));
-    overlap.len()
+    primary.len() - from
 }
 
 /// One failover drill: SIGKILL the primary `kill_after` into the guest's run, check the

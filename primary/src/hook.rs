@@ -45,8 +45,13 @@ where
         // A standby replays an exit only once the log is complete through it: while the
         // guest runs without logging anything (a CPU-bound stretch), a protected run still
         // ships how far it got, an empty batch, so the standby trails by one interval, not
-        // by an epoch (DESIGN.md §3, streaming). A log file needs no such marks.
-        let progressed = self.checkpoints.is_some() && seq.0 > self.shipped_through;
+        // by an epoch (DESIGN.md §3, streaming). A log file needs no such marks, nor a
+        // primary with no standby attached (`--accept-standby` before one joins).
+        let progressed = seq.0 > self.shipped_through
+            && self
+                .checkpoints
+                .as_ref()
+                .is_some_and(|port| port.tracking.protected());
         if due && (!self.records.is_empty() || progressed) {
             // Every record for this exit is in: ship them now.
             self.flush(seq)?;

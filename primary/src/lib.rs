@@ -36,9 +36,17 @@ pub const DEFAULT_MAX_EPOCH: Duration = Duration::from_millis(10);
 /// Default interval at which the log is shipped within an epoch (a log file: batches this
 /// far apart keep its frames few).
 pub const DEFAULT_STREAM_INTERVAL: Duration = Duration::from_millis(1);
-/// The interval of a protected run: its standby replays no further than the log shipped so
-/// far, so this is about how far it trails a busy guest (DESIGN.md §3, streaming).
-pub const PAIR_STREAM_INTERVAL: Duration = Duration::from_micros(250);
+/// The stream interval of a protected run whose latency bound is `latency_bound`: a
+/// sixteenth of it (250 µs at the default 4 ms), between 50 µs and an epoch. Its standby
+/// replays no further than the log shipped so far, so this is about how far it trails a
+/// busy guest, and each interval can cost a batch (DESIGN.md §3, streaming). Tied to the
+/// latency bound because a host slow enough to need a larger bound (the nested harness,
+/// 50 ms: 3.1 ms here) pays proportionally more for each batch: at a fixed 250 µs there,
+/// where an exit takes about a millisecond, every exit shipped one, and the harness's Linux
+/// pair drills took 80% longer.
+pub fn pair_stream_interval(latency_bound: Duration) -> Duration {
+    (latency_bound / 16).clamp(Duration::from_micros(50), DEFAULT_MAX_EPOCH)
+}
 /// Default [`EpochPolicy::stream_records`].
 pub const DEFAULT_STREAM_RECORDS: usize = 256;
 /// Default latency bound: how long a due interrupt waits for a natural exit before the vCPU
@@ -527,5 +535,19 @@ where
                 return Err(e.into());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pairs_stream_interval_is_a_sixteenth_of_its_latency_bound_within_limits() {
+        let ms = Duration::from_millis;
+        assert_eq!(pair_stream_interval(ms(4)), Duration::from_micros(250));
+        assert_eq!(pair_stream_interval(ms(50)), Duration::from_micros(3125));
+        assert_eq!(pair_stream_interval(ms(0)), Duration::from_micros(50));
+        assert_eq!(pair_stream_interval(ms(30_000)), DEFAULT_MAX_EPOCH);
     }
 }

@@ -203,6 +203,35 @@ pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
+/// The guest's output as a client saw it across a failover: the primary's output up to byte
+/// `from` (where the standby said it re-emits from: `re-emitting output from sequence N`),
+/// then the standby's. The primary's bytes past `from` (the duplicate window: released
+/// after the last `Released` the standby heard) must be what the standby printed first.
+pub fn merge_failover_output(
+    primary: &[u8],
+    standby: &[u8],
+    from: usize,
+) -> Result<Vec<u8>, String> {
+    if from > primary.len() {
+        return Err(format!(
+            "the standby re-emits from byte {from}, but the primary printed only {} bytes",
+            primary.len()
+        ));
+    }
+    let overlap = &primary[from..];
+    if !standby.starts_with(overlap) {
+        return Err(format!(
+            "the primary's last {} bytes {:?} are not what the standby re-emitted first {:?}",
+            overlap.len(),
+            String::from_utf8_lossy(overlap),
+            String::from_utf8_lossy(&standby[..overlap.len().min(standby.len())])
+        ));
+    }
+    let mut merged = primary[..from].to_vec();
+    merged.extend_from_slice(standby);
+    Ok(merged)
+}
+
 /// The summary line `ftvm replay` ends with:
 /// `epochs=N verified=N diverged=N checkpoint_required=N`.
 #[derive(Debug, Clone, PartialEq, Eq)]

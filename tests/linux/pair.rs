@@ -276,18 +276,8 @@ pub(super) fn failover_drill_in(mode: TscMode, start: Start, name: &str, kill: K
     let from = number(&out, "re-emitting output from sequence ")
         .unwrap_or_else(|| panic!("{kill:?}: no go-live line from the standby:\n{out}"))
         as usize;
-    assert!(
-        from <= primary.len(),
-        "{kill:?}: re-emits from {from}, primary printed {}",
-        primary.len()
-    );
-    assert!(
-        standby.starts_with(&primary[from..]),
-        "{kill:?}: the primary's last {} bytes are not what the standby re-emitted first",
-        primary.len() - from
-    );
-    let mut merged = primary[..from].to_vec();
-    merged.extend_from_slice(&standby);
+    let merged = crate::common::merge_failover_output(&primary, &standby, from)
+        .unwrap_or_else(|e| panic!("{kill:?}: {e}"));
     let merged = String::from_utf8_lossy(&merged).into_owned();
     let lines = guest_lines(&merged);
     assert_eq!(
