@@ -345,17 +345,20 @@ struct Tight {
 
 /// The guest's speed over a set of runs: the median of each run's exits per second.
 fn exits_per_s(runs: &mut [f64]) -> String {
-    runs.sort_by(f64::total_cmp);
-    match runs.get(runs.len() / 2) {
-        Some(v) => format!("{v:.0} exits/s, median of {} runs", runs.len()),
-        None => "no runs".into(),
+    if runs.is_empty() {
+        return "no runs".into();
     }
+    let n = runs.len();
+    format!(
+        "{:.0} exits/s, median of {n} runs",
+        common::median_f64(runs)
+    )
 }
 
 /// Runs the process on CPU `cpu` only, where the host has more than one: the bench
 /// puts primaries on CPU 0 and standbys on CPU 1, so that neither side's replay or
 /// recording waits for the other's CPU (the targets are measured so).
-pub fn pin(cmd: &mut Command, cpu: usize) {
+fn pin(cmd: &mut Command, cpu: usize) {
     use std::os::unix::process::CommandExt;
     let cpus = thread::available_parallelism().map_or(1, |n| n.get());
     if cpus < 2 {

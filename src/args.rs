@@ -260,3 +260,11 @@ pub(crate) struct RunArgs {
     #[command(flatten)]
     pub(crate) pair: PairArgs,
 }
+
+impl RunArgs {
+    /// A protected run: the primary of a pair (`--peer`) or one a standby may join
+    /// (`--accept-standby`).
+    pub(crate) fn paired(&self) -> bool {
+        self.peer.is_some() || self.accept_standby.is_some()
+    }
+}

@@ -243,7 +243,7 @@ fn boot(args: &RunArgs, tsc_exits: bool) -> Result<(VmConfig, Vm), CliError> {
         },
         e => CliError::Vm(e),
     })?;
-    if args.peer.is_some() || args.accept_standby.is_some() {
+    if args.paired() {
         vm.populate_memory()?;
     }
     Ok((config, vm))
@@ -286,7 +286,7 @@ fn listen(addr: &str) -> Result<TcpListener, CliError> {
 }
 
 fn run(args: RunArgs) -> Result<u8, CliError> {
-    let paired = args.peer.is_some() || args.accept_standby.is_some();
+    let paired = args.paired();
     // Options of the recorder: refused where nothing is recorded.
     if args.record.is_none() && !paired {
         let recorder_options = [

@@ -404,9 +404,7 @@ fn an_insecure_pair_says_so_in_its_status() {
 /// length. Each drops that standby, never the guest: it runs to its end, unprotected.
 #[test]
 fn a_standby_sending_malformed_fields_is_dropped_and_the_guest_runs_on() {
-    use ftvm_proto::channel::{
-        message::Body, Ack, BlockHash, Diverged, Message, PageHash, Ready, Role,
-    };
+    use ftvm_proto::channel::{message::Body, Ack, BlockHash, Diverged, Message, PageHash};
     use ftvm_replication::link::{self, PairKey, Security};
     let _one = serial();
     let key_text = std::fs::read_to_string(pair_key()).expect("key");
@@ -462,21 +460,7 @@ fn a_standby_sending_malformed_fields_is_dropped_and_the_guest_runs_on() {
         let addr = format!("127.0.0.1:{}", l.local_addr().expect("addr").port());
         let key = key.clone();
         let fake = std::thread::spawn(move || {
-            let (stream, peer) = l.accept().expect("the primary connects");
-            let peer = peer.to_string();
-            let me = link::Me {
-                role: Role::Standby,
-                initiator: false,
-                security: &key,
-            };
-            let mut h = link::handshake(stream, &peer, me, link::Heartbeat::default())
-                .expect("the fake standby's handshake");
-            let start = link::recv_blocking(&mut h.stream, &peer, &mut h.rx_offset).expect("Start");
-            assert!(matches!(start.body, Some(Body::Start(_))));
-            let ready = Message {
-                body: Some(Body::Ready(Ready::default())),
-            };
-            link::send_blocking(&mut h.stream, &peer, &ready).expect("Ready");
+            let (mut h, peer) = common::fake_standby_ready(&l, &key);
             std::thread::sleep(Duration::from_millis(100));
             let _ = link::send_blocking(&mut h.stream, &peer, &Message { body: Some(bad) });
             // Read what the primary sends until it closes (after its Abandon).

@@ -1535,21 +1535,7 @@ fn a_busy_guest_that_logs_nothing_still_streams_its_progress() {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = format!("127.0.0.1:{}", l.local_addr().expect("addr").port());
     let fake = std::thread::spawn(move || {
-        let (stream, peer) = l.accept().expect("the primary connects");
-        let peer = peer.to_string();
-        let me = link::Me {
-            role: Role::Standby,
-            initiator: false,
-            security: &Security::Insecure,
-        };
-        let mut h = link::handshake(stream, &peer, me, link::Heartbeat::default())
-            .expect("the fake standby's handshake");
-        let start = link::recv_blocking(&mut h.stream, &peer, &mut h.rx_offset).expect("Start");
-        assert!(matches!(start.body, Some(Body::Start(_))), "{start:?}");
-        let ready = Message {
-            body: Some(Body::Ready(Ready::default())),
-        };
-        link::send_blocking(&mut h.stream, &peer, &ready).expect("Ready");
+        let (mut h, peer) = common::fake_standby_ready(&l, &Security::Insecure);
         // (epoch, batches with no record whose complete_through moved on) until EPOCHS
         // epochs have ended.
         let (mut ended, mut through, mut progress_only) = (0, 0, Vec::new());

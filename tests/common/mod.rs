@@ -367,6 +367,33 @@ pub fn median_f64(samples: &mut [f64]) -> f64 {
     samples[samples.len() / 2]
 }
 
+/// A fake standby's side of a pair's start on `listener`: takes the primary's connection,
+/// does the handshake with `security`, reads its `Start` and answers `Ready`; returns the
+/// connection and the primary's address, for the test to speak the protocol on.
+pub fn fake_standby_ready(
+    listener: &TcpListener,
+    security: &ftvm_replication::link::Security,
+) -> (ftvm_replication::link::Handshaken, String) {
+    use ftvm_proto::channel::{message::Body, Message, Ready, Role};
+    use ftvm_replication::link;
+    let (stream, peer) = listener.accept().expect("the primary connects");
+    let peer = peer.to_string();
+    let me = link::Me {
+        role: Role::Standby,
+        initiator: false,
+        security,
+    };
+    let mut h = link::handshake(stream, &peer, me, link::Heartbeat::default())
+        .expect("the fake standby's handshake");
+    let start = link::recv_blocking(&mut h.stream, &peer, &mut h.rx_offset).expect("Start");
+    assert!(matches!(start.body, Some(Body::Start(_))), "{start:?}");
+    let ready = Message {
+        body: Some(Body::Ready(Ready::default())),
+    };
+    link::send_blocking(&mut h.stream, &peer, &ready).expect("Ready");
+    (h, peer)
+}
+
 /// A TCP proxy on loopback to `target`: the first connection is cut (both directions shut
 /// down) once `cut_after` bytes went from `target` to the client; later ones pass intact.
 pub fn cutting_proxy(target: String, cut_after: u64) -> String {

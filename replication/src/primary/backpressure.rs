@@ -266,15 +266,20 @@ mod tests {
         }
     }
 
-    /// Whether a thread passing `gate` gets through within `wait`.
-    fn passes(gate: &Gate, wait: Duration) -> bool {
+    /// A thread that passes `gate`: the receiver hears once it got through.
+    fn passer(gate: &Gate) -> std::sync::mpsc::Receiver<()> {
         let (tx, rx) = std::sync::mpsc::channel();
         let g = gate.clone();
         std::thread::spawn(move || {
             g.pass();
             let _ = tx.send(());
         });
-        rx.recv_timeout(wait).is_ok()
+        rx
+    }
+
+    /// Whether a thread passing `gate` gets through within `wait`.
+    fn passes(gate: &Gate, wait: Duration) -> bool {
+        passer(gate).recv_timeout(wait).is_ok()
     }
 
     #[test]
@@ -284,20 +289,15 @@ mod tests {
         let t0 = Instant::now();
         assert!(passes(&gate, Duration::from_secs(5)), "open while running");
         assert_eq!(t.check(&behind(101, 0, 0), t0), Verdict::Slow);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let g = gate.clone();
-        let waiter = std::thread::spawn(move || {
-            g.pass();
-            let _ = tx.send(());
-        });
+        let waiter = passer(&gate);
         assert!(
-            rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            waiter.recv_timeout(Duration::from_millis(100)).is_err(),
             "passed a closed gate"
         );
         assert_eq!(t.check(&behind(0, 0, 0), t0), Verdict::Run);
-        rx.recv_timeout(Duration::from_secs(5))
+        waiter
+            .recv_timeout(Duration::from_secs(5))
             .expect("the waiting thread goes on once the standby caught up");
-        waiter.join().expect("the waiter");
     }
 
     #[test]
