@@ -630,17 +630,69 @@ mod tests {
     /// reported, so the standby knows it was abandoned (DESIGN.md §5).
     #[test]
     fn a_failed_write_is_reported_after_the_messages_that_came_before_it() {
+        let (got, result) = abandoned_then_reset(0, usize::MAX);
+        assert!(
+            matches!(
+                got.as_slice(),
+                [Message {
+                    body: Some(Body::Abandon(_))
+                }]
+            ),
+            "{got:?}"
+        );
+        assert!(result.is_err(), "then the failure");
+    }
+
+    /// The same behind a backlog longer than one receive: each receive returns what it
+    /// read, and the failure comes only after the last of it.
+    #[test]
+    fn a_failed_write_waits_for_a_backlog_longer_than_one_receive() {
+        let (got, result) = abandoned_then_reset(64, 4096);
+        assert_eq!(got.len(), 65, "the backlog and Abandon");
+        assert!(
+            matches!(
+                got.last(),
+                Some(Message {
+                    body: Some(Body::Abandon(_))
+                })
+            ),
+            "{got:?}"
+        );
+        assert!(result.is_err(), "then the failure");
+    }
+
+    /// A primary sends `backlog` 1 KiB messages and `Abandon`, then closes with a reset (as
+    /// a killed process with unread data does); the standby, reading at most `budget` bytes
+    /// a receive, writes until a write fails, then receives until an error: what it got and
+    /// that error.
+    fn abandoned_then_reset(
+        backlog: usize,
+        budget: usize,
+    ) -> (Vec<Message>, Result<(), ChannelError>) {
         use std::os::fd::AsRawFd;
         let h = HostKind::local().clone();
         let (p, s) = pair(h.clone(), h);
         let mut primary = super::super::Link::new(p.expect("primary")).expect("link");
         let mut standby = super::super::Link::new(s.expect("standby")).expect("link");
+        standby.set_receive_budget(budget);
+        let filler = Message {
+            body: Some(Body::Abandon(ftvm_proto::channel::Abandon {
+                reason: "x".repeat(1024),
+            })),
+        };
+        for _ in 0..backlog {
+            primary.send(&filler).expect("send");
+        }
         let abandon = Message {
             body: Some(Body::Abandon(ftvm_proto::channel::Abandon {
                 reason: "test".into(),
             })),
         };
         primary.send(&abandon).expect("send");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while primary.unacknowledged() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         // Close with a reset (SO_LINGER 0), as a killed process with unread data does.
         let linger = libc::linger {
             l_onoff: 1,
@@ -661,7 +713,6 @@ mod tests {
         let heartbeat = Message {
             body: Some(Body::Heartbeat(Default::default())),
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while !standby.unread() && std::time::Instant::now() < deadline {
             standby
                 .send(&heartbeat)
@@ -670,16 +721,11 @@ mod tests {
         }
         assert!(standby.unread(), "writing to a reset connection fails");
         let mut got = Vec::new();
-        let result = standby.receive(&mut got);
-        assert!(
-            matches!(
-                got.as_slice(),
-                [Message {
-                    body: Some(Body::Abandon(_))
-                }]
-            ),
-            "{got:?}"
-        );
-        assert!(result.is_err(), "then the failure");
+        loop {
+            let result = standby.receive(&mut got);
+            if result.is_err() || std::time::Instant::now() > deadline {
+                return (got, result);
+            }
+        }
     }
 }

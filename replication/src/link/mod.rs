@@ -153,6 +153,27 @@ impl Link {
         self.tx.len() - self.tx_done
     }
 
+    /// Bytes handed to the socket that the peer's host has not acknowledged yet (written but
+    /// perhaps not delivered: a process that dies with them unacknowledged may lose them,
+    /// since its host answers the peer's next bytes with a reset). 0 when it cannot tell.
+    pub fn unacknowledged(&self) -> usize {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int, `queued`, which outlives the call;
+        // the socket is open for as long as `self`.
+        let rc = unsafe {
+            libc::ioctl(
+                self.stream.as_raw_fd(),
+                libc::TIOCOUTQ,
+                &mut queued as *mut libc::c_int,
+            )
+        };
+        if rc == 0 {
+            usize::try_from(queued).unwrap_or(0)
+        } else {
+            0
+        }
+    }
+
     /// Writes queued bytes until the socket would block. A write that fails is not
     /// reported here: the connection is broken, nothing more is written, and the next
     /// [`Link::receive`] returns the failure after the messages the peer sent before it.
@@ -203,8 +224,8 @@ impl Link {
             }
             // Read straight into the buffer the frames are decoded from (no copy).
             let read = match self.cipher {
-                Some(_) => read_appending(&self.stream, &mut self.sealed),
-                None => read_appending(&self.stream, &mut self.rx),
+                Some(_) => read_appending(&self.stream, &mut self.sealed, budget),
+                None => read_appending(&self.stream, &mut self.rx, budget),
             };
             match read {
                 Ok(0) => {
@@ -247,6 +268,9 @@ impl Link {
             self.rx_offset += (before - self.rx.len()) as u64;
         }
         match end {
+            // A failed write is reported once what the peer sent before it is read: a
+            // backlog can hold the primary's `Abandon` (DESIGN.md §5).
+            None if self.unread => Ok(()),
             None => match self.broken.take() {
                 None => Ok(()),
                 Some(e) => Err(*e),
@@ -272,8 +296,10 @@ impl Link {
         }
     }
 
-    /// Writes what is still queued (a last `Released`, `Ack` or `Diverged`) before the
-    /// connection closes, for at most `limit`.
+    /// Writes what is still queued (a last `Released`, `Ack`, `Diverged` or `Abandon`)
+    /// before the connection closes, and waits until the peer's host acknowledged it, for at
+    /// most `limit`: bytes still unacknowledged when a process exits are lost if the peer
+    /// writes meanwhile (its host answers that with a reset).
     pub fn drain(&mut self, poll: &mut mio::Poll, limit: Duration) {
         let deadline = Instant::now() + limit;
         let mut events = mio::Events::with_capacity(8);
@@ -282,6 +308,13 @@ impl Link {
                 break;
             }
             let _ = poll.poll(&mut events, Some(Duration::from_millis(10)));
+        }
+        while self.broken.is_none()
+            && !matches!(self.stream.take_error(), Ok(Some(_)) | Err(_))
+            && self.unacknowledged() > 0
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }
@@ -329,13 +362,18 @@ impl Appendable for BytesMut {
     }
 }
 
-/// One read from `stream` appended to `buf`: up to [`READ_CHUNK`] bytes, straight into the
+/// One read from `stream` appended to `buf`: up to `max` bytes (at most [`READ_CHUNK`]), straight into the
 /// buffer's spare room (neither copied from a bounce buffer nor zero-filled first: the
 /// zeroing of a 256 KiB chunk cost more than a small message's whole round trip).
-fn read_appending(stream: &impl AsRawFd, buf: &mut impl Appendable) -> io::Result<usize> {
-    buf.reserve(READ_CHUNK);
+fn read_appending(
+    stream: &impl AsRawFd,
+    buf: &mut impl Appendable,
+    max: usize,
+) -> io::Result<usize> {
+    let max = max.min(READ_CHUNK);
+    buf.reserve(max);
     let spare = buf.spare();
-    let len = spare.len().min(READ_CHUNK);
+    let len = spare.len().min(max);
     loop {
         // SAFETY: recv(2) writes at most `len` bytes into the spare room, which is valid
         // for writes of `len` bytes and borrowed mutably for the call; nothing reads it

@@ -210,15 +210,37 @@ struct Closing {
     link: Link,
     /// When `Abandon` was written out entirely (and our side shut down).
     flushed: Option<Instant>,
+    /// The standby's host acknowledged every byte up to `Abandon`: it is the standby's to
+    /// read even if this process dies now (DESIGN.md §5).
+    delivered: bool,
 }
 
+/// How often a written `Abandon` is checked for the standby host's acknowledgement (the
+/// kernel wakes nobody for that).
+const DELIVERY_POLL: Duration = Duration::from_millis(1);
+
 impl Closing {
+    fn new(link: Link) -> Self {
+        Closing {
+            link,
+            flushed: None,
+            delivered: false,
+        }
+    }
+
     /// How long from `now` it may linger (until `Abandon` is out: not timed, the socket
-    /// wakes the loop).
+    /// wakes the loop; until it is delivered: polled).
     fn until_closed(&self, now: Instant) -> Duration {
-        self.flushed.map_or(ABANDONED_LINGER, |t| {
-            (t + ABANDONED_LINGER).saturating_duration_since(now)
-        })
+        match self.flushed {
+            None => ABANDONED_LINGER,
+            Some(t) => {
+                let left = (t + ABANDONED_LINGER).saturating_duration_since(now);
+                match self.delivered {
+                    true => left,
+                    false => left.min(DELIVERY_POLL),
+                }
+            }
+        }
     }
 
     /// Writes what it can, reads and drops what the standby sent; false once it is done.
@@ -229,10 +251,17 @@ impl Closing {
         if self.flushed.is_none() && self.link.pending() == 0 {
             self.link.shutdown_write();
             self.flushed = Some(now);
-            tracing::info!(
-                peer = self.link.peer(),
-                "told the standby it is abandoned (Abandon written)"
-            );
+            tracing::debug!(peer = self.link.peer(), "Abandon written");
+        }
+        if let Some(t) = self.flushed {
+            if !self.delivered && self.link.unacknowledged() == 0 {
+                self.delivered = true;
+                tracing::info!(
+                    peer = self.link.peer(),
+                    after_ms = now.saturating_duration_since(t).as_millis() as u64,
+                    "told the standby it is abandoned (Abandon delivered to its host)"
+                );
+            }
         }
         let mut ignored = Vec::new();
         if self.link.receive(&mut ignored).is_err() {
@@ -334,10 +363,7 @@ impl Driver {
             // The connection is broken already: there is nobody to tell.
             return;
         }
-        let mut closing = Closing {
-            link,
-            flushed: None,
-        };
+        let mut closing = Closing::new(link);
         if closing.service(Instant::now()) {
             self.closing.push(closing);
         }
