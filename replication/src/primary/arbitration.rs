@@ -1,6 +1,9 @@
-//! A primary with a witness that lost its standby (DESIGN.md §5): it holds all output and
+//! A primary that lost its standby (DESIGN.md §5). With a witness it holds all output and
 //! claims the next term; it runs on unprotected once it won, and fences itself (stops its
-//! guest, releases nothing it holds) if the standby won.
+//! guest, releases nothing it holds) if the standby won. Without one it holds all output
+//! until the standby's host holds `Abandon` (or for at most the heartbeat timeout), so that
+//! a standby that may still go live, because this process dies before it is told, never
+//! goes live behind output it did not verify.
 
 use std::time::Instant;
 
@@ -70,5 +73,58 @@ impl PrimaryCore {
                 )));
             }
         }
+    }
+
+    /// Without a witness: holds all output until the standby is told (`Abandon` delivered);
+    /// false with a witness (the claim holds it instead).
+    pub(super) fn tell(&mut self, why: &str, now: Instant) -> bool {
+        if self.arbiter.is_some() {
+            return false;
+        }
+        tracing::debug!(
+            held_output_bytes = self.protection.buffer.held_bytes(),
+            "{why}: holding output until the standby is told it is abandoned"
+        );
+        self.telling = Some((now, why.to_string()));
+        true
+    }
+
+    /// The lost standby's host holds `Abandon`, or nobody is left to tell (the connection
+    /// broke): release what is held and run on unprotected.
+    pub fn standby_told(&mut self) {
+        if let Some((_, why)) = self.telling.take() {
+            tracing::warn!(
+                held_output_bytes = self.protection.buffer.held_bytes(),
+                "{why}: running unprotected"
+            );
+            self.release_unprotected("unprotected");
+        }
+    }
+
+    /// `Abandon` not delivered within the heartbeat timeout (the standby is frozen behind a
+    /// full socket buffer): release anyway; the residual gap of DESIGN.md §5.
+    pub(super) fn telling_expired(&mut self, now: Instant) {
+        match &self.telling {
+            Some((since, _)) if now.saturating_duration_since(*since) >= self.heartbeat.timeout => {
+            }
+            _ => return,
+        }
+        let Some((_, why)) = self.telling.take() else {
+            return;
+        };
+        tracing::warn!(
+            held_output_bytes = self.protection.buffer.held_bytes(),
+            "{why}: running unprotected; the standby's host did not take Abandon within \
+             {} ms (were this process to die now, it could go live behind released output)",
+            self.heartbeat.timeout.as_millis()
+        );
+        self.release_unprotected("unprotected");
+    }
+
+    /// When the core next needs the clock for the standby it is telling.
+    pub(super) fn telling_deadline(&self) -> Option<Instant> {
+        self.telling
+            .as_ref()
+            .map(|(since, _)| *since + self.heartbeat.timeout)
     }
 }

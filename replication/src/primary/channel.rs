@@ -213,6 +213,8 @@ struct Closing {
     /// The standby's host acknowledged every byte up to `Abandon`: it is the standby's to
     /// read even if this process dies now (DESIGN.md §5).
     delivered: bool,
+    /// The core holds output until this standby is told (the latest one abandoned).
+    tells: bool,
 }
 
 /// How often a written `Abandon` is checked for the standby host's acknowledgement (the
@@ -225,6 +227,7 @@ impl Closing {
             link,
             flushed: None,
             delivered: false,
+            tells: true,
         }
     }
 
@@ -354,18 +357,37 @@ impl Driver {
     /// Sends `Abandon` to the standby being dropped; its connection closes once that is out.
     fn abandon(&mut self, reason: String) {
         let Some(mut link) = self.link.take() else {
-            return;
+            // No connection to tell it on.
+            return self.core.standby_told();
         };
         let msg = Message {
             body: Some(Body::Abandon(Abandon { reason })),
         };
         if link.send(&msg).is_err() {
             // The connection is broken already: there is nobody to tell.
-            return;
+            return self.core.standby_told();
         }
-        let mut closing = Closing::new(link);
-        if closing.service(Instant::now()) {
-            self.closing.push(closing);
+        for older in &mut self.closing {
+            older.tells = false;
+        }
+        self.closing.push(Closing::new(link));
+        self.service_closing(Instant::now());
+    }
+
+    /// Services the connections to abandoned standbys; the core learns when the latest is
+    /// told (or cannot be: its connection broke).
+    fn service_closing(&mut self, now: Instant) {
+        let mut told = false;
+        self.closing.retain_mut(|c| {
+            let open = c.service(now);
+            if c.tells && (c.delivered || !open) {
+                c.tells = false;
+                told = true;
+            }
+            open
+        });
+        if told {
+            self.core.standby_told();
         }
     }
 
@@ -604,7 +626,7 @@ impl Side for Driver {
     fn after(&mut self, registry: &Registry, now: Instant) -> bool {
         self.apply(registry);
         self.bound_the_backlog(registry, now);
-        self.closing.retain_mut(|c| c.service(now));
+        self.service_closing(now);
         self.pump_precopy(registry);
         if let Some(link) = &self.link {
             self.meter.sample(now, link.bytes_sent);

@@ -130,6 +130,9 @@ pub struct PrimaryCore {
     pub(super) report: PrimaryReport,
     /// The witness, if there is one.
     pub(super) arbiter: Option<Arbiter>,
+    /// Without a witness: since when output is held until the lost standby's host holds
+    /// `Abandon` (DESIGN.md §5), and why it was lost.
+    pub(super) telling: Option<(Instant, String)>,
     pub(super) actions: VecDeque<Action>,
     /// Ack latencies and output delays measured, until the driver takes them.
     pub(super) timings: Timings,
@@ -174,6 +177,7 @@ impl PrimaryCore {
                 ..Default::default()
             },
             arbiter: config.arbiter,
+            telling: None,
             actions: VecDeque::new(),
             timings: Timings::default(),
         }
@@ -225,6 +229,7 @@ impl PrimaryCore {
         self.lifecycle.handed_over
             || self.lifecycle.ended
                 && !self.arbitrating()
+                && self.telling.is_none()
                 && (self.standby.is_none()
                     || self.protection.settled() && self.checkpoints.pending.is_none())
     }
@@ -251,6 +256,8 @@ impl PrimaryCore {
             beat,
             self.arbiter.as_ref().and_then(|a| a.until_retry(now)),
             self.join.until_expiry(now),
+            self.telling_deadline()
+                .map(|t| t.saturating_duration_since(now)),
         ]
         .into_iter()
         .flatten()
@@ -332,8 +339,9 @@ impl PrimaryCore {
     }
 
     fn output(&mut self, bytes: Vec<u8>, now: Instant) {
-        // While a claim is under way nothing leaves: the standby may win the term.
-        if self.protecting() || self.arbitrating() {
+        // While a claim is under way nothing leaves: the standby may win the term. Nor
+        // while the lost standby may not know it was abandoned.
+        if self.protecting() || self.arbitrating() || self.telling.is_some() {
             self.protection.buffer.hold(self.epoch, bytes, now);
         } else {
             let seq = self.protection.buffer.produced();
@@ -483,7 +491,7 @@ impl PrimaryCore {
         // A checkpoint on its way is abandoned with its standby (its pages and end are
         // dropped when they come: a new standby must never see them).
         self.checkpoints.pending = None;
-        if had_copy && self.arbitrate(&why, now) {
+        if had_copy && (self.arbitrate(&why, now) || self.tell(&why, now)) {
             self.report.lost = Some(why);
             return;
         }
@@ -492,12 +500,18 @@ impl PrimaryCore {
             "{why}: running unprotected"
         );
         self.report.lost = Some(why);
+        self.release_unprotected("unprotected");
+    }
+
+    /// Releases everything held (`why` names it in the audit trail); from here output
+    /// passes through.
+    pub(super) fn release_unprotected(&mut self, why: &str) {
         for h in self.protection.unprotect() {
             self.actions.push_back(Action::Release {
                 epoch: h.epoch,
                 seq: h.seq,
                 bytes: h.bytes,
-                why: "unprotected".into(),
+                why: why.into(),
             });
         }
     }
@@ -506,6 +520,7 @@ impl PrimaryCore {
     pub fn tick(&mut self, now: Instant) {
         self.join.expire(now, &self.tracking);
         self.claim_due(now);
+        self.telling_expired(now);
         let Some(s) = &self.standby else { return };
         match s.liveness.tick(now) {
             Beat::Quiet => {}

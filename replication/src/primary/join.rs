@@ -163,6 +163,9 @@ impl PrimaryCore {
     /// A joining standby at `peer` finished its handshake (agreeing on `heartbeat`) and is
     /// ready: start (or resume) its sync.
     pub fn attach(&mut self, peer: String, heartbeat: Heartbeat, ready: &Ready, now: Instant) {
+        // A standby lost a moment ago may not be told yet: a new one does not wait for that
+        // (it syncs unprotected anyway); what was held for the lost one goes out now.
+        self.standby_told();
         self.peer = peer;
         self.heartbeat = heartbeat;
         self.standby = Some(Attached::new(heartbeat, now));

@@ -46,6 +46,74 @@ fn a_dropped_standby_is_abandoned_first_whatever_the_reason() {
     assert!(p.actions().is_empty());
 }
 
+/// Without a witness, a primary that dropped its standby holds every output, old and new,
+/// until that standby is told (its host holds `Abandon`): were this process to die before,
+/// the standby would go live, and must not find output it never verified released. The run
+/// cannot end meanwhile.
+#[test]
+fn without_a_witness_output_waits_until_the_lost_standby_is_told() {
+    let mut p = primary(true);
+    p.vcpu(FromVcpu::Output(b"a".to_vec()));
+    p.vcpu(epoch_end(1, 10));
+    p.actions();
+    let t = p.later(151);
+    p.core.tick(t);
+    assert_eq!(p.released(), (vec![], vec!["abandon"]));
+    p.vcpu(FromVcpu::Output(b"b".to_vec()));
+    p.vcpu(FromVcpu::End);
+    assert_eq!(p.released(), (vec![], vec![]));
+    assert!(!p.core.done());
+    p.core.standby_told();
+    assert_eq!(p.released(), (b"ab".to_vec(), vec!["release", "release"]));
+    assert!(p.core.done());
+    // Once: a second word of the same standby changes nothing.
+    p.core.standby_told();
+    assert!(p.actions().is_empty());
+}
+
+/// A standby that joins meanwhile does not wait for the lost one to be told: what was held
+/// goes out as it attaches (it syncs unprotected anyway).
+#[test]
+fn a_standby_that_joins_while_the_lost_one_is_told_ends_the_hold() {
+    let mut p = primary(true);
+    p.vcpu(FromVcpu::Output(b"a".to_vec()));
+    p.vcpu(epoch_end(1, 10));
+    p.actions();
+    let t = p.later(151);
+    p.core.tick(t);
+    assert_eq!(p.released(), (vec![], vec!["abandon"]));
+    assert_eq!(p.core.accepts_standby(), Ok(()));
+    p.core
+        .attach("standby:2".into(), HB, &Ready::default(), p.now);
+    assert_eq!(p.released().0, b"a".to_vec());
+}
+
+/// A standby whose host never takes `Abandon` (frozen behind a full socket buffer) holds
+/// the guest's output for at most the heartbeat timeout.
+#[test]
+fn without_a_witness_output_waits_for_the_telling_at_most_a_heartbeat_timeout() {
+    let mut p = primary(true);
+    p.vcpu(FromVcpu::Output(b"a".to_vec()));
+    p.vcpu(epoch_end(1, 10));
+    p.actions();
+    let t = p.later(151);
+    p.core.tick(t);
+    assert_eq!(p.released(), (vec![], vec!["abandon"]));
+    assert_eq!(
+        p.core.poll_timeout(p.now),
+        Some(Duration::from_millis(150)),
+        "the loop wakes for the deadline"
+    );
+    let t = p.later(149);
+    p.core.tick(t);
+    assert_eq!(p.released(), (vec![], vec![]));
+    let t = p.later(1);
+    p.core.tick(t);
+    assert_eq!(p.released(), (b"a".to_vec(), vec!["release"]));
+    p.vcpu(FromVcpu::Output(b"b".to_vec()));
+    assert_eq!(p.released(), (b"b".to_vec(), vec!["release"]));
+}
+
 use crate::arbiter::Arbiter;
 use crate::witness::{ClaimOutcome, Verdict};
 
