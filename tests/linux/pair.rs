@@ -39,9 +39,12 @@ pub(super) fn protected_script(
         TscMode::Repair => "repair",
         TscMode::Exits => "exits",
     };
+    // Protected from the boot, the kernel boots `quiet`, as a server's does: each line of
+    // its boot log on the serial console ends an epoch, and under the harness that made the
+    // protected run 426 s with 221 repairs against 271 s with 150 quiet (one run each).
     let (meet, rendezvous) = match start {
         Start::Boot => (
-            "--peer 127.0.0.1:7000 --connect-timeout-ms 30000".to_string(),
+            "--peer 127.0.0.1:7000 --connect-timeout-ms 30000 --append quiet".to_string(),
             "--listen",
         ),
         Start::Join { pause_s } => (
