@@ -46,6 +46,11 @@ impl PrimaryCore {
                 false,
                 format!("arbitrating: {why}; holding all output, {claim}"),
             )
+        } else if let Some((_, why)) = &self.telling {
+            (
+                false,
+                format!("unprotected: {why}; holding all output until the standby is told"),
+            )
         } else if let Some(why) = &self.report.lost {
             (false, format!("unprotected: {why}"))
         } else {

@@ -63,6 +63,14 @@ fn without_a_witness_output_waits_until_the_lost_standby_is_told() {
     p.vcpu(FromVcpu::End);
     assert_eq!(p.released(), (vec![], vec![]));
     assert!(!p.core.done());
+    let status = p.status();
+    assert!(
+        status.contains(
+            "state=unprotected: standby lost: standby:1 silent for 151ms (heartbeat timeout 150ms); \
+         holding all output until the standby is told"
+        ),
+        "{status}"
+    );
     p.core.standby_told();
     assert_eq!(p.released(), (b"ab".to_vec(), vec!["release", "release"]));
     assert!(p.core.done());
