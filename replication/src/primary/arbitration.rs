@@ -81,9 +81,9 @@ impl PrimaryCore {
         if self.arbiter.is_some() {
             return false;
         }
-        tracing::debug!(
+        tracing::warn!(
             held_output_bytes = self.protection.buffer.held_bytes(),
-            "{why}: holding output until the standby is told it is abandoned"
+            "{why}: holding all output until the standby is told it is abandoned"
         );
         self.telling = Some((now, why.to_string()));
         true
@@ -95,7 +95,7 @@ impl PrimaryCore {
         if let Some((_, why)) = self.telling.take() {
             tracing::warn!(
                 held_output_bytes = self.protection.buffer.held_bytes(),
-                "{why}: running unprotected"
+                "{why}: the standby is told; running unprotected"
             );
             self.release_unprotected("unprotected");
         }
