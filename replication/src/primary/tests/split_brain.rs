@@ -46,12 +46,9 @@ fn a_dropped_standby_is_abandoned_first_whatever_the_reason() {
     assert!(p.actions().is_empty());
 }
 
-/// Without a witness, a primary that dropped its standby holds every output, old and new,
-/// until that standby is told (its host holds `Abandon`): were this process to die before,
-/// the standby would go live, and must not find output it never verified released. The run
-/// cannot end meanwhile.
-#[test]
-fn without_a_witness_output_waits_until_the_lost_standby_is_told() {
+/// A primary without a witness that holds output `a` of epoch 1 and just dropped its
+/// standby for silence: `Abandon` went out, nothing was released.
+fn silent_standby_lost_holding_a() -> Pair {
     let mut p = primary(true);
     p.vcpu(FromVcpu::Output(b"a".to_vec()));
     p.vcpu(epoch_end(1, 10));
@@ -59,6 +56,16 @@ fn without_a_witness_output_waits_until_the_lost_standby_is_told() {
     let t = p.later(151);
     p.core.tick(t);
     assert_eq!(p.released(), (vec![], vec!["abandon"]));
+    p
+}
+
+/// Without a witness, a primary that dropped its standby holds every output, old and new,
+/// until that standby is told (its host holds `Abandon`): were this process to die before,
+/// the standby would go live, and must not find output it never verified released. The run
+/// cannot end meanwhile.
+#[test]
+fn without_a_witness_output_waits_until_the_lost_standby_is_told() {
+    let mut p = silent_standby_lost_holding_a();
     p.vcpu(FromVcpu::Output(b"b".to_vec()));
     p.vcpu(FromVcpu::End);
     assert_eq!(p.released(), (vec![], vec![]));
@@ -83,13 +90,7 @@ fn without_a_witness_output_waits_until_the_lost_standby_is_told() {
 /// goes out as it attaches (it syncs unprotected anyway).
 #[test]
 fn a_standby_that_joins_while_the_lost_one_is_told_ends_the_hold() {
-    let mut p = primary(true);
-    p.vcpu(FromVcpu::Output(b"a".to_vec()));
-    p.vcpu(epoch_end(1, 10));
-    p.actions();
-    let t = p.later(151);
-    p.core.tick(t);
-    assert_eq!(p.released(), (vec![], vec!["abandon"]));
+    let mut p = silent_standby_lost_holding_a();
     assert_eq!(p.core.accepts_standby(), Ok(()));
     p.core
         .attach("standby:2".into(), HB, &Ready::default(), p.now);
@@ -100,13 +101,7 @@ fn a_standby_that_joins_while_the_lost_one_is_told_ends_the_hold() {
 /// the guest's output for at most the heartbeat timeout.
 #[test]
 fn without_a_witness_output_waits_for_the_telling_at_most_a_heartbeat_timeout() {
-    let mut p = primary(true);
-    p.vcpu(FromVcpu::Output(b"a".to_vec()));
-    p.vcpu(epoch_end(1, 10));
-    p.actions();
-    let t = p.later(151);
-    p.core.tick(t);
-    assert_eq!(p.released(), (vec![], vec!["abandon"]));
+    let mut p = silent_standby_lost_holding_a();
     assert_eq!(
         p.core.poll_timeout(p.now),
         Some(Duration::from_millis(150)),
